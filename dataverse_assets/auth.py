@@ -1,0 +1,166 @@
+"""OAuth client credentials for Dataverse: tenant discovery, a cached token, one refresh at a time.
+
+The secret is only ever sent to the configured authority, never to a host learned at run time,
+and never appears in an exception message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+API_PATH = "/api/data/v9.2/"
+# Refresh well before the hour a token lives, so a long page walk never meets an expiry.
+DEFAULT_REFRESH_AFTER_SECONDS = 50 * 60
+
+_AUTHORIZATION_URI = re.compile(r"authorization_uri=([^,\s]+)", re.IGNORECASE)
+
+
+class AuthenticationError(Exception):
+    """Dataverse or the authority refused our credentials; the message says what to check."""
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """Remove every secret from a text before it goes into an error or a log."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def parse_tenant_from_challenge(header: str) -> str:
+    """The tenant id in `WWW-Authenticate: Bearer authorization_uri=https://.../<tenant>/...`."""
+    match = _AUTHORIZATION_URI.search(header)
+    if not match:
+        raise AuthenticationError(
+            "tenant discovery: the 401 challenge has no authorization_uri; "
+            "set DATAVERSE_TENANT_ID"
+        )
+    path = urlsplit(match.group(1)).path.strip("/").split("/")
+    if not path or not path[0]:
+        raise AuthenticationError(
+            "tenant discovery: authorization_uri names no tenant; set DATAVERSE_TENANT_ID"
+        )
+    return path[0]
+
+
+@dataclass
+class _Token:
+    value: str
+    refresh_at: float
+    expires_at: float
+
+
+class ClientCredentials:
+    """Gets and caches bearer tokens with the OAuth 2.0 client-credentials grant."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        org_url: str,
+        client_id: str,
+        client_secret: str,
+        authority: str,
+        tenant_id: str | None = None,
+        refresh_after_seconds: float = DEFAULT_REFRESH_AFTER_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._http = http
+        self._org_url = org_url.rstrip("/")
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self._authority = authority.rstrip("/")
+        self._tenant_id = tenant_id
+        self._refresh_after = refresh_after_seconds
+        self._clock = clock
+        self._token: _Token | None = None
+        self._lock = asyncio.Lock()
+        self.token_requests = 0
+
+    @property
+    def tenant_id(self) -> str | None:
+        return self._tenant_id
+
+    async def discover_tenant(self) -> str:
+        """Ask the org (unauthenticated) which tenant it belongs to."""
+        response = await self._http.get(self._org_url + API_PATH)
+        challenge = response.headers.get("WWW-Authenticate", "")
+        if response.status_code != 401 or not challenge:
+            raise AuthenticationError(
+                f"tenant discovery: GET {self._org_url}{API_PATH} answered "
+                f"{response.status_code} without a Bearer challenge; is DATAVERSE_URL a "
+                "Dataverse org? Set DATAVERSE_TENANT_ID to skip discovery"
+            )
+        return parse_tenant_from_challenge(challenge)
+
+    async def token(self) -> str:
+        """A valid bearer token, refreshed ahead of expiry. Safe under concurrency."""
+        current = self._token
+        if current is not None and self._clock() < current.refresh_at:
+            return current.value
+        async with self._lock:
+            current = self._token
+            if current is not None and self._clock() < current.refresh_at:
+                return current.value
+            self._token = await self._request_token()
+            return self._token.value
+
+    async def refresh_after_unauthorized(self, rejected: str) -> str:
+        """A request was refused with 401: get a new token unless another task already did."""
+        async with self._lock:
+            if self._token is None or self._token.value == rejected:
+                self._token = await self._request_token()
+            return self._token.value
+
+    async def _request_token(self) -> _Token:
+        if self._tenant_id is None:
+            self._tenant_id = await self.discover_tenant()
+        url = f"{self._authority}/{self._tenant_id}/oauth2/v2.0/token"
+        started = self._clock()
+        try:
+            response = await self._http.post(
+                url,
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": self._client_id,
+                    "client_secret": self._client_secret,
+                    "scope": f"{self._org_url}/.default",
+                },
+            )
+        except httpx.HTTPError as exc:
+            raise AuthenticationError(
+                f"token request to {url} failed: {type(exc).__name__}"
+            ) from None
+        self.token_requests += 1
+        if response.status_code != 200:
+            detail = ""
+            try:
+                body = orjson.loads(response.content)
+                detail = f": {body.get('error', '')} {body.get('error_description', '')}".rstrip()
+            except orjson.JSONDecodeError:
+                pass
+            raise AuthenticationError(
+                redact(
+                    f"token request to {url} was refused ({response.status_code}){detail}. "
+                    "Check DATAVERSE_CLIENT_ID, DATAVERSE_CLIENT_SECRET and DATAVERSE_TENANT_ID",
+                    self._client_secret,
+                )
+            )
+        try:
+            body = orjson.loads(response.content)
+            value = body["access_token"]
+            lifetime = float(body.get("expires_in", 3599))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise AuthenticationError(
+                f"token request to {url} answered 200 without an access_token"
+            ) from None
+        refresh_in = min(self._refresh_after, max(lifetime - 60.0, lifetime * 0.8))
+        return _Token(value=value, refresh_at=started + refresh_in, expires_at=started + lifetime)

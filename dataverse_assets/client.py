@@ -1,0 +1,382 @@
+"""The Dataverse Web API client: one retry policy, a global throttle gate, bounded concurrency,
+and paging that follows nextLink exactly and refuses to leave the org's host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+
+from dataverse_assets.auth import API_PATH, AuthenticationError, ClientCredentials
+from dataverse_assets.query import PageQuery
+
+ODATA_HEADERS = {
+    "Accept": "application/json",
+    "OData-MaxVersion": "4.0",
+    "OData-Version": "4.0",
+}
+
+
+class DataverseError(Exception):
+    """A request to Dataverse failed for good; the message names entity, URL and status."""
+
+
+class DataverseRequestError(DataverseError):
+    def __init__(
+        self, message: str, *, status: int | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class PagingError(DataverseError):
+    """The server's paging links cannot be followed safely."""
+
+
+class _Transient(Exception):
+    """One attempt failed in a way worth retrying."""
+
+    def __init__(self, reason: str, *, status: int | None = None, kind: str = "server") -> None:
+        super().__init__(reason)
+        self.status = status
+        self.kind = kind  # "connection", "server", "timeout", "malformed"
+
+
+class _Throttled(_Transient):
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason, status=429, kind="throttled")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The one retry policy of the client (see DESIGN: retry tiers, the in-run part)."""
+
+    max_attempts: int = 6
+    backoff_seconds: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    jitter: float = 0.25  # +/- fraction of each backoff, so workers don't retry in lockstep
+    max_retry_after: float = 300.0
+
+    def backoff(self, retry_number: int, rng: random.Random) -> float:
+        base = self.backoff_seconds[min(retry_number, len(self.backoff_seconds) - 1)]
+        return max(0.0, base * (1 + rng.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass
+class RequestRecord:
+    """One HTTP attempt, as written to a change set's manifest (never headers or tokens)."""
+
+    url: str
+    status: int | None
+    attempt: int
+    seconds: float
+    bytes: int
+    throttle_wait: float
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "url": self.url,
+            "status": self.status,
+            "attempt": self.attempt,
+            "seconds": round(self.seconds, 4),
+            "bytes": self.bytes,
+            "throttle_wait": round(self.throttle_wait, 3),
+            "error": self.error,
+        }
+
+
+@dataclass
+class Page:
+    """One page of an entity set, with its verbatim body for the archive."""
+
+    number: int
+    url: str
+    body: bytes
+    payload: dict
+    next_link: str | None
+    delta_link: str | None
+
+    @property
+    def records(self) -> list[dict]:
+        return self.payload["value"]
+
+
+@dataclass
+class FetchStats:
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    throttle_wait: float = 0.0
+    bytes: int = 0
+    max_in_flight: int = 0
+    log: list[RequestRecord] = field(default_factory=list)
+
+
+class ThrottleGate:
+    """Dataverse's Retry-After applies to the caller, not one request: every worker waits."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._resume_at = 0.0
+
+    def pause(self, seconds: float) -> None:
+        self._resume_at = max(self._resume_at, self._clock() + seconds)
+
+    async def wait(self, sleep: Callable[[float], Awaitable[None]]) -> float:
+        waited = 0.0
+        while (remaining := self._resume_at - self._clock()) > 0:
+            await sleep(remaining)
+            waited += remaining
+        return waited
+
+
+def _retry_after_seconds(value: str | None, default: float) -> float:
+    if not value:
+        return default
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return default
+
+
+def _error_detail(body: bytes) -> tuple[str | None, str]:
+    """Dataverse's `{"error": {"code", "message"}}`, or a short snippet of whatever came."""
+    try:
+        error = orjson.loads(body).get("error", {})
+        if isinstance(error, dict):
+            return error.get("code") or None, str(error.get("message", ""))[:500]
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    snippet = body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+    return None, f"non-JSON body: {snippet!r}" if snippet else "empty body"
+
+
+class DataverseClient:
+    """Async Web API client for one org. Create one per run; share it across entities."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        credentials: ClientCredentials,
+        *,
+        org_url: str,
+        max_concurrency: int = 8,
+        retry_policy: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._http = http
+        self._credentials = credentials
+        self.org_url = org_url.rstrip("/")
+        self.api_base = self.org_url + API_PATH
+        self._origin = urlsplit(self.org_url)[:2]
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._in_flight = 0
+        self.retry_policy = retry_policy or RetryPolicy()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self.gate = ThrottleGate(clock)
+        self.stats = FetchStats()
+
+    # -- one request, with the retry policy -------------------------------------------------
+
+    async def get(
+        self, url: str, *, params: dict[str, str] | None = None, prefer: str | None = None,
+        entity: str = "?",
+    ) -> httpx.Response:
+        """GET with retries; returns a 2xx response or raises a DataverseError."""
+        request_url = str(httpx.URL(url, params=params)) if params else url
+        self._check_same_origin(request_url, entity)
+        last: _Transient | None = None
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.retry_policy.max_attempts),
+            wait=self._wait_before_retry,
+            retry=retry_if_exception_type(_Transient),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    if number > 1:
+                        self.stats.retries += 1
+                    try:
+                        return await self._send_once(request_url, prefer, number)
+                    except _Transient as exc:
+                        last = exc
+                        raise
+        except _Transient:
+            assert last is not None
+            status = f"last status {last.status}" if last.status else "no response"
+            raise DataverseRequestError(
+                f"{entity}: GET {request_url} failed after {self.retry_policy.max_attempts} "
+                f"attempts ({status}: {last})",
+                status=last.status,
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait_before_retry(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        retry_number = state.attempt_number - 1
+        if isinstance(exc, _Throttled):
+            # The gate makes every worker wait; this attempt waits there too.
+            self.gate.pause(min(exc.retry_after, self.retry_policy.max_retry_after))
+            return 0.0
+        if isinstance(exc, _Transient) and exc.kind == "connection" and retry_number == 0:
+            return 0.0  # a dropped connection is usually fixed by simply reconnecting
+        return self.retry_policy.backoff(retry_number, self._rng)
+
+    async def _send_once(self, url: str, prefer: str | None, attempt: int) -> httpx.Response:
+        waited = await self.gate.wait(self._sleep)
+        self.stats.throttle_wait += waited
+        token = await self._credentials.token()
+        refreshed = False
+        async with self._semaphore:
+            self._in_flight += 1
+            self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
+            try:
+                while True:
+                    started = time.perf_counter()
+                    headers = dict(ODATA_HEADERS, Authorization=f"Bearer {token}")
+                    if prefer:
+                        headers["Prefer"] = prefer
+                    self.stats.requests += 1
+                    try:
+                        response = await self._http.get(url, headers=headers)
+                    except httpx.TimeoutException as exc:
+                        self._record(url, None, attempt, started, 0, waited, "timeout")
+                        raise _Transient(
+                            f"timeout ({type(exc).__name__})", kind="timeout"
+                        ) from None
+                    except (httpx.TransportError, httpx.DecodingError) as exc:
+                        self._record(url, None, attempt, started, 0, waited, type(exc).__name__)
+                        raise _Transient(
+                            f"connection error ({type(exc).__name__})", kind="connection"
+                        ) from None
+                    self.stats.bytes += len(response.content)
+                    self._record(url, response.status_code, attempt, started,
+                                 len(response.content), waited, None)
+                    if response.status_code == 401 and not refreshed:
+                        # Expired or revoked token: refresh once, then resend right away.
+                        token = await self._credentials.refresh_after_unauthorized(token)
+                        refreshed = True
+                        continue
+                    break
+            finally:
+                self._in_flight -= 1
+        return self._classify(url, response)
+
+    def _classify(self, url: str, response: httpx.Response) -> httpx.Response:
+        status = response.status_code
+        if 200 <= status < 300:
+            return response
+        code, message = _error_detail(response.content)
+        if status == 429:
+            self.stats.throttled += 1
+            retry_after = _retry_after_seconds(response.headers.get("Retry-After"), 5.0)
+            raise _Throttled(f"throttled ({code}): {message}", retry_after)
+        if status in (500, 502, 503, 504) or status >= 500:
+            raise _Transient(f"{code or 'server error'}: {message}", status=status)
+        if status == 401:
+            raise AuthenticationError(
+                f"GET {url} was refused (401) even with a fresh token: {message}. Check the "
+                "application user's access to this org"
+            )
+        raise DataverseRequestError(
+            f"GET {url} answered {status} ({code}): {message}", status=status, code=code
+        )
+
+    def _record(self, url: str, status: int | None, attempt: int, started: float, size: int,
+                waited: float, error: str | None) -> None:
+        self.stats.log.append(RequestRecord(
+            url=url, status=status, attempt=attempt, seconds=time.perf_counter() - started,
+            bytes=size, throttle_wait=waited, error=error,
+        ))
+
+    def _check_same_origin(self, url: str, entity: str) -> None:
+        if urlsplit(url)[:2] != self._origin:
+            # The Authorization header must never go to another host.
+            raise PagingError(
+                f"{entity}: refusing to request {urlsplit(url).netloc!r}: links must stay on "
+                f"{self._origin[1]!r}"
+            )
+
+    # -- JSON and pages ---------------------------------------------------------------------
+
+    async def get_json(
+        self, path: str, *, params: dict[str, str] | None = None, entity: str = "?",
+        prefer: str | None = None,
+    ) -> tuple[httpx.Response, dict]:
+        """GET a JSON document; a 200 that is not JSON is retried, then reported."""
+        url = path if path.startswith("http") else self.api_base + path
+        last_error = ""
+        for _ in range(self.retry_policy.max_attempts):
+            response = await self.get(url, params=params, prefer=prefer, entity=entity)
+            try:
+                payload = orjson.loads(response.content)
+            except orjson.JSONDecodeError as exc:
+                # Truncated bodies happen when a connection drops mid-response: try again.
+                last_error = f"invalid JSON ({exc})"
+                self.stats.retries += 1
+                continue
+            if not isinstance(payload, dict):
+                raise DataverseRequestError(
+                    f"{entity}: GET {url} answered 200 with JSON that is not an object"
+                )
+            return response, payload
+        raise DataverseRequestError(
+            f"{entity}: GET {url} kept answering malformed bodies: {last_error}"
+        )
+
+    async def iter_pages(self, entity_set: str, query: PageQuery) -> AsyncIterator[Page]:
+        """Yield each page as it arrives, following nextLink unchanged with the same Prefer."""
+        url: str | None = self.api_base + entity_set
+        params: dict[str, str] | None = query.params()
+        prefer = query.prefer()
+        seen_links: set[str] = set()
+        number = 0
+        while url is not None:
+            response, payload = await self.get_json(
+                url, params=params, prefer=prefer, entity=entity_set
+            )
+            if not isinstance(payload.get("value"), list):
+                raise DataverseRequestError(
+                    f"{entity_set}: GET {response.url} answered 200 without an OData 'value' "
+                    "list; is this a Dataverse Web API endpoint?"
+                )
+            number += 1
+            next_link = payload.get("@odata.nextLink")
+            delta_link = payload.get("@odata.deltaLink")
+            yield Page(number, str(response.url), response.content, payload, next_link,
+                       delta_link)
+            if next_link is not None:
+                if next_link in seen_links:
+                    raise PagingError(
+                        f"{entity_set}: the server repeated a nextLink after page {number}; "
+                        "stopping instead of looping"
+                    )
+                seen_links.add(next_link)
+                self._check_same_origin(next_link, entity_set)
+            url, params = next_link, None

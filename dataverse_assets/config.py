@@ -1,0 +1,302 @@
+"""Configuration: the entities file (pydantic-validated) and settings from the environment.
+
+A bad entities file stops everything before any request is sent, with a one-line message that
+names the entity and the field, so the fix is obvious.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from dagster._utils.schedules import is_valid_cron_string
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ENTITIES_CONFIG = PROJECT_ROOT / "entities_config.json"
+
+# Entity set names become SQL table names and archive folder names: keep them to what
+# Dataverse itself allows (letters, digits, underscores) so neither can be abused.
+ENTITY_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+GROUP_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says what to fix."""
+
+
+class LinkSource(BaseModel):
+    """Where a filtered entity's ids come from: a column of another configured entity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entity: str = Field(description="Entity set name of the linking table.")
+    column: str = Field(description="Column of the linking table holding this entity's ids.")
+
+
+class GroupConfig(BaseModel):
+    """A cadence group: the entities in it are synced together on one schedule."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cron: str
+    description: str = ""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, value: str) -> str:
+        if not is_valid_cron_string(value):
+            raise ValueError(f"{value!r} is not a valid cron expression (e.g. '0 * * * *')")
+        return value
+
+
+IncrementalMode = Literal["auto", "modifiedon", "change_tracking", "full"]
+
+
+class EntityConfig(BaseModel):
+    """One Dataverse table to mirror."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Entity set name (the plural used in API URLs).")
+    description: str = ""
+    group: str
+    filtered: bool = Field(
+        False, description="Fetched by the ids that linked tables name, not in full."
+    )
+    primary_key: str | None = None
+    orderby: str | None = None
+    incremental: IncrementalMode = "auto"
+    linked_from: list[LinkSource] = Field(default_factory=list)
+    page_size: int = Field(5000, ge=1, le=5000)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, value: str) -> str:
+        if not ENTITY_NAME_PATTERN.match(value):
+            raise ValueError(
+                "must be a Dataverse entity set name: a letter, then letters, digits or "
+                "underscores (at most 128)"
+            )
+        if value.endswith("__history"):
+            raise ValueError("names ending in '__history' are reserved for history tables")
+        return value
+
+    @model_validator(mode="after")
+    def _filtered_needs_links(self) -> EntityConfig:
+        if self.filtered and not self.linked_from:
+            raise ValueError("a filtered entity needs 'linked_from' (which tables name its ids)")
+        if self.linked_from and not self.filtered:
+            raise ValueError("'linked_from' only applies to filtered entities: set filtered")
+        return self
+
+
+class EntitiesConfig(BaseModel):
+    """The whole entities file: cadence groups and the entities in them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    groups: dict[str, GroupConfig] = Field(min_length=1)
+    entities: list[EntityConfig] = Field(min_length=1)
+
+    @field_validator("groups")
+    @classmethod
+    def _group_names(cls, groups: dict[str, GroupConfig]) -> dict[str, GroupConfig]:
+        for name in groups:
+            if not GROUP_NAME_PATTERN.match(name):
+                raise ValueError(
+                    f"group name {name!r} must be lowercase letters, digits or underscores"
+                )
+        return groups
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> EntitiesConfig:
+        seen: set[str] = set()
+        for entity in self.entities:
+            if entity.name in seen:
+                raise ValueError(f"entity {entity.name!r} is listed twice")
+            seen.add(entity.name)
+        by_name = {e.name: e for e in self.entities}
+        for entity in self.entities:
+            if entity.group not in self.groups:
+                raise ValueError(
+                    f"entity {entity.name!r}, field 'group': {entity.group!r} is not one of "
+                    f"the groups {sorted(self.groups)}"
+                )
+            for link in entity.linked_from:
+                source = by_name.get(link.entity)
+                if source is None:
+                    raise ValueError(
+                        f"entity {entity.name!r}, field 'linked_from': {link.entity!r} is not "
+                        "a configured entity"
+                    )
+                if source.filtered:
+                    raise ValueError(
+                        f"entity {entity.name!r}, field 'linked_from': {link.entity!r} is "
+                        "itself filtered; link from tables that are fetched in full"
+                    )
+                if source.group != entity.group:
+                    # Change sets are partitioned per group; a link across groups would tie
+                    # two partition sets together.
+                    raise ValueError(
+                        f"entity {entity.name!r}, field 'linked_from': {link.entity!r} is in "
+                        f"group {source.group!r}, not {entity.group!r}; put both in one group"
+                    )
+        return self
+
+    def entity(self, name: str) -> EntityConfig:
+        for entity in self.entities:
+            if entity.name == name:
+                return entity
+        raise KeyError(name)
+
+    def entities_in_group(self, group: str) -> list[EntityConfig]:
+        return [e for e in self.entities if e.group == group]
+
+
+def _describe_location(raw: object, loc: tuple[int | str, ...]) -> str:
+    """Turn a pydantic error location into words: entity 'x' (entities[3]), field 'y'."""
+    if len(loc) >= 2 and loc[0] == "entities" and isinstance(loc[1], int):
+        name = None
+        if isinstance(raw, dict):
+            entities = raw.get("entities")
+            if isinstance(entities, list) and loc[1] < len(entities):
+                item = entities[loc[1]]
+                if isinstance(item, dict):
+                    name = item.get("name")
+        where = f"entity {name!r} (entities[{loc[1]}])" if name else f"entities[{loc[1]}]"
+        rest = [str(part) for part in loc[2:]]
+        return f"{where}, field {'.'.join(rest)!r}" if rest else where
+    if len(loc) >= 2 and loc[0] == "groups":
+        rest = [str(part) for part in loc[2:]]
+        where = f"group {loc[1]!r}"
+        return f"{where}, field {'.'.join(rest)!r}" if rest else where
+    return f"field {'.'.join(str(p) for p in loc)!r}" if loc else "top level"
+
+
+def parse_entities_config(raw: object, source: str = "entities config") -> EntitiesConfig:
+    """Validate already-parsed JSON; raise ConfigError naming the entity and field."""
+    try:
+        return EntitiesConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        message = first["msg"].removeprefix("Value error, ")
+        location = _describe_location(raw, tuple(first["loc"]))
+        if first["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling)"
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {location}: {message}{more}") from None
+
+
+def load_entities_config(path: str | os.PathLike[str]) -> EntitiesConfig:
+    """Read and validate the entities file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: entities config not found (set DATAVERSE_ENTITIES_CONFIG to its path)"
+        ) from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    return parse_entities_config(raw, source=str(path))
+
+
+SourceKind = Literal["live", "archive", "fixture", "simulator"]
+
+
+class Settings(BaseModel):
+    """Endpoints, secrets and paths, from the environment (and `.env`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    tenant_id: str | None = None
+    authority: str = "https://login.microsoftonline.com"
+    db_path: Path = PROJECT_ROOT / "data" / "dataverse.db"
+    archive_dir: Path = PROJECT_ROOT / "data" / "archive"
+    fixtures_dir: Path | None = None
+    source: SourceKind = "simulator"
+    entities_config_path: Path = DEFAULT_ENTITIES_CONFIG
+    simulator_seed: int = 42
+    max_concurrency: int = Field(8, ge=1, le=52)
+
+    @cached_property
+    def entities(self) -> EntitiesConfig:
+        return load_entities_config(self.entities_config_path)
+
+
+_ENV_FIELDS = {
+    "DATAVERSE_URL": "url",
+    "DATAVERSE_CLIENT_ID": "client_id",
+    "DATAVERSE_CLIENT_SECRET": "client_secret",
+    "DATAVERSE_TENANT_ID": "tenant_id",
+    "DATAVERSE_AUTHORITY": "authority",
+    "DATAVERSE_DB_PATH": "db_path",
+    "DATAVERSE_ARCHIVE_DIR": "archive_dir",
+    "DATAVERSE_FIXTURES_DIR": "fixtures_dir",
+    "DATAVERSE_SOURCE": "source",
+    "DATAVERSE_ENTITIES_CONFIG": "entities_config_path",
+    "DATAVERSE_SIMULATOR_SEED": "simulator_seed",
+    "DATAVERSE_MAX_CONCURRENCY": "max_concurrency",
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
+    """Settings from `environ` (default: os.environ, after loading `.env` without overriding)."""
+    if environ is None:
+        if dotenv:
+            from dotenv import load_dotenv
+
+            load_dotenv(PROJECT_ROOT / ".env", override=False)
+        environ = os.environ
+    values: dict[str, object] = {}
+    for variable, field in _ENV_FIELDS.items():
+        value = environ.get(variable)
+        if value not in (None, ""):
+            values[field] = value
+    if "source" not in values:
+        # With no URL the embedded simulator serves, so a fresh clone works without secrets.
+        values["source"] = "live" if values.get("url") else "simulator"
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        variable = next((k for k, v in _ENV_FIELDS.items() if v == field), field)
+        # Never echo the value: it may be a secret.
+        raise ConfigError(f"{variable}: {first['msg']}") from None
+    if settings.source == "live":
+        missing = [
+            name
+            for name, value in (
+                ("DATAVERSE_URL", settings.url),
+                ("DATAVERSE_CLIENT_ID", settings.client_id),
+                ("DATAVERSE_CLIENT_SECRET", settings.client_secret),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(f"DATAVERSE_SOURCE=live needs {', '.join(missing)} to be set")
+    if settings.source == "fixture" and settings.fixtures_dir is None:
+        raise ConfigError("DATAVERSE_SOURCE=fixture needs DATAVERSE_FIXTURES_DIR to be set")
+    return settings

@@ -1,0 +1,87 @@
+"""Persistence resources: the mirror store and the two IO managers.
+
+- `ArchiveIOManager`: raw/E lives in the archive (pages are streamed there by the asset); the
+  manager hands downstream steps a `RawChangeSet` pointing at it.
+- `SQLiteIOManager`: staging/E rows are written into SQLite as they are produced; downstream
+  steps get a `StagedChangeSet` handle, not the rows.
+"""
+
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    InputContext,
+    OutputContext,
+)
+
+from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.staging import StagedChangeSet, StagedRecords, read_staged, write_staged
+from dataverse_assets.store import connect
+
+
+class MirrorStore(ConfigurableResource):
+    """Where the mirror lives: the SQLite database and the raw archive."""
+
+    db_path: str
+    archive_dir: str
+
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        connection = connect(self.db_path)
+        try:
+            yield connection
+        finally:
+            connection.close()
+
+    def archive(self, entity: str, change_set: str) -> ChangeSetArchive:
+        return ChangeSetArchive(Path(self.archive_dir), entity, change_set)
+
+
+@dataclass(frozen=True)
+class RawChangeSet:
+    entity: str
+    change_set: str
+    path: str
+
+
+def _entity_and_partition(context: OutputContext | InputContext) -> tuple[str, str]:
+    key = context.asset_key.path
+    return key[-1], context.asset_partition_key
+
+
+class ArchiveIOManager(ConfigurableIOManager):
+    """raw/E: the archived change set is the asset's value."""
+
+    store: MirrorStore
+
+    def handle_output(self, context: OutputContext, obj: RawChangeSet) -> None:
+        archive = self.store.archive(obj.entity, obj.change_set)
+        archive.manifest()  # raises with a clear message if the fetch did not complete
+
+    def load_input(self, context: InputContext) -> RawChangeSet:
+        entity, change_set = _entity_and_partition(context)
+        archive = self.store.archive(entity, change_set)
+        archive.manifest()
+        return RawChangeSet(entity, change_set, str(archive.path))
+
+
+class SQLiteIOManager(ConfigurableIOManager):
+    """staging/E: rows go into `_staging__E` (one transaction per change set)."""
+
+    store: MirrorStore
+
+    def handle_output(self, context: OutputContext, obj: StagedRecords) -> None:
+        with self.store.connection() as connection:
+            rows = write_staged(connection, obj)
+        context.add_output_metadata({"rows_written": rows})
+
+    def load_input(self, context: InputContext) -> StagedChangeSet:
+        entity, change_set = _entity_and_partition(context)
+        with self.store.connection() as connection:
+            return read_staged(connection, entity, change_set)

@@ -1,0 +1,202 @@
+"""Staging: parse a change set's archived pages into typed rows plus the verbatim record.
+
+Works from the archive alone (no source), so replaying an archived change set stages exactly
+what the live fetch staged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import orjson
+
+from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
+from dataverse_assets.schema import (
+    EntitySchema,
+    infer_schema_from_records,
+    schema_from_metadata,
+    to_sqlite_value,
+)
+from dataverse_assets.store import (
+    quote_identifier,
+    record_issue,
+    staging_table,
+    table_columns,
+    table_exists,
+    transaction,
+    utc_now_iso,
+)
+
+STAGING_META_COLUMNS = ("_change_set", "_pk", "_op", "_content_hash", "_modifiedon")
+STAGING_BATCH_ROWS = 2000
+
+
+def content_hash(record: dict) -> str:
+    """A stable hash of the source record (key order does not matter)."""
+    return hashlib.blake2b(orjson.dumps(record, option=orjson.OPT_SORT_KEYS),
+                           digest_size=16).hexdigest()
+
+
+def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None) -> EntitySchema:
+    """Schema for a first change set: from archived metadata, else from the first page."""
+    definition = archive.read_json(ENTITY_DEFINITION)
+    if isinstance(definition, dict) and definition.get("Attributes"):
+        return schema_from_metadata(archive.entity, definition, primary_key_override)
+    request = archive.read_json(REQUEST) or {}
+    override = primary_key_override or request.get("primary_key")
+    sample: list[dict] = []
+    for body in archive.iter_page_bodies():
+        sample.extend(orjson.loads(body).get("value", []))
+        if len(sample) >= 1000:
+            break
+    return infer_schema_from_records(archive.entity, sample, override)
+
+
+@dataclass
+class StagedRecords:
+    """The output of staging/E: rows produced lazily, written by the SQLite IO manager."""
+
+    entity: str
+    change_set: str
+    schema: EntitySchema
+    mode: str
+    watermark_after: str | None
+    batches: Iterator[list[tuple]]
+    counts: dict[str, int] = field(default_factory=dict)
+    issues: list[dict] = field(default_factory=list)
+
+
+def iter_staged_batches(
+    archive: ChangeSetArchive, schema: EntitySchema, counts: dict[str, int],
+    issues: list[dict],
+) -> Iterator[list[tuple]]:
+    """Rows of (meta columns..., schema columns..., json_response), a batch at a time."""
+    request = archive.read_json(REQUEST) or {}
+    scope = request.get("id_scope")
+    scope_ids = {i.lower() for i in scope} if scope is not None else None
+    pk = schema.primary_key
+    names = schema.column_names
+    change_set = archive.change_set
+    batch: list[tuple] = []
+    counts.update(records=0, staged=0, out_of_scope=0, without_key=0)
+    for page_number, body in enumerate(archive.iter_page_bodies(), start=1):
+        for record in orjson.loads(body)["value"]:
+            counts["records"] += 1
+            key = record.get(pk)
+            if key is None or key == "":
+                counts["without_key"] += 1
+                issues.append({"record_id": None, "field": pk,
+                               "problem": f"record without primary key {pk!r}",
+                               "context": f"page {page_number}"})
+                continue
+            key = str(key)
+            if scope_ids is not None and key.lower() not in scope_ids:
+                counts["out_of_scope"] += 1  # changed, but neither linked nor mirrored
+                continue
+            modified = record.get("modifiedon")
+            batch.append((
+                change_set, key, "upsert", content_hash(record),
+                modified if isinstance(modified, str) else None,
+                *(to_sqlite_value(record.get(name)) for name in names),
+                orjson.dumps(record).decode(),
+            ))
+            counts["staged"] += 1
+            if len(batch) >= STAGING_BATCH_ROWS:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
+    """Replace the change set's rows in the staging table, in one transaction."""
+    table = staging_table(staged.entity)
+    columns = [*STAGING_META_COLUMNS, *staged.schema.column_names, "json_response"]
+    types = {c.name: c.sqlite_type for c in staged.schema.columns}
+    rows = 0
+    with transaction(connection):
+        if not table_exists(connection, table):
+            definitions = ", ".join(
+                f"{quote_identifier(c)} {types.get(c, 'TEXT')}" for c in columns
+            )
+            connection.execute(
+                f"CREATE TABLE {quote_identifier(table)} ({definitions}, "
+                "PRIMARY KEY (_change_set, _pk))"
+            )
+        else:
+            existing = set(table_columns(connection, table))
+            for column in columns:
+                if column not in existing:
+                    connection.execute(
+                        f"ALTER TABLE {quote_identifier(table)} ADD COLUMN "
+                        f"{quote_identifier(column)} {types.get(column, 'TEXT')}"
+                    )
+        connection.execute(
+            f"DELETE FROM {quote_identifier(table)} WHERE _change_set = ?", (staged.change_set,)
+        )
+        # A record seen twice in one change set (it changed while we paged) keeps its last
+        # version: later pages are newer.
+        statement = (
+            f"INSERT OR REPLACE INTO {quote_identifier(table)} "
+            f"({', '.join(quote_identifier(c) for c in columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)})"
+        )
+        for batch in staged.batches:
+            connection.executemany(statement, batch)
+            rows += len(batch)
+        for issue in staged.issues:
+            record_issue(connection, entity=staged.entity, change_set=staged.change_set, **issue)
+        # The marker that this change set is fully staged: publishing refuses without it, so
+        # a full snapshot can never be "published" from an empty, never-staged change set.
+        connection.execute(
+            "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, watermark_after,"
+            " staged_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (staged.entity, staged.change_set, staged.mode, rows, staged.watermark_after,
+             utc_now_iso()),
+        )
+    return rows
+
+
+def staged_ids(connection: sqlite3.Connection, entity: str, change_set: str,
+               column: str) -> set[str]:
+    """Distinct non-null values of a column in one staged change set."""
+    table = staging_table(entity)
+    if not table_exists(connection, table) or column not in table_columns(connection, table):
+        return set()
+    return {
+        str(row[0]) for row in connection.execute(
+            f"SELECT DISTINCT {quote_identifier(column)} FROM {quote_identifier(table)} "
+            f"WHERE _change_set = ? AND {quote_identifier(column)} IS NOT NULL", (change_set,)
+        )
+    }
+
+
+@dataclass(frozen=True)
+class StagedChangeSet:
+    """A staged change set ready to publish (the value of staging/E downstream)."""
+
+    entity: str
+    change_set: str
+    mode: str
+    rows: int
+    watermark_after: str | None
+
+
+class NotStagedError(Exception):
+    """A step needs a staged change set that does not exist."""
+
+
+def read_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> StagedChangeSet:
+    row = connection.execute(
+        "SELECT mode, rows, watermark_after FROM _staged WHERE entity = ? AND change_set = ?",
+        (entity, change_set),
+    ).fetchone()
+    if row is None:
+        raise NotStagedError(
+            f"{entity}: change set {change_set} is not staged; materialize staging/{entity} "
+            "for this partition first"
+        )
+    return StagedChangeSet(entity, change_set, row[0], row[1], row[2])

@@ -1,0 +1,231 @@
+"""The SQLite store: one way to open the database, one identifier quoter, the bookkeeping tables.
+
+Sync state lives here, in the target database, so any orchestrator can run a sync statelessly.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+
+def quote_identifier(name: str) -> str:
+    """Quote any string as a SQLite identifier: hostile names never break a statement."""
+    if "\x00" in name:
+        raise ValueError(f"identifier contains a NUL character: {name!r}")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def utc_now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def history_table(entity: str) -> str:
+    return f"{entity}__history"
+
+
+def staging_table(entity: str) -> str:
+    return f"_staging__{entity}"
+
+
+BOOKKEEPING_DDL = """
+CREATE TABLE IF NOT EXISTS _sync_state (
+    entity TEXT PRIMARY KEY,
+    mode TEXT,
+    watermark TEXT,
+    delta_token TEXT,
+    status TEXT NOT NULL DEFAULT 'pending',
+    last_change_set TEXT,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _sync_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity TEXT NOT NULL,
+    change_set TEXT NOT NULL,
+    layer TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    seconds REAL,
+    details TEXT
+);
+CREATE TABLE IF NOT EXISTS _publish_state (
+    entity TEXT NOT NULL,
+    change_set TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created INTEGER NOT NULL DEFAULT 0,
+    updated INTEGER NOT NULL DEFAULT 0,
+    unchanged INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    watermark_before TEXT,
+    watermark_after TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    error TEXT,
+    PRIMARY KEY (entity, change_set)
+);
+CREATE TABLE IF NOT EXISTS _schema (
+    entity TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    primary_key TEXT NOT NULL,
+    columns_json TEXT NOT NULL,
+    decided_from TEXT NOT NULL,
+    reasons_json TEXT NOT NULL,
+    locked_at TEXT NOT NULL,
+    PRIMARY KEY (entity, version)
+);
+CREATE TABLE IF NOT EXISTS _defunct (
+    entity TEXT NOT NULL,
+    id TEXT NOT NULL,
+    change_set TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    PRIMARY KEY (entity, id)
+);
+CREATE TABLE IF NOT EXISTS _staged (
+    entity TEXT NOT NULL,
+    change_set TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    watermark_after TEXT,
+    staged_at TEXT NOT NULL,
+    PRIMARY KEY (entity, change_set)
+);
+CREATE TABLE IF NOT EXISTS _issues (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity TEXT NOT NULL,
+    change_set TEXT NOT NULL,
+    record_id TEXT,
+    field TEXT,
+    problem TEXT NOT NULL,
+    context TEXT,
+    recorded_at TEXT NOT NULL
+);
+"""
+
+
+def connect(db_path: str | Path) -> sqlite3.Connection:
+    """Open the mirror database (WAL, foreign keys off, autocommit off) creating it if needed.
+
+    The one place a connection is made, so pragmas and bookkeeping tables are always in place.
+    """
+    path = Path(db_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, timeout=60, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    # NORMAL is durable across application crashes in WAL mode; only an OS crash can lose
+    # the last transaction, and the watermark commits with the data, so nothing is skipped.
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA busy_timeout=60000")
+    connection.executescript(BOOKKEEPING_DDL)
+    return connection
+
+
+@contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield connection
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def table_exists(connection: sqlite3.Connection, table: str) -> bool:
+    row = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)
+    ).fetchone()
+    return row is not None
+
+
+def table_columns(connection: sqlite3.Connection, table: str) -> list[str]:
+    return [row[1] for row in connection.execute(f"PRAGMA table_info({quote_identifier(table)})")]
+
+
+@dataclass(frozen=True)
+class SyncState:
+    entity: str
+    mode: str | None
+    watermark: str | None
+    delta_token: str | None
+    status: str
+    last_change_set: str | None
+
+
+def read_sync_state(connection: sqlite3.Connection, entity: str) -> SyncState | None:
+    row = connection.execute(
+        "SELECT entity, mode, watermark, delta_token, status, last_change_set "
+        "FROM _sync_state WHERE entity = ?",
+        (entity,),
+    ).fetchone()
+    return SyncState(*row) if row else None
+
+
+def write_sync_state(
+    connection: sqlite3.Connection,
+    entity: str,
+    *,
+    mode: str | None,
+    watermark: str | None,
+    delta_token: str | None,
+    status: str,
+    change_set: str,
+) -> None:
+    connection.execute(
+        "INSERT INTO _sync_state (entity, mode, watermark, delta_token, status, last_change_set,"
+        " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(entity) DO UPDATE SET"
+        " mode=excluded.mode, watermark=excluded.watermark, delta_token=excluded.delta_token,"
+        " status=excluded.status, last_change_set=excluded.last_change_set,"
+        " updated_at=excluded.updated_at",
+        (entity, mode, watermark, delta_token, status, change_set, utc_now_iso()),
+    )
+
+
+def mark_sync_status(connection: sqlite3.Connection, entity: str, status: str) -> None:
+    """Set only the status, creating the row if this entity was never synced."""
+    connection.execute(
+        "INSERT INTO _sync_state (entity, status, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT(entity) DO UPDATE SET status=excluded.status, updated_at=excluded.updated_at",
+        (entity, status, utc_now_iso()),
+    )
+
+
+def log_step(
+    connection: sqlite3.Connection,
+    *,
+    entity: str,
+    change_set: str,
+    layer: str,
+    status: str,
+    started_at: str,
+    seconds: float,
+    details: str,
+) -> None:
+    connection.execute(
+        "INSERT INTO _sync_log (entity, change_set, layer, status, started_at, finished_at,"
+        " seconds, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (entity, change_set, layer, status, started_at, utc_now_iso(), seconds, details),
+    )
+
+
+def record_issue(
+    connection: sqlite3.Connection,
+    *,
+    entity: str,
+    change_set: str,
+    record_id: str | None,
+    field: str | None,
+    problem: str,
+    context: str | None = None,
+) -> None:
+    connection.execute(
+        "INSERT INTO _issues (entity, change_set, record_id, field, problem, context,"
+        " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (entity, change_set, record_id, field, problem, context, utc_now_iso()),
+    )
