@@ -15,6 +15,7 @@ $(BIN)/.installed: pyproject.toml
 
 $(DAGSTER_HOME):
 	mkdir -p $(DAGSTER_HOME)
+	printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
 
 run: $(BIN)/.installed $(DAGSTER_HOME)
 	$(BIN)/dataverse-assets sync

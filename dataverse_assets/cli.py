@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import orjson
 
@@ -20,9 +21,13 @@ def _instance():
     from dagster import DagsterInstance
 
     if not os.environ.get("DAGSTER_HOME"):
-        home = PROJECT_ROOT / ".dagster_home"
-        home.mkdir(exist_ok=True)
-        os.environ["DAGSTER_HOME"] = str(home)
+        os.environ["DAGSTER_HOME"] = str(PROJECT_ROOT / ".dagster_home")
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    settings_file = home / "dagster.yaml"
+    if not settings_file.exists():
+        # A project-local instance: no telemetry calls from a mirror that runs offline.
+        settings_file.write_text("telemetry:\n  enabled: false\n")
     return DagsterInstance.get()
 
 
@@ -100,8 +105,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
         key = new_change_set_key(instance, group)
         print(f"\n[{group}] change set {key}")
         job = defs.resolve_job_def(sync_job_name(group))
-        result = job.execute_in_process(instance=instance, partition_key=key,
-                                        raise_on_error=False)
+        result = job.execute_in_process(
+            instance=instance, partition_key=key, raise_on_error=False,
+            # Every event is in the UI; the terminal gets the summary and real problems.
+            run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
+        )
         entities = [e.name for e in config.entities_in_group(group)]
         _print_table(_summary_rows(settings, key, entities))
         if not result.success:
@@ -147,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     sync = commands.add_parser("sync", help="sync every entity (or a group) through Dagster")
     sync.add_argument("--group", action="append", help="only this cadence group (repeatable)")
+    sync.add_argument("--log-level", default="WARNING", help="Dagster console log level")
     sync.set_defaults(handler=cmd_sync)
     change_set = commands.add_parser("change-set", help="manage change-set partitions")
     change_set_commands = change_set.add_subparsers(dest="change_set_command", required=True)

@@ -83,9 +83,9 @@ def page(rows, next_link=None):
     return (200, {"Content-Type": "application/json"}, body)
 
 
-def collect(client, query=PageQuery()):
+def collect(client, query: PageQuery | None = None):
     async def go():
-        return [p async for p in client.iter_pages("accounts", query)]
+        return [p async for p in client.iter_pages("accounts", query or PageQuery())]
     return go()
 
 

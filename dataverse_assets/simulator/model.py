@@ -1,0 +1,1084 @@
+"""The simulated Dataverse org: table specs, seeded deterministic rows and a mutation API.
+
+Rows are stored exactly as the Web API returns them (`@odata.etag` first, lookups as
+`_<name>_value`), so serving a page without `$select` needs no per-row work. Row dicts are
+never mutated in place: updates swap in a new dict, so a page being serialised is never torn.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+import secrets
+import threading
+import time
+import unicodedata
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .odata import (
+    CATEGORY_BY_TYPE,
+    ODataQueryError,
+    format_datetime,
+    guid_order_key,
+    is_guid,
+    parse_datetime,
+)
+
+SIMULATOR_CLIENT_ID = "simulator-client"
+# A public placeholder for local development and tests; it protects nothing.
+SIMULATOR_CLIENT_SECRET = "simulator-secret"
+SIMULATOR_TENANT_ID = "8f3c2a71-5d4e-4b6a-9c1f-2e7d9a0b4c63"
+
+MAX_PAGE_SIZE = 5000
+EXPIRED_VERSION_CODE = "0x80044352"
+EXPIRED_VERSION_MESSAGE = (
+    "Version stamp associated with the client has expired. Please perform a full sync."
+)
+INVALID_ARGUMENT_CODE = "0x80040203"
+
+LOOKUP_TYPES = frozenset({"Lookup", "Customer", "Owner"})
+_VIRTUAL_NAME_FOR = frozenset({"Picklist", "State", "Status", "Boolean"})
+
+_SEED_START = datetime(2024, 1, 1, tzinfo=UTC)
+_SEED_END = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimAttribute:
+    """One column as EntityDefinitions/Attributes describes it."""
+
+    logical_name: str
+    attribute_type: str
+    targets: tuple[str, ...] = ()
+    nullable: bool = False
+    attribute_of: str | None = None
+
+    @property
+    def is_lookup(self) -> bool:
+        """Lookup, Customer and Owner columns travel as `_<name>_value` GUIDs."""
+        return self.attribute_type in LOOKUP_TYPES
+
+    @property
+    def is_virtual(self) -> bool:
+        """Virtual columns exist in metadata but never in rows."""
+        return self.attribute_type == "Virtual"
+
+    @property
+    def column(self) -> str:
+        """The key this attribute has in an API row."""
+        return f"_{self.logical_name}_value" if self.is_lookup else self.logical_name
+
+
+@dataclass
+class SimEntity:
+    """One table: names, key, columns, and whether change tracking is enabled."""
+
+    entity_set_name: str
+    logical_name: str
+    primary_id_attribute: str
+    attributes: list[SimAttribute]
+    change_tracking_enabled: bool
+    row_count: int
+    primary_name_attribute: str | None = None
+    is_intersect: bool = False
+
+    def __post_init__(self) -> None:
+        # Dataverse always lists the primary key among the attributes.
+        if all(a.logical_name != self.primary_id_attribute for a in self.attributes):
+            self.attributes = [
+                SimAttribute(self.primary_id_attribute, "Uniqueidentifier"),
+                *self.attributes,
+            ]
+
+    @property
+    def has_modifiedon(self) -> bool:
+        """Tables without modifiedon (intersect tables) can only be synced as snapshots."""
+        return any(a.logical_name == "modifiedon" for a in self.attributes)
+
+    @property
+    def has_createdon(self) -> bool:
+        """Whether rows carry createdon."""
+        return any(a.logical_name == "createdon" for a in self.attributes)
+
+    @property
+    def columns(self) -> list[str]:
+        """Row keys (excluding `@odata.etag`) in the order rows carry them."""
+        return [a.column for a in self.attributes if not a.is_virtual]
+
+    @property
+    def column_types(self) -> dict[str, str]:
+        """Row key -> AttributeType for every non-virtual attribute."""
+        return {a.column: a.attribute_type for a in self.attributes if not a.is_virtual}
+
+    def attribute(self, logical_name: str) -> SimAttribute | None:
+        """The attribute with this logical name (or row key), if any."""
+        for a in self.attributes:
+            if a.logical_name == logical_name or (a.is_lookup and a.column == logical_name):
+                return a
+        return None
+
+
+def _a(
+    name: str, attribute_type: str, *targets: str, nullable: bool = False
+) -> SimAttribute:
+    return SimAttribute(name, attribute_type, tuple(targets), nullable)
+
+
+def _with_virtuals(attributes: list[SimAttribute]) -> list[SimAttribute]:
+    """Add the `<column>name` Virtual attributes real orgs expose for option-set columns."""
+    virtuals = [
+        SimAttribute(f"{a.logical_name}name", "Virtual", attribute_of=a.logical_name)
+        for a in attributes
+        if a.attribute_type in _VIRTUAL_NAME_FOR
+    ]
+    return attributes + virtuals
+
+
+_STAMPS = [_a("createdon", "DateTime"), _a("modifiedon", "DateTime")]
+
+# entity set -> (logical name, primary key, primary name, change tracking, rows, attributes)
+_BUILTIN: dict[str, tuple[str, str, str | None, bool, int, list[SimAttribute]]] = {
+    "accounts": (
+        "account", "accountid", "name", True, 600,
+        [
+            _a("name", "String"),
+            _a("accountnumber", "String", nullable=True),
+            _a("description", "Memo", nullable=True),
+            _a("revenue", "Money", nullable=True),
+            _a("numberofemployees", "Integer", nullable=True),
+            _a("industrycode", "Picklist", nullable=True),
+            _a("statecode", "State"),
+            _a("statuscode", "Status"),
+            _a("emailaddress1", "String", nullable=True),
+            _a("telephone1", "String", nullable=True),
+            _a("address1_city", "String", nullable=True),
+            _a("primarycontactid", "Lookup", "contact", nullable=True),
+            _a("ownerid", "Owner", "systemuser", "team"),
+            _a("versionnumber", "BigInt"),
+            *_STAMPS,
+        ],
+    ),
+    "contacts": (
+        "contact", "contactid", "fullname", True, 1500,
+        [
+            _a("firstname", "String"),
+            _a("lastname", "String"),
+            _a("fullname", "String"),
+            _a("emailaddress1", "String", nullable=True),
+            _a("jobtitle", "String", nullable=True),
+            _a("parentcustomerid", "Customer", "account", nullable=True),
+            _a("birthdate", "DateTime", nullable=True),
+            _a("statecode", "State"),
+            _a("statuscode", "Status"),
+            _a("ownerid", "Owner", "systemuser", "team"),
+            *_STAMPS,
+        ],
+    ),
+    "systemusers": (
+        "systemuser", "systemuserid", "fullname", False, 40,
+        [
+            _a("fullname", "String"),
+            _a("domainname", "String"),
+            _a("internalemailaddress", "String"),
+            _a("isdisabled", "Boolean"),
+            _a("businessunitid", "Lookup", "businessunit"),
+            *_STAMPS,
+        ],
+    ),
+    "businessunits": (
+        "businessunit", "businessunitid", "name", False, 5,
+        [
+            _a("name", "String"),
+            _a("parentbusinessunitid", "Lookup", "businessunit", nullable=True),
+            *_STAMPS,
+        ],
+    ),
+    "teams": (
+        "team", "teamid", "name", True, 12,
+        [
+            _a("name", "String"),
+            _a("teamtype", "Picklist"),
+            _a("businessunitid", "Lookup", "businessunit"),
+            *_STAMPS,
+        ],
+    ),
+    "vin_candidates": (
+        "vin_candidate", "vin_candidateid", "vin_name", True, 800,
+        [
+            _a("vin_name", "String"),
+            _a("vin_score", "Decimal", nullable=True),
+            _a("vin_stage", "Picklist"),
+            _a("vin_enrolled", "Boolean"),
+            _a("vin_notes", "Memo", nullable=True),
+            _a("vin_primaryaccountid", "Lookup", "account", nullable=True),
+            _a("statecode", "State"),
+            *_STAMPS,
+        ],
+    ),
+    "vin_clinicaltrials": (
+        "vin_clinicaltrial", "vin_clinicaltrialid", "vin_name", False, 60,
+        [
+            _a("vin_name", "String"),
+            _a("vin_phase", "Picklist"),
+            _a("vin_startdate", "DateTime"),
+            _a("vin_budget", "Money"),
+            _a("vin_sponsorid", "Lookup", "account"),
+            _a("statecode", "State"),
+            *_STAMPS,
+        ],
+    ),
+}
+
+# Intersect tables of N:N relationships: entity set -> (logical, pk, columns, rows).
+_INTERSECT: dict[str, tuple[str, str, list[SimAttribute], int]] = {
+    "vin_vin_candidate_accountset": (
+        "vin_vin_candidate_account", "vin_vin_candidate_accountid",
+        [_a("vin_candidateid", "Uniqueidentifier", "vin_candidate"),
+         _a("accountid", "Uniqueidentifier", "account")],
+        700,
+    ),
+    "vin_vin_clinicaltrial_contactset": (
+        "vin_vin_clinicaltrial_contact", "vin_vin_clinicaltrial_contactid",
+        [_a("vin_clinicaltrialid", "Uniqueidentifier", "vin_clinicaltrial"),
+         _a("contactid", "Uniqueidentifier", "contact")],
+        900,
+    ),
+    "vin_vin_candidate_clinicaltrialset": (
+        "vin_vin_candidate_clinicaltrial", "vin_vin_candidate_clinicaltrialid",
+        [_a("vin_candidateid", "Uniqueidentifier", "vin_candidate"),
+         _a("vin_clinicaltrialid", "Uniqueidentifier", "vin_clinicaltrial")],
+        500,
+    ),
+}
+
+_FALLBACK_ROWS = 100
+
+
+def entity_spec_for(entity_set_name: str, row_count: int | None = None) -> SimEntity:
+    """The simulated org's spec for an entity set; unknown names get a generic table."""
+    if entity_set_name in _BUILTIN:
+        logical, pk, primary_name, tracked, rows, attributes = _BUILTIN[entity_set_name]
+        return SimEntity(
+            entity_set_name=entity_set_name,
+            logical_name=logical,
+            primary_id_attribute=pk,
+            attributes=_with_virtuals([_a(pk, "Uniqueidentifier"), *attributes]),
+            change_tracking_enabled=tracked,
+            row_count=rows if row_count is None else row_count,
+            primary_name_attribute=primary_name,
+        )
+    if entity_set_name in _INTERSECT:
+        logical, pk, attributes, rows = _INTERSECT[entity_set_name]
+        return SimEntity(
+            entity_set_name=entity_set_name,
+            logical_name=logical,
+            primary_id_attribute=pk,
+            attributes=[_a(pk, "Uniqueidentifier"), *attributes],
+            change_tracking_enabled=False,
+            row_count=rows if row_count is None else row_count,
+            is_intersect=True,
+        )
+    logical = entity_set_name[:-1] if entity_set_name.endswith("s") else entity_set_name
+    pk = f"{logical}id"
+    return SimEntity(
+        entity_set_name=entity_set_name,
+        logical_name=logical,
+        primary_id_attribute=pk,
+        attributes=_with_virtuals(
+            [_a(pk, "Uniqueidentifier"), _a("name", "String"), _a("statecode", "State"), *_STAMPS]
+        ),
+        change_tracking_enabled=True,
+        row_count=_FALLBACK_ROWS if row_count is None else row_count,
+        primary_name_attribute="name",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Option-set labels (formatted values) and realistic text with the usual hazards
+# ---------------------------------------------------------------------------------------------
+
+OPTION_LABELS: dict[str, dict[int, str]] = {
+    "statecode": {0: "Active", 1: "Inactive"},
+    "statuscode": {1: "Active", 2: "Inactive"},
+    "industrycode": {
+        1: "Accounting",
+        2: "Agriculture and Non-petrol Natural Resource Extraction",
+        3: "Broadcasting Printing and Publishing",
+        6: "Business Services",
+        7: "Consulting",
+        9: "Design, Direction and Creative Management",
+        11: "Doctor's Offices and Clinics",
+        12: "Durable Manufacturing",
+        18: "Financial",
+        24: "Pharmaceuticals",
+        33: "Wholesale",
+    },
+    "teamtype": {0: "Owner", 1: "Access", 2: "Security Group", 3: "Office Group"},
+    # Custom option sets start at the solution publisher's prefix value, as in real orgs.
+    "vin_stage": {
+        100000000: "Screening",
+        100000001: "Eligible",
+        100000002: "Enrolled",
+        100000003: "Withdrawn",
+    },
+    "vin_phase": {
+        100000000: "Phase I",
+        100000001: "Phase II",
+        100000002: "Phase III",
+        100000003: "Phase IV",
+    },
+}
+_DEFAULT_OPTIONS = {1: "Option 1", 2: "Option 2", 3: "Option 3"}
+
+_COMPANIES = [
+    "Contoso", "Fabrikam", "Adventure Works", "Northwind Traders", "Litware", "Tailspin Toys",
+    "Wingtip Toys", "Woodgrove Bank", "Proseware", "Alpine Ski House", "Coho Winery",
+    "Fourth Coffee", "Lucerne Publishing", "Trey Research", "Wide World Importers",
+    "Blue Yonder Airlines", "Humongous Insurance", "A. Datum", "Graphic Design Institute",
+    "Southridge Video", "VanArsdel", "Relecloud", "Munson's Pickles",
+]
+_SUFFIXES = ["Ltd", "Inc.", "GmbH", "AG", "S.A.", "LLC", "plc", "Pharma", "Labs", ""]
+# Values that break naive quoting, CSV, URL or encoding handling.
+_HAZARD_NAMES = [
+    "O'Bryan & Sons",
+    'The "Best" Company',
+    "Zürich Versicherung",
+    "東京 Trading 株式会社",
+    "Rocket 🚀 Labs",
+    "Smith, Jones, and Partners",
+    "",
+    "100% Pure + Co #1",
+    "Ünïcödé Straße",
+    "Back\\slash Inc",
+    "Semi;colon & Question? Ltd",
+    "Line\nBreak GmbH",
+    "  Padded  ",
+    "Tab\tSeparated",
+    "Ac'me ''Double'' Quotes",
+]
+_HAZARD_SURNAMES = [
+    "O'Bryan", '"Nick" Nickerson', "Smith, Jr.", "", "Müller-Lüdenscheidt", "山田 太郎",
+    "Rocket 🚀", "  Spaces  ", "Back\\slash", "100% + #1",
+]
+_NULL_RATE = {"description": 0.3, "vin_notes": 0.35, "jobtitle": 0.2, "birthdate": 0.25}
+_FIRST_NAMES = [
+    "Anna", "Bob", "Chloé", "Dmitri", "Émile", "Fatima", "Giulia", "Hiro", "Ingrid", "José",
+    "Kwame", "Li", "María", "Nils", "Olu", "Priya", "Quentin", "Renée", "Søren", "Tomás", "Zoë",
+    "太郎", "Mary-Jane", "D'Arcy",
+]
+_LAST_NAMES = [
+    "Smith", "Johnson", "O'Bryan", "Müller", "Nguyen", "García", "O'Neil", "D'Angelo", "Brown",
+    "Lee", "Kim", "Tanaka", "山田", "Øvergård", "Doe-Smith", "Wilson", "Anderson", "Schröder",
+    "van der Berg", "Ó Súilleabháin",
+]
+_CITIES = [
+    "Seattle", "Redmond", "Zürich", "東京", "São Paulo", "Kraków", "Montréal", "Reykjavík",
+    "München", "New York, NY", "O'Fallon", "Basel", "Genève", "Cape Town", "", "Zürich",
+]
+_JOB_TITLES = [
+    "Principal Investigator", "Study Coordinator", "Research Nurse", "CRA", "Head of R&D",
+    "Data Manager", "Sponsor \"Liaison\"", "Director, Clinical Ops", "Médecin-chef", "",
+]
+_SENTENCES = [
+    "Met at the annual conference.",
+    "Prefers email; do not call before 9am.",
+    'Said "maybe next quarter".',
+    "Follow-up: O'Bryan's team, Zürich office.",
+    "Budget approved — waiting for PO.",
+    "東京オフィスと連絡済み。",
+    "Uses 🚀 emoji in every mail.",
+    "Line one\nLine two\r\nLine three",
+    "Tabs\tand, commas, everywhere.",
+    "Contract value ≥ 1,000,000 €.",
+    "50% discount + free shipping & handling #promo",
+]
+_BUSINESS_UNITS = ["Contoso Pharma", "Research", "Clinical Operations", "Sales EMEA", "Zürich Lab"]
+_TEAM_WORDS = ["Oncology", "Cardiology", "Sales", "Site Monitoring", "Data Science", "Regulatory"]
+_TRIAL_TOPICS = [
+    "efficacy of VX-101 in adults", "long-term safety of VX-220", "dose finding for VX-7",
+    "VX-101 vs placebo (double-blind)", "paediatric formulation, 'Kids' arm",
+]
+
+
+def _ascii_slug(text: str) -> str:
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return "".join(ch for ch in folded.lower() if ch.isalnum())
+
+
+def _random_guid(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def _random_stamp(rng: random.Random, start: datetime, end: datetime) -> datetime:
+    span = int((end - start).total_seconds())
+    return start + timedelta(seconds=rng.randrange(span))
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtime state
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimStats:
+    """Request counters a test can assert on (e.g. how many pages a sync needed)."""
+
+    requests: int = 0
+    requests_by_entity: Counter[str] = field(default_factory=Counter)
+    rows_served: Counter[str] = field(default_factory=Counter)
+    token_requests: int = 0
+    metadata_requests: int = 0
+    status_counts: Counter[int] = field(default_factory=Counter)
+
+    def reset(self) -> None:
+        """Zero every counter in place (callers may hold a reference to this object)."""
+        self.requests = 0
+        self.token_requests = 0
+        self.metadata_requests = 0
+        self.requests_by_entity.clear()
+        self.rows_served.clear()
+        self.status_counts.clear()
+
+
+@dataclass
+class EntityTable:
+    """Rows of one table plus the indexes paging and change tracking need."""
+
+    spec: SimEntity
+    column_types: dict[str, str]
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Sorted SQL-order keys of every pk: default-order paging is a bisect plus a slice.
+    order_keys: list[str] = field(default_factory=list)
+    key_to_pk: dict[str, str] = field(default_factory=dict)
+    # (version, pk, "upsert" | "delete"), appended in version order.
+    changes: list[tuple[int, str, str]] = field(default_factory=list)
+    change_versions: list[int] = field(default_factory=list)
+    # Bumped on every mutation; invalidates cached sort orders.
+    data_version: int = 0
+    # pk -> {row key: target logical name}, for lookups that can point at several tables.
+    lookup_targets: dict[str, dict[str, str]] = field(default_factory=dict)
+    pairs: set[tuple[str, str]] = field(default_factory=set)
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    def add_key(self, pk: str) -> None:
+        """Index a new primary key."""
+        key = guid_order_key(pk)
+        bisect.insort(self.order_keys, key)
+        self.key_to_pk[key] = pk
+
+    def remove_key(self, pk: str) -> None:
+        """Drop a primary key from the index."""
+        key = guid_order_key(pk)
+        index = bisect.bisect_left(self.order_keys, key)
+        if index < len(self.order_keys) and self.order_keys[index] == key:
+            del self.order_keys[index]
+        self.key_to_pk.pop(key, None)
+
+    def record_change(self, version: int, pk: str, kind: str) -> None:
+        """Append to the change log and invalidate caches."""
+        self.changes.append((version, pk, kind))
+        self.change_versions.append(version)
+        self.data_version += 1
+        self.cache.clear()
+
+
+class DataverseSimulator:
+    """An in-memory Dataverse org: deterministic seeded tables, a clock, tokens and stats."""
+
+    def __init__(
+        self,
+        entity_names: Iterable[str],
+        *,
+        seed: int = 42,
+        row_counts: dict[str, int] | None = None,
+        token_lifetime_seconds: int = 3599,
+        delta_token_lifetime_seconds: int = 7 * 24 * 3600,
+        org_url: str | None = None,
+    ) -> None:
+        names = list(dict.fromkeys(entity_names))
+        row_counts = row_counts or {}
+        self.seed = seed
+        self.token_lifetime_seconds = token_lifetime_seconds
+        self.delta_token_lifetime_seconds = delta_token_lifetime_seconds
+        self.org_url = org_url.rstrip("/") if org_url else None
+        self.tenant_id = SIMULATOR_TENANT_ID
+        self.client_id = SIMULATOR_CLIENT_ID
+        self.client_secret = SIMULATOR_CLIENT_SECRET
+        self.organization_id = str(uuid.UUID(int=random.Random(seed).getrandbits(128), version=4))
+        self.stats = SimStats()
+        # Re-entrant: mutations call now() while holding it.
+        self.lock = threading.RLock()
+        self._tokens: dict[str, float] = {}
+        self._delta_min_version = 0
+        self._version = 1000
+        self._last_issued = _SEED_START
+        self._mutation_rng = random.Random(seed * 7919 + 17)
+        self._tables: dict[str, EntityTable] = {}
+        self._by_logical: dict[str, EntityTable] = {}
+        for name in names:
+            spec = entity_spec_for(name, row_counts.get(name))
+            table = EntityTable(spec=spec, column_types=spec.column_types)
+            self._tables[name] = table
+            self._by_logical[spec.logical_name] = table
+        self._seed_all()
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    @property
+    def entity_set_names(self) -> list[str]:
+        """Entity sets this org has, in construction order."""
+        return list(self._tables)
+
+    @property
+    def version(self) -> int:
+        """The org-wide row version most recently issued."""
+        return self._version
+
+    def spec(self, entity_set: str) -> SimEntity:
+        """The spec of one entity set (KeyError if the org does not have it)."""
+        return self._tables[entity_set].spec
+
+    def table(self, entity_set: str) -> EntityTable:
+        """Internal state of one table (for the HTTP layer)."""
+        return self._tables[entity_set]
+
+    def find_table(self, entity_set: str) -> EntityTable | None:
+        """The table for an entity set name, or None."""
+        return self._tables.get(entity_set)
+
+    def table_by_logical(self, logical_name: str) -> EntityTable | None:
+        """The table with this logical name, or None."""
+        return self._by_logical.get(logical_name)
+
+    def tables(self) -> list[EntityTable]:
+        """Every table, in construction order."""
+        return list(self._tables.values())
+
+    # -- clock -----------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """Issue a timestamp strictly (>= 1 s) after every timestamp issued before.
+
+        A client watermark `modifiedon gt W` therefore always sees later mutations, even when
+        they happen within the same wall-clock second or the seed data lies in the future.
+        """
+        with self.lock:
+            real = datetime.now(UTC).replace(microsecond=0)
+            stamp = max(real, self._last_issued + timedelta(seconds=1))
+            self._last_issued = stamp
+            return stamp
+
+    def advance_clock(self, seconds: float) -> datetime:
+        """Jump the simulator clock forward (e.g. past the delta-token lifetime); returns it."""
+        with self.lock:
+            self._last_issued = self._peek_clock() + timedelta(seconds=seconds)
+            return self._last_issued
+
+    def _peek_clock(self) -> datetime:
+        real = datetime.now(UTC).replace(microsecond=0)
+        return max(real, self._last_issued)
+
+    def _observe_stamp(self, text: str | None) -> None:
+        if text:
+            stamp = parse_datetime(text)
+            if stamp > self._last_issued:
+                self._last_issued = stamp
+
+    def _next_version(self) -> int:
+        self._version += 1
+        return self._version
+
+    # -- access tokens ---------------------------------------------------------------------------
+
+    def issue_access_token(self) -> str:
+        """Mint an opaque bearer token valid for token_lifetime_seconds."""
+        with self.lock:
+            if len(self._tokens) > 10_000:
+                current = time.monotonic()
+                self._tokens = {t: e for t, e in self._tokens.items() if e > current}
+            token = secrets.token_urlsafe(32)
+            self._tokens[token] = time.monotonic() + self.token_lifetime_seconds
+            return token
+
+    def access_token_state(self, token: str) -> str:
+        """"valid", "expired" or "unknown"."""
+        expiry = self._tokens.get(token)
+        if expiry is None:
+            return "unknown"
+        return "valid" if time.monotonic() < expiry else "expired"
+
+    def expire_all_tokens(self) -> None:
+        """Make every issued access token expired (tests of refresh-on-401)."""
+        with self.lock:
+            for token in self._tokens:
+                self._tokens[token] = float("-inf")
+
+    # -- delta tokens ----------------------------------------------------------------------------
+
+    def issue_delta_token(self, version: int) -> str:
+        """`<version>!<MM/dd/yyyy HH:mm:ss>` as Dataverse formats it (not URL-encoded)."""
+        # Peek, not now(): issuing tokens must not push the clock ahead of real time.
+        stamp = self._peek_clock()
+        return f"{version}!{stamp:%m/%d/%Y %H:%M:%S}"
+
+    def check_delta_token(self, token: str) -> int:
+        """The version a delta token stands for; raises the Dataverse error when unusable."""
+        version_text, _, stamp_text = token.partition("!")
+        try:
+            version = int(version_text)
+            stamp = datetime.strptime(stamp_text, "%m/%d/%Y %H:%M:%S").replace(tzinfo=UTC)
+        except ValueError as exc:
+            raise ODataQueryError(
+                f"The delta token '{token}' is not valid.", code=INVALID_ARGUMENT_CODE
+            ) from exc
+        if version > self._version:
+            raise ODataQueryError(
+                f"The delta token '{token}' is not valid.", code=INVALID_ARGUMENT_CODE
+            )
+        expired_by_age = (
+            self._peek_clock() - stamp
+        ).total_seconds() > self.delta_token_lifetime_seconds
+        expired_by_test = version < self._delta_min_version
+        if expired_by_age or expired_by_test:
+            raise ODataQueryError(EXPIRED_VERSION_MESSAGE, code=EXPIRED_VERSION_CODE)
+        return version
+
+    def expire_delta_tokens(self) -> None:
+        """Make every delta token issued so far expired (tests of the full-sync fallback)."""
+        with self.lock:
+            # Tokens carry versions, so advancing the version marks all older ones; versions
+            # are org-wide and need not belong to a row change.
+            self._delta_min_version = self._next_version()
+
+    def reset_stats(self) -> None:
+        """Zero the request counters."""
+        with self.lock:
+            self.stats.reset()
+
+    # -- seeding ---------------------------------------------------------------------------------
+
+    def _rng_for(self, entity_set: str) -> random.Random:
+        # crc32, not hash(): str hashes are salted per process.
+        return random.Random(self.seed * 1_000_003 + zlib.crc32(entity_set.encode("utf-8")))
+
+    def _seed_all(self) -> None:
+        order = sorted(self._tables)
+        rngs = {name: self._rng_for(name) for name in order}
+        pk_lists: dict[str, list[str]] = {}
+        # Phase 1: every key first, so lookups can point at rows of any table.
+        for name in order:
+            table, rng = self._tables[name], rngs[name]
+            pks: list[str] = []
+            seen: set[str] = set()
+            while len(pks) < max(table.spec.row_count, 0):
+                pk = _random_guid(rng)
+                if pk not in seen:
+                    seen.add(pk)
+                    pks.append(pk)
+            pk_lists[name] = pks
+            table.order_keys = sorted(guid_order_key(pk) for pk in pks)
+            table.key_to_pk = {guid_order_key(pk): pk for pk in pks}
+        # Phase 2: row contents, in a fixed table order so versions are reproducible.
+        for name in order:
+            table, rng = self._tables[name], rngs[name]
+            if table.spec.is_intersect:
+                self._seed_intersect(table, rng, pk_lists[name])
+                continue
+            for ordinal, pk in enumerate(pk_lists[name]):
+                row = self._build_row(table, rng, pk, ordinal, stamp=None)
+                table.rows[pk] = row
+        for table in self._tables.values():
+            for row in table.rows.values():
+                self._observe_stamp(row.get("modifiedon"))
+                self._observe_stamp(row.get("createdon"))
+
+    def _seed_intersect(self, table: EntityTable, rng: random.Random, pks: list[str]) -> None:
+        left_attr, right_attr = table.spec.attributes[1], table.spec.attributes[2]
+        left = self._key_pool(left_attr)
+        right = self._key_pool(right_attr)
+        wanted = len(pks)
+        pairs: list[tuple[str, str]] = []
+        if left and right:
+            capacity = len(left) * len(right)
+            if wanted > capacity // 2:
+                every = [(a, b) for a in left for b in right]
+                rng.shuffle(every)
+                pairs = every[:wanted]
+            else:
+                seen: set[tuple[str, str]] = set()
+                while len(pairs) < wanted:
+                    pair = (rng.choice(left), rng.choice(right))
+                    if pair not in seen:
+                        seen.add(pair)
+                        pairs.append(pair)
+        else:
+            # A side whose table is not in the org gets random (unique) GUIDs.
+            for _ in range(wanted):
+                a = rng.choice(left) if left else _random_guid(rng)
+                b = rng.choice(right) if right else _random_guid(rng)
+                pairs.append((a, b))
+        # Fewer pairs than keys only when the joined tables are tiny.
+        for pk in pks[len(pairs):]:
+            table.remove_key(pk)
+        for pk, (a, b) in zip(pks, pairs, strict=False):
+            version = self._next_version()
+            table.rows[pk] = {
+                "@odata.etag": f'W/"{version}"',
+                table.spec.primary_id_attribute: pk,
+                left_attr.column: a,
+                right_attr.column: b,
+            }
+            table.pairs.add((a, b))
+
+    def _key_pool(self, attribute: SimAttribute) -> list[str]:
+        for target in attribute.targets:
+            table = self._by_logical.get(target)
+            if table is not None and table.order_keys:
+                return [table.key_to_pk[k] for k in table.order_keys]
+        return []
+
+    # -- row generation --------------------------------------------------------------------------
+
+    def _pick_reference(
+        self, table: EntityTable, attribute: SimAttribute, rng: random.Random
+    ) -> tuple[str | None, str]:
+        """(GUID, target logical name) for a lookup, preferring existing target rows."""
+        targets = list(attribute.targets) or ["systemuser"]
+        if attribute.logical_name == "parentbusinessunitid":
+            # A tree: the root has no parent and nobody is their own parent.
+            existing = [k for k in table.rows]
+            if not existing:
+                return None, targets[0]
+            return rng.choice(existing), targets[0]
+        present = [t for t in targets if t in self._by_logical and self._by_logical[t].order_keys]
+        if not present:
+            return _random_guid(rng), targets[0]
+        if attribute.attribute_type == "Owner" and len(present) > 1:
+            target = present[0] if rng.random() < 0.85 else present[1]
+        else:
+            target = rng.choice(present) if len(present) > 1 else present[0]
+        target_table = self._by_logical[target]
+        key = rng.choice(target_table.order_keys)
+        return target_table.key_to_pk[key], target
+
+    def _build_row(
+        self,
+        table: EntityTable,
+        rng: random.Random,
+        pk: str,
+        ordinal: int,
+        stamp: datetime | None,
+    ) -> dict[str, Any]:
+        """A full API-shaped row; stamp None means a seeded row with random history."""
+        spec = table.spec
+        version = self._next_version()
+        row: dict[str, Any] = {"@odata.etag": f'W/"{version}"'}
+        if stamp is None:
+            created = _random_stamp(rng, _SEED_START, _SEED_END)
+            modified = (
+                created
+                if rng.random() < 0.3
+                else _random_stamp(rng, created, _SEED_END + timedelta(seconds=1))
+            )
+        else:
+            created = modified = stamp
+        for attribute in spec.attributes:
+            if attribute.is_virtual:
+                continue
+            name = attribute.logical_name
+            if name == spec.primary_id_attribute:
+                row[name] = pk
+            elif name == "createdon":
+                row[name] = format_datetime(created)
+            elif name == "modifiedon":
+                row[name] = format_datetime(modified)
+            elif name == "versionnumber":
+                row[name] = version
+            elif attribute.is_lookup:
+                if attribute.nullable and rng.random() < 0.12:
+                    row[attribute.column] = None
+                    continue
+                guid, target = self._pick_reference(table, attribute, rng)
+                row[attribute.column] = guid
+                if len(attribute.targets) > 1 and guid is not None:
+                    table.lookup_targets.setdefault(pk, {})[attribute.column] = target
+            else:
+                row[name] = self._value(spec, attribute, rng, row, ordinal)
+        return row
+
+    def _value(
+        self,
+        spec: SimEntity,
+        attribute: SimAttribute,
+        rng: random.Random,
+        row: Mapping[str, Any],
+        ordinal: int,
+    ) -> Any:
+        name, kind = attribute.logical_name, attribute.attribute_type
+        if attribute.nullable and rng.random() < _NULL_RATE.get(name, 0.1):
+            return None
+        entity = spec.logical_name
+        if kind == "String":
+            return self._string(entity, name, rng, row, ordinal)
+        if kind == "Memo":
+            count = rng.randint(1, 4)
+            return " ".join(rng.choice(_SENTENCES) for _ in range(count))
+        if kind in ("Picklist", "State", "Status"):
+            if name == "statecode":
+                return 0 if rng.random() < 0.85 else 1
+            if name == "statuscode":
+                return 1 if row.get("statecode", 0) == 0 else 2
+            return rng.choice(sorted(OPTION_LABELS.get(name, _DEFAULT_OPTIONS)))
+        if kind == "Boolean":
+            return rng.random() < (0.1 if name == "isdisabled" else 0.5)
+        if kind == "Integer":
+            return rng.randint(1, 250_000)
+        if kind == "BigInt":
+            return rng.randint(1, 2**40)
+        if kind == "Money":
+            return round(rng.uniform(1_000, 5_000_000), rng.choice((2, 4)))
+        if kind in ("Decimal", "Double"):
+            return round(rng.uniform(0, 100), rng.choice((2, 3, 4)))
+        if kind == "DateTime":
+            if name == "birthdate":
+                start, end = datetime(1950, 1, 1, tzinfo=UTC), datetime(2005, 1, 1, tzinfo=UTC)
+                day = _random_stamp(rng, start, end)
+                return format_datetime(day.replace(hour=0, minute=0, second=0))
+            start, end = datetime(2022, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+            return format_datetime(_random_stamp(rng, start, end))
+        if kind == "Uniqueidentifier":
+            return _random_guid(rng)
+        return None
+
+    def _string(
+        self, entity: str, name: str, rng: random.Random, row: Mapping[str, Any], ordinal: int
+    ) -> str:
+        hazard = rng.random() < 0.08
+        if name == "name" and entity == "businessunit":
+            return _BUSINESS_UNITS[ordinal % len(_BUSINESS_UNITS)] + (
+                f" {ordinal // len(_BUSINESS_UNITS)}" if ordinal >= len(_BUSINESS_UNITS) else ""
+            )
+        if name == "name" and entity == "team":
+            return f"{rng.choice(_TEAM_WORDS)} Team {ordinal + 1}"
+        if name == "name":
+            if hazard:
+                return rng.choice(_HAZARD_NAMES)
+            number = f" {rng.randint(2, 99)}" if rng.random() < 0.2 else ""
+            return f"{rng.choice(_COMPANIES)} {rng.choice(_SUFFIXES)}".strip() + number
+        if name == "firstname":
+            return rng.choice(_FIRST_NAMES)
+        if name == "lastname":
+            return rng.choice(_HAZARD_SURNAMES) if hazard else rng.choice(_LAST_NAMES)
+        if name == "fullname":
+            if "firstname" in row:
+                return f"{row['firstname']} {row['lastname']}".strip()
+            return f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
+        if name == "vin_name" and entity == "vin_candidate":
+            return f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
+        if name == "vin_name":
+            return f"VIN-{2024 + ordinal % 3}-{ordinal:03d}: {rng.choice(_TRIAL_TOPICS)}"
+        if name in ("emailaddress1", "internalemailaddress", "domainname"):
+            source = row.get("fullname") or row.get("name") or "user"
+            slug = _ascii_slug(str(source))[:24] or f"user{ordinal}"
+            domain = "contoso.onmicrosoft.com" if entity == "systemuser" else "example.com"
+            return f"{slug}{ordinal}@{domain}"
+        if name == "accountnumber":
+            return f"ACC-{rng.randint(0, 999_999):06d}"
+        if name == "telephone1":
+            return rng.choice(
+                [
+                    f"+1-425-555-{rng.randint(0, 9999):04d}",
+                    f"+41 44 {rng.randint(100, 999)} {rng.randint(10, 99)} {rng.randint(10, 99)}",
+                    f"(0{rng.randint(10, 99)}) {rng.randint(1000, 9999)}-{rng.randint(0, 9999)}",
+                ]
+            )
+        if name == "address1_city":
+            return rng.choice(_CITIES)
+        if name == "jobtitle":
+            return rng.choice(_JOB_TITLES)
+        if hazard:
+            return rng.choice(_HAZARD_NAMES)
+        return f"{rng.choice(_COMPANIES)} {ordinal}"
+
+    # -- mutation API ----------------------------------------------------------------------------
+
+    def _coerce(self, table: EntityTable, key: str, value: Any) -> tuple[str, Any]:
+        """Map a caller's column name/value onto the stored row key and wire value."""
+        attribute = table.spec.attribute(key)
+        if attribute is None or attribute.is_virtual:
+            raise KeyError(f"{table.spec.logical_name} has no column {key!r}")
+        column = attribute.column
+        if value is None:
+            return column, None
+        category = CATEGORY_BY_TYPE.get(attribute.attribute_type)
+        if category == "datetime":
+            if isinstance(value, datetime):
+                stamp = value if value.tzinfo else value.replace(tzinfo=UTC)
+            else:
+                stamp = parse_datetime(str(value))
+            return column, format_datetime(stamp)
+        if category == "guid":
+            text = str(value).lower()
+            if not is_guid(text):
+                raise ValueError(f"{key}: {value!r} is not a GUID")
+            return column, text
+        return column, value
+
+    def _apply_values(
+        self, table: EntityTable, pk: str, row: dict[str, Any], values: Mapping[str, Any]
+    ) -> None:
+        for key, value in values.items():
+            if key == "@odata.etag":
+                continue
+            column, wire = self._coerce(table, key, value)
+            if column == table.spec.primary_id_attribute and wire != pk:
+                raise ValueError("the primary key cannot be changed")
+            row[column] = wire
+            attribute = table.spec.attribute(column)
+            if attribute is not None and attribute.is_lookup and len(attribute.targets) > 1:
+                targets = table.lookup_targets.setdefault(pk, {})
+                targets.pop(column, None)
+                if wire is not None:
+                    for target in attribute.targets:
+                        target_table = self._by_logical.get(target)
+                        if target_table is not None and wire in target_table.rows:
+                            targets[column] = target
+                            break
+            if column in ("modifiedon", "createdon"):
+                self._observe_stamp(wire)
+
+    def create(self, entity_set: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Insert a row (generated like seed rows, overridden by values); returns it."""
+        values = dict(values or {})
+        with self.lock:
+            table = self._tables[entity_set]
+            spec = table.spec
+            pk_value = values.pop(spec.primary_id_attribute, None)
+            pk = str(pk_value).lower() if pk_value else _random_guid(self._mutation_rng)
+            if not is_guid(pk):
+                raise ValueError(f"{pk_value!r} is not a GUID")
+            if pk in table.rows:
+                raise ValueError(f"{spec.logical_name} {pk} already exists")
+            if spec.is_intersect:
+                row = self._build_intersect_row(table, pk, values)
+            else:
+                row = self._build_row(
+                    table, self._mutation_rng, pk, len(table.rows), stamp=self.now()
+                )
+                self._apply_values(table, pk, row, values)
+            table.rows[pk] = row
+            table.add_key(pk)
+            table.record_change(self._version, pk, "upsert")
+            return dict(row)
+
+    def _build_intersect_row(
+        self, table: EntityTable, pk: str, values: dict[str, Any]
+    ) -> dict[str, Any]:
+        left_attr, right_attr = table.spec.attributes[1], table.spec.attributes[2]
+        rng = self._mutation_rng
+        left = values.get(left_attr.column)
+        right = values.get(right_attr.column)
+        for _ in range(1000):
+            a = str(left).lower() if left else self._random_member(left_attr, rng)
+            b = str(right).lower() if right else self._random_member(right_attr, rng)
+            if (a, b) not in table.pairs:
+                break
+            if left and right:
+                raise ValueError(f"{table.spec.logical_name} already links {a} and {b}")
+        else:
+            raise ValueError(f"no unused pair left in {table.spec.logical_name}")
+        if not (is_guid(a) and is_guid(b)):
+            raise ValueError("intersect columns must be GUIDs")
+        table.pairs.add((a, b))
+        version = self._next_version()
+        return {
+            "@odata.etag": f'W/"{version}"',
+            table.spec.primary_id_attribute: pk,
+            left_attr.column: a,
+            right_attr.column: b,
+        }
+
+    def _random_member(self, attribute: SimAttribute, rng: random.Random) -> str:
+        for target in attribute.targets:
+            table = self._by_logical.get(target)
+            if table is not None and table.order_keys:
+                return table.key_to_pk[rng.choice(table.order_keys)]
+        return _random_guid(rng)
+
+    def update(self, entity_set: str, pk: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Change columns of a row; stamps modifiedon and a new etag. Returns the new row."""
+        with self.lock:
+            table = self._tables[entity_set]
+            pk = pk.lower()
+            old = table.rows.get(pk)
+            if old is None:
+                raise KeyError(f"{table.spec.logical_name} With Id = {pk} Does Not Exist")
+            row = dict(old)  # copy-on-write: a page being serialised keeps the old dict
+            if table.spec.has_modifiedon and "modifiedon" not in changes:
+                row["modifiedon"] = format_datetime(self.now())
+            self._apply_values(table, pk, row, changes)
+            if table.spec.is_intersect:
+                table.pairs.discard(self._pair_of(table, old))
+                table.pairs.add(self._pair_of(table, row))
+            version = self._next_version()
+            row["@odata.etag"] = f'W/"{version}"'
+            if "versionnumber" in row:
+                row["versionnumber"] = version
+            table.rows[pk] = row
+            table.record_change(version, pk, "upsert")
+            return dict(row)
+
+    @staticmethod
+    def _pair_of(table: EntityTable, row: Mapping[str, Any]) -> tuple[str, str]:
+        attributes = table.spec.attributes
+        return (row[attributes[1].column], row[attributes[2].column])
+
+    def delete(self, entity_set: str, pk: str) -> None:
+        """Remove a row; change tracking will report it as deleted."""
+        with self.lock:
+            table = self._tables[entity_set]
+            pk = pk.lower()
+            row = table.rows.pop(pk, None)
+            if row is None:
+                raise KeyError(f"{table.spec.logical_name} With Id = {pk} Does Not Exist")
+            table.remove_key(pk)
+            if table.spec.is_intersect:
+                table.pairs.discard(self._pair_of(table, row))
+            table.lookup_targets.pop(pk, None)
+            table.record_change(self._next_version(), pk, "delete")
+
+    # -- truth -----------------------------------------------------------------------------------
+
+    def records(self, entity_set: str) -> list[dict[str, Any]]:
+        """Every current row as the API returns it, in the server's primary-key order."""
+        with self.lock:
+            table = self._tables[entity_set]
+            return [dict(table.rows[table.key_to_pk[k]]) for k in table.order_keys]
+
+    def record(self, entity_set: str, pk: str) -> dict[str, Any] | None:
+        """One current row, or None."""
+        with self.lock:
+            row = self._tables[entity_set].rows.get(pk.lower())
+            return dict(row) if row is not None else None
+
+    def lookup_target(self, entity_set: str, pk: str, column: str) -> str | None:
+        """Logical name of the table a lookup value points at (for annotations)."""
+        table = self._tables[entity_set]
+        attribute = table.spec.attribute(column)
+        if attribute is None or not attribute.is_lookup:
+            return None
+        found = table.lookup_targets.get(pk, {}).get(column)
+        if found is not None:
+            return found
+        return attribute.targets[0] if attribute.targets else None
