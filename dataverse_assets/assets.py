@@ -4,9 +4,6 @@ Nothing here is written per entity; everything comes from the entity's config en
 """
 
 
-import asyncio
-import time
-
 from dagster import (
     AssetExecutionContext,
     AssetIn,
@@ -19,66 +16,18 @@ from dagster import (
     asset,
 )
 
+from dataverse_assets import steps
 from dataverse_assets.config import EntitiesConfig, EntityConfig
-from dataverse_assets.fetch import fetch_change_set, plan_fetch
-from dataverse_assets.publish import (
-    canonical_row_count,
-    load_locked_schema,
-    lock_schema,
-    publish_change_set,
-)
+from dataverse_assets.fetch import FetchSummary
+from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.resources import MirrorStore, RawChangeSet
 from dataverse_assets.sources import DataverseSource
-from dataverse_assets.staging import (
-    StagedChangeSet,
-    StagedRecords,
-    decide_schema,
-    iter_staged_batches,
-    staged_ids,
-)
-from dataverse_assets.store import (
-    log_step,
-    mark_sync_status,
-    quote_identifier,
-    read_sync_state,
-    table_exists,
-    transaction,
-    utc_now_iso,
-)
+from dataverse_assets.staging import StagedChangeSet, StagedRecords
 
 
 def change_sets_partitions(group: str) -> DynamicPartitionsDefinition:
     """Change sets are the partitions, one dynamic set per cadence group."""
     return DynamicPartitionsDefinition(name=f"change_sets_{group}")
-
-
-def _linked_ids(store: MirrorStore, entity: EntityConfig, change_set: str,
-                config: EntitiesConfig) -> tuple[set[str], set[str]]:
-    """Ids the linking tables name (this change set's staging, plus canonical for incremental
-    linking tables), and the ids already mirrored."""
-    linked: set[str] = set()
-    mirrored: set[str] = set()
-    with store.connection() as connection:
-        for link in entity.linked_from:
-            linked |= staged_ids(connection, link.entity, change_set, link.column)
-            link_state = read_sync_state(connection, link.entity)
-            if link_state is not None and link_state.mode != "full":
-                linked |= _canonical_values(connection, link.entity, link.column)
-        locked = load_locked_schema(connection, entity.name)
-        if locked is not None:
-            mirrored = _canonical_values(connection, entity.name, locked.primary_key)
-    return linked, mirrored
-
-
-def _canonical_values(connection, table: str, column: str) -> set[str]:
-    if not table_exists(connection, table):
-        return set()
-    return {
-        str(row[0]) for row in connection.execute(
-            f"SELECT DISTINCT {quote_identifier(column)} FROM {quote_identifier(table)}"
-            f" WHERE {quote_identifier(column)} IS NOT NULL"
-        )
-    }
 
 
 def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[AssetsDefinition]:
@@ -106,42 +55,13 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     def raw(context: AssetExecutionContext, source: DataverseSource, store: MirrorStore,
             **linked: StagedChangeSet) -> Output[RawChangeSet]:
         change_set = context.partition_key
-        archive = store.archive(name, change_set)
-        if archive.is_complete():
+        summary, reused = steps.fetch(store, source, entity, change_set)
+        if reused:
             # An archived change set is immutable: replaying it must stage the same rows.
-            manifest = archive.manifest()
             context.log.info(f"{name} {change_set}: already archived, not fetched again")
-            return Output(RawChangeSet(name, change_set, str(archive.path)),
-                          metadata=_fetch_metadata(manifest["summary"], archive.path, reused=True))
-        with store.connection() as connection:
-            state = read_sync_state(connection, name)
-            mark_sync_status(connection, name, "in_progress")
-        linked_ids, mirrored_ids = (
-            _linked_ids(store, entity, change_set, config) if entity.filtered else (set(), set())
-        )
-        started_at = utc_now_iso()
-
-        async def run():
-            async with source.open_session() as session:
-                definition = await session.entity_definition(name)
-                request = plan_fetch(
-                    entity, change_set, definition, state.watermark if state else None,
-                    linked_ids=linked_ids, mirrored_ids=mirrored_ids,
-                )
-                return await fetch_change_set(session, archive, request, definition)
-
-        try:
-            summary = asyncio.run(run())
-        except Exception:
-            with store.connection() as connection:
-                mark_sync_status(connection, name, "failed")
-            raise
-        with store.connection() as connection:
-            log_step(connection, entity=name, change_set=change_set, layer="raw",
-                     status="completed", started_at=started_at, seconds=summary.seconds,
-                     details=_json(summary.__dict__))
-        return Output(RawChangeSet(name, change_set, str(archive.path)),
-                      metadata=_fetch_metadata(summary.__dict__, archive.path, reused=False))
+        path = store.archive(name, change_set).path
+        return Output(RawChangeSet(name, change_set, str(path)),
+                      metadata=_fetch_metadata(summary, path, reused=reused))
 
     @asset(
         key=AssetKey(["staging", name]),
@@ -157,26 +77,12 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     )
     def staging(context: AssetExecutionContext, store: MirrorStore,
                 raw_change_set: RawChangeSet) -> Output[StagedRecords]:
-        archive = store.archive(name, raw_change_set.change_set)
-        manifest = archive.manifest()
-        with store.connection() as connection:
-            schema = load_locked_schema(connection, name)
-            if schema is None:
-                with transaction(connection):
-                    schema = lock_schema(connection, decide_schema(archive, entity.primary_key))
-        counts: dict[str, int] = {}
-        issues: list[dict] = []
-        staged = StagedRecords(
-            entity=name, change_set=raw_change_set.change_set, schema=schema,
-            mode=manifest["mode"], watermark_after=manifest["summary"]["watermark_after"],
-            batches=iter_staged_batches(archive, schema, counts, issues), counts=counts,
-            issues=issues,
-        )
+        staged = steps.stage(store, entity, raw_change_set.change_set)
         return Output(staged, metadata={
-            "primary_key": schema.primary_key,
-            "columns": len(schema.columns),
-            "schema_from": schema.decided_from,
-            "mode": manifest["mode"],
+            "primary_key": staged.schema.primary_key,
+            "columns": len(staged.schema.columns),
+            "schema_from": staged.schema.decided_from,
+            "mode": staged.mode,
         })
 
     @asset(
@@ -193,17 +99,12 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     )
     def canonical(context: AssetExecutionContext, store: MirrorStore,
                   staged: StagedChangeSet) -> MaterializeResult:
-        started = time.perf_counter()
-        started_at = utc_now_iso()
+        results = steps.publish(store, entity, staged.change_set)
+        for earlier in results[:-1]:
+            context.log.info(f"{name}: published older change set {earlier.change_set} first")
+        result = results[-1]
         with store.connection() as connection:
-            schema = load_locked_schema(connection, name)
-            assert schema is not None, "staging locks the schema before canonical runs"
-            result = publish_change_set(connection, schema, staged.change_set,
-                                        mode=staged.mode, watermark_after=staged.watermark_after)
             rows = canonical_row_count(connection, name)
-            log_step(connection, entity=name, change_set=staged.change_set, layer="canonical",
-                     status="completed", started_at=started_at,
-                     seconds=time.perf_counter() - started, details=_json(result.as_dict()))
         return MaterializeResult(metadata={
             "created": result.created,
             "updated": result.updated,
@@ -211,6 +112,8 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
             "deleted": result.deleted,
             "stale_skipped": result.stale,
             "rows_in_table": rows,
+            "older_change_sets_published": [r.change_set for r in results[:-1]],
+            "already_published": result.already_published,
             "watermark_before": result.watermark_before or "",
             "watermark_after": result.watermark_after or "",
             "seconds": round(result.seconds, 3),
@@ -224,27 +127,23 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     return [raw, staging, canonical]
 
 
-def _fetch_metadata(summary: dict, path, *, reused: bool) -> dict:
+def _fetch_metadata(summary: FetchSummary, path, *, reused: bool) -> dict:
     return {
-        "mode": summary["mode"],
-        "pages": summary["pages"],
-        "records": summary["records"],
-        "bytes_archived": summary["bytes_archived"],
-        "requests": summary["requests"],
-        "retries": summary["retries"],
-        "throttle_wait_seconds": round(summary["throttle_wait"], 3),
-        "seconds": round(summary["seconds"], 3),
-        "watermark_before": summary["watermark_before"] or "",
-        "watermark_after": summary["watermark_after"] or "",
+        "mode": summary.mode,
+        "pages": summary.pages,
+        "records": summary.records,
+        "missing_records": summary.missing,
+        "bytes_archived": summary.bytes_archived,
+        "requests": summary.requests,
+        "retries": summary.retries,
+        "throttle_wait_seconds": round(summary.throttle_wait, 3),
+        "seconds": round(summary.seconds, 3),
+        "watermark_before": summary.watermark_before or "",
+        "watermark_after": summary.watermark_after or "",
+        "reason": summary.reason,
         "archive": MetadataValue.path(str(path)),
         "reused_archive": reused,
     }
-
-
-def _json(value: dict) -> str:
-    import orjson
-
-    return orjson.dumps(value, default=str).decode()
 
 
 def build_all_assets(config: EntitiesConfig) -> list[AssetsDefinition]:

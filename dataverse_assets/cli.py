@@ -133,6 +133,22 @@ def cmd_change_set_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_show(args: argparse.Namespace) -> int:
+    from dataverse_assets.publish import render_plan
+    from dataverse_assets.store import connect
+
+    settings = load_settings()
+    connection = connect(settings.db_path)
+    try:
+        print(render_plan(connection, args.entity, args.change_set, args.max_rows))
+    except LookupError as exc:
+        print(f"{exc} in {settings.db_path}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    return 0
+
+
 def cmd_simulator(args: argparse.Namespace) -> int:
     import threading
 
@@ -162,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     create = change_set_commands.add_parser("create", help="register a new change set key")
     create.add_argument("--group", required=True)
     create.set_defaults(handler=cmd_change_set_create)
+    plan = commands.add_parser("plan", help="publish plans")
+    plan_commands = plan.add_subparsers(dest="plan_command", required=True)
+    show = plan_commands.add_parser("show", help="print the plan of a change set")
+    show.add_argument("entity")
+    show.add_argument("change_set")
+    show.add_argument("--max-rows", type=int, default=50, help="rows shown per kind")
+    show.set_defaults(handler=cmd_plan_show)
     simulator = commands.add_parser("simulator", help="serve the Dataverse simulator")
     simulator.add_argument("--port", type=int, default=8765)
     simulator.add_argument("--seed", type=int, default=42)

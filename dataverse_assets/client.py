@@ -350,10 +350,26 @@ class DataverseClient:
             f"{entity}: GET {url} kept answering malformed bodies: {last_error}"
         )
 
-    async def iter_pages(self, entity_set: str, query: PageQuery) -> AsyncIterator[Page]:
-        """Yield each page as it arrives, following nextLink unchanged with the same Prefer."""
-        url: str | None = self.api_base + entity_set
-        params: dict[str, str] | None = query.params()
+    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
+        """One record by id: (url, verbatim body, record). A missing one raises with 404."""
+        from dataverse_assets.query import is_guid
+
+        if not is_guid(record_id):
+            raise DataverseRequestError(
+                f"{entity_set}: {record_id!r} is not a GUID; records are fetched by GUID",
+                status=400,
+            )
+        response, payload = await self.get_json(f"{entity_set}({record_id})", entity=entity_set)
+        return str(response.url), response.content, payload
+
+    async def iter_pages(self, entity_set: str, query: PageQuery,
+                         start_url: str | None = None) -> AsyncIterator[Page]:
+        """Yield each page as it arrives, following nextLink unchanged with the same Prefer.
+
+        `start_url` (a stored delta link) replaces the entity set URL and query parameters.
+        """
+        url: str | None = start_url or self.api_base + entity_set
+        params: dict[str, str] | None = None if start_url else query.params()
         prefer = query.prefer()
         seen_links: set[str] = set()
         number = 0

@@ -82,6 +82,15 @@ class EntityConfig(BaseModel):
     incremental: IncrementalMode = "auto"
     linked_from: list[LinkSource] = Field(default_factory=list)
     page_size: int = Field(5000, ge=1, le=5000)
+    publish_chunk_rows: int = Field(
+        50_000, ge=1,
+        description="Change sets larger than this publish in resumable chunks.",
+    )
+    reconcile_every_hours: float = Field(
+        24.0, ge=0,
+        description="modifiedon and filtered entities: how often a key-only scan looks for "
+        "deleted records (0 = never).",
+    )
 
     @field_validator("name")
     @classmethod

@@ -2,6 +2,15 @@
 
 The decisions (which mode, which queries) are pure functions; `fetch_change_set` does the I/O:
 pages stream from the source straight into the archive, never a whole entity in memory.
+
+Modes:
+- change_tracking: follow the stored delta link (creates, updates, then `$deletedEntity`).
+- change_tracking_resync: the initial track-changes read (first sync, or after the delta token
+  expired): a full snapshot, diffed against canonical so vanished rows become deletes.
+- modifiedon: `modifiedon gt <watermark>`; deletes come from a key-only reconciliation scan.
+- full: the whole table; vanished rows are deletes.
+- filtered: records changed since the watermark that are linked or mirrored, then newly
+  linked ids by id; ids still not returned are requested one by one (404 -> defunct).
 """
 
 from __future__ import annotations
@@ -9,17 +18,28 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
+from dataverse_assets.client import DataverseRequestError
 from dataverse_assets.config import EntityConfig
-from dataverse_assets.query import PageQuery, id_filter_batches, modified_since_filter
+from dataverse_assets.faults import fault_point
+from dataverse_assets.query import (
+    PageQuery,
+    id_filter_batches,
+    modified_since_filter,
+    parse_datetime,
+)
 from dataverse_assets.schema import detect_primary_key
 from dataverse_assets.sources import SourceSession
 from dataverse_assets.store import utc_now_iso
 
+EXPIRED_DELTA_TOKEN = "0x80044352"
+SNAPSHOT_MODES = ("full", "change_tracking_resync")
+
 
 class FetchConfigError(ValueError):
-    """The entity's configuration asks for something this source cannot do."""
+    """The entity's configuration asks for something this table cannot do."""
 
 
 def attribute_names(definition: dict | None) -> set[str]:
@@ -29,24 +49,30 @@ def attribute_names(definition: dict | None) -> set[str]:
 
 
 def choose_mode(entity: EntityConfig, definition: dict | None) -> str:
-    """The incremental mode: modifiedon when the table has it, else full snapshots."""
+    """The incremental mode for an entity, from its config and (for auto) its metadata."""
+    tracked = bool(definition and definition.get("ChangeTrackingEnabled"))
+    has_modifiedon = "modifiedon" in attribute_names(definition)
     if entity.incremental == "change_tracking":
-        raise FetchConfigError(
-            f"{entity.name}: incremental 'change_tracking' is not available yet; use 'auto', "
-            "'modifiedon' or 'full'"
-        )
-    if entity.incremental in ("modifiedon", "full"):
-        if entity.incremental == "modifiedon" and definition is not None and (
-            "modifiedon" not in attribute_names(definition)
-        ):
+        if definition is not None and not tracked:
+            raise FetchConfigError(
+                f"{entity.name}: incremental 'change_tracking' but the table is not enabled "
+                "for change tracking; enable it in Dataverse or use 'auto'"
+            )
+        return "change_tracking"
+    if entity.incremental == "modifiedon":
+        if definition is not None and not has_modifiedon:
             raise FetchConfigError(
                 f"{entity.name}: incremental 'modifiedon' but the table has no modifiedon "
                 "column; use 'full'"
             )
-        return entity.incremental
-    if definition is None:
-        return "full"  # without metadata we cannot know a modifiedon exists
-    return "modifiedon" if "modifiedon" in attribute_names(definition) else "full"
+        return "modifiedon"
+    if entity.incremental == "full":
+        return "full"
+    if tracked:
+        return "change_tracking"
+    if has_modifiedon:
+        return "modifiedon"
+    return "full"  # without metadata we cannot know there is a modifiedon
 
 
 def primary_key_for(entity: EntityConfig, definition: dict | None) -> str:
@@ -55,6 +81,28 @@ def primary_key_for(entity: EntityConfig, definition: dict | None) -> str:
         (definition or {}).get("PrimaryIdAttribute"),
     )
     return pk
+
+
+def reconcile_due(entity: EntityConfig, reconciled_at: str | None, now: datetime) -> bool:
+    """Whether this change set should include a key-only scan to find deletes."""
+    if entity.reconcile_every_hours <= 0:
+        return False
+    if reconciled_at is None:
+        return True
+    return now - parse_datetime(reconciled_at) >= timedelta(hours=entity.reconcile_every_hours)
+
+
+@dataclass
+class FetchStep:
+    """One query of a change set. kind: snapshot | changes | delta | ids | keys."""
+
+    kind: str
+    query: PageQuery
+    start_url: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "params": self.query.params(), "prefer": self.query.prefer(),
+                "start_url": self.start_url}
 
 
 @dataclass
@@ -66,19 +114,21 @@ class FetchRequest:
     mode: str
     primary_key: str
     watermark_before: str | None
-    queries: list[PageQuery] = field(default_factory=list)
+    delta_link_before: str | None = None
+    steps: list[FetchStep] = field(default_factory=list)
     # Filtered entities: the ids this change set may stage (linked now or already mirrored).
     id_scope: list[str] | None = None
+    # Ids that must come back; those that do not are requested one by one.
+    expected_ids: list[str] = field(default_factory=list)
+    reason: str = ""
 
     def as_dict(self) -> dict:
         return {
-            "entity": self.entity,
-            "change_set": self.change_set,
-            "mode": self.mode,
-            "primary_key": self.primary_key,
-            "watermark_before": self.watermark_before,
-            "queries": [{"params": q.params(), "prefer": q.prefer()} for q in self.queries],
-            "id_scope": self.id_scope,
+            "entity": self.entity, "change_set": self.change_set, "mode": self.mode,
+            "primary_key": self.primary_key, "watermark_before": self.watermark_before,
+            "delta_link_before": self.delta_link_before,
+            "steps": [s.as_dict() for s in self.steps], "id_scope": self.id_scope,
+            "expected_ids": self.expected_ids, "reason": self.reason,
         }
 
 
@@ -86,43 +136,62 @@ def plan_fetch(
     entity: EntityConfig,
     change_set: str,
     definition: dict | None,
-    watermark: str | None,
     *,
+    watermark: str | None,
+    delta_link: str | None = None,
+    reconcile: bool = False,
     linked_ids: Iterable[str] = (),
     mirrored_ids: Iterable[str] = (),
+    defunct_ids: Iterable[str] = (),
 ) -> FetchRequest:
-    """Decide the queries for one change set.
-
-    Filtered entities are fetched in two phases: records changed since the watermark (kept
-    only if linked or already mirrored), then linked ids not yet mirrored, by id in batches.
-    """
+    """Decide the queries of one change set."""
     pk = primary_key_for(entity, definition)
     page_size = entity.page_size
-    orderby = tuple(entity.orderby.split(",")) if entity.orderby else ()
+    orderby = tuple(part.strip() for part in entity.orderby.split(",")) if entity.orderby else ()
+    keys = FetchStep("keys", PageQuery(select=(pk,), orderby=(f"{pk} asc",),
+                                       page_size=page_size))
     if entity.filtered:
-        mode = "filtered"
         mirrored = set(mirrored_ids)
-        linked = set(linked_ids)
-        queries: list[PageQuery] = []
+        linked = set(linked_ids) - set(defunct_ids)
+        steps: list[FetchStep] = [keys] if reconcile and mirrored else []
         if watermark is not None:
-            queries.append(PageQuery(
-                filter=modified_since_filter(watermark), orderby=("modifiedon asc", f"{pk} asc"),
-                page_size=page_size,
-            ))
+            steps.append(FetchStep("changes", PageQuery(
+                filter=modified_since_filter(watermark),
+                orderby=("modifiedon asc", f"{pk} asc"), page_size=page_size,
+            )))
         missing = sorted(linked - mirrored)
         for _, expression in id_filter_batches(pk, missing):
-            queries.append(PageQuery(filter=expression, page_size=page_size))
-        return FetchRequest(entity.name, change_set, mode, pk, watermark, queries,
-                            id_scope=sorted(linked | mirrored))
+            steps.append(FetchStep("ids", PageQuery(filter=expression, page_size=page_size)))
+        return FetchRequest(entity.name, change_set, "filtered", pk, watermark, None, steps,
+                            id_scope=sorted(linked | mirrored), expected_ids=missing)
     mode = choose_mode(entity, definition)
+    if mode == "change_tracking":
+        tracking = PageQuery(page_size=page_size, track_changes=True)
+        if delta_link is None:
+            return FetchRequest(entity.name, change_set, "change_tracking_resync", pk, watermark,
+                                None, [FetchStep("snapshot", tracking)], reason="first sync")
+        return FetchRequest(entity.name, change_set, "change_tracking", pk, watermark,
+                            delta_link, [FetchStep("delta", tracking, start_url=delta_link)])
     if mode == "modifiedon":
-        query = PageQuery(
+        changes = FetchStep("changes", PageQuery(
             filter=modified_since_filter(watermark),
             orderby=orderby or ("modifiedon asc", f"{pk} asc"), page_size=page_size,
-        )
-        return FetchRequest(entity.name, change_set, mode, pk, watermark, [query])
-    query = PageQuery(orderby=orderby, page_size=page_size)
-    return FetchRequest(entity.name, change_set, "full", pk, None, [query])
+        ))
+        # The key scan goes first: a record created after it arrives in the changes step.
+        steps = [keys, changes] if reconcile and watermark is not None else [changes]
+        return FetchRequest(entity.name, change_set, "modifiedon", pk, watermark, None, steps)
+    snapshot = FetchStep("snapshot", PageQuery(orderby=orderby or (f"{pk} asc",),
+                                               page_size=page_size))
+    return FetchRequest(entity.name, change_set, "full", pk, None, None, [snapshot])
+
+
+def resync_request(request: FetchRequest, page_size: int) -> FetchRequest:
+    """The delta token expired: read the table again in full (deletes found by diff)."""
+    tracking = PageQuery(page_size=page_size, track_changes=True)
+    return FetchRequest(request.entity, request.change_set, "change_tracking_resync",
+                        request.primary_key, request.watermark_before, request.delta_link_before,
+                        [FetchStep("snapshot", tracking)],
+                        reason="delta token expired (0x80044352): full resync")
 
 
 @dataclass
@@ -139,68 +208,134 @@ class FetchSummary:
     seconds: float
     watermark_before: str | None
     watermark_after: str | None
-    reused: bool = False
+    delta_link_after: str | None = None
+    missing: int = 0
+    reason: str = ""
+
+
+class _Progress:
+    """Counters while a change set streams into the archive."""
+
+    def __init__(self, request: FetchRequest) -> None:
+        self.page_number = 0
+        self.records = 0
+        self.archived_bytes = 0
+        self.max_modifiedon = request.watermark_before
+        self.delta_link: str | None = None
+        self.pages: list[dict] = []
+        self.seen_ids: set[str] = set()
+
+
+def _record_page(archive: ChangeSetArchive, progress: _Progress, step_index: int, step: FetchStep,
+                 url: str, body: bytes, records: list[dict], *, track_watermark: bool,
+                 primary_key: str, next_link: str | None = None,
+                 delta_link: str | None = None, shape: str = "collection") -> None:
+    progress.page_number += 1
+    progress.archived_bytes += archive.write_page(progress.page_number, body)
+    progress.records += len(records)
+    for record in records:
+        if track_watermark:
+            modified = record.get("modifiedon")
+            if isinstance(modified, str) and (
+                progress.max_modifiedon is None or modified > progress.max_modifiedon
+            ):
+                progress.max_modifiedon = modified
+        key = record.get(primary_key)
+        if key is not None:
+            progress.seen_ids.add(str(key).lower())
+    if delta_link:
+        progress.delta_link = delta_link
+    progress.pages.append({
+        "number": progress.page_number, "step": step_index, "kind": step.kind, "shape": shape,
+        "url": url, "records": len(records), "bytes": len(body), "next_link": next_link,
+        "delta_link": delta_link,
+    })
+
+
+async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
+                     progress: _Progress) -> None:
+    # A filtered entity's watermark comes from its changes step only: a record fetched by id
+    # later may be newer than a change the changes step has not seen yet.
+    for index, step in enumerate(request.steps):
+        track = step.kind in ("changes", "delta", "snapshot") or (
+            request.mode == "filtered" and request.watermark_before is None
+            and step.kind == "ids"
+        )
+        async for page in session.iter_pages(request.entity, step.query,
+                                             start_url=step.start_url):
+            _record_page(archive, progress, index, step, page.url, page.body, page.records,
+                         track_watermark=track, primary_key=request.primary_key,
+                         next_link=page.next_link, delta_link=page.delta_link)
+            fault_point("fetch.after_page")
+
+
+async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
+                           request: FetchRequest, progress: _Progress) -> list[dict]:
+    """Ids that had to come back but did not: ask for each one (200 / 404 / other)."""
+    missing: list[dict] = []
+    step = FetchStep("record", PageQuery())
+    for record_id in request.expected_ids:
+        if record_id.lower() in progress.seen_ids:
+            continue
+        try:
+            url, body, record = await session.get_record(request.entity, record_id)
+        except DataverseRequestError as exc:
+            missing.append({"id": record_id, "status": exc.status, "code": exc.code,
+                            "message": str(exc)[:300]})
+            continue
+        _record_page(archive, progress, len(request.steps), step, url, body, [record],
+                     track_watermark=False, primary_key=request.primary_key, shape="record")
+    return missing
 
 
 async def fetch_change_set(
     session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
     definition: dict | None,
 ) -> FetchSummary:
-    """Run the request's queries, archiving each page as it arrives; write the manifest last."""
+    """Run the request's steps, archiving each page as it arrives; write the manifest last."""
     started = time.perf_counter()
     started_at = utc_now_iso()
-    archive.start()
-    archive.write_json(REQUEST, request.as_dict())
-    if definition is not None:
-        archive.write_json(ENTITY_DEFINITION, definition)
     stats = session.stats
     requests_before, retries_before, log_before = stats.requests, stats.retries, len(stats.log)
     wait_before = stats.throttle_wait
-    page_number = 0
-    records = 0
-    archived_bytes = 0
-    max_modifiedon = request.watermark_before
-    pages: list[dict] = []
-    # A filtered entity's watermark comes from its modifiedon phase only: a by-id record
-    # fetched later may be newer than a change the first phase has not seen yet.
-    watermark_queries = (
-        {0} if request.mode == "filtered" and request.watermark_before is not None
-        else set(range(len(request.queries)))
-    )
-    for query_index, query in enumerate(request.queries):
-        async for page in session.iter_pages(request.entity, query):
-            page_number += 1
-            size = archive.write_page(page_number, page.body)
-            archived_bytes += size
-            count = len(page.records)
-            records += count
-            for record in page.records if query_index in watermark_queries else ():
-                modified = record.get("modifiedon")
-                if isinstance(modified, str) and (
-                    max_modifiedon is None or modified > max_modifiedon
-                ):
-                    max_modifiedon = modified
-            pages.append({"number": page_number, "query": query_index, "url": page.url,
-                          "records": count, "bytes": len(page.body),
-                          "next_link": page.next_link, "delta_link": page.delta_link})
+    while True:
+        archive.start()
+        archive.write_json(REQUEST, request.as_dict())
+        if definition is not None:
+            archive.write_json(ENTITY_DEFINITION, definition)
+        progress = _Progress(request)
+        try:
+            await _run_steps(session, archive, request, progress)
+        except DataverseRequestError as exc:
+            if exc.code == EXPIRED_DELTA_TOKEN and request.mode == "change_tracking":
+                request = resync_request(request, request.steps[0].query.page_size)
+                continue
+            raise
+        break
+    missing = await _resolve_missing(session, archive, request, progress)
+    fault_point("fetch.before_manifest")
     seconds = time.perf_counter() - started
     summary = FetchSummary(
         entity=request.entity, change_set=request.change_set, mode=request.mode,
-        pages=page_number, records=records, bytes_archived=archived_bytes,
-        requests=stats.requests - requests_before, retries=stats.retries - retries_before,
-        throttle_wait=stats.throttle_wait - wait_before, seconds=seconds,
-        watermark_before=request.watermark_before,
-        watermark_after=max_modifiedon if request.mode in ("modifiedon", "filtered") else None,
+        pages=progress.page_number, records=progress.records,
+        bytes_archived=progress.archived_bytes, requests=stats.requests - requests_before,
+        retries=stats.retries - retries_before, throttle_wait=stats.throttle_wait - wait_before,
+        seconds=seconds, watermark_before=request.watermark_before,
+        watermark_after=progress.max_modifiedon if request.mode != "full" else None,
+        delta_link_after=progress.delta_link, missing=len(missing), reason=request.reason,
     )
     archive.finish({
         "entity": request.entity,
         "change_set": request.change_set,
         "mode": request.mode,
+        "reason": request.reason,
         "primary_key": request.primary_key,
         "started_at": started_at,
         "finished_at": utc_now_iso(),
-        "summary": {k: v for k, v in summary.__dict__.items() if k != "reused"},
-        "pages": pages,
+        "reconciled": any(step.kind == "keys" for step in request.steps),
+        "summary": summary.__dict__,
+        "missing": missing,
+        "pages": progress.pages,
         "requests": [r.as_dict() for r in stats.log[log_before:]],
     })
     return summary

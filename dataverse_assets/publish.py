@@ -1,6 +1,15 @@
-"""Publishing a staged change set into the canonical table: plan, then execute, in one
-transaction. The watermark commits with the data, so a failure anywhere leaves both as they
-were and the change set is simply published again next time: nothing lost, nothing twice.
+"""Publishing a staged change set into the canonical table: plan, then execute.
+
+- Plan: diff the staged change set against canonical by primary key and content hash into
+  creates, updates, unchanged, stale (an older version than canonical holds) and deletes;
+  validate it and store it in `_publish_plan` before anything is written.
+- Execute: apply the plan in chunks (one transaction each; one chunk for all but very large
+  change sets). Superseded and deleted versions move to `E__history`, deleted ids to
+  `_defunct`. The watermark / delta token advance in the transaction of the last chunk.
+
+A failure anywhere rolls back the open transaction and records FAILED; publishing the change
+set again re-plans against canonical as it now is, so applied chunks show as unchanged:
+nothing is lost and nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -11,11 +20,14 @@ from dataclasses import asdict, dataclass
 
 import orjson
 
+from dataverse_assets.faults import fault_point
 from dataverse_assets.schema import Column, EntitySchema
 from dataverse_assets.store import (
     history_table,
     quote_identifier,
     read_sync_state,
+    set_publish_state,
+    staging_keys_table,
     staging_table,
     table_exists,
     transaction,
@@ -34,6 +46,20 @@ SYNC_COLUMNS = (
 HISTORY_COLUMNS = (("valid_to", "TEXT NOT NULL"), ("change_kind", "TEXT NOT NULL"),
                    ("superseded_in", "TEXT NOT NULL"))
 INDEXED_COLUMNS = ("modifiedon", "createdon")
+DEFAULT_CHUNK_ROWS = 50_000
+PLAN_KINDS = ("create", "update", "delete", "unchanged", "stale", "delete_unknown")
+
+PLAN_DDL = """
+CREATE TABLE IF NOT EXISTS _publish_plan (
+    entity TEXT NOT NULL,
+    change_set TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    changes TEXT,
+    applied INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (entity, change_set, pk)
+);
+"""
 
 
 # -- the locked schema --------------------------------------------------------------------
@@ -94,7 +120,7 @@ def ensure_canonical_tables(connection: sqlite3.Connection, schema: EntitySchema
             )
 
 
-# -- plan and execute ---------------------------------------------------------------------
+# -- results and state --------------------------------------------------------------------
 
 @dataclass
 class PublishResult:
@@ -108,6 +134,7 @@ class PublishResult:
     seconds: float
     watermark_before: str | None
     watermark_after: str | None
+    already_published: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -117,91 +144,200 @@ class PlanValidationError(Exception):
     """The plan does not add up; nothing was written."""
 
 
-def _plan(connection: sqlite3.Connection, schema: EntitySchema, change_set: str,
-          full_snapshot: bool) -> dict[str, int]:
-    """Classify every staged row (and, for full snapshots, every vanished row) into `_plan`."""
+class PublishError(Exception):
+    """Publishing failed; the change set stays unpublished and will be published again."""
+
+
+def publish_status(connection: sqlite3.Connection, entity: str, change_set: str) -> str | None:
+    row = connection.execute(
+        "SELECT status FROM _publish_state WHERE entity = ? AND change_set = ?",
+        (entity, change_set),
+    ).fetchone()
+    return row[0] if row else None
+
+
+# -- plan ---------------------------------------------------------------------------------
+
+def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change_set: str,
+                    mode: str, reconciled: bool = False) -> dict[str, int]:
+    """Classify the staged change set against canonical and store the plan (one transaction).
+
+    Returns the counts per kind (unchanged included; unchanged rows are not stored).
+    """
     entity = quote_identifier(schema.entity)
     staging = quote_identifier(staging_table(schema.entity))
     pk = quote_identifier(schema.primary_key)
-    connection.execute("DROP TABLE IF EXISTS temp._plan")
-    connection.execute("CREATE TEMP TABLE _plan (pk TEXT PRIMARY KEY, kind TEXT NOT NULL)")
-    # A replayed older change set never overwrites a newer row: compare modifiedon.
-    connection.execute(
-        f"INSERT INTO temp._plan (pk, kind) SELECT s._pk, CASE"
-        f" WHEN c.{pk} IS NULL THEN 'create'"
-        f" WHEN c._content_hash = s._content_hash THEN 'unchanged'"
-        f" WHEN s._modifiedon IS NOT NULL AND c.valid_from IS NOT NULL"
-        f"  AND s._modifiedon < c.valid_from THEN 'stale'"
-        f" ELSE 'update' END"
-        f" FROM {staging} s LEFT JOIN {entity} c ON c.{pk} = s._pk WHERE s._change_set = ?",
-        (change_set,),
-    )
-    if full_snapshot:
-        connection.execute(
-            f"INSERT INTO temp._plan (pk, kind) SELECT c.{pk}, 'delete' FROM {entity} c"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {staging} s WHERE s._change_set = ?"
-            f" AND s._pk = c.{pk})",
-            (change_set,),
+    keys = quote_identifier(staging_keys_table(schema.entity))
+    full_snapshot = mode in ("full", "change_tracking_resync")
+    connection.executescript(PLAN_DDL)
+    with transaction(connection):
+        ensure_canonical_tables(connection, schema)
+        set_publish_state(connection, schema.entity, change_set, "PLANNING",
+                          plan_started_at=utc_now_iso())
+        connection.execute("DELETE FROM _publish_plan WHERE entity = ? AND change_set = ?",
+                           (schema.entity, change_set))
+        # Newer data is never overwritten by an older change set: modifiedon decides where
+        # both have one, the change set order decides otherwise.
+        newer_in_canonical = (
+            "(c._change_set > :cs OR (s._modifiedon IS NOT NULL AND c.valid_from IS NOT NULL"
+            " AND s._modifiedon < c.valid_from))"
         )
-    counts = dict(connection.execute("SELECT kind, count(*) FROM temp._plan GROUP BY kind"))
-    staged = connection.execute(
-        f"SELECT count(*) FROM {staging} WHERE _change_set = ?", (change_set,)
-    ).fetchone()[0]
-    planned = sum(v for k, v in counts.items() if k != "delete")
-    if planned != staged:
-        raise PlanValidationError(
-            f"{schema.entity} {change_set}: plan covers {planned} rows but {staged} are staged"
+        connection.execute(
+            f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
+            f" SELECT :entity, :cs, s._pk, CASE"
+            f"  WHEN s._op = 'delete' AND c.{pk} IS NULL THEN 'delete_unknown'"
+            f"  WHEN c.{pk} IS NULL THEN 'create'"
+            f"  WHEN {newer_in_canonical} THEN 'stale'"
+            f"  WHEN s._op = 'delete' THEN 'delete'"
+            f"  WHEN c._content_hash = s._content_hash THEN 'unchanged'"
+            f"  ELSE 'update' END"
+            f" FROM {staging} s LEFT JOIN {entity} c ON c.{pk} = s._pk"
+            f" WHERE s._change_set = :cs",
+            {"entity": schema.entity, "cs": change_set},
+        )
+        fault_point("publish.mid_plan")
+        if full_snapshot:
+            # Rows the snapshot no longer has are deletes (unless a newer change set wrote them).
+            connection.execute(
+                f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
+                f" SELECT :entity, :cs, c.{pk}, 'delete' FROM {entity} c"
+                f" WHERE c._change_set <= :cs AND NOT EXISTS (SELECT 1 FROM {staging} s"
+                f"  WHERE s._change_set = :cs AND s._pk = c.{pk})",
+                {"entity": schema.entity, "cs": change_set},
+            )
+        elif reconciled:
+            # Key-only scan: a mirrored row whose key the source no longer lists is deleted,
+            # unless this change set staged it (created after the scan) or a newer one wrote it.
+            connection.execute(
+                f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
+                f" SELECT :entity, :cs, c.{pk}, 'delete' FROM {entity} c"
+                f" WHERE c._change_set <= :cs"
+                f" AND NOT EXISTS (SELECT 1 FROM {keys} k WHERE k._change_set = :cs"
+                f"  AND k._pk = c.{pk})"
+                f" AND NOT EXISTS (SELECT 1 FROM {staging} s WHERE s._change_set = :cs"
+                f"  AND s._pk = c.{pk})",
+                {"entity": schema.entity, "cs": change_set},
+            )
+        counts = {kind: 0 for kind in PLAN_KINDS}
+        counts.update(connection.execute(
+            "SELECT kind, count(*) FROM _publish_plan WHERE entity = ? AND change_set = ?"
+            " GROUP BY kind", (schema.entity, change_set)))
+        staged = connection.execute(
+            f"SELECT count(*) FROM {staging} WHERE _change_set = ?", (change_set,)
+        ).fetchone()[0]
+        covered = connection.execute(
+            f"SELECT count(*) FROM _publish_plan p JOIN {staging} s"
+            " ON s._pk = p.pk AND s._change_set = p.change_set"
+            " WHERE p.entity = ? AND p.change_set = ?", (schema.entity, change_set),
+        ).fetchone()[0]
+        if covered != staged:
+            raise PlanValidationError(
+                f"{schema.entity} {change_set}: the plan covers {covered} staged rows but "
+                f"{staged} are staged"
+            )
+        _record_changed_fields(connection, schema, change_set)
+        # Unchanged rows need no work; only their count is kept.
+        connection.execute(
+            "DELETE FROM _publish_plan WHERE entity = ? AND change_set = ? AND kind = 'unchanged'",
+            (schema.entity, change_set),
+        )
+        set_publish_state(
+            connection, schema.entity, change_set, "PLAN_COMPLETE",
+            plan_finished_at=utc_now_iso(), created=counts["create"], updated=counts["update"],
+            deleted=counts["delete"], unchanged=counts["unchanged"], stale=counts["stale"],
         )
     return counts
 
 
-def publish_change_set(
+def _record_changed_fields(connection: sqlite3.Connection, schema: EntitySchema,
+                           change_set: str) -> None:
+    """For each update, the fields that changed (old, new): what `plan show` prints."""
+    entity = quote_identifier(schema.entity)
+    staging = quote_identifier(staging_table(schema.entity))
+    pk = quote_identifier(schema.primary_key)
+    rows = connection.execute(
+        f"SELECT p.pk, c.json_response, s.json_response FROM _publish_plan p"
+        f" JOIN {entity} c ON c.{pk} = p.pk"
+        f" JOIN {staging} s ON s._pk = p.pk AND s._change_set = p.change_set"
+        f" WHERE p.entity = ? AND p.change_set = ? AND p.kind = 'update'",
+        (schema.entity, change_set),
+    ).fetchall()
+    updates = []
+    for key, old_json, new_json in rows:
+        old, new = orjson.loads(old_json), orjson.loads(new_json)
+        changes = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
+                   if old.get(k) != new.get(k)}
+        updates.append((orjson.dumps(changes).decode(), schema.entity, change_set, key))
+    connection.executemany(
+        "UPDATE _publish_plan SET changes = ? WHERE entity = ? AND change_set = ? AND pk = ?",
+        updates,
+    )
+
+
+# -- execute ------------------------------------------------------------------------------
+
+def execute_plan(
     connection: sqlite3.Connection, schema: EntitySchema, change_set: str, *, mode: str,
-    watermark_after: str | None,
+    watermark_after: str | None, delta_token_after: str | None, counts: dict[str, int],
+    reconciled_at: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> PublishResult:
-    """Plan and execute one change set in one transaction; record it in `_publish_state`."""
+    """Apply the stored plan chunk by chunk; the last chunk also advances the watermark."""
     started = time.perf_counter()
-    started_at = utc_now_iso()
     state = read_sync_state(connection, schema.entity)
     watermark_before = state.watermark if state else None
-    try:
+    with transaction(connection):
+        set_publish_state(connection, schema.entity, change_set, "EXECUTING",
+                          started_at=utc_now_iso())
+    applied = 0
+    while True:
         with transaction(connection):
-            ensure_canonical_tables(connection, schema)
-            counts = _plan(connection, schema, change_set, full_snapshot=(mode == "full"))
-            _execute(connection, schema, change_set)
+            connection.execute("DROP TABLE IF EXISTS temp._chunk")
+            connection.execute(
+                "CREATE TEMP TABLE _chunk AS SELECT pk, kind FROM _publish_plan"
+                " WHERE entity = ? AND change_set = ? AND applied = 0"
+                " AND kind IN ('create', 'update', 'delete', 'delete_unknown') LIMIT ?",
+                (schema.entity, change_set, chunk_rows),
+            )
+            size = connection.execute("SELECT count(*) FROM temp._chunk").fetchone()[0]
+            _apply_chunk(connection, schema, change_set)
+            fault_point("publish.mid_execute")
+            connection.execute(
+                "UPDATE _publish_plan SET applied = 1 WHERE entity = ? AND change_set = ?"
+                " AND pk IN (SELECT pk FROM temp._chunk)", (schema.entity, change_set))
+            connection.execute("DROP TABLE temp._chunk")
+            applied += size
+            last = size < chunk_rows
+            if not last:
+                set_publish_state(connection, schema.entity, change_set, "EXECUTING",
+                                  rows_applied=applied)
+                continue
+            fault_point("publish.before_watermark")
             new_watermark = watermark_before
             if watermark_after is not None and (
                 new_watermark is None or watermark_after > new_watermark
             ):
                 new_watermark = watermark_after
-            # Same transaction as the data: the watermark can never run ahead of canonical.
-            write_sync_state(connection, schema.entity, mode=mode, watermark=new_watermark,
-                             delta_token=state.delta_token if state else None,
-                             status="completed", change_set=change_set)
+            # The watermark commits with the last chunk: it never runs ahead of canonical.
+            write_sync_state(
+                connection, schema.entity, mode=mode, watermark=new_watermark,
+                delta_token=delta_token_after or (state.delta_token if state else None),
+                status="completed", change_set=change_set, reconciled_at=reconciled_at,
+            )
             result = PublishResult(
-                schema.entity, change_set, counts.get("create", 0), counts.get("update", 0),
-                counts.get("unchanged", 0), counts.get("stale", 0), counts.get("delete", 0),
+                schema.entity, change_set, counts["create"], counts["update"],
+                counts["unchanged"], counts["stale"], counts["delete"],
                 time.perf_counter() - started, watermark_before, new_watermark,
             )
-            _record_publish_state(connection, result, "COMPLETE", started_at, None)
-    except Exception as exc:
-        with transaction(connection):
-            failed = PublishResult(schema.entity, change_set, 0, 0, 0, 0, 0,
-                                   time.perf_counter() - started, watermark_before,
-                                   watermark_before)
-            _record_publish_state(connection, failed, "FAILED", started_at,
-                                  f"{type(exc).__name__}: {exc}")
-            connection.execute(
-                "UPDATE _sync_state SET status = 'failed', updated_at = ? WHERE entity = ?",
-                (utc_now_iso(), schema.entity),
+            set_publish_state(
+                connection, schema.entity, change_set, "COMPLETE", rows_applied=applied,
+                finished_at=utc_now_iso(), watermark_before=watermark_before,
+                watermark_after=new_watermark, seconds=result.seconds, error=None,
+                failed_operation=None,
             )
-        raise
-    finally:
-        connection.execute("DROP TABLE IF EXISTS temp._plan")
-    return result
+            return result
 
 
-def _execute(connection: sqlite3.Connection, schema: EntitySchema, change_set: str) -> None:
+def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_set: str) -> None:
     entity = quote_identifier(schema.entity)
     staging = quote_identifier(staging_table(schema.entity))
     history = quote_identifier(history_table(schema.entity))
@@ -209,53 +345,141 @@ def _execute(connection: sqlite3.Connection, schema: EntitySchema, change_set: s
     now = utc_now_iso()
     data = [quote_identifier(c) for c in schema.column_names]
     sync = [quote_identifier(n) for n, _ in SYNC_COLUMNS]
+    params = {"now": now, "cs": change_set}
     # Superseded and deleted versions move to history before canonical changes.
     connection.execute(
         f"INSERT INTO {history} ({', '.join(data + sync)}, valid_to, change_kind, superseded_in)"
         f" SELECT {', '.join('c.' + c for c in data + sync)},"
         f" COALESCE(s._modifiedon, :now), p.kind, :cs"
-        f" FROM {entity} c JOIN temp._plan p ON p.pk = c.{pk}"
+        f" FROM {entity} c JOIN temp._chunk p ON p.pk = c.{pk}"
         f" LEFT JOIN {staging} s ON s._pk = c.{pk} AND s._change_set = :cs"
         f" WHERE p.kind IN ('update', 'delete')",
-        {"now": now, "cs": change_set},
+        params,
     )
     updates = ", ".join(f"{c} = excluded.{c}" for c in data + sync if c != pk)
     connection.execute(
         f"INSERT INTO {entity} ({', '.join(data + sync)})"
         f" SELECT {', '.join('s.' + c for c in data)}, s.json_response, s._content_hash,"
         f" :now, COALESCE(s._modifiedon, :now), :now, :cs"
-        f" FROM {staging} s JOIN temp._plan p ON p.pk = s._pk"
+        f" FROM {staging} s JOIN temp._chunk p ON p.pk = s._pk"
         f" WHERE s._change_set = :cs AND p.kind IN ('create', 'update')"
         f" ON CONFLICT({pk}) DO UPDATE SET {updates}",
-        {"now": now, "cs": change_set},
+        params,
     )
     connection.execute(
-        f"DELETE FROM {entity} WHERE {pk} IN (SELECT pk FROM temp._plan WHERE kind = 'delete')"
+        f"DELETE FROM {entity} WHERE {pk} IN (SELECT pk FROM temp._chunk WHERE kind = 'delete')"
     )
     connection.execute(
         "INSERT OR REPLACE INTO _defunct (entity, id, change_set, reason, recorded_at)"
-        " SELECT ?, pk, ?, 'vanished from full snapshot', ? FROM temp._plan WHERE kind = 'delete'",
-        (schema.entity, change_set, now),
+        " SELECT ?, p.pk, ?, CASE"
+        "  WHEN s._op = 'delete' AND json_extract(s.json_response, '$.reason') = 'deleted'"
+        "   THEN 'deleted in source'"
+        "  WHEN s._op = 'delete' THEN json_extract(s.json_response, '$.reason')"
+        "  ELSE 'no longer in the source' END, ?"
+        f" FROM temp._chunk p LEFT JOIN {staging} s ON s._pk = p.pk AND s._change_set = ?"
+        " WHERE p.kind IN ('delete', 'delete_unknown')",
+        (schema.entity, change_set, now, change_set),
     )
 
 
-def _record_publish_state(connection: sqlite3.Connection, result: PublishResult, status: str,
-                          started_at: str, error: str | None) -> None:
-    connection.execute(
-        "INSERT INTO _publish_state (entity, change_set, status, created, updated, unchanged,"
-        " deleted, watermark_before, watermark_after, started_at, finished_at, error)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(entity, change_set) DO UPDATE"
-        " SET status=excluded.status, created=excluded.created, updated=excluded.updated,"
-        " unchanged=excluded.unchanged, deleted=excluded.deleted,"
-        " watermark_before=excluded.watermark_before, watermark_after=excluded.watermark_after,"
-        " started_at=excluded.started_at, finished_at=excluded.finished_at, error=excluded.error",
-        (result.entity, result.change_set, status, result.created, result.updated,
-         result.unchanged, result.deleted, result.watermark_before, result.watermark_after,
-         started_at, utc_now_iso(), error),
-    )
+# -- the whole publish --------------------------------------------------------------------
+
+def publish_change_set(
+    connection: sqlite3.Connection, schema: EntitySchema, change_set: str, *, mode: str,
+    watermark_after: str | None, delta_token_after: str | None = None,
+    key_scan: bool = False, reconciled_at: str | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> PublishResult:
+    """Plan and execute one change set; a COMPLETE change set is not published twice.
+
+    key_scan: the change set carries a key-only scan (absent keys are deletes);
+    reconciled_at: when deletes were last fully established (stored with the watermark).
+    """
+    if publish_status(connection, schema.entity, change_set) == "COMPLETE":
+        row = connection.execute(
+            "SELECT created, updated, unchanged, stale, deleted, watermark_before,"
+            " watermark_after FROM _publish_state WHERE entity = ? AND change_set = ?",
+            (schema.entity, change_set),
+        ).fetchone()
+        return PublishResult(schema.entity, change_set, *row[:5], 0.0, row[5], row[6],
+                             already_published=True)
+    operation = "plan"
+    try:
+        counts = plan_change_set(connection, schema, change_set, mode, reconciled=key_scan)
+        operation = "execute"
+        return execute_plan(
+            connection, schema, change_set, mode=mode, watermark_after=watermark_after,
+            delta_token_after=delta_token_after, counts=counts, reconciled_at=reconciled_at,
+            chunk_rows=chunk_rows,
+        )
+    except Exception as exc:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        with transaction(connection):
+            retries = connection.execute(
+                "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
+                (schema.entity, change_set)).fetchone()
+            set_publish_state(
+                connection, schema.entity, change_set, "FAILED", failed_operation=operation,
+                error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
+                retry_count=(retries[0] or 0) + 1 if retries else 1,
+            )
+            connection.execute(
+                "UPDATE _sync_state SET status = 'failed', updated_at = ? WHERE entity = ?",
+                (utc_now_iso(), schema.entity),
+            )
+        raise
+    finally:
+        connection.execute("DROP TABLE IF EXISTS temp._chunk")
 
 
 def canonical_row_count(connection: sqlite3.Connection, entity: str) -> int:
     if not table_exists(connection, entity):
         return 0
     return connection.execute(f"SELECT count(*) FROM {quote_identifier(entity)}").fetchone()[0]
+
+
+# -- the human-readable plan --------------------------------------------------------------
+
+_KIND_ORDER = (("create", "+"), ("update", "~"), ("delete", "-"), ("delete_unknown", "-"),
+               ("stale", "!"))
+_KIND_TITLES = {"create": "to create", "update": "to update", "delete": "to delete",
+                "delete_unknown": "deletes of records never mirrored",
+                "stale": "older than canonical (skipped)"}
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
+                max_rows_per_kind: int = 50) -> str:
+    """A stored plan the way `terraform plan` shows one: counts first, then rows by kind with
+    only the fields that change."""
+    state = connection.execute(
+        "SELECT status, created, updated, deleted, unchanged, stale FROM _publish_state"
+        " WHERE entity = ? AND change_set = ?", (entity, change_set)).fetchone()
+    if state is None or not table_exists(connection, "_publish_plan"):
+        raise LookupError(f"no plan for {entity} change set {change_set}")
+    status, created, updated, deleted, unchanged, stale = state
+    lines = [
+        f"Plan for {entity}, change set {change_set} ({status})",
+        f"{created:,} to create, {updated:,} to update, {deleted:,} to delete, "
+        f"{unchanged:,} unchanged" + (f", {stale:,} stale" if stale else ""),
+    ]
+    for kind, sign in _KIND_ORDER:
+        rows = connection.execute(
+            "SELECT pk, changes FROM _publish_plan WHERE entity = ? AND change_set = ?"
+            " AND kind = ? ORDER BY pk", (entity, change_set, kind)).fetchall()
+        if not rows:
+            continue
+        lines.append("")
+        lines.append(f"{sign} {len(rows):,} {_KIND_TITLES[kind]}")
+        for pk, changes in rows[:max_rows_per_kind]:
+            lines.append(f"  {sign} {pk}")
+            for field, (old, new) in (orjson.loads(changes) if changes else {}).items():
+                lines.append(f"      {field}: {_short(old)} -> {_short(new)}")
+        if len(rows) > max_rows_per_kind:
+            lines.append(f"  ... and {len(rows) - max_rows_per_kind:,} more")
+    return "\n".join(lines)

@@ -17,7 +17,13 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from dataverse_assets.auth import ClientCredentials
-from dataverse_assets.client import DataverseClient, FetchStats, Page, RetryPolicy
+from dataverse_assets.client import (
+    DataverseClient,
+    DataverseRequestError,
+    FetchStats,
+    Page,
+    RetryPolicy,
+)
 from dataverse_assets.query import PageQuery, string_literal
 
 METADATA_SELECT = "LogicalName,EntitySetName,PrimaryIdAttribute,ChangeTrackingEnabled"
@@ -33,8 +39,13 @@ class SourceSession(ABC):
         """The EntityDefinitions entry (with Attributes) or None when metadata is unavailable."""
 
     @abstractmethod
-    def iter_pages(self, entity_set: str, query: PageQuery) -> AsyncIterator[Page]:
-        """Pages of an entity set, yielded as they arrive."""
+    def iter_pages(self, entity_set: str, query: PageQuery,
+                   start_url: str | None = None) -> AsyncIterator[Page]:
+        """Pages of an entity set (or of a stored delta link), yielded as they arrive."""
+
+    @abstractmethod
+    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
+        """One record by id: (url, verbatim body, record); DataverseRequestError if missing."""
 
 
 class ClientSession(SourceSession):
@@ -57,8 +68,12 @@ class ClientSession(SourceSession):
         definitions = payload.get("value") or []
         return definitions[0] if definitions else None
 
-    def iter_pages(self, entity_set: str, query: PageQuery) -> AsyncIterator[Page]:
-        return self.client.iter_pages(entity_set, query)
+    def iter_pages(self, entity_set: str, query: PageQuery,
+                   start_url: str | None = None) -> AsyncIterator[Page]:
+        return self.client.iter_pages(entity_set, query, start_url)
+
+    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
+        return await self.client.get_record(entity_set, record_id)
 
 
 class DataverseSource(ConfigurableResource, ABC):
@@ -172,7 +187,15 @@ class FixtureSession(SourceSession):
         path = self.directory / entity_set / "entity_definition.json"
         return orjson.loads(path.read_bytes()) if path.exists() else None
 
-    async def iter_pages(self, entity_set: str, query: PageQuery) -> AsyncIterator[Page]:
+    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
+        path = self.directory / entity_set / "records" / f"{record_id}.json"
+        if not path.exists():
+            raise DataverseRequestError(f"{entity_set}: no saved record {record_id}", status=404)
+        body = path.read_bytes()
+        return path.as_uri(), body, orjson.loads(body)
+
+    async def iter_pages(self, entity_set: str, query: PageQuery,
+                         start_url: str | None = None) -> AsyncIterator[Page]:
         folder = self.directory / entity_set
         paths = sorted(folder.glob("page-*.json"))
         if not paths:

@@ -23,6 +23,7 @@ from dataverse_assets.schema import (
 from dataverse_assets.store import (
     quote_identifier,
     record_issue,
+    staging_keys_table,
     staging_table,
     table_columns,
     table_exists,
@@ -32,6 +33,14 @@ from dataverse_assets.store import (
 
 STAGING_META_COLUMNS = ("_change_set", "_pk", "_op", "_content_hash", "_modifiedon")
 STAGING_BATCH_ROWS = 2000
+
+
+def is_deleted_entity(record: dict) -> bool:
+    """A change-tracking delete marker rather than a record."""
+    context = record.get("@odata.context")
+    return (isinstance(context, str) and context.endswith("$deletedEntity")) or (
+        record.get("reason") == "deleted" and "id" in record and len(record) <= 3
+    )
 
 
 def content_hash(record: dict) -> str:
@@ -64,16 +73,32 @@ class StagedRecords:
     schema: EntitySchema
     mode: str
     watermark_after: str | None
-    batches: Iterator[list[tuple]]
+    delta_token_after: str | None
+    source_timestamp: str | None
+    reconciled: bool  # a key-only scan is part of this change set
+    reconciled_at: str | None  # when this change set establishes deletes (fetch start)
+    batches: Iterator[tuple[list[tuple], list[str]]]
     counts: dict[str, int] = field(default_factory=dict)
     issues: list[dict] = field(default_factory=list)
+
+
+def _page_records(body: bytes, shape: str) -> list[dict]:
+    payload = orjson.loads(body)
+    return [payload] if shape == "record" else payload["value"]
+
+
+def _delete_row(change_set: str, key: str, names: list[str], marker: dict) -> tuple:
+    return (change_set, key, "delete", None, None, *(None for _ in names),
+            orjson.dumps(marker).decode())
 
 
 def iter_staged_batches(
     archive: ChangeSetArchive, schema: EntitySchema, counts: dict[str, int],
     issues: list[dict],
-) -> Iterator[list[tuple]]:
-    """Rows of (meta columns..., schema columns..., json_response), a batch at a time."""
+) -> Iterator[tuple[list[tuple], list[str]]]:
+    """(rows, keys) a batch at a time. Rows are (meta columns..., schema columns...,
+    json_response); keys come from key-only reconciliation scans."""
+    manifest = archive.manifest()
     request = archive.read_json(REQUEST) or {}
     scope = request.get("id_scope")
     scope_ids = {i.lower() for i in scope} if scope is not None else None
@@ -81,10 +106,23 @@ def iter_staged_batches(
     names = schema.column_names
     change_set = archive.change_set
     batch: list[tuple] = []
-    counts.update(records=0, staged=0, out_of_scope=0, without_key=0)
+    keys: list[str] = []
+    counts.update(records=0, staged=0, deleted=0, out_of_scope=0, without_key=0, keys=0)
+    pages = manifest.get("pages", [])
     for page_number, body in enumerate(archive.iter_page_bodies(), start=1):
-        for record in orjson.loads(body)["value"]:
+        page = pages[page_number - 1] if page_number <= len(pages) else {}
+        records = _page_records(body, page.get("shape", "collection"))
+        if page.get("kind") == "keys":
+            keys.extend(str(r[pk]) for r in records if r.get(pk) is not None)
+            counts["keys"] += len(records)
+            continue
+        for record in records:
             counts["records"] += 1
+            if is_deleted_entity(record):
+                # Change tracking reports deletes as {"id": ..., "reason": "deleted"}.
+                batch.append(_delete_row(change_set, str(record["id"]), names, record))
+                counts["deleted"] += 1
+                continue
             key = record.get(pk)
             if key is None or key == "":
                 counts["without_key"] += 1
@@ -104,11 +142,24 @@ def iter_staged_batches(
                 orjson.dumps(record).decode(),
             ))
             counts["staged"] += 1
-            if len(batch) >= STAGING_BATCH_ROWS:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
+        if len(batch) >= STAGING_BATCH_ROWS or len(keys) >= STAGING_BATCH_ROWS * 10:
+            yield batch, keys
+            batch, keys = [], []
+    for missing in manifest.get("missing", []):
+        if missing.get("status") == 404:
+            # Named by a link but gone from the source: defunct.
+            batch.append(_delete_row(change_set, missing["id"], names,
+                                     {"id": missing["id"], "reason": "not found (404)"}))
+            counts["deleted"] += 1
+        else:
+            # Anything else is not an answer: keep it visible; the id is asked for again next
+            # change set because it is still linked and not mirrored.
+            issues.append({"record_id": missing["id"], "field": None,
+                           "problem": f"could not fetch linked record (status "
+                                      f"{missing.get('status')})",
+                           "context": missing.get("message")})
+    if batch or keys:
+        yield batch, keys
 
 
 def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
@@ -144,18 +195,40 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
             f"({', '.join(quote_identifier(c) for c in columns)}) "
             f"VALUES ({', '.join('?' for _ in columns)})"
         )
-        for batch in staged.batches:
+        keys_table = quote_identifier(staging_keys_table(staged.entity))
+        connection.execute(
+            f"CREATE TABLE IF NOT EXISTS {keys_table} (_change_set TEXT NOT NULL,"
+            " _pk TEXT NOT NULL, PRIMARY KEY (_change_set, _pk))"
+        )
+        connection.execute(f"DELETE FROM {keys_table} WHERE _change_set = ?",
+                           (staged.change_set,))
+        for batch, keys in staged.batches:
             connection.executemany(statement, batch)
+            connection.executemany(
+                f"INSERT OR IGNORE INTO {keys_table} (_change_set, _pk) VALUES (?, ?)",
+                ((staged.change_set, key) for key in keys),
+            )
             rows += len(batch)
         for issue in staged.issues:
             record_issue(connection, entity=staged.entity, change_set=staged.change_set, **issue)
         # The marker that this change set is fully staged: publishing refuses without it, so
         # a full snapshot can never be "published" from an empty, never-staged change set.
+        now = utc_now_iso()
         connection.execute(
             "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, watermark_after,"
-            " staged_at) VALUES (?, ?, ?, ?, ?, ?)",
+            " delta_token_after, reconciled, reconciled_at, staged_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (staged.entity, staged.change_set, staged.mode, rows, staged.watermark_after,
-             utc_now_iso()),
+             staged.delta_token_after, int(staged.reconciled), staged.reconciled_at, now),
+        )
+        # PENDING until published; a change set already COMPLETE stays so (its archive, and so
+        # its staged rows, cannot have changed).
+        connection.execute(
+            "INSERT INTO _publish_state (entity, change_set, status, staged_at, source_timestamp)"
+            " VALUES (?, ?, 'PENDING', ?, ?) ON CONFLICT(entity, change_set) DO UPDATE SET"
+            " status = CASE WHEN status = 'COMPLETE' THEN status ELSE 'PENDING' END,"
+            " staged_at = excluded.staged_at, source_timestamp = excluded.source_timestamp",
+            (staged.entity, staged.change_set, now, staged.source_timestamp),
         )
     return rows
 
@@ -183,6 +256,9 @@ class StagedChangeSet:
     mode: str
     rows: int
     watermark_after: str | None
+    delta_token_after: str | None
+    reconciled: bool
+    reconciled_at: str | None
 
 
 class NotStagedError(Exception):
@@ -191,7 +267,9 @@ class NotStagedError(Exception):
 
 def read_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> StagedChangeSet:
     row = connection.execute(
-        "SELECT mode, rows, watermark_after FROM _staged WHERE entity = ? AND change_set = ?",
+        "SELECT mode, rows, watermark_after, delta_token_after, reconciled, reconciled_at"
+        " FROM _staged"
+        " WHERE entity = ? AND change_set = ?",
         (entity, change_set),
     ).fetchone()
     if row is None:
@@ -199,4 +277,5 @@ def read_staged(connection: sqlite3.Connection, entity: str, change_set: str) ->
             f"{entity}: change set {change_set} is not staged; materialize staging/{entity} "
             "for this partition first"
         )
-    return StagedChangeSet(entity, change_set, row[0], row[1], row[2])
+    return StagedChangeSet(entity, change_set, row[0], row[1], row[2], row[3], bool(row[4]),
+                           row[5])

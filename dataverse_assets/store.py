@@ -32,12 +32,18 @@ def staging_table(entity: str) -> str:
     return f"_staging__{entity}"
 
 
+def staging_keys_table(entity: str) -> str:
+    """Keys seen by a change set's key-only reconciliation scan."""
+    return f"_staging_keys__{entity}"
+
+
 BOOKKEEPING_DDL = """
 CREATE TABLE IF NOT EXISTS _sync_state (
     entity TEXT PRIMARY KEY,
     mode TEXT,
     watermark TEXT,
     delta_token TEXT,
+    reconciled_at TEXT,
     status TEXT NOT NULL DEFAULT 'pending',
     last_change_set TEXT,
     updated_at TEXT NOT NULL
@@ -57,15 +63,24 @@ CREATE TABLE IF NOT EXISTS _publish_state (
     entity TEXT NOT NULL,
     change_set TEXT NOT NULL,
     status TEXT NOT NULL,
+    source_timestamp TEXT,
+    staged_at TEXT,
+    plan_started_at TEXT,
+    plan_finished_at TEXT,
+    started_at TEXT,
+    finished_at TEXT,
     created INTEGER NOT NULL DEFAULT 0,
     updated INTEGER NOT NULL DEFAULT 0,
     unchanged INTEGER NOT NULL DEFAULT 0,
+    stale INTEGER NOT NULL DEFAULT 0,
     deleted INTEGER NOT NULL DEFAULT 0,
+    rows_applied INTEGER NOT NULL DEFAULT 0,
+    seconds REAL,
     watermark_before TEXT,
     watermark_after TEXT,
-    started_at TEXT,
-    finished_at TEXT,
+    failed_operation TEXT,
     error TEXT,
+    retry_count INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (entity, change_set)
 );
 CREATE TABLE IF NOT EXISTS _schema (
@@ -92,6 +107,9 @@ CREATE TABLE IF NOT EXISTS _staged (
     mode TEXT NOT NULL,
     rows INTEGER NOT NULL,
     watermark_after TEXT,
+    delta_token_after TEXT,
+    reconciled INTEGER NOT NULL DEFAULT 0,
+    reconciled_at TEXT,
     staged_at TEXT NOT NULL,
     PRIMARY KEY (entity, change_set)
 );
@@ -156,11 +174,12 @@ class SyncState:
     delta_token: str | None
     status: str
     last_change_set: str | None
+    reconciled_at: str | None
 
 
 def read_sync_state(connection: sqlite3.Connection, entity: str) -> SyncState | None:
     row = connection.execute(
-        "SELECT entity, mode, watermark, delta_token, status, last_change_set "
+        "SELECT entity, mode, watermark, delta_token, status, last_change_set, reconciled_at "
         "FROM _sync_state WHERE entity = ?",
         (entity,),
     ).fetchone()
@@ -176,14 +195,19 @@ def write_sync_state(
     delta_token: str | None,
     status: str,
     change_set: str,
+    reconciled_at: str | None = None,
 ) -> None:
+    """Advance an entity's state (reconciled_at only moves when given)."""
     connection.execute(
         "INSERT INTO _sync_state (entity, mode, watermark, delta_token, status, last_change_set,"
-        " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(entity) DO UPDATE SET"
-        " mode=excluded.mode, watermark=excluded.watermark, delta_token=excluded.delta_token,"
-        " status=excluded.status, last_change_set=excluded.last_change_set,"
+        " reconciled_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(entity) DO"
+        " UPDATE SET mode=excluded.mode, watermark=excluded.watermark,"
+        " delta_token=excluded.delta_token, status=excluded.status,"
+        " last_change_set=excluded.last_change_set,"
+        " reconciled_at=COALESCE(excluded.reconciled_at, reconciled_at),"
         " updated_at=excluded.updated_at",
-        (entity, mode, watermark, delta_token, status, change_set, utc_now_iso()),
+        (entity, mode, watermark, delta_token, status, change_set, reconciled_at,
+         utc_now_iso()),
     )
 
 
@@ -228,4 +252,18 @@ def record_issue(
         "INSERT INTO _issues (entity, change_set, record_id, field, problem, context,"
         " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (entity, change_set, record_id, field, problem, context, utc_now_iso()),
+    )
+
+
+def set_publish_state(connection: sqlite3.Connection, entity: str, change_set: str,
+                      status: str, **fields: object) -> None:
+    """Upsert one change set's publish state; only the given fields change."""
+    columns = ["status", *fields]
+    values = [status, *fields.values()]
+    assignments = ", ".join(f"{c} = excluded.{c}" for c in columns)
+    connection.execute(
+        f"INSERT INTO _publish_state (entity, change_set, {', '.join(columns)})"
+        f" VALUES (?, ?, {', '.join('?' for _ in columns)})"
+        f" ON CONFLICT(entity, change_set) DO UPDATE SET {assignments}",
+        (entity, change_set, *values),
     )

@@ -31,12 +31,18 @@ class Mirror:
     defs: Definitions
     instance: DagsterInstance
 
-    def sync(self, group: str) -> str:
-        key = new_change_set_key(self.instance, group)
+    def run(self, group: str, key: str | None = None):
+        """Run the group's job for a new (or the given) change set; returns (key, result)."""
+        key = key or new_change_set_key(self.instance, group)
         result = self.defs.resolve_job_def(sync_job_name(group)).execute_in_process(
             instance=self.instance, partition_key=key, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
         )
-        assert result.success, _failure_messages(result)
+        return key, result
+
+    def sync(self, group: str) -> str:
+        key, result = self.run(group)
+        assert result.success, failure_messages(result)
         return key
 
     def sync_all(self) -> list[str]:
@@ -46,7 +52,7 @@ class Mirror:
         return connect(self.settings.db_path)
 
 
-def _failure_messages(result) -> str:
+def failure_messages(result) -> str:
     messages = []
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
@@ -54,28 +60,52 @@ def _failure_messages(result) -> str:
     return "\n".join(messages)
 
 
-def write_entities_config(path: Path, page_size: int) -> Path:
+def write_entities_config(path: Path, page_size: int,
+                          overrides: dict[str, dict] | None = None) -> Path:
     raw = json.loads(DEFAULT_ENTITIES_CONFIG.read_text())
     for entity in raw["entities"]:
         entity["page_size"] = page_size  # small pages: every sync follows nextLinks
+        entity.update((overrides or {}).get(entity["name"], {}))
     path.write_text(json.dumps(raw))
     return path
 
 
+ENTITY_NAMES = [e["name"] for e in json.loads(DEFAULT_ENTITIES_CONFIG.read_text())["entities"]]
+
+
 @pytest.fixture
-def mirror(tmp_path) -> Iterator[Mirror]:
-    config_path = write_entities_config(tmp_path / "entities_config.json", page_size=40)
-    settings = Settings(
-        db_path=tmp_path / "mirror.db", archive_dir=tmp_path / "archive",
-        entities_config_path=config_path, source="simulator",
-    )
-    simulator = DataverseSimulator(
-        [e.name for e in settings.entities.entities], seed=7, row_counts=SMALL_ROW_COUNTS,
-    )
+def simulator_url() -> Iterator[tuple[DataverseSimulator, str]]:
+    simulator = DataverseSimulator(ENTITY_NAMES, seed=7, row_counts=SMALL_ROW_COUNTS)
     with serve_on_loopback(simulator) as url:
-        source = SimulatorSource(
-            entity_names=[e.name for e in settings.entities.entities], base_url=url,
+        yield simulator, url
+
+
+@pytest.fixture
+def make_mirror(tmp_path, simulator_url):
+    """Mirrors (each its own database, archive and Dagster instance) of one loopback
+    simulator, with optional per-entity config overrides."""
+    simulator, url = simulator_url
+    instances = []
+
+    def make(name: str = "mirror", overrides: dict[str, dict] | None = None) -> Mirror:
+        folder = tmp_path / name
+        folder.mkdir()
+        config_path = write_entities_config(folder / "entities_config.json", page_size=40,
+                                            overrides=overrides)
+        settings = Settings(
+            db_path=folder / "mirror.db", archive_dir=folder / "archive",
+            entities_config_path=config_path, source="simulator",
         )
-        defs = build_definitions(settings, source=source)
-        with DagsterInstance.ephemeral() as instance:
-            yield Mirror(simulator, settings, defs, instance)
+        source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url)
+        instance = DagsterInstance.ephemeral()
+        instances.append(instance)
+        return Mirror(simulator, settings, build_definitions(settings, source=source), instance)
+
+    yield make
+    for instance in instances:
+        instance.dispose()
+
+
+@pytest.fixture
+def mirror(make_mirror) -> Mirror:
+    return make_mirror()

@@ -3,57 +3,13 @@
 import orjson
 
 from dataverse_assets.store import quote_identifier
-
-CONFIGURED = [
-    "vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_accountset",
-    "vin_vin_clinicaltrial_contactset", "vin_vin_candidate_clinicaltrialset", "systemusers",
-    "businessunits", "teams",
-]
-FILTERED = {
-    "accounts": ("vin_vin_candidate_accountset", "accountid"),
-    "contacts": ("vin_vin_clinicaltrial_contactset", "contactid"),
-}
-PRIMARY_KEYS = {
-    "vin_candidates": "vin_candidateid", "vin_clinicaltrials": "vin_clinicaltrialid",
-    "vin_vin_candidate_accountset": "vin_vin_candidate_accountid",
-    "vin_vin_clinicaltrial_contactset": "vin_vin_clinicaltrial_contactid",
-    "vin_vin_candidate_clinicaltrialset": "vin_vin_candidate_clinicaltrialid",
-    "systemusers": "systemuserid", "businessunits": "businessunitid", "teams": "teamid",
-    "accounts": "accountid", "contacts": "contactid",
-}
-
-
-def expected_records(simulator, entity: str) -> dict[str, dict]:
-    """The simulator's truth for an entity (filtered entities: only the linked records)."""
-    records = {r[PRIMARY_KEYS[entity]]: r for r in simulator.records(entity)}
-    if entity in FILTERED:
-        link_table, column = FILTERED[entity]
-        linked = {r[column] for r in simulator.records(link_table)}
-        records = {k: v for k, v in records.items() if k in linked}
-    return records
-
-
-def canonical_rows(connection, entity: str) -> dict[str, dict]:
-    cursor = connection.execute(f"SELECT * FROM {quote_identifier(entity)}")
-    names = [d[0] for d in cursor.description]
-    return {row[0]: dict(zip(names, row, strict=True)) for row in cursor}
-
-
-def assert_mirror_equals_simulator(mirror, entity: str) -> None:
-    expected = expected_records(mirror.simulator, entity)
-    with mirror.connection() as connection:
-        rows = canonical_rows(connection, entity)
-    assert set(rows) == set(expected), f"{entity}: keys differ"
-    for key, row in rows.items():
-        record = expected[key]
-        assert orjson.loads(row["json_response"]) == record, f"{entity} {key}"
-        for column, value in record.items():
-            if "@" in column:
-                continue
-            stored = row[column]
-            want = int(value) if isinstance(value, bool) else value
-            assert stored == want, f"{entity} {key} {column}: {stored!r} != {want!r}"
-        assert row["valid_from"] == record.get("modifiedon", row["sync_time"])
+from dataverse_assets_tests.truth import (
+    CONFIGURED,
+    FILTERED,
+    assert_mirror_equals_simulator,
+    canonical_rows,
+    expected_records,
+)
 
 
 def test_first_sync_mirrors_every_configured_entity(mirror):

@@ -860,6 +860,32 @@ def test_changes_during_initial_sync_reach_the_next_delta(
     assert changes[0]["jobtitle"] == "Edited mid-sync"
 
 
+def test_delta_paging_is_pinned_to_its_window(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    _, responses = follow(client, f"{API}/contacts", prefer="odata.track-changes")
+    delta_link = responses[-1].json()["@odata.deltaLink"]
+    changed = truth_ids(sim, "contacts")[:4]
+    for contact_id in changed:
+        sim.update("contacts", contact_id, {"jobtitle": "Round one"})
+
+    def touch_served(page: int) -> None:
+        # Re-changing a row already served must not shift the rest of the window.
+        sim.update("contacts", changed[page - 1], {"jobtitle": f"Round two {page}"})
+        if page == 1:
+            # Deleted after the window closed: skipped now, reported by the next delta.
+            sim.delete("contacts", changed[3])
+
+    rows, pages = follow(client, delta_link, prefer="odata.track-changes,odata.maxpagesize=1",
+                         between_pages=touch_served)
+    assert [r["contactid"] for r in rows] == changed[:3] and len(pages) == 4
+    assert pages[-1].json()["value"] == []
+    again, _ = follow(client, pages[-1].json()["@odata.deltaLink"])
+    assert [r.get("contactid", r.get("id")) for r in again] == changed
+    assert again[-1]["reason"] == "deleted"
+
+
 def test_change_tracking_rejections(fresh: tuple[DataverseSimulator, str, httpx.Client]) -> None:
     _, _, client = fresh
     prefer = {"Prefer": "odata.track-changes"}

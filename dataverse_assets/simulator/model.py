@@ -757,7 +757,7 @@ class DataverseSimulator:
         targets = list(attribute.targets) or ["systemuser"]
         if attribute.logical_name == "parentbusinessunitid":
             # A tree: the root has no parent and nobody is their own parent.
-            existing = [k for k in table.rows]
+            existing = list(table.rows)
             if not existing:
                 return None, targets[0]
             return rng.choice(existing), targets[0]

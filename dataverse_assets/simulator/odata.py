@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -694,14 +694,3 @@ def key_bounds(expr: FilterExpr, column: str) -> list[tuple[str, str]]:
         ):
             bounds.append((item.op, item.value))
     return bounds
-
-
-def referenced_columns(expr: FilterExpr) -> Iterable[str]:
-    """Columns a filter reads (for diagnostics and tests)."""
-    if isinstance(expr, Comparison | FunctionCall):
-        yield expr.column
-    elif isinstance(expr, Not):
-        yield from referenced_columns(expr.item)
-    else:
-        for item in expr.items:
-            yield from referenced_columns(item)

@@ -1,0 +1,58 @@
+"""Named fault points, so tests can fail a sync at an exact step and prove nothing is lost.
+
+Production code calls `fault_point("publish.mid_execute")`; it does nothing unless a test armed
+that name (in-process with `armed(...)`, or across processes with the environment variable
+`DATAVERSE_FAULT_POINTS="name=raise,other=kill"`, which the chaos tests use to SIGKILL a run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+ENV_VARIABLE = "DATAVERSE_FAULT_POINTS"
+_armed: dict[str, list] = {}  # name -> [action, calls to let pass first]
+
+
+class InjectedFault(RuntimeError):
+    """Raised at an armed fault point."""
+
+
+def _from_environment() -> dict[str, str]:
+    spec = os.environ.get(ENV_VARIABLE, "")
+    points: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, action = item.partition("=")
+        points[name] = action or "raise"
+    return points
+
+
+def fault_point(name: str) -> None:
+    """Fail here if a test armed this point."""
+    action = None
+    if name in _armed:
+        entry = _armed[name]
+        if entry[1] > 0:
+            entry[1] -= 1
+            return
+        action = entry[0]
+    elif ENV_VARIABLE in os.environ:
+        action = _from_environment().get(name)
+    if action is None:
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault at {name}")
+
+
+@contextmanager
+def armed(name: str, action: str = "raise", after: int = 0) -> Iterator[None]:
+    """Arm a fault point for the duration of a block (in this process); it lets the first
+    `after` calls pass, then fails every call."""
+    _armed[name] = [action, after]
+    try:
+        yield
+    finally:
+        _armed.pop(name, None)

@@ -1,0 +1,207 @@
+"""The three steps of a sync (fetch, stage, publish) for one entity and change set.
+
+Plain functions over the store and the source, so the Dagster assets stay thin and the same
+steps serve the CLI, rebuilds and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from datetime import UTC, datetime
+
+import orjson
+
+from dataverse_assets.archive import ChangeSetArchive, list_change_sets
+from dataverse_assets.config import EntityConfig
+from dataverse_assets.faults import fault_point
+from dataverse_assets.fetch import (
+    SNAPSHOT_MODES,
+    FetchSummary,
+    fetch_change_set,
+    plan_fetch,
+    reconcile_due,
+)
+from dataverse_assets.publish import (
+    PublishResult,
+    load_locked_schema,
+    lock_schema,
+    publish_change_set,
+)
+from dataverse_assets.resources import MirrorStore
+from dataverse_assets.sources import DataverseSource
+from dataverse_assets.staging import (
+    StagedRecords,
+    decide_schema,
+    iter_staged_batches,
+    read_staged,
+    staged_ids,
+    write_staged,
+)
+from dataverse_assets.store import (
+    log_step,
+    mark_sync_status,
+    quote_identifier,
+    read_sync_state,
+    table_exists,
+    transaction,
+    utc_now_iso,
+)
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+def _column_values(connection: sqlite3.Connection, table: str, column: str) -> set[str]:
+    if not table_exists(connection, table):
+        return set()
+    return {
+        str(row[0]) for row in connection.execute(
+            f"SELECT DISTINCT {quote_identifier(column)} FROM {quote_identifier(table)}"
+            f" WHERE {quote_identifier(column)} IS NOT NULL"
+        )
+    }
+
+
+def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig,
+                            change_set: str) -> tuple[set[str], set[str], set[str]]:
+    """For a filtered entity: ids its linking tables name (this change set's staging, plus
+    canonical for incrementally synced linking tables), ids already mirrored, ids defunct."""
+    linked: set[str] = set()
+    for link in entity.linked_from:
+        linked |= staged_ids(connection, link.entity, change_set, link.column)
+        link_state = read_sync_state(connection, link.entity)
+        if link_state is not None and link_state.mode not in SNAPSHOT_MODES:
+            linked |= _column_values(connection, link.entity, link.column)
+    locked = load_locked_schema(connection, entity.name)
+    mirrored = _column_values(connection, entity.name, locked.primary_key) if locked else set()
+    defunct = {row[0] for row in connection.execute(
+        "SELECT id FROM _defunct WHERE entity = ?", (entity.name,))}
+    return linked, mirrored, defunct
+
+
+def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
+          change_set: str) -> tuple[FetchSummary, bool]:
+    """Fetch one change set into the archive. Returns (summary, reused): a change set already
+    archived completely is immutable and is not fetched again."""
+    archive = store.archive(entity.name, change_set)
+    if archive.is_complete():
+        return FetchSummary(**archive.manifest()["summary"]), True
+    with store.connection() as connection:
+        state = read_sync_state(connection, entity.name)
+        linked, mirrored, defunct = (
+            linked_and_mirrored_ids(connection, entity, change_set) if entity.filtered
+            else (set(), set(), set())
+        )
+        mark_sync_status(connection, entity.name, "in_progress")
+    started_at = utc_now_iso()
+    reconcile = reconcile_due(entity, state.reconciled_at if state else None, datetime.now(UTC))
+
+    async def run() -> FetchSummary:
+        async with source.open_session() as session:
+            definition = await session.entity_definition(entity.name)
+            request = plan_fetch(
+                entity, change_set, definition,
+                watermark=state.watermark if state else None,
+                delta_link=state.delta_token if state else None, reconcile=reconcile,
+                linked_ids=linked, mirrored_ids=mirrored, defunct_ids=defunct,
+            )
+            return await fetch_change_set(session, archive, request, definition)
+
+    try:
+        summary = asyncio.run(run())
+    except Exception:
+        with store.connection() as connection:
+            mark_sync_status(connection, entity.name, "failed")
+        raise
+    fault_point("fetch.after_archive")
+    with store.connection() as connection:
+        log_step(connection, entity=entity.name, change_set=change_set, layer="raw",
+                 status="completed", started_at=started_at, seconds=summary.seconds,
+                 details=_json(summary.__dict__))
+    return summary, False
+
+
+def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
+                   entity: EntityConfig) -> StagedRecords:
+    """The staged rows of an archived change set, produced lazily (schema locked first)."""
+    manifest = archive.manifest()
+    schema = load_locked_schema(connection, entity.name)
+    if schema is None:
+        with transaction(connection):
+            schema = lock_schema(connection, decide_schema(archive, entity.primary_key))
+    summary = manifest["summary"]
+    key_scan = bool(manifest.get("reconciled"))
+    # Deletes are established by key scans, snapshots and first syncs: the reconcile clock.
+    establishes_deletes = key_scan or manifest["mode"] in SNAPSHOT_MODES or (
+        summary.get("watermark_before") is None and manifest["mode"] != "change_tracking"
+    )
+    counts: dict[str, int] = {}
+    issues: list[dict] = []
+    return StagedRecords(
+        entity=entity.name, change_set=archive.change_set, schema=schema,
+        mode=manifest["mode"], watermark_after=summary.get("watermark_after"),
+        delta_token_after=summary.get("delta_link_after"),
+        source_timestamp=summary.get("watermark_after") or manifest.get("finished_at"),
+        reconciled=key_scan,
+        reconciled_at=manifest.get("started_at") if establishes_deletes else None,
+        batches=iter_staged_batches(archive, schema, counts, issues), counts=counts,
+        issues=issues,
+    )
+
+
+def stage(store: MirrorStore, entity: EntityConfig, change_set: str) -> StagedRecords:
+    """Staging as the asset does it (rows are written by the SQLite IO manager)."""
+    with store.connection() as connection:
+        return staged_records(connection, store.archive(entity.name, change_set), entity)
+
+
+def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[PublishResult]:
+    """Publish change set K of an entity, after its older unpublished change sets, in order.
+
+    An older change set that was archived but never staged is staged from the archive first.
+    """
+    started = time.perf_counter()
+    started_at = utc_now_iso()
+    results: list[PublishResult] = []
+    with store.connection() as connection:
+        older = _unpublished_before(connection, store, entity.name, change_set)
+        for key in [*older, change_set]:
+            if key != change_set and not _is_staged(connection, entity.name, key):
+                write_staged(connection, staged_records(
+                    connection, store.archive(entity.name, key), entity))
+            staged = read_staged(connection, entity.name, key)
+            schema = load_locked_schema(connection, entity.name)
+            assert schema is not None, "staging locks the schema before publishing"
+            fault_point("publish.before_plan")
+            results.append(publish_change_set(
+                connection, schema, key, mode=staged.mode,
+                watermark_after=staged.watermark_after,
+                delta_token_after=staged.delta_token_after,
+                key_scan=staged.reconciled, reconciled_at=staged.reconciled_at,
+                chunk_rows=entity.publish_chunk_rows,
+            ))
+            log_step(connection, entity=entity.name, change_set=key, layer="canonical",
+                     status="completed", started_at=started_at,
+                     seconds=time.perf_counter() - started,
+                     details=_json(results[-1].as_dict()))
+    return results
+
+
+def _is_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
+    return connection.execute("SELECT 1 FROM _staged WHERE entity = ? AND change_set = ?",
+                              (entity, change_set)).fetchone() is not None
+
+
+def _unpublished_before(connection: sqlite3.Connection, store: MirrorStore, entity: str,
+                        change_set: str) -> list[str]:
+    """Older change sets of the entity, staged or archived, that are not COMPLETE."""
+    complete = {row[0] for row in connection.execute(
+        "SELECT change_set FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
+        (entity,))}
+    staged = {row[0] for row in connection.execute(
+        "SELECT change_set FROM _staged WHERE entity = ?", (entity,))}
+    archived = set(list_change_sets(store.archive_dir, entity))
+    return sorted(k for k in staged | archived if k < change_set and k not in complete)
