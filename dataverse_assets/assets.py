@@ -19,7 +19,7 @@ from dagster import (
 from dataverse_assets import steps
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.fetch import FetchSummary
-from dataverse_assets.publish import canonical_row_count
+from dataverse_assets.publish import canonical_row_count, read_publish_state
 from dataverse_assets.resources import MirrorStore, RawChangeSet
 from dataverse_assets.sources import DataverseSource
 from dataverse_assets.staging import StagedChangeSet, StagedRecords
@@ -35,6 +35,7 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     partitions_def = change_sets_partitions(entity.group)
     name = entity.name
     description = entity.description or f"The Dataverse table {name}."
+    annotations = config.read_with_annotations(name)
     linked_ins = {
         f"linked_{index}": AssetIn(key=AssetKey(["staging", link.entity]))
         for index, link in enumerate(entity.linked_from)
@@ -55,7 +56,8 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     def raw(context: AssetExecutionContext, source: DataverseSource, store: MirrorStore,
             **linked: StagedChangeSet) -> Output[RawChangeSet]:
         change_set = context.partition_key
-        summary, reused = steps.fetch(store, source, entity, change_set)
+        summary, reused = steps.fetch(store, source, entity, change_set,
+                                      include_annotations=annotations)
         if reused:
             # An archived change set is immutable: replaying it must stage the same rows.
             context.log.info(f"{name} {change_set}: already archived, not fetched again")
@@ -105,7 +107,12 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
         result = results[-1]
         with store.connection() as connection:
             rows = canonical_row_count(connection, name)
+            state = read_publish_state(connection, name, result.change_set)
+        timings = {k: state.get(k) or "" for k in (
+            "source_timestamp", "staged_at", "plan_started_at", "started_at", "finished_at")}
         return MaterializeResult(metadata={
+            "publish_status": state.get("status", ""),
+            "publish_timestamps": timings,
             "created": result.created,
             "updated": result.updated,
             "unchanged": result.unchanged,

@@ -44,7 +44,13 @@ class LinkSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     entity: str = Field(description="Entity set name of the linking table.")
-    column: str = Field(description="Column of the linking table holding this entity's ids.")
+    column: str = Field(description="Column of the linking table holding this entity's ids, "
+                        "e.g. a junction column or a lookup such as _parentcustomerid_value.")
+    lookup_target: str | None = Field(
+        None, description="For polymorphic lookups (Customer, Owner): only values whose "
+        "lookuplogicalname annotation names this table (e.g. 'account'); the linking table is "
+        "then fetched with annotations.",
+    )
 
 
 class GroupConfig(BaseModel):
@@ -82,6 +88,10 @@ class EntityConfig(BaseModel):
     incremental: IncrementalMode = "auto"
     linked_from: list[LinkSource] = Field(default_factory=list)
     page_size: int = Field(5000, ge=1, le=5000)
+    hash_ignore_annotations: bool = Field(
+        False, description="Leave @odata.etag and annotations out of the content hash, so a "
+        "record whose only change is its etag or a formatted value is 'unchanged'.",
+    )
     publish_chunk_rows: int = Field(
         50_000, ge=1,
         description="Change sets larger than this publish in resumable chunks.",
@@ -171,6 +181,11 @@ class EntitiesConfig(BaseModel):
             if entity.name == name:
                 return entity
         raise KeyError(name)
+
+    def read_with_annotations(self, name: str) -> bool:
+        """Whether a filtered entity reads this entity's lookups by their target table."""
+        return any(link.entity == name and link.lookup_target
+                   for entity in self.entities for link in entity.linked_from)
 
     def entities_in_group(self, group: str) -> list[EntityConfig]:
         return [e for e in self.entities if e.group == group]

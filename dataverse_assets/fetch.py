@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
@@ -143,8 +143,32 @@ def plan_fetch(
     linked_ids: Iterable[str] = (),
     mirrored_ids: Iterable[str] = (),
     defunct_ids: Iterable[str] = (),
+    include_annotations: bool = False,
 ) -> FetchRequest:
-    """Decide the queries of one change set."""
+    """Decide the queries of one change set (annotations on when a filtered entity reads
+    this one's polymorphic lookups)."""
+    request = _plan_fetch(entity, change_set, definition, watermark=watermark,
+                          delta_link=delta_link, reconcile=reconcile, linked_ids=linked_ids,
+                          mirrored_ids=mirrored_ids, defunct_ids=defunct_ids)
+    if include_annotations:
+        for step in request.steps:
+            if step.kind != "keys":
+                step.query = replace(step.query, include_annotations=True)
+    return request
+
+
+def _plan_fetch(
+    entity: EntityConfig,
+    change_set: str,
+    definition: dict | None,
+    *,
+    watermark: str | None,
+    delta_link: str | None,
+    reconcile: bool,
+    linked_ids: Iterable[str],
+    mirrored_ids: Iterable[str],
+    defunct_ids: Iterable[str],
+) -> FetchRequest:
     pk = primary_key_for(entity, definition)
     page_size = entity.page_size
     orderby = tuple(part.strip() for part in entity.orderby.split(",")) if entity.orderby else ()

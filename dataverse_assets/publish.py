@@ -332,7 +332,7 @@ def execute_plan(
                 connection, schema.entity, change_set, "COMPLETE", rows_applied=applied,
                 finished_at=utc_now_iso(), watermark_before=watermark_before,
                 watermark_after=new_watermark, seconds=result.seconds, error=None,
-                failed_operation=None,
+                error_code=None, failed_operation=None,
             )
             return result
 
@@ -380,6 +380,13 @@ def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_se
         " WHERE p.kind IN ('delete', 'delete_unknown')",
         (schema.entity, change_set, now, change_set),
     )
+    # One row per applied change, with the changed fields: what happened to a record, when.
+    connection.execute(
+        "INSERT INTO _change_history (entity, change_set, record_id, kind, changes, applied_at)"
+        " SELECT ?, ?, c.pk, c.kind, p.changes, ? FROM temp._chunk c JOIN _publish_plan p"
+        " ON p.entity = ? AND p.change_set = ? AND p.pk = c.pk",
+        (schema.entity, change_set, now, schema.entity, change_set),
+    )
 
 
 # -- the whole publish --------------------------------------------------------------------
@@ -403,6 +410,9 @@ def publish_change_set(
         ).fetchone()
         return PublishResult(schema.entity, change_set, *row[:5], 0.0, row[5], row[6],
                              already_published=True)
+    if publish_status(connection, schema.entity, change_set) == "FAILED":
+        with transaction(connection):
+            set_publish_state(connection, schema.entity, change_set, "RETRYING")
     operation = "plan"
     try:
         counts = plan_change_set(connection, schema, change_set, mode, reconciled=key_scan)
@@ -421,6 +431,7 @@ def publish_change_set(
                 (schema.entity, change_set)).fetchone()
             set_publish_state(
                 connection, schema.entity, change_set, "FAILED", failed_operation=operation,
+                error_code=getattr(exc, "code", None) or type(exc).__name__,
                 error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
                 retry_count=(retries[0] or 0) + 1 if retries else 1,
             )
@@ -483,3 +494,11 @@ def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
         if len(rows) > max_rows_per_kind:
             lines.append(f"  ... and {len(rows) - max_rows_per_kind:,} more")
     return "\n".join(lines)
+
+
+def read_publish_state(connection: sqlite3.Connection, entity: str, change_set: str) -> dict:
+    """The `_publish_state` row of a change set as a dict (empty if none)."""
+    cursor = connection.execute(
+        "SELECT * FROM _publish_state WHERE entity = ? AND change_set = ?", (entity, change_set))
+    row = cursor.fetchone()
+    return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else {}

@@ -43,8 +43,11 @@ def is_deleted_entity(record: dict) -> bool:
     )
 
 
-def content_hash(record: dict) -> str:
-    """A stable hash of the source record (key order does not matter)."""
+def content_hash(record: dict, ignore_annotations: bool = False) -> str:
+    """A stable hash of the source record (key order does not matter); optionally without
+    @odata.etag and annotations (every key with an '@')."""
+    if ignore_annotations:
+        record = {k: v for k, v in record.items() if "@" not in k}
     return hashlib.blake2b(orjson.dumps(record, option=orjson.OPT_SORT_KEYS),
                            digest_size=16).hexdigest()
 
@@ -94,7 +97,7 @@ def _delete_row(change_set: str, key: str, names: list[str], marker: dict) -> tu
 
 def iter_staged_batches(
     archive: ChangeSetArchive, schema: EntitySchema, counts: dict[str, int],
-    issues: list[dict],
+    issues: list[dict], *, hash_ignore_annotations: bool = False,
 ) -> Iterator[tuple[list[tuple], list[str]]]:
     """(rows, keys) a batch at a time. Rows are (meta columns..., schema columns...,
     json_response); keys come from key-only reconciliation scans."""
@@ -136,7 +139,7 @@ def iter_staged_batches(
                 continue
             modified = record.get("modifiedon")
             batch.append((
-                change_set, key, "upsert", content_hash(record),
+                change_set, key, "upsert", content_hash(record, hash_ignore_annotations),
                 modified if isinstance(modified, str) else None,
                 *(to_sqlite_value(record.get(name)) for name in names),
                 orjson.dumps(record).decode(),
@@ -233,16 +236,30 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
     return rows
 
 
-def staged_ids(connection: sqlite3.Connection, entity: str, change_set: str,
-               column: str) -> set[str]:
-    """Distinct non-null values of a column in one staged change set."""
-    table = staging_table(entity)
+LOOKUP_TARGET_ANNOTATION = "@Microsoft.Dynamics.CRM.lookuplogicalname"
+
+
+def column_values(connection: sqlite3.Connection, table: str, column: str, *,
+                  change_set: str | None = None, lookup_target: str | None = None) -> set[str]:
+    """Distinct non-null values of a column (of one change set, for staging tables).
+
+    With `lookup_target`, only values whose lookuplogicalname annotation (kept in
+    json_response) names that table: a Customer lookup can point at accounts or contacts.
+    """
     if not table_exists(connection, table) or column not in table_columns(connection, table):
         return set()
+    conditions = [f"{quote_identifier(column)} IS NOT NULL"]
+    params: list[str] = []
+    if change_set is not None:
+        conditions.append("_change_set = ?")
+        params.append(change_set)
+    if lookup_target is not None:
+        conditions.append("json_extract(json_response, ?) = ?")
+        params += ['$."' + column + LOOKUP_TARGET_ANNOTATION + '"', lookup_target]
     return {
         str(row[0]) for row in connection.execute(
-            f"SELECT DISTINCT {quote_identifier(column)} FROM {quote_identifier(table)} "
-            f"WHERE _change_set = ? AND {quote_identifier(column)} IS NOT NULL", (change_set,)
+            f"SELECT DISTINCT {quote_identifier(column)} FROM {quote_identifier(table)}"
+            f" WHERE {' AND '.join(conditions)}", params,
         )
     }
 

@@ -33,18 +33,17 @@ from dataverse_assets.resources import MirrorStore
 from dataverse_assets.sources import DataverseSource
 from dataverse_assets.staging import (
     StagedRecords,
+    column_values,
     decide_schema,
     iter_staged_batches,
     read_staged,
-    staged_ids,
     write_staged,
 )
 from dataverse_assets.store import (
     log_step,
     mark_sync_status,
-    quote_identifier,
     read_sync_state,
-    table_exists,
+    staging_table,
     transaction,
     utc_now_iso,
 )
@@ -54,36 +53,28 @@ def _json(value: object) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
-def _column_values(connection: sqlite3.Connection, table: str, column: str) -> set[str]:
-    if not table_exists(connection, table):
-        return set()
-    return {
-        str(row[0]) for row in connection.execute(
-            f"SELECT DISTINCT {quote_identifier(column)} FROM {quote_identifier(table)}"
-            f" WHERE {quote_identifier(column)} IS NOT NULL"
-        )
-    }
-
-
 def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig,
                             change_set: str) -> tuple[set[str], set[str], set[str]]:
     """For a filtered entity: ids its linking tables name (this change set's staging, plus
     canonical for incrementally synced linking tables), ids already mirrored, ids defunct."""
     linked: set[str] = set()
     for link in entity.linked_from:
-        linked |= staged_ids(connection, link.entity, change_set, link.column)
+        linked |= column_values(connection, staging_table(link.entity), link.column,
+                                change_set=change_set, lookup_target=link.lookup_target)
         link_state = read_sync_state(connection, link.entity)
         if link_state is not None and link_state.mode not in SNAPSHOT_MODES:
-            linked |= _column_values(connection, link.entity, link.column)
+            # An incremental linking table stages only its changes: its links live in canonical.
+            linked |= column_values(connection, link.entity, link.column,
+                                    lookup_target=link.lookup_target)
     locked = load_locked_schema(connection, entity.name)
-    mirrored = _column_values(connection, entity.name, locked.primary_key) if locked else set()
+    mirrored = column_values(connection, entity.name, locked.primary_key) if locked else set()
     defunct = {row[0] for row in connection.execute(
         "SELECT id FROM _defunct WHERE entity = ?", (entity.name,))}
     return linked, mirrored, defunct
 
 
 def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
-          change_set: str) -> tuple[FetchSummary, bool]:
+          change_set: str, *, include_annotations: bool = False) -> tuple[FetchSummary, bool]:
     """Fetch one change set into the archive. Returns (summary, reused): a change set already
     archived completely is immutable and is not fetched again."""
     archive = store.archive(entity.name, change_set)
@@ -107,6 +98,7 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
                 watermark=state.watermark if state else None,
                 delta_link=state.delta_token if state else None, reconcile=reconcile,
                 linked_ids=linked, mirrored_ids=mirrored, defunct_ids=defunct,
+                include_annotations=include_annotations,
             )
             return await fetch_change_set(session, archive, request, definition)
 
@@ -147,7 +139,9 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
         source_timestamp=summary.get("watermark_after") or manifest.get("finished_at"),
         reconciled=key_scan,
         reconciled_at=manifest.get("started_at") if establishes_deletes else None,
-        batches=iter_staged_batches(archive, schema, counts, issues), counts=counts,
+        batches=iter_staged_batches(archive, schema, counts, issues,
+                                    hash_ignore_annotations=entity.hash_ignore_annotations),
+        counts=counts,
         issues=issues,
     )
 

@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS _publish_state (
     watermark_before TEXT,
     watermark_after TEXT,
     failed_operation TEXT,
+    error_code TEXT,
     error TEXT,
     retry_count INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (entity, change_set)
@@ -113,6 +114,16 @@ CREATE TABLE IF NOT EXISTS _staged (
     staged_at TEXT NOT NULL,
     PRIMARY KEY (entity, change_set)
 );
+CREATE TABLE IF NOT EXISTS _change_history (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    entity TEXT NOT NULL,
+    change_set TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    changes TEXT,
+    applied_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS _change_history__record ON _change_history (entity, record_id);
 CREATE TABLE IF NOT EXISTS _issues (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     entity TEXT NOT NULL,

@@ -163,6 +163,24 @@ def test_filtered_entities_drop_deleted_records_and_mark_dangling_links_defunct(
     assert manifest(mirror, "accounts", key)["missing"] == []
 
 
+def test_lookup_links_follow_the_annotated_target_table(make_mirror):
+    links = [{"entity": "vin_vin_candidate_accountset", "column": "accountid"},
+             {"entity": "vin_clinicaltrials", "column": "_vin_sponsorid_value",
+              "lookup_target": "account"}]
+    right = make_mirror("right", overrides={"accounts": {"linked_from": links}})
+    links[1]["lookup_target"] = "contact"
+    wrong = make_mirror("wrong", overrides={"accounts": {"linked_from": links}})
+    simulator = right.simulator
+    through_junction = {r["accountid"] for r in simulator.records("vin_vin_candidate_accountset")}
+    only_sponsors = {r["_vin_sponsorid_value"] for r in simulator.records("vin_clinicaltrials")
+                     } - through_junction - {None}
+    assert only_sponsors
+    right.sync("hourly")
+    wrong.sync("hourly")
+    assert only_sponsors <= set(canonical_rows(right.connection(), "accounts"))
+    assert not only_sponsors & set(canonical_rows(wrong.connection(), "accounts"))
+
+
 def test_rerunning_a_published_change_set_changes_nothing(mirror):
     key = mirror.sync("hourly")
     with mirror.connection() as connection:
@@ -211,6 +229,21 @@ def test_a_failure_at_any_step_loses_nothing_and_applies_nothing_twice(make_mirr
         state = connection.execute(
             "SELECT status FROM _sync_state WHERE entity = 'vin_candidates'").fetchone()
     assert state[0] in ("failed", "in_progress")  # never claimed complete
+    if point == "publish.before_plan":  # publishing never started: still waiting
+        with faulty.connection() as connection:
+            assert connection.execute(
+                "SELECT status FROM _publish_state WHERE entity = 'vin_candidates'"
+                " AND change_set = ?", (failed_key,)).fetchone() == ("PENDING",)
+    elif point.startswith("publish."):
+        with faulty.connection() as connection:
+            details = connection.execute(
+                "SELECT status, failed_operation, error_code, error, retry_count"
+                " FROM _publish_state WHERE entity = 'vin_candidates' AND change_set = ?",
+                (failed_key,)).fetchone()
+        assert details[0] == "FAILED" and details[2] == "InjectedFault"
+        assert details[1] == ("execute" if point in ("publish.mid_execute",
+                                                     "publish.before_watermark") else "plan")
+        assert point in details[3] and details[4] == 1
 
     faulty.sync("hourly")
     assert mirror_contents(faulty, HOURLY) == mirror_contents(clean, HOURLY)

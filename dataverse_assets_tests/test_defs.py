@@ -30,7 +30,8 @@ def test_layers_chain_and_filtered_entities_wait_for_their_linking_tables():
     assert graph.get(AssetKey(["staging", "vin_candidates"])).parent_keys == {
         AssetKey(["raw", "vin_candidates"])}
     assert graph.get(AssetKey(["raw", "accounts"])).parent_keys == {
-        AssetKey(["staging", "vin_vin_candidate_accountset"])}
+        AssetKey(["staging", "vin_vin_candidate_accountset"]),
+        AssetKey(["staging", "vin_candidates"]), AssetKey(["staging", "vin_clinicaltrials"])}
 
 
 def test_one_sync_job_per_cadence_group_and_all_resources_bound():
