@@ -3,6 +3,10 @@
 Layout: `<archive>/<entity>/<change_set>/page-00001.json.gz ... manifest.json`. A change set is
 complete once its manifest is written (atomically, last); a folder without one is a fetch that
 died and is started over.
+
+`dataverse-assets compact` (compaction.py) later merges the page files of old change sets into
+zstd Parquet (`pages-0001-of-0001.parquet`: page_number, kind, shape, body, the bodies byte for
+byte); `iter_page_bodies()` reads either form.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import orjson
 MANIFEST = "manifest.json"
 REQUEST = "request.json"
 ENTITY_DEFINITION = "entity_definition.json"
+COMPACTED_PARTS = "pages-*-of-*.parquet"
 
 
 class ArchiveError(Exception):
@@ -84,11 +89,42 @@ class ChangeSetArchive:
     def page_paths(self) -> list[Path]:
         return sorted(self.path.glob("page-*.json.gz"))
 
+    def compacted_parts(self) -> list[Path]:
+        """The Parquet parts of a compacted change set, in order; [] unless every part is
+        there (parts are renamed into place only after all of them were written and checked)."""
+        parts = sorted(self.path.glob(COMPACTED_PARTS))
+        expected = parts[-1].stem.rpartition("-of-")[2] if parts else None
+        if not parts or [p.name for p in parts] != [
+            f"pages-{n:04d}-of-{expected}.parquet" for n in range(1, len(parts) + 1)
+        ] or int(expected) != len(parts):
+            return []
+        return parts
+
+    def is_compacted(self) -> bool:
+        return bool(self.compacted_parts())
+
     def iter_page_bodies(self) -> Iterator[bytes]:
-        """Page bodies in order, one at a time (never the whole change set in memory)."""
-        for path in self.page_paths():
-            with gzip.open(path, "rb") as handle:
-                yield handle.read()
+        """Page bodies in order, one at a time (never the whole change set in memory), from the
+        page files or, once compacted, from the Parquet parts (DuckDB)."""
+        read = 0
+        if not self.is_compacted():
+            paths = self.page_paths()
+            for path in paths:
+                try:
+                    with gzip.open(path, "rb") as handle:
+                        body = handle.read()
+                except FileNotFoundError:
+                    if not self.is_compacted():
+                        raise
+                    break  # compacted while we read: go on from the Parquet parts
+                read += 1
+                yield body
+            else:
+                if paths or not self.is_compacted():
+                    return
+        from dataverse_assets.compaction import iter_compacted_bodies
+
+        yield from iter_compacted_bodies(self, first_page=read + 1)
 
 
 def list_change_sets(root: str | os.PathLike[str], entity: str) -> list[str]:

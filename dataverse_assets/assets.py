@@ -9,25 +9,37 @@ from dagster import (
     AssetIn,
     AssetKey,
     AssetsDefinition,
-    DynamicPartitionsDefinition,
+    Config,
     MaterializeResult,
     MetadataValue,
     Output,
     asset,
 )
+from pydantic import Field
 
 from dataverse_assets import steps
+from dataverse_assets.checks import canonical_check_specs, evaluate_canonical_checks
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.fetch import FetchSummary
+from dataverse_assets.partitions import change_sets_partitions
+from dataverse_assets.progress import fetch_reporter
 from dataverse_assets.publish import canonical_row_count, read_publish_state
 from dataverse_assets.resources import MirrorStore, RawChangeSet
 from dataverse_assets.sources import DataverseSource
 from dataverse_assets.staging import StagedChangeSet, StagedRecords
 
 
-def change_sets_partitions(group: str) -> DynamicPartitionsDefinition:
-    """Change sets are the partitions, one dynamic set per cadence group."""
-    return DynamicPartitionsDefinition(name=f"change_sets_{group}")
+class RawConfig(Config):
+    """Run config of raw/E. Empty: the next incremental change set. With ids: a targeted
+    refresh of exactly those records (published as their own change set; the watermark does
+    not move)."""
+
+    ids: list[str] = Field(default_factory=list,
+                           description="Primary keys to fetch (targeted refresh).")
+    lookup_column: str | None = Field(
+        None, description="Fetch the records whose lookup column (e.g. _parentcustomerid_value) "
+        "names one of `ids` instead: an account's contacts.",
+    )
 
 
 def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[AssetsDefinition]:
@@ -36,28 +48,34 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     name = entity.name
     description = entity.description or f"The Dataverse table {name}."
     annotations = config.read_with_annotations(name)
-    linked_ins = {
-        f"linked_{index}": AssetIn(key=AssetKey(["staging", link.entity]))
-        for index, link in enumerate(entity.linked_from)
-    }
+    # Ordering only: the ids are read from the store, from the linking table's staging when it
+    # was staged in this change set and from its canonical table otherwise, so raw/E+ can also
+    # run on its own (a targeted refresh, a sensor run of just the changed entities).
+    linking_tables = sorted({AssetKey(["staging", link.entity]) for link in entity.linked_from})
 
     @asset(
         key=AssetKey(["raw", name]),
         group_name=entity.group,
         partitions_def=partitions_def,
         io_manager_key="archive_io_manager",
-        ins=linked_ins,
+        deps=linking_tables,
         kinds={"dataverse", "json"},
         description=(
             f"Raw API responses of {name} for one change set, archived verbatim.\n\n"
             f"{description}"
         ),
     )
-    def raw(context: AssetExecutionContext, source: DataverseSource, store: MirrorStore,
-            **linked: StagedChangeSet) -> Output[RawChangeSet]:
+    def raw(context: AssetExecutionContext, config: RawConfig, source: DataverseSource,
+            store: MirrorStore) -> Output[RawChangeSet]:
         change_set = context.partition_key
+        # Pages, rows, rows/s and ETA to the run's log every few seconds (not every page).
+        progress = fetch_reporter(name, change_set, context.log.info)
         summary, reused = steps.fetch(store, source, entity, change_set,
-                                      include_annotations=annotations)
+                                      include_annotations=annotations,
+                                      targeted_ids=config.ids, lookup_column=config.lookup_column,
+                                      on_progress=progress)
+        if not reused:
+            progress.finish(summary.pages, summary.records)
         if reused:
             # An archived change set is immutable: replaying it must stage the same rows.
             context.log.info(f"{name} {change_set}: already archived, not fetched again")
@@ -93,6 +111,7 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
         partitions_def=partitions_def,
         ins={"staged": AssetIn(key=AssetKey(["staging", name]))},
         kinds={"sqlite"},
+        check_specs=canonical_check_specs(entity, partitions_def),
         description=(
             f"The mirror of {name}: one row per record with typed columns, json_response, "
             f"sync_time, valid_from and updated_at; old versions in {name}__history.\n\n"
@@ -108,6 +127,8 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
         with store.connection() as connection:
             rows = canonical_row_count(connection, name)
             state = read_publish_state(connection, name, result.change_set)
+            checked = evaluate_canonical_checks(connection, entity,
+                                                [r.change_set for r in results])
         timings = {k: state.get(k) or "" for k in (
             "source_timestamp", "staged_at", "plan_started_at", "started_at", "finished_at")}
         return MaterializeResult(metadata={
@@ -129,7 +150,8 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
                 f"{result.deleted} to delete, {result.unchanged:,} unchanged"
             ),
             "dagster/row_count": rows,
-        })
+            **checked.metadata,
+        }, check_results=checked.results)
 
     return [raw, staging, canonical]
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import orjson
 
 from dataverse_assets.config import PROJECT_ROOT, ConfigError, load_settings
+from dataverse_assets.progress import ProgressUpdate, listening
 
 
 def _instance():
@@ -33,16 +34,9 @@ def _instance():
 
 def new_change_set_key(instance, group: str, now: datetime | None = None) -> str:
     """Register a new change-set partition for a group; keys are sortable UTC timestamps."""
-    from dataverse_assets.assets import change_sets_partitions
+    from dataverse_assets.partitions import register_change_set
 
-    partitions_name = change_sets_partitions(group).name
-    moment = (now or datetime.now(UTC)).replace(microsecond=0)
-    key = moment.strftime("%Y%m%dT%H%M%SZ")
-    while instance.has_dynamic_partition(partitions_name, key):
-        moment += timedelta(seconds=1)
-        key = moment.strftime("%Y%m%dT%H%M%SZ")
-    instance.add_dynamic_partitions(partitions_name, [key])
-    return key
+    return register_change_set(instance, group, now)
 
 
 def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
@@ -105,21 +99,17 @@ def cmd_sync(args: argparse.Namespace) -> int:
         key = new_change_set_key(instance, group)
         print(f"\n[{group}] change set {key}")
         job = defs.resolve_job_def(sync_job_name(group))
-        result = job.execute_in_process(
-            instance=instance, partition_key=key, raise_on_error=False,
-            # Every event is in the UI; the terminal gets the summary and real problems.
-            run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
-        )
+        with listening(_print_progress):  # fetches that take a while show pages, rows, ETA
+            result = job.execute_in_process(
+                instance=instance, partition_key=key, raise_on_error=False,
+                # Every event is in the UI; the terminal gets the summary and real problems.
+                run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
+            )
         entities = [e.name for e in config.entities_in_group(group)]
         _print_table(_summary_rows(settings, key, entities))
         if not result.success:
             failed = True
-            for event in result.all_events:
-                if event.is_step_failure and event.step_failure_data:
-                    error = event.step_failure_data.error
-                    message = error.message.strip() if error else "unknown error"
-                    print(f"  FAILED {event.step_key}: {message.splitlines()[-1]}",
-                          file=sys.stderr)
+            _print_failures(result)
     return 1 if failed else 0
 
 
@@ -149,21 +139,381 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_entities(settings, instance, group: str, key: str, entities: list[str],
+                  op_config: dict[str, dict] | None = None, log_level: str = "WARNING"):
+    """Materialize the three assets of the given entities for one change set, in-process."""
+    from dagster import AssetKey
+
+    from dataverse_assets.definitions import build_definitions, sync_job_name
+    from dataverse_assets.partitions import change_sets_partitions
+
+    partitions_name = change_sets_partitions(group).name
+    if not instance.has_dynamic_partition(partitions_name, key):
+        instance.add_dynamic_partitions(partitions_name, [key])
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def(sync_job_name(group))
+    selection = [AssetKey([layer, e]) for e in entities
+                 for layer in ("raw", "staging", "canonical")]
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    if op_config:
+        run_config["ops"] = {op: {"config": config} for op, config in op_config.items()}
+    return job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False,
+                                  asset_selection=selection, run_config=run_config)
+
+
+def _print_failures(result) -> None:
+    from dataverse_assets.sensors import root_cause
+
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data:
+            message = root_cause(event.step_failure_data.error)
+            print(f"  FAILED {event.step_key}: {message}", file=sys.stderr)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    """Targeted refresh: exactly these records (and, with --with, the records pointing at
+    them), as their own change set."""
+    settings = load_settings()
+    config = settings.entities
+    try:
+        entity = config.entity(args.entity)
+    except KeyError:
+        raise ConfigError(f"{args.entity!r} is not a configured entity") from None
+    op_config = {f"raw__{entity.name}": {"ids": args.id}}
+    entities = [entity.name]
+    for spec in args.with_linked or []:
+        other, _, column = spec.partition(":")
+        if not column or other not in {e.name for e in config.entities}:
+            raise ConfigError(f"--with {spec!r}: expected <configured entity>:<lookup column>")
+        if config.entity(other).group != entity.group:
+            raise ConfigError(f"--with {spec!r}: {other} is not in group {entity.group!r}")
+        op_config[f"raw__{other}"] = {"ids": args.id, "lookup_column": column}
+        entities.append(other)
+    instance = _instance()
+    key = new_change_set_key(instance, entity.group)
+    print(f"targeted refresh as change set {key} ({entity.group})")
+    result = _run_entities(settings, instance, entity.group, key, entities, op_config)
+    _print_table(_summary_rows(settings, key, entities))
+    if not result.success:
+        _print_failures(result)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dataverse_assets.status import entity_status
+    from dataverse_assets.store import connect
+
+    settings = load_settings()
+    connection = connect(settings.db_path)
+    try:
+        rows = entity_status(connection, settings.entities)
+    finally:
+        connection.close()
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    shown = ("entity", "mode", "last_change_set", "publish_status", "watermark_age_seconds",
+             "rows", "open_issues", "dead_letters", "queued_retries")
+    _print_table([{k: ("-" if row[k] is None else row[k]) for k in shown} for row in rows])
+    return 0
+
+
+def cmd_issues(args: argparse.Namespace) -> int:
+    from dataverse_assets.status import list_issues
+    from dataverse_assets.store import connect
+
+    settings = load_settings()
+    connection = connect(settings.db_path)
+    try:
+        issues = list_issues(connection, args.entity, args.limit)
+    finally:
+        connection.close()
+    if args.json:
+        print(orjson.dumps(issues, option=orjson.OPT_INDENT_2).decode())
+    elif not issues:
+        print("no issues")
+    for issue in [] if args.json else issues:
+        where = f"{issue['entity']} {issue['change_set']}"
+        record = f" record {issue['record_id']}" if issue["record_id"] else ""
+        field = f" field {issue['field']}" if issue["field"] else ""
+        print(f"#{issue['id']} {where}{record}{field}: {issue['problem']}"
+              + (f" ({issue['context']})" if issue["context"] else ""))
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from dataverse_assets import dead_letters
+    from dataverse_assets.store import connect
+
+    settings = load_settings()
+    connection = connect(settings.db_path)
+    try:
+        if args.dlq_command == "list":
+            letters = dead_letters.list_dead_letters(connection, include_closed=args.all)
+            if args.json:
+                print(orjson.dumps(letters, option=orjson.OPT_INDENT_2).decode())
+            elif letters:
+                _print_table([{k: v for k, v in letter.items() if k != "reason"}
+                              for letter in letters])
+            else:
+                print("no dead letters")
+            return 0
+        try:
+            letter = dead_letters.get_dead_letter(connection, args.id)
+        except LookupError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        if args.dlq_command == "show":
+            print(orjson.dumps(letter, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        if args.dlq_command == "drop":
+            dead_letters.set_dead_letter_status(connection, args.id, "dropped")
+            print(f"dropped dead letter {args.id} ({letter['entity']} {letter['change_set']})")
+            return 0
+        # requeue: publish the change set again now, through Dagster.
+        dead_letters.set_dead_letter_status(connection, args.id, "requeued")
+    finally:
+        connection.close()
+    entity = settings.entities.entity(letter["entity"])
+    print(f"requeued {letter['entity']} change set {letter['change_set']}")
+    result = _run_entities(settings, _instance(), entity.group, letter["change_set"],
+                           [entity.name])
+    if not result.success:
+        _print_failures(result)
+        connection = connect(settings.db_path)
+        try:
+            dead_letters.set_dead_letter_status(connection, args.id, "open")
+        finally:
+            connection.close()
+        return 1
+    print("published; the dead letter is resolved")
+    return 0
+
+
+def _row_counts(items: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        try:
+            counts[name.strip()] = int(count)
+        except ValueError:
+            raise ConfigError(
+                f"--rows {item!r}: expected ENTITY=COUNT, e.g. accounts=1000000") from None
+    return counts
+
+
 def cmd_simulator(args: argparse.Namespace) -> int:
     import threading
 
-    from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
+    from dataverse_assets.simulator import (
+        DataverseSimulator,
+        FaultPlan,
+        ServiceProtectionLimits,
+        serve_on_loopback,
+    )
 
     settings = load_settings()
-    simulator = DataverseSimulator([e.name for e in settings.entities.entities],
-                                   seed=args.seed)
+    row_counts = _row_counts(args.rows or [])
+    names = [e.name for e in settings.entities.entities]
+    names += [name for name in row_counts if name not in names]
+    simulator = DataverseSimulator(names, seed=args.seed, row_counts=row_counts)
+    if args.limits == "dataverse":
+        simulator.limits = ServiceProtectionLimits.dataverse()
+    if args.faults:
+        try:
+            simulator.fault_plan = FaultPlan.parse(args.faults)
+        except ValueError as exc:
+            raise ConfigError(f"--faults: {exc}") from None
     with serve_on_loopback(simulator, port=args.port) as url:
-        print(f"Dataverse simulator on {url} (DATAVERSE_URL={url} DATAVERSE_SOURCE=simulator)")
+        print(f"Dataverse simulator on {url} (DATAVERSE_URL={url} DATAVERSE_SOURCE=simulator)",
+              flush=True)
         try:
             threading.Event().wait()
         except KeyboardInterrupt:
             pass
     return 0
+
+
+def _print_progress(update: ProgressUpdate) -> None:
+    print(f"  {update.line()}", file=sys.stderr, flush=True)
+
+
+# -- diagnostics: doctor, fixtures record, report -------------------------------------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from dataverse_assets.doctor import doctor_passed, render_checks, run_doctor
+
+    checks = run_doctor(only_entities=args.entity)
+    if args.json:
+        print(orjson.dumps({"ok": doctor_passed(checks),
+                            "checks": [c.as_dict() for c in checks]},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_checks(checks))
+    return 0 if doctor_passed(checks) else 1
+
+
+def cmd_fixtures_record(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from dataverse_assets.definitions import build_source
+    from dataverse_assets.recording import key_columns, record_fixtures
+
+    settings = load_settings()
+    config = settings.entities
+    unknown = sorted(set(args.entity or []) - {e.name for e in config.entities})
+    if unknown:
+        raise ConfigError(f"--entity {unknown}: not in {settings.entities_config_path}")
+    # Resolved here (EnvVar fields are read from the environment), never printed.
+    source = build_source(settings, config).process_config_and_initialize()
+    out = Path(args.out)
+    recorded = asyncio.run(record_fixtures(
+        source, config, out, entities=args.entity, max_pages=args.pages,
+        page_size=args.page_size, scrub=args.scrub or (),
+        salt=args.salt.encode() if args.salt else None))
+    for entity in recorded:
+        extra = f", {entity.single_records} single records" if entity.single_records else ""
+        more = (f" (stopped after {args.pages} page(s) per query)"
+                if entity.truncated_queries else "")
+        print(f"{entity.entity}: {entity.pages} pages, {entity.records} records{extra}, "
+              f"mode {entity.mode}{', metadata' if entity.metadata else ''}{more}")
+    keys = sorted(set(args.scrub or ()) & key_columns(config, {}))
+    if keys:
+        print(f"note: scrubbed key columns {keys}: scrub every column that names the same "
+              "records too (lookups, junction ids), or links will not match", file=sys.stderr)
+    print(f"wrote {out}; replay with DATAVERSE_SOURCE=fixture DATAVERSE_FIXTURES_DIR={out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dataverse_assets.report import write_report
+    from dataverse_assets.store import connect
+
+    settings = load_settings()
+    connection = connect(settings.db_path)
+    try:
+        report = write_report(connection, settings.entities, Path(args.out),
+                              database=str(settings.db_path))
+    finally:
+        connection.close()
+    states = ", ".join(f"{e.entity} {e.state}" for e in report.entities)
+    print(f"wrote {args.out}: {len(report.points)} change sets; {states}")
+    return 0
+
+
+def _add_diagnostics_commands(commands) -> None:
+    doctor = commands.add_parser(
+        "doctor", help="read-only checks of the configuration against the org")
+    doctor.add_argument("--entity", action="append", help="only this entity (repeatable)")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(handler=cmd_doctor)
+    fixtures = commands.add_parser("fixtures", help="recorded responses for the fixture source")
+    fixtures_commands = fixtures.add_subparsers(dest="fixtures_command", required=True)
+    record = fixtures_commands.add_parser(
+        "record", help="record a page or two of each entity, its metadata and the records "
+        "filtered entities ask for, into DIR")
+    record.add_argument("--out", required=True, metavar="DIR")
+    record.add_argument("--entity", action="append",
+                        help="only this entity (repeatable; linking tables of filtered "
+                        "entities are added)")
+    record.add_argument("--pages", type=int, default=2, help="pages per query (default 2)")
+    record.add_argument("--page-size", type=int, help="instead of the configured page size")
+    record.add_argument("--scrub", action="append", metavar="COLUMN",
+                        help="replace this column's values with stable fakes (repeatable)")
+    record.add_argument("--salt", help="makes the fakes reproducible across recordings "
+                        "(default: random per recording)")
+    record.set_defaults(handler=cmd_fixtures_record)
+    report = commands.add_parser("report", help="write a self-contained HTML status page")
+    report.add_argument("--out", default="status.html")
+    report.set_defaults(handler=cmd_report)
+
+
+# -- the archive: rebuild, compact, archived keys as partitions ------------------------------
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from dataverse_assets.rebuild import RebuildError, rebuild
+
+    settings = load_settings()
+    print(f"rebuilding {args.into} from {settings.archive_dir}")
+    try:
+        report = rebuild(
+            settings.entities, settings.archive_dir, args.into, force=args.force,
+            live_db_path=settings.db_path,
+            on_entity=lambda e: print(
+                f"  {e.entity}: {e.change_sets} change sets, {e.rows:,} rows, "
+                f"{e.seconds:.2f} s", flush=True),
+        )
+    except RebuildError as exc:
+        print(f"rebuild: {exc}", file=sys.stderr)
+        return 1
+    print()
+    _print_table(report.rows_table())
+    print(report.lines()[-1])
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from dataverse_assets.compaction import compact_archive
+
+    settings = load_settings()
+    report = compact_archive(
+        settings.archive_dir, settings.entities, db_path=settings.db_path,
+        older_than_days=args.older_than_days, retention=not args.no_retention,
+        dry_run=args.dry_run,
+    )
+    _print_table(report.rows())
+    for decision in report.deleted:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"  {verb} {decision.entity} {decision.change_set}: {decision.reason}")
+    for note in report.notes:
+        print(f"  {note}", file=sys.stderr)
+    before, after = report.bytes_before, report.bytes_after
+    print(f"archive {settings.archive_dir}: {before:,} bytes -> {after:,} bytes"
+          + (f" ({after / before:.0%})" if before else "")
+          + (" (dry run: nothing changed)" if args.dry_run else ""))
+    return 0
+
+
+def cmd_register_archived(args: argparse.Namespace) -> int:
+    from dataverse_assets.rebuild import archived_change_sets, register_archived
+
+    settings = load_settings()
+    config = settings.entities
+    if args.group not in config.groups:
+        raise ConfigError(
+            f"unknown group {args.group!r}; the groups are {sorted(config.groups)}")
+    archived = archived_change_sets(config, settings.archive_dir, args.group)
+    register_archived(_instance(), args.group, list(archived))
+    group_entities = {e.name for e in config.entities_in_group(args.group)}
+    for key, entities in archived.items():
+        print(key)
+        if set(entities) != group_entities:
+            print(f"  {key} archives only {', '.join(entities)}: materialize those assets",
+                  file=sys.stderr)
+    return 0
+
+
+def _add_archive_commands(commands, change_set_commands) -> None:
+    rebuild = commands.add_parser(
+        "rebuild", help="replay every archived change set into a new database")
+    rebuild.add_argument("--into", required=True, type=Path, help="the new database file")
+    rebuild.add_argument("--force", action="store_true", help="replace an existing file")
+    rebuild.set_defaults(handler=cmd_rebuild)
+    compact = commands.add_parser(
+        "compact", help="merge old page files into Parquet and apply the retention rule")
+    compact.add_argument("--older-than-days", type=float,
+                         help="compact change sets fetched longer ago than this "
+                         "(default: archive.compact_after_days of the entities file)")
+    compact.add_argument("--no-retention", action="store_true", help="delete nothing")
+    compact.add_argument("--dry-run", action="store_true", help="report only")
+    compact.set_defaults(handler=cmd_compact)
+    archived = change_set_commands.add_parser(
+        "register-archived",
+        help="register the archived change sets of a group as partitions; prints the keys, "
+        "oldest first")
+    archived.add_argument("--group", required=True)
+    archived.set_defaults(handler=cmd_register_archived)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,6 +528,32 @@ def build_parser() -> argparse.ArgumentParser:
     create = change_set_commands.add_parser("create", help="register a new change set key")
     create.add_argument("--group", required=True)
     create.set_defaults(handler=cmd_change_set_create)
+    refresh = commands.add_parser(
+        "refresh", help="targeted refresh of records by id, as their own change set")
+    refresh.add_argument("entity")
+    refresh.add_argument("--id", action="append", required=True, help="primary key (repeatable)")
+    refresh.add_argument("--with", dest="with_linked", action="append",
+                         metavar="ENTITY:LOOKUP_COLUMN",
+                         help="also refresh the records of ENTITY whose LOOKUP_COLUMN names "
+                              "the ids, e.g. contacts:_parentcustomerid_value")
+    refresh.set_defaults(handler=cmd_refresh)
+    status = commands.add_parser("status", help="per-entity status")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+    issues = commands.add_parser("issues", help="records that could not be staged or fetched")
+    issues.add_argument("--entity")
+    issues.add_argument("--limit", type=int, default=100)
+    issues.add_argument("--json", action="store_true")
+    issues.set_defaults(handler=cmd_issues)
+    dlq = commands.add_parser("dlq", help="dead letters: change sets that failed every retry")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_commands.add_parser("list")
+    dlq_list.add_argument("--all", action="store_true", help="include resolved and dropped")
+    dlq_list.add_argument("--json", action="store_true")
+    for name in ("show", "requeue", "drop"):
+        command = dlq_commands.add_parser(name)
+        command.add_argument("id", type=int)
+    dlq.set_defaults(handler=cmd_dlq)
     plan = commands.add_parser("plan", help="publish plans")
     plan_commands = plan.add_subparsers(dest="plan_command", required=True)
     show = plan_commands.add_parser("show", help="print the plan of a change set")
@@ -186,9 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--max-rows", type=int, default=50, help="rows shown per kind")
     show.set_defaults(handler=cmd_plan_show)
     simulator = commands.add_parser("simulator", help="serve the Dataverse simulator")
-    simulator.add_argument("--port", type=int, default=8765)
+    simulator.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     simulator.add_argument("--seed", type=int, default=42)
+    simulator.add_argument("--rows", action="append", metavar="ENTITY=COUNT",
+                           help="table size (repeatable); tables over 100,000 rows are "
+                           "generated on demand, e.g. --rows accounts=1000000")
+    simulator.add_argument("--limits", choices=("off", "dataverse"), default="off",
+                           help="service protection limits: off, or Dataverse's per-user "
+                           "6000 requests / 1200 s / 52 concurrent per 300 s")
+    simulator.add_argument("--faults", metavar="SCENARIO",
+                           help="seeded random faults, e.g. "
+                           "'seed=1,server_error=0.02,reset=0.01,slow=0.05,malformed=0.01'")
     simulator.set_defaults(handler=cmd_simulator)
+    _add_diagnostics_commands(commands)
+    _add_archive_commands(commands, change_set_commands)
     return parser
 
 

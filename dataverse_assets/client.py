@@ -22,7 +22,8 @@ from tenacity import (
 )
 
 from dataverse_assets.auth import API_PATH, AuthenticationError, ClientCredentials
-from dataverse_assets.query import PageQuery
+from dataverse_assets.key_ranges import KeyRange, key_ranges, range_query
+from dataverse_assets.query import PageQuery, is_guid
 
 ODATA_HEADERS = {
     "Accept": "application/json",
@@ -111,6 +112,7 @@ class Page:
     payload: dict
     next_link: str | None
     delta_link: str | None
+    range_index: int | None = None  # which key range it came from, when paged in ranges
 
     @property
     def records(self) -> list[dict]:
@@ -254,6 +256,10 @@ class DataverseClient:
         token = await self._credentials.token()
         refreshed = False
         async with self._semaphore:
+            # A Retry-After may have arrived while this worker waited for a slot.
+            late_wait = await self.gate.wait(self._sleep)
+            waited += late_wait
+            self.stats.throttle_wait += late_wait
             self._in_flight += 1
             self.stats.max_in_flight = max(self.stats.max_in_flight, self._in_flight)
             try:
@@ -352,8 +358,6 @@ class DataverseClient:
 
     async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
         """One record by id: (url, verbatim body, record). A missing one raises with 404."""
-        from dataverse_assets.query import is_guid
-
         if not is_guid(record_id):
             raise DataverseRequestError(
                 f"{entity_set}: {record_id!r} is not a GUID; records are fetched by GUID",
@@ -371,7 +375,8 @@ class DataverseClient:
         url: str | None = start_url or self.api_base + entity_set
         params: dict[str, str] | None = None if start_url else query.params()
         prefer = query.prefer()
-        seen_links: set[str] = set()
+        # Every URL requested so far: a nextLink back to any of them would loop.
+        seen_links: set[str] = {str(httpx.URL(url, params=params)) if params else url}
         number = 0
         while url is not None:
             response, payload = await self.get_json(
@@ -396,3 +401,85 @@ class DataverseClient:
                 seen_links.add(next_link)
                 self._check_same_origin(next_link, entity_set)
             url, params = next_link, None
+
+    # -- parallel key ranges ----------------------------------------------------------------
+
+    async def key_bounds(self, entity_set: str, primary_key: str,
+                         filter: str | None = None) -> tuple[str | None, str | None]:
+        """The lowest and highest key (SQL Server order) matching the filter; (None, None)
+        for no rows. Two `$top=1` requests, without maxpagesize (never mix the two)."""
+        found: list[str | None] = []
+        for direction in ("asc", "desc"):
+            params = {"$select": primary_key, "$orderby": f"{primary_key} {direction}",
+                      "$top": "1"}
+            if filter:
+                params["$filter"] = filter
+            _, payload = await self.get_json(entity_set, params=params, entity=entity_set)
+            rows = payload.get("value") or []
+            key = rows[0].get(primary_key) if rows and isinstance(rows[0], dict) else None
+            found.append(str(key).lower() if key and is_guid(str(key)) else None)
+        return found[0], found[1]
+
+    async def iter_pages_in_ranges(
+        self, entity_set: str, query: PageQuery, primary_key: str, ranges: int,
+        *, probe_bounds: bool = True,
+    ) -> AsyncIterator[Page]:
+        """Page `ranges` disjoint primary-key ranges concurrently; yield pages as they arrive.
+
+        The ranges split the keys between the lowest and highest key (probed first, unless
+        `probe_bounds` is False: then the whole GUID space) evenly in SQL Server order. Each
+        range is ordered by the query's order ending with the key, so each is paged
+        deterministically; pages of one range arrive in order, pages of different ranges
+        interleave. Pages are renumbered 1, 2, ... in arrival order and carry `range_index`.
+        Requests share the client's concurrency limit, retry policy and throttle gate; a
+        failing range stops the others and its error is raised here.
+        """
+        if ranges <= 1:
+            async for page in self.iter_pages(entity_set, query):
+                yield page
+            return
+        parts = [KeyRange()]
+        if probe_bounds:
+            lowest, highest = await self.key_bounds(entity_set, primary_key, query.filter)
+            if lowest is not None and highest is not None:
+                parts = key_ranges(ranges, lowest, highest)
+        else:
+            parts = key_ranges(ranges)
+        # Bounded: a slow consumer holds the ranges back instead of buffering the table.
+        arrivals: asyncio.Queue[Page | _RangeDone] = asyncio.Queue(maxsize=len(parts))
+
+        async def page_range(index: int, key_range: KeyRange) -> None:
+            error: Exception | None = None
+            try:
+                async for page in self.iter_pages(
+                    entity_set, range_query(query, primary_key, key_range)
+                ):
+                    page.range_index = index
+                    await arrivals.put(page)
+            except Exception as exc:  # handed to the consumer, which raises it
+                error = exc
+            await arrivals.put(_RangeDone(index, error))
+
+        tasks = [asyncio.create_task(page_range(i, r)) for i, r in enumerate(parts)]
+        running, number = len(tasks), 0
+        try:
+            while running:
+                item = await arrivals.get()
+                if isinstance(item, _RangeDone):
+                    running -= 1
+                    if item.error is not None:
+                        raise item.error
+                    continue
+                number += 1
+                item.number = number
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass(frozen=True)
+class _RangeDone:
+    index: int
+    error: Exception | None

@@ -60,6 +60,10 @@ class GroupConfig(BaseModel):
 
     cron: str
     description: str = ""
+    freshness_grace_minutes: float = Field(
+        30.0, ge=0, description="How long after a cron tick the group's publish may take "
+        "before the freshness check warns.",
+    )
 
     @field_validator("cron")
     @classmethod
@@ -70,6 +74,8 @@ class GroupConfig(BaseModel):
 
 
 IncrementalMode = Literal["auto", "modifiedon", "change_tracking", "full"]
+SchemaEvolution = Literal["freeze", "evolve"]
+Priority = Literal["high", "normal", "low"]
 
 
 class EntityConfig(BaseModel):
@@ -88,6 +94,11 @@ class EntityConfig(BaseModel):
     incremental: IncrementalMode = "auto"
     linked_from: list[LinkSource] = Field(default_factory=list)
     page_size: int = Field(5000, ge=1, le=5000)
+    parallel_ranges: int = Field(
+        1, ge=1, le=52,
+        description="Large reads (full snapshots, a modifiedon first sync) are split into this "
+        "many primary-key ranges paged in parallel, within the run's concurrency limit.",
+    )
     hash_ignore_annotations: bool = Field(
         False, description="Leave @odata.etag and annotations out of the content hash, so a "
         "record whose only change is its etag or a formatted value is 'unchanged'.",
@@ -100,6 +111,15 @@ class EntityConfig(BaseModel):
         24.0, ge=0,
         description="modifiedon and filtered entities: how often a key-only scan looks for "
         "deleted records (0 = never).",
+    )
+    schema_evolution: SchemaEvolution = Field(
+        "freeze", description="freeze: the first change set's columns stay the table's columns "
+        "(new fields live in json_response); evolve: new columns are added and filled from "
+        "json_response. Drift is reported either way.",
+    )
+    priority: Priority = Field(
+        "normal", description="Runs for high-priority entities carry a higher Dagster run "
+        "priority (dagster/priority), so under a run-queue limit they start first.",
     )
 
     @field_validator("name")
@@ -123,6 +143,27 @@ class EntityConfig(BaseModel):
         return self
 
 
+class ArchiveConfig(BaseModel):
+    """The raw archive's compaction and retention (`dataverse-assets compact`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    compact_after_days: float | None = Field(
+        7.0, ge=0, description="Change sets fetched longer ago than this are merged into zstd "
+        "Parquet (null: never).",
+    )
+    retention_days: float | None = Field(
+        None, ge=0, description="Change sets older than this may be deleted, never one a "
+        "rebuild needs (null: keep everything).",
+    )
+    retention_mode: Literal["lossless", "rebase"] = Field(
+        "lossless", description="lossless: delete only change sets published as no-ops, so a "
+        "rebuild still equals the mirror, history included; rebase: also everything before "
+        "the newest old snapshot (history before it is given up).",
+    )
+    zstd_level: int = Field(9, ge=1, le=22)
+
+
 class EntitiesConfig(BaseModel):
     """The whole entities file: cadence groups and the entities in them."""
 
@@ -130,6 +171,7 @@ class EntitiesConfig(BaseModel):
 
     groups: dict[str, GroupConfig] = Field(min_length=1)
     entities: list[EntityConfig] = Field(min_length=1)
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
 
     @field_validator("groups")
     @classmethod

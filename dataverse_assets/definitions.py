@@ -8,18 +8,18 @@ from __future__ import annotations
 from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
 
 from dataverse_assets.assets import build_all_assets
+from dataverse_assets.checks import FRESHNESS_JOB, build_freshness_checks
 from dataverse_assets.config import EntitiesConfig, Settings, load_settings
 from dataverse_assets.resources import ArchiveIOManager, MirrorStore, SQLiteIOManager
+from dataverse_assets.schedules import build_schedules, sync_job_name
+from dataverse_assets.sensors import build_sensors
 from dataverse_assets.sources import (
+    ArchiveSource,
     DataverseSource,
     FixtureSource,
     LiveDataverseSource,
     SimulatorSource,
 )
-
-
-def sync_job_name(group: str) -> str:
-    return f"sync_{group}"
 
 
 def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
@@ -37,10 +37,9 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
     if settings.source == "fixture":
         return FixtureSource(directory=str(settings.fixtures_dir))
     if settings.source == "archive":
-        raise NotImplementedError(
-            "DATAVERSE_SOURCE=archive is not available yet: replaying the archive comes with "
-            "`dataverse-assets rebuild`"
-        )
+        # Replays DATAVERSE_ARCHIVE_DIR into DATAVERSE_DB_PATH: raw/E reuses each archived
+        # change set; nothing is fetched.
+        return ArchiveSource(archive_dir=str(settings.archive_dir))
     return SimulatorSource(
         entity_names=[e.name for e in config.entities], seed=settings.simulator_seed,
         base_url=settings.url, max_concurrency=settings.max_concurrency,
@@ -60,9 +59,18 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None)
         for group in config.groups
         if config.entities_in_group(group)
     ]
+    # Freshness runs with each sync (after the publish) and on its own (schedule or UI).
+    freshness_checks = build_freshness_checks(config)
+    jobs.append(define_asset_job(
+        FRESHNESS_JOB, selection=AssetSelection.checks(*freshness_checks),
+        description="Freshness of every canonical table against its group's cron.",
+    ))
     return Definitions(
         assets=build_all_assets(config),
+        asset_checks=freshness_checks,
         jobs=jobs,
+        schedules=build_schedules(config),
+        sensors=build_sensors(config),
         resources={
             "source": source or build_source(settings, config),
             "store": store,

@@ -16,14 +16,16 @@ Modes:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
-from dataverse_assets.client import DataverseRequestError
+from dataverse_assets.client import DataverseError, DataverseRequestError
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.faults import fault_point
+from dataverse_assets.key_ranges import ranged_watermark
+from dataverse_assets.progress import FetchProgress
 from dataverse_assets.query import (
     PageQuery,
     id_filter_batches,
@@ -99,10 +101,14 @@ class FetchStep:
     kind: str
     query: PageQuery
     start_url: str | None = None
+    ranges: int = 1  # > 1: split into primary-key ranges paged in parallel
 
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "params": self.query.params(), "prefer": self.query.prefer(),
+        step = {"kind": self.kind, "params": self.query.params(), "prefer": self.query.prefer(),
                 "start_url": self.start_url}
+        if self.ranges > 1:
+            step["ranges"] = self.ranges
+        return step
 
 
 @dataclass
@@ -144,17 +150,44 @@ def plan_fetch(
     mirrored_ids: Iterable[str] = (),
     defunct_ids: Iterable[str] = (),
     include_annotations: bool = False,
+    targeted_ids: Iterable[str] = (),
+    lookup_column: str | None = None,
 ) -> FetchRequest:
     """Decide the queries of one change set (annotations on when a filtered entity reads
-    this one's polymorphic lookups)."""
-    request = _plan_fetch(entity, change_set, definition, watermark=watermark,
-                          delta_link=delta_link, reconcile=reconcile, linked_ids=linked_ids,
-                          mirrored_ids=mirrored_ids, defunct_ids=defunct_ids)
+    this one's polymorphic lookups).
+
+    With `targeted_ids` the change set is a targeted refresh: exactly those records (or, with
+    `lookup_column`, the records whose lookup points at them), nothing else; the watermark
+    and delta link do not move.
+    """
+    targeted = sorted(set(targeted_ids))
+    if targeted:
+        request = plan_targeted_fetch(entity, change_set, definition, targeted, lookup_column,
+                                      watermark)
+    else:
+        request = _plan_fetch(entity, change_set, definition, watermark=watermark,
+                              delta_link=delta_link, reconcile=reconcile, linked_ids=linked_ids,
+                              mirrored_ids=mirrored_ids, defunct_ids=defunct_ids)
     if include_annotations:
         for step in request.steps:
             if step.kind != "keys":
                 step.query = replace(step.query, include_annotations=True)
+    if entity.parallel_ranges > 1:
+        for step in request.steps:
+            if _splittable(request, step):
+                step.ranges = entity.parallel_ranges
     return request
+
+
+def _splittable(request: FetchRequest, step: FetchStep) -> bool:
+    """Key ranges for large reads that take a $filter: a full snapshot, or a modifiedon first
+    sync ordered by modifiedon (its watermark comes from the ranges, see ranged_watermark).
+    Change tracking's initial read takes no $filter, so it stays one stream."""
+    if request.mode == "full":
+        return step.kind == "snapshot"
+    return (request.mode == "modifiedon" and step.kind == "changes"
+            and request.watermark_before is None
+            and bool(step.query.orderby) and step.query.orderby[0].startswith("modifiedon"))
 
 
 def _plan_fetch(
@@ -207,6 +240,21 @@ def _plan_fetch(
     snapshot = FetchStep("snapshot", PageQuery(orderby=orderby or (f"{pk} asc",),
                                                page_size=page_size))
     return FetchRequest(entity.name, change_set, "full", pk, None, None, [snapshot])
+
+
+def plan_targeted_fetch(entity: EntityConfig, change_set: str, definition: dict | None,
+                        ids: list[str], lookup_column: str | None,
+                        watermark: str | None) -> FetchRequest:
+    """A targeted refresh: records by id (missing ones asked one by one: 404 -> defunct), or
+    the records whose `lookup_column` names one of the ids."""
+    pk = primary_key_for(entity, definition)
+    column = lookup_column or pk
+    steps = [FetchStep("ids", PageQuery(filter=expression, page_size=entity.page_size))
+             for _, expression in id_filter_batches(column, ids)]
+    return FetchRequest(entity.name, change_set, "targeted", pk, watermark, None, steps,
+                        expected_ids=[] if lookup_column else ids,
+                        reason=f"targeted refresh of {len(ids)} id(s)"
+                        + (f" through {lookup_column}" if lookup_column else ""))
 
 
 def resync_request(request: FetchRequest, page_size: int) -> FetchRequest:
@@ -276,8 +324,27 @@ def _record_page(archive: ChangeSetArchive, progress: _Progress, step_index: int
     })
 
 
+ProgressCallback = Callable[[FetchProgress], None]
+
+
+def _reads_whole_table(request: FetchRequest, step: FetchStep) -> bool:
+    """Steps long enough to deserve an ETA: snapshots, key scans, a first modifiedon read."""
+    return step.kind in ("snapshot", "keys") or (
+        step.kind == "changes" and request.watermark_before is None)
+
+
+async def _count_for_progress(session: SourceSession, request: FetchRequest,
+                              step: FetchStep) -> int | None:
+    """The step's record count (`$count`), or None: progress never fails a fetch."""
+    try:
+        return await session.count(request.entity, step.query.filter, request.primary_key)
+    except DataverseError:
+        return None
+
+
 async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
-                     progress: _Progress) -> None:
+                     progress: _Progress, on_progress: ProgressCallback | None = None,
+                     count_total: bool = False) -> None:
     # A filtered entity's watermark comes from its changes step only: a record fetched by id
     # later may be newer than a change the changes step has not seen yet.
     for index, step in enumerate(request.steps):
@@ -285,12 +352,31 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
             request.mode == "filtered" and request.watermark_before is None
             and step.kind == "ids"
         )
-        async for page in session.iter_pages(request.entity, step.query,
-                                             start_url=step.start_url):
+        if step.ranges > 1:
+            pages = session.iter_pages_in_ranges(request.entity, step.query,
+                                                 request.primary_key, step.ranges)
+        else:
+            pages = session.iter_pages(request.entity, step.query, start_url=step.start_url)
+        range_maxima: dict[int | None, str | None] = {}
+        total = None
+        if on_progress is not None and count_total and _reads_whole_table(request, step):
+            count = await _count_for_progress(session, request, step)
+            total = None if count is None else progress.records + count
+        async for page in pages:
+            # Pages of parallel ranges interleave; archive numbers follow arrival order.
             _record_page(archive, progress, index, step, page.url, page.body, page.records,
                          track_watermark=track, primary_key=request.primary_key,
                          next_link=page.next_link, delta_link=page.delta_link)
+            if step.ranges > 1 and track:
+                stamps = [r["modifiedon"] for r in page.records
+                          if isinstance(r.get("modifiedon"), str)]
+                range_maxima[page.range_index] = max(
+                    [*stamps, range_maxima.get(page.range_index) or ""]) or None
+            if on_progress is not None:
+                on_progress(FetchProgress(progress.page_number, progress.records, total))
             fault_point("fetch.after_page")
+        if step.ranges > 1 and track and request.mode == "modifiedon":
+            progress.max_modifiedon = ranged_watermark(range_maxima.values())
 
 
 async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
@@ -314,9 +400,15 @@ async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
 
 async def fetch_change_set(
     session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
-    definition: dict | None,
+    definition: dict | None, *, on_progress: ProgressCallback | None = None,
+    count_total: bool = False,
 ) -> FetchSummary:
-    """Run the request's steps, archiving each page as it arrives; write the manifest last."""
+    """Run the request's steps, archiving each page as it arrives; write the manifest last.
+
+    `on_progress` is called after every page (see progress.ProgressReporter); with
+    `count_total`, whole-table reads first ask the source for their `$count`, so progress
+    can show an ETA.
+    """
     started = time.perf_counter()
     started_at = utc_now_iso()
     stats = session.stats
@@ -329,7 +421,7 @@ async def fetch_change_set(
             archive.write_json(ENTITY_DEFINITION, definition)
         progress = _Progress(request)
         try:
-            await _run_steps(session, archive, request, progress)
+            await _run_steps(session, archive, request, progress, on_progress, count_total)
         except DataverseRequestError as exc:
             if exc.code == EXPIRED_DELTA_TOKEN and request.mode == "change_tracking":
                 request = resync_request(request, request.steps[0].query.page_size)
@@ -345,7 +437,9 @@ async def fetch_change_set(
         bytes_archived=progress.archived_bytes, requests=stats.requests - requests_before,
         retries=stats.retries - retries_before, throttle_wait=stats.throttle_wait - wait_before,
         seconds=seconds, watermark_before=request.watermark_before,
-        watermark_after=progress.max_modifiedon if request.mode != "full" else None,
+        # A full snapshot has no watermark, and a targeted refresh must not move it.
+        watermark_after=(progress.max_modifiedon
+                         if request.mode not in ("full", "targeted") else None),
         delta_link_after=progress.delta_link, missing=len(missing), reason=request.reason,
     )
     archive.finish({

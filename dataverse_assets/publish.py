@@ -71,8 +71,7 @@ def load_locked_schema(connection: sqlite3.Connection, entity: str) -> EntitySch
     ).fetchone()
     if row is None:
         return None
-    columns = tuple(Column(c["name"], c["type"], c.get("attribute_type"))
-                    for c in orjson.loads(row[1]))
+    columns = tuple(Column.from_json(c) for c in orjson.loads(row[1]))
     return EntitySchema(entity, row[0], columns, row[2], tuple(orjson.loads(row[3])))
 
 
@@ -280,6 +279,7 @@ def execute_plan(
     connection: sqlite3.Connection, schema: EntitySchema, change_set: str, *, mode: str,
     watermark_after: str | None, delta_token_after: str | None, counts: dict[str, int],
     reconciled_at: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    as_of: str | None = None,
 ) -> PublishResult:
     """Apply the stored plan chunk by chunk; the last chunk also advances the watermark."""
     started = time.perf_counter()
@@ -299,7 +299,7 @@ def execute_plan(
                 (schema.entity, change_set, chunk_rows),
             )
             size = connection.execute("SELECT count(*) FROM temp._chunk").fetchone()[0]
-            _apply_chunk(connection, schema, change_set)
+            _apply_chunk(connection, schema, change_set, as_of or utc_now_iso())
             fault_point("publish.mid_execute")
             connection.execute(
                 "UPDATE _publish_plan SET applied = 1 WHERE entity = ? AND change_set = ?"
@@ -319,7 +319,11 @@ def execute_plan(
                 new_watermark = watermark_after
             # The watermark commits with the last chunk: it never runs ahead of canonical.
             write_sync_state(
-                connection, schema.entity, mode=mode, watermark=new_watermark,
+                connection, schema.entity,
+                # The entity's mode, not this change set's detour (a resync, a targeted refresh).
+                mode={"targeted": state.mode if state else None,
+                      "change_tracking_resync": "change_tracking"}.get(mode, mode),
+                watermark=new_watermark,
                 delta_token=delta_token_after or (state.delta_token if state else None),
                 status="completed", change_set=change_set, reconciled_at=reconciled_at,
             )
@@ -337,12 +341,15 @@ def execute_plan(
             return result
 
 
-def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_set: str) -> None:
+def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_set: str,
+                 as_of: str) -> None:
     entity = quote_identifier(schema.entity)
     staging = quote_identifier(staging_table(schema.entity))
     history = quote_identifier(history_table(schema.entity))
     pk = quote_identifier(schema.primary_key)
-    now = utc_now_iso()
+    # Row timestamps come from the change set (when it was fetched), not the clock: replaying
+    # the archive into a new database yields the same tables.
+    now = as_of
     data = [quote_identifier(c) for c in schema.column_names]
     sync = [quote_identifier(n) for n, _ in SYNC_COLUMNS]
     params = {"now": now, "cs": change_set}
@@ -395,12 +402,13 @@ def publish_change_set(
     connection: sqlite3.Connection, schema: EntitySchema, change_set: str, *, mode: str,
     watermark_after: str | None, delta_token_after: str | None = None,
     key_scan: bool = False, reconciled_at: str | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS, as_of: str | None = None,
 ) -> PublishResult:
     """Plan and execute one change set; a COMPLETE change set is not published twice.
 
     key_scan: the change set carries a key-only scan (absent keys are deletes);
-    reconciled_at: when deletes were last fully established (stored with the watermark).
+    reconciled_at: when deletes were last fully established (stored with the watermark);
+    as_of: when the change set was fetched: sync_time, updated_at and valid_to of deletes.
     """
     if publish_status(connection, schema.entity, change_set) == "COMPLETE":
         row = connection.execute(
@@ -420,7 +428,7 @@ def publish_change_set(
         return execute_plan(
             connection, schema, change_set, mode=mode, watermark_after=watermark_after,
             delta_token_after=delta_token_after, counts=counts, reconciled_at=reconciled_at,
-            chunk_rows=chunk_rows,
+            chunk_rows=chunk_rows, as_of=as_of,
         )
     except Exception as exc:
         if connection.in_transaction:

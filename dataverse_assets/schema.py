@@ -6,7 +6,7 @@ Pure functions; every decision carries its reason so it can be stored and shown.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 
@@ -31,10 +31,22 @@ ATTRIBUTE_TYPE_TO_SQLITE: dict[str, str] = {
     "Owner": "TEXT",
 }
 LOOKUP_TYPES = {"Lookup", "Customer", "Owner"}
-# Columns the sync itself adds to canonical tables; an API column with one of these names
-# would collide, so it keeps living in json_response only.
+# Columns the sync itself adds to canonical, history and staging tables; an API column with
+# one of these names (in any letter case) would collide, so it lives in json_response only.
 RESERVED_COLUMNS = {"json_response", "sync_time", "valid_from", "updated_at", "_content_hash",
-                    "_change_set"}
+                    "_change_set", "valid_to", "change_kind", "superseded_in", "_pk", "_op",
+                    "_modifiedon"}
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def sqlite_fold(name: str) -> str:
+    """The form under which SQLite compares identifiers: only ASCII letters fold
+    ("Name" = "name", but "Ä" != "ä")."""
+    return name.translate(_ASCII_LOWER)
+
+
+_RESERVED_FOLDED = {sqlite_fold(n): n for n in RESERVED_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,29 @@ class Column:
     name: str
     sqlite_type: str
     attribute_type: str | None = None
+    # False when sampled records only ever held null: the type is a guess (TEXT).
+    type_known: bool = True
+
+    def as_json(self) -> dict:
+        out = {"name": self.name, "type": self.sqlite_type, "attribute_type": self.attribute_type}
+        if not self.type_known:
+            out["type_known"] = False
+        return out
+
+    @classmethod
+    def from_json(cls, item: dict) -> Column:
+        return cls(item["name"], item["type"], item.get("attribute_type"),
+                   item.get("type_known", True))
+
+
+@dataclass(frozen=True)
+class ExcludedColumn:
+    """A field of the API that cannot be a column; it stays in json_response only."""
+
+    name: str
+    sqlite_type: str | None
+    attribute_type: str | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -54,6 +89,7 @@ class EntitySchema:
     decided_from: str  # "metadata" or "sample"
     reasons: tuple[str, ...] = field(default_factory=tuple)
     change_tracking: bool | None = None
+    excluded: tuple[ExcludedColumn, ...] = ()
 
     @property
     def column_names(self) -> list[str]:
@@ -63,11 +99,11 @@ class EntitySchema:
     def has_modifiedon(self) -> bool:
         return any(c.name == "modifiedon" for c in self.columns)
 
+    def column(self, name: str) -> Column | None:
+        return next((c for c in self.columns if c.name == name), None)
+
     def to_json(self) -> str:
-        return orjson.dumps(
-            [{"name": c.name, "type": c.sqlite_type, "attribute_type": c.attribute_type}
-             for c in self.columns]
-        ).decode()
+        return orjson.dumps([c.as_json() for c in self.columns]).decode()
 
 
 def singular(entity_set: str) -> str:
@@ -111,7 +147,46 @@ def detect_primary_key(
 
 
 def _is_data_key(key: str) -> bool:
-    return "@" not in key and key not in RESERVED_COLUMNS
+    """Annotations (`@odata.etag`, `x@OData.Community...`) are never columns."""
+    return "@" not in key
+
+
+def column_name_problem(name: str, taken: dict[str, str]) -> str | None:
+    """Why a field name cannot become a column next to `taken` (folded name -> name), or
+    None. Everything else, however hostile, is stored under its quoted name."""
+    if name == "":
+        return "empty name"
+    if "\x00" in name:
+        return "contains a NUL character, which no SQLite identifier can hold"
+    folded = sqlite_fold(name)
+    if folded in _RESERVED_FOLDED:
+        return (f"collides with the sync column {_RESERVED_FOLDED[folded]!r} (SQLite column "
+                "names are case-insensitive)")
+    if folded in taken:
+        return (f"differs from the column {taken[folded]!r} only in letter case; SQLite "
+                "column names are case-insensitive, so both cannot be columns")
+    return None
+
+
+def split_usable_columns(columns: Iterable[Column]) -> tuple[list[Column], list[ExcludedColumn]]:
+    """Columns that can be SQLite columns (first come first served) and the rest, with why."""
+    kept: list[Column] = []
+    excluded: list[ExcludedColumn] = []
+    taken: dict[str, str] = {}
+    for column in columns:
+        problem = column_name_problem(column.name, taken)
+        if problem is None:
+            kept.append(column)
+            taken[sqlite_fold(column.name)] = column.name
+        else:
+            sqlite_type = column.sqlite_type if column.type_known else None
+            excluded.append(ExcludedColumn(column.name, sqlite_type, column.attribute_type,
+                                           f"{problem}; kept in json_response only"))
+    return kept, excluded
+
+
+def _exclusion_reasons(excluded: list[ExcludedColumn]) -> list[str]:
+    return [f"{e.name!r} is not a column: {e.reason}" for e in excluded]
 
 
 def schema_from_metadata(
@@ -132,12 +207,13 @@ def schema_from_metadata(
         entity_set, [c.name for c in columns], primary_key_override,
         definition.get("PrimaryIdAttribute"),
     )
-    columns = _primary_key_first(columns, primary_key)
+    columns, excluded = split_usable_columns(_primary_key_first(columns, primary_key))
     return EntitySchema(
         entity=entity_set, primary_key=primary_key, columns=tuple(columns),
         decided_from="metadata", reasons=(f"primary key {primary_key!r}: {why}",
-                                         "columns and types from EntityDefinitions"),
-        change_tracking=definition.get("ChangeTrackingEnabled"),
+                                         "columns and types from EntityDefinitions",
+                                         *_exclusion_reasons(excluded)),
+        change_tracking=definition.get("ChangeTrackingEnabled"), excluded=tuple(excluded),
     )
 
 
@@ -161,25 +237,41 @@ def _widen(current: str | None, new: str | None) -> str | None:
     return "TEXT"
 
 
-def infer_schema_from_records(
-    entity_set: str, records: Iterable[dict], primary_key_override: str | None = None
-) -> EntitySchema:
-    """Columns from sampled records: types from every non-null value seen, TEXT if never seen."""
-    types: dict[str, str | None] = {}
+def observed_types(records: Iterable[dict], types: dict[str, str | None] | None = None
+                   ) -> dict[str, str | None]:
+    """Field -> SQLite type over every non-null value seen (None: only nulls), in the order
+    fields first appear. Pass `types` to keep accumulating over more records."""
+    types = {} if types is None else types
     for record in records:
         for key, value in record.items():
             if _is_data_key(key):
                 types[key] = _widen(types.get(key), sqlite_type_of(value))
+    return types
+
+
+def schema_from_observed_types(entity_set: str, types: dict[str, str | None],
+                               primary_key_override: str | None = None) -> EntitySchema:
+    """Columns from observed types; a field only ever null is TEXT with `type_known` False."""
     primary_key, why = detect_primary_key(entity_set, types, primary_key_override)
-    columns = [Column(name, sqlite_type or "TEXT") for name, sqlite_type in types.items()]
+    columns = [Column(name, sqlite_type or "TEXT", None, sqlite_type is not None)
+               for name, sqlite_type in types.items()]
     if primary_key not in types:
         columns.insert(0, Column(primary_key, "TEXT"))
-    columns = _primary_key_first(columns, primary_key)
+    columns, excluded = split_usable_columns(_primary_key_first(columns, primary_key))
     return EntitySchema(
         entity=entity_set, primary_key=primary_key, columns=tuple(columns),
         decided_from="sample", reasons=(f"primary key {primary_key!r}: {why}",
-                                       "columns and types inferred from sampled records"),
+                                       "columns and types inferred from sampled records",
+                                       *_exclusion_reasons(excluded)),
+        excluded=tuple(excluded),
     )
+
+
+def infer_schema_from_records(
+    entity_set: str, records: Iterable[dict], primary_key_override: str | None = None
+) -> EntitySchema:
+    """Columns from sampled records: types from every non-null value seen, TEXT if never seen."""
+    return schema_from_observed_types(entity_set, observed_types(records), primary_key_override)
 
 
 def _primary_key_first(columns: list[Column], primary_key: str) -> list[Column]:
@@ -193,3 +285,92 @@ def to_sqlite_value(value: object) -> object:
     if isinstance(value, dict | list):
         return orjson.dumps(value).decode()
     return value
+
+
+# -- drift: the live schema of a change set against the locked one --------------------------
+
+ADDED, REMOVED, TYPE_CHANGED, EXCLUDED = "added", "removed", "type_changed", "excluded"
+INFO, BREAKING = "info", "breaking"
+
+
+@dataclass(frozen=True)
+class SchemaChange:
+    """One difference between the locked schema and a change set's live schema."""
+
+    kind: str  # added | removed | type_changed | excluded
+    column: str
+    severity: str  # info | breaking
+    locked_type: str | None = None
+    live_type: str | None = None
+    locked_attribute_type: str | None = None
+    live_attribute_type: str | None = None
+    detail: str = ""
+
+
+def _type_change(locked: Column, live: Column, from_records: bool) -> SchemaChange | None:
+    if from_records and not live.type_known:
+        return None  # only nulls in this change set: no evidence about the type
+    change = SchemaChange(TYPE_CHANGED, live.name, BREAKING, locked.sqlite_type,
+                          live.sqlite_type, locked.attribute_type, live.attribute_type)
+    if locked.sqlite_type == live.sqlite_type:
+        if (not from_records and locked.attribute_type and live.attribute_type
+                and locked.attribute_type != live.attribute_type):
+            return replace(change, severity=INFO, detail=(
+                f"AttributeType {locked.attribute_type} -> {live.attribute_type}; "
+                f"stored as {live.sqlite_type} either way"))
+        return None
+    if not locked.type_known:
+        return replace(change, severity=INFO, detail=(
+            f"locked as TEXT when only nulls had been seen; values are now {live.sqlite_type}"))
+    if from_records and (locked.sqlite_type, live.sqlite_type) == ("REAL", "INTEGER"):
+        return None  # this change set's numbers happen to be whole: they fit REAL
+    if from_records and (locked.sqlite_type, live.sqlite_type) == ("INTEGER", "REAL"):
+        return replace(change, severity=INFO, detail=(
+            "sampled values are no longer all whole numbers; SQLite keeps them exact as REAL"))
+    return replace(change, detail=f"{locked.sqlite_type} -> {live.sqlite_type}")
+
+
+def compare_schemas(locked: EntitySchema, live: EntitySchema) -> list[SchemaChange]:
+    """Added columns (info), removed columns and type changes (breaking), and fields that
+    cannot be columns (excluded: info). `live` comes from a change set's metadata, or from
+    its records (then a field only ever null says nothing about its type)."""
+    from_records = live.decided_from == "sample"
+    locked_by_name = {c.name: c for c in locked.columns}
+    # Names the table already has: a live field matching one only in case cannot be added.
+    taken = {sqlite_fold(c.name): c.name for c in locked.columns}
+    candidates = [(c, None) for c in live.columns] + [
+        (Column(e.name, e.sqlite_type or "TEXT", e.attribute_type, e.sqlite_type is not None),
+         e.reason) for e in live.excluded
+    ]
+    # Locked columns first: which of two case variants the live side kept must not matter.
+    candidates.sort(key=lambda item: item[0].name not in locked_by_name)
+    changes: list[SchemaChange] = []
+    for column, reason in candidates:
+        old = locked_by_name.get(column.name)
+        if old is not None:
+            change = _type_change(old, column, from_records)
+            if change is not None:
+                changes.append(change)
+            continue
+        live_type = column.sqlite_type if column.type_known else None
+        problem = column_name_problem(column.name, taken)
+        if problem is None:
+            taken[sqlite_fold(column.name)] = column.name
+            changes.append(SchemaChange(ADDED, column.name, INFO, None, live_type, None,
+                                        column.attribute_type))
+        else:
+            changes.append(SchemaChange(EXCLUDED, column.name, INFO, None, live_type, None,
+                                        column.attribute_type,
+                                        reason or f"{problem}; kept in json_response only"))
+    live_names = {column.name for column, _ in candidates}
+    for column in locked.columns:
+        if column.name not in live_names:
+            changes.append(SchemaChange(REMOVED, column.name, BREAKING, column.sqlite_type,
+                                        None, column.attribute_type, None))
+    return changes
+
+
+def excluded_as_changes(schema: EntitySchema) -> list[SchemaChange]:
+    """The fields a freshly locked schema could not make columns, as reportable changes."""
+    return [SchemaChange(EXCLUDED, e.name, INFO, None, e.sqlite_type, None, e.attribute_type,
+                         e.reason) for e in schema.excluded]

@@ -16,7 +16,7 @@ import orjson
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from dataverse_assets.auth import ClientCredentials
+from dataverse_assets.auth import DEFAULT_REFRESH_AFTER_SECONDS, ClientCredentials
 from dataverse_assets.client import (
     DataverseClient,
     DataverseRequestError,
@@ -27,6 +27,9 @@ from dataverse_assets.client import (
 from dataverse_assets.query import PageQuery, string_literal
 
 METADATA_SELECT = "LogicalName,EntitySetName,PrimaryIdAttribute,ChangeTrackingEnabled"
+# Dataverse stops counting at 5000 (`@odata.count` says 5000 and the limit annotation is set).
+COUNT_LIMIT = 5000
+COUNT_LIMIT_EXCEEDED = "@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"
 
 
 class SourceSession(ABC):
@@ -46,6 +49,17 @@ class SourceSession(ABC):
     @abstractmethod
     async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
         """One record by id: (url, verbatim body, record); DataverseRequestError if missing."""
+
+    def iter_pages_in_ranges(self, entity_set: str, query: PageQuery, primary_key: str,
+                             ranges: int) -> AsyncIterator[Page]:
+        """Pages of a query split into primary-key ranges paged in parallel, as they arrive.
+        Sources that cannot split read the query in one stream."""
+        return self.iter_pages(entity_set, query)
+
+    async def count(self, entity_set: str, filter: str | None = None,
+                    primary_key: str | None = None) -> int | None:
+        """How many records match `filter`, when the source can say cheaply; else None."""
+        return None
 
 
 class ClientSession(SourceSession):
@@ -75,6 +89,24 @@ class ClientSession(SourceSession):
     async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
         return await self.client.get_record(entity_set, record_id)
 
+    def iter_pages_in_ranges(self, entity_set: str, query: PageQuery, primary_key: str,
+                             ranges: int) -> AsyncIterator[Page]:
+        return self.client.iter_pages_in_ranges(entity_set, query, primary_key, ranges)
+
+    async def count(self, entity_set: str, filter: str | None = None,
+                    primary_key: str | None = None) -> int | None:
+        """`$count=true` with `$top=1` (one row, no paging); None past Dataverse's count limit."""
+        params = {"$count": "true", "$top": "1"}
+        if primary_key:
+            params["$select"] = primary_key
+        if filter:
+            params["$filter"] = filter
+        _, payload = await self.client.get_json(entity_set, params=params, entity=entity_set)
+        count = payload.get("@odata.count")
+        if not isinstance(count, int) or payload.get(COUNT_LIMIT_EXCEEDED) or count >= COUNT_LIMIT:
+            return None
+        return count
+
 
 class DataverseSource(ConfigurableResource, ABC):
     """Where change sets come from. Implementations: live, simulator, fixture."""
@@ -83,12 +115,17 @@ class DataverseSource(ConfigurableResource, ABC):
     def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
         """An async context manager yielding a session for one run's fetches."""
 
+    def check_fetchable(self, entity_set: str, change_set: str) -> None:
+        """Raise when this source cannot fetch the change set (asked before a fetch starts).
+        Sources that reach Dataverse can fetch anything; the archive source cannot."""
+
 
 @asynccontextmanager
 async def _client_session(
     *, org_url: str, client_id: str, client_secret: str, authority: str, tenant_id: str | None,
     max_concurrency: int, timeout_seconds: float, transport: httpx.AsyncBaseTransport | None = None,
     retry_policy: RetryPolicy | None = None,
+    refresh_after_seconds: float = DEFAULT_REFRESH_AFTER_SECONDS,
 ) -> AsyncIterator[SourceSession]:
     limits = httpx.Limits(max_connections=max_concurrency + 2,
                           max_keepalive_connections=max_concurrency + 2)
@@ -98,7 +135,7 @@ async def _client_session(
     ) as http:
         credentials = ClientCredentials(
             http, org_url=org_url, client_id=client_id, client_secret=client_secret,
-            authority=authority, tenant_id=tenant_id,
+            authority=authority, tenant_id=tenant_id, refresh_after_seconds=refresh_after_seconds,
         )
         client = DataverseClient(http, credentials, org_url=org_url,
                                  max_concurrency=max_concurrency, retry_policy=retry_policy)
@@ -115,12 +152,18 @@ class LiveDataverseSource(DataverseSource):
     authority: str = "https://login.microsoftonline.com"
     max_concurrency: int = Field(8, ge=1, le=52)
     timeout_seconds: float = 120.0
+    token_refresh_after_seconds: float = Field(
+        DEFAULT_REFRESH_AFTER_SECONDS, gt=0,
+        description="Refresh the access token this long after getting it (tokens live about "
+        "an hour; never later than a minute before expiry).",
+    )
 
     def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
         return _client_session(
             org_url=self.url, client_id=self.client_id, client_secret=self.client_secret,
             authority=self.authority, tenant_id=self.tenant_id,
             max_concurrency=self.max_concurrency, timeout_seconds=self.timeout_seconds,
+            refresh_after_seconds=self.token_refresh_after_seconds,
         )
 
 
@@ -220,5 +263,64 @@ class FixtureSource(DataverseSource):
         @asynccontextmanager
         async def session() -> AsyncIterator[SourceSession]:
             yield FixtureSession(Path(self.directory))
+
+        return session()
+
+
+class ChangeSetNotArchivedError(LookupError):
+    """The archive source was asked for a change set the archive does not hold."""
+
+
+class ArchiveSession(SourceSession):
+    """Serves only what is archived: the newest archived metadata of an entity; any request
+    for pages or records is refused (raw/E reuses archived change sets before asking)."""
+
+    def __init__(self, archive_dir: Path) -> None:
+        self.archive_dir = archive_dir
+        self.stats = FetchStats()
+
+    async def entity_definition(self, entity_set: str) -> dict | None:
+        from dataverse_assets.archive import ENTITY_DEFINITION, ChangeSetArchive, list_change_sets
+
+        for change_set in reversed(list_change_sets(self.archive_dir, entity_set)):
+            definition = ChangeSetArchive(self.archive_dir, entity_set, change_set).read_json(
+                ENTITY_DEFINITION)
+            if isinstance(definition, dict):
+                return definition
+        return None
+
+    def _refuse(self, entity_set: str, what: str) -> ChangeSetNotArchivedError:
+        return ChangeSetNotArchivedError(
+            f"{entity_set}: the archive source (DATAVERSE_SOURCE=archive) cannot fetch {what}; "
+            f"it replays only change sets archived in {self.archive_dir}"
+        )
+
+    def iter_pages(self, entity_set: str, query: PageQuery,
+                   start_url: str | None = None) -> AsyncIterator[Page]:
+        raise self._refuse(entity_set, "pages")
+
+    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
+        raise self._refuse(entity_set, f"record {record_id}")
+
+
+class ArchiveSource(DataverseSource):
+    """Replays the raw archive, byte for byte, with no network: rebuilding a mirror through
+    Dagster. raw/E finds each change set already archived and reuses it; a change set that is
+    not archived is an error naming the entity and the change set."""
+
+    archive_dir: str = Field(description="The archive to replay (DATAVERSE_ARCHIVE_DIR).")
+
+    def check_fetchable(self, entity_set: str, change_set: str) -> None:
+        raise ChangeSetNotArchivedError(
+            f"{entity_set}: change set {change_set} is not archived in {self.archive_dir} "
+            "(no complete manifest.json), and the archive source (DATAVERSE_SOURCE=archive) "
+            "only replays archived change sets; materialize archived keys only (dataverse-assets"
+            " change-set register-archived lists them) or fetch with a live or simulator source"
+        )
+
+    def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
+        @asynccontextmanager
+        async def session() -> AsyncIterator[SourceSession]:
+            yield ArchiveSession(Path(self.archive_dir))
 
         return session()

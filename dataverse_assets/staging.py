@@ -80,6 +80,7 @@ class StagedRecords:
     source_timestamp: str | None
     reconciled: bool  # a key-only scan is part of this change set
     reconciled_at: str | None  # when this change set establishes deletes (fetch start)
+    fetched_at: str | None  # when the fetch finished: the rows' sync_time
     batches: Iterator[tuple[list[tuple], list[str]]]
     counts: dict[str, int] = field(default_factory=dict)
     issues: list[dict] = field(default_factory=list)
@@ -219,10 +220,11 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
         now = utc_now_iso()
         connection.execute(
             "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, watermark_after,"
-            " delta_token_after, reconciled, reconciled_at, staged_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " delta_token_after, reconciled, reconciled_at, fetched_at, staged_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (staged.entity, staged.change_set, staged.mode, rows, staged.watermark_after,
-             staged.delta_token_after, int(staged.reconciled), staged.reconciled_at, now),
+             staged.delta_token_after, int(staged.reconciled), staged.reconciled_at,
+             staged.fetched_at, now),
         )
         # PENDING until published; a change set already COMPLETE stays so (its archive, and so
         # its staged rows, cannot have changed).
@@ -276,6 +278,7 @@ class StagedChangeSet:
     delta_token_after: str | None
     reconciled: bool
     reconciled_at: str | None
+    fetched_at: str | None
 
 
 class NotStagedError(Exception):
@@ -284,8 +287,8 @@ class NotStagedError(Exception):
 
 def read_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> StagedChangeSet:
     row = connection.execute(
-        "SELECT mode, rows, watermark_after, delta_token_after, reconciled, reconciled_at"
-        " FROM _staged"
+        "SELECT mode, rows, watermark_after, delta_token_after, reconciled, reconciled_at,"
+        " fetched_at FROM _staged"
         " WHERE entity = ? AND change_set = ?",
         (entity, change_set),
     ).fetchone()
@@ -295,4 +298,4 @@ def read_staged(connection: sqlite3.Connection, entity: str, change_set: str) ->
             "for this partition first"
         )
     return StagedChangeSet(entity, change_set, row[0], row[1], row[2], row[3], bool(row[4]),
-                           row[5])
+                           row[5], row[6])

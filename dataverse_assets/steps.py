@@ -13,12 +13,15 @@ from datetime import UTC, datetime
 
 import orjson
 
-from dataverse_assets.archive import ChangeSetArchive, list_change_sets
+from dataverse_assets import dead_letters
+from dataverse_assets.archive import ArchiveError, ChangeSetArchive, list_change_sets
 from dataverse_assets.config import EntityConfig
+from dataverse_assets.drift import schema_for_change_set
 from dataverse_assets.faults import fault_point
 from dataverse_assets.fetch import (
     SNAPSHOT_MODES,
     FetchSummary,
+    ProgressCallback,
     fetch_change_set,
     plan_fetch,
     reconcile_due,
@@ -26,15 +29,14 @@ from dataverse_assets.fetch import (
 from dataverse_assets.publish import (
     PublishResult,
     load_locked_schema,
-    lock_schema,
     publish_change_set,
+    publish_status,
 )
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.sources import DataverseSource
 from dataverse_assets.staging import (
     StagedRecords,
     column_values,
-    decide_schema,
     iter_staged_batches,
     read_staged,
     write_staged,
@@ -44,7 +46,6 @@ from dataverse_assets.store import (
     mark_sync_status,
     read_sync_state,
     staging_table,
-    transaction,
     utc_now_iso,
 )
 
@@ -59,11 +60,15 @@ def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig
     canonical for incrementally synced linking tables), ids already mirrored, ids defunct."""
     linked: set[str] = set()
     for link in entity.linked_from:
-        linked |= column_values(connection, staging_table(link.entity), link.column,
-                                change_set=change_set, lookup_target=link.lookup_target)
-        link_state = read_sync_state(connection, link.entity)
-        if link_state is not None and link_state.mode not in SNAPSHOT_MODES:
-            # An incremental linking table stages only its changes: its links live in canonical.
+        staged = connection.execute(
+            "SELECT mode FROM _staged WHERE entity = ? AND change_set = ?",
+            (link.entity, change_set)).fetchone()
+        if staged is not None:
+            linked |= column_values(connection, staging_table(link.entity), link.column,
+                                    change_set=change_set, lookup_target=link.lookup_target)
+        if staged is None or staged[0] not in SNAPSHOT_MODES:
+            # An incremental linking table stages only its changes, and one not staged in this
+            # change set has all its links in canonical.
             linked |= column_values(connection, link.entity, link.column,
                                     lookup_target=link.lookup_target)
     locked = load_locked_schema(connection, entity.name)
@@ -74,17 +79,28 @@ def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig
 
 
 def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
-          change_set: str, *, include_annotations: bool = False) -> tuple[FetchSummary, bool]:
+          change_set: str, *, include_annotations: bool = False,
+          targeted_ids: list[str] | None = None,
+          lookup_column: str | None = None,
+          on_progress: ProgressCallback | None = None) -> tuple[FetchSummary, bool]:
     """Fetch one change set into the archive. Returns (summary, reused): a change set already
-    archived completely is immutable and is not fetched again."""
+    archived completely is immutable and is not fetched again. `targeted_ids` makes it a
+    targeted refresh of those records (see fetch.plan_fetch). `on_progress` follows the pages
+    (with a `$count` first, for an ETA)."""
     archive = store.archive(entity.name, change_set)
     if archive.is_complete():
         return FetchSummary(**archive.manifest()["summary"]), True
+    source.check_fetchable(entity.name, change_set)  # the archive source replays only
     with store.connection() as connection:
+        if publish_status(connection, entity.name, change_set) == "COMPLETE":
+            # Archive retention deleted it after it was published: fetching now would file
+            # today's data under an old key, and a rebuild would replay it out of order.
+            raise ArchiveError(f"{entity.name}: change set {change_set} was published and its"
+                               " archive has since been deleted; it is not fetched again")
         state = read_sync_state(connection, entity.name)
         linked, mirrored, defunct = (
-            linked_and_mirrored_ids(connection, entity, change_set) if entity.filtered
-            else (set(), set(), set())
+            linked_and_mirrored_ids(connection, entity, change_set)
+            if entity.filtered and not targeted_ids else (set(), set(), set())
         )
         mark_sync_status(connection, entity.name, "in_progress")
     started_at = utc_now_iso()
@@ -98,9 +114,12 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
                 watermark=state.watermark if state else None,
                 delta_link=state.delta_token if state else None, reconcile=reconcile,
                 linked_ids=linked, mirrored_ids=mirrored, defunct_ids=defunct,
-                include_annotations=include_annotations,
+                include_annotations=include_annotations, targeted_ids=targeted_ids or (),
+                lookup_column=lookup_column,
             )
-            return await fetch_change_set(session, archive, request, definition)
+            return await fetch_change_set(session, archive, request, definition,
+                                          on_progress=on_progress,
+                                          count_total=on_progress is not None)
 
     try:
         summary = asyncio.run(run())
@@ -120,10 +139,8 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
                    entity: EntityConfig) -> StagedRecords:
     """The staged rows of an archived change set, produced lazily (schema locked first)."""
     manifest = archive.manifest()
-    schema = load_locked_schema(connection, entity.name)
-    if schema is None:
-        with transaction(connection):
-            schema = lock_schema(connection, decide_schema(archive, entity.primary_key))
+    # Locked by the first change set; later ones are compared with it (and evolve it).
+    schema = schema_for_change_set(connection, archive, entity)
     summary = manifest["summary"]
     key_scan = bool(manifest.get("reconciled"))
     # Deletes are established by key scans, snapshots and first syncs: the reconcile clock.
@@ -139,6 +156,7 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
         source_timestamp=summary.get("watermark_after") or manifest.get("finished_at"),
         reconciled=key_scan,
         reconciled_at=manifest.get("started_at") if establishes_deletes else None,
+        fetched_at=manifest.get("finished_at"),
         batches=iter_staged_batches(archive, schema, counts, issues,
                                     hash_ignore_annotations=entity.hash_ignore_annotations),
         counts=counts,
@@ -175,8 +193,9 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
                 watermark_after=staged.watermark_after,
                 delta_token_after=staged.delta_token_after,
                 key_scan=staged.reconciled, reconciled_at=staged.reconciled_at,
-                chunk_rows=entity.publish_chunk_rows,
+                chunk_rows=entity.publish_chunk_rows, as_of=staged.fetched_at,
             ))
+            dead_letters.mark_succeeded(connection, entity.name, key)
             log_step(connection, entity=entity.name, change_set=key, layer="canonical",
                      status="completed", started_at=started_at,
                      seconds=time.perf_counter() - started,

@@ -5,6 +5,7 @@ Sync state lives here, in the target database, so any orchestrator can run a syn
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -111,6 +112,7 @@ CREATE TABLE IF NOT EXISTS _staged (
     delta_token_after TEXT,
     reconciled INTEGER NOT NULL DEFAULT 0,
     reconciled_at TEXT,
+    fetched_at TEXT,
     staged_at TEXT NOT NULL,
     PRIMARY KEY (entity, change_set)
 );
@@ -151,7 +153,38 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA busy_timeout=60000")
     connection.executescript(BOOKKEEPING_DDL)
+    _add_missing_bookkeeping_columns(connection)
     return connection
+
+
+@functools.cache
+def _bookkeeping_columns() -> dict[str, list[tuple[str, str]]]:
+    """Each bookkeeping table's columns and declarations, read from the DDL itself."""
+    scratch = sqlite3.connect(":memory:")
+    scratch.executescript(BOOKKEEPING_DDL)
+    tables = [row[0] for row in scratch.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE '\\_%' ESCAPE '\\'")]
+    columns = {}
+    for table in tables:
+        columns[table] = [
+            (name, f"{kind} NOT NULL DEFAULT {default}" if notnull and default is not None
+             else kind)
+            for _, name, kind, notnull, default, _ in scratch.execute(
+                f"PRAGMA table_info({quote_identifier(table)})")
+        ]
+    scratch.close()
+    return columns
+
+
+def _add_missing_bookkeeping_columns(connection: sqlite3.Connection) -> None:
+    """A database made by an older version gains the columns added since (never loses any)."""
+    for table, columns in _bookkeeping_columns().items():
+        existing = {row[1] for row in connection.execute(
+            f"PRAGMA table_info({quote_identifier(table)})")}
+        for name, declaration in columns:
+            if name not in existing:
+                connection.execute(f"ALTER TABLE {quote_identifier(table)} ADD COLUMN "
+                                   f"{quote_identifier(name)} {declaration}")
 
 
 @contextmanager

@@ -30,6 +30,17 @@ class Mirror:
     settings: Settings
     defs: Definitions
     instance: DagsterInstance
+    url: str = ""
+
+    def cli_environment(self, dagster_home: Path) -> dict[str, str]:
+        """Environment for running `dataverse-assets` against this mirror."""
+        return {
+            "DATAVERSE_DB_PATH": str(self.settings.db_path),
+            "DATAVERSE_ARCHIVE_DIR": str(self.settings.archive_dir),
+            "DATAVERSE_ENTITIES_CONFIG": str(self.settings.entities_config_path),
+            "DATAVERSE_URL": self.url, "DATAVERSE_SOURCE": "simulator",
+            "DAGSTER_HOME": str(dagster_home),
+        }
 
     def run(self, group: str, key: str | None = None):
         """Run the group's job for a new (or the given) change set; returns (key, result)."""
@@ -97,9 +108,12 @@ def make_mirror(tmp_path, simulator_url):
             entities_config_path=config_path, source="simulator",
         )
         source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url)
-        instance = DagsterInstance.ephemeral()
+        # A real (temporary) instance: schedules and sensors need an instance reference.
+        (folder / "dagster_home").mkdir()
+        instance = DagsterInstance.local_temp(tempdir=str(folder / "dagster_home"))
         instances.append(instance)
-        return Mirror(simulator, settings, build_definitions(settings, source=source), instance)
+        return Mirror(simulator, settings, build_definitions(settings, source=source), instance,
+                      url)
 
     yield make
     for instance in instances:

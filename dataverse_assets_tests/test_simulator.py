@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import re
+import time
+import tracemalloc
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -20,15 +25,24 @@ from dataverse_assets.simulator import (
     SIMULATOR_CLIENT_SECRET,
     SIMULATOR_TENANT_ID,
     DataverseSimulator,
+    FaultPlan,
+    ServiceProtectionLimits,
+    SimulatedConnectionReset,
     create_app,
     entity_spec_for,
     serve_on_loopback,
 )
 from dataverse_assets.simulator.engine import CollectionQuery, fetch_page
+from dataverse_assets.simulator.lazy import LazyKeyIndex, LazyRowSource
 from dataverse_assets.simulator.odata import (
     compile_filter,
     guid_order_key,
     parse_filter,
+)
+from dataverse_assets.simulator.protection import (
+    CONCURRENCY_CODE,
+    EXECUTION_TIME_CODE,
+    REQUESTS_CODE,
 )
 
 API = "/api/data/v9.2"
@@ -736,7 +750,7 @@ def test_pk_or_chain_does_not_scan_the_table() -> None:
     ranged = CollectionQuery(table=table, filter_expr=expr, predicate=counting)
     rows, _ = fetch_page(ranged, None, 5000)
     assert [r["accountid"] for r in rows] == truth_ids(sim, "accounts")[1001:]
-    assert calls == 1999
+    assert calls == 0  # a pure key range is answered by the bounds: no row is tested
 
 
 def test_filter_logic(org: tuple[DataverseSimulator, str], client: httpx.Client) -> None:
@@ -1131,3 +1145,386 @@ def test_server_stops_cleanly() -> None:
         assert httpx.get(f"{base}{API}/").status_code == 401
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}{API}/", timeout=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Service protection limits
+# ---------------------------------------------------------------------------------------------
+
+
+def _throttled(response: httpx.Response, code: str) -> float:
+    """Assert a Dataverse 429 with this code; return its Retry-After."""
+    assert response.status_code == 429, response.text
+    assert error_of(response)["code"] == code
+    return float(response.headers["Retry-After"])
+
+
+def test_service_protection_is_off_by_default(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    assert not sim.limits.enabled
+    statuses = {client.get(f"{API}/teams").status_code for _ in range(150)}
+    assert statuses == {200} and sim.stats.throttled == 0
+    real = ServiceProtectionLimits.dataverse()
+    assert (real.max_requests, real.max_execution_seconds, real.max_concurrent,
+            real.window_seconds) == (6000, 1200.0, 52, 300.0)
+
+
+def test_request_limit_throttles_and_retry_after_grows_while_the_client_pushes(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, base, client = fresh
+    sim.limits = ServiceProtectionLimits(max_requests=3, window_seconds=0.3,
+                                         retry_after_granularity=0.05, push_penalty_seconds=0.2)
+    assert [client.get(f"{API}/teams").status_code for _ in range(3)] == [200] * 3
+    first = client.get(f"{API}/teams")
+    first_wait = _throttled(first, REQUESTS_CODE)
+    assert 0.05 <= first_wait <= 0.3
+    assert "Number of requests exceeded the limit of 3" in error_of(first)["message"]
+    pushed = _throttled(client.get(f"{API}/teams"), REQUESTS_CODE)
+    assert pushed > first_wait  # pushing during a throttle only makes it longer
+    # Another application user has limits of its own.
+    other = api_client(base, sim.issue_access_token("another-app"))
+    assert other.get(f"{API}/teams").status_code == 200
+    time.sleep(pushed + 0.05)
+    assert client.get(f"{API}/teams").status_code == 200  # the window slid on
+    assert sim.stats.throttled == 2 and sim.stats.requests_while_throttled == 1
+    assert sim.stats.throttled_by_code == {REQUESTS_CODE: 2}
+    assert sim.stats.status_counts[429] == 2
+    assert [r.retry_after for r in sim.stats.request_log if r.status == 429] == [
+        first_wait, pushed]
+
+
+def test_execution_time_limit_counts_slow_requests(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    sim.limits = ServiceProtectionLimits(max_execution_seconds=0.1, window_seconds=1.0,
+                                         retry_after_granularity=0.05)
+    sim.inject("slow", count=2, seconds=0.06)
+    assert [client.get(f"{API}/teams").status_code for _ in range(2)] == [200, 200]
+    response = client.get(f"{API}/teams")
+    wait = _throttled(response, EXECUTION_TIME_CODE)
+    assert 0.5 <= wait <= 1.0
+    assert "Combined execution time" in error_of(response)["message"]
+
+
+def test_concurrency_limit_refuses_at_once(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, base, _ = fresh
+    sim.limits = ServiceProtectionLimits(max_concurrent=2, concurrency_retry_after=0.5,
+                                         retry_after_granularity=0.5)
+    sim.fault_plan = FaultPlan(rates={"slow": 1.0}, slow_seconds=(0.3, 0.3))
+    token = fetch_token(base)
+
+    async def burst() -> list[httpx.Response]:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as c:
+            return await asyncio.gather(*(c.get(f"{API}/teams") for _ in range(4)))
+
+    responses = asyncio.run(burst())
+    assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
+    for response in responses:
+        if response.status_code == 429:
+            assert _throttled(response, CONCURRENCY_CODE) == 0.5
+            assert "concurrent requests exceeded the limit of 2" in error_of(response)["message"]
+    assert sim.stats.max_concurrency >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Injected faults
+# ---------------------------------------------------------------------------------------------
+
+
+def test_server_error_bursts_look_like_gateways_and_dataverse(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    sim.inject("server_error", count=2, entity="teams", status=502)
+    sim.inject("server_error", entity="teams", status=503, body="json")
+    accounts = client.get(f"{API}/accounts")  # another entity: untouched
+    responses = [client.get(f"{API}/teams") for _ in range(4)]
+    assert accounts.status_code == 200
+    assert [r.status_code for r in responses] == [502, 502, 503, 200]
+    assert "502 Bad Gateway" in responses[0].text
+    assert responses[0].headers["content-type"].startswith("text/html")
+    assert set(error_of(responses[2])) == {"code", "message"}
+    assert sim.stats.faults == {"server_error": 3}
+    assert sim.stats.status_counts[502] == 2 and sim.stats.status_counts[503] == 1
+    assert [r.fault for r in sim.stats.request_log][-4:] == ["server_error"] * 3 + [None]
+
+
+def test_a_connection_reset_drops_the_socket_mid_body(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    sim.inject("reset", entity="accounts")
+    with pytest.raises(httpx.RemoteProtocolError, match="complete message body"):
+        client.get(f"{API}/accounts")
+    assert client.get(f"{API}/accounts").status_code == 200
+    # In-process there is no socket: the transport raises an httpx transport error instead.
+    sim.inject("reset", entity="accounts")
+
+    async def in_process() -> None:
+        transport = httpx.ASGITransport(app=create_app(sim))
+        headers = {"Authorization": f"Bearer {sim.issue_access_token()}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim.test",
+                                     headers=headers) as c:
+            await c.get(f"{API}/accounts")
+
+    with pytest.raises(httpx.TransportError) as excinfo:
+        asyncio.run(in_process())
+    assert isinstance(excinfo.value, SimulatedConnectionReset)
+    assert sim.stats.faults["reset"] == 2
+
+
+def test_slow_and_malformed_responses(fresh: tuple[DataverseSimulator, str, httpx.Client]) -> None:
+    sim, _, client = fresh
+    sim.inject("slow", entity="teams", seconds=0.25)
+    started = time.monotonic()
+    assert client.get(f"{API}/teams").status_code == 200
+    assert time.monotonic() - started >= 0.25
+    sim.inject("malformed", entity="teams")
+    truncated = client.get(f"{API}/teams")
+    assert truncated.status_code == 200
+    assert int(truncated.headers["content-length"]) == len(truncated.content)
+    with pytest.raises(ValueError):
+        truncated.json()
+    sim.inject("malformed", entity="teams", body="html")
+    html = client.get(f"{API}/teams")
+    assert html.status_code == 200 and html.text.lstrip().startswith("<!DOCTYPE HTML")
+    assert sim.stats.faults == {"slow": 1, "malformed": 2}
+
+
+def test_token_expiry_and_records_changing_between_pages(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    before = {row["accountid"]: row for row in sim.records("accounts")}
+    # Mutations wait for a nextLink request: the client is between pages.
+    sim.inject("delete_records", entity="accounts", rows=2)
+    sim.inject("modify_records", entity="accounts", rows=3, after=1)
+    rows, responses = follow(client, f"{API}/accounts", prefer="odata.maxpagesize=20")
+    after = {row["accountid"]: row for row in sim.records("accounts")}
+    assert len(before) - len(after) == 2
+    edited = [pk for pk in after if after[pk]["name"] != before[pk]["name"]]
+    assert len(edited) == 3 and all(after[pk]["name"].endswith(" (edited)") for pk in edited)
+    assert all(after[pk]["modifiedon"] > before[pk]["modifiedon"] for pk in edited)
+    ids = [row["accountid"] for row in rows]
+    assert len(ids) == len(set(ids)) and set(after) <= set(ids) <= set(before)
+    assert sim.stats.faults == {"modify_records": 1, "delete_records": 1}
+    sim.inject("token_expiry")
+    expired = client.get(f"{API}/teams")
+    assert expired.status_code == 401 and "expired" in error_of(expired)["message"]
+    assert "WWW-Authenticate" in expired.headers
+
+
+def test_repeat_next_link_points_back_at_the_page_served(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, base, client = fresh
+    first = client.get(f"{API}/accounts", headers={"Prefer": "odata.maxpagesize=10"})
+    link = first.json()["@odata.nextLink"]
+    sim.inject("repeat_next_link", entity="accounts")
+    second = client.get(link, headers={"Prefer": "odata.maxpagesize=10"})
+    assert second.json()["@odata.nextLink"] == link
+    assert second.json()["value"] != first.json()["value"]
+
+
+def test_a_fault_plan_is_a_seeded_random_scenario() -> None:
+    def run(seed: int) -> list[tuple[str | None, int]]:
+        sim = DataverseSimulator(["teams"], row_counts={"teams": 3})
+        sim.fault_plan = FaultPlan(seed=seed, rates={"server_error": 0.2, "malformed": 0.1},
+                                   burst=(2, 4))
+
+        async def go() -> None:
+            transport = httpx.ASGITransport(app=create_app(sim))
+            headers = {"Authorization": f"Bearer {sim.issue_access_token()}"}
+            async with httpx.AsyncClient(transport=transport, base_url="http://sim.test",
+                                         headers=headers) as c:
+                for _ in range(60):
+                    await c.get(f"{API}/teams")
+
+        asyncio.run(go())
+        assert sum(sim.stats.faults.values()) == sum(
+            1 for r in sim.stats.request_log if r.fault)
+        return [(r.fault, r.status) for r in sim.stats.request_log]
+
+    first, again, other = run(5), run(5), run(6)
+    assert first == again and first != other
+    kinds = [kind for kind, _ in first]
+    assert "server_error" in kinds and "malformed" in kinds
+    # A 5xx comes in bursts of 2..4.
+    runs = [len(list(g)) for k, g in itertools.groupby(kinds) if k == "server_error"]
+    assert runs and min(runs) >= 2
+    with pytest.raises(ValueError, match="unknown fault kind"):
+        DataverseSimulator(["teams"], row_counts={"teams": 1}).inject("gremlins")
+    assert FaultPlan.parse("seed=3,reset=0.5").rates == {"reset": 0.5}
+
+
+def test_request_log_and_max_concurrency(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, base, _ = fresh
+    sim.reset_stats()
+    sim.fault_plan = FaultPlan(rates={"slow": 1.0}, slow_seconds=(0.1, 0.1))
+    token = fetch_token(base)
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=base, timeout=10,
+                                     headers={"Authorization": f"Bearer {token}"}) as c:
+            await asyncio.gather(*(c.get(f"{API}/teams") for _ in range(5)))
+
+    asyncio.run(burst())
+    assert sim.stats.max_concurrency == 5
+    log = [r for r in sim.stats.request_log if r.entity == "teams"]
+    assert len(log) == 5 and all(r.finished - r.arrived >= 0.1 for r in log)
+    assert all(r.target == f"{API}/teams" and r.status == 200 for r in log)
+    sim.reset_stats()
+    assert sim.stats.max_concurrency == 0 and not sim.stats.request_log
+
+
+# ---------------------------------------------------------------------------------------------
+# Scale: lazily generated tables
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_million_row_table_is_generated_lazily_in_little_memory() -> None:
+    tracemalloc.start()
+    try:
+        started = time.perf_counter()
+        sim = DataverseSimulator(["accounts", "contacts", "systemusers", "teams"],
+                                 row_counts={"accounts": 1_000_000})
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seconds < 10 and peak < 60_000_000  # the eager generator would need gigabytes
+    table = sim.table("accounts")
+    assert table.lazy is not None and len(table.rows) == len(table.order_keys) == 1_000_000
+    again = DataverseSimulator(["accounts", "contacts", "systemusers", "teams"],
+                               row_counts={"accounts": 1_000_000})
+    middle = table.key_to_pk[table.order_keys[500_000]]
+    assert sim.record("accounts", middle) == again.record("accounts", middle)
+    # A page from the middle, by key range, costs what the first page costs.
+    rows, more = fetch_page(CollectionQuery(table=table, filter_expr=parse_filter(
+        f"accountid gt {middle}", table.column_types, "account")), None, 5000)
+    assert more and len(rows) == 5000
+    assert rows[0]["accountid"] == table.key_to_pk[table.order_keys[500_001]]
+    keys = [guid_order_key(r["accountid"]) for r in rows]
+    assert keys == sorted(keys)
+    row = rows[0]
+    assert set(row) == {"@odata.etag", *sim.spec("accounts").columns}
+    assert row["versionnumber"] == int(row["@odata.etag"][3:-1])
+    assert "2024-01-01T00:00:00Z" <= row["createdon"] <= row["modifiedon"] <= "2026-01-01T00:00:00Z"
+    contact_ids = set(truth_ids(sim, "contacts"))
+    assert all(r["_primarycontactid_value"] in contact_ids for r in rows
+               if r["_primarycontactid_value"] is not None)
+
+
+def test_lazy_tables_page_filter_annotate_and_change_like_held_ones() -> None:
+    eager = DataverseSimulator(["accounts", "contacts", "systemusers", "teams"], seed=9,
+                               row_counts={"accounts": 300})
+    sim = DataverseSimulator(["accounts", "contacts", "systemusers", "teams"], seed=9,
+                             row_counts={"accounts": 300}, lazy_entities=["accounts"])
+    assert sim.table("accounts").lazy is not None and eager.table("accounts").lazy is None
+    rows = sim.records("accounts")
+    account_ids = {r["accountid"] for r in rows}
+    linked = [c["_parentcustomerid_value"] for c in sim.records("contacts")
+              if c["_parentcustomerid_value"] is not None and sim.lookup_target(
+                  "contacts", c["contactid"], "_parentcustomerid_value") == "account"]
+    assert linked and set(linked) <= account_ids
+    assert [r["accountid"] for r in rows] == sorted(
+        (r["accountid"] for r in rows), key=guid_order_key)
+    assert len({r["@odata.etag"] for r in rows}) == 300
+    served = _asgi_follow(sim, f"{API}/accounts", 40)
+    assert served == rows
+    industry = rows[0]["industrycode"]
+    filtered = _asgi_follow(sim, f"{API}/accounts", 25,
+                            {"$filter": f"industrycode eq {industry}", "$select": "name"})
+    assert [r["accountid"] for r in filtered] == [
+        r["accountid"] for r in rows if r["industrycode"] == industry]
+    annotated = _annotated(sim, f"{API}/accounts?$select=_ownerid_value")
+    users, teams = set(truth_ids(sim, "systemusers")), set(truth_ids(sim, "teams"))
+    for row in annotated:
+        target = row["_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname"]
+        assert row["_ownerid_value"] in {"systemuser": users, "team": teams}[target]
+    assert {r["_ownerid_value@Microsoft.Dynamics.CRM.lookuplogicalname"]
+            for r in annotated} == {"systemuser", "team"}
+
+    tracked, delta_link = _tracking_read(sim, "accounts")
+    assert len(tracked) == 300
+    created = sim.create("accounts", {"name": "Lazy & Co"})
+    updated = rows[10]["accountid"]
+    sim.update("accounts", updated, {"name": "Renamed"})
+    deleted = rows[20]["accountid"]
+    sim.delete("accounts", deleted)
+    current = sim.records("accounts")
+    assert len(current) == 300 and deleted not in {r["accountid"] for r in current}
+    assert _asgi_follow(sim, f"{API}/accounts", 33) == current
+    assert sim.record("accounts", updated)["name"] == "Renamed"
+    changes, _ = _tracking_read(sim, "accounts", delta_link)
+    assert {c.get("accountid") or c.get("id") for c in changes} == {
+        created["accountid"], updated, deleted}
+
+
+def _annotated(sim: DataverseSimulator, url: str) -> list[dict[str, Any]]:
+    async def run() -> list[dict[str, Any]]:
+        transport = httpx.ASGITransport(app=create_app(sim))
+        headers = {"Authorization": f"Bearer {sim.issue_access_token()}",
+                   "Prefer": 'odata.include-annotations="*"'}
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim.test",
+                                     headers=headers) as c:
+            return (await c.get(url)).json()["value"]
+
+    return asyncio.run(run())
+
+
+def _tracking_read(sim: DataverseSimulator, entity_set: str,
+                   link: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    async def run() -> tuple[list[dict[str, Any]], str]:
+        transport = httpx.ASGITransport(app=create_app(sim))
+        headers = {"Authorization": f"Bearer {sim.issue_access_token()}",
+                   "Prefer": "odata.track-changes,odata.maxpagesize=70"}
+        rows: list[dict[str, Any]] = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://sim.test",
+                                     headers=headers) as c:
+            body = (await c.get(link or f"{API}/{entity_set}")).json()
+            while True:
+                rows.extend(body["value"])
+                if "@odata.deltaLink" in body:
+                    return rows, body["@odata.deltaLink"]
+                body = (await c.get(body["@odata.nextLink"])).json()
+
+    return asyncio.run(run())
+
+
+@settings(max_examples=60, deadline=None)
+@given(count=st.integers(0, 60), operations=st.lists(
+    st.tuples(st.booleans(), st.integers(0, 10**6)), max_size=40))
+def test_lazy_key_index_behaves_like_a_sorted_list(
+    count: int, operations: list[tuple[bool, int]]
+) -> None:
+    source = LazyRowSource(count=count, seed=1, primary_key="accountid")
+    index = LazyKeyIndex(count, source.order_key)
+    truth = [source.order_key(i) for i in range(count)]
+    for insert, number in operations:
+        if insert or not truth:
+            key = guid_order_key(str(uuid.UUID(int=number * 7919 % 2**128, version=4)))
+            if key in truth:
+                continue
+            bisect.insort(truth, key)
+            bisect.insort(index, key)
+        else:
+            position = number % len(truth)
+            del truth[position]
+            del index[position]
+        assert len(index) == len(truth)
+    assert list(index) == truth
+    assert [index[i] for i in range(len(truth))] == truth
+    assert index[1:4] == truth[1:4]
+    for key in truth[:5]:
+        assert bisect.bisect_left(index, key) == bisect.bisect_left(truth, key)
+    assert [source.index_of(source.pk(i)) for i in range(count)] == list(range(count))

@@ -19,12 +19,14 @@ from urllib.parse import parse_qsl, quote
 
 import orjson
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from . import engine
 from .annotations import Annotator
+from .gateway import Gateway
 from .metadata import (
     ATTRIBUTE_PROPERTIES,
     ATTRIBUTE_PROPERTY_TYPES,
@@ -298,7 +300,7 @@ class _Api:
             "token_type": "Bearer",
             "expires_in": lifetime,
             "ext_expires_in": lifetime,
-            "access_token": sim.issue_access_token(),
+            "access_token": sim.issue_access_token(form["client_id"]),
         }
         return Response(
             orjson.dumps(body_out),
@@ -825,6 +827,6 @@ def create_app(sim: DataverseSimulator) -> Starlette:
         Route(API_PATH + "/{rest:path}", api.counted(api.api), methods=methods),
         Route("/{path:path}", api.counted(api.fallback), methods=methods),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(Gateway, sim=sim, api_path=API_PATH)])
     app.state.simulator = sim
     return app

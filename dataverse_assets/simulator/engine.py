@@ -93,21 +93,26 @@ def _sort_key_function(query: CollectionQuery) -> Callable[[dict[str, Any]], tup
     return key
 
 
-def _key_candidates(query: CollectionQuery) -> tuple[list[str] | None, int, int]:
-    """(explicit sorted key list or None, lo, hi) bounding which keys can match the filter."""
+def _key_candidates(query: CollectionQuery) -> tuple[list[str] | None, int, int, bool]:
+    """(explicit sorted key list or None, lo, hi, whether rows still need the predicate)
+    bounding which keys can match the filter."""
     table = query.table
     keys = table.order_keys
     lo, hi = 0, len(keys)
     key_set: set[str] | None = None
     if query.filter_expr is None:
-        return None, lo, hi
+        return None, lo, hi, False
     pk = query.primary_key
-    for part in conjuncts(query.filter_expr):
+    parts = conjuncts(query.filter_expr)
+    bounds = key_bounds(query.filter_expr, pk)
+    # A filter made only of key-range conditions is fully answered by the bounds below.
+    needs_predicate = len(bounds) != len(parts)
+    for part in parts:
         equalities = key_equalities(part, pk)
         if equalities is not None:
             found = {guid_order_key(g) for g in equalities if g in table.rows}
             key_set = found if key_set is None else key_set & found
-    for op, guid in key_bounds(query.filter_expr, pk):
+    for op, guid in bounds:
         key = guid_order_key(guid)
         if op == "gt":
             lo = max(lo, bisect.bisect_right(keys, key))
@@ -117,7 +122,7 @@ def _key_candidates(query: CollectionQuery) -> tuple[list[str] | None, int, int]
             hi = min(hi, bisect.bisect_left(keys, key))
         else:
             hi = min(hi, bisect.bisect_right(keys, key))
-    return (sorted(key_set) if key_set is not None else None), lo, hi
+    return (sorted(key_set) if key_set is not None else None), lo, hi, needs_predicate
 
 
 def _scan(
@@ -126,8 +131,8 @@ def _scan(
     """Matching rows in key order after `after_key`; at most `limit` (None = all)."""
     table = query.table
     rows, key_to_pk, keys = table.rows, table.key_to_pk, table.order_keys
-    predicate = query.predicate
-    key_list, lo, hi = _key_candidates(query)
+    key_list, lo, hi, needs_predicate = _key_candidates(query)
+    predicate = query.predicate if needs_predicate else None
     source: Iterable[str]
     if key_list is not None:
         start = bisect.bisect_right(key_list, after_key) if after_key is not None else 0
@@ -136,8 +141,8 @@ def _scan(
         start = lo if after_key is None else max(lo, bisect.bisect_right(keys, after_key))
         if predicate is None:
             stop = hi if limit is None else min(hi, start + limit)
-            return [rows[key_to_pk[k]] for k in keys[start:stop]]
-        source = (keys[i] for i in range(start, hi))
+            return table.rows_in_order(start, max(start, stop))
+        source = table.iter_order_keys(start, hi)
     out: list[dict[str, Any]] = []
     for key in source:
         row = rows[key_to_pk[key]]

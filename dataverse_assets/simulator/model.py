@@ -15,12 +15,14 @@ import time
 import unicodedata
 import uuid
 import zlib
-from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .faults import Fault, FaultBoard, FaultPlan
+from .lazy import DerivedKeyMap, LazyKeyIndex, LazyRows, LazyRowSource
 from .odata import (
     CATEGORY_BY_TYPE,
     ODataQueryError,
@@ -29,6 +31,7 @@ from .odata import (
     is_guid,
     parse_datetime,
 )
+from .protection import ServiceProtection, ServiceProtectionLimits
 
 SIMULATOR_CLIENT_ID = "simulator-client"
 # A public placeholder for local development and tests; it protects nothing.
@@ -47,6 +50,11 @@ _VIRTUAL_NAME_FOR = frozenset({"Picklist", "State", "Status", "Boolean"})
 
 _SEED_START = datetime(2024, 1, 1, tzinfo=UTC)
 _SEED_END = datetime(2026, 1, 1, tzinfo=UTC)
+
+# Tables larger than this are generated lazily (rows built on demand from their index).
+LAZY_ROW_THRESHOLD = 100_000
+# A lazy table copies column values from this many rows made by the ordinary generator.
+LAZY_TEMPLATE_ROWS = 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,9 +433,33 @@ def _random_stamp(rng: random.Random, start: datetime, end: datetime) -> datetim
     return start + timedelta(seconds=rng.randrange(span))
 
 
+# change_column_type: how a value becomes the new kind unless the caller says otherwise.
+_DEFAULT_CONVERSIONS: dict[str, Callable[[Any], Any]] = {
+    "string": str, "int": int, "number": float, "bool": bool,
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Runtime state
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    """One Web API request as the simulator saw it (times from time.monotonic)."""
+
+    arrived: float
+    finished: float
+    method: str
+    target: str  # path and query string
+    entity: str | None
+    status: int
+    fault: str | None = None
+    retry_after: float | None = None  # the Retry-After of a 429
+
+
+# The request log keeps the most recent requests only, so a long-running simulator stays small.
+REQUEST_LOG_SIZE = 100_000
 
 
 @dataclass
@@ -440,6 +472,16 @@ class SimStats:
     token_requests: int = 0
     metadata_requests: int = 0
     status_counts: Counter[int] = field(default_factory=Counter)
+    # Service protection: 429s sent (and by error code), requests sent while throttled.
+    throttled: int = 0
+    throttled_by_code: Counter[str] = field(default_factory=Counter)
+    requests_while_throttled: int = 0
+    # The most Web API requests in flight at once.
+    max_concurrency: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+    request_log: deque[SimRequest] = field(
+        default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE)
+    )
 
     def reset(self) -> None:
         """Zero every counter in place (callers may hold a reference to this object)."""
@@ -449,6 +491,12 @@ class SimStats:
         self.requests_by_entity.clear()
         self.rows_served.clear()
         self.status_counts.clear()
+        self.throttled = 0
+        self.throttled_by_code.clear()
+        self.requests_while_throttled = 0
+        self.max_concurrency = 0
+        self.faults.clear()
+        self.request_log.clear()
 
 
 @dataclass
@@ -470,6 +518,21 @@ class EntityTable:
     lookup_targets: dict[str, dict[str, str]] = field(default_factory=dict)
     pairs: set[tuple[str, str]] = field(default_factory=set)
     cache: dict[Any, Any] = field(default_factory=dict)
+    # Set for tables generated on demand (rows, order_keys, key_to_pk are then lazy views).
+    lazy: LazyRowSource | None = None
+
+    def rows_in_order(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Rows at positions [start, stop) of the primary-key order."""
+        if isinstance(self.rows, LazyRows):
+            return self.rows.in_order(start, stop)
+        rows, key_to_pk = self.rows, self.key_to_pk
+        return [rows[key_to_pk[k]] for k in self.order_keys[start:stop]]
+
+    def iter_order_keys(self, start: int, stop: int) -> Iterator[str]:
+        """Order keys at positions [start, stop), without copying a lazy index."""
+        if isinstance(self.order_keys, LazyKeyIndex):
+            return self.order_keys.iter_range(start, stop)
+        return iter(self.order_keys[start:stop])
 
     def add_key(self, pk: str) -> None:
         """Index a new primary key."""
@@ -505,9 +568,17 @@ class DataverseSimulator:
         token_lifetime_seconds: int = 3599,
         delta_token_lifetime_seconds: int = 7 * 24 * 3600,
         org_url: str | None = None,
+        lazy_entities: Iterable[str] = (),
     ) -> None:
+        """An org with these entity sets.
+
+        `row_counts` overrides the default size per entity set. Tables in `lazy_entities`, and
+        any table of more than LAZY_ROW_THRESHOLD rows, are generated on demand from each row's
+        index (a million rows cost a few megabytes); intersect tables are always held.
+        """
         names = list(dict.fromkeys(entity_names))
         row_counts = row_counts or {}
+        lazy_names = set(lazy_entities)
         self.seed = seed
         self.token_lifetime_seconds = token_lifetime_seconds
         self.delta_token_lifetime_seconds = delta_token_lifetime_seconds
@@ -520,6 +591,10 @@ class DataverseSimulator:
         # Re-entrant: mutations call now() while holding it.
         self.lock = threading.RLock()
         self._tokens: dict[str, float] = {}
+        self._token_clients: dict[str, str] = {}
+        self._protection = ServiceProtection(ServiceProtectionLimits())
+        self._fault_board = FaultBoard()
+        self._fault_rng = random.Random(seed * 104_729 + 3)
         self._delta_min_version = 0
         self._version = 1000
         self._last_issued = _SEED_START
@@ -529,6 +604,14 @@ class DataverseSimulator:
         for name in names:
             spec = entity_spec_for(name, row_counts.get(name))
             table = EntityTable(spec=spec, column_types=spec.column_types)
+            if (name in lazy_names or spec.row_count > LAZY_ROW_THRESHOLD) and not (
+                spec.is_intersect
+            ):
+                table.lazy = LazyRowSource(
+                    count=max(spec.row_count, 0),
+                    seed=self.seed * 1_000_003 + zlib.crc32(name.encode("utf-8")),
+                    primary_key=spec.primary_id_attribute,
+                )
             self._tables[name] = table
             self._by_logical[spec.logical_name] = table
         self._seed_all()
@@ -601,15 +684,31 @@ class DataverseSimulator:
 
     # -- access tokens ---------------------------------------------------------------------------
 
-    def issue_access_token(self) -> str:
-        """Mint an opaque bearer token valid for token_lifetime_seconds."""
+    def issue_access_token(self, client_id: str | None = None) -> str:
+        """Mint an opaque bearer token valid for token_lifetime_seconds, issued to client_id
+        (the user whose service protection limits its requests count against)."""
         with self.lock:
             if len(self._tokens) > 10_000:
                 current = time.monotonic()
                 self._tokens = {t: e for t, e in self._tokens.items() if e > current}
+                self._token_clients = {
+                    t: c for t, c in self._token_clients.items() if t in self._tokens
+                }
             token = secrets.token_urlsafe(32)
             self._tokens[token] = time.monotonic() + self.token_lifetime_seconds
+            self._token_clients[token] = client_id or self.client_id
             return token
+
+    def issued_access_tokens(self) -> list[str]:
+        """Every access token issued so far (tests check none leaks into logs or archives)."""
+        with self.lock:
+            return list(self._tokens)
+
+    def token_client(self, token: str) -> str | None:
+        """The client a valid token was issued to; None for unknown or expired tokens."""
+        if self.access_token_state(token) != "valid":
+            return None
+        return self._token_clients.get(token)
 
     def access_token_state(self, token: str) -> str:
         """"valid", "expired" or "unknown"."""
@@ -623,6 +722,73 @@ class DataverseSimulator:
         with self.lock:
             for token in self._tokens:
                 self._tokens[token] = float("-inf")
+
+    # -- service protection and faults -----------------------------------------------------------
+
+    @property
+    def limits(self) -> ServiceProtectionLimits:
+        """Service protection limits per user (default: none). Setting them starts afresh."""
+        return self._protection.limits
+
+    @limits.setter
+    def limits(self, limits: ServiceProtectionLimits) -> None:
+        with self.lock:
+            self._protection = ServiceProtection(limits)
+
+    @property
+    def protection(self) -> ServiceProtection:
+        """The limits' runtime state (the HTTP layer admits requests through it)."""
+        return self._protection
+
+    @property
+    def fault_plan(self) -> FaultPlan | None:
+        """A seeded random fault scenario applied to every Web API request, or None."""
+        return self._fault_board.plan
+
+    @fault_plan.setter
+    def fault_plan(self, plan: FaultPlan | None) -> None:
+        with self.lock:
+            self._fault_board.plan = plan
+
+    def inject(self, kind: str, count: int = 1, **options: Any) -> Fault:
+        """Give the next `count` matching Web API requests a fault (see simulator.faults);
+        options: entity, after, status, body, seconds, rows, paging_only."""
+        with self.lock:
+            return self._fault_board.add(Fault(kind, count=count, **options))
+
+    def clear_faults(self) -> None:
+        """Drop pending injected faults and the fault plan."""
+        with self.lock:
+            self._fault_board.clear()
+
+    def draw_fault(self, entity: str | None, paging: bool, collection: bool) -> Fault | None:
+        """The fault for one request (counted in stats.faults), or None."""
+        with self.lock:
+            fault = self._fault_board.draw(entity, paging, collection)
+            if fault is not None:
+                self.stats.faults[fault.kind] += 1
+            return fault
+
+    def mutate_for_fault(self, entity_set: str, kind: str, rows: int) -> list[str]:
+        """Update (`modify_records`) or delete (`delete_records`) random existing rows of an
+        entity set, as another user would while a client pages; returns their keys."""
+        with self.lock:
+            table = self._tables[entity_set]
+            keys = table.order_keys
+            picked = self._fault_rng.sample(range(len(keys)), min(rows, len(keys)))
+            touched: list[str] = []
+            for pk in [table.key_to_pk[keys[i]] for i in picked]:
+                if kind == "delete_records":
+                    self.delete(entity_set, pk)
+                elif table.spec.is_intersect:
+                    continue  # intersect rows have nothing to edit but their links
+                else:
+                    name = table.spec.primary_name_attribute
+                    current = table.rows[pk].get(name) if name else None
+                    changes = {name: f"{current} (edited)"} if isinstance(current, str) else {}
+                    self.update(entity_set, pk, changes)
+                touched.append(pk)
+            return touched
 
     # -- delta tokens ----------------------------------------------------------------------------
 
@@ -679,6 +845,12 @@ class DataverseSimulator:
         # Phase 1: every key first, so lookups can point at rows of any table.
         for name in order:
             table, rng = self._tables[name], rngs[name]
+            if table.lazy is not None:
+                keys = LazyKeyIndex(table.lazy.count, table.lazy.order_key)
+                table.order_keys = keys  # type: ignore[assignment]
+                table.key_to_pk = DerivedKeyMap()  # type: ignore[assignment]
+                table.rows = LazyRows(table.lazy, keys)
+                continue
             pks: list[str] = []
             seen: set[str] = set()
             while len(pks) < max(table.spec.row_count, 0):
@@ -692,6 +864,9 @@ class DataverseSimulator:
         # Phase 2: row contents, in a fixed table order so versions are reproducible.
         for name in order:
             table, rng = self._tables[name], rngs[name]
+            if table.lazy is not None:
+                self._seed_lazy(table, rng)
+                continue
             if table.spec.is_intersect:
                 self._seed_intersect(table, rng, pk_lists[name])
                 continue
@@ -699,6 +874,10 @@ class DataverseSimulator:
                 row = self._build_row(table, rng, pk, ordinal, stamp=None)
                 table.rows[pk] = row
         for table in self._tables.values():
+            if table.lazy is not None:
+                # Lazy stamps stay inside the seed window; its end bounds them all.
+                self._observe_stamp(format_datetime(_SEED_END))
+                continue
             for row in table.rows.values():
                 self._observe_stamp(row.get("modifiedon"))
                 self._observe_stamp(row.get("createdon"))
@@ -741,11 +920,28 @@ class DataverseSimulator:
             }
             table.pairs.add((a, b))
 
+    def _seed_lazy(self, table: EntityTable, rng: random.Random) -> None:
+        """Template rows from the ordinary generator, then a block of versions for the seed."""
+        assert table.lazy is not None
+        count = min(table.lazy.count, LAZY_TEMPLATE_ROWS)
+        templates: list[dict[str, Any]] = []
+        targets: list[dict[str, str]] = []
+        for ordinal in range(max(count, 1)):
+            placeholder = f"00000000-0000-4000-8000-{ordinal:012x}"
+            templates.append(self._build_row(table, rng, placeholder, ordinal, stamp=None))
+            targets.append(table.lookup_targets.pop(placeholder, {}))
+        table.lazy.set_templates(templates, targets, base_version=self._version,
+                                 stamp_start=_SEED_START, stamp_end=_SEED_END)
+        self._version += table.lazy.count
+
     def _key_pool(self, attribute: SimAttribute) -> list[str]:
         for target in attribute.targets:
             table = self._by_logical.get(target)
             if table is not None and table.order_keys:
-                return [table.key_to_pk[k] for k in table.order_keys]
+                keys = table.order_keys
+                # A lazy table lends an evenly spaced sample rather than a million keys.
+                step = max(1, len(keys) // 10_000) if table.lazy is not None else 1
+                return [table.key_to_pk[keys[i]] for i in range(0, len(keys), step)]
         return []
 
     # -- row generation --------------------------------------------------------------------------
@@ -1058,6 +1254,106 @@ class DataverseSimulator:
             table.lookup_targets.pop(pk, None)
             table.record_change(self._next_version(), pk, "delete")
 
+    # -- schema changes --------------------------------------------------------------------------
+    # A customizer adds, removes or retypes a column: metadata (EntityDefinitions, $metadata)
+    # and every row change together. As in Dataverse, rows are not stamped: no new modifiedon
+    # and no change-tracking entry, so an incremental client sees the new shape on the rows
+    # that change afterwards (and on every row of a full read).
+
+    def add_column(
+        self,
+        entity_set: str,
+        attribute: SimAttribute,
+        default: Any | Callable[[dict[str, Any]], Any] = None,
+    ) -> None:
+        """Add a column; existing rows get `default` (or `default(row)` if callable), rows
+        created later get generated values like seeded ones."""
+        with self.lock:
+            table = self._tables[entity_set]
+            spec = table.spec
+            if not attribute.is_virtual and attribute.attribute_type not in CATEGORY_BY_TYPE:
+                raise ValueError(f"unknown AttributeType {attribute.attribute_type!r}")
+            if any(a.logical_name == attribute.logical_name for a in spec.attributes) or (
+                not attribute.is_virtual and attribute.column in spec.columns
+            ):
+                raise ValueError(
+                    f"{spec.logical_name} already has a column {attribute.logical_name!r}"
+                )
+            spec.attributes = [*spec.attributes, attribute]
+            self._schema_changed(table)
+            if attribute.is_virtual:
+                return
+            for pk, row in list(table.rows.items()):
+                value = default(row) if callable(default) else default
+                new_row = dict(row)  # copy-on-write, as for updates
+                new_row[attribute.column] = self._coerce(table, attribute.column, value)[1]
+                table.rows[pk] = new_row
+
+    def remove_column(self, entity_set: str, name: str) -> None:
+        """Delete a column (by logical name or row key) from metadata and every row; its
+        Virtual `<name>name` companion goes with it."""
+        with self.lock:
+            table = self._tables[entity_set]
+            spec = table.spec
+            attribute = spec.attribute(name)
+            if attribute is None:
+                raise KeyError(f"{spec.logical_name} has no column {name!r}")
+            if attribute.logical_name == spec.primary_id_attribute:
+                raise ValueError("the primary key cannot be removed")
+            if spec.is_intersect and attribute in spec.attributes[1:3]:
+                raise ValueError("the columns an intersect table links cannot be removed")
+            spec.attributes = [
+                a for a in spec.attributes
+                if a is not attribute and a.attribute_of != attribute.logical_name
+            ]
+            self._schema_changed(table)
+            if attribute.is_virtual:
+                return
+            for pk, row in list(table.rows.items()):
+                table.rows[pk] = {k: v for k, v in row.items() if k != attribute.column}
+                table.lookup_targets.get(pk, {}).pop(attribute.column, None)
+
+    def change_column_type(
+        self,
+        entity_set: str,
+        name: str,
+        attribute_type: str,
+        convert: Callable[[Any], Any] | None = None,
+    ) -> None:
+        """Give a column another AttributeType; each non-null value becomes `convert(value)`
+        (default: str / int / float / bool for the new kind). Lookup-ness cannot change, since
+        that renames the row key."""
+        with self.lock:
+            table = self._tables[entity_set]
+            spec = table.spec
+            attribute = spec.attribute(name)
+            if attribute is None or attribute.is_virtual:
+                raise KeyError(f"{spec.logical_name} has no column {name!r}")
+            if attribute_type not in CATEGORY_BY_TYPE:
+                raise ValueError(f"unknown AttributeType {attribute_type!r}")
+            changed = SimAttribute(attribute.logical_name, attribute_type, attribute.targets,
+                                   attribute.nullable, attribute.attribute_of)
+            if changed.is_lookup != attribute.is_lookup:
+                raise ValueError("a column cannot become or stop being a lookup")
+            if attribute.logical_name == spec.primary_id_attribute:
+                raise ValueError("the primary key's type cannot be changed")
+            spec.attributes = [changed if a is attribute else a for a in spec.attributes]
+            self._schema_changed(table)
+            convert = convert or _DEFAULT_CONVERSIONS.get(CATEGORY_BY_TYPE[attribute_type], str)
+            for pk, row in list(table.rows.items()):
+                value = row.get(changed.column)
+                new_row = dict(row)
+                new_row[changed.column] = self._coerce(
+                    table, changed.column, None if value is None else convert(value)
+                )[1]
+                table.rows[pk] = new_row
+
+    @staticmethod
+    def _schema_changed(table: EntityTable) -> None:
+        table.column_types = table.spec.column_types
+        table.data_version += 1
+        table.cache.clear()  # cached orders hold the old row dicts
+
     # -- truth -----------------------------------------------------------------------------------
 
     def records(self, entity_set: str) -> list[dict[str, Any]]:
@@ -1081,4 +1377,8 @@ class DataverseSimulator:
         found = table.lookup_targets.get(pk, {}).get(column)
         if found is not None:
             return found
+        if table.lazy is not None and pk not in table.rows.overrides:  # type: ignore[attr-defined]
+            found = table.lazy.lookup_target(pk, column)
+            if found is not None:
+                return found
         return attribute.targets[0] if attribute.targets else None

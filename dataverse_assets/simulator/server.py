@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -11,9 +12,16 @@ from contextlib import contextmanager
 import uvicorn
 
 from .app import create_app
+from .gateway import HideInjectedResets
 from .model import DataverseSimulator
 
 _STARTUP_TIMEOUT_SECONDS = 15.0
+
+
+def _hide_injected_resets() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, HideInjectedResets) for f in logger.filters):
+        logger.addFilter(HideInjectedResets())
 
 
 @contextmanager
@@ -31,6 +39,7 @@ def serve_on_loopback(sim: DataverseSimulator, port: int = 0) -> Iterator[str]:
         sock.close()
         raise
     bound_port = sock.getsockname()[1]
+    _hide_injected_resets()
     config = uvicorn.Config(
         create_app(sim),
         log_level="warning",

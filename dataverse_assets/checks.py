@@ -1,0 +1,368 @@
+"""Asset checks on canonical/E, and the column schema shown with each materialization.
+
+Per change set, evaluated inside the canonical/E step right after the publish (declared with
+`check_specs` on the asset, partitioned like it, so the UI shows a result per change set):
+- `schema_drift`: what `_schema_drift` recorded for the change set(s) the step published.
+  WARN for info (added columns, fields kept in json_response only), ERROR for breaking
+  (removed columns, type changes). Not blocking: the data keeps flowing by design.
+- `primary_key`: the key column has no NULL or empty value and no two rows whose keys differ
+  only in case (Dataverse GUIDs are case-insensitive; SQLite's PRIMARY KEY is not). ERROR and
+  blocking: the step fails, so nothing downstream reads a table whose key is broken.
+- `row_count`: canonical rows against the number of records the source listed, only where a
+  change set knows it (a full snapshot, a change-tracking resync, a first full read, or a
+  key-only scan of an unfiltered entity). Otherwise it passes with `reconciled: false` and
+  says why: Dagster needs a result for every declared check. WARN, not blocking: a record
+  created or deleted while a change set pages explains a difference, and the next
+  reconciliation settles it.
+
+Per cadence group, its own op (`freshness_<group>`, also run by `check_freshness`):
+- `freshness`: the last COMPLETE publish of each entity against the group's cron (UTC): after
+  a tick plus the group's `freshness_grace_minutes`, a publish must have finished since that
+  tick. WARN, not blocking (there is nothing to hold back; the sync itself is what is late).
+"""
+
+import sqlite3
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckKey,
+    AssetCheckResult,
+    AssetChecksDefinition,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetKey,
+    MetadataValue,
+    PartitionsDefinition,
+    PreviewWarning,
+    TableColumn,
+    TableColumnConstraints,
+    TableSchema,
+    multi_asset_check,
+)
+from dagster._utils.schedules import get_latest_completed_cron_tick
+
+from dataverse_assets.config import EntitiesConfig, EntityConfig, GroupConfig
+from dataverse_assets.drift import read_schema_checks
+from dataverse_assets.fetch import SNAPSHOT_MODES
+from dataverse_assets.publish import SYNC_COLUMNS, canonical_row_count, load_locked_schema
+from dataverse_assets.resources import MirrorStore
+from dataverse_assets.schema import ADDED, BREAKING, EXCLUDED, REMOVED, TYPE_CHANGED, EntitySchema
+from dataverse_assets.store import quote_identifier, staging_keys_table, staging_table, table_exists
+
+SCHEMA_DRIFT = "schema_drift"
+PRIMARY_KEY = "primary_key"
+ROW_COUNT = "row_count"
+FRESHNESS = "freshness"
+FRESHNESS_JOB = "check_freshness"
+
+_SYNC_COLUMN_DESCRIPTIONS = {
+    "json_response": "the record exactly as the API returned it",
+    "_content_hash": "hash of the record; unchanged hash, no write",
+    "sync_time": "when this version was fetched",
+    "valid_from": "modifiedon of this version (sync time without one)",
+    "updated_at": "when the content last changed in the mirror",
+    "_change_set": "the change set that wrote this version",
+}
+
+
+def canonical_key(entity: str) -> AssetKey:
+    return AssetKey(["canonical", entity])
+
+
+# -- per change set, inside canonical/E ---------------------------------------------------
+
+def canonical_check_specs(entity: EntityConfig,
+                          partitions_def: PartitionsDefinition) -> list[AssetCheckSpec]:
+    """The checks canonical/E reports with every materialization, one result per change set."""
+    key = canonical_key(entity.name)
+    with warnings.catch_warnings():
+        # Partitioned check specs are a Dagster preview; they give one result per change set.
+        warnings.simplefilter("ignore", PreviewWarning)
+        return [
+            AssetCheckSpec(
+                SCHEMA_DRIFT, asset=key, partitions_def=partitions_def,
+                description="The change set's schema (metadata, else records) against the "
+                "locked one: WARN for added columns and fields kept in json_response only, "
+                "ERROR for removed columns and type changes. Not blocking.",
+            ),
+            AssetCheckSpec(
+                PRIMARY_KEY, asset=key, partitions_def=partitions_def, blocking=True,
+                description="No NULL or empty key and no keys equal but for letter case. "
+                "Blocking: a failure fails the step.",
+            ),
+            AssetCheckSpec(
+                ROW_COUNT, asset=key, partitions_def=partitions_def,
+                description="Canonical rows against the source's count, where the change set "
+                "knows it (full snapshot, resync, first full read, key-only scan). Not "
+                "blocking.",
+            ),
+        ]
+
+
+@dataclass
+class CanonicalChecks:
+    """What canonical/E adds to its materialization: check results and metadata."""
+
+    results: list[AssetCheckResult] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+
+def evaluate_canonical_checks(connection: sqlite3.Connection, entity: EntityConfig,
+                              change_sets: list[str]) -> CanonicalChecks:
+    """Every per-change-set check after publishing `change_sets` (older first, the step's own
+    change set last)."""
+    schema = load_locked_schema(connection, entity.name)
+    checks = CanonicalChecks()
+    checks.results.append(schema_drift_result(connection, entity.name, change_sets))
+    checks.results.append(primary_key_result(connection, entity.name, schema))
+    checks.results.append(row_count_result(connection, entity, change_sets[-1]))
+    if schema is not None:
+        checks.metadata["dagster/column_schema"] = column_schema(schema)
+        checks.metadata["schema_version"] = connection.execute(
+            "SELECT max(version) FROM _schema WHERE entity = ?", (entity.name,)).fetchone()[0]
+        checks.metadata["schema_from"] = schema.decided_from
+    return checks
+
+
+def column_schema(schema: EntitySchema) -> TableSchema:
+    """The canonical table's columns for the UI: the locked schema, then the sync columns."""
+    columns = [
+        TableColumn(
+            c.name, c.sqlite_type,
+            description=(f"AttributeType {c.attribute_type}" if c.attribute_type
+                         else "type inferred from records" if c.type_known
+                         else "type unknown when locked (only nulls): TEXT")
+            + (" (primary key)" if c.name == schema.primary_key else ""),
+            constraints=(TableColumnConstraints(nullable=False, unique=True)
+                         if c.name == schema.primary_key else None),
+        )
+        for c in schema.columns
+    ]
+    columns += [
+        TableColumn(name, declared.split()[0], description=_SYNC_COLUMN_DESCRIPTIONS.get(name),
+                    constraints=TableColumnConstraints(nullable="NOT NULL" not in declared))
+        for name, declared in SYNC_COLUMNS
+    ]
+    return TableSchema(columns=columns)
+
+
+def _finding(kind: str, f: dict, change_set: str) -> dict:
+    if kind == TYPE_CHANGED:
+        return {"column": f["column_name"], "locked_type": f["locked_type"],
+                "live_type": f["live_type"], "locked_attribute_type": f["locked_attribute_type"],
+                "live_attribute_type": f["live_attribute_type"], "severity": f["severity"],
+                "detail": f["detail"], "change_set": change_set}
+    if kind == REMOVED:
+        return {"column": f["column_name"], "type": f["locked_type"],
+                "attribute_type": f["locked_attribute_type"], "change_set": change_set,
+                "action": f["action"]}
+    entry = {"column": f["column_name"], "type": f["live_type"],
+             "attribute_type": f["live_attribute_type"], "change_set": change_set,
+             "action": f["action"]}
+    if kind == EXCLUDED:
+        entry["reason"] = f["detail"]
+    return entry
+
+
+def schema_drift_result(connection: sqlite3.Connection, entity: str,
+                        change_sets: list[str]) -> AssetCheckResult:
+    compared = read_schema_checks(connection, entity, change_sets)
+    by_kind: dict[str, list[dict]] = {ADDED: [], REMOVED: [], TYPE_CHANGED: [], EXCLUDED: []}
+    breaking = 0
+    for check in compared:
+        for f in check.findings:
+            by_kind[f["kind"]].append(_finding(f["kind"], f, check.change_set))
+            breaking += f["severity"] == BREAKING
+    total = sum(len(v) for v in by_kind.values())
+    metadata = {kind: MetadataValue.json(entries) for kind, entries in by_kind.items()}
+    metadata["change_sets"] = MetadataValue.json(change_sets)
+    metadata["live_schema_from"] = ", ".join(sorted({c.live_from for c in compared})) or "none"
+    metadata["outcome"] = ", ".join(f"{c.change_set}: {c.outcome}" for c in compared) or "none"
+    if not compared:
+        description = "Not compared: no schema comparison was recorded for this change set."
+    elif not total:
+        description = "The change set's schema matches the locked schema."
+    else:
+        parts = []
+        for kind, label in ((REMOVED, "removed"), (TYPE_CHANGED, "type changed"),
+                            (ADDED, "added"), (EXCLUDED, "kept in json_response only")):
+            if by_kind[kind]:
+                names = ", ".join(_describe(kind, e) for e in by_kind[kind])
+                parts.append(f"{label}: {names}")
+        description = f"{breaking} breaking, {total - breaking} info. " + "; ".join(parts)
+    return AssetCheckResult(
+        check_name=SCHEMA_DRIFT, passed=total == 0, metadata=metadata, description=description,
+        severity=AssetCheckSeverity.ERROR if breaking else AssetCheckSeverity.WARN,
+    )
+
+
+def _describe(kind: str, entry: dict) -> str:
+    if kind == TYPE_CHANGED:
+        return f"{entry['column']} {entry['locked_type']} -> {entry['live_type']}"
+    return f"{entry['column']} {entry['type'] or '(type unknown)'}"
+
+
+def primary_key_result(connection: sqlite3.Connection, entity: str,
+                       schema: EntitySchema | None) -> AssetCheckResult:
+    if schema is None or not table_exists(connection, entity):
+        return AssetCheckResult(check_name=PRIMARY_KEY, passed=True,
+                                description="No canonical table yet.",
+                                metadata={"rows": 0})
+    table, pk = quote_identifier(entity), quote_identifier(schema.primary_key)
+    missing = connection.execute(
+        f"SELECT count(*) FROM {table} WHERE {pk} IS NULL OR {pk} = ''").fetchone()[0]
+    duplicates = connection.execute(
+        f"SELECT lower({pk}), count(*) FROM {table} WHERE {pk} IS NOT NULL"
+        f" GROUP BY lower({pk}) HAVING count(*) > 1 ORDER BY 1").fetchall()
+    passed = not missing and not duplicates
+    description = (f"{schema.primary_key!r} is unique and never null." if passed else
+                   f"{missing} rows without a key, {len(duplicates)} keys held by more than one "
+                   f"row (compared case-insensitively).")
+    return AssetCheckResult(
+        check_name=PRIMARY_KEY, passed=passed, severity=AssetCheckSeverity.ERROR,
+        description=description,
+        metadata={"primary_key": schema.primary_key, "null_or_empty_keys": missing,
+                  "duplicate_keys": len(duplicates),
+                  "duplicate_examples": MetadataValue.json(
+                      [{"key": k, "rows": n} for k, n in duplicates[:10]])},
+    )
+
+
+def source_count(connection: sqlite3.Connection, entity: EntityConfig,
+                 change_set: str) -> tuple[int | None, str]:
+    """How many records the source had, if this change set knows it, and how it knows."""
+    staged = connection.execute(
+        "SELECT mode, reconciled FROM _staged WHERE entity = ? AND change_set = ?",
+        (entity.name, change_set)).fetchone()
+    if staged is None:
+        return None, "the change set is not staged"
+    mode, key_scan = staged
+    published = connection.execute(
+        "SELECT status, watermark_before FROM _publish_state WHERE entity = ? AND change_set = ?",
+        (entity.name, change_set)).fetchone()
+    latest = connection.execute(
+        "SELECT last_change_set FROM _sync_state WHERE entity = ?", (entity.name,)).fetchone()
+    if published is None or published[0] != "COMPLETE":
+        return None, "the change set is not published"
+    if latest is None or latest[0] != change_set:
+        return None, f"newer change set {latest[0] if latest else '?'} already published"
+    staging = quote_identifier(staging_table(entity.name))
+    records = (f"SELECT _pk FROM {staging} WHERE _change_set = :cs AND _op = 'upsert'")
+    if mode in SNAPSHOT_MODES or (mode == "modifiedon" and published[1] is None):
+        basis = ("full snapshot" if mode == "full" else "change-tracking resync"
+                 if mode != "modifiedon" else "first full read")
+        count = connection.execute(f"SELECT count(DISTINCT _pk) FROM ({records})",
+                                   {"cs": change_set}).fetchone()[0]
+        return count, f"{basis}: distinct records the source returned"
+    if key_scan and mode == "modifiedon":
+        keys = quote_identifier(staging_keys_table(entity.name))
+        count = connection.execute(
+            f"SELECT count(*) FROM (SELECT _pk FROM {keys} WHERE _change_set = :cs"
+            f" UNION {records})", {"cs": change_set}).fetchone()[0]
+        return count, "key-only scan: keys the source listed, plus records created after it"
+    if mode == "filtered":
+        return None, "filtered entity: only linked records are mirrored, not the whole table"
+    return None, (f"incremental change set ({mode}): it carries changes only, so the "
+                  "source's total is not known")
+
+
+def row_count_result(connection: sqlite3.Connection, entity: EntityConfig,
+                     change_set: str) -> AssetCheckResult:
+    expected, basis = source_count(connection, entity, change_set)
+    rows = canonical_row_count(connection, entity.name)
+    if expected is None:
+        return AssetCheckResult(
+            check_name=ROW_COUNT, passed=True, severity=AssetCheckSeverity.WARN,
+            description=f"Not reconciled: {basis}.",
+            metadata={"reconciled": False, "reason": basis, "canonical_count": rows},
+        )
+    passed = expected == rows
+    return AssetCheckResult(
+        check_name=ROW_COUNT, passed=passed, severity=AssetCheckSeverity.WARN,
+        description=(f"{rows} rows, as the source listed ({basis})." if passed else
+                     f"{rows} rows in canonical, the source listed {expected} ({basis})."),
+        metadata={"reconciled": True, "basis": basis, "source_count": expected,
+                  "canonical_count": rows, "difference": rows - expected},
+    )
+
+
+# -- freshness, per cadence group ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Freshness:
+    fresh: bool
+    due_tick: datetime  # the latest cron tick whose grace period has passed
+    last_publish: datetime | None
+
+
+def freshness_status(cron: str, last_publish: datetime | None, now: datetime,
+                     grace: timedelta) -> Freshness:
+    """Fresh when a publish finished at or after the latest tick whose grace has passed."""
+    due = get_latest_completed_cron_tick(cron, now - grace, "UTC")
+    return Freshness(last_publish is not None and last_publish >= due, due, last_publish)
+
+
+def last_complete_publish(connection: sqlite3.Connection, entity: str) -> datetime | None:
+    row = connection.execute(
+        "SELECT max(finished_at) FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
+        (entity,)).fetchone()
+    return datetime.fromisoformat(row[0]) if row and row[0] else None
+
+
+def freshness_result(connection: sqlite3.Connection, entity: str, group: str,
+                     group_config: GroupConfig, now: datetime) -> AssetCheckResult:
+    grace = timedelta(minutes=group_config.freshness_grace_minutes)
+    status = freshness_status(group_config.cron, last_complete_publish(connection, entity),
+                              now, grace)
+    last = status.last_publish
+    age = round((now - last).total_seconds() / 60, 1) if last else None
+    if status.fresh:
+        description = f"Published {age} minutes ago, after the {status.due_tick:%H:%M} tick."
+    elif last is None:
+        description = "Never published."
+    else:
+        description = (f"Last published {age} minutes ago; nothing since the "
+                       f"{status.due_tick:%Y-%m-%d %H:%M} UTC tick of {group_config.cron!r}.")
+    return AssetCheckResult(
+        asset_key=canonical_key(entity), check_name=FRESHNESS, passed=status.fresh,
+        severity=AssetCheckSeverity.WARN, description=description,
+        metadata={"group": group, "cron": group_config.cron,
+                  "grace_minutes": group_config.freshness_grace_minutes,
+                  "due_tick": status.due_tick.isoformat(),
+                  "last_complete_publish": last.isoformat() if last else "",
+                  "age_minutes": age if age is not None else -1},
+    )
+
+
+def build_freshness_check(group: str, group_config: GroupConfig,
+                          entities: list[EntityConfig]) -> AssetChecksDefinition:
+    """One op per cadence group checking every entity's canonical table."""
+    specs = [
+        AssetCheckSpec(FRESHNESS, asset=canonical_key(e.name),
+                       description=f"A publish finished since the last {group!r} tick "
+                       f"({group_config.cron}, UTC) plus "
+                       f"{group_config.freshness_grace_minutes:g} minutes. Not blocking.")
+        for e in entities
+    ]
+
+    @multi_asset_check(specs=specs, name=f"freshness_{group}", can_subset=True,
+                       description=f"Freshness of the {group!r} group's canonical tables.")
+    def freshness(context: AssetCheckExecutionContext,
+                  store: MirrorStore) -> Iterator[AssetCheckResult]:
+        now = datetime.now(UTC)
+        selected = context.selected_asset_check_keys
+        with store.connection() as connection:
+            for entity in entities:
+                if AssetCheckKey(canonical_key(entity.name), FRESHNESS) in selected:
+                    yield freshness_result(connection, entity.name, group, group_config, now)
+
+    return freshness
+
+
+def build_freshness_checks(config: EntitiesConfig) -> list[AssetChecksDefinition]:
+    return [build_freshness_check(group, group_config, config.entities_in_group(group))
+            for group, group_config in config.groups.items() if config.entities_in_group(group)]

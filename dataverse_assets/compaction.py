@@ -1,0 +1,336 @@
+"""Archive compaction and retention: storage growth is bounded and rebuild keeps working.
+
+Compaction merges the gzip page files of a complete change set older than `compact_after_days`
+into zstd Parquet written by DuckDB: columns page_number, kind, shape, body (the response body,
+byte for byte), one file per change set (`pages-0001-of-0001.parquet`). A change set with more
+than PART_BYTES of bodies is split into parts of at most that, so neither writing nor reading
+holds more than one part: DuckDB moves whole vectors of up to 2,048 rows, and with
+multi-megabyte bodies one vector is a whole change set. Each part is written under a temporary
+name and read back page by page (md5) before the parts are renamed into place; only then are
+the page files deleted, so a crash leaves either the page files or a checked compacted change
+set. A change set whose Parquet would not be smaller (a page or two of a few hundred bytes:
+Parquet's footer is ~1.5 KB) keeps its page files.
+
+Retention (`retention_days`) deletes whole change sets, and never one a rebuild needs:
+
+- lossless (default): only change sets the mirror published as no-ops (COMPLETE, nothing
+  planned: no create, update, delete, stale or delete of an unknown record), and never an
+  entity's first change set, its newest, or one whose staging locked or evolved the schema.
+  Such a change set wrote nothing a later change set depends on, so a rebuild without it
+  equals the live mirror table by table, history included.
+- rebase: also everything before the entity's newest snapshot (a `full` change set or a
+  change-tracking resync) older than `retention_days`, once everything up to it is COMPLETE.
+  A rebuild then starts from that snapshot: the current records are equal, but history and
+  _defunct start there, and rows unchanged since carry its sync_time and _change_set.
+  modifiedon and filtered entities have no snapshot after their first sync: nothing of theirs
+  is deleted this way.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+
+from dataverse_assets.archive import (
+    ArchiveError,
+    ChangeSetArchive,
+    list_change_sets,
+)
+from dataverse_assets.config import ArchiveConfig, EntitiesConfig
+from dataverse_assets.fetch import SNAPSHOT_MODES
+from dataverse_assets.query import parse_datetime
+from dataverse_assets.store import table_exists
+
+PART_BYTES = 128 * 1024 * 1024
+
+
+def _duckdb() -> duckdb.DuckDBPyConnection:
+    # One thread: parts are written and read in page order, and memory stays one part.
+    return duckdb.connect(config={"threads": 1})
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under a folder (what the archive occupies)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# -- reading --------------------------------------------------------------------------------
+
+def iter_compacted_bodies(archive: ChangeSetArchive, first_page: int = 1) -> Iterator[bytes]:
+    """The page bodies of a compacted change set, in order, one part in memory at a time."""
+    expected = first_page
+    with _duckdb() as connection:
+        for part in archive.compacted_parts():
+            connection.execute(
+                "SELECT page_number, body FROM read_parquet(?) WHERE page_number >= ?",
+                [str(part), first_page])
+            while rows := connection.fetchmany(16):
+                for number, body in rows:
+                    if number != expected:
+                        raise ArchiveError(
+                            f"{archive.entity}: change set {archive.change_set}: {part.name} "
+                            f"has page {number} where page {expected} belongs")
+                    expected += 1
+                    yield body
+
+
+# -- compaction -----------------------------------------------------------------------------
+
+@dataclass
+class CompactedChangeSet:
+    entity: str
+    change_set: str
+    pages: int
+    bytes_before: int
+    bytes_after: int
+    kept_pages: bool = False  # Parquet was not smaller: the page files stay
+
+
+def _write_part(connection: duckdb.DuckDBPyConnection, rows: list[tuple], path: Path,
+                zstd_level: int) -> None:
+    connection.execute("CREATE OR REPLACE TABLE part (page_number INTEGER, kind VARCHAR,"
+                       " shape VARCHAR, body BLOB)")
+    appender = connection.appender("part")
+    appender.append_rows(rows)
+    appender.flush()
+    # One thread and insertion order kept: the rows reach the file in page order. COPY takes
+    # no parameter for its path: a literal, quotes doubled.
+    target = str(path).replace("'", "''")
+    connection.execute(f"COPY part TO '{target}' (FORMAT parquet, COMPRESSION zstd,"
+                       f" COMPRESSION_LEVEL {int(zstd_level)})")
+    connection.execute("DROP TABLE part")
+
+
+def _verify_part(connection: duckdb.DuckDBPyConnection, path: Path,
+                 digests: dict[int, str]) -> None:
+    found = dict(connection.execute(
+        "SELECT page_number, md5(body) FROM read_parquet(?)", [str(path)]).fetchall())
+    if found != digests:
+        raise ArchiveError(f"{path}: the compacted pages do not match the page files; "
+                           "the page files are kept")
+
+
+def _remove_parts(archive: ChangeSetArchive) -> None:
+    for stray in archive.path.glob("pages-*.parquet*"):
+        stray.unlink()
+
+
+def compact_change_set(archive: ChangeSetArchive, *, zstd_level: int = 9,
+                       part_bytes: int = PART_BYTES) -> CompactedChangeSet | None:
+    """Merge a complete change set's page files into checked Parquet parts, then delete the
+    page files. None when there is nothing to do (no pages, or compacted already)."""
+    manifest = archive.manifest()
+    if archive.is_compacted():
+        for leftover in archive.page_paths():  # a run that stopped before deleting them
+            leftover.unlink()
+        return None
+    _remove_parts(archive)  # from a run that stopped before every part was in place
+    paths = archive.page_paths()
+    if not paths:
+        return None
+    pages = manifest.get("pages", [])
+    if [p.name for p in paths] != [f"page-{n:05d}.json.gz" for n in range(1, len(paths) + 1)] \
+            or len(pages) != len(paths):
+        raise ArchiveError(f"{archive.entity}: change set {archive.change_set} has "
+                           f"{len(paths)} page files but its manifest lists {len(pages)}; "
+                           "not compacted")
+    bytes_before = sum(p.stat().st_size for p in paths)
+    written: list[Path] = []
+    with _duckdb() as connection:
+        rows: list[tuple] = []
+        digests: dict[int, str] = {}
+        body_bytes = 0
+        for number, path in enumerate(paths, start=1):
+            with gzip.open(path, "rb") as handle:
+                body = handle.read()
+            page = pages[number - 1]
+            rows.append((number, page.get("kind"), page.get("shape", "collection"), body))
+            digests[number] = hashlib.md5(body).hexdigest()
+            body_bytes += len(body)
+            if body_bytes >= part_bytes or number == len(paths):
+                part = archive.path / f"pages-{len(written) + 1:04d}.parquet.tmp"
+                _write_part(connection, rows, part, zstd_level)
+                _verify_part(connection, part, digests)
+                written.append(part)
+                rows, digests, body_bytes = [], {}, 0
+    bytes_after = sum(p.stat().st_size for p in written)
+    if bytes_after >= bytes_before:
+        # Parquet's footer (~1.5 KB) outweighs a tiny change set: it stays as it is.
+        _remove_parts(archive)
+        return CompactedChangeSet(archive.entity, archive.change_set, len(paths),
+                                  bytes_before, bytes_before, kept_pages=True)
+    for number, part in enumerate(written, start=1):
+        part.replace(archive.path / f"pages-{number:04d}-of-{len(written):04d}.parquet")
+    for path in paths:  # the parts are complete and checked: the Parquet form is the archive
+        path.unlink()
+    return CompactedChangeSet(archive.entity, archive.change_set, len(paths), bytes_before,
+                              bytes_after)
+
+
+# -- retention ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    entity: str
+    change_set: str
+    reason: str
+
+
+def _finished_at(archive: ChangeSetArchive) -> datetime:
+    manifest = archive.manifest()
+    return parse_datetime(manifest.get("finished_at") or manifest["started_at"])
+
+
+def _mirror_facts(connection: sqlite3.Connection | None, entity: str):
+    """(COMPLETE change sets, change sets with planned work, schema-changing change sets)."""
+    if connection is None:
+        return set(), set(), set()
+    complete = {row[0] for row in connection.execute(
+        "SELECT change_set FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
+        (entity,))}
+    planned = set()
+    if table_exists(connection, "_publish_plan"):
+        planned = {row[0] for row in connection.execute(
+            "SELECT DISTINCT change_set FROM _publish_plan WHERE entity = ?", (entity,))}
+    schema_changing = set()
+    if table_exists(connection, "_schema_check"):
+        schema_changing = {row[0] for row in connection.execute(
+            "SELECT change_set FROM _schema_check WHERE entity = ?"
+            " AND outcome IN ('locked', 'evolved')", (entity,))}
+    return complete, planned, schema_changing
+
+
+def plan_retention(archive_dir: Path, entity: str, policy: ArchiveConfig,
+                   connection: sqlite3.Connection | None, now: datetime) -> list[RetentionDecision]:
+    """The change sets of one entity that retention deletes (a pure decision over the archive
+    and the mirror's publish records; nothing is deleted here)."""
+    if policy.retention_days is None or connection is None:
+        return []
+    horizon = now - timedelta(days=policy.retention_days)
+    keys = list_change_sets(archive_dir, entity)
+    complete, planned, schema_changing = _mirror_facts(connection, entity)
+    old = [k for k in keys if _finished_at(ChangeSetArchive(archive_dir, entity, k)) < horizon]
+    decisions: dict[str, str] = {}
+    if policy.retention_mode == "rebase":
+        bases = [k for k in old if k != keys[0] and ChangeSetArchive(
+            archive_dir, entity, k).manifest()["mode"] in SNAPSHOT_MODES]
+        if bases:
+            base = bases[-1]
+            before = [k for k in keys if k < base]
+            if all(k in complete for k in [*before, base]):
+                for key in before:
+                    decisions[key] = f"before snapshot {base} (rebase)"
+    for key in old:
+        if key in decisions or key in (keys[0], keys[-1]):
+            continue
+        if key in complete and key not in planned and key not in schema_changing:
+            decisions[key] = "published with no changes"
+    return [RetentionDecision(entity, key, reason) for key, reason in sorted(decisions.items())]
+
+
+def delete_change_set(archive: ChangeSetArchive) -> int:
+    """Remove a change set from the archive (manifest first: never a half-complete one)."""
+    size = folder_bytes(archive.path)
+    archive.manifest_path.unlink()
+    shutil.rmtree(archive.path)
+    return size
+
+
+# -- the whole run --------------------------------------------------------------------------
+
+@dataclass
+class EntityCompaction:
+    entity: str
+    change_sets: int = 0
+    compacted: int = 0
+    deleted: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+@dataclass
+class CompactionReport:
+    entities: list[EntityCompaction] = field(default_factory=list)
+    compacted: list[CompactedChangeSet] = field(default_factory=list)
+    deleted: list[RetentionDecision] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(e.bytes_before for e in self.entities)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(e.bytes_after for e in self.entities)
+
+    def rows(self) -> list[dict]:
+        return [{"entity": e.entity, "change_sets": e.change_sets, "compacted": e.compacted,
+                 "deleted": e.deleted, "bytes_before": e.bytes_before,
+                 "bytes_after": e.bytes_after} for e in self.entities]
+
+
+def compact_archive(
+    archive_dir: str | Path, config: EntitiesConfig, *, db_path: str | Path | None = None,
+    older_than_days: float | None = None, retention: bool = True, dry_run: bool = False,
+    now: datetime | None = None,
+) -> CompactionReport:
+    """Apply retention (with the mirror database's publish records), then compact every
+    complete change set older than the threshold, entity by entity."""
+    archive_dir = Path(archive_dir)
+    policy = config.archive
+    now = now or datetime.now(UTC)
+    threshold = policy.compact_after_days if older_than_days is None else older_than_days
+    report = CompactionReport(dry_run=dry_run)
+    connection = None
+    if retention and policy.retention_days is not None:
+        if db_path is not None and Path(db_path).exists():
+            connection = sqlite3.connect(f"file:{Path(db_path)}?mode=ro", uri=True)
+        else:
+            report.notes.append(
+                f"retention skipped: no mirror database at {db_path} to tell which change "
+                "sets were published")
+    try:
+        for entity in config.entities:
+            folder = archive_dir / entity.name
+            summary = EntityCompaction(entity.name)
+            report.entities.append(summary)
+            if not folder.exists():
+                continue
+            summary.bytes_before = folder_bytes(folder)
+            decisions = plan_retention(archive_dir, entity.name, policy,
+                                       connection if retention else None, now)
+            report.deleted.extend(decisions)
+            summary.deleted = len(decisions)
+            for decision in [] if dry_run else decisions:
+                delete_change_set(ChangeSetArchive(archive_dir, entity.name,
+                                                   decision.change_set))
+            gone = {d.change_set for d in decisions}
+            keys = [k for k in list_change_sets(archive_dir, entity.name) if k not in gone]
+            summary.change_sets = len(keys)
+            if threshold is not None:
+                horizon = now - timedelta(days=threshold)
+                for key in keys:
+                    archive = ChangeSetArchive(archive_dir, entity.name, key)
+                    if _finished_at(archive) > horizon:
+                        continue
+                    if dry_run:
+                        summary.compacted += bool(archive.page_paths())
+                        continue
+                    done = compact_change_set(archive, zstd_level=policy.zstd_level)
+                    if done is not None and not done.kept_pages:
+                        report.compacted.append(done)
+                        summary.compacted += 1
+            summary.bytes_after = folder_bytes(folder)
+    finally:
+        if connection is not None:
+            connection.close()
+    return report

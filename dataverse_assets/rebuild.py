@@ -1,0 +1,167 @@
+"""Rebuild from archive: replay every archived change set, in order, into a fresh database.
+
+Each complete change set of each configured entity is staged from the archive and published
+with the same functions the assets use (`steps.staged_records`, `write_staged`,
+`steps.publish`), oldest first. Canonical row timestamps come from each change set's fetch
+time, so the rebuilt canonical and history tables equal the live-synced ones row by row; only
+bookkeeping times (when a plan ran, when a change was applied) differ.
+
+Page bodies are read through `ChangeSetArchive.iter_page_bodies()`: gzip page files with
+Python's zlib, compacted change sets with DuckDB from their Parquet parts (see
+benchmarks/archive_replay.py for why each reader is the one used).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dataverse_assets import steps
+from dataverse_assets.archive import list_change_sets
+from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.publish import canonical_row_count
+from dataverse_assets.resources import MirrorStore
+from dataverse_assets.staging import write_staged
+
+
+class RebuildError(Exception):
+    """The rebuild cannot start; the message says what to change."""
+
+
+@dataclass
+class EntityRebuild:
+    entity: str
+    change_sets: int = 0
+    compacted: int = 0
+    rows: int = 0  # staged rows replayed
+    canonical_rows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class RebuildReport:
+    into: Path
+    archive_dir: Path
+    entities: list[EntityRebuild] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def change_sets(self) -> int:
+        return sum(e.change_sets for e in self.entities)
+
+    @property
+    def rows(self) -> int:
+        return sum(e.rows for e in self.entities)
+
+    def rows_table(self) -> list[dict]:
+        return [{"entity": e.entity, "change_sets": e.change_sets, "compacted": e.compacted,
+                 "rows": e.rows, "canonical_rows": e.canonical_rows,
+                 "seconds": round(e.seconds, 2), "rows_per_s": round(e.rows_per_second)}
+                for e in self.entities]
+
+    def lines(self) -> list[str]:
+        rows_per_second = self.rows / self.seconds if self.seconds else 0
+        return [f"{e['entity']}: {e['change_sets']} change sets ({e['compacted']} compacted), "
+                f"{e['rows']:,} rows, {e['seconds']} s, {e['rows_per_s']:,} rows/s"
+                for e in self.rows_table()] + [
+            f"total: {self.change_sets} change sets, {self.rows:,} rows, "
+            f"{self.seconds:.2f} s, {rows_per_second:,.0f} rows/s"]
+
+
+def _database_files(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _check_target(into: Path, *, force: bool, live_db_path: Path | None) -> None:
+    if live_db_path is not None and into.resolve() == Path(live_db_path).resolve():
+        raise RebuildError(f"{into} is the live mirror (DATAVERSE_DB_PATH); rebuild into a new "
+                           "file and swap it in once you have compared them")
+    if into.exists() and into.is_dir():
+        raise RebuildError(f"{into} is a directory; give the path of the new database file")
+    if into.exists() and into.stat().st_size > 0 and not force:
+        raise RebuildError(f"{into} already exists and is not empty; rebuild writes a fresh "
+                           "database: choose a new path, or pass --force to replace it")
+
+
+def rebuild(
+    config: EntitiesConfig, archive_dir: str | os.PathLike[str],
+    into_db_path: str | os.PathLike[str], *, force: bool = False,
+    live_db_path: str | os.PathLike[str] | None = None,
+    on_entity: Callable[[EntityRebuild], None] | None = None,
+) -> RebuildReport:
+    """Replay every complete archived change set of every configured entity, oldest first,
+    into a fresh database at `into_db_path` (built beside it, moved into place at the end)."""
+    archive_dir = Path(archive_dir)
+    into = Path(into_db_path)
+    if not archive_dir.is_dir():
+        raise RebuildError(f"no archive at {archive_dir} (set DATAVERSE_ARCHIVE_DIR)")
+    _check_target(into, force=force, live_db_path=Path(live_db_path) if live_db_path else None)
+    building = into.with_name(into.name + ".rebuilding")
+    for leftover in _database_files(building):
+        leftover.unlink(missing_ok=True)
+    store = MirrorStore(db_path=str(building), archive_dir=str(archive_dir))
+    report = RebuildReport(into=into, archive_dir=archive_dir)
+    started = time.perf_counter()
+    try:
+        for entity in config.entities:
+            progress = EntityRebuild(entity.name)
+            entity_started = time.perf_counter()
+            for change_set in list_change_sets(archive_dir, entity.name):
+                archive = store.archive(entity.name, change_set)
+                with store.connection() as connection:
+                    progress.rows += write_staged(
+                        connection, steps.staged_records(connection, archive, entity))
+                # The live path's publish: plan, validate, execute, advance the watermark.
+                steps.publish(store, entity, change_set)
+                progress.change_sets += 1
+                progress.compacted += archive.is_compacted()
+            with store.connection() as connection:
+                progress.canonical_rows = canonical_row_count(connection, entity.name)
+            progress.seconds = time.perf_counter() - entity_started
+            report.entities.append(progress)
+            if on_entity is not None:
+                on_entity(progress)
+    except BaseException:
+        for leftover in _database_files(building):
+            leftover.unlink(missing_ok=True)
+        raise
+    # Every connection is closed: SQLite has folded the WAL into the file, which can move.
+    for old in _database_files(into):
+        old.unlink(missing_ok=True)
+    for suffix_file, target in zip(_database_files(building), _database_files(into),
+                                   strict=True):
+        if suffix_file.exists():
+            suffix_file.replace(target)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# -- the same through Dagster: archived change sets as partitions -----------------------------
+
+def archived_change_sets(config: EntitiesConfig, archive_dir: str | os.PathLike[str],
+                         group: str) -> dict[str, list[str]]:
+    """Archived change-set keys of a group, oldest first, with the entities archived for each
+    (a targeted refresh archives only some)."""
+    keys: dict[str, list[str]] = {}
+    for entity in config.entities_in_group(group):
+        for change_set in list_change_sets(archive_dir, entity.name):
+            keys.setdefault(change_set, []).append(entity.name)
+    return dict(sorted(keys.items()))
+
+
+def register_archived(instance, group: str, keys: list[str]) -> list[str]:
+    """Add the keys not yet registered to the group's dynamic partitions; returns those added."""
+    from dataverse_assets.partitions import change_sets_partitions
+
+    name = change_sets_partitions(group).name
+    new = [key for key in keys if not instance.has_dynamic_partition(name, key)]
+    if new:
+        instance.add_dynamic_partitions(name, new)
+    return new

@@ -1,0 +1,50 @@
+"""One schedule per cadence group, from entities_config.json.
+
+Plain schedules cannot request dynamic partitions, so each tick registers its change-set key
+(derived from the scheduled time, so a re-evaluated tick reuses it) and requests the group's
+job for that partition.
+"""
+
+from dagster import RunRequest, ScheduleDefinition, ScheduleEvaluationContext, schedule
+
+from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.partitions import change_set_key, change_sets_partitions
+from dataverse_assets.priorities import group_priority_tags
+
+
+def sync_job_name(group: str) -> str:
+    return f"sync_{group}"
+
+
+def build_schedules(config: EntitiesConfig) -> list[ScheduleDefinition]:
+    schedules = []
+    for group, group_config in config.groups.items():
+        if not config.entities_in_group(group):
+            continue
+        schedules.append(_group_schedule(group, group_config.cron,
+                                         group_priority_tags(config, group)))
+    return schedules
+
+
+def _group_schedule(group: str, cron: str,
+                    priority: dict[str, str] | None = None) -> ScheduleDefinition:
+    partitions_name = change_sets_partitions(group).name
+
+    @schedule(
+        name=f"{group}_schedule",
+        cron_schedule=cron,
+        job_name=sync_job_name(group),
+        execution_timezone="UTC",
+        description=f"Sync the {group!r} group on its cadence ({cron}), one change set a tick.",
+    )
+    def _schedule(context: ScheduleEvaluationContext) -> RunRequest:
+        key = change_set_key(context.scheduled_execution_time)
+        if not context.instance.has_dynamic_partition(partitions_name, key):
+            context.instance.add_dynamic_partitions(partitions_name, [key])
+        return RunRequest(
+            run_key=f"{group}:{key}", partition_key=key,
+            tags={"dataverse/change_set": key, "dataverse/trigger": "schedule",
+                  **(priority or {})},
+        )
+
+    return _schedule

@@ -1,0 +1,204 @@
+"""Injected faults: what a production org does to a client now and then, on demand.
+
+Two ways to ask for them:
+- `sim.inject(kind, count=..., entity=..., after=...)`: the next `count` matching Web API
+  requests (after letting `after` pass) get the fault. Deterministic, for tests.
+- `sim.fault_plan = FaultPlan(seed=..., rates={...})`: every Web API request draws from a
+  seeded random generator; a 5xx starts a burst. For soak tests and the CLI.
+
+Kinds:
+- `server_error`: a 503 / 502 / 504 (`status`) with an HTML gateway page or a Dataverse JSON
+  error (`body="html"` or `"json"`).
+- `reset`: the connection drops mid-body (over loopback the socket closes after half the
+  body; in-process the transport raises `SimulatedConnectionReset`, an httpx transport error).
+- `slow`: the response waits `seconds` first (the wait counts as execution time).
+- `malformed`: a 200 whose body is cut in half (`body="truncated"`) or an HTML page
+  (`body="html"`).
+- `token_expiry`: every issued access token expires just before this request (-> 401).
+- `modify_records` / `delete_records`: `rows` records of the entity change or vanish just
+  before this request (by default only on nextLink requests: between pages).
+- `repeat_next_link`: the page's `@odata.nextLink` points back at the page just served.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+
+import httpx
+
+FAULT_KINDS = (
+    "server_error",
+    "reset",
+    "slow",
+    "malformed",
+    "token_expiry",
+    "modify_records",
+    "delete_records",
+    "repeat_next_link",
+)
+# Kinds that need an entity set request (a table to mutate, a page to rewrite).
+_ENTITY_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link"})
+# Kinds that by default only hit nextLink requests (the client is between pages).
+_PAGING_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link"})
+
+GATEWAY_PAGES = {
+    502: (
+        "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+        "<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n"
+    ),
+    503: (
+        '<!DOCTYPE HTML PUBLIC "-//W3C//DTD HTML 4.01//EN""http://www.w3.org/TR/html4/strict.dtd">'
+        "\r\n<HTML><HEAD><TITLE>Service Unavailable</TITLE>\r\n"
+        '<META HTTP-EQUIV="Content-Type" Content="text/html; charset=us-ascii"></HEAD>\r\n'
+        "<BODY><h2>Service Unavailable</h2>\r\n<hr><p>HTTP Error 503. The service is "
+        "unavailable.</p>\r\n</BODY></HTML>\r\n"
+    ),
+    504: (
+        "<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
+        "<center><h1>504 Gateway Time-out</h1></center>\r\n</body>\r\n</html>\r\n"
+    ),
+}
+SERVER_ERROR_MESSAGES = {
+    500: ("0x80040216", "An unexpected error occurred."),
+    502: ("0x80040216", "The server received an invalid response from an upstream server."),
+    503: ("", "The service is temporarily unavailable. Please retry later."),
+    504: ("0x80040216", "The request timed out before the server could complete it."),
+}
+
+
+class SimulatedConnectionReset(httpx.RemoteProtocolError):
+    """In-process stand-in for a connection dropped mid-body (raised through the transport)."""
+
+
+@dataclass
+class Fault:
+    """One injected fault, applied to the next `count` matching requests."""
+
+    kind: str
+    count: int = 1
+    entity: str | None = None
+    after: int = 0
+    status: int = 503
+    body: str | None = None  # server_error: "html" | "json"; malformed: "truncated" | "html"
+    seconds: float = 1.0
+    rows: int = 1
+    paging_only: bool | None = None  # None: the kind's default
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; one of {', '.join(FAULT_KINDS)}")
+        if self.count < 1 or self.after < 0:
+            raise ValueError("count must be >= 1 and after >= 0")
+        if self.paging_only is None:
+            self.paging_only = self.kind in _PAGING_KINDS
+
+    def matches(self, entity: str | None, paging: bool, collection: bool) -> bool:
+        if self.entity is not None and entity != self.entity:
+            return False
+        if self.paging_only and not paging:
+            return False
+        return not (self.kind in _ENTITY_KINDS and (entity is None or not collection))
+
+
+@dataclass
+class FaultPlan:
+    """A seeded random scenario: each Web API request gets a fault of kind k with rates[k]."""
+
+    seed: int = 0
+    rates: dict[str, float] = field(default_factory=dict)
+    entity: str | None = None
+    burst: tuple[int, int] = (1, 3)  # length range of server_error bursts
+    statuses: tuple[int, ...] = (503, 502, 504)
+    slow_seconds: tuple[float, float] = (0.05, 0.5)
+    rows: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = set(self.rates) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}")
+        self._rng = random.Random(self.seed)
+        self._burst: Fault | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> FaultPlan:
+        """`seed=1,server_error=0.02,reset=0.01,slow=0.05` (the CLI's --faults)."""
+        seed, rates = 0, {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            name, _, value = item.partition("=")
+            try:
+                if name == "seed":
+                    seed = int(value)
+                else:
+                    rates[name] = float(value)
+            except ValueError:
+                raise ValueError(f"fault scenario item {item!r}: expected name=number") from None
+        return cls(seed=seed, rates=rates)
+
+    def draw(self, entity: str | None, paging: bool, collection: bool) -> Fault | None:
+        if self.entity is not None and entity != self.entity:
+            return None
+        if self._burst is not None:
+            fault = self._burst
+            fault.count -= 1
+            if fault.count <= 0:
+                self._burst = None
+            return replace(fault, count=1)
+        for kind, rate in sorted(self.rates.items()):
+            if self._rng.random() >= rate:
+                continue
+            fault = self._make(kind)
+            if fault.matches(entity, paging, collection):
+                return fault
+        return None
+
+    def _make(self, kind: str) -> Fault:
+        rng = self._rng
+        if kind == "server_error":
+            length = rng.randint(*self.burst)
+            fault = Fault(kind, status=rng.choice(self.statuses),
+                          body=rng.choice(("html", "json")))
+            if length > 1:
+                self._burst = replace(fault, count=length - 1)
+            return fault
+        if kind == "slow":
+            return Fault(kind, seconds=rng.uniform(*self.slow_seconds))
+        if kind == "malformed":
+            return Fault(kind, body=rng.choice(("truncated", "html")))
+        return Fault(kind, rows=self.rows, paging_only=False)
+
+
+class FaultBoard:
+    """Pending injected faults and the random plan; callers hold the simulator lock."""
+
+    def __init__(self) -> None:
+        self.pending: list[Fault] = []
+        self.plan: FaultPlan | None = None
+
+    def add(self, fault: Fault) -> Fault:
+        self.pending.append(fault)
+        return fault
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.plan = None
+
+    def draw(self, entity: str | None, paging: bool, collection: bool) -> Fault | None:
+        """The fault for this request, if any (at most one)."""
+        chosen: Fault | None = None
+        for fault in self.pending:
+            if not fault.matches(entity, paging, collection):
+                continue
+            if fault.after > 0:
+                fault.after -= 1
+                continue
+            if chosen is None:
+                chosen = fault
+        if chosen is not None:
+            chosen.count -= 1
+            if chosen.count <= 0:
+                self.pending.remove(chosen)
+            return replace(chosen, count=1)
+        if self.plan is not None:
+            return self.plan.draw(entity, paging, collection)
+        return None

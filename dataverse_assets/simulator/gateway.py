@@ -1,0 +1,217 @@
+"""The simulator's front door for Web API requests, in front of the Starlette app.
+
+Every request under the Web API path passes here: it is logged (arrival and finish times,
+status, injected fault), counted for concurrency, given its injected fault if one is due, and
+admitted (or refused with 429) by the service protection limits of the user its bearer token
+was issued to. The request handlers themselves know nothing of faults or limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+
+from .faults import GATEWAY_PAGES, SERVER_ERROR_MESSAGES, Fault, SimulatedConnectionReset
+from .model import SimRequest
+
+if TYPE_CHECKING:
+    from .model import DataverseSimulator
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_REWRITING_KINDS = frozenset({"reset", "malformed", "repeat_next_link"})
+_JSON_TYPE = b"application/json; odata.metadata=minimal"
+
+
+class HideInjectedResets(logging.Filter):
+    """Keep uvicorn from logging a traceback for each connection reset we injected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, SimulatedConnectionReset)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _with_body(start: Message, body: bytes, content_type: bytes | None = None) -> Message:
+    headers = [
+        (k, v) for k, v in start.get("headers", ())
+        if k.lower() != b"content-length" and (content_type is None or k.lower() != b"content-type")
+    ]
+    headers.append((b"content-length", str(len(body)).encode()))
+    if content_type is not None:
+        headers.append((b"content-type", content_type))
+    return {**start, "headers": headers}
+
+
+async def _respond(send: Send, status: int, body: bytes, content_type: bytes,
+                   extra_headers: list[tuple[bytes, bytes]] = ()) -> None:
+    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+               *extra_headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gateway:
+    """ASGI middleware: request log, concurrency, injected faults, service protection."""
+
+    def __init__(self, app: ASGIApp, sim: DataverseSimulator, api_path: str) -> None:
+        self.app = app
+        self.sim = sim
+        self.api_path = api_path.rstrip("/")
+        self._in_flight = 0
+
+    def _target(self, path: str) -> tuple[str | None, bool]:
+        """(entity set named by the path or None, whether it addresses the collection)."""
+        rest = path[len(self.api_path):].strip("/")
+        segments = rest.split("/") if rest else []
+        if not segments:
+            return None, False
+        name, _, key = segments[0].partition("(")
+        if self.sim.find_table(name) is None:
+            return None, False
+        return name, not key and len(segments) == 1
+
+    def _user(self, scope: Scope) -> str | None:
+        scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        return self.sim.token_client(token.strip())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (
+            path == self.api_path or path.startswith(self.api_path + "/")
+        ):
+            await self.app(scope, receive, send)
+            return
+        sim = self.sim
+        entity, collection = self._target(path)
+        query = scope.get("query_string", b"")
+        paging = b"skiptoken=" in query
+        arrived = time.monotonic()
+        with sim.lock:
+            self._in_flight += 1
+            sim.stats.max_concurrency = max(sim.stats.max_concurrency, self._in_flight)
+        fault = sim.draw_fault(entity, paging, collection)
+        status = [0]
+        admitted: tuple[Any, str] | None = None
+        retry_after: float | None = None
+        started = arrived
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if fault is not None and fault.kind == "server_error":
+                await self._server_error(watched, fault)
+                return
+            if fault is not None and fault.kind == "token_expiry":
+                sim.expire_all_tokens()
+            elif fault is not None and fault.kind in ("modify_records", "delete_records"):
+                assert entity is not None
+                sim.mutate_for_fault(entity, fault.kind, fault.rows)
+            user = self._user(scope)
+            if user is not None and sim.limits.enabled:
+                with sim.lock:
+                    protection = sim.protection
+                    pushes = protection.pushes_while_throttled
+                    throttle = protection.admit(user)
+                    if throttle is not None:
+                        sim.stats.throttled += 1
+                        sim.stats.throttled_by_code[throttle.code] += 1
+                        sim.stats.status_counts[429] += 1
+                        if protection.pushes_while_throttled > pushes:
+                            sim.stats.requests_while_throttled += 1
+                if throttle is not None:
+                    retry_after = throttle.retry_after
+                    body = orjson.dumps({"error": {"code": throttle.code,
+                                                   "message": throttle.message}})
+                    await _respond(watched, 429, body, _JSON_TYPE,
+                                   [(b"retry-after", throttle.header_value().encode())])
+                    return
+                admitted = (protection, user)
+            started = time.monotonic()
+            if fault is not None and fault.kind == "slow":
+                await asyncio.sleep(fault.seconds)
+            if fault is not None and fault.kind in _REWRITING_KINDS:
+                await self._rewritten(scope, receive, watched, fault)
+            else:
+                await self.app(scope, receive, watched)
+        finally:
+            finished = time.monotonic()
+            target = path + (f"?{query.decode('latin-1')}" if query else "")
+            with sim.lock:
+                self._in_flight -= 1
+                if admitted is not None:
+                    admitted[0].finish(admitted[1], finished - started)
+                sim.stats.request_log.append(SimRequest(
+                    arrived=arrived, finished=finished, method=scope.get("method", "GET"),
+                    target=target, entity=entity, status=status[0],
+                    fault=fault.kind if fault is not None else None, retry_after=retry_after,
+                ))
+
+    async def _server_error(self, send: Send, fault: Fault) -> None:
+        with self.sim.lock:
+            self.sim.stats.status_counts[fault.status] += 1
+        if fault.body == "json":
+            code, message = SERVER_ERROR_MESSAGES.get(fault.status, SERVER_ERROR_MESSAGES[500])
+            body = orjson.dumps({"error": {"code": code, "message": message}})
+            await _respond(send, fault.status, body, _JSON_TYPE)
+            return
+        page = GATEWAY_PAGES.get(fault.status, GATEWAY_PAGES[503])
+        await _respond(send, fault.status, page.encode(), b"text/html")
+
+    async def _rewritten(self, scope: Scope, receive: Receive, send: Send, fault: Fault) -> None:
+        """Run the app, then deliver its response damaged the way the fault says."""
+        messages: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, capture)
+        start = messages[0]
+        body = b"".join(m.get("body", b"") for m in messages[1:])
+        if start["status"] != 200:
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
+            return
+        if fault.kind == "reset":
+            # The headers promise the whole body; half of it arrives, then the socket closes.
+            await send(start)
+            await send({"type": "http.response.body", "body": body[: len(body) // 2],
+                        "more_body": True})
+            raise SimulatedConnectionReset("connection reset by the simulator mid-body")
+        if fault.kind == "malformed":
+            if fault.body == "html":
+                page = GATEWAY_PAGES[503].encode()
+                await send(_with_body(start, page, b"text/html"))
+                await send({"type": "http.response.body", "body": page})
+                return
+            cut = body[: max(1, len(body) // 2)]
+            await send(_with_body(start, cut))
+            await send({"type": "http.response.body", "body": cut})
+            return
+        # repeat_next_link: the next page is said to be the page just served.
+        payload = orjson.loads(body)
+        payload["@odata.nextLink"] = str(Request(scope).url)
+        rewritten = orjson.dumps(payload)
+        await send(_with_body(start, rewritten))
+        await send({"type": "http.response.body", "body": rewritten})

@@ -1,0 +1,76 @@
+"""Per-entity operational status, from the database alone."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+
+from dataverse_assets import dead_letters
+from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.publish import canonical_row_count
+from dataverse_assets.query import parse_datetime
+from dataverse_assets.store import read_sync_state, table_exists
+
+
+def _age_seconds(timestamp: str | None, now: datetime) -> float | None:
+    if not timestamp:
+        return None
+    try:
+        return round((now - parse_datetime(timestamp)).total_seconds(), 1)
+    except ValueError:
+        return None
+
+
+def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
+                  now: datetime | None = None) -> list[dict]:
+    """One dict per configured entity: last change set, publish status, watermark / delta
+    link age, rows, open issues, dead letters, queued retries."""
+    now = now or datetime.now(UTC)
+    dead_letters.ensure_tables(connection)
+    rows = []
+    for entity in config.entities:
+        state = read_sync_state(connection, entity.name)
+        last = connection.execute(
+            "SELECT change_set, status, finished_at, error FROM _publish_state"
+            " WHERE entity = ? ORDER BY change_set DESC LIMIT 1", (entity.name,)).fetchone()
+        delta_issued = None
+        if state and state.delta_token:
+            delta_issued = connection.execute(
+                "SELECT finished_at FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'"
+                " ORDER BY change_set DESC LIMIT 1", (entity.name,)).fetchone()
+        rows.append({
+            "entity": entity.name,
+            "group": entity.group,
+            "mode": state.mode if state else None,
+            "sync_status": state.status if state else "never synced",
+            "last_change_set": last[0] if last else None,
+            "publish_status": last[1] if last else None,
+            "last_error": last[3] if last else None,
+            "published_age_seconds": _age_seconds(last[2], now) if last else None,
+            "watermark": state.watermark if state else None,
+            "watermark_age_seconds": _age_seconds(state.watermark, now) if state else None,
+            "delta_link_age_seconds": _age_seconds(delta_issued[0], now)
+            if delta_issued else None,
+            "rows": canonical_row_count(connection, entity.name),
+            "open_issues": connection.execute(
+                "SELECT count(*) FROM _issues WHERE entity = ?", (entity.name,)).fetchone()[0],
+            "dead_letters": connection.execute(
+                "SELECT count(*) FROM _dead_letter WHERE entity = ? AND status = 'open'",
+                (entity.name,)).fetchone()[0],
+            "queued_retries": connection.execute(
+                "SELECT count(*) FROM _retry_queue WHERE entity = ?",
+                (entity.name,)).fetchone()[0],
+        })
+    return rows
+
+
+def list_issues(connection: sqlite3.Connection, entity: str | None = None,
+                limit: int = 100) -> list[dict]:
+    if not table_exists(connection, "_issues"):
+        return []
+    cursor = connection.execute(
+        "SELECT id, entity, change_set, record_id, field, problem, context, recorded_at"
+        " FROM _issues" + (" WHERE entity = ?" if entity else "") + " ORDER BY id DESC LIMIT ?",
+        ((entity, limit) if entity else (limit,)))
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor]

@@ -1,0 +1,105 @@
+"""Progress of long fetches: lines with pages, rows, rows/s and ETA, at a bounded rate."""
+
+import asyncio
+
+from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.config import EntityConfig
+from dataverse_assets.fetch import fetch_change_set, plan_fetch
+from dataverse_assets.progress import (
+    FetchProgress,
+    ProgressReporter,
+    ProgressSink,
+    ProgressUpdate,
+    fetch_reporter,
+    format_duration,
+    listening,
+)
+from dataverse_assets.sources import SimulatorSource
+from dataverse_assets_tests.conftest import ENTITY_NAMES
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_million_row_fetch_logs_every_few_seconds_not_every_page():
+    clock, lines = FakeClock(), []
+    reporter = ProgressReporter("accounts", "20260101T000000Z",
+                                [ProgressSink(lambda u: lines.append(u.line()), 10.0)],
+                                clock=clock)
+    total = 1_000_000
+    for page in range(1, 201):  # 200 pages of 5000 rows, one every 0.25 s: 50 s in all
+        clock.now += 0.25
+        reporter(FetchProgress(page, page * 5000, total))
+    reporter.finish()
+    assert len(lines) == 6  # at 10, 20, 30, 40, 50 s, and the final line
+    assert lines[0] == ("accounts: 40 pages, 200,000 / 1,000,000 rows (20%), 20,000 rows/s, "
+                        "ETA 40s")
+    assert lines[-1] == "accounts: 200 pages, 1,000,000 / 1,000,000 rows (100%), " \
+                        "20,000 rows/s, done in 50s"
+
+
+def test_without_a_total_there_is_no_eta():
+    update = ProgressUpdate("teams", "k", pages=3, records=150, total=None,
+                            elapsed_seconds=3.0)
+    assert update.eta_seconds is None
+    assert update.line() == "teams: 3 pages, 150 rows, 50 rows/s"
+
+
+def test_terminal_stays_quiet_for_short_fetches_and_reports_long_ones():
+    clock, dagster_log, terminal = FakeClock(), [], []
+    with listening(terminal.append):
+        quick = fetch_reporter("teams", "k1", dagster_log.append, clock=clock)
+        clock.now += 0.5
+        quick(FetchProgress(1, 12, 12))
+        quick.finish(1, 12)
+        slow = fetch_reporter("accounts", "k2", dagster_log.append, clock=clock)
+        for page in range(1, 31):
+            clock.now += 1.0
+            slow(FetchProgress(page, page * 100, 3000))
+        slow.finish(30, 3000)
+    outside = fetch_reporter("contacts", "k3", dagster_log.append, clock=clock)
+    clock.now += 3
+    outside(FetchProgress(1, 10, None))
+    # The run's log: every 10 s and a final line per fetch.
+    assert dagster_log == [
+        "teams: 1 page, 12 / 12 rows (100%), 24 rows/s, done in 0.5s",
+        "accounts: 10 pages, 1,000 / 3,000 rows (33%), 100 rows/s, ETA 20s",
+        "accounts: 20 pages, 2,000 / 3,000 rows (67%), 100 rows/s, ETA 10s",
+        "accounts: 30 pages, 3,000 / 3,000 rows (100%), 100 rows/s, ETA 0s",
+        "accounts: 30 pages, 3,000 / 3,000 rows (100%), 100 rows/s, done in 30s",
+    ]
+    # The terminal: every 2 s while listening, nothing for the quick fetch.
+    assert [u.entity for u in terminal] == ["accounts"] * 16
+    assert terminal[-1].done and not terminal[0].done
+    assert terminal[0].records == 200
+
+
+def test_durations_read_like_a_person_writes_them():
+    assert [format_duration(s) for s in (0.25, 4, 42, 200, 7500, 3 * 86400)] == [
+        "0.25s", "4s", "42s", "3m 20s", "2h 05m", "3d 0h"]
+
+
+def test_fetch_reports_each_page_with_the_source_count(tmp_path, simulator_url):
+    """The page loop calls the hook after every page; a whole-table read asks `$count` first."""
+    simulator, url = simulator_url
+    entity = EntityConfig(name="vin_candidates", group="hourly", incremental="full",
+                          page_size=40)
+    updates: list[FetchProgress] = []
+
+    async def run():
+        async with SimulatorSource(entity_names=ENTITY_NAMES, base_url=url).open_session() as s:
+            definition = await s.entity_definition(entity.name)
+            request = plan_fetch(entity, "20260101T000000Z", definition, watermark=None)
+            archive = ChangeSetArchive(tmp_path, entity.name, "20260101T000000Z")
+            return await fetch_change_set(s, archive, request, definition,
+                                          on_progress=updates.append, count_total=True)
+
+    summary = asyncio.run(run())
+    assert [(u.pages, u.records, u.total) for u in updates] == [
+        (1, 40, 130), (2, 80, 130), (3, 120, 130), (4, 130, 130)]
+    assert summary.requests == 5  # four pages and one count

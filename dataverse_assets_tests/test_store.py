@@ -1,0 +1,40 @@
+"""The store: identifiers, and databases made by older versions."""
+
+import sqlite3
+
+from dataverse_assets.store import connect, quote_identifier, read_sync_state
+
+
+def test_a_database_from_an_older_version_gains_new_columns_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE _sync_state (entity TEXT PRIMARY KEY, mode TEXT, watermark TEXT,
+            delta_token TEXT, status TEXT NOT NULL DEFAULT 'pending', last_change_set TEXT,
+            updated_at TEXT NOT NULL);
+        INSERT INTO _sync_state VALUES ('accounts', 'modifiedon', '2025-01-01T00:00:00Z', NULL,
+            'completed', '20250101T000000Z', '2025-01-01T00:00:00Z');
+        CREATE TABLE _staged (entity TEXT NOT NULL, change_set TEXT NOT NULL, mode TEXT NOT NULL,
+            rows INTEGER NOT NULL, watermark_after TEXT, staged_at TEXT NOT NULL,
+            PRIMARY KEY (entity, change_set));
+    """)
+    old.close()
+    connection = connect(path)
+    state = read_sync_state(connection, "accounts")
+    assert state.watermark == "2025-01-01T00:00:00Z" and state.reconciled_at is None
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(_staged)")}
+    assert {"fetched_at", "reconciled", "reconciled_at", "delta_token_after"} <= columns
+    assert connection.execute("SELECT reconciled FROM _staged").fetchall() == []
+
+
+def test_identifiers_are_always_quoted_safely(tmp_path):
+    connection = connect(tmp_path / "m.db")
+    hostile = ['order', 'a"b', "a'b", "with space", "Zürich 東京", "x" * 200,
+               'x"); DROP TABLE t;--']
+    table = quote_identifier('weird "table"')
+    connection.execute(f"CREATE TABLE {table} ({', '.join(quote_identifier(c) for c in hostile)})")
+    connection.execute(f"INSERT INTO {table} VALUES ({', '.join('?' for _ in hostile)})",
+                       list(range(len(hostile))))
+    row = connection.execute(f"SELECT * FROM {table}").fetchone()
+    assert row == tuple(range(len(hostile)))
+    assert [r[1] for r in connection.execute(f"PRAGMA table_info({table})")] == hostile
