@@ -17,7 +17,14 @@ def sync_job_name(group: str) -> str:
 
 
 def build_schedules(config: EntitiesConfig) -> list[ScheduleDefinition]:
-    schedules = []
+    from dataverse_assets.checks import FRESHNESS_JOB
+
+    schedules = [ScheduleDefinition(
+        name="freshness_schedule", cron_schedule="*/15 * * * *", job_name=FRESHNESS_JOB,
+        execution_timezone="UTC",
+        description="Evaluates every group's freshness check, so a late group shows up "
+                    "even when no sync runs.",
+    )]
     for group, group_config in config.groups.items():
         if not config.entities_in_group(group):
             continue
