@@ -292,8 +292,11 @@ def execute_plan(
     while True:
         with transaction(connection):
             connection.execute("DROP TABLE IF EXISTS temp._chunk")
+            # Keyed, so every join on the chunk is an index lookup (unkeyed, SQLite may scan it
+            # once per plan row: quadratic in the change set's size).
+            connection.execute("CREATE TEMP TABLE _chunk (pk TEXT PRIMARY KEY, kind TEXT)")
             connection.execute(
-                "CREATE TEMP TABLE _chunk AS SELECT pk, kind FROM _publish_plan"
+                "INSERT INTO temp._chunk (pk, kind) SELECT pk, kind FROM _publish_plan"
                 " WHERE entity = ? AND change_set = ? AND applied = 0"
                 " AND kind IN ('create', 'update', 'delete', 'delete_unknown') LIMIT ?",
                 (schema.entity, change_set, chunk_rows),
