@@ -367,6 +367,8 @@ def cmd_fixtures_record(args: argparse.Namespace) -> int:
         raise ConfigError(f"--entity {unknown}: not in {settings.entities_config_path}")
     # Resolved here (EnvVar fields are read from the environment), never printed.
     source = build_source(settings, config).process_config_and_initialize()
+    if args.pages < 1 or not 1 <= (args.page_size or 1) <= 5000:
+        raise ConfigError("--pages must be at least 1 and --page-size between 1 and 5000")
     out = Path(args.out)
     recorded = asyncio.run(record_fixtures(
         source, config, out, entities=args.entity, max_pages=args.pages,

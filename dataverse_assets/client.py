@@ -281,6 +281,10 @@ class DataverseClient:
                         raise _Transient(
                             f"connection error ({type(exc).__name__})", kind="connection"
                         ) from None
+                    # httpx binds response.stream to the response (a reference cycle), so a
+                    # read body lives until the next full garbage collection: on a large read
+                    # that is a page body per page. The body is read; drop the binding.
+                    response.stream = httpx.ByteStream(b"")
                     self.stats.bytes += len(response.content)
                     self._record(url, response.status_code, attempt, started,
                                  len(response.content), waited, None)
@@ -446,7 +450,7 @@ class DataverseClient:
         else:
             parts = key_ranges(ranges)
         # Bounded: a slow consumer holds the ranges back instead of buffering the table.
-        arrivals: asyncio.Queue[Page | _RangeDone] = asyncio.Queue(maxsize=len(parts))
+        arrivals: asyncio.Queue[Page | _RangeDone] = asyncio.Queue(maxsize=1)
 
         async def page_range(index: int, key_range: KeyRange) -> None:
             error: Exception | None = None

@@ -265,6 +265,9 @@ class Doctor:
         first_keys = await self._paging(client, entity, primary_key)
         if first_keys:
             await self._filter_on_key(client, entity, definition, primary_key, first_keys)
+        elif self.checks[-1].status != FAIL:
+            self.add("$filter on the key", INFO, "not checked: the table has no rows",
+                     entity=name)
 
     async def _reachable(self, client: DataverseClient, entity: EntityConfig,
                          definition: dict | None) -> dict | None:

@@ -295,6 +295,9 @@ class _Progress:
         self.max_modifiedon = request.watermark_before
         self.delta_link: str | None = None
         self.pages: list[dict] = []
+        # Only ids that must come back are checked afterwards; holding every key of a large
+        # snapshot would make memory grow with the table.
+        self.track_ids = bool(request.expected_ids)
         self.seen_ids: set[str] = set()
 
 
@@ -312,7 +315,7 @@ def _record_page(archive: ChangeSetArchive, progress: _Progress, step_index: int
                 progress.max_modifiedon is None or modified > progress.max_modifiedon
             ):
                 progress.max_modifiedon = modified
-        key = record.get(primary_key)
+        key = record.get(primary_key) if progress.track_ids else None
         if key is not None:
             progress.seen_ids.add(str(key).lower())
     if delta_link:
@@ -367,7 +370,7 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
             _record_page(archive, progress, index, step, page.url, page.body, page.records,
                          track_watermark=track, primary_key=request.primary_key,
                          next_link=page.next_link, delta_link=page.delta_link)
-            if step.ranges > 1 and track:
+            if step.ranges > 1 and track and request.mode == "modifiedon":
                 stamps = [r["modifiedon"] for r in page.records
                           if isinstance(r.get("modifiedon"), str)]
                 range_maxima[page.range_index] = max(

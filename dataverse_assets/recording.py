@@ -32,7 +32,7 @@ import orjson
 from dataverse_assets.archive import ChangeSetArchive
 from dataverse_assets.client import Page
 from dataverse_assets.config import EntitiesConfig, EntityConfig
-from dataverse_assets.fetch import FetchSummary, fetch_change_set, plan_fetch
+from dataverse_assets.fetch import fetch_change_set, plan_fetch
 from dataverse_assets.query import PageQuery, is_guid
 from dataverse_assets.sources import DataverseSource, SourceSession
 from dataverse_assets.staging import LOOKUP_TARGET_ANNOTATION
@@ -250,13 +250,14 @@ async def record_fixtures(source: DataverseSource, config: EntitiesConfig, out: 
                           salt: bytes | None = None) -> list[RecordedEntity]:
     """Record the entities' first-sync responses into `out` (their folders are replaced)."""
     if max_pages < 1:
-        raise ValueError("max_pages must be at least 1")
+        raise ValueError("--pages must be at least 1")
+    if page_size is not None and not 1 <= page_size <= 5000:
+        raise ValueError("--page-size must be between 1 and 5000")
     order = recording_order(config, entities)
     scrubber = Scrubber(scrub, salt)
     out.mkdir(parents=True, exist_ok=True)
     for entity in order:
         shutil.rmtree(out / entity.name, ignore_errors=True)
-    summaries: dict[str, FetchSummary] = {}
     with tempfile.TemporaryDirectory(prefix="dataverse-recording-") as scratch:
         async with source.open_session() as inner:
             session = RecordingSession(inner, out, max_pages, scrubber)
@@ -270,8 +271,7 @@ async def record_fixtures(source: DataverseSource, config: EntitiesConfig, out: 
                     include_annotations=config.read_with_annotations(entity.name),
                 )
                 archive = ChangeSetArchive(scratch, entity.name, "recording")
-                summaries[entity.name] = await fetch_change_set(session, archive, request,
-                                                                definition)
+                await fetch_change_set(session, archive, request, definition)
                 session.entity(entity.name).mode = request.mode
     recorded = [session.recorded[e.name] for e in order]
     (out / RECORDING_MANIFEST).write_bytes(orjson.dumps({

@@ -68,6 +68,7 @@ class ClientSession(SourceSession):
     def __init__(self, client: DataverseClient) -> None:
         self.client = client
         self.stats = client.stats
+        self._logical_names: dict[str, str] = {}  # entity set -> table, from metadata
 
     async def entity_definition(self, entity_set: str) -> dict | None:
         _, payload = await self.client.get_json(
@@ -80,6 +81,8 @@ class ClientSession(SourceSession):
             entity=entity_set,
         )
         definitions = payload.get("value") or []
+        if definitions and definitions[0].get("LogicalName"):
+            self._logical_names[entity_set] = definitions[0]["LogicalName"]
         return definitions[0] if definitions else None
 
     def iter_pages(self, entity_set: str, query: PageQuery,
@@ -95,7 +98,9 @@ class ClientSession(SourceSession):
 
     async def count(self, entity_set: str, filter: str | None = None,
                     primary_key: str | None = None) -> int | None:
-        """`$count=true` with `$top=1` (one row, no paging); None past Dataverse's count limit."""
+        """`$count=true` with `$top=1` (one row, no paging). Past Dataverse's count limit of
+        5000, a whole table's size comes from RetrieveTotalRecordCount (a recent snapshot,
+        close enough for an ETA); a filtered count that large is unknown (None)."""
         params = {"$count": "true", "$top": "1"}
         if primary_key:
             params["$select"] = primary_key
@@ -103,9 +108,20 @@ class ClientSession(SourceSession):
             params["$filter"] = filter
         _, payload = await self.client.get_json(entity_set, params=params, entity=entity_set)
         count = payload.get("@odata.count")
-        if not isinstance(count, int) or payload.get(COUNT_LIMIT_EXCEEDED) or count >= COUNT_LIMIT:
+        if not isinstance(count, int):
             return None
-        return count
+        if not payload.get(COUNT_LIMIT_EXCEEDED) and count < COUNT_LIMIT:
+            return count
+        logical_name = self._logical_names.get(entity_set)
+        if filter or not logical_name:
+            return None
+        _, payload = await self.client.get_json(
+            "RetrieveTotalRecordCount(EntityNames=@tables)",
+            params={"@tables": f"[{string_literal(logical_name)}]"}, entity=entity_set)
+        counts = payload.get("EntityRecordCountCollection") or {}
+        totals = dict(zip(counts.get("Keys") or [], counts.get("Values") or [], strict=False))
+        total = totals.get(logical_name)
+        return total if isinstance(total, int) and total >= count else None
 
 
 class DataverseSource(ConfigurableResource, ABC):

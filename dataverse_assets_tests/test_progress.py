@@ -1,8 +1,13 @@
 """Progress of long fetches: lines with pages, rows, rows/s and ETA, at a bounded rate."""
 
 import asyncio
+from urllib.parse import unquote
+
+import httpx
 
 from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.auth import ClientCredentials
+from dataverse_assets.client import DataverseClient
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.fetch import fetch_change_set, plan_fetch
 from dataverse_assets.progress import (
@@ -14,8 +19,10 @@ from dataverse_assets.progress import (
     format_duration,
     listening,
 )
-from dataverse_assets.sources import SimulatorSource
+from dataverse_assets.sources import ClientSession, SimulatorSource
 from dataverse_assets_tests.conftest import ENTITY_NAMES
+
+ORG = "https://org.example.com"
 
 
 class FakeClock:
@@ -103,3 +110,37 @@ def test_fetch_reports_each_page_with_the_source_count(tmp_path, simulator_url):
     assert [(u.pages, u.records, u.total) for u in updates] == [
         (1, 40, 130), (2, 80, 130), (3, 120, 130), (4, 130, 130)]
     assert summary.requests == 5  # four pages and one count
+
+
+def test_past_the_count_limit_a_whole_table_is_sized_by_retrieve_total_record_count():
+    """Dataverse stops `$count` at 5000; RetrieveTotalRecordCount sizes a whole table."""
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/oauth2/v2.0/token"):
+            return httpx.Response(200, json={"access_token": "t", "expires_in": 3599})
+        seen.append(unquote(str(request.url)).split("/v9.2/")[1])
+        if request.url.path.endswith("/EntityDefinitions"):
+            return httpx.Response(200, json={"value": [{"LogicalName": "account"}]})
+        if "RetrieveTotalRecordCount" in request.url.path:
+            return httpx.Response(200, json={"EntityRecordCountCollection": {
+                "Count": 1, "IsReadOnly": False, "Keys": ["account"], "Values": [1234567]}})
+        return httpx.Response(200, json={
+            "@odata.count": 5000, "@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded": True,
+            "value": [{"accountid": "x"}]})
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            credentials = ClientCredentials(http, org_url=ORG, client_id="c", client_secret="s",
+                                            authority="https://login.example.com",
+                                            tenant_id="tenant")
+            session = ClientSession(DataverseClient(http, credentials, org_url=ORG))
+            await session.entity_definition("accounts")
+            whole = await session.count("accounts", None, "accountid")
+            filtered = await session.count("accounts", "modifiedon gt 2026-01-01T00:00:00Z")
+            return whole, filtered
+
+    assert asyncio.run(run()) == (1234567, None)
+    assert seen[1] == "accounts?$count=true&$top=1&$select=accountid"
+    assert seen[2] == "RetrieveTotalRecordCount(EntityNames=@tables)?@tables=['account']"
+    assert len(seen) == 4  # the filtered count stops at the limit: unknown, not guessed

@@ -3,15 +3,27 @@
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from dagster import DagsterInstance
 
 from dataverse_assets import cli
-from dataverse_assets.config import PROJECT_ROOT
+from dataverse_assets.config import PROJECT_ROOT, Settings
+from dataverse_assets.definitions import build_definitions
 from dataverse_assets.faults import armed
 from dataverse_assets.report import FAILED, FRESH, LATE, NEVER, collect_report, entity_state
+from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
+from dataverse_assets.sources import SimulatorSource
+from dataverse_assets_tests.conftest import (
+    ENTITY_NAMES,
+    SMALL_ROW_COUNTS,
+    Mirror,
+    write_entities_config,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -22,19 +34,37 @@ ENTITIES = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_accountse
             "accounts", "contacts", "systemusers", "businessunits", "teams"]
 
 
-def sync_with_a_failure(mirror) -> set[str]:
-    """Two change sets per group, then one daily change set whose publish fails. Returns
-    the entities whose latest change set failed."""
-    mirror.sync_all()
-    mirror.simulator.create("vin_candidates", {"vin_name": "Report me"})
-    mirror.sync_all()
-    mirror.simulator.create("teams", {"name": "Fails to publish"})
-    with armed("publish.mid_plan"):
-        _, result = mirror.run("daily")
-    assert not result.success
-    with mirror.connection() as connection:
-        return {row[0] for row in connection.execute(
-            "SELECT entity FROM _publish_state WHERE status = 'FAILED'")}
+@dataclass
+class History:
+    mirror: Mirror
+    failed: set[str]  # entities whose latest change set failed
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory) -> Iterator[History]:
+    """One mirror for the module (the page only reads it): two hourly change sets, and a
+    daily one whose publish failed."""
+    folder = tmp_path_factory.mktemp("report")
+    simulator = DataverseSimulator(ENTITY_NAMES, seed=7, row_counts=SMALL_ROW_COUNTS)
+    with serve_on_loopback(simulator) as url, \
+            DagsterInstance.local_temp(tempdir=str(folder)) as instance:
+        settings = Settings(
+            db_path=folder / "mirror.db", archive_dir=folder / "archive",
+            entities_config_path=write_entities_config(folder / "entities.json", 40),
+            source="simulator")
+        source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url)
+        mirror = Mirror(simulator, settings, build_definitions(settings, source=source),
+                        instance, url)
+        mirror.sync("hourly")
+        simulator.create("vin_candidates", {"vin_name": "Report me"})
+        mirror.sync("hourly")
+        with armed("publish.mid_plan"):
+            _, result = mirror.run("daily")
+        assert not result.success
+        with mirror.connection() as connection:
+            failed = {row[0] for row in connection.execute(
+                "SELECT entity FROM _publish_state WHERE status = 'FAILED'")}
+        yield History(mirror, failed)
 
 
 def render(mirror, tmp_path, monkeypatch, capsys) -> tuple[Path, str]:
@@ -50,11 +80,11 @@ def charts_of(page: str) -> list[str]:
     return re.findall(r"<svg class=\"chart\".*?</svg>", page, flags=re.S)
 
 
-def test_status_page_shows_every_entity_its_state_and_plots(mirror, tmp_path, monkeypatch,
+def test_status_page_shows_every_entity_its_state_and_plots(history, tmp_path, monkeypatch,
                                                             capsys):
-    failed = sync_with_a_failure(mirror)
+    failed = history.failed
     assert failed
-    _, page = render(mirror, tmp_path, monkeypatch, capsys)
+    _, page = render(history.mirror, tmp_path, monkeypatch, capsys)
 
     states = dict(re.findall(r'<tr data-entity="(\w+)" data-state="(\w+)">', page))
     assert list(states) == ENTITIES
@@ -73,7 +103,7 @@ def test_status_page_shows_every_entity_its_state_and_plots(mirror, tmp_path, mo
     for chart in charts:
         assert chart.count('class="point"') >= 2
     rows_changed = charts[0]
-    # Two hourly change sets per hourly entity: the candidate created in the second one.
+    # Two change sets per hourly entity: the candidate created in the second one.
     assert rows_changed.count('data-series="vin_candidates"') == 2
     assert "vin_candidates" in rows_changed and "rows changed 1<" in rows_changed
     assert re.search(r"failed attempts [1-9]", charts[3])
@@ -85,12 +115,14 @@ def test_status_page_shows_every_entity_its_state_and_plots(mirror, tmp_path, mo
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
 
 
-def test_a_day_later_every_table_is_late(mirror):
-    mirror.sync_all()
+def test_two_days_later_every_table_that_did_not_fail_is_late(history):
     later = datetime.now(UTC) + timedelta(days=2)
-    with mirror.connection() as connection:
-        report = collect_report(connection, mirror.settings.entities, now=later)
-    assert {e.state for e in report.entities} == {LATE}
+    with history.mirror.connection() as connection:
+        report = collect_report(connection, history.mirror.settings.entities, now=later)
+    states = {e.entity: e.state for e in report.entities}
+    assert {e: s for e, s in states.items() if e not in history.failed} == {
+        e: LATE for e in ENTITIES if e not in history.failed}
+    assert {states[e] for e in history.failed} == {FAILED}
 
 
 def test_entity_state_orders_failure_before_freshness():
@@ -112,11 +144,11 @@ def _browser_available() -> bool:
 
 @pytest.mark.skipif(not _browser_available() and os.environ.get("CI") != "true",
                     reason="needs playwright and /usr/bin/chromium (required when CI=true)")
-def test_status_page_opens_offline_in_a_browser(mirror, tmp_path, monkeypatch, capsys):
+def test_status_page_opens_offline_in_a_browser(history, tmp_path, monkeypatch, capsys):
     from playwright.sync_api import sync_playwright
 
-    failed = sync_with_a_failure(mirror)
-    out, _ = render(mirror, tmp_path, monkeypatch, capsys)
+    failed = history.failed
+    out, _ = render(history.mirror, tmp_path, monkeypatch, capsys)
     artifacts = PROJECT_ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
     requested: list[str] = []

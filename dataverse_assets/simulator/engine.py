@@ -69,6 +69,11 @@ class CollectionQuery:
         return not self.order or self.order == [(self.primary_key, False)]
 
     @property
+    def key_descending(self) -> bool:
+        """True for `$orderby=<pk> desc`: the key index walked backwards, nothing sorted."""
+        return self.order == [(self.primary_key, True)]
+
+    @property
     def order_columns(self) -> list[str]:
         """Columns the paging cookie must carry besides the primary key."""
         return [] if self.default_order else [column for column, _ in self.order]
@@ -153,6 +158,34 @@ def _scan(
     return out
 
 
+def _scan_descending(
+    query: CollectionQuery, before_key: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Matching rows in descending key order before `before_key`; at most `limit`."""
+    table = query.table
+    rows, key_to_pk, keys = table.rows, table.key_to_pk, table.order_keys
+    key_list, lo, hi, needs_predicate = _key_candidates(query)
+    predicate = query.predicate if needs_predicate else None
+    source: Iterable[str]
+    if key_list is not None:
+        end = bisect.bisect_left(key_list, before_key) if before_key is not None else len(
+            key_list)
+        source = reversed(key_list[:end])
+    else:
+        end = hi if before_key is None else min(hi, bisect.bisect_left(keys, before_key))
+        if predicate is None:
+            return table.rows_in_order(max(lo, end - limit), end)[::-1]
+        source = (keys[i] for i in range(end - 1, lo - 1, -1))
+    out: list[dict[str, Any]] = []
+    for key in source:
+        row = rows[key_to_pk[key]]
+        if predicate is None or predicate(row):
+            out.append(row)
+            if len(out) >= limit:
+                break
+    return out
+
+
 def _ordered(query: CollectionQuery) -> tuple[list[tuple[Any, ...]], list[dict[str, Any]]]:
     """All matching rows under a custom order, cached until the table changes."""
     table = query.table
@@ -178,6 +211,10 @@ def fetch_page(
         after = guid_order_key(cursor.last_pk) if cursor and cursor.last_pk else None
         rows = _scan(query, after, limit + 1)
         return rows[:limit], len(rows) > limit
+    if query.key_descending:
+        before = guid_order_key(cursor.last_pk) if cursor and cursor.last_pk else None
+        rows = _scan_descending(query, before, limit + 1)
+        return rows[:limit], len(rows) > limit
     keys, rows = _ordered(query)
     start = 0
     if cursor is not None and cursor.last_pk is not None:
@@ -190,7 +227,7 @@ def fetch_page(
 
 def count_matching(query: CollectionQuery, cap: int) -> int:
     """`@odata.count`: matching rows, capped like Dataverse caps it."""
-    if not query.default_order:
+    if not query.default_order and not query.key_descending:
         return min(len(_ordered(query)[1]), cap)
     return len(_scan(query, None, cap))
 

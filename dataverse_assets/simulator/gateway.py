@@ -11,23 +11,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .faults import GATEWAY_PAGES, SERVER_ERROR_MESSAGES, Fault, SimulatedConnectionReset
 from .model import SimRequest
 
 if TYPE_CHECKING:
     from .model import DataverseSimulator
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REWRITING_KINDS = frozenset({"reset", "malformed", "repeat_next_link"})
 _JSON_TYPE = b"application/json; odata.metadata=minimal"
@@ -74,7 +68,6 @@ class Gateway:
         self.app = app
         self.sim = sim
         self.api_path = api_path.rstrip("/")
-        self._in_flight = 0
 
     def _target(self, path: str) -> tuple[str | None, bool]:
         """(entity set named by the path or None, whether it addresses the collection)."""
@@ -106,8 +99,8 @@ class Gateway:
         paging = b"skiptoken=" in query
         arrived = time.monotonic()
         with sim.lock:
-            self._in_flight += 1
-            sim.stats.max_concurrency = max(sim.stats.max_concurrency, self._in_flight)
+            sim.in_flight += 1
+            sim.stats.max_concurrency = max(sim.stats.max_concurrency, sim.in_flight)
         fault = sim.draw_fault(entity, paging, collection)
         status = [0]
         admitted: tuple[Any, str] | None = None
@@ -159,7 +152,7 @@ class Gateway:
             finished = time.monotonic()
             target = path + (f"?{query.decode('latin-1')}" if query else "")
             with sim.lock:
-                self._in_flight -= 1
+                sim.in_flight -= 1
                 if admitted is not None:
                     admitted[0].finish(admitted[1], finished - started)
                 sim.stats.request_log.append(SimRequest(

@@ -51,9 +51,12 @@ class LazyRowSource:
     """Rows 0..count-1 of one table, each a function of (seed, index)."""
 
     def __init__(self, *, count: int, seed: int, primary_key: str) -> None:
+        if count > _TOP_SPACE:
+            raise ValueError("a lazy table holds at most 2**48 rows")
         self.count = count
         self.primary_key = primary_key
-        self._seed = seed & _MASK64
+        self._seed = mix64(seed & _MASK64)
+        self._width = _TOP_SPACE // max(count, 1)
         self._templates: list[dict[str, Any]] = []
         self._template_targets: list[dict[str, str]] = []
         self._base_version = 0
@@ -85,17 +88,19 @@ class LazyRowSource:
         self._offset = int((stamp_start - first_day).total_seconds())
         days = (self._offset + 2 * self._span) // 86400 + 2
         self._days = [f"{first_day + timedelta(days=d):%Y-%m-%d}T" for d in range(days)]
+        self._times = _times_of_day()
 
     # -- keys ------------------------------------------------------------------------------------
 
     def _hash(self, index: int) -> int:
-        return mix64(self._seed ^ (index * 0xD1B54A32D192ED03 & _MASK64))
+        # Two multiply-xorshift rounds: cheap, and plenty for spreading column values.
+        x = (index * 0x9E3779B97F4A7C15 + self._seed) & _MASK64
+        x = ((x ^ (x >> 32)) * 0xD6E8FEB86659FD93) & _MASK64
+        return x ^ (x >> 32)
 
     def _top(self, index: int, h: int) -> int:
-        # Row i owns the slice [i*S, (i+1)*S) of the 48-bit space; its key lies inside it.
-        low = (index << _TOP_BITS) // self.count
-        high = ((index + 1) << _TOP_BITS) // self.count
-        return low + h % (high - low)
+        # Row i owns the slice [i*W, (i+1)*W) of the 48-bit space; its key lies inside it.
+        return index * self._width + h % self._width
 
     def pk(self, index: int) -> str:
         """The primary key of row `index` (increasing in SQL Server order)."""
@@ -120,18 +125,14 @@ class LazyRowSource:
             top = int(pk[24:36], 16)
         except ValueError:
             return None
-        index = min(self.count - 1, (top * self.count) >> _TOP_BITS)
-        while index > 0 and (index << _TOP_BITS) // self.count > top:
-            index -= 1
-        while index + 1 < self.count and ((index + 1) << _TOP_BITS) // self.count <= top:
-            index += 1
-        return index if self.pk(index) == pk else None
+        index = top // self._width
+        return index if index < self.count and self.pk(index) == pk else None
 
     # -- rows ------------------------------------------------------------------------------------
 
     def _stamp(self, seconds: int) -> str:
         day, second = divmod(seconds + self._offset, 86400)
-        return self._days[day] + _times_of_day()[second]
+        return self._days[day] + self._times[second]
 
     def row(self, index: int) -> dict[str, Any]:
         """Row `index` as the Web API returns it (a new dict each call)."""

@@ -592,6 +592,7 @@ class DataverseSimulator:
         self.lock = threading.RLock()
         self._tokens: dict[str, float] = {}
         self._token_clients: dict[str, str] = {}
+        self.in_flight = 0  # Web API requests being served right now (all apps of this org)
         self._protection = ServiceProtection(ServiceProtectionLimits())
         self._fault_board = FaultBoard()
         self._fault_rng = random.Random(seed * 104_729 + 3)
