@@ -15,7 +15,13 @@ from pathlib import Path
 import orjson
 
 from dataverse_assets.config import PROJECT_ROOT, ConfigError, load_settings
-from dataverse_assets.progress import ProgressUpdate, listening
+from dataverse_assets.progress import (
+    TERMINAL_INTERVAL_SECONDS,
+    ProgressReporter,
+    ProgressSink,
+    ProgressUpdate,
+    listening,
+)
 
 
 def _instance():
@@ -445,6 +451,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             on_entity=lambda e: print(
                 f"  {e.entity}: {e.change_sets} change sets, {e.rows:,} rows, "
                 f"{e.seconds:.2f} s", flush=True),
+            # A long entity shows records replayed, rows/s and ETA every few seconds.
+            progress_for=lambda entity: ProgressReporter(entity, "rebuild", [ProgressSink(
+                _print_progress, TERMINAL_INTERVAL_SECONDS, final_only_after_progress=True)]),
         )
     except RebuildError as exc:
         print(f"rebuild: {exc}", file=sys.stderr)

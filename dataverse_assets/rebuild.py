@@ -22,6 +22,7 @@ from pathlib import Path
 from dataverse_assets import steps
 from dataverse_assets.archive import list_change_sets
 from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.progress import FetchProgress, ProgressReporter
 from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.staging import write_staged
@@ -95,9 +96,14 @@ def rebuild(
     into_db_path: str | os.PathLike[str], *, force: bool = False,
     live_db_path: str | os.PathLike[str] | None = None,
     on_entity: Callable[[EntityRebuild], None] | None = None,
+    progress_for: Callable[[str], ProgressReporter] | None = None,
 ) -> RebuildReport:
     """Replay every complete archived change set of every configured entity, oldest first,
-    into a fresh database at `into_db_path` (built beside it, moved into place at the end)."""
+    into a fresh database at `into_db_path` (built beside it, moved into place at the end).
+
+    `progress_for(entity)` gives the reporter that follows that entity's replay: it is told
+    the pages and records replayed after each change set, against the total the manifests
+    record, so a long rebuild shows rows/s and an ETA."""
     archive_dir = Path(archive_dir)
     into = Path(into_db_path)
     if not archive_dir.is_dir():
@@ -113,18 +119,35 @@ def rebuild(
         for entity in config.entities:
             progress = EntityRebuild(entity.name)
             entity_started = time.perf_counter()
-            for change_set in list_change_sets(archive_dir, entity.name):
+            change_sets = list_change_sets(archive_dir, entity.name)
+            reporter = progress_for(entity.name) if progress_for is not None else None
+            summaries = ({key: store.archive(entity.name, key).manifest().get("summary", {})
+                          for key in change_sets} if reporter is not None else {})
+            counts = [summary.get("records") for summary in summaries.values()]
+            total = None if None in counts else sum(int(count) for count in counts)
+            pages = records = 0
+            for change_set in change_sets:
                 archive = store.archive(entity.name, change_set)
                 with store.connection() as connection:
-                    progress.rows += write_staged(
-                        connection, steps.staged_records(connection, archive, entity))
+                    staged = steps.staged_records(connection, archive, entity)
+                    if reporter is not None:
+                        staged.batches = _reporting(staged.batches, staged.counts, reporter,
+                                                    pages, records, total)
+                    progress.rows += write_staged(connection, staged)
                 # The live path's publish: plan, validate, execute, advance the watermark.
                 steps.publish(store, entity, change_set)
                 progress.change_sets += 1
                 progress.compacted += archive.is_compacted()
+                if reporter is not None:
+                    summary = summaries[change_set]
+                    pages += int(summary.get("pages") or 0)
+                    records += int(summary.get("records") or 0)
+                    reporter(FetchProgress(pages, records, total))
             with store.connection() as connection:
                 progress.canonical_rows = canonical_row_count(connection, entity.name)
             progress.seconds = time.perf_counter() - entity_started
+            if reporter is not None:
+                reporter.finish(pages, records)
             report.entities.append(progress)
             if on_entity is not None:
                 on_entity(progress)
@@ -141,6 +164,15 @@ def rebuild(
             suffix_file.replace(target)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _reporting(batches, counts: dict[str, int], reporter: ProgressReporter, pages: int,
+               records: int, total: int | None):
+    """The staged batches of one change set, telling the reporter the records read so far
+    (the reporter throttles what it shows)."""
+    for batch in batches:
+        yield batch
+        reporter(FetchProgress(pages, records + counts.get("records", 0), total))
 
 
 # -- the same through Dagster: archived change sets as partitions -----------------------------

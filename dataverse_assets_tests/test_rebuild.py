@@ -10,11 +10,12 @@ import sqlite3
 import pytest
 from dagster import DagsterInstance
 
-from dataverse_assets.archive import list_change_sets
+from dataverse_assets.archive import ChangeSetArchive, list_change_sets
 from dataverse_assets.cli import main
 from dataverse_assets.compaction import compact_archive
 from dataverse_assets.config import Settings, load_entities_config
 from dataverse_assets.definitions import build_definitions
+from dataverse_assets.progress import ProgressReporter, ProgressSink, ProgressUpdate
 from dataverse_assets.rebuild import RebuildError, archived_change_sets, rebuild, register_archived
 from dataverse_assets.schedules import sync_job_name
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
@@ -170,6 +171,30 @@ def test_rebuild_reproduces_the_live_database_row_by_row(live, tmp_path):
     assert by_entity["vin_candidates"].rows > SMALL_ROW_COUNTS["vin_candidates"]
     assert by_entity["vin_candidates"].rows_per_second > 0
     assert report.rows == sum(e.rows for e in report.entities)
+
+
+def test_rebuild_reports_progress_per_entity_against_the_archived_total(live, tmp_path):
+    updates: list[ProgressUpdate] = []
+
+    def reporter(entity: str) -> ProgressReporter:  # every update, unthrottled
+        return ProgressReporter(entity, "rebuild", [ProgressSink(updates.append, 0.0)])
+
+    rebuild(live.settings.entities, live.settings.archive_dir, tmp_path / "rebuilt.db",
+            progress_for=reporter)
+
+    finals = {u.entity: u for u in updates if u.done}
+    assert set(finals) == {e.name for e in live.settings.entities.entities}
+    archived = {}
+    for entity in finals:
+        for key in list_change_sets(live.settings.archive_dir, entity):
+            summary = ChangeSetArchive(live.settings.archive_dir, entity, key).manifest()["summary"]
+            archived[entity] = archived.get(entity, 0) + summary["records"]
+    assert {e: u.records for e, u in finals.items()} == archived
+    assert all(u.total == archived[e] for e, u in finals.items())
+    running = [u for u in updates if u.entity == "vin_candidates" and not u.done]
+    assert running and [u.records for u in running] == sorted(u.records for u in running)
+    assert "vin_candidates: " in finals["vin_candidates"].line()
+    assert "done in" in finals["vin_candidates"].line()
 
 
 def test_rebuild_refuses_an_existing_database_unless_forced(live, tmp_path, monkeypatch,
