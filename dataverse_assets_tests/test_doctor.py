@@ -9,7 +9,7 @@ import pytest
 from dataverse_assets import cli
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG
 from dataverse_assets.doctor import FAIL, INFO, PASS, WARN, ratelimit_headroom
-from dataverse_assets.simulator import SIMULATOR_CLIENT_ID
+from dataverse_assets.simulator import SIMULATOR_CLIENT_ID, ServiceProtectionLimits
 
 WRONG_SECRET = "not-the-secret-7Q~xYz"
 
@@ -136,6 +136,21 @@ def test_a_bad_entities_file_fails_the_first_check(tmp_path, monkeypatch, doctor
     (check,) = report["checks"]
     assert check["name"] == "configuration" and check["status"] == FAIL
     assert "entity 'teams' (entities[0]), field 'incremental'" in check["detail"]
+
+
+def test_throttling_headroom_from_a_throttling_org(doctor_env, simulator_url, capsys):
+    sim, _ = simulator_url
+    sim.limits = ServiceProtectionLimits.dataverse()
+    code, report = run_doctor_json(capsys, "--entity", "teams")
+    headroom = by_entity(report, None)["throttling headroom"]
+    assert code == 0 and headroom["status"] == PASS
+    assert "x-ms-ratelimit-burst-remaining-xrm-requests: 59" in headroom["detail"]
+    # Another client of the same application user has used nearly all of the window.
+    sim.limits = ServiceProtectionLimits(max_requests=400, max_execution_seconds=1200.0)
+    code, report = run_doctor_json(capsys, "--entity", "teams")
+    headroom = by_entity(report, None)["throttling headroom"]
+    assert code == 0 and headroom["status"] == WARN  # a warning, not a failure
+    assert "requests budget is left" in headroom["fix"]
 
 
 def test_throttling_headroom_reads_the_ratelimit_headers():

@@ -1171,6 +1171,24 @@ def test_service_protection_is_off_by_default(
             real.window_seconds) == (6000, 1200.0, 52, 300.0)
 
 
+def test_every_answer_reports_the_budget_left_in_the_ratelimit_headers(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    assert "x-ms-ratelimit-burst-remaining-xrm-requests" not in client.get(f"{API}/teams").headers
+    sim.limits = ServiceProtectionLimits(max_requests=5, max_execution_seconds=30.0)
+    lefts = []
+    for _ in range(5):
+        headers = client.get(f"{API}/teams").headers
+        lefts.append(int(headers["x-ms-ratelimit-burst-remaining-xrm-requests"]))
+        seconds = float(headers["x-ms-ratelimit-time-remaining-xrm-requests"].replace(",", ""))
+        assert 29.0 < seconds <= 30.0
+    assert lefts == [4, 3, 2, 1, 0]  # counting the request being answered
+    throttled = client.get(f"{API}/teams")
+    assert throttled.status_code == 429
+    assert "x-ms-ratelimit-burst-remaining-xrm-requests" not in throttled.headers
+
+
 def test_request_limit_throttles_and_retry_after_grows_while_the_client_pushes(
     fresh: tuple[DataverseSimulator, str, httpx.Client],
 ) -> None:

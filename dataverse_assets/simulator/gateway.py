@@ -110,6 +110,10 @@ class Gateway:
         async def watched(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if admitted is not None:  # the budget left, as Dataverse reports it
+                    with sim.lock:
+                        extra = admitted[0].remaining_headers(admitted[1])
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:

@@ -148,6 +148,24 @@ class ServiceProtection:
         window.in_flight += 1
         return None
 
+    def remaining_headers(self, user: str) -> list[tuple[bytes, bytes]]:
+        """What Dataverse tells a client on every answered request: the requests and the
+        combined execution time (seconds) left to this user in the current window."""
+        limits = self.limits
+        window = self._users.get(user)
+        if window is None:
+            return []
+        self._prune(window, self._clock())
+        headers = []
+        if limits.max_requests is not None:
+            left = max(0, limits.max_requests - len(window.started))
+            headers.append((b"x-ms-ratelimit-burst-remaining-xrm-requests", str(left).encode()))
+        if limits.max_execution_seconds is not None:
+            left = max(0.0, limits.max_execution_seconds - window.execution_total)
+            headers.append((b"x-ms-ratelimit-time-remaining-xrm-requests",
+                            f"{left:,.2f}".encode()))
+        return headers
+
     def finish(self, user: str, seconds: float) -> None:
         """An admitted request is done; its execution time counts from now on."""
         window = self._users.get(user)
