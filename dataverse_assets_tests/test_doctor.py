@@ -125,6 +125,19 @@ def test_an_entity_the_org_lacks_fails_with_a_suggestion(tmp_path, monkeypatch, 
                if c["entity"] not in ("acounts",))
 
 
+def test_a_table_the_application_user_may_not_read_fails_with_the_fix(
+        doctor_env, simulator_url, capsys):
+    sim, _ = simulator_url
+    sim.deny_read("teams")
+    code, report = run_doctor_json(capsys, "--entity", "teams", "--entity", "vin_candidates")
+    assert code == 1 and not report["ok"]
+    (check,) = by_entity(report, "teams").values()
+    assert check["status"] == FAIL and "refused (403)" in check["detail"]
+    assert "missing prvReadteam privilege" in check["detail"]
+    assert "Read privilege" in check["fix"]
+    assert all(c["status"] == PASS for c in by_entity(report, "vin_candidates").values())
+
+
 def test_a_bad_entities_file_fails_the_first_check(tmp_path, monkeypatch, doctor_env, capsys):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"groups": {"daily": {"cron": "0 3 * * *"}},

@@ -144,3 +144,24 @@ def test_past_the_count_limit_a_whole_table_is_sized_by_retrieve_total_record_co
     assert seen[1] == "accounts?$count=true&$top=1&$select=accountid"
     assert seen[2] == "RetrieveTotalRecordCount(EntityNames=@tables)?@tables=['account']"
     assert len(seen) == 4  # the filtered count stops at the limit: unknown, not guessed
+
+
+def test_a_table_past_the_count_limit_is_sized_against_the_simulator():
+    """The same over loopback: the simulator stops $count at 5000 and answers
+    RetrieveTotalRecordCount with the table's size."""
+    from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
+
+    sim = DataverseSimulator(["accounts"], seed=5, row_counts={"accounts": 6100})
+    with serve_on_loopback(sim) as url:
+        source = SimulatorSource(entity_names=["accounts"], base_url=url)
+
+        async def run():
+            async with source.open_session() as session:
+                await session.entity_definition("accounts")
+                return (await session.count("accounts", None, "accountid"),
+                        await session.count("accounts", "statecode eq 0", "accountid"))
+
+        whole, filtered = asyncio.run(run())
+    assert whole == 6100
+    active = sum(r["statecode"] == 0 for r in sim.records("accounts"))
+    assert filtered == (active if active <= 5000 else None)

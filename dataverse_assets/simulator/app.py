@@ -58,6 +58,8 @@ NOT_FOUND_CODE = "0x80060888"
 RECORD_NOT_FOUND_CODE = "0x80040217"
 CHANGE_TRACKING_DISABLED_CODE = "0x80072491"
 COUNT_CAP = 5000
+PRIVILEGE_DENIED_CODE = "0x80040220"
+RETRIEVE_TOTAL_RECORD_COUNT = "RetrieveTotalRecordCount"
 
 _KNOWN_OPTIONS = frozenset(
     {"$select", "$filter", "$orderby", "$top", "$skip", "$count", "$skiptoken", "$deltatoken",
@@ -339,7 +341,8 @@ class _Api:
         key = key_part[:-1] if key_part.endswith(")") else None
         if key_part and key is None:
             key = key_part  # malformed; reported below
-        is_entity_set = name not in ("", "$metadata", "EntityDefinitions", "WhoAmI", "$batch")
+        is_entity_set = name not in ("", "$metadata", "EntityDefinitions", "WhoAmI", "$batch",
+                                     RETRIEVE_TOTAL_RECORD_COUNT)
         with sim.lock:
             if is_entity_set:
                 sim.stats.requests += 1
@@ -374,7 +377,16 @@ class _Api:
                     return self._who_am_i(base)
                 if name == "$batch":
                     return _error(400, INVALID_ARGUMENT_CODE, "The simulator does not do $batch.")
+                if name == RETRIEVE_TOTAL_RECORD_COUNT:
+                    return self._total_record_count(base, key, pairs)
                 table = sim.find_table(name)
+                if table is not None and not sim.may_read(name, self._client(request)):
+                    logical = table.spec.logical_name
+                    return _error(
+                        403, PRIVILEGE_DENIED_CODE,
+                        f"Principal user (Id={self._client(request)}, type=8) is missing "
+                        f"prvRead{logical} privilege on entity '{logical}'.",
+                    )
                 if table is None or len(segments) > 1:
                     missing = name if table is None else segments[1]
                     return _error(
@@ -385,6 +397,40 @@ class _Api:
                 return self._collection(request, base, table, pairs, options)
         except ODataQueryError as exc:
             return _error(exc.status, exc.code, exc.message)
+
+    def _client(self, request: Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return self.sim.token_client(token.strip()) if scheme.lower() == "bearer" else None
+
+    def _total_record_count(
+        self, base: str, key: str | None, pairs: list[tuple[str, str]]
+    ) -> Response:
+        """The RetrieveTotalRecordCount function: whole-table sizes past $count's limit."""
+        aliases = dict(pairs)
+        argument = (key or "").partition("=")
+        if argument[0] != "EntityNames" or not argument[2]:
+            return _error(400, INVALID_ARGUMENT_CODE,
+                          "RetrieveTotalRecordCount expects (EntityNames=@alias).")
+        raw = aliases.get(argument[2], argument[2]).strip()
+        if not (raw.startswith("[") and raw.endswith("]")):
+            return _error(400, INVALID_ARGUMENT_CODE,
+                          f"EntityNames must be a list of logical names, not {raw!r}.")
+        names = [item.strip() for item in raw[1:-1].split(",") if item.strip()]
+        names = [n[1:-1].replace("''", "'") if n[:1] == n[-1:] == "'" and len(n) > 1 else n
+                 for n in names]
+        values = []
+        for logical in names:
+            table = self.sim.table_by_logical(logical)
+            if table is None:
+                return _error(404, NOT_FOUND_CODE,
+                              f"Could not find an entity with logical name '{logical}'.")
+            values.append(len(table.rows))
+        return _json({
+            "@odata.context": f"{base}{API_PATH}/$metadata#Microsoft.Dynamics.CRM."
+                              "RetrieveTotalRecordCountResponse",
+            "EntityRecordCountCollection": {"Count": len(names), "IsReadOnly": False,
+                                            "Keys": names, "Values": values},
+        })
 
     def _service_document(self, base: str) -> Response:
         value = [
@@ -576,7 +622,11 @@ class _Api:
             "@odata.context": f"{base}{API_PATH}/$metadata#{spec.entity_set_name}{select_part}"
         }
         if count_requested:
-            body["@odata.count"] = engine.count_matching(query, COUNT_CAP)
+            # Dataverse counts to 5000 and says so when there are more.
+            count = engine.count_matching(query, COUNT_CAP + 1)
+            body["@odata.count"] = min(count, COUNT_CAP)
+            if count > COUNT_CAP:
+                body["@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"] = True
         body["value"] = self._shape(table, rows, keys, annotator)
         if has_more and rows:
             token = encode_skiptoken(

@@ -592,6 +592,7 @@ class DataverseSimulator:
         self.lock = threading.RLock()
         self._tokens: dict[str, float] = {}
         self._token_clients: dict[str, str] = {}
+        self._read_denied: dict[str, set[str] | None] = {}  # entity set -> clients (None: all)
         self.in_flight = 0  # Web API requests being served right now (all apps of this org)
         self._protection = ServiceProtection(ServiceProtectionLimits())
         self._fault_board = FaultBoard()
@@ -723,6 +724,31 @@ class DataverseSimulator:
         with self.lock:
             for token in self._tokens:
                 self._tokens[token] = float("-inf")
+
+    # -- security roles ----------------------------------------------------------------------------
+
+    def deny_read(self, entity_set: str, client_id: str | None = None) -> None:
+        """Take the read privilege on a table away from one application user (or from every
+        user): its reads then answer 403, as Dataverse does for a role without prvRead."""
+        with self.lock:
+            self.table(entity_set)  # KeyError for a table the org does not have
+            if client_id is None:
+                self._read_denied[entity_set] = None
+            else:
+                clients = self._read_denied.setdefault(entity_set, set())
+                if clients is not None:
+                    clients.add(client_id)
+
+    def allow_read(self, entity_set: str) -> None:
+        with self.lock:
+            self._read_denied.pop(entity_set, None)
+
+    def may_read(self, entity_set: str, client_id: str | None) -> bool:
+        with self.lock:
+            if entity_set not in self._read_denied:
+                return True
+            clients = self._read_denied[entity_set]
+            return clients is not None and client_id not in clients
 
     # -- service protection and faults -----------------------------------------------------------
 
