@@ -482,6 +482,30 @@ def test_skip_is_rejected(client: httpx.Client) -> None:
     assert error_of(response)["message"] == "The query parameter $skip is not supported"
 
 
+def test_deleting_a_record_removes_its_many_to_many_associations(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    links = sim.records("vin_vin_candidate_accountset")
+    candidate = links[0]["vin_candidateid"]
+    named = {r["vin_vin_candidate_accountid"] for r in links if r["vin_candidateid"] == candidate}
+    other_sets = {name: len(sim.records(name)) for name in
+                  ("vin_vin_clinicaltrial_contactset", "vin_vin_candidate_clinicaltrialset")}
+    trials = sum(r["vin_candidateid"] == candidate
+                 for r in sim.records("vin_vin_candidate_clinicaltrialset"))
+    sim.delete("vin_candidates", candidate)
+    left = sim.records("vin_vin_candidate_accountset")
+    assert len(left) == len(links) - len(named)
+    assert not any(r["vin_candidateid"] == candidate for r in left)
+    assert len(sim.records("vin_vin_candidate_clinicaltrialset")) == (
+        other_sets["vin_vin_candidate_clinicaltrialset"] - trials)
+    assert len(sim.records("vin_vin_clinicaltrial_contactset")) == (
+        other_sets["vin_vin_clinicaltrial_contactset"])
+    gone = next(iter(named))
+    response = client.get(f"{API}/vin_vin_candidate_accountset({gone})")
+    assert response.status_code == 404
+
+
 def test_count_stops_at_5000_and_retrieve_total_record_count_sizes_the_table() -> None:
     sim = DataverseSimulator(["accounts", "teams"], seed=3, row_counts={"accounts": 7200})
     with serve_on_loopback(sim) as base, api_client(base, fetch_token(base)) as client:

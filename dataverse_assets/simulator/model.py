@@ -1280,6 +1280,27 @@ class DataverseSimulator:
                 table.pairs.discard(self._pair_of(table, row))
             table.lookup_targets.pop(pk, None)
             table.record_change(self._next_version(), pk, "delete")
+            if not table.spec.is_intersect:
+                self._disassociate(table.spec.logical_name, pk)
+
+    def _disassociate(self, logical_name: str, pk: str) -> None:
+        """Deleting a record removes its many-to-many associations, as Dataverse does: the
+        intersect rows that name it go too (each a delete of its own)."""
+        for other in self._tables.values():
+            if not other.spec.is_intersect:
+                continue
+            columns = [a.column for a in other.spec.attributes[1:3]
+                       if logical_name in a.targets]
+            if not columns:
+                continue
+            doomed = [key for key, row in other.rows.items()
+                      if any(str(row.get(c) or "").lower() == pk for c in columns)]
+            for key in doomed:
+                row = other.rows.pop(key)
+                other.remove_key(key)
+                other.pairs.discard(self._pair_of(other, row))
+                other.lookup_targets.pop(key, None)
+                other.record_change(self._next_version(), key, "delete")
 
     # -- schema changes --------------------------------------------------------------------------
     # A customizer adds, removes or retypes a column: metadata (EntityDefinitions, $metadata)
