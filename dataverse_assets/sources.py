@@ -18,6 +18,7 @@ from pydantic import Field
 
 from dataverse_assets.auth import DEFAULT_REFRESH_AFTER_SECONDS, ClientCredentials
 from dataverse_assets.client import (
+    DEFAULT_MAX_RESPONSE_BYTES,
     DataverseClient,
     DataverseRequestError,
     FetchStats,
@@ -142,6 +143,7 @@ async def _client_session(
     max_concurrency: int, timeout_seconds: float, transport: httpx.AsyncBaseTransport | None = None,
     retry_policy: RetryPolicy | None = None,
     refresh_after_seconds: float = DEFAULT_REFRESH_AFTER_SECONDS,
+    max_response_mb: float = DEFAULT_MAX_RESPONSE_BYTES / 2**20,
 ) -> AsyncIterator[SourceSession]:
     limits = httpx.Limits(max_connections=max_concurrency + 2,
                           max_keepalive_connections=max_concurrency + 2)
@@ -154,7 +156,8 @@ async def _client_session(
             authority=authority, tenant_id=tenant_id, refresh_after_seconds=refresh_after_seconds,
         )
         client = DataverseClient(http, credentials, org_url=org_url,
-                                 max_concurrency=max_concurrency, retry_policy=retry_policy)
+                                 max_concurrency=max_concurrency, retry_policy=retry_policy,
+                                 max_response_bytes=int(max_response_mb * 2**20))
         yield ClientSession(client)
 
 
@@ -168,6 +171,11 @@ class LiveDataverseSource(DataverseSource):
     authority: str = "https://login.microsoftonline.com"
     max_concurrency: int = Field(8, ge=1, le=52)
     timeout_seconds: float = 120.0
+    max_response_mb: float = Field(
+        DEFAULT_MAX_RESPONSE_BYTES / 2**20, gt=0,
+        description="A response body larger than this (MB) is refused with a clear error "
+        "instead of being held in memory (DATAVERSE_MAX_RESPONSE_MB).",
+    )
     token_refresh_after_seconds: float = Field(
         DEFAULT_REFRESH_AFTER_SECONDS, gt=0,
         description="Refresh the access token this long after getting it (tokens live about "
@@ -180,6 +188,7 @@ class LiveDataverseSource(DataverseSource):
             authority=self.authority, tenant_id=self.tenant_id,
             max_concurrency=self.max_concurrency, timeout_seconds=self.timeout_seconds,
             refresh_after_seconds=self.token_refresh_after_seconds,
+            max_response_mb=self.max_response_mb,
         )
 
 
@@ -211,6 +220,11 @@ class SimulatorSource(DataverseSource):
     base_url: str | None = None
     max_concurrency: int = Field(8, ge=1, le=52)
     timeout_seconds: float = 60.0
+    max_response_mb: float = Field(
+        DEFAULT_MAX_RESPONSE_BYTES / 2**20, gt=0,
+        description="A response body larger than this (MB) is refused with a clear error "
+        "instead of being held in memory (DATAVERSE_MAX_RESPONSE_MB).",
+    )
 
     def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
         from dataverse_assets.simulator import (
@@ -229,6 +243,7 @@ class SimulatorSource(DataverseSource):
             org_url=org_url, client_id=SIMULATOR_CLIENT_ID, client_secret=SIMULATOR_CLIENT_SECRET,
             authority=org_url, tenant_id=None, max_concurrency=self.max_concurrency,
             timeout_seconds=self.timeout_seconds, transport=transport,
+            max_response_mb=self.max_response_mb,
         )
 
 
