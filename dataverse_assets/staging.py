@@ -17,6 +17,7 @@ from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchiv
 from dataverse_assets.schema import (
     EntitySchema,
     infer_schema_from_records,
+    json_bytes,
     schema_from_metadata,
     to_sqlite_value,
 )
@@ -48,7 +49,7 @@ def content_hash(record: dict, ignore_annotations: bool = False) -> str:
     @odata.etag and annotations (every key with an '@')."""
     if ignore_annotations:
         record = {k: v for k, v in record.items() if "@" not in k}
-    return hashlib.blake2b(orjson.dumps(record, option=orjson.OPT_SORT_KEYS),
+    return hashlib.blake2b(json_bytes(record, sort_keys=True),
                            digest_size=16).hexdigest()
 
 
@@ -143,7 +144,7 @@ def iter_staged_batches(
                 change_set, key, "upsert", content_hash(record, hash_ignore_annotations),
                 modified if isinstance(modified, str) else None,
                 *(to_sqlite_value(record.get(name)) for name in names),
-                orjson.dumps(record).decode(),
+                json_bytes(record).decode(),
             ))
             counts["staged"] += 1
         if len(batch) >= STAGING_BATCH_ROWS or len(keys) >= STAGING_BATCH_ROWS * 10:
