@@ -15,6 +15,7 @@ Modes:
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -382,6 +383,21 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
             progress.max_modifiedon = ranged_watermark(range_maxima.values())
 
 
+class UnknownEntityError(DataverseRequestError):
+    """The configured entity set does not exist in the org."""
+
+
+async def _unknown_entity(session: SourceSession, entity: str) -> UnknownEntityError:
+    """The org has no metadata for the entity and its URL is 404: a wrong name in the config."""
+    names = await session.entity_set_names()
+    close = difflib.get_close_matches(entity, names, n=3, cutoff=0.6) if names else []
+    hint = f" (did you mean {', '.join(repr(n) for n in close)}?)" if close else ""
+    return UnknownEntityError(
+        f"{entity}: Dataverse has no entity set {entity!r} (404, and EntityDefinitions has no "
+        f"table with that EntitySetName){hint}; fix 'name' in the entities config: it is the "
+        "plural used in API URLs, e.g. 'accounts'", status=404)
+
+
 async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
                            request: FetchRequest, progress: _Progress) -> list[dict]:
     """Ids that had to come back but did not: ask for each one (200 / 404 / other)."""
@@ -429,6 +445,8 @@ async def fetch_change_set(
             if exc.code == EXPIRED_DELTA_TOKEN and request.mode == "change_tracking":
                 request = resync_request(request, request.steps[0].query.page_size)
                 continue
+            if exc.status == 404 and definition is None and progress.page_number == 0:
+                raise await _unknown_entity(session, request.entity) from None
             raise
         break
     missing = await _resolve_missing(session, archive, request, progress)

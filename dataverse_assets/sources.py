@@ -16,10 +16,15 @@ import orjson
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from dataverse_assets.auth import DEFAULT_REFRESH_AFTER_SECONDS, ClientCredentials
+from dataverse_assets.auth import (
+    DEFAULT_REFRESH_AFTER_SECONDS,
+    AuthenticationError,
+    ClientCredentials,
+)
 from dataverse_assets.client import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DataverseClient,
+    DataverseError,
     DataverseRequestError,
     FetchStats,
     Page,
@@ -62,6 +67,10 @@ class SourceSession(ABC):
         """How many records match `filter`, when the source can say cheaply; else None."""
         return None
 
+    async def entity_set_names(self) -> list[str]:
+        """Every entity set the source serves (for suggestions when a name is wrong)."""
+        return []
+
 
 class ClientSession(SourceSession):
     """A session over the HTTP client (live Dataverse or the simulator)."""
@@ -89,6 +98,16 @@ class ClientSession(SourceSession):
     def iter_pages(self, entity_set: str, query: PageQuery,
                    start_url: str | None = None) -> AsyncIterator[Page]:
         return self.client.iter_pages(entity_set, query, start_url)
+
+    async def entity_set_names(self) -> list[str]:
+        """From the service document; [] if it cannot be read (suggestions are optional)."""
+        try:
+            _, service = await self.client.get_json("", entity="service document")
+        except (DataverseError, AuthenticationError):
+            return []
+        items = service.get("value")
+        return [str(item["name"]) for item in items if isinstance(item, dict) and item.get("name")
+                ] if isinstance(items, list) else []
 
     async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
         return await self.client.get_record(entity_set, record_id)
