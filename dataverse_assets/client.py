@@ -240,6 +240,8 @@ class DataverseClient:
                     except _Transient as exc:
                         last = exc
                         raise
+        except ResponseTooLargeError as exc:
+            raise ResponseTooLargeError(f"{entity}: {exc}", status=exc.status) from None
         except _Transient:
             assert last is not None
             status = f"last status {last.status}" if last.status else "no response"

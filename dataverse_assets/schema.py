@@ -321,13 +321,19 @@ def _json_without_recursion(value: object, sort_keys: bool) -> str:
     return "".join(out)
 
 
+class OversizedInteger(str):
+    """The exact decimal text of an integer SQLite cannot hold (2**63 and up): a TEXT column
+    keeps it exactly, an INTEGER or REAL column turns it into an approximate REAL, so staging
+    reports it as an issue (json_response always has it exactly)."""
+
+
 def to_sqlite_value(value: object) -> object:
     """A JSON value as SQLite stores it: booleans as 0/1, objects and lists as JSON text,
-    integers beyond SQLite's 64 bits as their exact decimal text."""
+    integers beyond SQLite's 64 bits as their exact decimal text (OversizedInteger)."""
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int) and value not in SQLITE_INTEGER_RANGE:
-        return str(value)
+        return OversizedInteger(value)
     if isinstance(value, dict | list):
         return json_bytes(value).decode()
     return value
