@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -47,6 +46,16 @@ class DataverseRequestError(DataverseError):
 
 class PagingError(DataverseError):
     """The server's paging links cannot be followed safely."""
+
+
+class ResponseTooLargeError(DataverseRequestError):
+    """A response body over the client's size limit; not retried (it would be as large)."""
+
+
+# Dataverse pages hold at most 5000 rows; even wide rows with long Memo fields stay far below
+# this. A larger body is not a Dataverse page (a runaway proxy, a wrong URL): refuse it
+# instead of holding it in memory.
+DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 
 
 class _Transient(Exception):
@@ -187,12 +196,14 @@ class DataverseClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         self._http = http
+        self.max_response_bytes = max_response_bytes
         self._credentials = credentials
         self.org_url = org_url.rstrip("/")
         self.api_base = self.org_url + API_PATH
-        self._origin = urlsplit(self.org_url)[:2]
+        self._origin = _origin(self.org_url)
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._in_flight = 0
         self.retry_policy = retry_policy or RetryPolicy()
@@ -229,6 +240,8 @@ class DataverseClient:
                     except _Transient as exc:
                         last = exc
                         raise
+        except ResponseTooLargeError as exc:
+            raise ResponseTooLargeError(f"{entity}: {exc}", status=exc.status) from None
         except _Transient:
             assert last is not None
             status = f"last status {last.status}" if last.status else "no response"
@@ -270,7 +283,7 @@ class DataverseClient:
                         headers["Prefer"] = prefer
                     self.stats.requests += 1
                     try:
-                        response = await self._http.get(url, headers=headers)
+                        response = await self._read_capped(url, headers)
                     except httpx.TimeoutException as exc:
                         self._record(url, None, attempt, started, 0, waited, "timeout")
                         raise _Transient(
@@ -297,6 +310,34 @@ class DataverseClient:
             finally:
                 self._in_flight -= 1
         return self._classify(url, response)
+
+    async def _read_capped(self, url: str, headers: dict[str, str]) -> httpx.Response:
+        """GET and read the body, refusing one larger than `max_response_bytes` (checked as it
+        streams in, so an enormous answer never sits in memory whole)."""
+        cap = self.max_response_bytes
+        response = await self._http.send(self._http.build_request("GET", url, headers=headers),
+                                          stream=True)
+        try:
+            declared = response.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > cap:
+                raise ResponseTooLargeError(self._too_large(url, int(declared), cap))
+            parts: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > cap:
+                    raise ResponseTooLargeError(self._too_large(url, size, cap, more=True))
+                parts.append(chunk)
+            response._content = b"".join(parts)  # what httpx's own aread() sets
+        finally:
+            await response.aclose()
+        return response
+
+    @staticmethod
+    def _too_large(url: str, size: int, cap: int, more: bool = False) -> str:
+        return (f"GET {url} answered a body of {'more than ' if more else ''}{size:,} bytes, "
+                f"over the limit of {cap:,} (DATAVERSE_MAX_RESPONSE_MB); lower the entity's "
+                "page_size or raise the limit")
 
     def _classify(self, url: str, response: httpx.Response) -> httpx.Response:
         status = response.status_code
@@ -325,12 +366,15 @@ class DataverseClient:
             bytes=size, throttle_wait=waited, error=error,
         ))
 
-    def _check_same_origin(self, url: str, entity: str) -> None:
-        if urlsplit(url)[:2] != self._origin:
-            # The Authorization header must never go to another host.
+    def _check_same_origin(self, url: str, entity: str, what: str = "request") -> None:
+        origin = _origin(url)
+        if origin != self._origin:
+            # The Authorization header must never go to another host (or over plain http).
+            where = f"{origin[0]}://{origin[1]}" if origin[1] else f"the relative URL {url!r}"
             raise PagingError(
-                f"{entity}: refusing to request {urlsplit(url).netloc!r}: links must stay on "
-                f"{self._origin[1]!r}"
+                f"{entity}: refusing to {what} {where}: links must stay on the configured "
+                f"Dataverse URL {self._origin[0]}://{self._origin[1]} (DATAVERSE_URL), so the "
+                "access token is never sent elsewhere"
             )
 
     # -- JSON and pages ---------------------------------------------------------------------
@@ -348,7 +392,9 @@ class DataverseClient:
                 payload = orjson.loads(response.content)
             except orjson.JSONDecodeError as exc:
                 # Truncated bodies happen when a connection drops mid-response: try again.
-                last_error = f"invalid JSON ({exc})"
+                kind = response.headers.get("Content-Type", "no Content-Type")
+                _, snippet = _error_detail(response.content)
+                last_error = f"invalid JSON ({exc}); {kind}, {snippet}"
                 self.stats.retries += 1
                 continue
             if not isinstance(payload, dict):
@@ -386,14 +432,31 @@ class DataverseClient:
             response, payload = await self.get_json(
                 url, params=params, prefer=prefer, entity=entity_set
             )
-            if not isinstance(payload.get("value"), list):
+            values = payload.get("value")
+            if not isinstance(values, list):
                 raise DataverseRequestError(
                     f"{entity_set}: GET {response.url} answered 200 without an OData 'value' "
                     "list; is this a Dataverse Web API endpoint?"
                 )
+            bad = next((i for i, item in enumerate(values) if not isinstance(item, dict)), None)
+            if bad is not None:
+                raise DataverseRequestError(
+                    f"{entity_set}: GET {response.url} answered 200 with an OData 'value' list "
+                    f"whose item {bad} is {type(values[bad]).__name__}, not a record object"
+                )
             number += 1
             next_link = payload.get("@odata.nextLink")
             delta_link = payload.get("@odata.deltaLink")
+            for link, name in ((next_link, "nextLink"), (delta_link, "deltaLink")):
+                if link is not None and not isinstance(link, str):
+                    raise PagingError(f"{entity_set}: page {number} has an @odata.{name} that "
+                                      f"is {type(link).__name__}, not a URL")
+            # Checked before the page is used: a delta link to another host is never stored
+            # (so never followed with our token in a later change set).
+            if delta_link is not None:
+                self._check_same_origin(delta_link, entity_set, "store the deltaLink to")
+            if next_link is not None:
+                self._check_same_origin(next_link, entity_set, "follow the nextLink to")
             yield Page(number, str(response.url), response.content, payload, next_link,
                        delta_link)
             if next_link is not None:
@@ -403,7 +466,6 @@ class DataverseClient:
                         "stopping instead of looping"
                     )
                 seen_links.add(next_link)
-                self._check_same_origin(next_link, entity_set)
             url, params = next_link, None
 
     # -- parallel key ranges ----------------------------------------------------------------
@@ -481,6 +543,19 @@ class DataverseClient:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    """(scheme, host[:port]) as a browser compares origins: host case and default ports do
+    not matter."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "", ""
+    port = parsed.port
+    default = {"http": 80, "https": 443}.get(parsed.scheme)
+    host = parsed.host.lower()
+    return parsed.scheme.lower(), host if port in (None, default) else f"{host}:{port}"
 
 
 @dataclass(frozen=True)

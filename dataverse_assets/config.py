@@ -32,6 +32,22 @@ DEFAULT_ENTITIES_CONFIG = PROJECT_ROOT / "entities_config.json"
 # Dataverse itself allows (letters, digits, underscores) so neither can be abused.
 ENTITY_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 GROUP_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# Column names the config puts into OData queries ($select, $filter, $orderby), where they
+# cannot be quoted: Dataverse logical names (letters, digits, underscores; lookups as
+# _name_value). Anything else would change the query, so it is refused.
+ODATA_COLUMN_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+ORDERBY_PATTERN = re.compile(
+    r"^\s*[A-Za-z_][A-Za-z0-9_]*(\s+(asc|desc))?\s*(,\s*[A-Za-z_][A-Za-z0-9_]*(\s+(asc|desc))?\s*)*$"
+)
+
+
+def _odata_column(value: str | None) -> str | None:
+    if value is not None and not ODATA_COLUMN_PATTERN.match(value):
+        raise ValueError(
+            f"{value!r} is not a Dataverse column name (letters, digits and underscores, e.g. "
+            "'accountid' or '_parentcustomerid_value')"
+        )
+    return value
 
 
 class ConfigError(ValueError):
@@ -51,6 +67,11 @@ class LinkSource(BaseModel):
         "lookuplogicalname annotation names this table (e.g. 'account'); the linking table is "
         "then fetched with annotations.",
     )
+
+    @field_validator("column")
+    @classmethod
+    def _column_is_a_name(cls, value: str) -> str:
+        return _odata_column(value)
 
 
 class GroupConfig(BaseModel):
@@ -130,8 +151,22 @@ class EntityConfig(BaseModel):
                 "must be a Dataverse entity set name: a letter, then letters, digits or "
                 "underscores (at most 128)"
             )
-        if value.endswith("__history"):
+        if value.lower().endswith("__history"):
             raise ValueError("names ending in '__history' are reserved for history tables")
+        return value
+
+    @field_validator("primary_key")
+    @classmethod
+    def _primary_key_is_a_name(cls, value: str | None) -> str | None:
+        return _odata_column(value)
+
+    @field_validator("orderby")
+    @classmethod
+    def _orderby_is_a_column_list(cls, value: str | None) -> str | None:
+        if value is not None and not ORDERBY_PATTERN.match(value):
+            raise ValueError(
+                f"{value!r} is not an OData $orderby list (e.g. 'modifiedon asc,accountid asc')"
+            )
         return value
 
     @model_validator(mode="after")
@@ -185,11 +220,16 @@ class EntitiesConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_references(self) -> EntitiesConfig:
-        seen: set[str] = set()
+        seen: dict[str, str] = {}
         for entity in self.entities:
-            if entity.name in seen:
-                raise ValueError(f"entity {entity.name!r} is listed twice")
-            seen.add(entity.name)
+            # SQLite table names (and archive folders on some file systems) ignore case.
+            folded = entity.name.lower()
+            if folded in seen:
+                twice = ("is listed twice" if seen[folded] == entity.name else
+                         f"and {seen[folded]!r} differ only in letter case; SQLite table "
+                         "names ignore case, so they would share one table")
+                raise ValueError(f"entity {entity.name!r} {twice}")
+            seen[folded] = entity.name
         by_name = {e.name: e for e in self.entities}
         for entity in self.entities:
             if entity.group not in self.groups:
@@ -255,6 +295,9 @@ def _describe_location(raw: object, loc: tuple[int | str, ...]) -> str:
 
 def parse_entities_config(raw: object, source: str = "entities config") -> EntitiesConfig:
     """Validate already-parsed JSON; raise ConfigError naming the entity and field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the file must hold a JSON object with 'groups' and "
+                          f"'entities', not {type(raw).__name__}")
     try:
         return EntitiesConfig.model_validate(raw)
     except ValidationError as exc:
@@ -275,6 +318,15 @@ def load_entities_config(path: str | os.PathLike[str]) -> EntitiesConfig:
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: entities config not found (set DATAVERSE_ENTITIES_CONFIG to its path)"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not valid JSON: the file is not UTF-8 text (byte {exc.start})"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: entities config cannot be read ({exc.strerror or type(exc).__name__}; "
+            "set DATAVERSE_ENTITIES_CONFIG to the JSON file)"
         ) from None
     try:
         raw = json.loads(text)
@@ -305,6 +357,7 @@ class Settings(BaseModel):
     entities_config_path: Path = DEFAULT_ENTITIES_CONFIG
     simulator_seed: int = 42
     max_concurrency: int = Field(8, ge=1, le=52)
+    max_response_mb: float = Field(512.0, gt=0)
 
     @cached_property
     def entities(self) -> EntitiesConfig:
@@ -324,6 +377,7 @@ _ENV_FIELDS = {
     "DATAVERSE_ENTITIES_CONFIG": "entities_config_path",
     "DATAVERSE_SIMULATOR_SEED": "simulator_seed",
     "DATAVERSE_MAX_CONCURRENCY": "max_concurrency",
+    "DATAVERSE_MAX_RESPONSE_MB": "max_response_mb",
 }
 
 

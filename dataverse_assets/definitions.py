@@ -33,6 +33,7 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
             tenant_id=settings.tenant_id,
             authority=settings.authority,
             max_concurrency=settings.max_concurrency,
+            max_response_mb=settings.max_response_mb,
         )
     if settings.source == "fixture":
         return FixtureSource(directory=str(settings.fixtures_dir))
@@ -43,6 +44,7 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
     return SimulatorSource(
         entity_names=[e.name for e in config.entities], seed=settings.simulator_seed,
         base_url=settings.url, max_concurrency=settings.max_concurrency,
+        max_response_mb=settings.max_response_mb,
     )
 
 

@@ -15,6 +15,7 @@ Modes:
 
 from __future__ import annotations
 
+import difflib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from dataverse_assets.progress import FetchProgress
 from dataverse_assets.query import (
     PageQuery,
     id_filter_batches,
+    is_guid,
     modified_since_filter,
     parse_datetime,
 )
@@ -217,7 +219,10 @@ def _plan_fetch(
                 orderby=("modifiedon asc", f"{pk} asc"), page_size=page_size,
             )))
         missing = sorted(linked - mirrored)
-        for _, expression in id_filter_batches(pk, missing):
+        # Primary keys are GUIDs: a linked value that is not one (a link from a text column)
+        # would make Dataverse refuse the whole batch (400). It is left out of the filters and
+        # asked for by id like every id that does not come back, which records it as an issue.
+        for _, expression in id_filter_batches(pk, [i for i in missing if is_guid(i)]):
             steps.append(FetchStep("ids", PageQuery(filter=expression, page_size=page_size)))
         return FetchRequest(entity.name, change_set, "filtered", pk, watermark, None, steps,
                             id_scope=sorted(linked | mirrored), expected_ids=missing)
@@ -249,6 +254,12 @@ def plan_targeted_fetch(entity: EntityConfig, change_set: str, definition: dict 
     the records whose `lookup_column` names one of the ids."""
     pk = primary_key_for(entity, definition)
     column = lookup_column or pk
+    not_guids = [i for i in ids if not is_guid(i)]
+    if not_guids:
+        raise FetchConfigError(
+            f"{entity.name}: a targeted refresh takes record ids (GUIDs); "
+            f"{', '.join(repr(i) for i in not_guids[:3])} "
+            f"{'is not one' if len(not_guids) == 1 else 'are not'}")
     steps = [FetchStep("ids", PageQuery(filter=expression, page_size=entity.page_size))
              for _, expression in id_filter_batches(column, ids)]
     return FetchRequest(entity.name, change_set, "targeted", pk, watermark, None, steps,
@@ -382,6 +393,21 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
             progress.max_modifiedon = ranged_watermark(range_maxima.values())
 
 
+class UnknownEntityError(DataverseRequestError):
+    """The configured entity set does not exist in the org."""
+
+
+async def _unknown_entity(session: SourceSession, entity: str) -> UnknownEntityError:
+    """The org has no metadata for the entity and its URL is 404: a wrong name in the config."""
+    names = await session.entity_set_names()
+    close = difflib.get_close_matches(entity, names, n=3, cutoff=0.6) if names else []
+    hint = f" (did you mean {', '.join(repr(n) for n in close)}?)" if close else ""
+    return UnknownEntityError(
+        f"{entity}: Dataverse has no entity set {entity!r} (404, and EntityDefinitions has no "
+        f"table with that EntitySetName){hint}; fix 'name' in the entities config: it is the "
+        "plural used in API URLs, e.g. 'accounts'", status=404)
+
+
 async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
                            request: FetchRequest, progress: _Progress) -> list[dict]:
     """Ids that had to come back but did not: ask for each one (200 / 404 / other)."""
@@ -429,6 +455,8 @@ async def fetch_change_set(
             if exc.code == EXPIRED_DELTA_TOKEN and request.mode == "change_tracking":
                 request = resync_request(request, request.steps[0].query.page_size)
                 continue
+            if exc.status == 404 and definition is None and progress.page_number == 0:
+                raise await _unknown_entity(session, request.entity) from None
             raise
         break
     missing = await _resolve_missing(session, archive, request, progress)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import orjson
 
 from dataverse_assets.faults import fault_point
-from dataverse_assets.schema import Column, EntitySchema
+from dataverse_assets.schema import Column, EntitySchema, json_bytes
 from dataverse_assets.store import (
     history_table,
     quote_identifier,
@@ -266,7 +266,7 @@ def _record_changed_fields(connection: sqlite3.Connection, schema: EntitySchema,
         old, new = orjson.loads(old_json), orjson.loads(new_json)
         changes = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())
                    if old.get(k) != new.get(k)}
-        updates.append((orjson.dumps(changes).decode(), schema.entity, change_set, key))
+        updates.append((json_bytes(changes).decode(), schema.entity, change_set, key))
     connection.executemany(
         "UPDATE _publish_plan SET changes = ? WHERE entity = ? AND change_set = ? AND pk = ?",
         updates,
@@ -471,7 +471,7 @@ _KIND_TITLES = {"create": "to create", "update": "to update", "delete": "to dele
 
 
 def _short(value: object, limit: int = 60) -> str:
-    text = orjson.dumps(value).decode()
+    text = json_bytes(value).decode()
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -278,12 +278,64 @@ def _primary_key_first(columns: list[Column], primary_key: str) -> list[Column]:
     return sorted(columns, key=lambda c: c.name != primary_key)
 
 
+SQLITE_INTEGER_RANGE = range(-(2**63), 2**63)
+
+
+def json_bytes(value: object, *, sort_keys: bool = False) -> bytes:
+    """JSON bytes of a parsed value, as orjson writes them; values nested deeper than orjson
+    writes (254 levels; it reads up to 1024) are written without recursion instead of failing."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except orjson.JSONEncodeError as exc:
+        if "recursion" not in str(exc).lower():
+            raise
+    return _json_without_recursion(value, sort_keys).encode()
+
+
+def _json_without_recursion(value: object, sort_keys: bool) -> str:
+    out: list[str] = []
+    # A stack of pending work: values to write, or literal text (closing brackets, commas).
+    stack: list[tuple[bool, object]] = [(False, value)]
+    while stack:
+        is_text, item = stack.pop()
+        if is_text:
+            out.append(item)  # type: ignore[arg-type]
+        elif isinstance(item, dict):
+            keys = sorted(item) if sort_keys else list(item)
+            out.append("{")
+            stack.append((True, "}"))
+            for index in range(len(keys) - 1, -1, -1):
+                stack.append((False, item[keys[index]]))
+                stack.append((True, orjson.dumps(str(keys[index])).decode() + ":"))
+                if index:
+                    stack.append((True, ","))
+        elif isinstance(item, list):
+            out.append("[")
+            stack.append((True, "]"))
+            for index in range(len(item) - 1, -1, -1):
+                stack.append((False, item[index]))
+                if index:
+                    stack.append((True, ","))
+        else:
+            out.append(orjson.dumps(item).decode())
+    return "".join(out)
+
+
+class OversizedInteger(str):
+    """The exact decimal text of an integer SQLite cannot hold (2**63 and up): a TEXT column
+    keeps it exactly, an INTEGER or REAL column turns it into an approximate REAL, so staging
+    reports it as an issue (json_response always has it exactly)."""
+
+
 def to_sqlite_value(value: object) -> object:
-    """A JSON value as SQLite stores it: booleans as 0/1, objects and lists as JSON text."""
+    """A JSON value as SQLite stores it: booleans as 0/1, objects and lists as JSON text,
+    integers beyond SQLite's 64 bits as their exact decimal text (OversizedInteger)."""
     if isinstance(value, bool):
         return int(value)
+    if isinstance(value, int) and value not in SQLITE_INTEGER_RANGE:
+        return OversizedInteger(value)
     if isinstance(value, dict | list):
-        return orjson.dumps(value).decode()
+        return json_bytes(value).decode()
     return value
 
 

@@ -16,9 +16,15 @@ import orjson
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from dataverse_assets.auth import DEFAULT_REFRESH_AFTER_SECONDS, ClientCredentials
+from dataverse_assets.auth import (
+    DEFAULT_REFRESH_AFTER_SECONDS,
+    AuthenticationError,
+    ClientCredentials,
+)
 from dataverse_assets.client import (
+    DEFAULT_MAX_RESPONSE_BYTES,
     DataverseClient,
+    DataverseError,
     DataverseRequestError,
     FetchStats,
     Page,
@@ -61,6 +67,10 @@ class SourceSession(ABC):
         """How many records match `filter`, when the source can say cheaply; else None."""
         return None
 
+    async def entity_set_names(self) -> list[str]:
+        """Every entity set the source serves (for suggestions when a name is wrong)."""
+        return []
+
 
 class ClientSession(SourceSession):
     """A session over the HTTP client (live Dataverse or the simulator)."""
@@ -88,6 +98,16 @@ class ClientSession(SourceSession):
     def iter_pages(self, entity_set: str, query: PageQuery,
                    start_url: str | None = None) -> AsyncIterator[Page]:
         return self.client.iter_pages(entity_set, query, start_url)
+
+    async def entity_set_names(self) -> list[str]:
+        """From the service document; [] if it cannot be read (suggestions are optional)."""
+        try:
+            _, service = await self.client.get_json("", entity="service document")
+        except (DataverseError, AuthenticationError):
+            return []
+        items = service.get("value")
+        return [str(item["name"]) for item in items if isinstance(item, dict) and item.get("name")
+                ] if isinstance(items, list) else []
 
     async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
         return await self.client.get_record(entity_set, record_id)
@@ -142,6 +162,7 @@ async def _client_session(
     max_concurrency: int, timeout_seconds: float, transport: httpx.AsyncBaseTransport | None = None,
     retry_policy: RetryPolicy | None = None,
     refresh_after_seconds: float = DEFAULT_REFRESH_AFTER_SECONDS,
+    max_response_mb: float = DEFAULT_MAX_RESPONSE_BYTES / 2**20,
 ) -> AsyncIterator[SourceSession]:
     limits = httpx.Limits(max_connections=max_concurrency + 2,
                           max_keepalive_connections=max_concurrency + 2)
@@ -154,7 +175,8 @@ async def _client_session(
             authority=authority, tenant_id=tenant_id, refresh_after_seconds=refresh_after_seconds,
         )
         client = DataverseClient(http, credentials, org_url=org_url,
-                                 max_concurrency=max_concurrency, retry_policy=retry_policy)
+                                 max_concurrency=max_concurrency, retry_policy=retry_policy,
+                                 max_response_bytes=int(max_response_mb * 2**20))
         yield ClientSession(client)
 
 
@@ -168,6 +190,11 @@ class LiveDataverseSource(DataverseSource):
     authority: str = "https://login.microsoftonline.com"
     max_concurrency: int = Field(8, ge=1, le=52)
     timeout_seconds: float = 120.0
+    max_response_mb: float = Field(
+        DEFAULT_MAX_RESPONSE_BYTES / 2**20, gt=0,
+        description="A response body larger than this (MB) is refused with a clear error "
+        "instead of being held in memory (DATAVERSE_MAX_RESPONSE_MB).",
+    )
     token_refresh_after_seconds: float = Field(
         DEFAULT_REFRESH_AFTER_SECONDS, gt=0,
         description="Refresh the access token this long after getting it (tokens live about "
@@ -180,6 +207,7 @@ class LiveDataverseSource(DataverseSource):
             authority=self.authority, tenant_id=self.tenant_id,
             max_concurrency=self.max_concurrency, timeout_seconds=self.timeout_seconds,
             refresh_after_seconds=self.token_refresh_after_seconds,
+            max_response_mb=self.max_response_mb,
         )
 
 
@@ -211,6 +239,11 @@ class SimulatorSource(DataverseSource):
     base_url: str | None = None
     max_concurrency: int = Field(8, ge=1, le=52)
     timeout_seconds: float = 60.0
+    max_response_mb: float = Field(
+        DEFAULT_MAX_RESPONSE_BYTES / 2**20, gt=0,
+        description="A response body larger than this (MB) is refused with a clear error "
+        "instead of being held in memory (DATAVERSE_MAX_RESPONSE_MB).",
+    )
 
     def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
         from dataverse_assets.simulator import (
@@ -229,6 +262,7 @@ class SimulatorSource(DataverseSource):
             org_url=org_url, client_id=SIMULATOR_CLIENT_ID, client_secret=SIMULATOR_CLIENT_SECRET,
             authority=org_url, tenant_id=None, max_concurrency=self.max_concurrency,
             timeout_seconds=self.timeout_seconds, transport=transport,
+            max_response_mb=self.max_response_mb,
         )
 
 

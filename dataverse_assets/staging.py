@@ -16,7 +16,9 @@ import orjson
 from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
 from dataverse_assets.schema import (
     EntitySchema,
+    OversizedInteger,
     infer_schema_from_records,
+    json_bytes,
     schema_from_metadata,
     to_sqlite_value,
 )
@@ -48,7 +50,7 @@ def content_hash(record: dict, ignore_annotations: bool = False) -> str:
     @odata.etag and annotations (every key with an '@')."""
     if ignore_annotations:
         record = {k: v for k, v in record.items() if "@" not in k}
-    return hashlib.blake2b(orjson.dumps(record, option=orjson.OPT_SORT_KEYS),
+    return hashlib.blake2b(json_bytes(record, sort_keys=True),
                            digest_size=16).hexdigest()
 
 
@@ -96,6 +98,18 @@ def _delete_row(change_set: str, key: str, names: list[str], marker: dict) -> tu
             orjson.dumps(marker).decode())
 
 
+def _report_oversized(issues: list[dict], key: str, names: list[str], values: list,
+                      types: dict[str, str], page_number: int) -> None:
+    for name, value in zip(names, values, strict=True):
+        if type(value) is OversizedInteger and types.get(name) != "TEXT":
+            issues.append({
+                "record_id": key, "field": name,
+                "problem": f"integer {value} does not fit SQLite's 64-bit INTEGER; the "
+                           f"{types.get(name)} column holds an approximation, json_response "
+                           "the exact value",
+                "context": f"page {page_number}"})
+
+
 def iter_staged_batches(
     archive: ChangeSetArchive, schema: EntitySchema, counts: dict[str, int],
     issues: list[dict], *, hash_ignore_annotations: bool = False,
@@ -108,6 +122,7 @@ def iter_staged_batches(
     scope_ids = {i.lower() for i in scope} if scope is not None else None
     pk = schema.primary_key
     names = schema.column_names
+    types = {c.name: c.sqlite_type for c in schema.columns}
     change_set = archive.change_set
     batch: list[tuple] = []
     keys: list[str] = []
@@ -139,11 +154,13 @@ def iter_staged_batches(
                 counts["out_of_scope"] += 1  # changed, but neither linked nor mirrored
                 continue
             modified = record.get("modifiedon")
+            values = [to_sqlite_value(record.get(name)) for name in names]
+            if OversizedInteger in map(type, values):
+                _report_oversized(issues, key, names, values, types, page_number)
             batch.append((
                 change_set, key, "upsert", content_hash(record, hash_ignore_annotations),
-                modified if isinstance(modified, str) else None,
-                *(to_sqlite_value(record.get(name)) for name in names),
-                orjson.dumps(record).decode(),
+                modified if isinstance(modified, str) else None, *values,
+                json_bytes(record).decode(),
             ))
             counts["staged"] += 1
         if len(batch) >= STAGING_BATCH_ROWS or len(keys) >= STAGING_BATCH_ROWS * 10:

@@ -1,9 +1,14 @@
 """Secrets never leak: a full sync with a recognisable secret, then every file it produced
-(database, archive, Dagster's instance storage and logs) is searched for it and its tokens."""
+(database, archive, Dagster's instance storage and logs), every Dagster event and every
+exception message is searched for it and its tokens; and a link to another host never
+receives the token."""
 
+import socket
+import threading
 from pathlib import Path
 
 from dagster import DagsterInstance
+from dagster._serdes import serialize_value
 
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import load_settings
@@ -38,11 +43,14 @@ def test_a_full_sync_leaves_no_secret_or_token_anywhere(tmp_path, simulator_url,
     defs = build_definitions(settings)
     (tmp_path / "dagster_home").mkdir()
     with DagsterInstance.local_temp(tempdir=str(tmp_path / "dagster_home")) as instance:
-        for group in ("hourly", "daily"):
+        for group in ("hourly", "daily", "hourly"):
             key = new_change_set_key(instance, group)
             result = defs.resolve_job_def(f"sync_{group}").execute_in_process(
                 instance=instance, partition_key=key, raise_on_error=False)
             assert result.success, failure_messages(result)
+            # Changes for the next hourly change set: delta links are followed with the token.
+            candidate = simulator.records("vin_candidates")[0]["vin_candidateid"]
+            simulator.update("vin_candidates", candidate, {"vin_name": f"renamed {group}"})
         # A wrong secret: a clear failure, and the wrong secret is not repeated anywhere.
         monkeypatch.setenv("DATAVERSE_CLIENT_SECRET", WRONG)
         key = new_change_set_key(instance, "daily")
@@ -52,6 +60,10 @@ def test_a_full_sync_leaves_no_secret_or_token_anywhere(tmp_path, simulator_url,
         assert not failed.success
         messages = failure_messages(failed)
         assert "DATAVERSE_CLIENT_SECRET" in messages and "401" in messages
+        # Every Dagster event of every run (metadata, logs, errors), as stored.
+        events = "".join(serialize_value(record) for run in instance.get_runs()
+                         for record in instance.all_logs(run.run_id))
+        assert "change_tracking" in events and len(events) > 10_000
 
     tokens = list(simulator._tokens)
     assert tokens, "the sync should have used bearer tokens"
@@ -63,7 +75,80 @@ def test_a_full_sync_leaves_no_secret_or_token_anywhere(tmp_path, simulator_url,
         for needle in needles:
             assert needle not in data, f"{needle[:6]!r}... found in {path}"
     assert searched > 20  # database, WAL, archive pages, manifests, instance storage
+    for needle in needles:
+        assert needle.decode() not in events
     output = capfd.readouterr()
     for needle in needles:
         assert needle.decode() not in output.out + output.err
     assert SECRET not in messages and WRONG not in messages
+
+
+class Listener:
+    """A loopback port that records whatever connects to it (it never answers)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.received: list[bytes] = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self.stopped:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                continue
+            connection.settimeout(0.5)
+            try:
+                self.received.append(connection.recv(65536))
+            except OSError:
+                self.received.append(b"")
+            connection.close()
+
+    def close(self) -> None:
+        self.stopped = True
+        self.thread.join()
+        self.sock.close()
+
+
+def test_a_next_or_delta_link_to_another_host_never_receives_the_token(
+        tmp_path, simulator_url, monkeypatch):
+    simulator, url = simulator_url
+    simulator.client_secret = SECRET
+    config = write_entities_config(tmp_path / "entities.json", page_size=4)
+    for name, value in {
+        "DATAVERSE_URL": url, "DATAVERSE_SOURCE": "live", "DATAVERSE_AUTHORITY": url,
+        "DATAVERSE_CLIENT_ID": simulator.client_id, "DATAVERSE_CLIENT_SECRET": SECRET,
+        "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+        "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+        "DATAVERSE_ENTITIES_CONFIG": str(config),
+    }.items():
+        monkeypatch.setenv(name, value)
+    defs = build_definitions(load_settings(dotenv=False))
+    listener = Listener()  # same host as the org, another port: another origin
+    try:
+        with DagsterInstance.ephemeral() as instance:
+            for link, after in (("next", 0), ("delta", 1)):
+                simulator.inject("foreign_link", count=50, entity="teams", link=link,
+                                 host=listener.url, paging_only=False, after=after)
+                result = defs.resolve_job_def("sync_daily").execute_in_process(
+                    instance=instance, partition_key=new_change_set_key(instance, "daily"),
+                    raise_on_error=False)
+                simulator.clear_faults()
+                assert not result.success
+                messages = failure_messages(result)
+                assert f"refusing to {'follow' if link == 'next' else 'store'} the {link}Link" \
+                    f" to {listener.url}" in messages
+                assert SECRET not in messages
+                assert not any(token in messages for token in simulator._tokens)
+    finally:
+        listener.close()
+    assert listener.received == [], "a request (and its token) went to the other host"

@@ -12,12 +12,17 @@ Kinds:
 - `reset`: the connection drops mid-body (over loopback the socket closes after half the
   body; in-process the transport raises `SimulatedConnectionReset`, an httpx transport error).
 - `slow`: the response waits `seconds` first (the wait counts as execution time).
-- `malformed`: a 200 whose body is cut in half (`body="truncated"`) or an HTML page
-  (`body="html"`).
+- `malformed`: a 200 whose body is cut in half (`body="truncated"`), an HTML page
+  (`body="html"`), JSON that is not OData (`body="not_odata"`: `{"message": ...}`), or a JSON
+  array (`body="array"`): what a misrouted proxy or a wrong URL answers.
 - `token_expiry`: every issued access token expires just before this request (-> 401).
 - `modify_records` / `delete_records`: `rows` records of the entity change or vanish just
   before this request (by default only on nextLink requests: between pages).
 - `repeat_next_link`: the page's `@odata.nextLink` points back at the page just served.
+- `foreign_link`: the page's `@odata.nextLink` (`link="next"`) or `@odata.deltaLink`
+  (`link="delta"`) points at another host (`host=`, default `http://foreign.invalid`), as a
+  misconfigured proxy or a tampered response would; a client must not send its token there.
+  A response without that link passes unchanged.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ FAULT_KINDS = (
     "modify_records",
     "delete_records",
     "repeat_next_link",
+    "foreign_link",
 )
 # Kinds that need an entity set request (a table to mutate, a page to rewrite).
-_ENTITY_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link"})
+_ENTITY_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link",
+                           "foreign_link"})
 # Kinds that by default only hit nextLink requests (the client is between pages).
 _PAGING_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link"})
 
@@ -80,16 +87,21 @@ class Fault:
     entity: str | None = None
     after: int = 0
     status: int = 503
-    body: str | None = None  # server_error: "html" | "json"; malformed: "truncated" | "html"
+    # server_error: "html" | "json"; malformed: "truncated" | "html" | "not_odata" | "array"
+    body: str | None = None
     seconds: float = 1.0
     rows: int = 1
     paging_only: bool | None = None  # None: the kind's default
+    link: str = "next"  # foreign_link: "next" | "delta"
+    host: str = "http://foreign.invalid"  # foreign_link: where the link points
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; one of {', '.join(FAULT_KINDS)}")
         if self.count < 1 or self.after < 0:
             raise ValueError("count must be >= 1 and after >= 0")
+        if self.link not in ("next", "delta"):
+            raise ValueError("link must be 'next' or 'delta'")
         if self.paging_only is None:
             self.paging_only = self.kind in _PAGING_KINDS
 

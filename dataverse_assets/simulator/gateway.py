@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 from starlette.requests import Request
@@ -23,7 +24,11 @@ from .model import SimRequest
 if TYPE_CHECKING:
     from .model import DataverseSimulator
 
-_REWRITING_KINDS = frozenset({"reset", "malformed", "repeat_next_link"})
+_REWRITING_KINDS = frozenset({"reset", "malformed", "repeat_next_link", "foreign_link"})
+_NOT_ODATA = {
+    "not_odata": b'{"message": "OK", "status": "healthy"}',
+    "array": b'[{"accountid": "not an OData collection"}]',
+}
 _JSON_TYPE = b"application/json; odata.metadata=minimal"
 
 
@@ -202,13 +207,25 @@ class Gateway:
                 await send(_with_body(start, page, b"text/html"))
                 await send({"type": "http.response.body", "body": page})
                 return
+            if fault.body in _NOT_ODATA:
+                other = _NOT_ODATA[fault.body]
+                await send(_with_body(start, other, b"application/json"))
+                await send({"type": "http.response.body", "body": other})
+                return
             cut = body[: max(1, len(body) // 2)]
             await send(_with_body(start, cut))
             await send({"type": "http.response.body", "body": cut})
             return
-        # repeat_next_link: the next page is said to be the page just served.
         payload = orjson.loads(body)
-        payload["@odata.nextLink"] = str(Request(scope).url)
+        if fault.kind == "foreign_link":
+            name = "@odata.nextLink" if fault.link == "next" else "@odata.deltaLink"
+            if isinstance(payload.get(name), str):
+                original = urlsplit(payload[name])
+                host = urlsplit(fault.host)
+                payload[name] = urlunsplit((host.scheme, host.netloc, *original[2:]))
+        else:
+            # repeat_next_link: the next page is said to be the page just served.
+            payload["@odata.nextLink"] = str(Request(scope).url)
         rewritten = orjson.dumps(payload)
         await send(_with_body(start, rewritten))
         await send({"type": "http.response.body", "body": rewritten})

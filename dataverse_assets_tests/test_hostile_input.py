@@ -1,0 +1,368 @@
+"""Hostile and bad input (issue #8): a broken config, hostile data and a misbehaving API, each
+through the real code paths (config loading, a Dagster sync against the loopback simulator),
+asserting on what a user sees: rows in SQLite, an issue row, the run's one-line error."""
+
+import json
+import sqlite3
+
+import orjson
+import pytest
+from dagster import DagsterInstance
+
+from dataverse_assets import client as client_module
+from dataverse_assets.cli import main as cli_main
+from dataverse_assets.client import RetryPolicy
+from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, ConfigError, Settings
+from dataverse_assets.definitions import build_definitions
+from dataverse_assets.simulator import SimAttribute
+from dataverse_assets.sources import FixtureSource, SimulatorSource
+from dataverse_assets.store import quote_identifier
+from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
+
+TRIALS = "vin_clinicaltrials"
+FAST = RetryPolicy(max_attempts=3, backoff_seconds=(0.01, 0.02), jitter=0.0)
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """The client's default policy backs off 1+2+4+8+16 s; tests exhaust it in milliseconds."""
+    monkeypatch.setattr(client_module, "RetryPolicy", lambda: FAST)
+
+
+def make_mirror(tmp_path, simulator_url, entities: list[dict], name: str = "m",
+                **source_options) -> Mirror:
+    simulator, url = simulator_url
+    folder = tmp_path / name
+    folder.mkdir()
+    config = folder / "entities.json"
+    config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}},
+                                  "entities": [{"group": "hourly", **e} for e in entities]}))
+    settings = Settings(db_path=folder / "mirror.db", archive_dir=folder / "archive",
+                        entities_config_path=config, source="simulator")
+    source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url, **source_options)
+    return Mirror(simulator, settings, build_definitions(settings, source=source),
+                  DagsterInstance.ephemeral(), url)
+
+
+def root_error(result) -> str:
+    """The message of the exception that failed the run (the innermost cause)."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            while error.cause is not None:
+                error = error.cause
+            return error.message.strip()
+    raise AssertionError("the run did not fail")
+
+
+def rows_by_key(connection: sqlite3.Connection, table: str, pk: str) -> dict[str, dict]:
+    cursor = connection.execute(f"SELECT * FROM {quote_identifier(table)}")
+    names = [d[0] for d in cursor.description]
+    return {row[names.index(pk)]: dict(zip(names, row, strict=True)) for row in cursor}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: one line naming the problem, before any request
+# ---------------------------------------------------------------------------------------------
+
+def _config(**change) -> str:
+    raw = json.loads(DEFAULT_ENTITIES_CONFIG.read_text())
+    for path, value in change.items():
+        target = raw
+        *parents, last = path.split("__")
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else target[part]
+        target[int(last) if last.isdigit() else last] = value
+    return json.dumps(raw)
+
+
+def _twice() -> str:
+    raw = json.loads(DEFAULT_ENTITIES_CONFIG.read_text())
+    raw["entities"].append(dict(raw["entities"][-1]))
+    return json.dumps(raw)
+
+
+def _case_twin() -> str:
+    raw = json.loads(DEFAULT_ENTITIES_CONFIG.read_text())
+    raw["entities"].append(dict(raw["entities"][-1], name=raw["entities"][-1]["name"].upper()))
+    return json.dumps(raw)
+
+
+CONFIG_MISTAKES = {
+    "missing file": (None, "entities config not found"),
+    "invalid JSON": ('{"groups": {"hourly": ', "not valid JSON"),
+    "not UTF-8": (b"\xff\xfe{\x00", "not UTF-8"),
+    "not an object": ("[]", "must hold a JSON object"),
+    "unknown field": (_config(entities__0__primary_kee="x"), "'primary_kee': unknown field"),
+    "unknown top-level field": (_config(schedule={}), "'schedule': unknown field"),
+    "duplicate entity": (_twice(), "is listed twice"),
+    "case twin": (_case_twin(), "differ only in letter case"),
+    "empty entity list": (_config(entities=[]), "field 'entities'"),
+    "cron that does not parse": (_config(groups__daily__cron="every day at 2"),
+                                 "group 'daily', field 'cron'"),
+    "primary key that is not a column name": (
+        _config(entities__0__primary_key="id eq null or id"), "field 'primary_key'"),
+    "orderby that is not a column list": (
+        _config(entities__0__orderby="name; drop"), "field 'orderby'"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_MISTAKES)
+def test_a_config_mistake_is_one_line_before_any_request(case, tmp_path, simulator_url,
+                                                         monkeypatch, capsys):
+    simulator, url = simulator_url
+    content, expected = CONFIG_MISTAKES[case]
+    path = tmp_path / "entities.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    settings = Settings(db_path=tmp_path / "m.db", archive_dir=tmp_path / "a",
+                        entities_config_path=path, source="simulator")
+    with pytest.raises(ConfigError) as excinfo:
+        build_definitions(settings, source=SimulatorSource(entity_names=ENTITY_NAMES,
+                                                           base_url=url))
+    message = str(excinfo.value)
+    assert expected in message and "\n" not in message and str(path) in message
+    # The command line says the same in one line and exits 2.
+    monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(path))
+    monkeypatch.setenv("DATAVERSE_URL", url)
+    monkeypatch.setenv("DATAVERSE_SOURCE", "simulator")
+    monkeypatch.setenv("DATAVERSE_DB_PATH", str(tmp_path / "m.db"))
+    assert cli_main(["sync"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("configuration error:") and err.count("\n") == 1 and expected in err
+    assert not simulator.stats.request_log, "a request was sent before the config was checked"
+
+
+def test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line(
+        tmp_path, simulator_url):
+    mirror = make_mirror(tmp_path, simulator_url,
+                         [{"name": "teams"}, {"name": "teamz", "incremental": "full"}])
+    _, result = mirror.run("hourly")
+    assert not result.success
+    message = root_error(result)
+    assert "\n" not in message
+    assert "teamz: Dataverse has no entity set 'teamz'" in message
+    assert "did you mean 'teams'" in message and "fix 'name'" in message
+    with mirror.connection() as connection:  # the other entity is synced regardless
+        assert connection.execute("SELECT count(*) FROM teams").fetchone()[0] == len(
+            mirror.simulator.records("teams"))
+        assert connection.execute("SELECT status FROM _sync_state WHERE entity = 'teamz'"
+                                  ).fetchone() == ("failed",)
+    teamz = [r.target for r in mirror.simulator.stats.request_log if "teamz" in r.target]
+    assert len(teamz) <= 3  # metadata, the count, one page: nothing more
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: stored correctly or reported; never a crash, never a lost record
+# ---------------------------------------------------------------------------------------------
+
+HOSTILE_TEXT = "O'Bryan \"quoted\" '' ünïcödé 名前 🚀 \u202eRTL\u202c tab\there nul\x00end"
+BIG_INTEGERS = [2**63, 2**64 - 1, -(2**63), 2**63 - 1]
+
+
+def nested(depth: int) -> dict:
+    value: object = ["leaf", 1, None, True]
+    for level in range(depth):
+        value = {"level": level, "child": value}
+    return value  # type: ignore[return-value]
+
+
+def test_hostile_values_are_stored_exactly_across_change_sets(tmp_path, simulator_url):
+    mirror = make_mirror(tmp_path, simulator_url, [
+        {"name": TRIALS, "schema_evolution": "evolve", "page_size": 7},
+        {"name": "teams", "page_size": 4},
+        # Ids from a text column are not GUIDs, so they cannot be primary keys: they must not
+        # break the filtered fetch of the real links, and they become issue rows.
+        {"name": "vin_vin_candidate_accountset", "incremental": "full"},
+        {"name": "accounts", "filtered": True, "linked_from": [
+            {"entity": "vin_vin_candidate_accountset", "column": "accountid"},
+            {"entity": TRIALS, "column": "vin_name"}]},
+    ])
+    sim = mirror.simulator
+    first, result = mirror.run("hourly")
+    assert result.success, failure_messages(result)
+
+    trials = [r["vin_clinicaltrialid"] for r in sim.records(TRIALS)]
+    megabyte = ("ü€𝄞'\"" * 80_000)[: 1_000_000]  # ~1 M characters, 2-4 bytes each
+    created = sim.create(TRIALS, {"vin_name": HOSTILE_TEXT})["vin_clinicaltrialid"]
+    sim.update(TRIALS, trials[0], {"vin_name": megabyte})
+    sim.update(TRIALS, trials[1], {"vin_name": nested(50)})
+    sim.update(TRIALS, trials[2], {"vin_name": None, "vin_phase": None, "vin_budget": None,
+                                   "vin_startdate": None, "vin_sponsorid": None})
+    sim.add_column(TRIALS, SimAttribute("vin_counter", "BigInt"), default=None)
+    for trial, number in zip(trials[3:], BIG_INTEGERS, strict=False):
+        sim.update(TRIALS, trial, {"vin_counter": number})
+    # A type that flips: Picklist -> String now, back to Integer in the next change set.
+    sim.change_column_type(TRIALS, "vin_phase", "String", convert=lambda v: f"{v:09d}'")
+    sim.update(TRIALS, trials[7], {"vin_phase": "007"})
+    team = sim.records("teams")[0]["teamid"]
+    sim.update("teams", team, {"name": HOSTILE_TEXT})
+
+    second, result = mirror.run("hourly")
+    assert result.success, failure_messages(result)
+
+    def check_trials_equal_the_source(connection, touched):
+        """Every record there; the ones changed since are as the source has them now (as in
+        Dataverse, a schema change alone does not stamp rows, so the others are not read)."""
+        rows = rows_by_key(connection, TRIALS, "vin_clinicaltrialid")
+        truth = {r["vin_clinicaltrialid"]: r for r in sim.records(TRIALS)}
+        assert set(rows) == set(truth)  # nothing lost, nothing extra
+        for key in touched:
+            assert orjson.loads(rows[key]["json_response"]) == truth[key], key
+        return rows
+
+    with mirror.connection() as connection:
+        rows = check_trials_equal_the_source(connection, [created, *trials[:8]])
+        assert rows[created]["vin_name"] == HOSTILE_TEXT
+        assert rows[trials[0]]["vin_name"] == megabyte
+        assert json.loads(rows[trials[1]]["vin_name"]) == nested(50)
+        assert all(rows[trials[2]][c] is None for c in (
+            "vin_name", "vin_phase", "vin_budget", "vin_startdate", "_vin_sponsorid_value"))
+        # Integers SQLite cannot hold: exact in json_response, approximate in the INTEGER
+        # column, and an issue row says so; the ones that fit are exact.
+        assert [rows[t]["vin_counter"] for t in trials[3:7]] == [
+            float(2**63), float(2**64 - 1), -(2**63), 2**63 - 1]
+        assert [orjson.loads(rows[t]["json_response"])["vin_counter"]
+                for t in trials[3:7]] == BIG_INTEGERS
+        oversized = connection.execute(
+            "SELECT record_id, field, problem FROM _issues WHERE entity = ? AND change_set = ?",
+            (TRIALS, second)).fetchall()
+        assert sorted((r, f) for r, f, _ in oversized) == sorted(
+            (t, "vin_counter") for t in trials[3:5])
+        assert all("does not fit SQLite's 64-bit INTEGER" in p for _, _, p in oversized)
+        # The flipped column keeps its locked type (numeric text becomes a number: INTEGER
+        # affinity); json_response has the values as sent; the flip is reported as drift.
+        assert orjson.loads(rows[trials[7]]["json_response"])["vin_phase"] == "007"
+        drift = connection.execute(
+            "SELECT kind, severity FROM _schema_drift WHERE entity = ? AND column_name = ?"
+            " AND change_set = ?", (TRIALS, "vin_phase", second)).fetchall()
+        assert ("type_changed", "breaking") in drift
+        teams = rows_by_key(connection, "teams", "teamid")
+        assert teams[team]["name"] == HOSTILE_TEXT
+        assert orjson.loads(teams[team]["json_response"])["name"] == HOSTILE_TEXT
+        # Trial names linked as account ids: each is an issue row, nothing was sent for them,
+        # and the real links were fetched (the accounts they name are mirrored).
+        issues = connection.execute(
+            "SELECT record_id, problem FROM _issues WHERE entity = 'accounts'").fetchall()
+        linked = {r["accountid"] for r in sim.records("vin_vin_candidate_accountset")}
+        accounts = rows_by_key(connection, "accounts", "accountid")
+        assert linked <= set(accounts)
+    assert HOSTILE_TEXT in {record_id for record_id, _ in issues}
+    assert all("status 400" in problem for _, problem in issues)
+    assert not any("vin_name" in r.target or "VIN-20" in r.target
+                   for r in sim.stats.request_log if r.entity == "accounts")
+
+    sim.change_column_type(TRIALS, "vin_phase", "Integer",
+                           convert=lambda v: int(str(v).strip("'")))
+    sim.update(TRIALS, trials[8], {"vin_phase": 3})
+    third, result = mirror.run("hourly")
+    assert result.success, failure_messages(result)
+    with mirror.connection() as connection:
+        rows = check_trials_equal_the_source(connection, [trials[8]])
+        assert rows[trials[8]]["vin_phase"] == 3
+        assert connection.execute(
+            "SELECT count(*) FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
+            (TRIALS,)).fetchone()[0] == 3
+
+
+def test_records_nested_deeper_than_the_json_writer_goes_are_staged(tmp_path):
+    """orjson writes 254 levels but reads 1024: a 600-level record from a fixture is stored,
+    not a crash (the simulator, writing with orjson, cannot serve one)."""
+    folder = tmp_path / "fixtures" / "things"
+    folder.mkdir(parents=True)
+    deep = {"thingid": "2d7c1a9e-0b5d-4c1e-9a77-5d1b2c3d4e5f"}
+    text = '{"value": [{"thingid": "2d7c1a9e-0b5d-4c1e-9a77-5d1b2c3d4e5f", "payload": ' + \
+        '{"a": ' * 600 + "1" + "}" * 600 + "}]}"
+    (folder / "page-00001.json").write_text(text)
+    config = tmp_path / "entities.json"
+    config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}}, "entities": [
+        {"name": "things", "group": "hourly", "incremental": "full"}]}))
+    settings = Settings(db_path=tmp_path / "m.db", archive_dir=tmp_path / "archive",
+                        entities_config_path=config, source="fixture",
+                        fixtures_dir=tmp_path / "fixtures")
+    defs = build_definitions(settings, source=FixtureSource(directory=str(tmp_path / "fixtures")))
+    mirror = Mirror(None, settings, defs, DagsterInstance.ephemeral())  # type: ignore[arg-type]
+    _, result = mirror.run("hourly")
+    assert result.success, failure_messages(result)
+    with mirror.connection() as connection:
+        payload, stored = connection.execute("SELECT payload, json_response FROM things").fetchone()
+    assert payload == '{"a":' * 600 + "1" + "}" * 600  # the value as compact JSON text
+    assert stored == '{"thingid":"' + deep["thingid"] + '","payload":' + payload + "}"
+
+
+# ---------------------------------------------------------------------------------------------
+# API: clear errors, nothing published, nothing lost
+# ---------------------------------------------------------------------------------------------
+
+API_FAULTS = {
+    "502 gateway page until retries run out": (
+        dict(kind="server_error", status=502, body="html"),
+        ["failed after 3 attempts", "last status 502", "502 Bad Gateway"]),
+    "200 with an HTML page": (
+        dict(kind="malformed", body="html"),
+        ["kept answering malformed bodies", "text/html", "Service Unavailable"]),
+    "200 with JSON that is not OData": (
+        dict(kind="malformed", body="not_odata"), ["without an OData 'value' list"]),
+    "200 with a JSON array": (
+        dict(kind="malformed", body="array"), ["JSON that is not an object"]),
+    "nextLink to another host": (
+        dict(kind="foreign_link", link="next", paging_only=False),
+        ["refusing to follow the nextLink to http://foreign.invalid", "DATAVERSE_URL"]),
+    "deltaLink to another host": (
+        dict(kind="foreign_link", link="delta", paging_only=False, after=1),
+        ["refusing to store the deltaLink to http://foreign.invalid"]),
+}
+
+
+@pytest.mark.parametrize("case", API_FAULTS)
+def test_a_misbehaving_api_is_a_clear_error_and_nothing_is_published(
+        case, tmp_path, simulator_url, fast_retries):
+    fault, expected = API_FAULTS[case]
+    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams", "page_size": 4}])
+    sim = mirror.simulator
+    sim.inject(count=100, entity="teams", **fault)
+    try:
+        _, result = mirror.run("hourly")
+    finally:
+        sim.clear_faults()
+    assert not result.success
+    message = root_error(result)
+    assert "\n" not in message and "Error: teams: " in message  # one line, names the entity
+    for text in expected:
+        assert text in message, (text, message)
+    with mirror.connection() as connection:
+        assert connection.execute("SELECT status, delta_token FROM _sync_state"
+                                  " WHERE entity = 'teams'").fetchone() == ("failed", None)
+        assert not connection.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'teams'").fetchone()
+    assert not any("foreign.invalid" in r.target for r in sim.stats.request_log)
+    # Once the API behaves, the next change set syncs everything.
+    _, result = mirror.run("hourly")
+    assert result.success, failure_messages(result)
+    with mirror.connection() as connection:
+        assert connection.execute("SELECT count(*) FROM teams").fetchone()[0] == len(
+            sim.records("teams"))
+
+
+def test_an_enormous_page_is_refused_with_the_limit_to_change(tmp_path, simulator_url):
+    """Bodies stream in and are refused past DATAVERSE_MAX_RESPONSE_MB (default 512, far
+    above any 5000-row Dataverse page); here the limit is 20 KB and a page is ~25 KB."""
+    mirror = make_mirror(tmp_path, simulator_url, [{"name": "accounts", "incremental": "full"}],
+                         max_response_mb=0.02)
+    _, result = mirror.run("hourly")
+    assert not result.success
+    message = root_error(result)
+    assert "accounts: GET " in message
+    assert "over the limit of 20,971 (DATAVERSE_MAX_RESPONSE_MB)" in message
+    assert "lower the entity's page_size" in message and "\n" not in message
+    # Not retried: the same request would be as large.
+    pages = [r for r in mirror.simulator.stats.request_log
+             if r.entity == "accounts" and "count=true" not in r.target]
+    assert len(pages) == 1
+    small = make_mirror(tmp_path, simulator_url,
+                        [{"name": "accounts", "incremental": "full", "page_size": 20}],
+                        name="small", max_response_mb=0.02)
+    _, result = small.run("hourly")
+    assert result.success, failure_messages(result)
