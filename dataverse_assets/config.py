@@ -305,6 +305,7 @@ class Settings(BaseModel):
     entities_config_path: Path = DEFAULT_ENTITIES_CONFIG
     simulator_seed: int = 42
     max_concurrency: int = Field(8, ge=1, le=52)
+    lock_wait_seconds: float = Field(600.0, ge=0)
 
     @cached_property
     def entities(self) -> EntitiesConfig:
@@ -324,6 +325,7 @@ _ENV_FIELDS = {
     "DATAVERSE_ENTITIES_CONFIG": "entities_config_path",
     "DATAVERSE_SIMULATOR_SEED": "simulator_seed",
     "DATAVERSE_MAX_CONCURRENCY": "max_concurrency",
+    "DATAVERSE_LOCK_WAIT_SECONDS": "lock_wait_seconds",
 }
 
 

@@ -2,13 +2,15 @@
 
 Production code calls `fault_point("publish.mid_execute")`; it does nothing unless a test armed
 that name (in-process with `armed(...)`, or across processes with the environment variable
-`DATAVERSE_FAULT_POINTS="name=raise,other=kill"`, which the chaos tests use to SIGKILL a run).
+`DATAVERSE_FAULT_POINTS="name=raise,other=kill"`, which the chaos tests use to SIGKILL a run;
+`name=sleep:2` pauses there for 2 s, to hold a step open while another run tries it).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,6 +46,9 @@ def fault_point(name: str) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("sleep:"):
+        time.sleep(float(action.removeprefix("sleep:")))
+        return
     raise InjectedFault(f"injected fault at {name}")
 
 

@@ -290,6 +290,8 @@ def execute_plan(
                           started_at=utc_now_iso())
     applied = 0
     while True:
+        if applied:
+            fault_point("publish.after_chunk_commit")  # a chunk committed, watermark not yet
         with transaction(connection):
             connection.execute("DROP TABLE IF EXISTS temp._chunk")
             # Keyed, so every join on the chunk is an index lookup (unkeyed, SQLite may scan it

@@ -211,6 +211,9 @@ class SimulatorSource(DataverseSource):
     base_url: str | None = None
     max_concurrency: int = Field(8, ge=1, le=52)
     timeout_seconds: float = 60.0
+    retry_backoff_seconds: list[float] | None = Field(
+        None, description="Waits between retries (default: the client's 1, 2, 4, 8, 16 s); "
+        "chaos tests shorten them.")
 
     def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
         from dataverse_assets.simulator import (
@@ -229,6 +232,8 @@ class SimulatorSource(DataverseSource):
             org_url=org_url, client_id=SIMULATOR_CLIENT_ID, client_secret=SIMULATOR_CLIENT_SECRET,
             authority=org_url, tenant_id=None, max_concurrency=self.max_concurrency,
             timeout_seconds=self.timeout_seconds, transport=transport,
+            retry_policy=RetryPolicy(backoff_seconds=tuple(self.retry_backoff_seconds))
+            if self.retry_backoff_seconds else None,
         )
 
 

@@ -195,6 +195,7 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
                 key_scan=staged.reconciled, reconciled_at=staged.reconciled_at,
                 chunk_rows=entity.publish_chunk_rows, as_of=staged.fetched_at,
             ))
+            fault_point("publish.after_commit")  # committed with its watermark; run not done
             dead_letters.mark_succeeded(connection, entity.name, key)
             log_step(connection, entity=entity.name, change_set=key, layer="canonical",
                      status="completed", started_at=started_at,

@@ -126,6 +126,14 @@ CREATE TABLE IF NOT EXISTS _change_history (
     applied_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS _change_history__record ON _change_history (entity, record_id);
+CREATE TABLE IF NOT EXISTS _locks (
+    entity TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    acquired_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS _issues (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     entity TEXT NOT NULL,
