@@ -77,10 +77,10 @@ class ChaosMirror:
 
 
 def make_chaos_mirror(folder: Path, simulator: DataverseSimulator, url: str,
-                      name: str) -> ChaosMirror:
+                      name: str, page_size: int = PAGE_SIZE) -> ChaosMirror:
     folder = folder / name
     folder.mkdir(parents=True)
-    config_path = write_entities_config(folder / "entities_config.json", page_size=PAGE_SIZE,
+    config_path = write_entities_config(folder / "entities_config.json", page_size=page_size,
                                         overrides=CHAOS_OVERRIDES)
     store = MirrorStore(db_path=str(folder / "mirror.db"), archive_dir=str(folder / "archive"),
                         lock_wait_seconds=30)
