@@ -70,10 +70,14 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
         change_set = context.partition_key
         # Pages, rows, rows/s and ETA to the run's log every few seconds (not every page).
         progress = fetch_reporter(name, change_set, context.log.info)
-        summary, reused = steps.fetch(store, source, entity, change_set,
-                                      include_annotations=annotations,
-                                      targeted_ids=config.ids, lookup_column=config.lookup_column,
-                                      on_progress=progress)
+        # The archive directory and the sync state are the entity's: one run at a time.
+        with store.entity_lock(name, owner=context.run_id, purpose="fetch",
+                               warn=context.log.warning):
+            summary, reused = steps.fetch(store, source, entity, change_set,
+                                          include_annotations=annotations,
+                                          targeted_ids=config.ids,
+                                          lookup_column=config.lookup_column,
+                                          on_progress=progress)
         if not reused:
             progress.finish(summary.pages, summary.records)
         if reused:
@@ -120,7 +124,9 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     )
     def canonical(context: AssetExecutionContext, store: MirrorStore,
                   staged: StagedChangeSet) -> MaterializeResult:
-        results = steps.publish(store, entity, staged.change_set)
+        with store.entity_lock(name, owner=context.run_id, purpose="publish",
+                               warn=context.log.warning):
+            results = steps.publish(store, entity, staged.change_set)
         for earlier in results[:-1]:
             context.log.info(f"{name}: published older change set {earlier.change_set} first")
         result = results[-1]

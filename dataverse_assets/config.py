@@ -358,6 +358,7 @@ class Settings(BaseModel):
     simulator_seed: int = 42
     max_concurrency: int = Field(8, ge=1, le=52)
     max_response_mb: float = Field(512.0, gt=0)
+    lock_wait_seconds: float = Field(600.0, ge=0)
 
     @cached_property
     def entities(self) -> EntitiesConfig:
@@ -378,6 +379,7 @@ _ENV_FIELDS = {
     "DATAVERSE_SIMULATOR_SEED": "simulator_seed",
     "DATAVERSE_MAX_CONCURRENCY": "max_concurrency",
     "DATAVERSE_MAX_RESPONSE_MB": "max_response_mb",
+    "DATAVERSE_LOCK_WAIT_SECONDS": "lock_wait_seconds",
 }
 
 

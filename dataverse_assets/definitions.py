@@ -51,7 +51,8 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
 def build_definitions(settings: Settings, source: DataverseSource | None = None) -> Definitions:
     """Definitions for given settings; tests pass their own paths and source."""
     config = settings.entities
-    store = MirrorStore(db_path=str(settings.db_path), archive_dir=str(settings.archive_dir))
+    store = MirrorStore(db_path=str(settings.db_path), archive_dir=str(settings.archive_dir),
+                        lock_wait_seconds=settings.lock_wait_seconds)
     jobs = [
         define_asset_job(
             sync_job_name(group),

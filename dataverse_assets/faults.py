@@ -2,18 +2,22 @@
 
 Production code calls `fault_point("publish.mid_execute")`; it does nothing unless a test armed
 that name (in-process with `armed(...)`, or across processes with the environment variable
-`DATAVERSE_FAULT_POINTS="name=raise,other=kill"`, which the chaos tests use to SIGKILL a run).
+`DATAVERSE_FAULT_POINTS="name=raise,other=kill"`, which the chaos tests use to SIGKILL a run;
+`name=sleep:2` pauses there for 2 s, to hold a step open while another run tries it;
+`name=kill@3` lets the first 3 calls pass).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 ENV_VARIABLE = "DATAVERSE_FAULT_POINTS"
 _armed: dict[str, list] = {}  # name -> [action, calls to let pass first]
+_env_calls: dict[str, int] = {}  # name -> calls seen, for "name=kill@3" (let 3 pass)
 
 
 class InjectedFault(RuntimeError):
@@ -40,10 +44,18 @@ def fault_point(name: str) -> None:
         action = entry[0]
     elif ENV_VARIABLE in os.environ:
         action = _from_environment().get(name)
+        if action is not None and "@" in action:
+            action, _, skip = action.partition("@")
+            _env_calls[name] = _env_calls.get(name, 0) + 1
+            if _env_calls[name] <= int(skip):
+                return
     if action is None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if action.startswith("sleep:"):
+        time.sleep(float(action.removeprefix("sleep:")))
+        return
     raise InjectedFault(f"injected fault at {name}")
 
 

@@ -23,12 +23,15 @@ import orjson
 from dataverse_assets.faults import fault_point
 from dataverse_assets.schema import Column, EntitySchema, json_bytes
 from dataverse_assets.store import (
+    StorageError,
+    database_path,
     history_table,
     quote_identifier,
     read_sync_state,
     set_publish_state,
     staging_keys_table,
     staging_table,
+    storage_problem,
     table_exists,
     transaction,
     utc_now_iso,
@@ -290,6 +293,8 @@ def execute_plan(
                           started_at=utc_now_iso())
     applied = 0
     while True:
+        if applied:
+            fault_point("publish.after_chunk_commit")  # a chunk committed, watermark not yet
         with transaction(connection):
             connection.execute("DROP TABLE IF EXISTS temp._chunk")
             # Keyed, so every join on the chunk is an index lookup (unkeyed, SQLite may scan it
@@ -436,23 +441,51 @@ def publish_change_set(
     except Exception as exc:
         if connection.in_transaction:
             connection.execute("ROLLBACK")
-        with transaction(connection):
-            retries = connection.execute(
-                "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
-                (schema.entity, change_set)).fetchone()
-            set_publish_state(
-                connection, schema.entity, change_set, "FAILED", failed_operation=operation,
-                error_code=getattr(exc, "code", None) or type(exc).__name__,
-                error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
-                retry_count=(retries[0] or 0) + 1 if retries else 1,
-            )
-            connection.execute(
-                "UPDATE _sync_state SET status = 'failed', updated_at = ? WHERE entity = ?",
-                (utc_now_iso(), schema.entity),
-            )
+        problem = storage_problem(exc)
+        try:
+            with transaction(connection):
+                retries = connection.execute(
+                    "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
+                    (schema.entity, change_set)).fetchone()
+                set_publish_state(
+                    connection, schema.entity, change_set, "FAILED", failed_operation=operation,
+                    error_code=getattr(exc, "code", None) or type(exc).__name__,
+                    error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
+                    retry_count=(retries[0] or 0) + 1 if retries else 1,
+                )
+                connection.execute(
+                    "UPDATE _sync_state SET status = 'failed', updated_at = ? WHERE entity = ?",
+                    (utc_now_iso(), schema.entity),
+                )
+        except sqlite3.Error:
+            if problem is None:
+                raise
+            # The same full disk or read-only file refuses the FAILED record too; the error
+            # below must still say what happened (not "disk full while recording a failure").
+        if problem is not None:
+            raise _storage_error(connection, schema.entity, change_set, problem, exc) from exc
         raise
     finally:
         connection.execute("DROP TABLE IF EXISTS temp._chunk")
+
+
+def _storage_error(connection: sqlite3.Connection, entity: str, change_set: str,
+                   problem: tuple[str, str], exc: BaseException) -> StorageError:
+    what, remedy = problem
+    applied = connection.execute(
+        "SELECT rows_applied FROM _publish_state WHERE entity = ? AND change_set = ?",
+        (entity, change_set)).fetchone()
+    applied = applied[0] if applied else 0
+    state = (
+        f"{applied} rows were applied by earlier chunks (committed, counted as unchanged when it "
+        "runs again); nothing else was written" if applied else
+        "Nothing of this change set was written (its transaction rolled back)"
+    )
+    return StorageError(
+        f"{entity}: cannot publish change set {change_set}: {what} ({database_path(connection)};"
+        f" SQLite: {exc}). {state} and the watermark did not move. To fix: {remedy}, then run"
+        " the sync again; it publishes this change set first."
+    )
 
 
 def canonical_row_count(connection: sqlite3.Connection, entity: str) -> int:

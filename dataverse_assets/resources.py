@@ -8,7 +8,7 @@
 
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +19,11 @@ from dagster import (
     InputContext,
     OutputContext,
 )
+from pydantic import Field
 
+from dataverse_assets import locks
 from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.faults import fault_point
 from dataverse_assets.staging import StagedChangeSet, StagedRecords, read_staged, write_staged
 from dataverse_assets.store import connect
 
@@ -30,6 +33,12 @@ class MirrorStore(ConfigurableResource):
 
     db_path: str
     archive_dir: str
+    lock_wait_seconds: float = Field(
+        locks.DEFAULT_WAIT_SECONDS, ge=0,
+        description="How long a step waits for another run's lock on the same entity.")
+    lock_stale_after_seconds: float = Field(
+        locks.DEFAULT_STALE_AFTER_SECONDS, gt=0,
+        description="A lock older than this is taken over (a dead process's is at once).")
 
     @contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
@@ -38,6 +47,16 @@ class MirrorStore(ConfigurableResource):
             yield connection
         finally:
             connection.close()
+
+    @contextmanager
+    def entity_lock(self, entity: str, *, owner: str, purpose: str,
+                    warn: Callable[[str], None] | None = None) -> Iterator[locks.LockHolder]:
+        """Hold the entity's lock in the database for a step that writes it (see locks)."""
+        with locks.entity_lock(self.db_path, entity, owner=owner, purpose=purpose,
+                               wait_seconds=self.lock_wait_seconds,
+                               stale_after_seconds=self.lock_stale_after_seconds,
+                               warn=warn) as holder:
+            yield holder
 
     def archive(self, entity: str, change_set: str) -> ChangeSetArchive:
         return ChangeSetArchive(Path(self.archive_dir), entity, change_set)
@@ -77,8 +96,11 @@ class SQLiteIOManager(ConfigurableIOManager):
     store: MirrorStore
 
     def handle_output(self, context: OutputContext, obj: StagedRecords) -> None:
-        with self.store.connection() as connection:
+        with self.store.entity_lock(obj.entity, owner=context.run_id, purpose="staging",
+                                    warn=context.log.warning if context.log else None), \
+                self.store.connection() as connection:
             rows = write_staged(connection, obj)
+        fault_point("staging.after_write")  # staged, not yet published
         context.add_output_metadata({"rows_written": rows})
 
     def load_input(self, context: InputContext) -> StagedChangeSet:

@@ -244,6 +244,9 @@ class SimulatorSource(DataverseSource):
         description="A response body larger than this (MB) is refused with a clear error "
         "instead of being held in memory (DATAVERSE_MAX_RESPONSE_MB).",
     )
+    retry_backoff_seconds: list[float] | None = Field(
+        None, description="Waits between retries (default: the client's 1, 2, 4, 8, 16 s); "
+        "chaos tests shorten them.")
 
     def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
         from dataverse_assets.simulator import (
@@ -263,6 +266,8 @@ class SimulatorSource(DataverseSource):
             authority=org_url, tenant_id=None, max_concurrency=self.max_concurrency,
             timeout_seconds=self.timeout_seconds, transport=transport,
             max_response_mb=self.max_response_mb,
+            retry_policy=RetryPolicy(backoff_seconds=tuple(self.retry_backoff_seconds))
+            if self.retry_backoff_seconds else None,
         )
 
 

@@ -42,10 +42,13 @@ from dataverse_assets.staging import (
     write_staged,
 )
 from dataverse_assets.store import (
+    StorageError,
+    database_path,
     log_step,
     mark_sync_status,
     read_sync_state,
     staging_table,
+    storage_problem,
     utc_now_iso,
 )
 
@@ -195,11 +198,22 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
                 key_scan=staged.reconciled, reconciled_at=staged.reconciled_at,
                 chunk_rows=entity.publish_chunk_rows, as_of=staged.fetched_at,
             ))
-            dead_letters.mark_succeeded(connection, entity.name, key)
-            log_step(connection, entity=entity.name, change_set=key, layer="canonical",
-                     status="completed", started_at=started_at,
-                     seconds=time.perf_counter() - started,
-                     details=_json(results[-1].as_dict()))
+            fault_point("publish.after_commit")  # committed with its watermark; run not done
+            try:
+                dead_letters.mark_succeeded(connection, entity.name, key)
+                log_step(connection, entity=entity.name, change_set=key, layer="canonical",
+                         status="completed", started_at=started_at,
+                         seconds=time.perf_counter() - started,
+                         details=_json(results[-1].as_dict()))
+            except sqlite3.Error as exc:
+                problem = storage_problem(exc)
+                if problem is None:
+                    raise
+                raise StorageError(
+                    f"{entity.name}: change set {key} was published (COMPLETE, watermark "
+                    f"moved) but its step log could not be written: {problem[0]} "
+                    f"({database_path(connection)}; SQLite: {exc}). Nothing was half-written. "
+                    f"To fix: {problem[1]}, then run the sync again.") from exc
     return results
 
 

@@ -126,6 +126,14 @@ CREATE TABLE IF NOT EXISTS _change_history (
     applied_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS _change_history__record ON _change_history (entity, record_id);
+CREATE TABLE IF NOT EXISTS _locks (
+    entity TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    acquired_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS _issues (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     entity TEXT NOT NULL,
@@ -194,9 +202,42 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield connection
     except BaseException:
-        connection.execute("ROLLBACK")
+        # SQLite rolls back by itself on some errors (a full disk, an I/O error); a second
+        # ROLLBACK would raise "no transaction is active" and hide the real error.
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
         raise
     connection.execute("COMMIT")
+
+
+class StorageError(Exception):
+    """The mirror database cannot be written (disk full, read-only, I/O error); the message
+    says which, where, what state the data is in and what to do."""
+
+
+_STORAGE_PROBLEMS = (
+    ("database or disk is full", "the disk is full", "free disk space"),
+    ("readonly", "the database is read-only",
+     "make the database file, its -wal and -shm files and their folder writable"),
+    ("read-only", "the database is read-only",
+     "make the database file, its -wal and -shm files and their folder writable"),
+    ("disk i/o error", "the disk reported an I/O error", "check the disk"),
+)
+
+
+def storage_problem(exc: BaseException) -> tuple[str, str] | None:
+    """(what is wrong, what to do) when a SQLite error means the database cannot be written."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    text = str(exc).lower()
+    for needle, problem, remedy in _STORAGE_PROBLEMS:
+        if needle in text:
+            return problem, remedy
+    return None
+
+
+def database_path(connection: sqlite3.Connection) -> str:
+    return connection.execute("PRAGMA database_list").fetchone()[2]
 
 
 def table_exists(connection: sqlite3.Connection, table: str) -> bool:

@@ -23,6 +23,9 @@ Kinds:
   (`link="delta"`) points at another host (`host=`, default `http://foreign.invalid`), as a
   misconfigured proxy or a tampered response would; a client must not send its token there.
   A response without that link passes unchanged.
+- `throttle`: a 429 with Dataverse's service-protection error and `Retry-After: seconds`; in a
+  `FaultPlan` a storm of `storm` 429s in a row whose Retry-After doubles each time (what a
+  client sees when it keeps pushing a throttled org).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ FAULT_KINDS = (
     "delete_records",
     "repeat_next_link",
     "foreign_link",
+    "throttle",
 )
 # Kinds that need an entity set request (a table to mutate, a page to rewrite).
 _ENTITY_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link",
@@ -124,6 +128,8 @@ class FaultPlan:
     statuses: tuple[int, ...] = (503, 502, 504)
     slow_seconds: tuple[float, float] = (0.05, 0.5)
     rows: int = 1
+    storm: tuple[int, int] = (2, 4)  # length range of throttle storms
+    retry_after: float = 0.05  # the first Retry-After of a storm; it doubles with each 429
 
     def __post_init__(self) -> None:
         unknown = set(self.rates) - set(FAULT_KINDS)
@@ -131,6 +137,7 @@ class FaultPlan:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}")
         self._rng = random.Random(self.seed)
         self._burst: Fault | None = None
+        self._storm: list[float] = []  # the Retry-After values still to come
 
     @classmethod
     def parse(cls, spec: str) -> FaultPlan:
@@ -150,6 +157,8 @@ class FaultPlan:
     def draw(self, entity: str | None, paging: bool, collection: bool) -> Fault | None:
         if self.entity is not None and entity != self.entity:
             return None
+        if self._storm:
+            return Fault("throttle", seconds=self._storm.pop(0))
         if self._burst is not None:
             fault = self._burst
             fault.count -= 1
@@ -177,6 +186,10 @@ class FaultPlan:
             return Fault(kind, seconds=rng.uniform(*self.slow_seconds))
         if kind == "malformed":
             return Fault(kind, body=rng.choice(("truncated", "html")))
+        if kind == "throttle":
+            length = rng.randint(*self.storm)
+            self._storm = [self.retry_after * 2 ** i for i in range(1, length)]
+            return Fault(kind, seconds=self.retry_after)
         return Fault(kind, rows=self.rows, paging_only=False)
 
 

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .faults import GATEWAY_PAGES, SERVER_ERROR_MESSAGES, Fault, SimulatedConnectionReset
 from .model import SimRequest
+from .protection import REQUESTS_CODE
 
 if TYPE_CHECKING:
     from .model import DataverseSimulator
@@ -125,6 +126,10 @@ class Gateway:
             if fault is not None and fault.kind == "server_error":
                 await self._server_error(watched, fault)
                 return
+            if fault is not None and fault.kind == "throttle":
+                retry_after = fault.seconds
+                await self._throttle(watched, fault)
+                return
             if fault is not None and fault.kind == "token_expiry":
                 sim.expire_all_tokens()
             elif fault is not None and fault.kind in ("modify_records", "delete_records"):
@@ -180,6 +185,16 @@ class Gateway:
             return
         page = GATEWAY_PAGES.get(fault.status, GATEWAY_PAGES[503])
         await _respond(send, fault.status, page.encode(), b"text/html")
+
+    async def _throttle(self, send: Send, fault: Fault) -> None:
+        with self.sim.lock:
+            self.sim.stats.throttled += 1
+            self.sim.stats.throttled_by_code[REQUESTS_CODE] += 1
+            self.sim.stats.status_counts[429] += 1
+        body = orjson.dumps({"error": {"code": REQUESTS_CODE, "message": (
+            "Number of requests exceeded the limit of 6000 over time window of 300 seconds.")}})
+        await _respond(send, 429, body, _JSON_TYPE,
+                       [(b"retry-after", f"{fault.seconds:g}".encode())])
 
     async def _rewritten(self, scope: Scope, receive: Receive, send: Send, fault: Fault) -> None:
         """Run the app, then deliver its response damaged the way the fault says."""

@@ -1,0 +1,144 @@
+"""Per-entity locks in the mirror database: two runs never write one entity at the same time.
+
+A lock is a row of `_locks` (entity, owner run, pid, host, what it is doing, since when), taken
+in a short `BEGIN IMMEDIATE` transaction and deleted when the step ends, whatever happens.
+Another run that wants the entity waits (polling) up to `wait_seconds`, then fails with
+`EntityLockedError` naming the holder. A lock whose process is gone (its pid is not alive on
+this host, as after a SIGKILL) or that is older than `stale_after_seconds` is taken over with a
+warning, so a killed sync never wedges the mirror.
+
+The database is the lock's home because it is the one thing every run of the mirror shares,
+whatever runs it (the CLI, `dagster dev`, a multiprocess executor, another orchestrator).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dataverse_assets.store import connect, transaction, utc_now_iso
+
+DEFAULT_WAIT_SECONDS = 600.0
+DEFAULT_STALE_AFTER_SECONDS = 6 * 3600.0
+_POLL_SECONDS = 0.1
+
+logger = logging.getLogger(__name__)
+
+
+class EntityLockedError(RuntimeError):
+    """Another run holds the entity's lock and did not release it in time."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    entity: str
+    owner: str
+    pid: int
+    host: str
+    purpose: str
+    acquired_at: str
+
+    def describe(self) -> str:
+        return (f"run {self.owner} (pid {self.pid} on {self.host}, {self.purpose} since "
+                f"{self.acquired_at})")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    try:  # a killed child not yet reaped by its parent is a zombie: as good as gone
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _age_seconds(acquired_at: str) -> float:
+    then = datetime.strptime(acquired_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return (datetime.now(UTC) - then).total_seconds()
+
+
+def stale_reason(holder: LockHolder, stale_after_seconds: float) -> str | None:
+    """Why a lock no longer protects anything, or None while its holder may still be at work."""
+    if holder.host == socket.gethostname() and not _pid_alive(holder.pid):
+        return f"its process {holder.pid} is gone"
+    age = _age_seconds(holder.acquired_at)
+    if age > stale_after_seconds:
+        return f"it is {age:,.0f} s old (stale after {stale_after_seconds:,.0f} s)"
+    return None
+
+
+def read_lock(connection: sqlite3.Connection, entity: str) -> LockHolder | None:
+    row = connection.execute(
+        "SELECT entity, owner, pid, host, purpose, acquired_at FROM _locks WHERE entity = ?",
+        (entity,)).fetchone()
+    return LockHolder(*row) if row else None
+
+
+def _try_acquire(connection: sqlite3.Connection, me: LockHolder, stale_after_seconds: float,
+                 warn: Callable[[str], None]) -> LockHolder | None:
+    """Take the lock (returns None) or return its live holder."""
+    with transaction(connection):
+        holder = read_lock(connection, me.entity)
+        if holder is not None:
+            reason = stale_reason(holder, stale_after_seconds)
+            if reason is None:
+                return holder
+            warn(f"{me.entity}: taking over the lock of {holder.describe()}: {reason}")
+        connection.execute(
+            "INSERT OR REPLACE INTO _locks (entity, owner, pid, host, purpose, acquired_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (me.entity, me.owner, me.pid, me.host, me.purpose, me.acquired_at))
+    return None
+
+
+@contextmanager
+def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
+                wait_seconds: float = DEFAULT_WAIT_SECONDS,
+                stale_after_seconds: float = DEFAULT_STALE_AFTER_SECONDS,
+                warn: Callable[[str], None] | None = None) -> Iterator[LockHolder]:
+    """Hold the entity's lock for the block; wait up to `wait_seconds` for another holder."""
+    warn = warn or logger.warning
+    connection = connect(db_path)
+    try:
+        deadline = time.monotonic() + wait_seconds
+        waited_for: LockHolder | None = None
+        while True:
+            me = LockHolder(entity, owner, os.getpid(), socket.gethostname(), purpose,
+                            utc_now_iso())
+            holder = _try_acquire(connection, me, stale_after_seconds, warn)
+            if holder is None:
+                break
+            if waited_for is None:
+                waited_for = holder
+                warn(f"{entity}: waiting up to {wait_seconds:g} s for the lock held by "
+                     f"{holder.describe()}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EntityLockedError(
+                    f"{entity} is locked by {holder.describe()}; gave up after waiting "
+                    f"{wait_seconds:g} s (DATAVERSE_LOCK_WAIT_SECONDS). Another sync of this "
+                    "entity is running: let it finish. A lock whose process is gone is taken "
+                    "over automatically."
+                )
+            time.sleep(min(_POLL_SECONDS, remaining))
+        try:
+            yield me
+        finally:
+            with transaction(connection):
+                connection.execute("DELETE FROM _locks WHERE entity = ? AND owner = ? AND pid = ?",
+                                   (entity, me.owner, me.pid))
+    finally:
+        connection.close()

@@ -1,0 +1,97 @@
+"""Two runs for the same entity: the second waits for the first's lock in the database (or
+gives up with the holder's name), never interleaves its writes; a dead holder's lock is taken
+over with a warning."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dataverse_assets.locks import EntityLockedError, entity_lock, read_lock
+from dataverse_assets.simulator import serve_on_loopback
+from dataverse_assets.store import connect
+from dataverse_assets_tests.chaos.harness import (
+    ALL_ENTITIES,
+    canonical_problems,
+    make_chaos_mirror,
+    new_simulator,
+)
+from dataverse_assets_tests.chaos.test_process_death import REPO
+from dataverse_assets_tests.truth import mirror_contents
+
+
+def test_a_second_holder_waits_then_fails_naming_the_first(tmp_path):
+    db = tmp_path / "m.db"
+    with entity_lock(db, "accounts", owner="run-A", purpose="publish"):
+        started = time.monotonic()
+        with pytest.raises(EntityLockedError) as refused, entity_lock(
+                db, "accounts", owner="run-B", purpose="publish", wait_seconds=0.3):
+            pass
+        assert time.monotonic() - started >= 0.3
+        message = str(refused.value)
+        assert "run-A" in message and f"pid {os.getpid()}" in message and "publish" in message
+        with entity_lock(db, "contacts", owner="run-B", purpose="publish"):
+            pass  # other entities are not held up
+    with entity_lock(db, "accounts", owner="run-B", purpose="publish", wait_seconds=0):
+        pass  # released
+
+
+def test_the_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
+    db = tmp_path / "m.db"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with connect(db) as connection:
+        connection.execute(
+            "INSERT INTO _locks (entity, owner, pid, host, purpose, acquired_at) VALUES"
+            " ('teams', 'killed-run', ?, ?, 'publish', '2026-01-01T00:00:00.000000Z')",
+            (dead.pid, os.uname().nodename))
+    warnings = []
+    with entity_lock(db, "teams", owner="next-run", purpose="fetch", wait_seconds=0,
+                     warn=warnings.append) as me:
+        assert me.owner == "next-run"
+    assert any("taking over" in w and "killed-run" in w and "is gone" in w for w in warnings)
+
+
+def test_concurrent_syncs_of_one_mirror_wait_for_each_other_and_never_interleave(
+        tmp_path, chaos_report):
+    """A sync holds vin_candidates' publish lock for a second (a fault point sleeps inside
+    the publish transaction); a second sync of the same mirror started meanwhile waits for it
+    at that entity, then completes; the result equals a mirror synced once, alone."""
+    started = time.perf_counter()
+    simulator = new_simulator()
+    with serve_on_loopback(simulator) as url:
+        mirror = make_chaos_mirror(tmp_path, simulator, url, "mirror", page_size=50)
+        reference = make_chaos_mirror(tmp_path, simulator, url, "reference", page_size=50)
+        env = {**os.environ, "PYTHONPATH": str(REPO),
+               "DATAVERSE_FAULT_POINTS": "publish.before_watermark=sleep:1.5"}
+        first = subprocess.Popen(
+            [sys.executable, "-m", "dataverse_assets_tests.chaos.driver",
+             "--db", mirror.store.db_path, "--archive", mirror.store.archive_dir,
+             "--config", str(mirror.config_path), "--url", url, "--group", "hourly",
+             "--change-set", mirror.next_key()], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        holder = None
+        while holder is None or holder.purpose != "publish":
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            with connect(mirror.store.db_path) as connection:
+                holder = read_lock(connection, "vin_candidates")
+            time.sleep(0.02)
+        assert holder.pid == first.pid
+        outcome = mirror.sync("hourly")  # the second run, while the first holds the lock
+        assert first.wait(60) == 0, first.communicate()
+        assert not any(outcome.values()), outcome
+        assert not any(mirror.sync("daily").values())
+        assert not any(reference.sync_all().values())
+        assert canonical_problems(mirror) == []
+        assert mirror_contents(mirror, ALL_ENTITIES) == mirror_contents(reference, ALL_ENTITIES)
+        with connect(mirror.store.db_path) as connection:
+            # Each change set was published whole, one after the other.
+            published = connection.execute(
+                "SELECT change_set, started_at, finished_at FROM _publish_state"
+                " WHERE entity = 'vin_candidates' ORDER BY started_at").fetchall()
+    assert all(a[2] <= b[1] for a, b in zip(published, published[1:], strict=False)), published
+    chaos_report({"scenario": "concurrent_runs", "passed": True,
+                  "seconds": round(time.perf_counter() - started, 2)})
