@@ -4,8 +4,8 @@ A lock is a row of `_locks` (entity, owner run, pid, host, what it is doing, sin
 in a short `BEGIN IMMEDIATE` transaction and deleted when the step ends, whatever happens.
 Another run that wants the entity waits (polling) up to `wait_seconds`, then fails with
 `EntityLockedError` naming the holder. A lock whose process is gone (its pid is not alive on
-this host, as after a SIGKILL) or that is older than `stale_after_seconds` is taken over with a
-warning, so a killed sync never wedges the mirror.
+this host, as after a SIGKILL), or one held from another host for longer than
+`stale_after_seconds`, is taken over with a warning, so a killed sync never wedges the mirror.
 
 The database is the lock's home because it is the one thing every run of the mirror shares,
 whatever runs it (the CLI, `dagster dev`, a multiprocess executor, another orchestrator).
@@ -72,8 +72,11 @@ def _age_seconds(acquired_at: str) -> float:
 
 def stale_reason(holder: LockHolder, stale_after_seconds: float) -> str | None:
     """Why a lock no longer protects anything, or None while its holder may still be at work."""
-    if holder.host == socket.gethostname() and not _pid_alive(holder.pid):
-        return f"its process {holder.pid} is gone"
+    if holder.host == socket.gethostname():
+        # On this host the process itself says: a live one is still at work, however long
+        # its first sync of a large table takes.
+        return None if _pid_alive(holder.pid) else f"its process {holder.pid} is gone"
+    # Another host's process cannot be asked: only age can tell.
     age = _age_seconds(holder.acquired_at)
     if age > stale_after_seconds:
         return f"it is {age:,.0f} s old (stale after {stale_after_seconds:,.0f} s)"

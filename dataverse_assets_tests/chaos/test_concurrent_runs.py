@@ -3,15 +3,22 @@ gives up with the holder's name), never interleaves its writes; a dead holder's 
 over with a warning."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from dataverse_assets.locks import EntityLockedError, entity_lock, read_lock
+from dataverse_assets.locks import (
+    EntityLockedError,
+    LockHolder,
+    entity_lock,
+    read_lock,
+    stale_reason,
+)
 from dataverse_assets.simulator import serve_on_loopback
-from dataverse_assets.store import connect
+from dataverse_assets.store import connect, utc_now_iso
 from dataverse_assets_tests.chaos.harness import (
     ALL_ENTITIES,
     canonical_problems,
@@ -95,3 +102,18 @@ def test_concurrent_syncs_of_one_mirror_wait_for_each_other_and_never_interleave
     assert all(a[2] <= b[1] for a, b in zip(published, published[1:], strict=False)), published
     chaos_report({"scenario": "concurrent_runs", "passed": True,
                   "seconds": round(time.perf_counter() - started, 2)})
+
+
+def test_only_a_dead_holder_or_an_old_lock_from_another_host_is_stale():
+    old = "2020-01-01T00:00:00.000000Z"
+    here = socket.gethostname()
+    alive = LockHolder("teams", "run-1", os.getpid(), here, "fetch", old)
+    assert stale_reason(alive, 3600) is None  # a long first sync keeps its lock
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = LockHolder("teams", "run-2", finished.pid, here, "fetch", utc_now_iso())
+    assert "is gone" in stale_reason(dead, 3600)
+    elsewhere = LockHolder("teams", "run-3", 1, "another-host", "fetch", old)
+    assert "old (stale after 3,600 s)" in stale_reason(elsewhere, 3600)
+    recent = LockHolder("teams", "run-4", 1, "another-host", "fetch", utc_now_iso())
+    assert stale_reason(recent, 3600) is None
