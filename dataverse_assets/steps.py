@@ -47,8 +47,10 @@ from dataverse_assets.store import (
     log_step,
     mark_sync_status,
     read_sync_state,
+    set_publish_state,
     staging_table,
     storage_problem,
+    transaction,
     utc_now_iso,
 )
 
@@ -184,13 +186,20 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
     with store.connection() as connection:
         older = _unpublished_before(connection, store, entity.name, change_set)
         for key in [*older, change_set]:
-            if key != change_set and not _is_staged(connection, entity.name, key):
-                write_staged(connection, staged_records(
-                    connection, store.archive(entity.name, key), entity))
-            staged = read_staged(connection, entity.name, key)
-            schema = load_locked_schema(connection, entity.name)
-            assert schema is not None, "staging locks the schema before publishing"
-            fault_point("publish.before_plan")
+            operation = "stage"
+            try:
+                if key != change_set and not _is_staged(connection, entity.name, key):
+                    write_staged(connection, staged_records(
+                        connection, store.archive(entity.name, key), entity))
+                operation = "prepare"
+                staged = read_staged(connection, entity.name, key)
+                schema = load_locked_schema(connection, entity.name)
+                assert schema is not None, "staging locks the schema before publishing"
+                fault_point("publish.before_plan")
+            except Exception as exc:
+                # Failed before its plan: FAILED with the reason, not left PENDING.
+                _record_failure_before_plan(connection, entity.name, key, operation, exc)
+                raise
             results.append(publish_change_set(
                 connection, schema, key, mode=staged.mode,
                 watermark_after=staged.watermark_after,
@@ -215,6 +224,25 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
                     f"({database_path(connection)}; SQLite: {exc}). Nothing was half-written. "
                     f"To fix: {problem[1]}, then run the sync again.") from exc
     return results
+
+
+def _record_failure_before_plan(connection: sqlite3.Connection, entity: str, change_set: str,
+                                operation: str, exc: Exception) -> None:
+    if connection.in_transaction:
+        connection.execute("ROLLBACK")
+    try:
+        with transaction(connection):
+            retries = connection.execute(
+                "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
+                (entity, change_set)).fetchone()
+            set_publish_state(
+                connection, entity, change_set, "FAILED", failed_operation=operation,
+                error_code=getattr(exc, "code", None) or type(exc).__name__,
+                error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
+                retry_count=(retries[0] or 0) + 1 if retries else 1,
+            )
+    except sqlite3.Error:
+        pass  # the database itself refuses writes: the original error says why
 
 
 def _is_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
