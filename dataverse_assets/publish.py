@@ -443,20 +443,7 @@ def publish_change_set(
             connection.execute("ROLLBACK")
         problem = storage_problem(exc)
         try:
-            with transaction(connection):
-                retries = connection.execute(
-                    "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
-                    (schema.entity, change_set)).fetchone()
-                set_publish_state(
-                    connection, schema.entity, change_set, "FAILED", failed_operation=operation,
-                    error_code=getattr(exc, "code", None) or type(exc).__name__,
-                    error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
-                    retry_count=(retries[0] or 0) + 1 if retries else 1,
-                )
-                connection.execute(
-                    "UPDATE _sync_state SET status = 'failed', updated_at = ? WHERE entity = ?",
-                    (utc_now_iso(), schema.entity),
-                )
+            record_publish_failure(connection, schema.entity, change_set, operation, exc)
         except sqlite3.Error:
             if problem is None:
                 raise
@@ -467,6 +454,26 @@ def publish_change_set(
         raise
     finally:
         connection.execute("DROP TABLE IF EXISTS temp._chunk")
+
+
+def record_publish_failure(connection: sqlite3.Connection, entity: str, change_set: str,
+                           operation: str, exc: BaseException) -> None:
+    """FAILED, with the operation that failed, the error and one more retry counted; the
+    entity's sync state says failed."""
+    with transaction(connection):
+        retries = connection.execute(
+            "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
+            (entity, change_set)).fetchone()
+        set_publish_state(
+            connection, entity, change_set, "FAILED", failed_operation=operation,
+            error_code=getattr(exc, "code", None) or type(exc).__name__,
+            error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
+            retry_count=(retries[0] or 0) + 1 if retries else 1,
+        )
+        connection.execute(
+            "UPDATE _sync_state SET status = 'failed', updated_at = ? WHERE entity = ?",
+            (utc_now_iso(), entity),
+        )
 
 
 def _storage_error(connection: sqlite3.Connection, entity: str, change_set: str,

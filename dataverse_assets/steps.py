@@ -7,6 +7,7 @@ steps serve the CLI, rebuilds and tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from dataverse_assets.publish import (
     load_locked_schema,
     publish_change_set,
     publish_status,
+    record_publish_failure,
 )
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.sources import DataverseSource
@@ -47,10 +49,8 @@ from dataverse_assets.store import (
     log_step,
     mark_sync_status,
     read_sync_state,
-    set_publish_state,
     staging_table,
     storage_problem,
-    transaction,
     utc_now_iso,
 )
 
@@ -198,7 +198,10 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
                 fault_point("publish.before_plan")
             except Exception as exc:
                 # Failed before its plan: FAILED with the reason, not left PENDING.
-                _record_failure_before_plan(connection, entity.name, key, operation, exc)
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):  # a refusing database: exc says why
+                    record_publish_failure(connection, entity.name, key, operation, exc)
                 raise
             results.append(publish_change_set(
                 connection, schema, key, mode=staged.mode,
@@ -224,25 +227,6 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
                     f"({database_path(connection)}; SQLite: {exc}). Nothing was half-written. "
                     f"To fix: {problem[1]}, then run the sync again.") from exc
     return results
-
-
-def _record_failure_before_plan(connection: sqlite3.Connection, entity: str, change_set: str,
-                                operation: str, exc: Exception) -> None:
-    if connection.in_transaction:
-        connection.execute("ROLLBACK")
-    try:
-        with transaction(connection):
-            retries = connection.execute(
-                "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
-                (entity, change_set)).fetchone()
-            set_publish_state(
-                connection, entity, change_set, "FAILED", failed_operation=operation,
-                error_code=getattr(exc, "code", None) or type(exc).__name__,
-                error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
-                retry_count=(retries[0] or 0) + 1 if retries else 1,
-            )
-    except sqlite3.Error:
-        pass  # the database itself refuses writes: the original error says why
 
 
 def _is_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
