@@ -382,29 +382,42 @@ class DataverseClient:
         # Every URL requested so far: a nextLink back to any of them would loop.
         seen_links: set[str] = {str(httpx.URL(url, params=params)) if params else url}
         number = 0
-        while url is not None:
-            response, payload = await self.get_json(
-                url, params=params, prefer=prefer, entity=entity_set
-            )
-            if not isinstance(payload.get("value"), list):
-                raise DataverseRequestError(
-                    f"{entity_set}: GET {response.url} answered 200 without an OData 'value' "
-                    "list; is this a Dataverse Web API endpoint?"
-                )
-            number += 1
-            next_link = payload.get("@odata.nextLink")
-            delta_link = payload.get("@odata.deltaLink")
-            yield Page(number, str(response.url), response.content, payload, next_link,
-                       delta_link)
-            if next_link is not None:
-                if next_link in seen_links:
-                    raise PagingError(
-                        f"{entity_set}: the server repeated a nextLink after page {number}; "
-                        "stopping instead of looping"
+        # The next page is requested before this one is handed over, so the server works on
+        # it while the consumer archives this one (one page ahead, no more).
+        ahead: asyncio.Task[tuple[httpx.Response, dict]] | None = asyncio.ensure_future(
+            self.get_json(url, params=params, prefer=prefer, entity=entity_set))
+        try:
+            while ahead is not None:
+                response, payload = await ahead
+                ahead = None
+                if not isinstance(payload.get("value"), list):
+                    raise DataverseRequestError(
+                        f"{entity_set}: GET {response.url} answered 200 without an OData "
+                        "'value' list; is this a Dataverse Web API endpoint?"
                     )
-                seen_links.add(next_link)
-                self._check_same_origin(next_link, entity_set)
-            url, params = next_link, None
+                number += 1
+                next_link = payload.get("@odata.nextLink")
+                delta_link = payload.get("@odata.deltaLink")
+                follow = (next_link is not None and next_link not in seen_links
+                          and urlsplit(next_link)[:2] == self._origin)
+                if follow:
+                    seen_links.add(next_link)
+                    ahead = asyncio.ensure_future(
+                        self.get_json(next_link, prefer=prefer, entity=entity_set))
+                    await asyncio.sleep(0)  # let the request go out before the hand-over
+                yield Page(number, str(response.url), response.content, payload, next_link,
+                           delta_link)
+                if next_link is not None and not follow:
+                    if next_link in seen_links:
+                        raise PagingError(
+                            f"{entity_set}: the server repeated a nextLink after page "
+                            f"{number}; stopping instead of looping"
+                        )
+                    self._check_same_origin(next_link, entity_set)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
 
     # -- parallel key ranges ----------------------------------------------------------------
 

@@ -139,10 +139,12 @@ def iter_staged_batches(
                 counts["out_of_scope"] += 1  # changed, but neither linked nor mirrored
                 continue
             modified = record.get("modifiedon")
+            # Values as parsed (SQLite binds booleans as 0/1); objects and lists are rare and
+            # are turned into JSON text by _bindable when the batch is written.
             batch.append((
                 change_set, key, "upsert", content_hash(record, hash_ignore_annotations),
                 modified if isinstance(modified, str) else None,
-                *(to_sqlite_value(record.get(name)) for name in names),
+                *map(record.get, names),
                 orjson.dumps(record).decode(),
             ))
             counts["staged"] += 1
@@ -164,6 +166,10 @@ def iter_staged_batches(
                            "context": missing.get("message")})
     if batch or keys:
         yield batch, keys
+
+
+def _bindable(row: tuple) -> tuple:
+    return tuple(map(to_sqlite_value, row))
 
 
 def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
@@ -207,7 +213,13 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
         connection.execute(f"DELETE FROM {keys_table} WHERE _change_set = ?",
                            (staged.change_set,))
         for batch, keys in staged.batches:
-            connection.executemany(statement, batch)
+            try:
+                connection.executemany(statement, batch)
+            except sqlite3.ProgrammingError:
+                # A value SQLite cannot bind (an object or a list): the batch again, with
+                # every value as to_sqlite_value has it (INSERT OR REPLACE: rows already
+                # written are written again).
+                connection.executemany(statement, map(_bindable, batch))
             connection.executemany(
                 f"INSERT OR IGNORE INTO {keys_table} (_change_set, _pk) VALUES (?, ?)",
                 ((staged.change_set, key) for key in keys),

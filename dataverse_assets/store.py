@@ -152,6 +152,8 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
     # the last transaction, and the watermark commits with the data, so nothing is skipped.
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA busy_timeout=60000")
+    connection.execute("PRAGMA cache_size=-65536")
+    connection.execute("PRAGMA temp_store=MEMORY")
     connection.executescript(BOOKKEEPING_DDL)
     _add_missing_bookkeeping_columns(connection)
     return connection
