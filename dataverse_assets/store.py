@@ -147,6 +147,7 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
     path = Path(db_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=60, isolation_level=None)
+    connection.execute("PRAGMA page_size=16384")  # new databases only (a no-op on existing ones)
     connection.execute("PRAGMA journal_mode=WAL")
     # NORMAL is durable across application crashes in WAL mode; only an OS crash can lose
     # the last transaction, and the watermark commits with the data, so nothing is skipped.
