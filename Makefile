@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 
-.PHONY: run test lint dev validate materialize-example clean
+.PHONY: run test lint dev validate materialize-example bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ validate: $(BIN)/.installed $(DAGSTER_HOME)
 materialize-example: $(BIN)/.installed $(DAGSTER_HOME)
 	key=$$($(BIN)/dataverse-assets change-set create --group daily) && \
 	$(BIN)/dagster asset materialize -m dataverse_assets --select 'group:daily' --partition $$key
+
+# The performance suite (benchmarks/run_all.py): 1,000,000 and 100,000 rows, dlt included.
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $@
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf data .dagster_home

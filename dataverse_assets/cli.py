@@ -331,7 +331,7 @@ def cmd_simulator(args: argparse.Namespace) -> int:
             simulator.fault_plan = FaultPlan.parse(args.faults)
         except ValueError as exc:
             raise ConfigError(f"--faults: {exc}") from None
-    with serve_on_loopback(simulator, port=args.port) as url:
+    with serve_on_loopback(simulator, port=args.port, control=args.control) as url:
         print(f"Dataverse simulator on {url} (DATAVERSE_URL={url} DATAVERSE_SOURCE=simulator)",
               flush=True)
         try:
@@ -578,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_argument("--rows", action="append", metavar="ENTITY=COUNT",
                            help="table size (repeatable); tables over 100,000 rows are "
                            "generated on demand, e.g. --rows accounts=1000000")
+    simulator.add_argument("--control", action="store_true",
+                           help="serve /_simulator/stats and /_simulator/mutate (benchmarks)")
     simulator.add_argument("--limits", choices=("off", "dataverse"), default="off",
                            help="service protection limits: off, or Dataverse's per-user "
                            "6000 requests / 1200 s / 52 concurrent per 300 s")

@@ -428,45 +428,56 @@ class DataverseClient:
         # Every URL requested so far: a nextLink back to any of them would loop.
         seen_links: set[str] = {str(httpx.URL(url, params=params)) if params else url}
         number = 0
-        while url is not None:
-            response, payload = await self.get_json(
-                url, params=params, prefer=prefer, entity=entity_set
-            )
-            values = payload.get("value")
-            if not isinstance(values, list):
-                raise DataverseRequestError(
-                    f"{entity_set}: GET {response.url} answered 200 without an OData 'value' "
-                    "list; is this a Dataverse Web API endpoint?"
-                )
-            bad = next((i for i, item in enumerate(values) if not isinstance(item, dict)), None)
-            if bad is not None:
-                raise DataverseRequestError(
-                    f"{entity_set}: GET {response.url} answered 200 with an OData 'value' list "
-                    f"whose item {bad} is {type(values[bad]).__name__}, not a record object"
-                )
-            number += 1
-            next_link = payload.get("@odata.nextLink")
-            delta_link = payload.get("@odata.deltaLink")
-            for link, name in ((next_link, "nextLink"), (delta_link, "deltaLink")):
-                if link is not None and not isinstance(link, str):
-                    raise PagingError(f"{entity_set}: page {number} has an @odata.{name} that "
-                                      f"is {type(link).__name__}, not a URL")
-            # Checked before the page is used: a delta link to another host is never stored
-            # (so never followed with our token in a later change set).
-            if delta_link is not None:
-                self._check_same_origin(delta_link, entity_set, "store the deltaLink to")
-            if next_link is not None:
-                self._check_same_origin(next_link, entity_set, "follow the nextLink to")
-            yield Page(number, str(response.url), response.content, payload, next_link,
-                       delta_link)
-            if next_link is not None:
-                if next_link in seen_links:
-                    raise PagingError(
-                        f"{entity_set}: the server repeated a nextLink after page {number}; "
-                        "stopping instead of looping"
+        # The next page is requested before this one is handed over, so the server works on
+        # it while the consumer archives this one (one page ahead, no more).
+        ahead: asyncio.Task[tuple[httpx.Response, dict]] | None = asyncio.ensure_future(
+            self.get_json(url, params=params, prefer=prefer, entity=entity_set))
+        try:
+            while ahead is not None:
+                response, payload = await ahead
+                ahead = None
+                values = payload.get("value")
+                if not isinstance(values, list):
+                    raise DataverseRequestError(
+                        f"{entity_set}: GET {response.url} answered 200 without an OData "
+                        "'value' list; is this a Dataverse Web API endpoint?"
                     )
-                seen_links.add(next_link)
-            url, params = next_link, None
+                bad = next((i for i, item in enumerate(values) if not isinstance(item, dict)),
+                           None)
+                if bad is not None:
+                    raise DataverseRequestError(
+                        f"{entity_set}: GET {response.url} answered 200 with an OData 'value' "
+                        f"list whose item {bad} is {type(values[bad]).__name__}, not a record "
+                        "object"
+                    )
+                number += 1
+                next_link = payload.get("@odata.nextLink")
+                delta_link = payload.get("@odata.deltaLink")
+                for link, name in ((next_link, "nextLink"), (delta_link, "deltaLink")):
+                    if link is not None and not isinstance(link, str):
+                        raise PagingError(f"{entity_set}: page {number} has an @odata.{name} "
+                                          f"that is {type(link).__name__}, not a URL")
+                # Checked before the page is used: a delta link to another host is never stored
+                # (so never followed with our token in a later change set).
+                if delta_link is not None:
+                    self._check_same_origin(delta_link, entity_set, "store the deltaLink to")
+                if next_link is not None:
+                    self._check_same_origin(next_link, entity_set, "follow the nextLink to")
+                    if next_link in seen_links:
+                        raise PagingError(
+                            f"{entity_set}: the server repeated a nextLink after page "
+                            f"{number}; stopping instead of looping"
+                        )
+                    seen_links.add(next_link)
+                    ahead = asyncio.ensure_future(
+                        self.get_json(next_link, prefer=prefer, entity=entity_set))
+                    await asyncio.sleep(0)  # let the request go out before the hand-over
+                yield Page(number, str(response.url), response.content, payload, next_link,
+                           delta_link)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                await asyncio.gather(ahead, return_exceptions=True)
 
     # -- parallel key ranges ----------------------------------------------------------------
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import difflib
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -310,6 +312,30 @@ class _Progress:
         # snapshot would make memory grow with the table.
         self.track_ids = bool(request.expected_ids)
         self.seen_ids: set[str] = set()
+        # Pages are compressed and written on a thread (zlib releases the GIL), so the next
+        # page is fetched and parsed meanwhile; at most two pages wait to be written.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="archive-writer")
+        self._writes: deque[Future[int]] = deque()
+
+    def write_page(self, archive: ChangeSetArchive, number: int, body: bytes) -> None:
+        while len(self._writes) >= 2:
+            self.archived_bytes += self._writes.popleft().result()
+        self._writes.append(self._writer.submit(archive.write_page, number, body))
+
+    def flush(self, *, quiet: bool = False) -> None:
+        """Wait for every page write (raising its error unless `quiet`: the fetch failed
+        already); the writer stops."""
+        try:
+            while self._writes:
+                try:
+                    self.archived_bytes += self._writes.popleft().result()
+                except Exception:
+                    if not quiet:
+                        raise
+        finally:
+            for pending in self._writes:
+                pending.cancel()
+            self._writer.shutdown(wait=True)
 
 
 def _record_page(archive: ChangeSetArchive, progress: _Progress, step_index: int, step: FetchStep,
@@ -317,7 +343,7 @@ def _record_page(archive: ChangeSetArchive, progress: _Progress, step_index: int
                  primary_key: str, next_link: str | None = None,
                  delta_link: str | None = None, shape: str = "collection") -> None:
     progress.page_number += 1
-    progress.archived_bytes += archive.write_page(progress.page_number, body)
+    progress.write_page(archive, progress.page_number, body)
     progress.records += len(records)
     for record in records:
         if track_watermark:
@@ -452,14 +478,21 @@ async def fetch_change_set(
         try:
             await _run_steps(session, archive, request, progress, on_progress, count_total)
         except DataverseRequestError as exc:
+            progress.flush(quiet=True)
             if exc.code == EXPIRED_DELTA_TOKEN and request.mode == "change_tracking":
                 request = resync_request(request, request.steps[0].query.page_size)
                 continue
             if exc.status == 404 and definition is None and progress.page_number == 0:
                 raise await _unknown_entity(session, request.entity) from None
             raise
+        except BaseException:
+            progress.flush(quiet=True)
+            raise
         break
-    missing = await _resolve_missing(session, archive, request, progress)
+    try:
+        missing = await _resolve_missing(session, archive, request, progress)
+    finally:
+        progress.flush()
     fault_point("fetch.before_manifest")
     seconds = time.perf_counter() - started
     summary = FetchSummary(

@@ -98,8 +98,8 @@ def _delete_row(change_set: str, key: str, names: list[str], marker: dict) -> tu
             orjson.dumps(marker).decode())
 
 
-def _report_oversized(issues: list[dict], key: str, names: list[str], values: list,
-                      types: dict[str, str], page_number: int) -> None:
+def _report_oversized(issues: list[dict], key: str, names: list[str], values: tuple,
+                      types: dict[str, str], context: str) -> None:
     for name, value in zip(names, values, strict=True):
         if type(value) is OversizedInteger and types.get(name) != "TEXT":
             issues.append({
@@ -107,7 +107,7 @@ def _report_oversized(issues: list[dict], key: str, names: list[str], values: li
                 "problem": f"integer {value} does not fit SQLite's 64-bit INTEGER; the "
                            f"{types.get(name)} column holds an approximation, json_response "
                            "the exact value",
-                "context": f"page {page_number}"})
+                "context": context})
 
 
 def iter_staged_batches(
@@ -122,7 +122,6 @@ def iter_staged_batches(
     scope_ids = {i.lower() for i in scope} if scope is not None else None
     pk = schema.primary_key
     names = schema.column_names
-    types = {c.name: c.sqlite_type for c in schema.columns}
     change_set = archive.change_set
     batch: list[tuple] = []
     keys: list[str] = []
@@ -154,12 +153,12 @@ def iter_staged_batches(
                 counts["out_of_scope"] += 1  # changed, but neither linked nor mirrored
                 continue
             modified = record.get("modifiedon")
-            values = [to_sqlite_value(record.get(name)) for name in names]
-            if OversizedInteger in map(type, values):
-                _report_oversized(issues, key, names, values, types, page_number)
+            # Values as parsed (SQLite binds booleans as 0/1); objects and lists are rare and
+            # are turned into JSON text by _bindable when the batch is written.
             batch.append((
                 change_set, key, "upsert", content_hash(record, hash_ignore_annotations),
-                modified if isinstance(modified, str) else None, *values,
+                modified if isinstance(modified, str) else None,
+                *map(record.get, names),
                 json_bytes(record).decode(),
             ))
             counts["staged"] += 1
@@ -181,6 +180,20 @@ def iter_staged_batches(
                            "context": missing.get("message")})
     if batch or keys:
         yield batch, keys
+
+
+def _bindable_batch(batch: list[tuple], staged: StagedRecords,
+                    types: dict[str, str]) -> Iterator[tuple]:
+    """The rows with every value bindable; integers beyond 64 bits become issue rows."""
+    names = staged.schema.column_names
+    first = len(STAGING_META_COLUMNS)
+    for row in batch:
+        row = tuple(map(to_sqlite_value, row))
+        values = row[first:first + len(names)]
+        if OversizedInteger in map(type, values):
+            _report_oversized(staged.issues, row[1], names, values, types,
+                              f"change set {staged.change_set}")
+        yield row
 
 
 def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
@@ -224,7 +237,13 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
         connection.execute(f"DELETE FROM {keys_table} WHERE _change_set = ?",
                            (staged.change_set,))
         for batch, keys in staged.batches:
-            connection.executemany(statement, batch)
+            try:
+                connection.executemany(statement, batch)
+            except (sqlite3.ProgrammingError, OverflowError):
+                # A value SQLite cannot bind (an object, a list, an integer beyond 64 bits):
+                # the batch again, with every value as to_sqlite_value has it (INSERT OR
+                # REPLACE: rows already written are written again).
+                connection.executemany(statement, _bindable_batch(batch, staged, types))
             connection.executemany(
                 f"INSERT OR IGNORE INTO {keys_table} (_change_set, _pk) VALUES (?, ?)",
                 ((staged.change_set, key) for key in keys),

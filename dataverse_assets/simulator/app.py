@@ -862,11 +862,40 @@ class _Api:
         return out
 
 
-def create_app(sim: DataverseSimulator) -> Starlette:
-    """The ASGI app serving one simulator (Web API under /api/data/v9.2, token endpoint)."""
+def _control_routes(sim: DataverseSimulator) -> list[Route]:
+    """`/_simulator/stats` (GET: the counters; POST: zero them) and `/_simulator/mutate` (POST
+    {"entity", "update": N}: N random rows edited, as another user would): how a benchmark
+    drives and observes a simulator running in another process. Off unless asked for."""
+
+    async def stats(request: Request) -> Response:
+        with sim.lock:
+            if request.method == "POST":
+                sim.reset_stats()
+            s = sim.stats
+            return _json({
+                "requests": s.requests, "requests_by_entity": dict(s.requests_by_entity),
+                "rows_served": dict(s.rows_served), "token_requests": s.token_requests,
+                "metadata_requests": s.metadata_requests,
+                "status_counts": {str(k): v for k, v in s.status_counts.items()},
+                "throttled": s.throttled, "max_concurrency": s.max_concurrency,
+            })
+
+    async def mutate(request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        touched = sim.mutate_for_fault(body["entity"], "modify_records", int(body["update"]))
+        return _json({"updated": len(touched)})
+
+    return [Route("/_simulator/stats", stats, methods=["GET", "POST"]),
+            Route("/_simulator/mutate", mutate, methods=["POST"])]
+
+
+def create_app(sim: DataverseSimulator, *, control: bool = False) -> Starlette:
+    """The ASGI app serving one simulator (Web API under /api/data/v9.2, token endpoint);
+    `control` adds the benchmark's control endpoints (see _control_routes)."""
     api = _Api(sim)
     methods = ["GET", "POST", "PATCH", "PUT", "DELETE"]
-    routes = [
+    routes = _control_routes(sim) if control else []
+    routes += [
         Route("/{tenant}/oauth2/v2.0/token", api.counted(api.token), methods=["POST"]),
         Route(
             "/{tenant}/v2.0/.well-known/openid-configuration",

@@ -25,7 +25,8 @@ def _hide_injected_resets() -> None:
 
 
 @contextmanager
-def serve_on_loopback(sim: DataverseSimulator, port: int = 0) -> Iterator[str]:
+def serve_on_loopback(sim: DataverseSimulator, port: int = 0, *,
+                      control: bool = False) -> Iterator[str]:
     """Serve sim on 127.0.0.1 and yield its base URL; port 0 picks a free port.
 
     The socket is bound here, before uvicorn starts, so the port is known up front and no other
@@ -41,7 +42,7 @@ def serve_on_loopback(sim: DataverseSimulator, port: int = 0) -> Iterator[str]:
     bound_port = sock.getsockname()[1]
     _hide_injected_resets()
     config = uvicorn.Config(
-        create_app(sim),
+        create_app(sim, control=control),
         log_level="warning",
         access_log=False,
         lifespan="off",
