@@ -193,14 +193,7 @@ def test_no_secret_or_token_reaches_the_manifest_or_the_archive(tmp_path: Path) 
         entity = EntityConfig(name="accounts", group="hourly", incremental="full",
                               page_size=25)
         archive = ChangeSetArchive(tmp_path, "accounts", "20260101T000000Z")
-
-        async def main():
-            async with source.open_session() as session:
-                definition = await session.entity_definition("accounts")
-                request = plan_fetch(entity, archive.change_set, definition, watermark=None)
-                return await fetch_change_set(session, archive, request, definition)
-
-        summary = asyncio.run(main())
+        summary = _run_fetch(source, entity, archive)
         tokens = sim.issued_access_tokens()
     assert summary.records == 90 and len(tokens) == 2
     manifest = orjson.loads(archive.manifest_path.read_bytes())
@@ -382,14 +375,7 @@ def test_parallel_ranges_stream_into_the_archive_with_sequential_page_numbers(
         entity = EntityConfig(name="accounts", group="hourly", incremental="full",
                               page_size=40, parallel_ranges=4)
         archive = ChangeSetArchive(tmp_path, "accounts", "20260101T000000Z")
-
-        async def main():
-            async with source.open_session() as session:
-                definition = await session.entity_definition("accounts")
-                request = plan_fetch(entity, archive.change_set, definition, watermark=None)
-                return await fetch_change_set(session, archive, request, definition)
-
-        summary = asyncio.run(main())
+        summary = _run_fetch(source, entity, archive)
         expected = sorted(truth(sim))
     manifest = orjson.loads(archive.manifest_path.read_bytes())
     assert [p["number"] for p in manifest["pages"]] == list(range(1, summary.pages + 1))
@@ -442,19 +428,24 @@ def test_paging_through_the_client_returns_every_row_exactly_once(
         assert served == expected
 
 
+def _run_fetch(source: LiveDataverseSource, entity: EntityConfig, archive: ChangeSetArchive,
+               watermark: str | None = None):
+    """One change set of the entity fetched into the archive, as raw/E does it."""
+    async def main():
+        async with source.open_session() as session:
+            definition = await session.entity_definition(entity.name)
+            request = plan_fetch(entity, archive.change_set, definition, watermark=watermark)
+            return await fetch_change_set(session, archive, request, definition)
+
+    return asyncio.run(main())
+
+
 def _fetch(base: str, entity: EntityConfig, root: Path, change_set: str,
            watermark: str | None):
     source = LiveDataverseSource(url=base, client_id=SIMULATOR_CLIENT_ID,
                                  client_secret=SIMULATOR_CLIENT_SECRET, authority=base)
     archive = ChangeSetArchive(root, entity.name, change_set)
-
-    async def main():
-        async with source.open_session() as session:
-            definition = await session.entity_definition(entity.name)
-            request = plan_fetch(entity, change_set, definition, watermark=watermark)
-            return await fetch_change_set(session, archive, request, definition)
-
-    summary = asyncio.run(main())
+    summary = _run_fetch(source, entity, archive, watermark)
     records: dict[str, list[dict]] = {}
     for page in orjson.loads(archive.manifest_path.read_bytes())["pages"]:
         body = gzip.decompress((archive.path / f"page-{page['number']:05d}.json.gz").read_bytes())
