@@ -208,14 +208,7 @@ class LazyKeyIndex:
 
     def _alive_rank_of(self, key: str) -> int:
         """How many present seed keys are < key."""
-        low, high = 0, self._alive_count()
-        while low < high:
-            middle = (low + high) // 2
-            if self._alive_key(middle) < key:
-                low = middle + 1
-            else:
-                high = middle
-        return low
+        return bisect.bisect_left(range(self._alive_count()), key, key=self._alive_key)
 
     def _split(self, position: int) -> tuple[int, int]:
         """(seed keys, extra keys) among the first `position` keys of the merged order."""
@@ -302,13 +295,7 @@ class LazyKeyIndex:
         bisect.insort(self._deleted, index)
 
     def _seed_index_of(self, key: str) -> int | None:
-        low, high = 0, self._count
-        while low < high:
-            middle = (low + high) // 2
-            if self._key_at(middle) < key:
-                low = middle + 1
-            else:
-                high = middle
+        low = bisect.bisect_left(range(self._count), key, key=self._key_at)
         return low if low < self._count and self._key_at(low) == key else None
 
 
