@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from . import engine
 from .annotations import Annotator
-from .gateway import Gateway
+from .gateway import Gateway, bearer_token
 from .metadata import (
     ATTRIBUTE_PROPERTIES,
     ATTRIBUTE_PROPERTY_TYPES,
@@ -231,11 +231,8 @@ class _Api:
         return _error(401, "", message, self._challenge(request))
 
     def _auth_state(self, request: Request) -> str:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return "missing"
-        return self.sim.access_token_state(token)
+        token = bearer_token(request.headers.get("authorization"))
+        return self.sim.access_token_state(token) if token else "missing"
 
     # -- token endpoint --------------------------------------------------------------------------
 
@@ -380,11 +377,12 @@ class _Api:
                 if name == RETRIEVE_TOTAL_RECORD_COUNT:
                     return self._total_record_count(base, key, pairs)
                 table = sim.find_table(name)
-                if table is not None and not sim.may_read(name, self._client(request)):
+                client = self._client(request)
+                if table is not None and not sim.may_read(name, client):
                     logical = table.spec.logical_name
                     return _error(
                         403, PRIVILEGE_DENIED_CODE,
-                        f"Principal user (Id={self._client(request)}, type=8) is missing "
+                        f"Principal user (Id={client}, type=8) is missing "
                         f"prvRead{logical} privilege on entity '{logical}'.",
                     )
                 if table is None or len(segments) > 1:
@@ -399,8 +397,8 @@ class _Api:
             return _error(exc.status, exc.code, exc.message)
 
     def _client(self, request: Request) -> str | None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return self.sim.token_client(token.strip()) if scheme.lower() == "bearer" else None
+        token = bearer_token(request.headers.get("authorization"))
+        return self.sim.token_client(token) if token else None
 
     def _total_record_count(
         self, base: str, key: str | None, pairs: list[tuple[str, str]]

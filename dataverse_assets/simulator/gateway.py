@@ -48,6 +48,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, None for anything else."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def _with_body(start: Message, body: bytes, content_type: bytes | None = None) -> Message:
     headers = [
         (k, v) for k, v in start.get("headers", ())
@@ -87,10 +94,8 @@ class Gateway:
         return name, not key and len(segments) == 1
 
     def _user(self, scope: Scope) -> str | None:
-        scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return None
-        return self.sim.token_client(token.strip())
+        token = bearer_token(_header(scope, b"authorization"))
+        return self.sim.token_client(token) if token else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
