@@ -154,7 +154,7 @@ def iter_staged_batches(
                 continue
             modified = record.get("modifiedon")
             # Values as parsed (SQLite binds booleans as 0/1); objects and lists are rare and
-            # are turned into JSON text by _bindable when the batch is written.
+            # are turned into JSON text by _bindable_batch when the batch is written.
             batch.append((
                 change_set, key, "upsert", content_hash(record, hash_ignore_annotations),
                 modified if isinstance(modified, str) else None,
