@@ -51,6 +51,7 @@ from dataverse_assets.fetch import SNAPSHOT_MODES
 from dataverse_assets.publish import SYNC_COLUMNS, canonical_row_count, load_locked_schema
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.schema import ADDED, BREAKING, EXCLUDED, REMOVED, TYPE_CHANGED, EntitySchema
+from dataverse_assets.staging import count_staged
 from dataverse_assets.store import quote_identifier, staging_keys_table, staging_table, table_exists
 
 SCHEMA_DRIFT = "schema_drift"
@@ -236,11 +237,11 @@ def source_count(connection: sqlite3.Connection, entity: EntityConfig,
                  change_set: str) -> tuple[int | None, str]:
     """How many records the source had, if this change set knows it, and how it knows."""
     staged = connection.execute(
-        "SELECT mode, reconciled FROM _staged WHERE entity = ? AND change_set = ?",
+        "SELECT mode, reconciled, upserts FROM _staged WHERE entity = ? AND change_set = ?",
         (entity.name, change_set)).fetchone()
     if staged is None:
         return None, "the change set is not staged"
-    mode, key_scan = staged
+    mode, key_scan, upserts = staged
     published = connection.execute(
         "SELECT status, watermark_before FROM _publish_state WHERE entity = ? AND change_set = ?",
         (entity.name, change_set)).fetchone()
@@ -255,9 +256,11 @@ def source_count(connection: sqlite3.Connection, entity: EntityConfig,
     if mode in SNAPSHOT_MODES or (mode == "modifiedon" and published[1] is None):
         basis = ("full snapshot" if mode == "full" else "change-tracking resync"
                  if mode != "modifiedon" else "first full read")
-        count = connection.execute(f"SELECT count(DISTINCT _pk) FROM ({records})",
-                                   {"cs": change_set}).fetchone()[0]
-        return count, f"{basis}: distinct records the source returned"
+        # Counted when it was staged (a key is staged once per change set); a database
+        # staged by an older version counts now.
+        if upserts is None:
+            upserts = count_staged(connection, entity.name, change_set, "upsert")
+        return upserts, f"{basis}: distinct records the source returned"
     if key_scan and mode == "modifiedon":
         keys = quote_identifier(staging_keys_table(entity.name))
         count = connection.execute(

@@ -196,9 +196,12 @@ def _mirror_facts(connection: sqlite3.Connection | None, entity: str):
     complete = {row[0] for row in connection.execute(
         "SELECT change_set FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
         (entity,))}
-    planned = set()
+    # A first publish into an empty table stores its creates as one rule, not plan rows.
+    planned = {row[0] for row in connection.execute(
+        "SELECT change_set FROM _publish_state WHERE entity = ? AND bulk_create = 1"
+        " AND created > 0", (entity,))}
     if table_exists(connection, "_publish_plan"):
-        planned = {row[0] for row in connection.execute(
+        planned |= {row[0] for row in connection.execute(
             "SELECT DISTINCT change_set FROM _publish_plan WHERE entity = ?", (entity,))}
     schema_changing = set()
     if table_exists(connection, "_schema_check"):

@@ -22,6 +22,7 @@ import orjson
 
 from dataverse_assets.faults import fault_point
 from dataverse_assets.schema import Column, EntitySchema, json_bytes
+from dataverse_assets.staging import count_staged
 from dataverse_assets.store import (
     StorageError,
     database_path,
@@ -114,12 +115,17 @@ def ensure_canonical_tables(connection: sqlite3.Connection, schema: EntitySchema
         f"CREATE INDEX IF NOT EXISTS {quote_identifier(history + '__pk')} "
         f"ON {quote_identifier(history)} ({quote_identifier(pk)})"
     )
-    for column in INDEXED_COLUMNS:
-        if column in schema.column_names:
-            connection.execute(
-                f"CREATE INDEX IF NOT EXISTS {quote_identifier(f'{schema.entity}__{column}')} "
-                f"ON {entity} ({quote_identifier(column)})"
-            )
+    for name, column in _secondary_indexes(schema).items():
+        connection.execute(
+            f"CREATE INDEX IF NOT EXISTS {quote_identifier(name)} "
+            f"ON {entity} ({quote_identifier(column)})"
+        )
+
+
+def _secondary_indexes(schema: EntitySchema) -> dict[str, str]:
+    """The canonical table's indexes on modifiedon and createdon: {index name: column}."""
+    return {f"{schema.entity}__{column}": column for column in INDEXED_COLUMNS
+            if column in schema.column_names}
 
 
 # -- results and state --------------------------------------------------------------------
@@ -178,6 +184,8 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
                           plan_started_at=utc_now_iso())
         connection.execute("DELETE FROM _publish_plan WHERE entity = ? AND change_set = ?",
                            (schema.entity, change_set))
+        if connection.execute(f"SELECT 1 FROM {entity} LIMIT 1").fetchone() is None:
+            return _plan_into_empty_table(connection, schema, change_set)
         # Newer data is never overwritten by an older change set: modifiedon decides where
         # both have one, the change set order decides otherwise.
         newer_in_canonical = (
@@ -247,7 +255,44 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             connection, schema.entity, change_set, "PLAN_COMPLETE",
             plan_finished_at=utc_now_iso(), created=counts["create"], updated=counts["update"],
             deleted=counts["delete"], unchanged=counts["unchanged"], stale=counts["stale"],
+            bulk_create=0,
         )
+    return counts
+
+
+def _plan_into_empty_table(connection: sqlite3.Connection, schema: EntitySchema,
+                           change_set: str) -> dict[str, int]:
+    """The plan of a change set published into an empty canonical table (a first sync, or
+    after a snapshot deleted everything): every staged upsert is a create, every staged delete
+    a delete of a record never mirrored; nothing is unchanged, stale or superseded.
+
+    The creates are stored as that one rule (`bulk_create` in `_publish_state`), not as a row
+    each: a 1M-row first sync would write a million plan rows only to read them back. The
+    deletes keep their plan rows. Called inside plan_change_set's transaction.
+    """
+    staging = quote_identifier(staging_table(schema.entity))
+    connection.execute(
+        f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
+        f" SELECT ?, ?, _pk, 'delete_unknown' FROM {staging}"
+        f" WHERE _change_set = ? AND _op = 'delete'",
+        (schema.entity, change_set, change_set))
+    fault_point("publish.mid_plan")
+    counts = {kind: 0 for kind in PLAN_KINDS}
+    counts["create"] = count_staged(connection, schema.entity, change_set, "upsert")
+    counts["delete_unknown"] = connection.execute(
+        "SELECT count(*) FROM _publish_plan WHERE entity = ? AND change_set = ?",
+        (schema.entity, change_set)).fetchone()[0]
+    staged = count_staged(connection, schema.entity, change_set)
+    covered = counts["create"] + counts["delete_unknown"]
+    if covered != staged:
+        raise PlanValidationError(
+            f"{schema.entity} {change_set}: the plan covers {covered} staged rows but "
+            f"{staged} are staged"
+        )
+    set_publish_state(
+        connection, schema.entity, change_set, "PLAN_COMPLETE", plan_finished_at=utc_now_iso(),
+        created=counts["create"], updated=0, deleted=0, unchanged=0, stale=0, bulk_create=1,
+    )
     return counts
 
 
@@ -292,6 +337,9 @@ def execute_plan(
         set_publish_state(connection, schema.entity, change_set, "EXECUTING",
                           started_at=utc_now_iso())
     applied = 0
+    if _is_bulk_create(connection, schema.entity, change_set):
+        applied = _execute_bulk_creates(connection, schema, change_set, chunk_rows,
+                                        as_of or utc_now_iso())
     after = ""  # chunks follow the plan's key order: each starts where the last one ended
     while True:
         if applied:
@@ -353,6 +401,69 @@ def execute_plan(
                 error_code=None, failed_operation=None,
             )
             return result
+
+
+def _is_bulk_create(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
+    row = connection.execute(
+        "SELECT bulk_create FROM _publish_state WHERE entity = ? AND change_set = ?",
+        (entity, change_set)).fetchone()
+    return bool(row and row[0])
+
+
+def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
+                          change_set: str, chunk_rows: int, as_of: str) -> int:
+    """Insert every staged upsert of a `bulk_create` plan, in chunks of staged keys (one
+    transaction each, in key order, so the primary-key index grows at its end). A failure
+    leaves earlier chunks committed; the next publish plans against the now non-empty table,
+    where they show as unchanged. Returns the rows inserted."""
+    entity = quote_identifier(schema.entity)
+    staging = quote_identifier(staging_table(schema.entity))
+    pk = quote_identifier(schema.primary_key)
+    data = [quote_identifier(c) for c in schema.column_names]
+    sync = [quote_identifier(n) for n, _ in SYNC_COLUMNS]
+    applied, after = 0, ""
+    # The secondary indexes are built once at the end, from sorted keys, instead of being
+    # grown row by row in random order (a crash before then: the next plan creates them).
+    indexes = _secondary_indexes(schema)
+    with transaction(connection):
+        for name in indexes:
+            connection.execute(f"DROP INDEX IF EXISTS {quote_identifier(name)}")
+    while True:
+        if applied:
+            fault_point("publish.after_chunk_commit")
+        with transaction(connection):
+            # The chunk is the staged keys in (after, last]; the staging key index finds both.
+            last = connection.execute(
+                f"SELECT _pk FROM {staging} WHERE _change_set = ? AND _pk > ?"
+                " ORDER BY _pk LIMIT 1 OFFSET ?", (change_set, after, chunk_rows - 1)
+            ).fetchone()
+            upper = "" if last is None else " AND s._pk <= :last"
+            params = {"cs": change_set, "after": after, "now": as_of,
+                      "last": last[0] if last else None, "entity": schema.entity}
+            size = connection.execute(
+                f"INSERT INTO {entity} ({', '.join(data + sync)})"
+                f" SELECT {', '.join('s.' + c for c in data)}, s.json_response, s._content_hash,"
+                f" :now, COALESCE(s._modifiedon, :now), :now, :cs"
+                f" FROM {staging} s WHERE s._change_set = :cs AND s._op = 'upsert'"
+                f" AND s._pk > :after{upper} ORDER BY s._pk", params,
+            ).rowcount
+            fault_point("publish.mid_execute")
+            # The table held nothing before this publish, so its keys in the chunk's range are
+            # the chunk's creates: read from its primary-key index, not the wide staged rows.
+            connection.execute(
+                "INSERT INTO _change_history (entity, change_set, record_id, kind, changes,"
+                " applied_at)"
+                f" SELECT :entity, :cs, {pk}, 'create', NULL, :now FROM {entity}"
+                f" WHERE {pk} > :after{'' if last is None else f' AND {pk} <= :last'}"
+                f" ORDER BY {pk}", params,
+            )
+            applied += size
+            if last is None:
+                ensure_canonical_tables(connection, schema)
+                return applied
+            after = last[0]
+            set_publish_state(connection, schema.entity, change_set, "EXECUTING",
+                              rows_applied=applied)
 
 
 def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_set: str,
@@ -536,20 +647,34 @@ def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
         f"{created:,} to create, {updated:,} to update, {deleted:,} to delete, "
         f"{unchanged:,} unchanged" + (f", {stale:,} stale" if stale else ""),
     ]
+    bulk = _is_bulk_create(connection, entity, change_set)
+    if bulk:
+        lines.append("(into an empty table: every staged record is a create)")
     for kind, sign in _KIND_ORDER:
-        rows = connection.execute(
-            "SELECT pk, changes FROM _publish_plan WHERE entity = ? AND change_set = ?"
-            " AND kind = ? ORDER BY pk", (entity, change_set, kind)).fetchall()
-        if not rows:
+        if kind == "create" and bulk:
+            total = created
+            rows = connection.execute(
+                f"SELECT _pk, NULL FROM {quote_identifier(staging_table(entity))}"
+                " WHERE _change_set = ? AND _op = 'upsert' ORDER BY _pk LIMIT ?",
+                (change_set, max_rows_per_kind)).fetchall()
+        else:
+            total = connection.execute(
+                "SELECT count(*) FROM _publish_plan WHERE entity = ? AND change_set = ?"
+                " AND kind = ?", (entity, change_set, kind)).fetchone()[0]
+            rows = connection.execute(
+                "SELECT pk, changes FROM _publish_plan WHERE entity = ? AND change_set = ?"
+                " AND kind = ? ORDER BY pk LIMIT ?",
+                (entity, change_set, kind, max_rows_per_kind)).fetchall()
+        if not total:
             continue
         lines.append("")
-        lines.append(f"{sign} {len(rows):,} {_KIND_TITLES[kind]}")
-        for pk, changes in rows[:max_rows_per_kind]:
+        lines.append(f"{sign} {total:,} {_KIND_TITLES[kind]}")
+        for pk, changes in rows:
             lines.append(f"  {sign} {pk}")
             for field, (old, new) in (orjson.loads(changes) if changes else {}).items():
                 lines.append(f"      {field}: {_short(old)} -> {_short(new)}")
-        if len(rows) > max_rows_per_kind:
-            lines.append(f"  ... and {len(rows) - max_rows_per_kind:,} more")
+        if total > len(rows):
+            lines.append(f"  ... and {total - len(rows):,} more")
     return "\n".join(lines)
 
 

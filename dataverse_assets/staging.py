@@ -219,6 +219,12 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
                         f"ALTER TABLE {quote_identifier(table)} ADD COLUMN "
                         f"{quote_identifier(column)} {types.get(column, 'TEXT')}"
                     )
+        # Counting a change set's upserts (publish, the row-count check) reads this small
+        # index, not the wide rows; entries are appended in rowid order, so it costs little.
+        connection.execute(
+            f"CREATE INDEX IF NOT EXISTS {quote_identifier(table + '__op')}"
+            f" ON {quote_identifier(table)} (_change_set, _op)"
+        )
         connection.execute(
             f"DELETE FROM {quote_identifier(table)} WHERE _change_set = ?", (staged.change_set,)
         )
@@ -255,12 +261,13 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
         # a full snapshot can never be "published" from an empty, never-staged change set.
         now = utc_now_iso()
         connection.execute(
-            "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, watermark_after,"
-            " delta_token_after, reconciled, reconciled_at, fetched_at, staged_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (staged.entity, staged.change_set, staged.mode, rows, staged.watermark_after,
-             staged.delta_token_after, int(staged.reconciled), staged.reconciled_at,
-             staged.fetched_at, now),
+            "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, upserts,"
+            " watermark_after, delta_token_after, reconciled, reconciled_at, fetched_at,"
+            " staged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (staged.entity, staged.change_set, staged.mode, rows,
+             count_staged(connection, staged.entity, staged.change_set, "upsert"),
+             staged.watermark_after, staged.delta_token_after, int(staged.reconciled),
+             staged.reconciled_at, staged.fetched_at, now),
         )
         # PENDING until published; a change set already COMPLETE stays so (its archive, and so
         # its staged rows, cannot have changed).
@@ -272,6 +279,19 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
             (staged.entity, staged.change_set, now, staged.source_timestamp),
         )
     return rows
+
+
+def count_staged(connection: sqlite3.Connection, entity: str, change_set: str,
+                 op: str | None = None) -> int:
+    """Rows of a change set in the staging table (of one `_op`): distinct keys, since a key
+    is staged once per change set. Reads only the (_change_set, _op) index."""
+    table = quote_identifier(staging_table(entity))
+    if op is None:
+        return connection.execute(f"SELECT count(*) FROM {table} WHERE _change_set = ?",
+                                  (change_set,)).fetchone()[0]
+    return connection.execute(
+        f"SELECT count(*) FROM {table} WHERE _change_set = ? AND _op = ?",
+        (change_set, op)).fetchone()[0]
 
 
 LOOKUP_TARGET_ANNOTATION = "@Microsoft.Dynamics.CRM.lookuplogicalname"

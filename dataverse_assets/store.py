@@ -5,10 +5,13 @@ Sync state lives here, in the target database, so any orchestrator can run a syn
 
 from __future__ import annotations
 
+import atexit
 import functools
+import os
 import sqlite3
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +86,7 @@ CREATE TABLE IF NOT EXISTS _publish_state (
     error_code TEXT,
     error TEXT,
     retry_count INTEGER NOT NULL DEFAULT 0,
+    bulk_create INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (entity, change_set)
 );
 CREATE TABLE IF NOT EXISTS _schema (
@@ -108,6 +112,7 @@ CREATE TABLE IF NOT EXISTS _staged (
     change_set TEXT NOT NULL,
     mode TEXT NOT NULL,
     rows INTEGER NOT NULL,
+    upserts INTEGER,
     watermark_after TEXT,
     delta_token_after TEXT,
     reconciled INTEGER NOT NULL DEFAULT 0,
@@ -154,7 +159,8 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
     """
     path = Path(db_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, timeout=60, isolation_level=None)
+    connection = sqlite3.connect(path, timeout=60, isolation_level=None,
+                                 factory=MirrorConnection)
     # 16 KB pages for new databases (a no-op on existing ones): wide rows (~1.7 KB with
     # json_response) load ~25% faster than with 4 KB pages (benchmarks/run_all.py).
     connection.execute("PRAGMA page_size=16384")
@@ -166,8 +172,11 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
     # 64 MB of page cache (default 2 MB): large change sets touch big indexes. Temp storage
     # stays on file: in memory, the primary-key check's sort alone took 150 MB at 1M rows.
     connection.execute("PRAGMA cache_size=-65536")
+    # Checkpoints run on a thread, not inside this connection's commits (see MirrorConnection).
+    connection.execute("PRAGMA wal_autocheckpoint=0")
     connection.executescript(BOOKKEEPING_DDL)
     _add_missing_bookkeeping_columns(connection)
+    connection.path = str(path.resolve())
     return connection
 
 
@@ -214,6 +223,126 @@ def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
             connection.execute("ROLLBACK")
         raise
     connection.execute("COMMIT")
+    if isinstance(connection, MirrorConnection):
+        connection.committed()
+
+
+# -- checkpoints off the critical path ----------------------------------------------------
+#
+# In WAL mode SQLite copies the log into the database file (a checkpoint, fsyncs included:
+# synchronous=NORMAL syncs there) inside whichever commit passes `wal_autocheckpoint` pages,
+# and inside the close of the last connection. For a large change set that is a second full
+# write of it, and the disk's time, in the middle of a step. Here every connection made by
+# `connect` has the automatic checkpoint off; its commits (`transaction`) and its close ask a
+# thread of this process to checkpoint instead, while the pipeline goes on (SQLite releases
+# the GIL while it works). That thread keeps a connection of its own open while there is work,
+# so a step's close is never the last one; it closes it after a few idle seconds, and when the
+# process exits (atexit), and then SQLite does its final checkpoint there.
+#
+# Durability does not change: a committed transaction is in the log, which survives a crash
+# of the process (the chaos tests kill processes), and whoever opens the database next
+# checkpoints what is left.
+
+CHECKPOINT_IDLE_SECONDS = 5.0
+_checkpoint_lock = threading.Lock()
+_checkpointers: dict[tuple[int, str], _Checkpointer] = {}
+
+
+class _Checkpointer:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.key = (os.getpid(), path)
+        self.condition = threading.Condition(_checkpoint_lock)
+        self.requested = 0  # requests so far
+        self.done = 0  # requests covered by a finished checkpoint
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="sqlite-wal-checkpoint",
+                                       daemon=True)
+
+    def _run(self) -> None:
+        connection = None
+        try:
+            # mode=rw: a database deleted meanwhile is not created again, empty.
+            connection = sqlite3.connect(f"{Path(self.path).as_uri()}?mode=rw", uri=True,
+                                         timeout=60, isolation_level=None)
+            connection.execute("PRAGMA wal_autocheckpoint=0")
+            while True:
+                with self.condition:
+                    if self.requested == self.done and not self.stopping:
+                        self.condition.wait(CHECKPOINT_IDLE_SECONDS)
+                    if self.requested == self.done:
+                        # Idle, or the process is exiting: later requests start a new thread.
+                        self._unregister()
+                        break
+                    target = self.requested
+                with suppress(sqlite3.Error):  # a full disk: the next request tries again
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                with self.condition:
+                    self.done = target
+                    self.condition.notify_all()
+        except sqlite3.Error:
+            pass  # cannot open it (deleted, unreadable): the last close checkpoints instead
+        finally:
+            with self.condition:
+                self._unregister()
+                self.done = self.requested  # nobody waits for this thread any more
+                self.condition.notify_all()
+            if connection is not None:
+                with suppress(sqlite3.Error):
+                    connection.close()  # the last connection to close checkpoints the rest
+
+
+    def _unregister(self) -> None:  # with _checkpoint_lock held
+        if _checkpointers.get(self.key) is self:
+            del _checkpointers[self.key]
+
+
+def request_checkpoint(path: str) -> _Checkpointer:
+    """Have this process's checkpoint thread for `path` checkpoint soon (starting it)."""
+    with _checkpoint_lock:
+        checkpointer = _checkpointers.get((os.getpid(), path))
+        if checkpointer is None:
+            checkpointer = _Checkpointer(path)
+            _checkpointers[checkpointer.key] = checkpointer
+            checkpointer.thread.start()
+        checkpointer.requested += 1
+        checkpointer.condition.notify_all()
+        return checkpointer
+
+
+def wait_for_checkpoint(path: str, timeout: float = 60) -> None:
+    """Checkpoint `path` now and wait for it (tests, and before copying a database file)."""
+    checkpointer = request_checkpoint(str(Path(path).resolve()))
+    target = checkpointer.requested
+    with checkpointer.condition:
+        checkpointer.condition.wait_for(lambda: checkpointer.done >= target, timeout)
+
+
+@atexit.register
+def _finish_checkpoints() -> None:
+    with _checkpoint_lock:
+        running = [c for c in _checkpointers.values() if c.key[0] == os.getpid()]
+        for checkpointer in running:
+            checkpointer.stopping = True
+            checkpointer.condition.notify_all()
+    for checkpointer in running:
+        checkpointer.thread.join(120)
+
+
+class MirrorConnection(sqlite3.Connection):
+    """A connection made by `connect`: it knows its file, and hands checkpoints to the
+    checkpoint thread (see above)."""
+
+    path = ""
+
+    def committed(self) -> None:
+        if self.path:
+            request_checkpoint(self.path)
+
+    def close(self) -> None:
+        if self.path:
+            request_checkpoint(self.path)  # first, so this close is not the last one
+        super().close()
 
 
 class StorageError(Exception):
