@@ -15,6 +15,7 @@ import gzip
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
@@ -109,22 +110,31 @@ class ChangeSetArchive:
         read = 0
         if not self.is_compacted():
             paths = self.page_paths()
-            for path in paths:
-                try:
-                    with gzip.open(path, "rb") as handle:
-                        body = handle.read()
-                except FileNotFoundError:
-                    if not self.is_compacted():
-                        raise
-                    break  # compacted while we read: go on from the Parquet parts
-                read += 1
-                yield body
-            else:
-                if paths or not self.is_compacted():
-                    return
+            # The next page is read and unzipped on a thread (zlib releases the GIL) while the
+            # caller parses this one: two bodies in memory at most.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-read") as pool:
+                ahead = pool.submit(_read_gzip, paths[0]) if paths else None
+                for number in range(len(paths)):
+                    try:
+                        body = ahead.result()
+                    except FileNotFoundError:
+                        if not self.is_compacted():
+                            raise
+                        break  # compacted while we read: go on from the Parquet parts
+                    ahead = (pool.submit(_read_gzip, paths[number + 1])
+                             if number + 1 < len(paths) else None)
+                    read += 1
+                    yield body
+                else:
+                    if paths or not self.is_compacted():
+                        return
         from dataverse_assets.compaction import iter_compacted_bodies
 
         yield from iter_compacted_bodies(self, first_page=read + 1)
+
+
+def _read_gzip(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes())
 
 
 def list_change_sets(root: str | os.PathLike[str], entity: str) -> list[str]:
