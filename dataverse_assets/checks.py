@@ -216,9 +216,11 @@ def primary_key_result(connection: sqlite3.Connection, entity: str,
     table, pk = quote_identifier(entity), quote_identifier(schema.primary_key)
     missing = connection.execute(
         f"SELECT count(*) FROM {table} WHERE {pk} IS NULL OR {pk} = ''").fetchone()[0]
+    # Grouped without case: NOCASE folds ASCII as lower() does, and the canonical table's
+    # NOCASE index on the key (publish.ensure_canonical_tables) gives the groups in order.
     duplicates = connection.execute(
         f"SELECT lower({pk}), count(*) FROM {table} WHERE {pk} IS NOT NULL"
-        f" GROUP BY lower({pk}) HAVING count(*) > 1 ORDER BY 1").fetchall()
+        f" GROUP BY {pk} COLLATE NOCASE HAVING count(*) > 1 ORDER BY 1").fetchall()
     passed = not missing and not duplicates
     description = (f"{schema.primary_key!r} is unique and never null." if passed else
                    f"{missing} rows without a key, {len(duplicates)} keys held by more than one "
