@@ -251,7 +251,72 @@ def worker_dlt(args: dict) -> dict:
             "peak_rss_mb": proc_status_mb("VmHWM")}
 
 
-WORKERS = {"sync": worker_sync, "rebuild": worker_rebuild, "dlt": worker_dlt}
+def worker_floor(args: dict) -> dict:
+    """What this machine allows at all, for the same table: one pass that reads every page
+    from the simulator (httpx, bodies as bytes), parses it (orjson) and writes each record
+    once into one SQLite table (typed columns + json_response, TEXT primary key, WAL, one
+    transaction, the store's pragmas), timing each part. No archive, no staging, no plan, no
+    Dagster: the least work any mirror of this table must do."""
+    import sqlite3
+
+    import httpx
+    import orjson
+
+    base = args["url"]
+    headers = {"Authorization": f"Bearer {simulator_token(base)}",
+               "Prefer": f"odata.maxpagesize={args['page_size']}", "Accept": "application/json"}
+    db = Path(args["db"])
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    connection = sqlite3.connect(db, isolation_level=None)
+    for pragma in ("page_size=16384", "journal_mode=WAL", "synchronous=NORMAL",
+                   "cache_size=-65536"):
+        connection.execute(f"PRAGMA {pragma}")
+    seconds = {"fetch": 0.0, "parse": 0.0, "write": 0.0}
+    rows = 0
+    statement = None
+    url = f"{base}/api/data/v9.2/{ENTITY}"
+    started = time.perf_counter()
+    connection.execute("BEGIN")
+    with httpx.Client(timeout=120) as client:
+        while url:
+            t0 = time.perf_counter()
+            body = client.get(url, headers=headers).raise_for_status().content
+            t1 = time.perf_counter()
+            page = orjson.loads(body)
+            records = page["value"]
+            t2 = time.perf_counter()
+            if statement is None:
+                names = [k for k in records[0] if "@" not in k]
+                columns = ", ".join(f'"{n}"' + (" PRIMARY KEY" if n == "vin_benchmarkrowid"
+                                                else "") for n in names)
+                connection.execute(f"CREATE TABLE t ({columns}, json_response TEXT)")
+                statement = f"INSERT INTO t VALUES ({', '.join('?' * (len(names) + 1))})"
+            connection.executemany(statement, [
+                (*map(r.get, names), orjson.dumps(r).decode()) for r in records])
+            t3 = time.perf_counter()
+            seconds["fetch"] += t1 - t0
+            seconds["parse"] += t2 - t1
+            seconds["write"] += t3 - t2
+            rows += len(records)
+            url = page.get("@odata.nextLink")
+    t0 = time.perf_counter()
+    connection.execute("COMMIT")
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    seconds["write"] += time.perf_counter() - t0
+    total = time.perf_counter() - started
+    connection.close()
+    per_row = {k: round(v / rows * 1e6, 2) for k, v in seconds.items()}
+    return {"rows": rows, "seconds": round(total, 3), "rows_per_second": round(rows / total),
+            "part_seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "microseconds_per_row": per_row,
+            # Each part alone, as a rate: the simulator serving (fetch), our parse, our write.
+            "rows_per_second_by_part": {k: round(1e6 / v) for k, v in per_row.items() if v},
+            "peak_rss_mb": proc_status_mb("VmHWM")}
+
+
+WORKERS = {"sync": worker_sync, "rebuild": worker_rebuild, "dlt": worker_dlt,
+           "floor": worker_floor}
 
 
 # -- the orchestrator -------------------------------------------------------------------------
@@ -359,6 +424,12 @@ def sync_scale(rows: int, args: argparse.Namespace, work: Path, *, everything: b
         print(f"    {out['rebuild']['rows_per_second']:,} rows/s", flush=True)
         if everything and not args.skip_dlt:
             out["dlt"] = run_dlt(simulator, work, args, env)
+        if everything:
+            print(f"[{rows:,}] floor: fetch, parse, write once ...", flush=True)
+            out["floor"] = run_worker("floor", {"url": simulator.url, "db": str(work / "floor.db"),
+                                                "page_size": args.page_size}, env)
+            print(f"    {out['floor']['rows_per_second']:,} rows/s; per row "
+                  f"{out['floor']['microseconds_per_row']} us", flush=True)
     finally:
         out["simulator_peak_rss_mb"] = simulator.peak_rss_mb()
         simulator.stop()
@@ -487,7 +558,7 @@ def print_summary(suite: dict) -> None:
           f"{'requests':>10}")
     for run in suite["runs"]:
         for name in ("full_sync", "incremental_1pct", "incremental_0pct", "small_entities",
-                     "rebuild", "dlt"):
+                     "rebuild", "dlt", "floor"):
             r = run.get(name)
             if not r or "seconds" not in r:
                 continue
