@@ -11,7 +11,9 @@ in its own process over loopback HTTP:
 3. a sync of 20 small entities (1,000 rows each): wall time, Dagster overhead per asset;
 4. rebuild from the archive;
 5. the same full sync by dlt's `rest_api` source into SQLite (needs `pip install -e '.[bench]'`),
-   reported as a ratio.
+   reported as a ratio;
+6. the floor: fetch, parse and write each record once into one SQLite table, with nothing of
+   ours in between (what this machine allows at all).
 
 Every sync, rebuild and dlt run is its own process (`--worker`), so its peak RSS is its own;
 the simulator's CPU and memory are apart from the client's. The simulator's request counters
