@@ -291,7 +291,6 @@ class _Checkpointer:
                 with suppress(sqlite3.Error):
                     connection.close()  # the last connection to close checkpoints the rest
 
-
     def _unregister(self) -> None:  # with _checkpoint_lock held
         if _checkpointers.get(self.key) is self:
             del _checkpointers[self.key]
