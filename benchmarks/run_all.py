@@ -118,7 +118,7 @@ def worker_sync(args: dict) -> dict:
     """One run of a group's job, in-process, for a new change set."""
     from dagster import DagsterEventType, DagsterInstance
 
-    from dataverse_assets import assets, resources, steps
+    from dataverse_assets import assets, locks, resources, steps
     from dataverse_assets.config import Settings
     from dataverse_assets.definitions import build_definitions
     from dataverse_assets.partitions import register_change_set
@@ -126,7 +126,9 @@ def worker_sync(args: dict) -> dict:
 
     timers = _Timers()
     for module, name in ((steps, "fetch"), (resources, "write_staged"), (steps, "publish"),
-                         (assets, "evaluate_canonical_checks")):
+                         (assets, "evaluate_canonical_checks"), (steps, "stage"),
+                         (assets, "canonical_row_count"), (assets, "read_publish_state"),
+                         (locks, "_try_acquire")):
         timers.wrap(module, name)
     settings = Settings(
         url=args["url"], db_path=Path(args["db"]), archive_dir=Path(args["archive"]),
