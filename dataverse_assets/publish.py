@@ -239,19 +239,12 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
         counts.update(connection.execute(
             "SELECT kind, count(*) FROM _publish_plan WHERE entity = ? AND change_set = ?"
             " GROUP BY kind", (schema.entity, change_set)))
-        staged = connection.execute(
-            f"SELECT count(*) FROM {staging} WHERE _change_set = ?", (change_set,)
-        ).fetchone()[0]
         covered = connection.execute(
             f"SELECT count(*) FROM _publish_plan p JOIN {staging} s"
             " ON s._pk = p.pk AND s._change_set = p.change_set"
             " WHERE p.entity = ? AND p.change_set = ?", (schema.entity, change_set),
         ).fetchone()[0]
-        if covered != staged:
-            raise PlanValidationError(
-                f"{schema.entity} {change_set}: the plan covers {covered} staged rows but "
-                f"{staged} are staged"
-            )
+        _check_plan_covers_staging(connection, schema.entity, change_set, covered)
         _record_changed_fields(connection, schema, change_set)
         # Unchanged rows need no work; only their count is kept.
         connection.execute(
@@ -265,6 +258,17 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             bulk_create=0,
         )
     return counts
+
+
+def _check_plan_covers_staging(connection: sqlite3.Connection, entity: str, change_set: str,
+                               covered: int) -> None:
+    """Every staged row classified exactly once, or nothing is written."""
+    staged = count_staged(connection, entity, change_set)
+    if covered != staged:
+        raise PlanValidationError(
+            f"{entity} {change_set}: the plan covers {covered} staged rows but {staged} are "
+            "staged"
+        )
 
 
 def _plan_into_empty_table(connection: sqlite3.Connection, schema: EntitySchema,
@@ -289,13 +293,8 @@ def _plan_into_empty_table(connection: sqlite3.Connection, schema: EntitySchema,
     counts["delete_unknown"] = connection.execute(
         "SELECT count(*) FROM _publish_plan WHERE entity = ? AND change_set = ?",
         (schema.entity, change_set)).fetchone()[0]
-    staged = count_staged(connection, schema.entity, change_set)
-    covered = counts["create"] + counts["delete_unknown"]
-    if covered != staged:
-        raise PlanValidationError(
-            f"{schema.entity} {change_set}: the plan covers {covered} staged rows but "
-            f"{staged} are staged"
-        )
+    _check_plan_covers_staging(connection, schema.entity, change_set,
+                               counts["create"] + counts["delete_unknown"])
     set_publish_state(
         connection, schema.entity, change_set, "PLAN_COMPLETE", plan_finished_at=utc_now_iso(),
         created=counts["create"], updated=0, deleted=0, unchanged=0, stale=0, bulk_create=1,
@@ -413,6 +412,14 @@ def execute_plan(
             return result
 
 
+def _canonical_values(data: list[str]) -> str:
+    """The SELECT list that turns a staged row `s` into a canonical row (data columns, then
+    SYNC_COLUMNS), for both the row-by-row and the bulk inserts: times are the change set's
+    (`:now`), valid_from is modifiedon when there is one."""
+    return (f"{', '.join('s.' + c for c in data)}, s.json_response, s._content_hash,"
+            " :now, COALESCE(s._modifiedon, :now), :now, :cs")
+
+
 def _is_bulk_create(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
     row = connection.execute(
         "SELECT bulk_create FROM _publish_state WHERE entity = ? AND change_set = ?",
@@ -453,8 +460,7 @@ def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
                       "last": last[0] if last else None, "entity": schema.entity}
             size = connection.execute(
                 f"INSERT INTO {entity} ({', '.join(data + sync)})"
-                f" SELECT {', '.join('s.' + c for c in data)}, s.json_response, s._content_hash,"
-                f" :now, COALESCE(s._modifiedon, :now), :now, :cs"
+                f" SELECT {_canonical_values(data)}"
                 f" FROM {staging} s WHERE s._change_set = :cs AND s._op = 'upsert'"
                 f" AND s._pk > :after{upper} ORDER BY s._pk", params,
             ).rowcount
@@ -502,8 +508,7 @@ def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_se
     updates = ", ".join(f"{c} = excluded.{c}" for c in data + sync if c != pk)
     connection.execute(
         f"INSERT INTO {entity} ({', '.join(data + sync)})"
-        f" SELECT {', '.join('s.' + c for c in data)}, s.json_response, s._content_hash,"
-        f" :now, COALESCE(s._modifiedon, :now), :now, :cs"
+        f" SELECT {_canonical_values(data)}"
         f" FROM {staging} s JOIN temp._chunk p ON p.pk = s._pk"
         f" WHERE s._change_set = :cs AND p.kind IN ('create', 'update')"
         f" ON CONFLICT({pk}) DO UPDATE SET {updates}",
