@@ -199,17 +199,23 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             "(c._change_set > :cs OR (s._modifiedon IS NOT NULL AND c.valid_from IS NOT NULL"
             " AND s._modifiedon < c.valid_from))"
         )
+        # Each update's changed fields are computed in the same pass (a SQL function over
+        # both versions' JSON), streaming: no second read of the rows, nothing held in memory.
+        connection.create_function(CHANGED_FIELDS_FUNCTION, 2, changed_fields,
+                                   deterministic=True)
         connection.execute(
-            f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
-            f" SELECT :entity, :cs, s._pk, CASE"
+            f"INSERT INTO _publish_plan (entity, change_set, pk, kind, changes)"
+            f" SELECT :entity, :cs, pk, kind,"
+            f"  CASE WHEN kind = 'update' THEN {CHANGED_FIELDS_FUNCTION}(old, new) END"
+            f" FROM (SELECT s._pk AS pk, CASE"
             f"  WHEN s._op = 'delete' AND c.{pk} IS NULL THEN 'delete_unknown'"
             f"  WHEN c.{pk} IS NULL THEN 'create'"
             f"  WHEN {newer_in_canonical} THEN 'stale'"
             f"  WHEN s._op = 'delete' THEN 'delete'"
             f"  WHEN c._content_hash = s._content_hash THEN 'unchanged'"
-            f"  ELSE 'update' END"
+            f"  ELSE 'update' END AS kind, c.json_response AS old, s.json_response AS new"
             f" FROM {staging} s LEFT JOIN {entity} c ON c.{pk} = s._pk"
-            f" WHERE s._change_set = :cs",
+            f" WHERE s._change_set = :cs)",
             {"entity": schema.entity, "cs": change_set},
         )
         fault_point("publish.mid_plan")
@@ -245,7 +251,6 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             " WHERE p.entity = ? AND p.change_set = ?", (schema.entity, change_set),
         ).fetchone()[0]
         _check_plan_covers_staging(connection, schema.entity, change_set, covered)
-        _record_changed_fields(connection, schema, change_set)
         # Unchanged rows need no work; only their count is kept.
         connection.execute(
             "DELETE FROM _publish_plan WHERE entity = ? AND change_set = ? AND kind = 'unchanged'",
@@ -302,32 +307,24 @@ def _plan_into_empty_table(connection: sqlite3.Connection, schema: EntitySchema,
     return counts
 
 
-def _record_changed_fields(connection: sqlite3.Connection, schema: EntitySchema,
-                           change_set: str) -> None:
-    """For each update, the fields that changed (old, new): what `plan show` prints."""
-    entity = quote_identifier(schema.entity)
-    staging = quote_identifier(staging_table(schema.entity))
-    pk = quote_identifier(schema.primary_key)
-    rows = connection.execute(
-        f"SELECT p.pk, c.json_response, s.json_response FROM _publish_plan p"
-        f" JOIN {entity} c ON c.{pk} = p.pk"
-        f" JOIN {staging} s ON s._pk = p.pk AND s._change_set = p.change_set"
-        f" WHERE p.entity = ? AND p.change_set = ? AND p.kind = 'update'",
-        (schema.entity, change_set),
-    ).fetchall()
-    updates = []
-    for key, old_json, new_json in rows:
+CHANGED_FIELDS_FUNCTION = "dataverse_changed_fields"
+
+
+def changed_fields(old_json: str | None, new_json: str | None) -> str | None:
+    """{field: [old, new]} for the fields that differ between two versions of a record (a
+    missing field counts as null), as JSON with sorted keys: what `plan show` prints and
+    `_change_history` keeps. None when either side is not a JSON object (nothing to compare;
+    the update itself still goes ahead)."""
+    try:
         old, new = orjson.loads(old_json), orjson.loads(new_json)
-        # One pass over each side (most fields are equal), then only the changed keys sorted.
-        # (A missing field counts as null, as before.)
-        changed = {k for k, v in old.items() if new.get(k) != v}
-        changed.update(k for k, v in new.items() if k not in old and v is not None)
-        changes = {k: [old.get(k), new.get(k)] for k in sorted(changed)}
-        updates.append((json_bytes(changes).decode(), schema.entity, change_set, key))
-    connection.executemany(
-        "UPDATE _publish_plan SET changes = ? WHERE entity = ? AND change_set = ? AND pk = ?",
-        updates,
-    )
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None
+    # One pass over each side (most fields are equal), then only the changed keys sorted.
+    changed = {k for k, v in old.items() if new.get(k) != v}
+    changed.update(k for k, v in new.items() if k not in old and v is not None)
+    return json_bytes({k: [old.get(k), new.get(k)] for k in sorted(changed)}).decode()
 
 
 # -- execute ------------------------------------------------------------------------------

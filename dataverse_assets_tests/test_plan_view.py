@@ -127,3 +127,23 @@ def test_plan_show_command_prints_the_plan(store, monkeypatch, capsys):
     assert cli.main(["plan", "show", "things", "19990101T000000Z"]) == 1
     assert "no plan for things" in capsys.readouterr().err
     connect(store.db_path).close()
+
+
+def test_changed_fields_of_an_update_missing_fields_count_as_null(store):
+    from dataverse_assets.publish import changed_fields
+
+    stage_and_publish(store, "20260101T000000Z", [
+        {**thing(1, "Alpha"), "note": "kept", "gone": "x"}])
+    # "gone" disappears (-> null), "added" appears, "note" is unchanged, size goes null.
+    stage_and_publish(store, "20260102T000000Z", [
+        {"thingid": "id-1", "name": "Alpha", "size": None, "note": "kept", "added": [1]}])
+    with store.connection() as connection:
+        changes = connection.execute(
+            "SELECT changes FROM _publish_plan WHERE change_set = '20260102T000000Z'"
+            " AND kind = 'update'").fetchone()[0]
+    assert list(orjson.loads(changes).items()) == [
+        ("added", [None, [1]]), ("gone", ["x", None]), ("size", [1, None])]
+    # Not JSON objects on either side: no detail, but no failure either.
+    assert changed_fields("not json", "{}") is None
+    assert changed_fields("[1]", "{}") is None
+    assert changed_fields(None, "{}") is None
