@@ -52,7 +52,14 @@ from dataverse_assets.publish import SYNC_COLUMNS, canonical_row_count, load_loc
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.schema import ADDED, BREAKING, EXCLUDED, REMOVED, TYPE_CHANGED, EntitySchema
 from dataverse_assets.staging import count_staged
-from dataverse_assets.store import quote_identifier, staging_keys_table, staging_table, table_exists
+from dataverse_assets.store import (
+    quote_identifier,
+    staging_keys_table,
+    staging_table,
+    table_exists,
+    transaction,
+    utc_now_iso,
+)
 
 SCHEMA_DRIFT = "schema_drift"
 PRIMARY_KEY = "primary_key"
@@ -207,21 +214,80 @@ def _describe(kind: str, entry: dict) -> str:
     return f"{entry['column']} {entry['type'] or '(type unknown)'}"
 
 
+# A scoped primary-key check probes each new key (an index seek, ~10 µs); reading the whole
+# NOCASE index costs ~0.3 µs a row. Past one new key in SCOPED_KEY_CHECK_RATIO rows, read it all.
+SCOPED_KEY_CHECK_RATIO = 20
+
+
 def primary_key_result(connection: sqlite3.Connection, entity: str,
                        schema: EntitySchema | None) -> AssetCheckResult:
+    """No NULL or empty key, and no two keys equal but for letter case.
+
+    Keys never change in place: a case variant can only arrive as a create. So once every key
+    has been seen unique (`_key_check`), a later check needs only the keys created since
+    (`_change_history` ids past the last check), each looked up in the NOCASE index: the cost
+    follows the change, not the table. The whole table is read on a first check, after a
+    failed one, when the new keys are many, and when the row count is not the last check's
+    plus the creates minus the deletes since (rows written by anything but a publish).
+    """
     if schema is None or not table_exists(connection, entity):
         return AssetCheckResult(check_name=PRIMARY_KEY, passed=True,
                                 description="No canonical table yet.",
                                 metadata={"rows": 0})
     table, pk = quote_identifier(entity), quote_identifier(schema.primary_key)
-    missing = connection.execute(
-        f"SELECT count(*) FROM {table} WHERE {pk} IS NULL OR {pk} = ''").fetchone()[0]
-    # Grouped without case: NOCASE folds ASCII as lower() does, and the canonical table's
-    # NOCASE index on the key (publish.ensure_canonical_tables) gives the groups in order.
-    duplicates = connection.execute(
-        f"SELECT lower({pk}), count(*) FROM {table} WHERE {pk} IS NOT NULL"
-        f" GROUP BY {pk} COLLATE NOCASE HAVING count(*) > 1 ORDER BY 1").fetchall()
+    # One read snapshot (no write lock held while reading): the history ids and their keys.
+    connection.execute("BEGIN")
+    try:
+        missing = connection.execute(
+            f"SELECT count(*) FROM {table} WHERE {pk} IS NULL OR {pk} = ''").fetchone()[0]
+        through = connection.execute(
+            "SELECT coalesce(max(id), 0) FROM _change_history").fetchone()[0]
+        rows = canonical_row_count(connection, entity)
+        last = connection.execute(
+            "SELECT passed, checked_through, rows FROM _key_check WHERE entity = ?",
+            (entity,)).fetchone()
+        new_keys = None
+        if last is not None and last[0]:
+            # By id range (+entity: not the (entity, record_id) index, which would read every
+            # change the entity ever had).
+            new_keys, deleted = connection.execute(
+                "SELECT count(*) FILTER (WHERE kind = 'create'),"
+                " count(*) FILTER (WHERE kind = 'delete') FROM _change_history"
+                " WHERE id > ? AND id <= ? AND +entity = ?", (last[1], through, entity),
+            ).fetchone()
+            # Rows that the history does not explain (written around publish, e.g. by hand)
+            # or many new keys: read the whole index.
+            if (rows != last[2] + new_keys - deleted
+                    or new_keys * SCOPED_KEY_CHECK_RATIO > rows):
+                new_keys = None
+        if new_keys is None:
+            scope = "all keys"
+            # Grouped without case: NOCASE folds ASCII as lower() does, and the canonical
+            # table's NOCASE index on the key (publish.ensure_canonical_tables) gives the
+            # groups in order.
+            duplicates = connection.execute(
+                f"SELECT lower({pk}), count(*) FROM {table} WHERE {pk} IS NOT NULL"
+                f" GROUP BY {pk} COLLATE NOCASE HAVING count(*) > 1 ORDER BY 1").fetchall()
+        else:
+            scope = f"{new_keys} keys created since the last check"
+            duplicates = connection.execute(
+                f"SELECT key, (SELECT count(*) FROM {table} c"
+                f"  WHERE c.{pk} = key COLLATE NOCASE) AS n"
+                f" FROM (SELECT DISTINCT lower(record_id) AS key FROM _change_history"
+                f"  WHERE id > ? AND id <= ? AND +entity = ? AND kind = 'create')"
+                f" WHERE n > 1 ORDER BY 1", (last[1], through, entity)).fetchall()
+    finally:
+        connection.execute("COMMIT")
     passed = not missing and not duplicates
+    with transaction(connection):
+        # Kept only if no later check (a concurrent run) has recorded a newer verdict.
+        connection.execute(
+            "INSERT INTO _key_check (entity, passed, checked_through, rows, scope, checked_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (entity) DO UPDATE SET"
+            " passed = excluded.passed, checked_through = excluded.checked_through,"
+            " rows = excluded.rows, scope = excluded.scope, checked_at = excluded.checked_at"
+            " WHERE excluded.checked_through >= _key_check.checked_through",
+            (entity, int(passed), through, rows, scope, utc_now_iso()))
     description = (f"{schema.primary_key!r} is unique and never null." if passed else
                    f"{missing} rows without a key, {len(duplicates)} keys held by more than one "
                    f"row (compared case-insensitively).")
@@ -229,7 +295,7 @@ def primary_key_result(connection: sqlite3.Connection, entity: str,
         check_name=PRIMARY_KEY, passed=passed, severity=AssetCheckSeverity.ERROR,
         description=description,
         metadata={"primary_key": schema.primary_key, "null_or_empty_keys": missing,
-                  "duplicate_keys": len(duplicates),
+                  "duplicate_keys": len(duplicates), "checked": scope,
                   "duplicate_examples": MetadataValue.json(
                       [{"key": k, "rows": n} for k, n in duplicates[:10]])},
     )

@@ -131,6 +131,14 @@ CREATE TABLE IF NOT EXISTS _change_history (
     applied_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS _change_history__record ON _change_history (entity, record_id);
+CREATE TABLE IF NOT EXISTS _key_check (
+    entity TEXT PRIMARY KEY,
+    passed INTEGER NOT NULL,
+    checked_through INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    scope TEXT NOT NULL,
+    checked_at TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS _locks (
     entity TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
