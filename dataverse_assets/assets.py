@@ -71,7 +71,7 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
         # Pages, rows, rows/s and ETA to the run's log every few seconds (not every page).
         progress = fetch_reporter(name, change_set, context.log.info)
         # The archive directory and the sync state are the entity's: one run at a time.
-        with store.entity_lock(name, owner=context.run_id, purpose="fetch",
+        with store.entity_lock(name, owner=context.run.run_id, purpose="fetch",
                                warn=context.log.warning):
             summary, reused = steps.fetch(store, source, entity, change_set,
                                           include_annotations=annotations,
@@ -124,7 +124,7 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
     )
     def canonical(context: AssetExecutionContext, store: MirrorStore,
                   staged: StagedChangeSet) -> MaterializeResult:
-        with store.entity_lock(name, owner=context.run_id, purpose="publish",
+        with store.entity_lock(name, owner=context.run.run_id, purpose="publish",
                                warn=context.log.warning):
             results = steps.publish(store, entity, staged.change_set)
         for earlier in results[:-1]:
