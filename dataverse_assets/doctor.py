@@ -22,7 +22,7 @@ from dataverse_assets.config import ConfigError, EntityConfig, Settings, load_se
 from dataverse_assets.fetch import FetchConfigError, attribute_names, choose_mode
 from dataverse_assets.query import PageQuery, id_filter, string_literal
 from dataverse_assets.schema import detect_primary_key
-from dataverse_assets.sources import ClientSession
+from dataverse_assets.sources import ClientSession, shared_ssl_context
 
 PASS, FAIL, WARN, INFO, SKIP = "PASS", "FAIL", "WARN", "INFO", "SKIP"
 
@@ -170,7 +170,7 @@ class Doctor:
         target = self.target
         async with httpx.AsyncClient(
             transport=target.transport, timeout=httpx.Timeout(30.0), follow_redirects=False,
-            event_hooks={"response": [self._remember_ratelimit]},
+            verify=shared_ssl_context(), event_hooks={"response": [self._remember_ratelimit]},
         ) as http:
             credentials = ClientCredentials(
                 http, org_url=target.org_url, client_id=target.client_id,

@@ -205,3 +205,24 @@ def test_concurrent_callers_share_one_token_request():
 
     _, _, script, _ = run_client(steps, many)
     assert script.tokens_issued == 1
+
+
+def test_fetch_sessions_share_one_verifying_tls_context(monkeypatch, tmp_path):
+    import shutil
+    import ssl
+
+    import certifi
+
+    from dataverse_assets.sources import shared_ssl_context
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    first = shared_ssl_context()
+    assert shared_ssl_context() is first  # the CA bundle is loaded once per process
+    assert first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+    # Another CA bundle (SSL_CERT_FILE, as httpx honours it) gets its own context.
+    bundle = tmp_path / "ca.pem"
+    shutil.copy(certifi.where(), bundle)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    other = shared_ssl_context()
+    assert other is not first and other.verify_mode == ssl.CERT_REQUIRED
