@@ -113,7 +113,7 @@ class ChangeSetArchive:
             # The next page is read and unzipped on a thread (zlib releases the GIL) while the
             # caller parses this one: two bodies in memory at most.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-read") as pool:
-                ahead = pool.submit(_read_gzip, paths[0]) if paths else None
+                ahead = pool.submit(read_gzip, paths[0]) if paths else None
                 for number in range(len(paths)):
                     try:
                         body = ahead.result()
@@ -121,7 +121,7 @@ class ChangeSetArchive:
                         if not self.is_compacted():
                             raise
                         break  # compacted while we read: go on from the Parquet parts
-                    ahead = (pool.submit(_read_gzip, paths[number + 1])
+                    ahead = (pool.submit(read_gzip, paths[number + 1])
                              if number + 1 < len(paths) else None)
                     read += 1
                     yield body
@@ -133,7 +133,7 @@ class ChangeSetArchive:
         yield from iter_compacted_bodies(self, first_page=read + 1)
 
 
-def _read_gzip(path: Path) -> bytes:
+def read_gzip(path: Path) -> bytes:
     return gzip.decompress(path.read_bytes())
 
 
