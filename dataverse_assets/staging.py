@@ -181,7 +181,8 @@ def _stage_page_file(context: _PageContext, page_number: int, page: dict,
 
 def staging_workers() -> int:
     """Processes that parse pages for a large change set: DATAVERSE_STAGING_WORKERS, else one
-    per CPU (at most 4); 0 or 1 stages in the calling process."""
+    per CPU, at most 2; 0 or 1 stages in the calling process. (More do not help: the calling
+    process, which unpickles and writes every row, is the limit with two.)"""
     configured = os.environ.get(STAGING_WORKERS_ENV, "").strip()
     if configured:
         try:
@@ -189,7 +190,7 @@ def staging_workers() -> int:
         except ValueError:
             raise ValueError(f"{STAGING_WORKERS_ENV}={configured!r}: expected a whole number "
                              "of processes (0 or 1: no worker processes)") from None
-    return min(4, os.cpu_count() or 1)
+    return min(2, os.cpu_count() or 1)
 
 
 def _staged_pages_in_workers(
