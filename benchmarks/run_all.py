@@ -65,15 +65,13 @@ def proc_status_mb(field: str, pid: int | str = "self") -> float:
 
 def stage_worker_memory() -> dict:
     """Staging's worker processes (dataverse_assets.stage_workers) are children of the run's
-    process: their peak RSS is apart from its VmHWM. ru_maxrss of the children is the largest
-    one's peak (all of them have exited by now)."""
-    import resource
-
+    process, so their memory is apart from its VmHWM: the pool reads each worker's VmHWM
+    before it exits (a child's rusage would count the parent's memory copied at fork)."""
+    from dataverse_assets import stage_workers
     from dataverse_assets.staging import staging_workers
 
     return {"stage_workers": staging_workers(),
-            "stage_worker_peak_rss_mb": round(
-                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+            "stage_worker_peak_rss_mb": round(stage_workers.peak_worker_rss_mb, 1)}
 
 
 def with_workers_mb(result: dict) -> float:
@@ -446,6 +444,24 @@ def sync_scale(rows: int, args: argparse.Namespace, work: Path, *, everything: b
                                                 "archive": common["archive"],
                                                 "into": str(work / "rebuilt.db")}, env)
         print(f"    {out['rebuild']['rows_per_second']:,} rows/s", flush=True)
+        if everything and args.staging_workers > 1:
+            # The same first sync and rebuild with staging's worker processes (opt-in:
+            # DATAVERSE_STAGING_WORKERS), into a database and archive of their own.
+            workers_env = dict(env, DATAVERSE_STAGING_WORKERS=str(args.staging_workers))
+            print(f"[{rows:,}] full sync with {args.staging_workers} staging workers ...",
+                  flush=True)
+            simulator.stats(reset=True)
+            w = run_worker("sync", {**common, "group": "bench", "db": str(work / "w.db"),
+                                    "archive": str(work / "archive-w")}, workers_env)
+            if not w["success"]:
+                raise SystemExit(f"full sync with workers failed: {w['failures']}")
+            w["rows_per_second"] = round(w["records_fetched"] / w["seconds"])
+            out["full_sync_staging_workers"] = w
+            print(f"    {w['seconds']} s, layers {w['layer_seconds']}", flush=True)
+            out["rebuild_staging_workers"] = r = run_worker(
+                "rebuild", {"config": str(config), "archive": str(work / "archive-w"),
+                            "into": str(work / "rebuilt-w.db")}, workers_env)
+            print(f"    rebuild {r['rows_per_second']:,} rows/s", flush=True)
         if everything and not args.skip_dlt:
             out["dlt"] = run_dlt(simulator, work, args, env)
         if everything:
@@ -535,6 +551,9 @@ def main() -> int:
     parser.add_argument("--page-size", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--skip-dlt", action="store_true")
+    parser.add_argument("--staging-workers", type=int, default=2,
+                        help="also run the full sync and rebuild with this many staging "
+                        "worker processes (0: skip)")
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: temporary)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/suite.json")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "ARGS"), help=argparse.SUPPRESS)
@@ -583,7 +602,8 @@ def print_summary(suite: dict) -> None:
           f"{'+ workers':>11}{'requests':>10}")
     for run in suite["runs"]:
         for name in ("full_sync", "incremental_1pct", "incremental_0pct", "small_entities",
-                     "rebuild", "dlt", "floor"):
+                     "rebuild", "full_sync_staging_workers", "rebuild_staging_workers", "dlt",
+                     "floor"):
             r = run.get(name)
             if not r or "seconds" not in r:
                 continue

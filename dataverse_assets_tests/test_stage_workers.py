@@ -106,6 +106,8 @@ def test_a_page_a_worker_cannot_read_fails_the_staging_and_stages_nothing(tmp_pa
 
 
 def test_the_worker_count_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("DATAVERSE_STAGING_WORKERS", raising=False)
+    assert staging_workers() == 0  # opt-in: workers cost memory
     monkeypatch.setenv("DATAVERSE_STAGING_WORKERS", "3")
     assert staging_workers() == 3
     monkeypatch.setenv("DATAVERSE_STAGING_WORKERS", "many")
