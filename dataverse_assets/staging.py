@@ -183,7 +183,7 @@ def staging_workers() -> int:
     """Processes that parse pages for a large change set: DATAVERSE_STAGING_WORKERS (default
     0: the step's own process stages). Opt-in because of memory: each worker peaks at ~115 MB
     (a 5000-row page parsed, its rows and their pickle), so two add ~230 MB to a run's ~310 MB
-    for a full sync ~18% faster and a rebuild ~25% faster (README, Performance). More than 2
+    for a full sync ~15-20% shorter and a rebuild 25-40% faster (README, Performance). More than 2
     do not help: the step's process, which unpickles and writes every row, is the limit."""
     configured = os.environ.get(STAGING_WORKERS_ENV, "").strip()
     if not configured:
