@@ -169,6 +169,20 @@ def _stage_page(context: _PageContext, page_number: int, page: dict, body: bytes
     return rows, []
 
 
+def _page_meta(pages: list[dict], page_number: int) -> dict:
+    """The manifest's entry for a page (kind, shape); {} for pages it does not list."""
+    return pages[page_number - 1] if page_number <= len(pages) else {}
+
+
+def _staged_bodies(context: _PageContext, pages: list[dict], bodies: Iterator[bytes],
+                   first_page: int, counts: dict[str, int],
+                   issues: list[dict]) -> Iterator[tuple[list[tuple], list[str]]]:
+    """Page bodies staged in this process, numbered from `first_page`."""
+    for page_number, body in enumerate(bodies, start=first_page):
+        yield _stage_page(context, page_number, _page_meta(pages, page_number), body, counts,
+                          issues)
+
+
 def _stage_page_file(context: _PageContext, page_number: int, page: dict,
                      path: str) -> tuple[list[tuple], list[str], dict[str, int], list[dict]]:
     """A stage worker's task: read, unzip and stage one page file."""
@@ -202,8 +216,8 @@ def _staged_pages_in_workers(
     """Pages staged by worker processes (stage_workers), handed back in page order (later
     pages win for a key seen twice), a few pages ahead at most."""
     paths = archive.page_paths()
-    tasks = ((context, number, pages[number - 1] if number <= len(pages) else {},
-              str(path)) for number, path in enumerate(paths, start=1))
+    tasks = ((context, number, _page_meta(pages, number), str(path))
+             for number, path in enumerate(paths, start=1))
     with WorkerPool(_stage_page_file, workers) as pool:
         page_number = 1
         try:
@@ -218,20 +232,11 @@ def _staged_pages_in_workers(
                 raise
     if page_number <= len(paths):
         # Compacted while we read: the rest comes from the Parquet parts.
-        yield from _staged_compacted_pages(archive, context, pages, page_number, counts,
-                                           issues)
+        from dataverse_assets.compaction import iter_compacted_bodies
 
-
-def _staged_compacted_pages(
-    archive: ChangeSetArchive, context: _PageContext, pages: list[dict], first_page: int,
-    counts: dict[str, int], issues: list[dict],
-) -> Iterator[tuple[list[tuple], list[str]]]:
-    from dataverse_assets.compaction import iter_compacted_bodies
-
-    for page_number, body in enumerate(iter_compacted_bodies(archive, first_page=first_page),
-                                       start=first_page):
-        page = pages[page_number - 1] if page_number <= len(pages) else {}
-        yield _stage_page(context, page_number, page, body, counts, issues)
+        yield from _staged_bodies(context, pages,
+                                  iter_compacted_bodies(archive, first_page=page_number),
+                                  page_number, counts, issues)
 
 
 def iter_staged_batches(
@@ -263,11 +268,8 @@ def iter_staged_batches(
         staged_pages = _staged_pages_in_workers(archive, context, pages, workers, counts,
                                                 issues)
     else:
-        staged_pages = (
-            _stage_page(context, page_number,
-                        pages[page_number - 1] if page_number <= len(pages) else {}, body,
-                        counts, issues)
-            for page_number, body in enumerate(archive.iter_page_bodies(), start=1))
+        staged_pages = _staged_bodies(context, pages, archive.iter_page_bodies(), 1, counts,
+                                      issues)
     for rows, page_keys in staged_pages:
         batch.extend(rows)
         keys.extend(page_keys)
