@@ -145,3 +145,39 @@ def test_a_script_without_a_main_guard_does_not_run_again_in_the_workers(tmp_pat
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2511"]
     assert marker.read_text() == "ran\n"
+
+
+def test_a_compaction_while_workers_read_goes_on_from_the_parquet_parts(tmp_path, monkeypatch):
+    from dataverse_assets.compaction import compact_change_set
+    from dataverse_assets.publish import load_locked_schema
+
+    monkeypatch.setattr(staging, "PARALLEL_STAGING_MIN_PAGES", 2)
+    resumed_at = []
+    staged_bodies = staging._staged_bodies
+
+    def recording(context, pages, bodies, first_page, counts, issues):
+        resumed_at.append(first_page)
+        return staged_bodies(context, pages, bodies, first_page, counts, issues)
+
+    monkeypatch.setattr(staging, "_staged_bodies", recording)
+
+    def staged_keys(workers, root, compact_after_first_batch):
+        monkeypatch.setenv("DATAVERSE_STAGING_WORKERS", str(workers))
+        archive = make_archive(root / "archive", pages=12)
+        connection = connect(root / "m.db")
+        staged_records(connection, archive, ENTITY)  # locks the schema
+        schema = load_locked_schema(connection, "things")
+        counts, issues, keys = {}, [], []
+        for number, (rows, _) in enumerate(staging.iter_staged_batches(
+                archive, schema, counts, issues), start=1):
+            keys.extend((r[1], r[-1]) for r in rows)
+            if number == 1 and compact_after_first_batch:
+                compact_change_set(archive)  # deletes the page files still to be read
+                assert not archive.page_paths() and archive.is_compacted()
+        connection.close()
+        return keys, counts
+
+    with_workers = staged_keys(2, tmp_path / "w", True)
+    # The workers stopped at a page whose file was gone; the rest came from the Parquet parts.
+    assert len(resumed_at) == 1 and 5 <= resumed_at[0] <= 12
+    assert with_workers == staged_keys(0, tmp_path / "s", False)
