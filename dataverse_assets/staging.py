@@ -314,14 +314,16 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
     types = {c.name: c.sqlite_type for c in staged.schema.columns}
     rows = 0
     with transaction(connection):
-        if not table_exists(connection, table):
+        # A new table (an entity's first change set: its first sync, or a rebuild's) gets its
+        # rows appended in page order and its (_change_set, _pk) key index built once, after
+        # them: growing that index key by key in GUID order made staging a 1M-row first sync
+        # ~17% slower (README, Performance). Later change sets go through the index.
+        new_table = not table_exists(connection, table)
+        if new_table:
             definitions = ", ".join(
                 f"{quote_identifier(c)} {types.get(c, 'TEXT')}" for c in columns
             )
-            connection.execute(
-                f"CREATE TABLE {quote_identifier(table)} ({definitions}, "
-                "PRIMARY KEY (_change_set, _pk))"
-            )
+            connection.execute(f"CREATE TABLE {quote_identifier(table)} ({definitions})")
         else:
             existing = set(table_columns(connection, table))
             for column in columns:
@@ -366,6 +368,8 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
                 ((staged.change_set, key) for key in keys),
             )
             rows += len(batch)
+        if new_table:
+            _create_key_index(connection, table, staged.change_set)
         for issue in staged.issues:
             record_issue(connection, entity=staged.entity, change_set=staged.change_set, **issue)
         # The marker that this change set is fully staged: publishing refuses without it, so
@@ -390,6 +394,28 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
             (staged.entity, staged.change_set, now, staged.source_timestamp),
         )
     return rows
+
+
+def staging_key_index(table: str) -> str:
+    """The unique (_change_set, _pk) index of a staging table made by this version (older
+    tables have the same key as their PRIMARY KEY)."""
+    return f"{table}__key"
+
+
+def _create_key_index(connection: sqlite3.Connection, table: str, change_set: str) -> None:
+    """The key index of a new staging table, built over its first change set's rows. A key
+    staged twice (the record changed while we paged) keeps its last version, as INSERT OR
+    REPLACE does through the index: rows went in in page order, so the highest rowid."""
+    statement = (f"CREATE UNIQUE INDEX {quote_identifier(staging_key_index(table))}"
+                 f" ON {quote_identifier(table)} (_change_set, _pk)")
+    try:
+        connection.execute(statement)
+    except sqlite3.IntegrityError:
+        connection.execute(
+            f"DELETE FROM {quote_identifier(table)} WHERE _change_set = :cs AND rowid NOT IN"
+            f" (SELECT max(rowid) FROM {quote_identifier(table)} WHERE _change_set = :cs"
+            " GROUP BY _pk)", {"cs": change_set})
+        connection.execute(statement)
 
 
 def count_staged(connection: sqlite3.Connection, entity: str, change_set: str,
