@@ -80,3 +80,31 @@ def test_a_staging_table_made_by_an_earlier_version_keeps_its_primary_key(store)
         names = [r[0] for r in connection.execute(
             "SELECT name FROM pragma_index_list('_staging__things')")]
     assert staging_key_index("_staging__things") not in names
+
+
+def dated(n, name, created):
+    return {**thing(n, name), "createdon": created, "modifiedon": "2026-01-02T00:00:00Z"}
+
+
+def test_an_update_that_changes_createdon_moves_it_and_its_index_entry(store):
+    # createdon is left out of the update's SET (Dataverse never changes it) and set apart
+    # for the rows whose changed fields name it: both must still end up right.
+    stage_and_publish(store, "20260101T000000Z", [
+        dated(1, "Alpha", "2025-01-01T00:00:00Z"), dated(2, "Beta", "2025-01-02T00:00:00Z")])
+    result = stage_and_publish(store, "20260102T000000Z", [
+        dated(1, "Alpha", "2025-06-01T00:00:00Z"), dated(2, "Beta, renamed",
+                                                         "2025-01-02T00:00:00Z")])
+    assert result.updated == 2
+    with store.connection() as connection:
+        assert connection.execute(
+            "SELECT thingid, name, createdon FROM things ORDER BY thingid").fetchall() == [
+            ("id-1", "Alpha", "2025-06-01T00:00:00Z"),
+            ("id-2", "Beta, renamed", "2025-01-02T00:00:00Z")]
+        # Looked up through the createdon index, which must agree with the rows.
+        assert connection.execute(
+            "SELECT thingid FROM things INDEXED BY things__createdon"
+            " WHERE createdon >= '2025-06-01'").fetchall() == [("id-1",)]
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert connection.execute(
+            "SELECT thingid, createdon FROM things__history ORDER BY thingid").fetchall() == [
+            ("id-1", "2025-01-01T00:00:00Z"), ("id-2", "2025-01-02T00:00:00Z")]
