@@ -7,7 +7,9 @@ and never appears in an exception message.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,8 +60,56 @@ class _Token:
     expires_at: float
 
 
+class SharedTokens:
+    """Tokens, and tenants found by discovery, kept for every session of this process.
+
+    Each `raw/E` step opens its own HTTP session; without this, a run over twenty entities
+    would ask the org for its tenant and the authority for a token twenty times (two round
+    trips to the internet each, and Entra ID throttles token requests too). Kept in memory
+    only: a token is a secret, so it is never written anywhere. Keyed by the authority, org,
+    configured tenant, client id and a digest of the secret, so changed credentials never
+    reuse a token. A token the org refuses (401) is replaced here as in the session.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[tuple[str, ...], _Token] = {}
+        self._tenants: dict[str, str] = {}
+
+    def token(self, key: tuple[str, ...], now: float) -> _Token | None:
+        with self._lock:
+            token = self._tokens.get(key)
+        return token if token is not None and now < token.refresh_at else None
+
+    def keep_token(self, key: tuple[str, ...], token: _Token) -> None:
+        with self._lock:
+            self._tokens[key] = token
+
+    def tenant(self, org_url: str) -> str | None:
+        with self._lock:
+            return self._tenants.get(org_url)
+
+    def keep_tenant(self, org_url: str, tenant_id: str) -> None:
+        with self._lock:
+            self._tenants[org_url] = tenant_id
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tokens.clear()
+            self._tenants.clear()
+
+
+# The process's shared tokens: used by the sources' sessions, not by `doctor`, whose point is
+# to ask for a token.
+SHARED_TOKENS = SharedTokens()
+
+
 class ClientCredentials:
-    """Gets and caches bearer tokens with the OAuth 2.0 client-credentials grant."""
+    """Gets and caches bearer tokens with the OAuth 2.0 client-credentials grant.
+
+    With `shared`, tokens and the discovered tenant are also taken from and given to it, so
+    the sessions of one process ask once (see SharedTokens); it needs the default clock.
+    """
 
     def __init__(
         self,
@@ -72,6 +122,7 @@ class ClientCredentials:
         tenant_id: str | None = None,
         refresh_after_seconds: float = DEFAULT_REFRESH_AFTER_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedTokens | None = None,
     ) -> None:
         self._http = http
         self._org_url = org_url.rstrip("/")
@@ -82,6 +133,12 @@ class ClientCredentials:
         self._refresh_after = refresh_after_seconds
         self._clock = clock
         self._token: _Token | None = None
+        self._shared = shared
+        # The secret itself is never a key: a digest of it tells credentials apart.
+        self._shared_key = (
+            self._authority, self._org_url, tenant_id or "", client_id,
+            hashlib.sha256(client_secret.encode()).hexdigest(),
+        )
         self._lock = asyncio.Lock()
         self.token_requests = 0
 
@@ -110,19 +167,40 @@ class ClientCredentials:
             current = self._token
             if current is not None and self._clock() < current.refresh_at:
                 return current.value
-            self._token = await self._request_token()
+            if self._shared is not None:
+                current = self._shared.token(self._shared_key, self._clock())
+                if current is not None:
+                    self._token = current
+                    return current.value
+            self._token = await self._new_token()
             return self._token.value
 
     async def refresh_after_unauthorized(self, rejected: str) -> str:
-        """A request was refused with 401: get a new token unless another task already did."""
+        """A request was refused with 401: get a new token unless another task (or another
+        session of this process) already did."""
         async with self._lock:
             if self._token is None or self._token.value == rejected:
-                self._token = await self._request_token()
+                shared = (self._shared.token(self._shared_key, self._clock())
+                          if self._shared is not None else None)
+                if shared is not None and shared.value != rejected:
+                    self._token = shared
+                else:
+                    self._token = await self._new_token()
             return self._token.value
 
+    async def _new_token(self) -> _Token:
+        token = await self._request_token()
+        if self._shared is not None:
+            self._shared.keep_token(self._shared_key, token)
+        return token
+
     async def _request_token(self) -> _Token:
+        if self._tenant_id is None and self._shared is not None:
+            self._tenant_id = self._shared.tenant(self._org_url)
         if self._tenant_id is None:
             self._tenant_id = await self.discover_tenant()
+            if self._shared is not None:
+                self._shared.keep_tenant(self._org_url, self._tenant_id)
         url = f"{self._authority}/{self._tenant_id}/oauth2/v2.0/token"
         started = self._clock()
         try:

@@ -21,6 +21,7 @@ from pydantic import Field
 
 from dataverse_assets.auth import (
     DEFAULT_REFRESH_AFTER_SECONDS,
+    SHARED_TOKENS,
     AuthenticationError,
     ClientCredentials,
 )
@@ -188,6 +189,9 @@ async def _client_session(
         credentials = ClientCredentials(
             http, org_url=org_url, client_id=client_id, client_secret=client_secret,
             authority=authority, tenant_id=tenant_id, refresh_after_seconds=refresh_after_seconds,
+            # Sessions over the network share tokens; an in-process simulator (a transport)
+            # is a different org each time and costs nothing to ask.
+            shared=SHARED_TOKENS if transport is None else None,
         )
         client = DataverseClient(http, credentials, org_url=org_url,
                                  max_concurrency=max_concurrency, retry_policy=retry_policy,
@@ -264,15 +268,16 @@ class SimulatorSource(DataverseSource):
         "chaos tests shorten them.")
 
     def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
-        from dataverse_assets.simulator import (
+        from dataverse_assets.simulator.identity import (
             SIMULATOR_CLIENT_ID,
             SIMULATOR_CLIENT_SECRET,
-            create_app,
         )
 
         transport = None
         org_url = self.base_url
         if org_url is None:
+            from dataverse_assets.simulator import create_app
+
             simulator = embedded_simulator(self.seed, self.entity_names)
             transport = httpx.ASGITransport(app=create_app(simulator))
             org_url = "http://simulator.invalid"

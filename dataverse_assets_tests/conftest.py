@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, Definitions
 
+from dataverse_assets.auth import SHARED_TOKENS
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, Settings
 from dataverse_assets.definitions import build_definitions, sync_job_name
@@ -82,6 +83,13 @@ def write_entities_config(path: Path, page_size: int,
 
 
 ENTITY_NAMES = [e["name"] for e in json.loads(DEFAULT_ENTITIES_CONFIG.read_text())["entities"]]
+
+
+@pytest.fixture(autouse=True)
+def _no_tokens_from_earlier_tests() -> None:
+    """Sessions share tokens per process (auth.SHARED_TOKENS); each test starts without, as a
+    new process would (a simulator of an earlier test may have had the same port)."""
+    SHARED_TOKENS.clear()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .faults import Fault, FaultBoard, FaultPlan
+from .identity import SIMULATOR_CLIENT_ID, SIMULATOR_CLIENT_SECRET, SIMULATOR_TENANT_ID
 from .lazy import DerivedKeyMap, LazyKeyIndex, LazyRows, LazyRowSource
 from .odata import (
     CATEGORY_BY_TYPE,
@@ -32,11 +33,6 @@ from .odata import (
     parse_datetime,
 )
 from .protection import ServiceProtection, ServiceProtectionLimits
-
-SIMULATOR_CLIENT_ID = "simulator-client"
-# A public placeholder for local development and tests; it protects nothing.
-SIMULATOR_CLIENT_SECRET = "simulator-secret"
-SIMULATOR_TENANT_ID = "8f3c2a71-5d4e-4b6a-9c1f-2e7d9a0b4c63"
 
 MAX_PAGE_SIZE = 5000
 EXPIRED_VERSION_CODE = "0x80044352"
