@@ -396,6 +396,38 @@ def run_worker(kind: str, args: dict, env: dict[str, str]) -> dict:
     return result
 
 
+def materialize_command(group: str, entities: list[str], url: str, work: Path,
+                        env: dict[str, str], executor: str) -> dict:
+    """A first sync of a group the way the UI and CI launch it: `dagster asset materialize`
+    in a process of its own (its start-up included), steps run by DATAVERSE_EXECUTOR."""
+    import sqlite3
+
+    bin_dir = Path(sys.executable).parent
+    db = work / f"materialize-{executor}.db"
+    run_env = dict(env, DATAVERSE_SOURCE="simulator", DATAVERSE_URL=url,
+                   DATAVERSE_DB_PATH=str(db),
+                   DATAVERSE_ARCHIVE_DIR=str(work / f"archive-materialize-{executor}"),
+                   DATAVERSE_EXECUTOR=executor)
+    key = subprocess.run([str(bin_dir / "dataverse-assets"), "change-set", "create", "--group",
+                          group], cwd=ROOT, env=run_env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [str(bin_dir / "dagster"), "asset", "materialize", "-m", "dataverse_assets",
+         "--select", f"group:{group}", "--partition", key],
+        cwd=ROOT, env=run_env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    output = completed.stdout + completed.stderr
+    if completed.returncode != 0 or "RUN_SUCCESS" not in output:
+        raise SystemExit(f"dagster asset materialize ({executor}) failed:\n{output[-3000:]}")
+    connection = sqlite3.connect(db)
+    rows = sum(connection.execute(f'SELECT count(*) FROM "{name}"').fetchone()[0]
+               for name in entities)
+    connection.close()
+    return {"executor": executor, "seconds": round(seconds, 3), "records_fetched": rows,
+            "step_processes": output.count("Launching subprocess")}
+
+
 def sync_scale(rows: int, args: argparse.Namespace, work: Path, *, everything: bool) -> dict:
     """Scenarios 1, 2 and 4 (and 3 and 5 when `everything`) at one table size."""
     work.mkdir(parents=True)
@@ -439,6 +471,17 @@ def sync_scale(rows: int, args: argparse.Namespace, work: Path, *, everything: b
         out["incremental_0pct"] = sync("incremental, nothing changed")
         if everything:
             out["small_entities"] = sync(f"{len(SMALL_ENTITIES)} small entities", "small")
+            # The same first sync as `dagster asset materialize` runs it (the UI's and CI's
+            # way): in one process (the default), and with a process per step (Dagster's own
+            # default executor).
+            for executor in ("in_process", "multiprocess"):
+                print(f"[{rows:,}] {len(SMALL_ENTITIES)} small entities, dagster asset "
+                      f"materialize, {executor} ...", flush=True)
+                m = materialize_command("small", SMALL_ENTITIES, simulator.url, work, env,
+                                        executor)
+                out[f"small_entities_materialize_{executor}"] = m
+                print(f"    {m['seconds']} s, {m['step_processes']} step processes",
+                      flush=True)
         print(f"[{rows:,}] rebuild from archive ...", flush=True)
         out["rebuild"] = run_worker("rebuild", {"config": str(config),
                                                 "archive": common["archive"],
@@ -602,8 +645,9 @@ def print_summary(suite: dict) -> None:
           f"{'+ workers':>11}{'requests':>10}")
     for run in suite["runs"]:
         for name in ("full_sync", "incremental_1pct", "incremental_0pct", "small_entities",
-                     "rebuild", "full_sync_staging_workers", "rebuild_staging_workers", "dlt",
-                     "floor"):
+                     "small_entities_materialize_in_process",
+                     "small_entities_materialize_multiprocess", "rebuild",
+                     "full_sync_staging_workers", "rebuild_staging_workers", "dlt", "floor"):
             r = run.get(name)
             if not r or "seconds" not in r:
                 continue
@@ -611,7 +655,8 @@ def print_summary(suite: dict) -> None:
             requests = (r.get("simulator") or {}).get("data_requests", "")
             print(f"{name + ' @' + format(run['rows'], ','):<34}{rows:>10,}{r['seconds']:>10}"
                   f"{round(rows / r['seconds']) if r['seconds'] else 0:>10,}"
-                  f"{r['peak_rss_mb']:>13}{with_workers_mb(r):>11}{requests!s:>10}")
+                  f"{r.get('peak_rss_mb', '')!s:>13}"
+                  f"{with_workers_mb(r) if 'peak_rss_mb' in r else ''!s:>11}{requests!s:>10}")
     print(f"\n{'target':<40}{'value':>12}  {'target':<30}met")
     for name, c in suite["targets"].items():
         print(f"{name:<40}{c['value']!s:>12}  {c['target']:<30}{'yes' if c['met'] else 'NO'}")

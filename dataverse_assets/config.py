@@ -338,6 +338,7 @@ def load_entities_config(path: str | os.PathLike[str]) -> EntitiesConfig:
 
 
 SourceKind = Literal["live", "archive", "fixture", "simulator"]
+ExecutorKind = Literal["in_process", "multiprocess"]
 
 
 class Settings(BaseModel):
@@ -359,6 +360,10 @@ class Settings(BaseModel):
     max_concurrency: int = Field(8, ge=1, le=52)
     max_response_mb: float = Field(512.0, gt=0)
     lock_wait_seconds: float = Field(600.0, ge=0)
+    # How runs launched by Dagster (UI, `dagster asset materialize`, schedules, sensors)
+    # execute their steps. In one process by default: a process per step costs ~2 s of
+    # imports each (the hourly group: 49.5 s instead of 8.5 s). The CLI always runs in-process.
+    executor: ExecutorKind = "in_process"
 
     @cached_property
     def entities(self) -> EntitiesConfig:
@@ -380,6 +385,7 @@ _ENV_FIELDS = {
     "DATAVERSE_MAX_CONCURRENCY": "max_concurrency",
     "DATAVERSE_MAX_RESPONSE_MB": "max_response_mb",
     "DATAVERSE_LOCK_WAIT_SECONDS": "lock_wait_seconds",
+    "DATAVERSE_EXECUTOR": "executor",
 }
 
 

@@ -5,7 +5,14 @@
 
 from __future__ import annotations
 
-from dagster import AssetSelection, Definitions, EnvVar, define_asset_job
+from dagster import (
+    AssetSelection,
+    Definitions,
+    EnvVar,
+    define_asset_job,
+    in_process_executor,
+    multiprocess_executor,
+)
 
 from dataverse_assets.assets import build_all_assets
 from dataverse_assets.checks import FRESHNESS_JOB, build_freshness_checks
@@ -74,6 +81,11 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None)
         jobs=jobs,
         schedules=build_schedules(config),
         sensors=build_sensors(config),
+        # Every job of the code location (the sync jobs, the asset job the UI and `dagster
+        # asset materialize` use): steps in the run's own process unless DATAVERSE_EXECUTOR
+        # says multiprocess (see Settings.executor).
+        executor=in_process_executor if settings.executor == "in_process"
+        else multiprocess_executor,
         resources={
             "source": source or build_source(settings, config),
             "store": store,

@@ -40,3 +40,52 @@ def test_one_sync_job_per_cadence_group_and_all_resources_bound():
         keys = {n.key for n in job.asset_layer.asset_graph.asset_nodes if n.is_executable}
         assert {k.path[-1] for k in keys} == {e.name for e in CONFIG.entities_in_group(group)}
     defs.validate_loadable(defs)
+
+
+def test_runs_launched_by_dagster_execute_their_steps_in_one_process_by_default():
+    from dataverse_assets.config import load_settings
+    from dataverse_assets.definitions import build_definitions
+
+    for environ, expected in (({}, "in_process"),
+                              ({"DATAVERSE_EXECUTOR": "multiprocess"}, "multiprocess")):
+        built = build_definitions(load_settings(environ, dotenv=False))
+        for job in ("sync_hourly", "sync_daily", "__ASSET_JOB"):
+            assert built.resolve_job_def(job).executor_def.name == expected
+
+
+def test_an_unknown_executor_is_a_clear_error():
+    import pytest
+
+    from dataverse_assets.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="DATAVERSE_EXECUTOR: .*'in_process' or 'multiprocess'"):
+        load_settings({"DATAVERSE_EXECUTOR": "threads"}, dotenv=False)
+
+
+def test_dagster_asset_materialize_runs_an_entity_in_one_process(tmp_path):
+    """What CI and a user run: `dagster asset materialize` on the embedded simulator."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAVERSE_")}
+    env.update(DAGSTER_HOME=str(home), DATAVERSE_DB_PATH=str(tmp_path / "mirror.db"),
+               DATAVERSE_ARCHIVE_DIR=str(tmp_path / "archive"))
+    bin_dir = os.path.dirname(sys.executable)
+    key = subprocess.run([f"{bin_dir}/dataverse-assets", "change-set", "create", "--group",
+                          "daily"], env=env, capture_output=True, text=True, check=True,
+                         timeout=120).stdout.strip()
+    run = subprocess.run(
+        [f"{bin_dir}/dagster", "asset", "materialize", "-m", "dataverse_assets", "--select",
+         "raw/teams,staging/teams,canonical/teams", "--partition", key],
+        env=env, capture_output=True, text=True, timeout=300)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert "RUN_SUCCESS" in log
+    assert "Executing steps in process" in log and "Launching subprocess" not in log
+    connection = sqlite3.connect(tmp_path / "mirror.db")
+    assert connection.execute("SELECT count(*) FROM teams").fetchone()[0] > 0
