@@ -12,6 +12,7 @@ from dataverse_assets.auth import SHARED_TOKENS
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, Settings
 from dataverse_assets.definitions import build_definitions, sync_job_name
+from dataverse_assets.resources import MirrorStore
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.sources import SimulatorSource
 from dataverse_assets.store import connect
@@ -90,6 +91,12 @@ def _no_tokens_from_earlier_tests() -> None:
     """Sessions share tokens per process (auth.SHARED_TOKENS); each test starts without, as a
     new process would (a simulator of an earlier test may have had the same port)."""
     SHARED_TOKENS.clear()
+
+
+@pytest.fixture
+def store(tmp_path) -> MirrorStore:
+    """An empty mirror database and archive of the test's own (publish-level tests)."""
+    return MirrorStore(db_path=str(tmp_path / "m.db"), archive_dir=str(tmp_path / "archive"))
 
 
 @pytest.fixture

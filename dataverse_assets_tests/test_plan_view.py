@@ -6,7 +6,6 @@ import pytest
 from dataverse_assets.archive import REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.publish import PlanValidationError, render_plan
-from dataverse_assets.resources import MirrorStore
 from dataverse_assets.staging import write_staged
 from dataverse_assets.steps import publish, staged_records
 from dataverse_assets.store import connect
@@ -27,11 +26,6 @@ def archive_change_set(root, change_set, records):
 
 def thing(n, name, size=1):
     return {"thingid": f"id-{n}", "name": name, "size": size}
-
-
-@pytest.fixture
-def store(tmp_path):
-    return MirrorStore(db_path=str(tmp_path / "m.db"), archive_dir=str(tmp_path / "archive"))
 
 
 def stage_and_publish(store, change_set, records):

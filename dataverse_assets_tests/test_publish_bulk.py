@@ -22,11 +22,6 @@ from .test_plan_view import ENTITY, archive_change_set, stage_and_publish, thing
 DELETED = {"@odata.context": "things/$deletedEntity", "id": "id-99", "reason": "deleted"}
 
 
-@pytest.fixture
-def store(tmp_path):
-    return MirrorStore(db_path=str(tmp_path / "m.db"), archive_dir=str(tmp_path / "archive"))
-
-
 def rows(store, table="things", skip=()):
     with store.connection() as connection:
         columns = [r[1] for r in connection.execute(f"PRAGMA table_info({table})")

@@ -6,15 +6,9 @@ import sqlite3
 
 import pytest
 
-from dataverse_assets.resources import MirrorStore
 from dataverse_assets.staging import count_staged, staging_key_index
 
 from .test_plan_view import stage_and_publish, thing
-
-
-@pytest.fixture
-def store(tmp_path):
-    return MirrorStore(db_path=str(tmp_path / "m.db"), archive_dir=str(tmp_path / "archive"))
 
 
 def staged(store, change_set):
