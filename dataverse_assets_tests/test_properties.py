@@ -202,3 +202,26 @@ def test_applying_a_plan_to_canonical_gives_the_staged_state(before, after, trac
         assert connection.execute("SELECT count(*) FROM things__history").fetchone()[0] == \
             len(expected)
         connection.close()
+
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), TEXT)
+
+
+@QUICK
+@given(st.lists(st.sampled_from(["a", "b", "c@x", "d e", "f"]), unique=True, max_size=5),
+       st.lists(st.dictionaries(st.sampled_from(["a", "b", "c@x", "d e", "f", "g"]),
+                                JSON_SCALARS), max_size=6))
+def test_a_staged_row_has_each_columns_value_or_null_whatever_fields_a_record_lacks(
+        names, records):
+    from dataverse_assets.staging import STAGING_COUNTS, _PageContext, _stage_page
+
+    records = [{**record, "id": f"k{n}"} for n, record in enumerate(records)]
+    context = _PageContext(change_set="cs", pk="id", names=tuple(names),
+                           hash_ignore_annotations=False, scope_ids=None)
+    counts = dict.fromkeys(STAGING_COUNTS, 0)
+    rows, _ = _stage_page(context, 1, {}, orjson.dumps({"value": records}), counts, [])
+    assert [row[1] for row in rows] == [r["id"] for r in records]
+    for row, record in zip(rows, records, strict=True):
+        meta = len(STAGING_META_COLUMNS)
+        assert row[meta:meta + len(names)] == tuple(record.get(n) for n in names)
+        assert orjson.loads(row[-1]) == record
