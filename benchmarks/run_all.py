@@ -8,7 +8,9 @@ in its own process over loopback HTTP:
 1. full sync, end to end through Dagster (raw -> staging -> canonical): rows/s, peak RSS,
    requests, bytes archived, time per layer;
 2. incremental: 1% of the rows changed, then nothing changed;
-3. a sync of 20 small entities (1,000 rows each): wall time, Dagster overhead per asset;
+3. a sync of 20 small entities (1,000 rows each): wall time, Dagster overhead per asset; and
+   the same first sync as `dagster asset materialize` runs it (the UI's and CI's way), with
+   steps in-process (the default) and with a process per step;
 4. rebuild from the archive;
 5. the same full sync by dlt's `rest_api` source into SQLite (needs `pip install -e '.[bench]'`),
    reported as a ratio;
