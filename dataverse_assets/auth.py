@@ -167,11 +167,10 @@ class ClientCredentials:
             current = self._token
             if current is not None and self._clock() < current.refresh_at:
                 return current.value
-            if self._shared is not None:
-                current = self._shared.token(self._shared_key, self._clock())
-                if current is not None:
-                    self._token = current
-                    return current.value
+            current = self._shared_token()
+            if current is not None:
+                self._token = current
+                return current.value
             self._token = await self._new_token()
             return self._token.value
 
@@ -180,13 +179,18 @@ class ClientCredentials:
         session of this process) already did."""
         async with self._lock:
             if self._token is None or self._token.value == rejected:
-                shared = (self._shared.token(self._shared_key, self._clock())
-                          if self._shared is not None else None)
+                shared = self._shared_token()
                 if shared is not None and shared.value != rejected:
                     self._token = shared
                 else:
                     self._token = await self._new_token()
             return self._token.value
+
+    def _shared_token(self) -> _Token | None:
+        """The process's valid token for these credentials, when sharing (else None)."""
+        if self._shared is None:
+            return None
+        return self._shared.token(self._shared_key, self._clock())
 
     async def _new_token(self) -> _Token:
         token = await self._request_token()

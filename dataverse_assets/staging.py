@@ -135,10 +135,10 @@ def _values_of(names: tuple[str, ...]) -> Callable[[dict], tuple]:
     C call (`itemgetter`) when every name is present, as in nearly every record."""
     if not names:
         return lambda record: ()
-    every = itemgetter(*names)
-    if len(names) == 1:
+    if len(names) == 1:  # itemgetter of one name returns the value, not a tuple
         name = names[0]
         return lambda record: (record.get(name),)
+    every = itemgetter(*names)
 
     def values(record: dict) -> tuple:
         try:

@@ -1,9 +1,21 @@
 """The whole graph, as `dagster dev` and `dagster definitions validate` load it."""
 
+import os
+import sqlite3
+import subprocess
+import sys
+
+import pytest
 from dagster import AssetKey
 
 from dataverse_assets import defs
-from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, load_entities_config
+from dataverse_assets.config import (
+    DEFAULT_ENTITIES_CONFIG,
+    ConfigError,
+    load_entities_config,
+    load_settings,
+)
+from dataverse_assets.definitions import build_definitions
 
 CONFIG = load_entities_config(DEFAULT_ENTITIES_CONFIG)
 
@@ -43,9 +55,6 @@ def test_one_sync_job_per_cadence_group_and_all_resources_bound():
 
 
 def test_runs_launched_by_dagster_execute_their_steps_in_one_process_by_default():
-    from dataverse_assets.config import load_settings
-    from dataverse_assets.definitions import build_definitions
-
     for environ, expected in (({}, "in_process"),
                               ({"DATAVERSE_EXECUTOR": "multiprocess"}, "multiprocess")):
         built = build_definitions(load_settings(environ, dotenv=False))
@@ -54,21 +63,12 @@ def test_runs_launched_by_dagster_execute_their_steps_in_one_process_by_default(
 
 
 def test_an_unknown_executor_is_a_clear_error():
-    import pytest
-
-    from dataverse_assets.config import ConfigError, load_settings
-
     with pytest.raises(ConfigError, match="DATAVERSE_EXECUTOR: .*'in_process' or 'multiprocess'"):
         load_settings({"DATAVERSE_EXECUTOR": "threads"}, dotenv=False)
 
 
 def test_dagster_asset_materialize_runs_an_entity_in_one_process(tmp_path):
     """What CI and a user run: `dagster asset materialize` on the embedded simulator."""
-    import os
-    import sqlite3
-    import subprocess
-    import sys
-
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
