@@ -7,7 +7,8 @@ Modes:
 - change_tracking: follow the stored delta link (creates, updates, then `$deletedEntity`).
 - change_tracking_resync: the initial track-changes read (first sync, or after the delta token
   expired): a full snapshot, diffed against canonical so vanished rows become deletes.
-- modifiedon: `modifiedon gt <watermark>`; deletes come from a key-only reconciliation scan.
+- modifiedon: `modifiedon ge <watermark>` (the watermark's second is read again: Dataverse stamps
+  in whole seconds); deletes come from a key-only reconciliation scan.
 - full: the whole table; vanished rows are deletes.
 - filtered: records changed since the watermark that are linked or mirrored, then newly
   linked ids by id; ids still not returned are requested one by one (404 -> defunct).

@@ -113,8 +113,8 @@ def ranged_watermark(range_maxima: Iterable[str | None]) -> str | None:
     the smallest of the ranges' largest modifiedon (ranges that returned no rows aside).
 
     A record changed while the sync ran moves to the end of its range and is read, unless its
-    range had already finished; then its new modifiedon is later than everything that range
-    read, so it is later than this watermark and the next change set fetches it.
+    range had already finished; then its new modifiedon is no earlier than everything that
+    range read, so no earlier than this watermark, and the next change set (`ge`) fetches it.
     """
     present = [m for m in range_maxima if m is not None]
     return min(present) if present else None

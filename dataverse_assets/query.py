@@ -45,11 +45,19 @@ def parse_datetime(value: str) -> datetime:
     return parsed
 
 
-def modified_since_filter(watermark: str | None, column: str = "modifiedon") -> str | None:
-    """The incremental filter: rows modified after the watermark, or None for a first sync."""
+def modified_since_filter(watermark: str | None, column: str = "modifiedon", *,
+                          inclusive: bool = True) -> str | None:
+    """The incremental filter, or None for a first sync: rows modified in the watermark's
+    second or later (`ge`).
+
+    Dataverse stamps in whole seconds, so a record written in the watermark's second after
+    the read that set it has the watermark's own stamp: `gt` would never return it. `ge`
+    reads that second's records again; unchanged, they publish as nothing. `inclusive=False`
+    (`gt`) is for probes that must not see the records already read as new.
+    """
     if watermark is None:
         return None
-    return f"{column} gt {datetime_literal(watermark)}"
+    return f"{column} {'ge' if inclusive else 'gt'} {datetime_literal(watermark)}"
 
 
 def id_filter(primary_key: str, ids: Iterable[str]) -> str:

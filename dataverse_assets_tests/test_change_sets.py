@@ -126,6 +126,37 @@ def test_modifiedon_entities_find_deletes_with_a_key_only_scan(make_mirror):
     assert publish_counts(mirror, "vin_clinicaltrials", key)[1:4] == (1, 1, 1)
 
 
+def test_a_write_in_the_watermarks_own_second_is_not_lost(mirror):
+    """Dataverse stamps in whole seconds: a record written in the same second as the last
+    record read, after that read, carries the watermark's own stamp."""
+    simulator = mirror.simulator
+    mirror.sync("hourly")
+    keys = sorted(canonical_rows(mirror.connection(), "vin_clinicaltrials"))
+    # Ahead of the wall clock, every write below gets this one stamp, however slow the test.
+    stamp = simulator.advance_clock(3600).strftime("%Y-%m-%dT%H:%M:%SZ")
+    simulator.update("vin_clinicaltrials", keys[0], {"vin_name": "Read by the second sync"})
+    simulator.update("vin_clinicaltrials", keys[2], {"vin_name": "Read, then left alone"})
+    second = mirror.sync("hourly")
+    assert manifest(mirror, "vin_clinicaltrials", second)["mode"] == "modifiedon"
+    with mirror.connection() as connection:
+        watermark = connection.execute(
+            "SELECT watermark FROM _sync_state WHERE entity = 'vin_clinicaltrials'").fetchone()[0]
+    assert watermark == stamp
+
+    written = simulator.update("vin_clinicaltrials", keys[1], {"vin_name": "Same second, later"})
+    again = simulator.update("vin_clinicaltrials", keys[0], {"vin_name": "Changed again"})
+    assert written["modifiedon"] == again["modifiedon"] == stamp
+    third = mirror.sync("hourly")
+
+    rows = canonical_rows(mirror.connection(), "vin_clinicaltrials")
+    assert orjson.loads(rows[keys[1]]["json_response"])["vin_name"] == "Same second, later"
+    # Same stamp as the version mirrored, other content: an update, not a stale version.
+    assert orjson.loads(rows[keys[0]]["json_response"])["vin_name"] == "Changed again"
+    assert_mirror_equals_simulator(mirror, "vin_clinicaltrials")
+    # The second's other record was read again; unchanged, it published as nothing.
+    assert publish_counts(mirror, "vin_clinicaltrials", third) == ("COMPLETE", 0, 2, 0, 1)
+
+
 def test_key_scans_follow_their_own_cadence(mirror):
     """By default (every 24 h) the second change set of the day does no key scan."""
     mirror.sync("hourly")

@@ -37,7 +37,9 @@ def test_datetimes_are_unquoted_utc_literals():
     assert datetime_literal("2021-04-28T15:19:30Z") == "2021-04-28T15:19:30Z"
     assert datetime_literal("2021-04-28T17:19:30.250+02:00") == "2021-04-28T15:19:30.25Z"
     assert modified_since_filter(None) is None
-    assert modified_since_filter("2021-04-28T15:19:30Z") == "modifiedon gt 2021-04-28T15:19:30Z"
+    assert modified_since_filter("2021-04-28T15:19:30Z") == "modifiedon ge 2021-04-28T15:19:30Z"
+    assert modified_since_filter("2021-04-28T15:19:30Z", inclusive=False) == (
+        "modifiedon gt 2021-04-28T15:19:30Z")
 
 
 def test_query_parameters_are_url_encoded_by_the_client():

@@ -259,24 +259,43 @@ def test_entity_specs() -> None:
     assert set(fallback.columns) == {"widgetid", "name", "statecode", "createdon", "modifiedon"}
 
 
+def test_writes_within_one_second_share_their_stamp_unless_the_clock_is_strict(
+        fresh: tuple[DataverseSimulator, str, httpx.Client]) -> None:
+    sim, _, client = fresh
+    ahead = sim.advance_clock(3600)  # ahead of the wall clock: every write gets this stamp
+    keys = [r["accountid"] for r in sim.records("accounts")]
+    one = sim.update("accounts", keys[0], {"name": "one"})
+    two = sim.update("accounts", keys[1], {"name": "two"})
+    stamp = ahead.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert one["modifiedon"] == two["modifiedon"] == stamp
+    assert one["@odata.etag"] != two["@odata.etag"]
+    # The filter compares against the stamp: `gt` leaves out that second, `ge` has both.
+    assert _filter_ids(client, "accounts", f"modifiedon gt {stamp}") == []
+    assert set(_filter_ids(client, "accounts", f"modifiedon ge {stamp}")) == {keys[0], keys[1]}
+
+    strict = DataverseSimulator(["accounts"], row_counts={"accounts": 5}, strict_clock=True)
+    first, second = strict.now(), strict.now()
+    assert (second - first).total_seconds() >= 1
+
+
 def test_clock_and_mutations() -> None:
     sim = DataverseSimulator(["accounts", "contacts", "vin_vin_candidate_accountset"],
                              row_counts={"accounts": 20, "contacts": 20,
                                          "vin_vin_candidate_accountset": 5})
     latest = max(r["modifiedon"] for r in sim.records("accounts"))
     first = sim.now()
-    assert first.tzinfo is not None and first > datetime.fromisoformat(latest)
+    assert first.tzinfo is not None and first >= datetime.fromisoformat(latest)
     second = sim.now()
-    assert (second - first).total_seconds() >= 1
+    assert second >= first and second.microsecond == 0  # whole seconds, never backwards
 
     created = sim.create("accounts", {"name": "Créée, \"quoted\" O'Neil"})
     assert created["name"] == "Créée, \"quoted\" O'Neil"
-    assert created["createdon"] == created["modifiedon"] > second.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert created["createdon"] == created["modifiedon"] >= second.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert sim.record("accounts", created["accountid"]) == created
     version_before = sim.version
 
     updated = sim.update("accounts", created["accountid"].upper(), {"revenue": 12.5})
-    assert updated["revenue"] == 12.5 and updated["modifiedon"] > created["modifiedon"]
+    assert updated["revenue"] == 12.5 and updated["modifiedon"] >= created["modifiedon"]
     assert updated["@odata.etag"] == f'W/"{sim.version}"' and sim.version > version_before
     assert updated["versionnumber"] == sim.version
     assert sim.records("accounts")[[r["accountid"] for r in sim.records("accounts")].index(

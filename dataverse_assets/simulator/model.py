@@ -600,6 +600,7 @@ class DataverseSimulator:
         delta_token_lifetime_seconds: int = 7 * 24 * 3600,
         org_url: str | None = None,
         lazy_entities: Iterable[str] = (),
+        strict_clock: bool = False,
     ) -> None:
         """An org with these entity sets.
 
@@ -631,6 +632,7 @@ class DataverseSimulator:
         self._delta_min_version = 0
         self._version = 1000
         self._last_issued = _SEED_START
+        self.strict_clock = strict_clock
         self._mutation_rng = random.Random(seed * 7919 + 17)
         self._tables: dict[str, EntityTable] = {}
         self._by_logical: dict[str, EntityTable] = {}
@@ -684,14 +686,19 @@ class DataverseSimulator:
     # -- clock -----------------------------------------------------------------------------------
 
     def now(self) -> datetime:
-        """Issue a timestamp strictly (>= 1 s) after every timestamp issued before.
+        """The stamp for a write happening now: whole seconds, never earlier than a stamp
+        issued or seeded before.
 
-        A client watermark `modifiedon gt W` therefore always sees later mutations, even when
-        they happen within the same wall-clock second or the seed data lies in the future.
+        As in Dataverse, writes within one second share their `modifiedon`, so a client that
+        reads up to watermark W and later asks for `modifiedon gt W` misses a record written
+        in W's second after its read (`ge W` does not). With `strict_clock` every stamp is
+        instead at least a second after the last one, an easier clock than Dataverse's.
         """
         with self.lock:
             real = datetime.now(UTC).replace(microsecond=0)
-            stamp = max(real, self._last_issued + timedelta(seconds=1))
+            floor = self._last_issued + timedelta(seconds=1) if self.strict_clock else (
+                self._last_issued)
+            stamp = max(real, floor)
             self._last_issued = stamp
             return stamp
 
