@@ -2,6 +2,7 @@
 scheduled retry tier (failed change sets retried on later ticks, then dead-lettered)."""
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import orjson
@@ -27,7 +28,7 @@ from dataverse_assets.priorities import priority_tags
 from dataverse_assets.query import PageQuery, modified_since_filter
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.sources import DataverseSource, SourceSession
-from dataverse_assets.store import SyncState, read_sync_state
+from dataverse_assets.store import SyncState, quote_identifier, read_sync_state
 
 LAYERS = ("raw", "staging", "canonical")
 MAX_RUNS_PER_TICK = 25
@@ -61,11 +62,67 @@ async def _first_page_has_rows(session: SourceSession, entity: str, query: PageQ
     return False
 
 
+# Records stamped in the watermark's own second that a probe compares one by one; more than
+# that in one page and the entity counts as changed (a run that finds nothing is harmless).
+WATERMARK_PROBE_ROWS = 50
+
+MirroredEtags = Callable[[str, str, list[str]], dict[str, str | None]]
+
+
+async def _changed_since_watermark(session: SourceSession, entity: EntityConfig,
+                                   watermark: str, primary_key: str,
+                                   mirrored_etags: MirroredEtags) -> bool:
+    """One page of `modifiedon ge <watermark>` (key, stamp and etag only). Changed when a
+    record is stamped later than the watermark, or is stamped in its very second (Dataverse
+    stamps whole seconds, so a write after the last read can carry the watermark's stamp) with
+    an etag other than the mirrored version's. A record of that second the mirror does not
+    hold is a change too, except for filtered entities, which skip unlinked records."""
+    query = PageQuery(select=(primary_key, "modifiedon"),
+                      filter=modified_since_filter(watermark), page_size=WATERMARK_PROBE_ROWS)
+    async for page in session.iter_pages(entity.name, query):  # one request, never the next
+        records = page.records
+        if page.next_link or len(records) >= WATERMARK_PROBE_ROWS:
+            return True
+        if any(r.get("modifiedon") != watermark for r in records):
+            return True
+        ids = [str(r.get(primary_key)).lower() for r in records]
+        known = mirrored_etags(entity.name, primary_key, ids) if ids else {}
+        for key, record in zip(ids, records, strict=True):
+            if key not in known:
+                if not entity.filtered:
+                    return True
+            elif known[key] != record.get("@odata.etag"):
+                return True
+        return False
+    return False
+
+
+def canonical_etags(store: MirrorStore) -> MirroredEtags:
+    """The `@odata.etag` of the mirrored version of each id (ids not mirrored are left out)."""
+
+    def lookup(entity: str, primary_key: str, ids: list[str]) -> dict[str, str | None]:
+        with store.connection() as connection:
+            found: dict[str, str | None] = {}
+            for key in ids:
+                row = connection.execute(
+                    f"SELECT json_extract(json_response, '$.\"@odata.etag\"')"
+                    f" FROM {quote_identifier(entity)} WHERE {quote_identifier(primary_key)} = ?",
+                    (key,)).fetchone()
+                if row is not None:
+                    found[key] = row[0]
+            return found
+
+    return lookup
+
+
 async def probe_entity(session: SourceSession, entity: EntityConfig, state: SyncState | None,
-                       primary_key: str | None) -> bool | None:
+                       primary_key: str | None,
+                       mirrored_etags: MirroredEtags | None = None) -> bool | None:
     """Has the entity changed since it was last published? One small request, no paging.
 
     None: cannot be probed cheaply (full snapshots: they run on their schedule).
+    Without `mirrored_etags`, a watermark probe asks only for records stamped after the
+    watermark (`gt`), and misses a write in the watermark's own second.
     """
     if state is None or state.last_change_set is None:
         return True  # never synced
@@ -73,8 +130,12 @@ async def probe_entity(session: SourceSession, entity: EntityConfig, state: Sync
         return await _first_page_has_rows(
             session, entity.name, PageQuery(page_size=1, track_changes=True), state.delta_token)
     if state.watermark and primary_key:
+        if mirrored_etags is not None:
+            return await _changed_since_watermark(session, entity, state.watermark,
+                                                  primary_key, mirrored_etags)
         return await _first_page_has_rows(session, entity.name, PageQuery(
-            select=(primary_key,), filter=modified_since_filter(state.watermark), page_size=1))
+            select=(primary_key,), filter=modified_since_filter(state.watermark, inclusive=False),
+            page_size=1))
     if state.mode in SNAPSHOT_MODES:
         return None
     return True
@@ -90,10 +151,12 @@ def _probe_group(source: DataverseSource, store: MirrorStore, config: EntitiesCo
         keys = {e.name: (schema.primary_key if (schema := load_locked_schema(connection, e.name))
                          else None) for e in entities}
 
+    etags = canonical_etags(store)
+
     async def run() -> dict[str, bool | None]:
         async with source.open_session() as session:
-            return {e.name: await probe_entity(session, e, states[e.name], keys[e.name])
-                    for e in entities}
+            return {e.name: await probe_entity(session, e, states[e.name], keys[e.name],
+                                               etags) for e in entities}
 
     changed = asyncio.run(run())
     for entity in entities:  # a filtered entity follows its linking tables

@@ -122,6 +122,30 @@ def test_change_sensor_runs_only_the_changed_entities(mirror):
     assert_mirror_equals_simulator(mirror, "vin_clinicaltrials")
 
 
+def test_change_sensor_sees_a_write_in_the_watermarks_own_second(mirror):
+    """The probe compares the etags of the records stamped in the watermark's second: a
+    write after the last read carries that same stamp, and `modifiedon gt` cannot see it."""
+    simulator = mirror.simulator
+    keys = sorted(r["vin_clinicaltrialid"] for r in simulator.records("vin_clinicaltrials"))
+    simulator.advance_clock(3600)  # every write below gets one stamp, however slow the test
+    simulator.update("vin_clinicaltrials", keys[0], {"vin_name": "Read by the sync"})
+    mirror.sync("hourly")
+    quiet = evaluate(mirror, "hourly_changes_sensor")
+    assert not quiet.run_requests and "no changes" in quiet.skip_message
+
+    simulator.update("vin_clinicaltrials", keys[1], {"vin_name": "Same second, later"})
+    (request,) = evaluate(mirror, "hourly_changes_sensor").run_requests
+    assert {k.path[-1] for k in request.asset_selection} == {"vin_clinicaltrials", "accounts"}
+    run_request(mirror, request)
+    assert_mirror_equals_simulator(mirror, "vin_clinicaltrials")
+    assert not evaluate(mirror, "hourly_changes_sensor").run_requests
+
+    # A record the mirror holds at the watermark's stamp, written again in that second.
+    simulator.update("vin_clinicaltrials", keys[0], {"vin_name": "Changed again"})
+    (request,) = evaluate(mirror, "hourly_changes_sensor").run_requests
+    assert "vin_clinicaltrials" in {k.path[-1] for k in request.asset_selection}
+
+
 def test_archive_sensor_publishes_change_sets_fetched_elsewhere(mirror):
     mirror.sync("hourly")
     mirror.simulator.create("vin_candidates", {"vin_name": "Fetched by another process"})
