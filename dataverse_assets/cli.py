@@ -477,6 +477,10 @@ def cmd_compact(args: argparse.Namespace) -> int:
     for decision in report.deleted:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"  {verb} {decision.entity} {decision.change_set}: {decision.reason}")
+    for prune in report.staging_pruned:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"  {verb} the {prune.rows:,} staged rows of {prune.entity} {prune.change_set}"
+              " (published; staging retention)")
     for note in report.notes:
         print(f"  {note}", file=sys.stderr)
     before, after = report.bytes_before, report.bytes_after

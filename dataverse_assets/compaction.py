@@ -47,7 +47,8 @@ from dataverse_assets.archive import (
 from dataverse_assets.config import ArchiveConfig, EntitiesConfig
 from dataverse_assets.fetch import SNAPSHOT_MODES
 from dataverse_assets.query import parse_datetime
-from dataverse_assets.store import table_exists
+from dataverse_assets.staging_retention import StagingPrune, plan_staging_prune, prune_staged
+from dataverse_assets.store import connect, table_exists
 
 PART_BYTES = 128 * 1024 * 1024
 
@@ -264,6 +265,7 @@ class CompactionReport:
     entities: list[EntityCompaction] = field(default_factory=list)
     compacted: list[CompactedChangeSet] = field(default_factory=list)
     deleted: list[RetentionDecision] = field(default_factory=list)
+    staging_pruned: list[StagingPrune] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
 
@@ -287,7 +289,8 @@ def compact_archive(
     now: datetime | None = None,
 ) -> CompactionReport:
     """Apply retention (with the mirror database's publish records), then compact every
-    complete change set older than the threshold, entity by entity."""
+    complete change set older than the threshold, entity by entity; then delete the staged
+    rows of old published change sets (`staging_keep_change_sets`, see staging_retention)."""
     archive_dir = Path(archive_dir)
     policy = config.archive
     now = now or datetime.now(UTC)
@@ -336,4 +339,22 @@ def compact_archive(
     finally:
         if connection is not None:
             connection.close()
+    if retention and policy.staging_keep_change_sets is not None:
+        _prune_staging(report, archive_dir, config, db_path, policy.staging_keep_change_sets,
+                       dry_run=dry_run)
     return report
+
+
+def _prune_staging(report: CompactionReport, archive_dir: Path, config: EntitiesConfig,
+                   db_path: str | Path | None, keep: int, *, dry_run: bool) -> None:
+    if db_path is None or not Path(db_path).exists():
+        report.notes.append(f"staging retention skipped: no mirror database at {db_path}")
+        return
+    connection = connect(db_path)
+    try:
+        report.staging_pruned = plan_staging_prune(connection, config, archive_dir, keep)
+        if not dry_run:
+            for prune in report.staging_pruned:
+                prune_staged(connection, prune)
+    finally:
+        connection.close()

@@ -197,6 +197,10 @@ class ArchiveConfig(BaseModel):
         "the newest old snapshot (history before it is given up).",
     )
     zstd_level: int = Field(9, ge=1, le=22)
+    staging_keep_change_sets: int | None = Field(
+        24, ge=1, description="compact deletes the staged rows of older published change "
+        "sets, keeping each entity's newest this many (null: keep every staged row).",
+    )
 
 
 class EntitiesConfig(BaseModel):

@@ -23,6 +23,7 @@ import orjson
 from dataverse_assets.faults import fault_point
 from dataverse_assets.schema import Column, EntitySchema, json_bytes
 from dataverse_assets.staging import count_staged
+from dataverse_assets.staging_retention import pruned_at
 from dataverse_assets.store import (
     StorageError,
     database_path,
@@ -707,6 +708,9 @@ def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
     bulk = _is_bulk_create(connection, entity, change_set)
     if bulk:
         lines.append("(into an empty table: every staged record is a create)")
+        if pruned_at(connection, entity, change_set) is not None:
+            lines.append("(its staged rows were deleted by staging retention, so the creates "
+                         "are counted but not listed)")
     for kind, sign in _KIND_ORDER:
         if kind == "create" and bulk:
             total = created

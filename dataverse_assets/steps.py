@@ -43,6 +43,7 @@ from dataverse_assets.staging import (
     read_staged,
     write_staged,
 )
+from dataverse_assets.staging_retention import refuse_if_pruned
 from dataverse_assets.store import (
     StorageError,
     database_path,
@@ -69,6 +70,8 @@ def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig
             "SELECT mode FROM _staged WHERE entity = ? AND change_set = ?",
             (link.entity, change_set)).fetchone()
         if staged is not None:
+            refuse_if_pruned(connection, link.entity, change_set,
+                             f"{entity.name}'s fetch (the ids {link.entity} links)")
             linked |= column_values(connection, staging_table(link.entity), link.column,
                                     change_set=change_set, lookup_target=link.lookup_target)
         if staged is None or staged[0] not in SNAPSHOT_MODES:
@@ -184,6 +187,7 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
     started_at = utc_now_iso()
     results: list[PublishResult] = []
     with store.connection() as connection:
+        refuse_if_pruned(connection, entity.name, change_set, "publishing it again")
         older = _unpublished_before(connection, store, entity.name, change_set)
         for key in [*older, change_set]:
             operation = "stage"

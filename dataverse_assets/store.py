@@ -119,6 +119,7 @@ CREATE TABLE IF NOT EXISTS _staged (
     reconciled_at TEXT,
     fetched_at TEXT,
     staged_at TEXT NOT NULL,
+    pruned_at TEXT,
     PRIMARY KEY (entity, change_set)
 );
 CREATE TABLE IF NOT EXISTS _change_history (

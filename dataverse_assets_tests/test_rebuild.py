@@ -8,10 +8,10 @@ import shutil
 import sqlite3
 
 import pytest
-from dagster import DagsterInstance
+from dagster import AssetKey, DagsterInstance
 
 from dataverse_assets.archive import ChangeSetArchive, list_change_sets
-from dataverse_assets.cli import main
+from dataverse_assets.cli import main, new_change_set_key
 from dataverse_assets.compaction import compact_archive
 from dataverse_assets.config import Settings, load_entities_config
 from dataverse_assets.definitions import build_definitions
@@ -29,7 +29,7 @@ from dataverse_assets_tests.conftest import (
     write_entities_config,
 )
 from dataverse_assets_tests.test_change_sets import mutate
-from dataverse_assets_tests.truth import canonical_rows
+from dataverse_assets_tests.truth import assert_mirror_equals_simulator, canonical_rows
 
 RECONCILE_EVERY_TIME = {"reconcile_every_hours": 1e-9}
 # After a rebase, rows unchanged since the snapshot carry its fetch time and key.
@@ -240,6 +240,7 @@ def test_compaction_keeps_every_page_byte_for_byte_and_rebuild_equal(live, tmp_p
 
     monkeypatch.setenv("DATAVERSE_ARCHIVE_DIR", str(copy_archive(live, tmp_path / "cli")))
     monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(live.settings.entities_config_path))
+    monkeypatch.setenv("DATAVERSE_DB_PATH", str(tmp_path / "no-mirror.db"))  # not the default
     assert main(["compact", "--older-than-days", "0"]) == 0
     assert "bytes ->" in capsys.readouterr().out
 
@@ -354,3 +355,144 @@ def test_register_archived_prints_the_keys_oldest_first(live, monkeypatch, capsy
     assert keys == list_change_sets(live.settings.archive_dir, "systemusers")
     assert keys == sorted(keys) and len(keys) == 3
 
+
+
+def staged_change_sets(connection, entity) -> dict[str, int]:
+    """Staged rows per change set of an entity, as the staging table holds them."""
+    return dict(connection.execute(
+        f"SELECT _change_set, count(*) FROM {quote_identifier('_staging__' + entity)}"
+        " GROUP BY _change_set"))
+
+
+def test_staging_retention_deletes_old_staged_rows_and_nothing_else(make_mirror, tmp_path,
+                                                                   monkeypatch, capsys):
+    from dataverse_assets import steps
+    from dataverse_assets.resources import MirrorStore
+    from dataverse_assets.staging_retention import StagingPrunedError
+
+    mirror = make_mirror()
+    simulator = mirror.simulator
+    keys = [mirror.sync("hourly")]
+    mutate(simulator)
+    simulator.deny_read("accounts")  # accounts fails the second change set; the rest publish
+    key, result = mirror.run("hourly")
+    assert not result.success and "accounts" in failure_messages(result)
+    keys.append(key)
+    simulator.allow_read("accounts")
+    keys.append(mirror.sync("hourly"))
+    junction = "vin_vin_candidate_accountset"  # a full snapshot staged every change set
+    with mirror.connection() as connection:
+        staged_before = staged_change_sets(connection, junction)
+        assert set(staged_before) == set(keys)
+        before = {e: canonical_rows(connection, e) for e in ENTITY_NAMES
+                  if e not in ("systemusers", "teams", "businessunits")}
+        # accounts links from the junction table; a retry of its failed second change set is
+        # queued (as the run-failure sensor does), so that change set's linking rows must stay
+        # for its fetch.
+        connection.execute(
+            "INSERT INTO _retry_queue (entity, change_set, attempts, next_attempt_at, history)"
+            " VALUES ('accounts', ?, 1, '2999-01-01T00:00:00Z', '[]')", (keys[1],))
+        connection.commit()
+    raw = json.loads(mirror.settings.entities_config_path.read_text())
+    raw["archive"] = {"staging_keep_change_sets": 1}
+    config_path = tmp_path / "retention.json"
+    config_path.write_text(json.dumps(raw))
+    config = load_entities_config(config_path)
+
+    dry = compact_archive(mirror.settings.archive_dir, config, db_path=mirror.settings.db_path,
+                          dry_run=True)
+    planned = {(p.entity, p.change_set) for p in dry.staging_pruned}
+    assert (junction, keys[0]) in planned and (junction, keys[1]) not in planned
+    assert ("vin_candidates", keys[1]) not in planned  # accounts links from it too
+    assert ("vin_clinicaltrials", keys[0]) in planned
+    assert not any(key == keys[2] for _, key in planned)  # the newest stays
+    with mirror.connection() as connection:
+        assert set(staged_change_sets(connection, junction)) == set(keys)  # dry run
+
+    report = compact_archive(mirror.settings.archive_dir, config,
+                             db_path=mirror.settings.db_path)
+    assert {(p.entity, p.change_set) for p in report.staging_pruned} == planned
+    with mirror.connection() as connection:
+        assert set(staged_change_sets(connection, junction)) == {keys[1], keys[2]}
+        # accounts links from the trials too (their sponsor), so their second stays as well.
+        assert set(staged_change_sets(connection, "vin_clinicaltrials")) <= {keys[1], keys[2]}
+        assert keys[0] not in staged_change_sets(connection, "vin_clinicaltrials")
+        assert {e: canonical_rows(connection, e) for e in before} == before
+        pruned = connection.execute(
+            "SELECT count(*) FROM _staged WHERE pruned_at IS NOT NULL").fetchone()[0]
+    assert pruned == len(planned)
+
+    # Publishing a pruned change set again would plan against nothing: refused, with the fix.
+    store = MirrorStore(db_path=str(mirror.settings.db_path),
+                        archive_dir=str(mirror.settings.archive_dir))
+    entity = mirror.settings.entities.entity(junction)
+    with pytest.raises(StagingPrunedError, match=f"Materialize staging/{junction} for "
+                       f"partition {keys[0]}"):
+        steps.publish(store, entity, keys[0])
+    with mirror.connection() as connection:
+        assert canonical_rows(connection, junction) == before[junction]
+        assert connection.execute(
+            "SELECT status FROM _publish_state WHERE entity = ? AND change_set = ?",
+            (junction, keys[0])).fetchone() == ("COMPLETE",)
+
+    # Staging it again (from the archive) brings its rows back.
+    result = mirror.defs.resolve_job_def(sync_job_name("hourly")).execute_in_process(
+        instance=mirror.instance, partition_key=keys[0], raise_on_error=False,
+        asset_selection=[AssetKey(["staging", junction])])
+    assert result.success, failure_messages(result)
+    with mirror.connection() as connection:
+        assert staged_change_sets(connection, junction)[keys[0]] == staged_before[keys[0]]
+        assert connection.execute(
+            "SELECT pruned_at FROM _staged WHERE entity = ? AND change_set = ?",
+            (junction, keys[0])).fetchone() == (None,)
+
+    # Later syncs go on as before, and a rebuild from the archive equals the mirror.
+    mutate(simulator)
+    mirror.sync("hourly")
+    for name in before:
+        assert_mirror_equals_simulator(mirror, name)
+    rebuild(mirror.settings.entities, mirror.settings.archive_dir, tmp_path / "rebuilt.db")
+    with sqlite3.connect(mirror.settings.db_path) as live, \
+            sqlite3.connect(tmp_path / "rebuilt.db") as rebuilt:
+        for table in [t for name in before for t in (name, f"{name}__history")]:
+            assert table_rows(rebuilt, table) == table_rows(live, table), f"{table} differs"
+
+    # The CLI says what it deleted.
+    monkeypatch.setenv("DATAVERSE_DB_PATH", str(mirror.settings.db_path))
+    monkeypatch.setenv("DATAVERSE_ARCHIVE_DIR", str(mirror.settings.archive_dir))
+    monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(config_path))
+    assert main(["compact"]) == 0
+    assert f"staged rows of {junction} {keys[2]}" in capsys.readouterr().out
+
+
+def test_a_filtered_fetch_of_a_change_set_whose_links_were_pruned_says_what_to_do(make_mirror,
+                                                                                  tmp_path):
+    """A change set the filtered entity never began (its linking tables ran alone), then a
+    backfill of it after staging retention: refused, not fetched with no links."""
+    mirror = make_mirror()
+    mirror.sync("hourly")
+    linking = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_accountset"]
+    job = mirror.defs.resolve_job_def(sync_job_name("hourly"))
+    alone = new_change_set_key(mirror.instance, "hourly")
+    result = job.execute_in_process(
+        instance=mirror.instance, partition_key=alone, raise_on_error=False,
+        asset_selection=[AssetKey([layer, name]) for name in linking
+                         for layer in ("raw", "staging", "canonical")])
+    assert result.success, failure_messages(result)
+    mirror.sync("hourly")
+    raw = json.loads(mirror.settings.entities_config_path.read_text())
+    raw["archive"] = {"staging_keep_change_sets": 1}
+    (tmp_path / "retention.json").write_text(json.dumps(raw))
+    config = load_entities_config(tmp_path / "retention.json")
+    report = compact_archive(mirror.settings.archive_dir, config, db_path=mirror.settings.db_path)
+    assert ("vin_vin_candidate_accountset", alone) in {
+        (p.entity, p.change_set) for p in report.staging_pruned}
+
+    result = job.execute_in_process(
+        instance=mirror.instance, partition_key=alone, raise_on_error=False,
+        asset_selection=[AssetKey(["raw", "accounts"])])
+    assert not result.success
+    message = failure_messages(result)
+    assert "StagingPrunedError" in message and "accounts's fetch" in message
+    assert f"Materialize staging/vin_vin_candidate_accountset for partition {alone}" in message
+    assert not (mirror.settings.archive_dir / "accounts" / alone).exists()

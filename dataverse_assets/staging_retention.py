@@ -1,0 +1,146 @@
+"""Staging retention: the staged rows of old, published change sets are deleted.
+
+Every change set's staged rows (typed columns and `json_response`) stay in `_staging__E` after
+it is published, so without retention the database holds every version ever fetched next to
+the mirror; a `full` entity (a junction table synced hourly) stages the whole table again every
+change set. `dataverse-assets compact` deletes the staged rows of change sets that nothing can
+need again, keeping each entity's newest `archive.staging_keep_change_sets` staged change sets.
+A change set's rows are deleted only when:
+
+- it is COMPLETE (published), and not among the entity's newest N staged change sets (the
+  newest one is what the `row_count` check and the next publish compare against);
+- every filtered entity that links from this entity is done with that change set: its own
+  fetch of it is archived or published, or it never began it, has moved past it and has no
+  retry queued or dead letter for it (a filtered entity's fetch reads the linking tables'
+  staged rows of the same change set).
+
+The `_staged` row stays, with `pruned_at` set, so the publish records keep their context and
+anything that would read the rows fails with a message instead of finding nothing: publishing
+the change set again, or a filtered entity's fetch of it. Materializing `staging/E` for that
+change set stages it again from the archive. Rebuild replays the archive and stages everything
+again; its canonical and history tables equal the mirror's whatever was pruned.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.config import EntitiesConfig, EntityConfig
+from dataverse_assets.store import (
+    quote_identifier,
+    staging_keys_table,
+    staging_table,
+    table_exists,
+    transaction,
+    utc_now_iso,
+)
+
+
+class StagingPrunedError(RuntimeError):
+    """The staged rows a step needs were deleted by staging retention."""
+
+
+@dataclass(frozen=True)
+class StagingPrune:
+    entity: str
+    change_set: str
+    rows: int
+
+
+def _filtered_readers(config: EntitiesConfig, entity: str) -> list[EntityConfig]:
+    return [e for e in config.entities
+            if e.filtered and any(link.entity == entity for link in e.linked_from)]
+
+
+def _has_row(connection: sqlite3.Connection, table: str, entity: str, change_set: str) -> bool:
+    if not table_exists(connection, table):
+        return False
+    return connection.execute(
+        f"SELECT 1 FROM {quote_identifier(table)} WHERE entity = ? AND change_set = ? LIMIT 1",
+        (entity, change_set)).fetchone() is not None
+
+
+def _done_with(connection: sqlite3.Connection, archive_dir: Path, reader: str,
+               change_set: str) -> bool:
+    """Can the filtered entity `reader` no longer need its linking tables' staging of it?"""
+    status = connection.execute(
+        "SELECT status FROM _publish_state WHERE entity = ? AND change_set = ?",
+        (reader, change_set)).fetchone()
+    if status is not None and status[0] == "COMPLETE":
+        return True
+    archive = ChangeSetArchive(archive_dir, reader, change_set)
+    if archive.is_complete():
+        return True  # its fetch is done: staging and publish read the archive, not the links
+    if status is not None or archive.path.exists():
+        return False  # begun and not finished
+    if any(_has_row(connection, table, reader, change_set)
+           for table in ("_retry_queue", "_dead_letter")):
+        return False  # a retry may fetch it yet
+    last = connection.execute(
+        "SELECT last_change_set FROM _sync_state WHERE entity = ?", (reader,)).fetchone()
+    return last is not None and last[0] is not None and last[0] > change_set
+
+
+def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
+                       archive_dir: str | Path, keep: int) -> list[StagingPrune]:
+    """The change sets whose staged rows may be deleted now, oldest first per entity."""
+    if keep < 1:
+        raise ValueError("staging retention keeps at least the newest change set")
+    archive_dir = Path(archive_dir)
+    if not table_exists(connection, "_staged") or not table_exists(connection, "_publish_state"):
+        return []
+    plan: list[StagingPrune] = []
+    for entity in config.entities:
+        if not table_exists(connection, staging_table(entity.name)):
+            continue
+        staged = connection.execute(
+            "SELECT s.change_set, s.rows, s.pruned_at, p.status FROM _staged s"
+            " LEFT JOIN _publish_state p ON p.entity = s.entity AND p.change_set = s.change_set"
+            " WHERE s.entity = ? ORDER BY s.change_set DESC", (entity.name,)).fetchall()
+        readers = _filtered_readers(config, entity.name)
+        for change_set, rows, pruned, status in reversed(staged[keep:]):
+            if pruned is not None or status != "COMPLETE":
+                continue
+            if all(_done_with(connection, archive_dir, r.name, change_set) for r in readers):
+                plan.append(StagingPrune(entity.name, change_set, rows))
+    return plan
+
+
+def prune_staged(connection: sqlite3.Connection, prune: StagingPrune) -> int:
+    """Delete one change set's staged rows (and its key-scan keys) and mark it pruned, in one
+    transaction. Returns the rows deleted."""
+    with transaction(connection):
+        deleted = connection.execute(
+            f"DELETE FROM {quote_identifier(staging_table(prune.entity))}"
+            " WHERE _change_set = ?", (prune.change_set,)).rowcount
+        keys = staging_keys_table(prune.entity)
+        if table_exists(connection, keys):
+            connection.execute(f"DELETE FROM {quote_identifier(keys)} WHERE _change_set = ?",
+                               (prune.change_set,))
+        connection.execute(
+            "UPDATE _staged SET pruned_at = ? WHERE entity = ? AND change_set = ?",
+            (utc_now_iso(), prune.entity, prune.change_set))
+    return deleted
+
+
+def pruned_at(connection: sqlite3.Connection, entity: str, change_set: str) -> str | None:
+    """When staging retention deleted this change set's staged rows, or None."""
+    row = connection.execute(
+        "SELECT pruned_at FROM _staged WHERE entity = ? AND change_set = ?",
+        (entity, change_set)).fetchone()
+    return row[0] if row is not None else None
+
+
+def refuse_if_pruned(connection: sqlite3.Connection, entity: str, change_set: str,
+                     purpose: str) -> None:
+    """Raise StagingPrunedError (saying what to do) when the staged rows are gone."""
+    when = pruned_at(connection, entity, change_set)
+    if when is not None:
+        raise StagingPrunedError(
+            f"{entity}: the staged rows of change set {change_set} were deleted by staging "
+            f"retention (`dataverse-assets compact`, at {when}), and {purpose} needs them. "
+            f"Materialize staging/{entity} for partition {change_set} to stage it again from "
+            "the archive, then retry.")
