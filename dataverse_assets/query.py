@@ -53,7 +53,7 @@ def modified_since_filter(watermark: str | None, column: str = "modifiedon", *,
     Dataverse stamps in whole seconds, so a record written in the watermark's second after
     the read that set it has the watermark's own stamp: `gt` would never return it. `ge`
     reads that second's records again; unchanged, they publish as nothing. `inclusive=False`
-    (`gt`) is for probes that must not see the records already read as new.
+    gives `gt`.
     """
     if watermark is None:
         return None

@@ -85,7 +85,7 @@ async def _changed_since_watermark(session: SourceSession, entity: EntityConfig,
             return True
         if any(r.get("modifiedon") != watermark for r in records):
             return True
-        ids = [str(r.get(primary_key)).lower() for r in records]
+        ids = [str(r.get(primary_key)) for r in records]  # as staging keys them
         known = mirrored_etags(entity.name, primary_key, ids) if ids else {}
         for key, record in zip(ids, records, strict=True):
             if key not in known:
@@ -101,28 +101,21 @@ def canonical_etags(store: MirrorStore) -> MirroredEtags:
     """The `@odata.etag` of the mirrored version of each id (ids not mirrored are left out)."""
 
     def lookup(entity: str, primary_key: str, ids: list[str]) -> dict[str, str | None]:
+        column = quote_identifier(primary_key)
         with store.connection() as connection:
-            found: dict[str, str | None] = {}
-            for key in ids:
-                row = connection.execute(
-                    f"SELECT json_extract(json_response, '$.\"@odata.etag\"')"
-                    f" FROM {quote_identifier(entity)} WHERE {quote_identifier(primary_key)} = ?",
-                    (key,)).fetchone()
-                if row is not None:
-                    found[key] = row[0]
-            return found
+            return dict(connection.execute(
+                f"SELECT {column}, json_extract(json_response, '$.\"@odata.etag\"')"
+                f" FROM {quote_identifier(entity)}"
+                f" WHERE {column} IN ({', '.join('?' * len(ids))})", ids))
 
     return lookup
 
 
 async def probe_entity(session: SourceSession, entity: EntityConfig, state: SyncState | None,
-                       primary_key: str | None,
-                       mirrored_etags: MirroredEtags | None = None) -> bool | None:
+                       primary_key: str | None, mirrored_etags: MirroredEtags) -> bool | None:
     """Has the entity changed since it was last published? One small request, no paging.
 
     None: cannot be probed cheaply (full snapshots: they run on their schedule).
-    Without `mirrored_etags`, a watermark probe asks only for records stamped after the
-    watermark (`gt`), and misses a write in the watermark's own second.
     """
     if state is None or state.last_change_set is None:
         return True  # never synced
@@ -130,12 +123,8 @@ async def probe_entity(session: SourceSession, entity: EntityConfig, state: Sync
         return await _first_page_has_rows(
             session, entity.name, PageQuery(page_size=1, track_changes=True), state.delta_token)
     if state.watermark and primary_key:
-        if mirrored_etags is not None:
-            return await _changed_since_watermark(session, entity, state.watermark,
-                                                  primary_key, mirrored_etags)
-        return await _first_page_has_rows(session, entity.name, PageQuery(
-            select=(primary_key,), filter=modified_since_filter(state.watermark, inclusive=False),
-            page_size=1))
+        return await _changed_since_watermark(session, entity, state.watermark, primary_key,
+                                              mirrored_etags)
     if state.mode in SNAPSHOT_MODES:
         return None
     return True

@@ -696,9 +696,8 @@ class DataverseSimulator:
         """
         with self.lock:
             real = datetime.now(UTC).replace(microsecond=0)
-            floor = self._last_issued + timedelta(seconds=1) if self.strict_clock else (
-                self._last_issued)
-            stamp = max(real, floor)
+            step = timedelta(seconds=1 if self.strict_clock else 0)
+            stamp = max(real, self._last_issued + step)
             self._last_issued = stamp
             return stamp
 
