@@ -23,7 +23,6 @@ import orjson
 from dataverse_assets.faults import fault_point
 from dataverse_assets.schema import Column, EntitySchema, json_bytes
 from dataverse_assets.staging import count_staged
-from dataverse_assets.staging_retention import pruned_at
 from dataverse_assets.store import (
     StorageError,
     database_path,
@@ -707,6 +706,8 @@ def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
     ]
     bulk = _is_bulk_create(connection, entity, change_set)
     if bulk:
+        from dataverse_assets.staging_retention import pruned_at  # it imports this module
+
         lines.append("(into an empty table: every staged record is a create)")
         if pruned_at(connection, entity, change_set) is not None:
             lines.append("(its staged rows were deleted by staging retention, so the creates "

@@ -29,8 +29,10 @@ from pathlib import Path
 
 from dataverse_assets.archive import ChangeSetArchive
 from dataverse_assets.config import EntitiesConfig, EntityConfig
+from dataverse_assets.publish import publish_status
 from dataverse_assets.store import (
     quote_identifier,
+    read_sync_state,
     staging_keys_table,
     staging_table,
     table_exists,
@@ -66,10 +68,8 @@ def _has_row(connection: sqlite3.Connection, table: str, entity: str, change_set
 def _done_with(connection: sqlite3.Connection, archive_dir: Path, reader: str,
                change_set: str) -> bool:
     """Can the filtered entity `reader` no longer need its linking tables' staging of it?"""
-    status = connection.execute(
-        "SELECT status FROM _publish_state WHERE entity = ? AND change_set = ?",
-        (reader, change_set)).fetchone()
-    if status is not None and status[0] == "COMPLETE":
+    status = publish_status(connection, reader, change_set)
+    if status == "COMPLETE":
         return True
     archive = ChangeSetArchive(archive_dir, reader, change_set)
     if archive.is_complete():
@@ -79,9 +79,9 @@ def _done_with(connection: sqlite3.Connection, archive_dir: Path, reader: str,
     if any(_has_row(connection, table, reader, change_set)
            for table in ("_retry_queue", "_dead_letter")):
         return False  # a retry may fetch it yet
-    last = connection.execute(
-        "SELECT last_change_set FROM _sync_state WHERE entity = ?", (reader,)).fetchone()
-    return last is not None and last[0] is not None and last[0] > change_set
+    state = read_sync_state(connection, reader)
+    return state is not None and state.last_change_set is not None and (
+        state.last_change_set > change_set)
 
 
 def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
