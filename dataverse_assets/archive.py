@@ -14,11 +14,19 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
+
+from dataverse_assets.names import (
+    change_set_order,
+    check_change_set_key,
+    check_entity_name,
+    is_change_set_key,
+)
 
 MANIFEST = "manifest.json"
 REQUEST = "request.json"
@@ -28,6 +36,31 @@ COMPACTED_PARTS = "pages-*-of-*.parquet"
 
 class ArchiveError(Exception):
     """The archive is missing something a step needs; the message says which change set."""
+
+
+class ArchivePathError(ArchiveError):
+    """A change set's folder would not be inside the archive root; nothing was touched."""
+
+
+class CorruptArchiveError(ArchiveError):
+    """A file of an archived change set cannot be read (a bad gzip CRC, a truncated file, a
+    body that is not an OData page, a broken manifest); the message names the entity, the
+    change set and the file."""
+
+
+class DamagedPage(ValueError):
+    """Page `number` cannot be used; `problem` says why. Whoever knows the change set turns it
+    into a CorruptArchiveError (it crosses from staging worker processes, so it pickles)."""
+
+    def __init__(self, number: int, problem: str) -> None:
+        super().__init__(number, problem)
+        self.number = number
+        self.problem = problem
+
+
+# What reading a damaged gzip file raises (a missing file is not damage: FileNotFoundError
+# passes, a compaction may have replaced the page files meanwhile).
+_DAMAGED_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -43,10 +76,25 @@ class ChangeSetArchive:
     """One entity's change set in the archive."""
 
     def __init__(self, root: str | os.PathLike[str], entity: str, change_set: str) -> None:
+        # Both become path segments: `../..` as a key once made a fetch delete the folder
+        # above the archive. Only the documented formats are taken.
         self.root = Path(root)
-        self.entity = entity
-        self.change_set = change_set
+        self.entity = check_entity_name(entity)
+        self.change_set = check_change_set_key(change_set)
         self.path = self.root / entity / change_set
+
+    def checked_path(self) -> Path:
+        """The folder, after checking that it resolves inside the archive root (a symlinked
+        entity or change-set folder could point anywhere): called before any write or
+        delete."""
+        root = self.root.resolve()
+        resolved = self.path.resolve()
+        if resolved != root / self.entity / self.change_set:
+            raise ArchivePathError(
+                f"{self.entity}: change set {self.change_set}: its archive folder {self.path} "
+                f"resolves to {resolved}, outside the archive root {root} (a symbolic link?); "
+                "refusing to write or delete there. Replace the link with a real folder")
+        return resolved
 
     @property
     def manifest_path(self) -> Path:
@@ -57,9 +105,10 @@ class ChangeSetArchive:
 
     def start(self) -> None:
         """Begin writing: a partial folder from a failed fetch is discarded."""
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        path = self.checked_path()
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
 
     def write_page(self, number: int, body: bytes) -> int:
         """Store one response body verbatim (gzip level 1: cheap, ~8x smaller). Returns bytes."""
@@ -85,7 +134,43 @@ class ChangeSetArchive:
                 f"{self.entity}: change set {self.change_set} has no complete archive at "
                 f"{self.path}; materialize raw/{self.entity} for it first"
             )
-        return orjson.loads(self.manifest_path.read_bytes())
+        try:
+            manifest = orjson.loads(self.manifest_path.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise self.corrupt(MANIFEST, f"is not valid JSON ({exc})") from None
+        if not (isinstance(manifest, dict) and isinstance(manifest.get("mode"), str)
+                and isinstance(manifest.get("summary"), dict)
+                and isinstance(manifest.get("pages", []), list)):
+            raise self.corrupt(MANIFEST, "is not a change-set manifest (its mode, summary or "
+                               "pages are missing or of the wrong type)")
+        return manifest
+
+    def corrupt(self, file: str, problem: str) -> CorruptArchiveError:
+        """The error for a damaged file of this change set (one line: entity, change set,
+        file, what is wrong, what to do)."""
+        problem = " ".join(problem.split())  # one line, whatever the reader said
+        return CorruptArchiveError(
+            f"{self.entity}: change set {self.change_set}: {self.path / file} {problem}; "
+            "restore the file from a backup, or leave the change set out (`dataverse-assets "
+            "rebuild --skip-corrupt` replays the others and reports it)")
+
+    def iter_page_records(self) -> Iterator[tuple[dict, list[dict]]]:
+        """(the manifest's entry for the page, its records) for each page, in order."""
+        pages = self.manifest().get("pages", [])
+        for number, body in enumerate(self.iter_page_bodies(), start=1):
+            page = pages[number - 1] if number <= len(pages) else {}
+            try:
+                records = page_records(body, page.get("shape", "collection"), number)
+            except DamagedPage as exc:
+                raise self.corrupt(self.page_file(number), exc.problem) from None
+            yield page, records
+
+    def page_file(self, number: int) -> str:
+        """The name of the file that holds page `number` (a page file, or a Parquet part)."""
+        if not self.is_compacted():
+            return f"page-{number:05d}.json.gz"
+        parts = self.compacted_parts()
+        return f"{parts[0].name}..{parts[-1].name} (page {number})"
 
     def page_paths(self) -> list[Path]:
         return sorted(self.path.glob("page-*.json.gz"))
@@ -113,7 +198,7 @@ class ChangeSetArchive:
             # The next page is read and unzipped on a thread (zlib releases the GIL) while the
             # caller parses this one: two bodies in memory at most.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-read") as pool:
-                ahead = pool.submit(read_gzip, paths[0]) if paths else None
+                ahead = pool.submit(read_page_file, paths[0], 1) if paths else None
                 for number in range(len(paths)):
                     try:
                         body = ahead.result()
@@ -121,7 +206,9 @@ class ChangeSetArchive:
                         if not self.is_compacted():
                             raise
                         break  # compacted while we read: go on from the Parquet parts
-                    ahead = (pool.submit(read_gzip, paths[number + 1])
+                    except DamagedPage as exc:
+                        raise self.corrupt(paths[number].name, exc.problem) from None
+                    ahead = (pool.submit(read_page_file, paths[number + 1], number + 2)
                              if number + 1 < len(paths) else None)
                     read += 1
                     yield body
@@ -137,9 +224,35 @@ def read_gzip(path: Path) -> bytes:
     return gzip.decompress(path.read_bytes())
 
 
+def read_page_file(path: Path, number: int) -> bytes:
+    """A page file's body; DamagedPage when the file is damaged (a missing file raises
+    FileNotFoundError: compaction may have replaced it)."""
+    try:
+        return read_gzip(path)
+    except _DAMAGED_GZIP as exc:
+        raise DamagedPage(number, f"cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def page_records(body: bytes, shape: str, number: int) -> list[dict]:
+    """The records of one archived page: an OData page's `value`, or one record (shape
+    "record"); DamagedPage when the body is neither."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise DamagedPage(number, f"is not valid JSON ({exc})") from None
+    records = [payload] if shape == "record" else (
+        payload.get("value") if isinstance(payload, dict) else None)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DamagedPage(number, "is not an OData page (no 'value' list of record objects)")
+    return records
+
+
 def list_change_sets(root: str | os.PathLike[str], entity: str) -> list[str]:
-    """Complete change sets of an entity, oldest first (keys sort chronologically)."""
-    folder = Path(root) / entity
+    """Complete change sets of an entity, oldest first (by the time their keys encode).
+    A folder whose name is not a change-set key is not a change set: it is left alone."""
+    folder = Path(root) / check_entity_name(entity)
     if not folder.exists():
         return []
-    return sorted(p.name for p in folder.iterdir() if (p / MANIFEST).exists())
+    return sorted((p.name for p in folder.iterdir()
+                   if is_change_set_key(p.name) and (p / MANIFEST).exists()),
+                  key=change_set_order)

@@ -21,7 +21,8 @@ from dataverse_assets import steps
 from dataverse_assets.checks import canonical_check_specs, evaluate_canonical_checks
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.fetch import FetchSummary
-from dataverse_assets.partitions import change_sets_partitions
+from dataverse_assets.names import check_change_set_key
+from dataverse_assets.partitions import PARTITION_NOTE, change_sets_partitions
 from dataverse_assets.progress import fetch_reporter
 from dataverse_assets.publish import canonical_row_count, read_publish_state
 from dataverse_assets.resources import MirrorStore, RawChangeSet
@@ -62,12 +63,13 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
         kinds={"dataverse", "json"},
         description=(
             f"Raw API responses of {name} for one change set, archived verbatim.\n\n"
-            f"{description}"
+            f"{description}\n\n{PARTITION_NOTE}"
         ),
     )
     def raw(context: AssetExecutionContext, config: RawConfig, source: DataverseSource,
             store: MirrorStore) -> Output[RawChangeSet]:
-        change_set = context.partition_key
+        # Checked before anything else: the key becomes the archive folder's name.
+        change_set = check_change_set_key(context.partition_key)
         # Pages, rows, rows/s and ETA to the run's log every few seconds (not every page).
         progress = fetch_reporter(name, change_set, context.log.info)
         # The archive directory and the sync state are the entity's: one run at a time.
@@ -96,7 +98,7 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
         kinds={"sqlite"},
         description=(
             f"{name} records of one change set, parsed into typed columns plus json_response, "
-            "in the staging table."
+            f"in the staging table.\n\n{PARTITION_NOTE}"
         ),
     )
     def staging(context: AssetExecutionContext, store: MirrorStore,
@@ -119,7 +121,7 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
         description=(
             f"The mirror of {name}: one row per record with typed columns, json_response, "
             f"sync_time, valid_from and updated_at; old versions in {name}__history.\n\n"
-            f"{description}"
+            f"{description}\n\n{PARTITION_NOTE}"
         ),
     )
     def canonical(context: AssetExecutionContext, store: MirrorStore,

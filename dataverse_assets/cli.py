@@ -7,6 +7,7 @@ runs against the persistent instance in DAGSTER_HOME), so the UI shows what the 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 from datetime import datetime
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import orjson
 
+from dataverse_assets.archive import ArchiveError
 from dataverse_assets.config import PROJECT_ROOT, ConfigError, load_settings
+from dataverse_assets.names import (
+    InvalidNameError,
+    check_change_set_key,
+    check_column_name,
+    check_entity_name,
+    check_record_id,
+)
 from dataverse_assets.progress import (
     TERMINAL_INTERVAL_SECONDS,
     ProgressReporter,
@@ -22,6 +31,7 @@ from dataverse_assets.progress import (
     ProgressUpdate,
     listening,
 )
+from dataverse_assets.store import StorageError
 
 
 def _instance():
@@ -36,6 +46,18 @@ def _instance():
         # A project-local instance: no telemetry calls from a mirror that runs offline.
         settings_file.write_text("telemetry:\n  enabled: false\n")
     return DagsterInstance.get()
+
+
+def _configured_entity(config, name: str):
+    """The entity's config, or a ConfigError naming it (with the closest configured names)."""
+    check_entity_name(name)
+    try:
+        return config.entity(name)
+    except KeyError:
+        names = [e.name for e in config.entities]
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; the entities are {names}"
+        raise ConfigError(f"unknown entity {name!r}{hint}") from None
 
 
 def new_change_set_key(instance, group: str, now: datetime | None = None) -> str:
@@ -69,12 +91,23 @@ def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
                 "updated": published.get("updated", 0),
                 "deleted": published.get("deleted", 0),
                 "unchanged": published.get("unchanged", 0),
+                "stale": published.get("stale", 0),
                 "pages": fetched.get("pages", 0),
                 "seconds": round(fetched.get("seconds", 0) + published.get("seconds", 0), 2),
             })
         return rows
     finally:
         connection.close()
+
+
+def _warn_stale(rows: list[dict], change_set: str) -> None:
+    """Stale records were older than the mirror's version and were not applied: say so."""
+    for row in rows:
+        if row.get("stale"):
+            print(f"warning: {row['entity']}: {row['stale']} record(s) of change set "
+                  f"{change_set} were older than the mirrored version and were not applied "
+                  f"(stale); see `dataverse-assets plan show {row['entity']} {change_set}`",
+                  file=sys.stderr)
 
 
 def _print_table(rows: list[dict]) -> None:
@@ -112,7 +145,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
             )
         entities = [e.name for e in config.entities_in_group(group)]
-        _print_table(_summary_rows(settings, key, entities))
+        rows = _summary_rows(settings, key, entities)
+        _print_table(rows)
+        _warn_stale(rows, key)
         if not result.success:
             failed = True
             _print_failures(result)
@@ -134,6 +169,9 @@ def cmd_plan_show(args: argparse.Namespace) -> int:
     from dataverse_assets.store import connect
 
     settings = load_settings()
+    # The database's plans, also of entities no longer configured: the format is checked.
+    check_entity_name(args.entity)
+    check_change_set_key(args.change_set)
     connection = connect(settings.db_path)
     try:
         print(render_plan(connection, args.entity, args.change_set, args.max_rows))
@@ -151,11 +189,9 @@ def _run_entities(settings, instance, group: str, key: str, entities: list[str],
     from dagster import AssetKey
 
     from dataverse_assets.definitions import build_definitions, sync_job_name
-    from dataverse_assets.partitions import change_sets_partitions
+    from dataverse_assets.partitions import add_change_sets
 
-    partitions_name = change_sets_partitions(group).name
-    if not instance.has_dynamic_partition(partitions_name, key):
-        instance.add_dynamic_partitions(partitions_name, [key])
+    add_change_sets(instance, group, [key])
     defs = build_definitions(settings)
     job = defs.resolve_job_def(sync_job_name(group))
     selection = [AssetKey([layer, e]) for e in entities
@@ -181,16 +217,23 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     them), as their own change set."""
     settings = load_settings()
     config = settings.entities
-    try:
-        entity = config.entity(args.entity)
-    except KeyError:
-        raise ConfigError(f"{args.entity!r} is not a configured entity") from None
+    entity = _configured_entity(config, args.entity)
+    for record_id in args.id:  # refused before any run starts
+        try:
+            check_record_id(record_id)
+        except InvalidNameError as exc:
+            raise ConfigError(f"--id: {exc}") from None
     op_config = {f"raw__{entity.name}": {"ids": args.id}}
     entities = [entity.name]
     for spec in args.with_linked or []:
         other, _, column = spec.partition(":")
-        if not column or other not in {e.name for e in config.entities}:
+        if not column:
             raise ConfigError(f"--with {spec!r}: expected <configured entity>:<lookup column>")
+        try:
+            _configured_entity(config, other)
+            check_column_name(column)  # it goes into the linked table's $filter
+        except (ConfigError, InvalidNameError) as exc:
+            raise ConfigError(f"--with {spec!r}: {exc}") from None
         if config.entity(other).group != entity.group:
             raise ConfigError(f"--with {spec!r}: {other} is not in group {entity.group!r}")
         op_config[f"raw__{other}"] = {"ids": args.id, "lookup_column": column}
@@ -199,7 +242,9 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     key = new_change_set_key(instance, entity.group)
     print(f"targeted refresh as change set {key} ({entity.group})")
     result = _run_entities(settings, instance, entity.group, key, entities, op_config)
-    _print_table(_summary_rows(settings, key, entities))
+    rows = _summary_rows(settings, key, entities)
+    _print_table(rows)
+    _warn_stale(rows, key)
     if not result.success:
         _print_failures(result)
         return 1
@@ -230,6 +275,8 @@ def cmd_issues(args: argparse.Namespace) -> int:
     from dataverse_assets.store import connect
 
     settings = load_settings()
+    if args.entity is not None:
+        check_entity_name(args.entity)
     connection = connect(settings.db_path)
     try:
         issues = list_issues(connection, args.entity, args.limit)
@@ -278,6 +325,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             print(f"dropped dead letter {args.id} ({letter['entity']} {letter['change_set']})")
             return 0
         # requeue: publish the change set again now, through Dagster.
+        check_change_set_key(letter["change_set"])
         dead_letters.set_dead_letter_status(connection, args.id, "requeued")
     finally:
         connection.close()
@@ -454,6 +502,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
             # A long entity shows records replayed, rows/s and ETA every few seconds.
             progress_for=lambda entity: ProgressReporter(entity, "rebuild", [ProgressSink(
                 _print_progress, TERMINAL_INTERVAL_SECONDS, final_only_after_progress=True)]),
+            skip_corrupt=args.skip_corrupt,
         )
     except RebuildError as exc:
         print(f"rebuild: {exc}", file=sys.stderr)
@@ -461,6 +510,13 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     print()
     _print_table(report.rows_table())
     print(report.lines()[-1])
+    for skipped in report.skipped:
+        print(f"skipped {skipped.entity} {skipped.change_set} (damaged, --skip-corrupt): "
+              f"{skipped.reason}", file=sys.stderr)
+    if report.skipped:
+        print(f"warning: {len(report.skipped)} change set(s) left out: {args.into} holds "
+              "everything else; it differs from the mirror where they made changes",
+              file=sys.stderr)
     return 0
 
 
@@ -514,6 +570,9 @@ def _add_archive_commands(commands, change_set_commands) -> None:
         "rebuild", help="replay every archived change set into a new database")
     rebuild.add_argument("--into", required=True, type=Path, help="the new database file")
     rebuild.add_argument("--force", action="store_true", help="replace an existing file")
+    rebuild.add_argument("--skip-corrupt", action="store_true",
+                         help="leave out change sets with a damaged archive file (reported) "
+                         "instead of stopping at the first")
     rebuild.set_defaults(handler=cmd_rebuild)
     compact = commands.add_parser(
         "compact", help="merge old page files into Parquet and apply the retention rule")
@@ -603,6 +662,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except InvalidNameError as exc:  # a key, name or id typed on the command line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StorageError, ArchiveError) as exc:  # the database or archive cannot be used
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from tenacity import (
 
 from dataverse_assets.auth import API_PATH, AuthenticationError, ClientCredentials
 from dataverse_assets.key_ranges import KeyRange, key_ranges, range_query
-from dataverse_assets.query import PageQuery, is_guid
+from dataverse_assets.names import is_guid
+from dataverse_assets.query import PageQuery
 
 ODATA_HEADERS = {
     "Accept": "application/json",

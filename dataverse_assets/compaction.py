@@ -70,10 +70,13 @@ def iter_compacted_bodies(archive: ChangeSetArchive, first_page: int = 1) -> Ite
     expected = first_page
     with _duckdb() as connection:
         for part in archive.compacted_parts():
-            connection.execute(
-                "SELECT page_number, body FROM read_parquet(?) WHERE page_number >= ?",
-                [str(part), first_page])
-            while rows := connection.fetchmany(16):
+            try:
+                connection.execute(
+                    "SELECT page_number, body FROM read_parquet(?) WHERE page_number >= ?",
+                    [str(part), first_page])
+            except duckdb.Error as exc:
+                raise archive.corrupt(part.name, f"cannot be read ({exc})") from None
+            while rows := _next_rows(connection, archive, part):
                 for number, body in rows:
                     if number != expected:
                         raise ArchiveError(
@@ -81,6 +84,14 @@ def iter_compacted_bodies(archive: ChangeSetArchive, first_page: int = 1) -> Ite
                             f"has page {number} where page {expected} belongs")
                     expected += 1
                     yield body
+
+
+def _next_rows(connection: duckdb.DuckDBPyConnection, archive: ChangeSetArchive,
+               part: Path) -> list[tuple]:
+    try:
+        return connection.fetchmany(16)
+    except duckdb.Error as exc:  # a part damaged past its footer
+        raise archive.corrupt(part.name, f"cannot be read ({exc})") from None
 
 
 # -- compaction -----------------------------------------------------------------------------
@@ -129,6 +140,7 @@ def compact_change_set(archive: ChangeSetArchive, *, zstd_level: int = 9,
     """Merge a complete change set's page files into checked Parquet parts, then delete the
     page files. None when there is nothing to do (no pages, or compacted already)."""
     manifest = archive.manifest()
+    archive.checked_path()  # it writes parts there and deletes page files
     if archive.is_compacted():
         for leftover in archive.page_paths():  # a run that stopped before deleting them
             leftover.unlink()
@@ -242,9 +254,10 @@ def plan_retention(archive_dir: Path, entity: str, policy: ArchiveConfig,
 
 def delete_change_set(archive: ChangeSetArchive) -> int:
     """Remove a change set from the archive (manifest first: never a half-complete one)."""
-    size = folder_bytes(archive.path)
+    path = archive.checked_path()
+    size = folder_bytes(path)
     archive.manifest_path.unlink()
-    shutil.rmtree(archive.path)
+    shutil.rmtree(path)
     return size
 
 

@@ -91,15 +91,11 @@ def live_schema(archive: ChangeSetArchive, primary_key: str) -> tuple[EntitySche
     definition = archive.read_json(ENTITY_DEFINITION)
     if isinstance(definition, dict) and definition.get("Attributes"):
         return schema_from_metadata(archive.entity, definition, primary_key), "metadata"
-    pages = archive.manifest().get("pages", [])
     types: dict[str, str | None] = {}
     records_seen = 0
-    for number, body in enumerate(archive.iter_page_bodies(), start=1):
-        page = pages[number - 1] if number <= len(pages) else {}
+    for page, records in archive.iter_page_records():
         if page.get("kind") == "keys":
             continue  # a key-only scan selects one column: it says nothing about the rest
-        payload = orjson.loads(body)
-        records = [payload] if page.get("shape") == "record" else payload.get("value", [])
         records = [r for r in records if not is_deleted_entity(r)]
         records_seen += len(records)
         observed_types(records, types)

@@ -29,11 +29,11 @@ from dataverse_assets.client import DataverseError, DataverseRequestError
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.faults import fault_point
 from dataverse_assets.key_ranges import ranged_watermark
+from dataverse_assets.names import InvalidNameError, check_column_name, is_guid
 from dataverse_assets.progress import FetchProgress
 from dataverse_assets.query import (
     PageQuery,
     id_filter_batches,
-    is_guid,
     modified_since_filter,
     parse_datetime,
 )
@@ -256,6 +256,8 @@ def plan_targeted_fetch(entity: EntityConfig, change_set: str, definition: dict 
     """A targeted refresh: records by id (missing ones asked one by one: 404 -> defunct), or
     the records whose `lookup_column` names one of the ids."""
     pk = primary_key_for(entity, definition)
+    if lookup_column is not None:
+        _check_lookup_column(entity, definition, lookup_column)
     column = lookup_column or pk
     not_guids = [i for i in ids if not is_guid(i)]
     if not_guids:
@@ -269,6 +271,25 @@ def plan_targeted_fetch(entity: EntityConfig, change_set: str, definition: dict 
                         expected_ids=[] if lookup_column else ids,
                         reason=f"targeted refresh of {len(ids)} id(s)"
                         + (f" through {lookup_column}" if lookup_column else ""))
+
+
+def _check_lookup_column(entity: EntityConfig, definition: dict | None, column: str) -> None:
+    """A targeted refresh's lookup column goes into `$filter` unquoted: only a column name,
+    and (with metadata) one of the table's (a lookup's row name is `_<attribute>_value`)."""
+    try:
+        check_column_name(column)
+    except InvalidNameError as exc:
+        raise FetchConfigError(f"{entity.name}: lookup column {exc}") from None
+    names = attribute_names(definition)
+    attribute = column[1:-len("_value")] if column.startswith("_") and column.endswith(
+        "_value") else column
+    if names and column not in names and attribute not in names:
+        close = difflib.get_close_matches(
+            column, sorted(names | {f"_{n}_value" for n in names}), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise FetchConfigError(f"{entity.name} has no column {column!r}{hint}; a targeted "
+                               "refresh through a lookup names the lookup column, e.g. "
+                               "_parentcustomerid_value")
 
 
 def resync_request(request: FetchRequest, page_size: int) -> FetchRequest:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from dataverse_assets.query import PageQuery, is_guid
+from dataverse_assets.names import is_guid
+from dataverse_assets.query import PageQuery
 
 GUID_SPACE = 1 << 128
 

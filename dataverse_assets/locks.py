@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dataverse_assets.store import connect, transaction, utc_now_iso
+from dataverse_assets.store import connect, storage_errors, transaction, utc_now_iso
 
 DEFAULT_WAIT_SECONDS = 600.0
 DEFAULT_STALE_AFTER_SECONDS = 6 * 3600.0
@@ -83,6 +83,13 @@ def stale_reason(holder: LockHolder, stale_after_seconds: float) -> str | None:
     return None
 
 
+def is_held(connection: sqlite3.Connection, entity: str,
+            stale_after_seconds: float = DEFAULT_STALE_AFTER_SECONDS) -> bool:
+    """Whether a live run holds the entity's lock (a step of it is working on the entity)."""
+    holder = read_lock(connection, entity)
+    return holder is not None and stale_reason(holder, stale_after_seconds) is None
+
+
 def read_lock(connection: sqlite3.Connection, entity: str) -> LockHolder | None:
     row = connection.execute(
         "SELECT entity, owner, pid, host, purpose, acquired_at FROM _locks WHERE entity = ?",
@@ -121,7 +128,8 @@ def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
         while True:
             me = LockHolder(entity, owner, os.getpid(), socket.gethostname(), purpose,
                             utc_now_iso())
-            holder = _try_acquire(connection, me, stale_after_seconds, warn)
+            with storage_errors(db_path, f"taking the lock of {entity} for its {purpose}"):
+                holder = _try_acquire(connection, me, stale_after_seconds, warn)
             if holder is None:
                 break
             if waited_for is None:
@@ -140,7 +148,9 @@ def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
         try:
             yield me
         finally:
-            with transaction(connection):
+            with storage_errors(db_path, f"releasing the lock of {entity}",
+                                "the lock stays until this process has ended; the next run "
+                                "then takes it over"), transaction(connection):
                 connection.execute("DELETE FROM _locks WHERE entity = ? AND owner = ? AND pid = ?",
                                    (entity, me.owner, me.pid))
     finally:

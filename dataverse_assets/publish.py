@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import orjson
 
 from dataverse_assets.faults import fault_point
+from dataverse_assets.names import KEY_GLOB
 from dataverse_assets.schema import Column, EntitySchema, json_bytes
 from dataverse_assets.staging import count_staged
 from dataverse_assets.store import (
@@ -57,6 +58,10 @@ STABLE_INDEXED_COLUMNS = ("createdon",)
 NOCASE_SUFFIX = "__pk_nocase"
 DEFAULT_CHUNK_ROWS = 50_000
 PLAN_KINDS = ("create", "update", "delete", "unchanged", "stale", "delete_unknown")
+# A canonical row `c` written by a change set newer than :cs. Keys have one fixed width, so
+# their text order is their time order; a row an older version wrote under a key that is not
+# one (any partition key was taken then) is never newer.
+_WRITTEN_IN_NEWER = "c._change_set > :cs AND c._change_set GLOB :key_glob"
 
 PLAN_DDL = """
 CREATE TABLE IF NOT EXISTS _publish_plan (
@@ -200,7 +205,7 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
         # Newer data is never overwritten by an older change set: modifiedon decides where
         # both have one, the change set order decides otherwise.
         newer_in_canonical = (
-            "(c._change_set > :cs OR (s._modifiedon IS NOT NULL AND c.valid_from IS NOT NULL"
+            f"(({_WRITTEN_IN_NEWER}) OR (s._modifiedon IS NOT NULL AND c.valid_from IS NOT NULL"
             " AND s._modifiedon < c.valid_from))"
         )
         # Each update's changed fields are computed in the same pass (a SQL function over
@@ -220,7 +225,7 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             f"  ELSE 'update' END AS kind, c.json_response AS old, s.json_response AS new"
             f" FROM {staging} s LEFT JOIN {entity} c ON c.{pk} = s._pk"
             f" WHERE s._change_set = :cs)",
-            {"entity": schema.entity, "cs": change_set},
+            {"entity": schema.entity, "cs": change_set, "key_glob": KEY_GLOB},
         )
         fault_point("publish.mid_plan")
         if full_snapshot:
@@ -228,9 +233,9 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             connection.execute(
                 f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
                 f" SELECT :entity, :cs, c.{pk}, 'delete' FROM {entity} c"
-                f" WHERE c._change_set <= :cs AND NOT EXISTS (SELECT 1 FROM {staging} s"
+                f" WHERE NOT ({_WRITTEN_IN_NEWER}) AND NOT EXISTS (SELECT 1 FROM {staging} s"
                 f"  WHERE s._change_set = :cs AND s._pk = c.{pk})",
-                {"entity": schema.entity, "cs": change_set},
+                {"entity": schema.entity, "cs": change_set, "key_glob": KEY_GLOB},
             )
         elif reconciled:
             # Key-only scan: a mirrored row whose key the source no longer lists is deleted,
@@ -238,12 +243,12 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             connection.execute(
                 f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
                 f" SELECT :entity, :cs, c.{pk}, 'delete' FROM {entity} c"
-                f" WHERE c._change_set <= :cs"
+                f" WHERE NOT ({_WRITTEN_IN_NEWER})"
                 f" AND NOT EXISTS (SELECT 1 FROM {keys} k WHERE k._change_set = :cs"
                 f"  AND k._pk = c.{pk})"
                 f" AND NOT EXISTS (SELECT 1 FROM {staging} s WHERE s._change_set = :cs"
                 f"  AND s._pk = c.{pk})",
-                {"entity": schema.entity, "cs": change_set},
+                {"entity": schema.entity, "cs": change_set, "key_glob": KEY_GLOB},
             )
         counts = {kind: 0 for kind in PLAN_KINDS}
         counts.update(connection.execute(
@@ -624,7 +629,7 @@ def publish_change_set(
             # The same full disk or read-only file refuses the FAILED record too; the error
             # below must still say what happened (not "disk full while recording a failure").
         if problem is not None:
-            raise _storage_error(connection, schema.entity, change_set, problem, exc) from exc
+            raise _storage_error(connection, schema.entity, change_set, problem, exc) from None
         raise
     finally:
         connection.execute("DROP TABLE IF EXISTS temp._chunk")

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataverse_assets import steps
-from dataverse_assets.archive import list_change_sets
+from dataverse_assets.archive import CorruptArchiveError, list_change_sets
 from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.names import change_set_order
 from dataverse_assets.progress import FetchProgress, ProgressReporter
 from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.resources import MirrorStore
@@ -46,11 +47,21 @@ class EntityRebuild:
         return self.rows / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class SkippedChangeSet:
+    """A change set `rebuild --skip-corrupt` left out, and why."""
+
+    entity: str
+    change_set: str
+    reason: str
+
+
 @dataclass
 class RebuildReport:
     into: Path
     archive_dir: Path
     entities: list[EntityRebuild] = field(default_factory=list)
+    skipped: list[SkippedChangeSet] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -97,13 +108,18 @@ def rebuild(
     live_db_path: str | os.PathLike[str] | None = None,
     on_entity: Callable[[EntityRebuild], None] | None = None,
     progress_for: Callable[[str], ProgressReporter] | None = None,
+    skip_corrupt: bool = False,
 ) -> RebuildReport:
     """Replay every complete archived change set of every configured entity, oldest first,
     into a fresh database at `into_db_path` (built beside it, moved into place at the end).
 
     `progress_for(entity)` gives the reporter that follows that entity's replay: it is told
     the pages and records replayed after each change set, against the total the manifests
-    record, so a long rebuild shows rows/s and an ETA."""
+    record, so a long rebuild shows rows/s and an ETA.
+
+    A damaged archive file (CorruptArchiveError) stops the rebuild with that one line and
+    nothing written, unless `skip_corrupt`: then its change set is left out (nothing of it is
+    staged or published; the report lists it) and the rebuild goes on."""
     archive_dir = Path(archive_dir)
     into = Path(into_db_path)
     if not archive_dir.is_dir():
@@ -121,21 +137,29 @@ def rebuild(
             entity_started = time.perf_counter()
             change_sets = list_change_sets(archive_dir, entity.name)
             reporter = progress_for(entity.name) if progress_for is not None else None
-            summaries = ({key: store.archive(entity.name, key).manifest().get("summary", {})
-                          for key in change_sets} if reporter is not None else {})
+            summaries = ({key: _summary(store, entity.name, key) for key in change_sets}
+                         if reporter is not None else {})
             counts = [summary.get("records") for summary in summaries.values()]
             total = None if None in counts else sum(int(count) for count in counts)
             pages = records = 0
+            skipped: set[str] = set()
             for change_set in change_sets:
                 archive = store.archive(entity.name, change_set)
-                with store.connection() as connection:
-                    staged = steps.staged_records(connection, archive, entity)
-                    if reporter is not None:
-                        staged.batches = _reporting(staged.batches, staged.counts, reporter,
-                                                    pages, records, total)
-                    progress.rows += write_staged(connection, staged)
-                # The live path's publish: plan, validate, execute, advance the watermark.
-                steps.publish(store, entity, change_set)
+                try:
+                    with store.connection() as connection:
+                        staged = steps.staged_records(connection, archive, entity)
+                        if reporter is not None:
+                            staged.batches = _reporting(staged.batches, staged.counts,
+                                                        reporter, pages, records, total)
+                        progress.rows += write_staged(connection, staged)
+                    # The live path's publish: plan, validate, execute, move the watermark.
+                    steps.publish(store, entity, change_set, skip=skipped)
+                except CorruptArchiveError as exc:
+                    if not skip_corrupt:
+                        raise RebuildError(f"{exc}. Nothing was written to {into}") from None
+                    skipped.add(change_set)
+                    report.skipped.append(SkippedChangeSet(entity.name, change_set, str(exc)))
+                    continue
                 progress.change_sets += 1
                 progress.compacted += archive.is_compacted()
                 if reporter is not None:
@@ -166,6 +190,15 @@ def rebuild(
     return report
 
 
+def _summary(store: MirrorStore, entity: str, change_set: str) -> dict:
+    """A change set's fetch summary for progress ({} when its manifest is damaged: the replay
+    itself reports that)."""
+    try:
+        return store.archive(entity, change_set).manifest()["summary"]
+    except CorruptArchiveError:
+        return {}
+
+
 def _reporting(batches, counts: dict[str, int], reporter: ProgressReporter, pages: int,
                records: int, total: int | None):
     """The staged batches of one change set, telling the reporter the records read so far
@@ -185,15 +218,11 @@ def archived_change_sets(config: EntitiesConfig, archive_dir: str | os.PathLike[
     for entity in config.entities_in_group(group):
         for change_set in list_change_sets(archive_dir, entity.name):
             keys.setdefault(change_set, []).append(entity.name)
-    return dict(sorted(keys.items()))
+    return dict(sorted(keys.items(), key=lambda item: change_set_order(item[0])))
 
 
 def register_archived(instance, group: str, keys: list[str]) -> list[str]:
     """Add the keys not yet registered to the group's dynamic partitions; returns those added."""
-    from dataverse_assets.partitions import change_sets_partitions
+    from dataverse_assets.partitions import add_change_sets
 
-    name = change_sets_partitions(group).name
-    new = [key for key in keys if not instance.has_dynamic_partition(name, key)]
-    if new:
-        instance.add_dynamic_partitions(name, new)
-    return new
+    return add_change_sets(instance, group, keys)

@@ -22,11 +22,11 @@ import orjson
 from dataverse_assets import dead_letters
 from dataverse_assets.checks import freshness_status, last_complete_publish
 from dataverse_assets.config import EntitiesConfig
-from dataverse_assets.partitions import KEY_FORMAT
+from dataverse_assets.names import KEY_GLOB, change_set_time, is_change_set_key
 from dataverse_assets.progress import format_duration
 from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.query import parse_datetime
-from dataverse_assets.store import read_sync_state
+from dataverse_assets.store import latest_publish_state, read_sync_state
 
 DURATION_TICKS = (0.01, 0.1, 1.0, 60.0, 3600.0, 86400.0, 30 * 86400.0, 365 * 86400.0)
 FRESH, LATE, FAILED, NEVER = "fresh", "late", "failed", "never synced"
@@ -78,13 +78,6 @@ class StatusReport:
     points: list[ChangeSetPoint] = field(default_factory=list)
 
 
-def change_set_time(key: str) -> datetime | None:
-    try:
-        return datetime.strptime(key, KEY_FORMAT).replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
 def _seconds_between(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
@@ -113,9 +106,8 @@ def collect_report(connection: sqlite3.Connection, config: EntitiesConfig,
     for entity in config.entities:
         group = config.groups[entity.group]
         state = read_sync_state(connection, entity.name)
-        last = connection.execute(
-            "SELECT change_set, status, error FROM _publish_state WHERE entity = ?"
-            " ORDER BY change_set DESC LIMIT 1", (entity.name,)).fetchone()
+        latest = latest_publish_state(connection, entity.name)
+        last = (latest["change_set"], latest["status"], latest["error"]) if latest else None
         published = last_complete_publish(connection, entity.name)
         freshness = freshness_status(group.cron, published, now,
                                      timedelta(minutes=group.freshness_grace_minutes))
@@ -164,16 +156,17 @@ def _change_set_points(connection: sqlite3.Connection,
         rows = connection.execute(
             "SELECT change_set, status, source_timestamp, finished_at, created, updated,"
             " deleted, seconds, retry_count FROM _publish_state WHERE entity = ?"
-            " ORDER BY change_set DESC LIMIT ?", (entity.name, MAX_POINTS_PER_ENTITY)).fetchall()
+            " AND change_set GLOB ? ORDER BY change_set DESC LIMIT ?",
+            (entity.name, KEY_GLOB, MAX_POINTS_PER_ENTITY)).fetchall()
         keys = {row[0] for row in rows}
         # Change sets that failed before anything was staged have no publish state.
         rows += [(cs, "FAILED", None, None, 0, 0, 0, None, 0)
                  for (name, cs) in failures if name == entity.name and cs not in keys]
         for (change_set, status, source_ts, finished, created, updated, deleted, seconds,
              retry_count) in sorted(rows):
-            at = change_set_time(change_set)
-            if at is None:
+            if not is_change_set_key(change_set):
                 continue
+            at = change_set_time(change_set)
             fetch = fetches.get((entity.name, change_set), {})
             fetch_seconds = fetch.get("seconds")
             work = [s for s in (fetch_seconds, seconds) if isinstance(s, int | float)]

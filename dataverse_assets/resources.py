@@ -24,8 +24,9 @@ from pydantic import Field
 from dataverse_assets import locks
 from dataverse_assets.archive import ChangeSetArchive
 from dataverse_assets.faults import fault_point
+from dataverse_assets.names import check_change_set_key
 from dataverse_assets.staging import StagedChangeSet, StagedRecords, read_staged, write_staged
-from dataverse_assets.store import connect
+from dataverse_assets.store import connect, storage_errors
 
 
 class MirrorStore(ConfigurableResource):
@@ -42,9 +43,13 @@ class MirrorStore(ConfigurableResource):
 
     @contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
+        """A connection to the mirror; a SQLite error in the block that means the file cannot
+        be used (full, read-only, corrupt, locked) becomes a StorageError saying so."""
         connection = connect(self.db_path)
         try:
-            yield connection
+            with storage_errors(self.db_path, "writing the mirror",
+                                "what was being written was rolled back"):
+                yield connection
         finally:
             connection.close()
 
@@ -71,7 +76,7 @@ class RawChangeSet:
 
 def _entity_and_partition(context: OutputContext | InputContext) -> tuple[str, str]:
     key = context.asset_key.path
-    return key[-1], context.asset_partition_key
+    return key[-1], check_change_set_key(context.asset_partition_key)
 
 
 class ArchiveIOManager(ConfigurableIOManager):

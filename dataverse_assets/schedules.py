@@ -8,7 +8,8 @@ job for that partition.
 from dagster import RunRequest, ScheduleDefinition, ScheduleEvaluationContext, schedule
 
 from dataverse_assets.config import EntitiesConfig
-from dataverse_assets.partitions import change_set_key, change_sets_partitions
+from dataverse_assets.names import change_set_key
+from dataverse_assets.partitions import add_change_sets
 from dataverse_assets.priorities import group_priority_tags
 
 
@@ -35,8 +36,6 @@ def build_schedules(config: EntitiesConfig) -> list[ScheduleDefinition]:
 
 def _group_schedule(group: str, cron: str,
                     priority: dict[str, str] | None = None) -> ScheduleDefinition:
-    partitions_name = change_sets_partitions(group).name
-
     @schedule(
         name=f"{group}_schedule",
         cron_schedule=cron,
@@ -46,8 +45,7 @@ def _group_schedule(group: str, cron: str,
     )
     def _schedule(context: ScheduleEvaluationContext) -> RunRequest:
         key = change_set_key(context.scheduled_execution_time)
-        if not context.instance.has_dynamic_partition(partitions_name, key):
-            context.instance.add_dynamic_partitions(partitions_name, [key])
+        add_change_sets(context.instance, group, [key])
         return RunRequest(
             run_key=f"{group}:{key}", partition_key=key,
             tags={"dataverse/change_set": key, "dataverse/trigger": "schedule",

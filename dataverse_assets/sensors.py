@@ -23,7 +23,8 @@ from dataverse_assets import dead_letters
 from dataverse_assets.archive import list_change_sets
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.fetch import SNAPSHOT_MODES
-from dataverse_assets.partitions import change_set_key, change_sets_partitions
+from dataverse_assets.names import change_set_key, change_set_order, is_change_set_key
+from dataverse_assets.partitions import add_change_sets_request
 from dataverse_assets.priorities import priority_tags
 from dataverse_assets.query import PageQuery, modified_since_filter
 from dataverse_assets.resources import MirrorStore
@@ -155,8 +156,6 @@ def _probe_group(source: DataverseSource, store: MirrorStore, config: EntitiesCo
 
 
 def build_change_sensor(config: EntitiesConfig, group: str) -> SensorDefinition:
-    partitions = change_sets_partitions(group)
-
     @sensor(
         name=f"{group}_changes_sensor",
         minimum_interval_seconds=300,
@@ -174,7 +173,8 @@ def build_change_sensor(config: EntitiesConfig, group: str) -> SensorDefinition:
             in_flight = {
                 entity for entity, key in launched.items()
                 if (state := read_sync_state(connection, entity)) is None
-                or (state.last_change_set or "") < key
+                or state.last_change_set is None
+                or change_set_order(state.last_change_set) < change_set_order(key)
             }
         changed = _probe_group(source, store, config, group)
         to_run = sorted(e for e, is_changed in changed.items()
@@ -184,7 +184,8 @@ def build_change_sensor(config: EntitiesConfig, group: str) -> SensorDefinition:
                 f"no changes (in flight: {sorted(in_flight) or 'none'})"),
                 cursor=orjson.dumps({"launched": launched}).decode())
         key = change_set_key(datetime.now(UTC))
-        if key <= cursor.get("last_key", ""):
+        last_key = cursor.get("last_key")
+        if last_key and change_set_order(key) <= change_set_order(last_key):
             return SensorResult(skip_reason=SkipReason("a change set was created this second"))
         launched.update({entity: key for entity in to_run})
         return SensorResult(
@@ -195,7 +196,7 @@ def build_change_sensor(config: EntitiesConfig, group: str) -> SensorDefinition:
                       "dataverse/entities": ",".join(to_run),
                       **priority_tags(config, to_run)},
             )],
-            dynamic_partitions_requests=[partitions.build_add_request([key])],
+            dynamic_partitions_requests=[add_change_sets_request(group, [key])],
             cursor=orjson.dumps({"launched": launched, "last_key": key}).decode(),
         )
 
@@ -226,7 +227,8 @@ def build_archive_sensor(config: EntitiesConfig) -> SensorDefinition:
             for key in list_change_sets(store.archive_dir, entity.name):
                 if key not in materialized and (entity.name, key) not in published:
                     found.append((key, entity))
-        for key, entity in sorted(found, key=lambda item: (item[0], item[1].name)):
+        for key, entity in sorted(found, key=lambda item: (change_set_order(item[0]),
+                                                          item[1].name)):
             if len(requests) >= MAX_RUNS_PER_TICK:
                 break
             additions.setdefault(entity.group, set()).add(key)
@@ -241,7 +243,7 @@ def build_archive_sensor(config: EntitiesConfig) -> SensorDefinition:
         return SensorResult(
             run_requests=requests,
             dynamic_partitions_requests=[
-                change_sets_partitions(group).build_add_request(sorted(keys))
+                add_change_sets_request(group, sorted(keys, key=change_set_order))
                 for group, keys in additions.items()
             ],
         )
@@ -262,7 +264,9 @@ def build_retry_sensors(config: EntitiesConfig) -> list[SensorDefinition]:
     )
     def record_failures(context: RunFailureSensorContext, store: MirrorStore):
         change_set = context.dagster_run.tags.get("dagster/partition")
-        if change_set is None:
+        if not is_change_set_key(change_set):
+            # No partition, or a key typed by hand that is not a change-set key: the run
+            # failed because of the key, and a retry of it would fail the same way.
             return
         errors: dict[str, str] = {}
         for event in context.get_step_failure_events():
@@ -295,7 +299,8 @@ def build_retry_sensors(config: EntitiesConfig) -> list[SensorDefinition]:
                       "dataverse/retry_attempt": str(retry.attempt),
                       **priority_tags(config, [retry.entity])},
             )
-            for retry in due if retry.entity in configured
+            for retry in due
+            if retry.entity in configured and is_change_set_key(retry.change_set)
         ][:MAX_RUNS_PER_TICK]
         return requests or SkipReason("no retries due")
 

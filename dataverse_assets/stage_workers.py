@@ -103,6 +103,8 @@ class WorkerPool:
                 yield value
             elif status == "missing":
                 raise FileNotFoundError(value)
+            elif status == "raise":
+                raise value  # the worker's own exception (it pickled): the caller handles it
             else:
                 raise StageWorkerError(f"a staging worker failed: {value}")
 
@@ -177,8 +179,20 @@ def _serve(function_name: str) -> None:
         except FileNotFoundError as exc:
             result = ("missing", str(exc))
         except Exception as exc:  # reported to the caller, who fails the staging
-            result = ("error", f"{type(exc).__name__}: {exc}")
+            result = ("raise", exc) if _pickles(exc) else ("error", f"{type(exc).__name__}: {exc}")
         _write_frame(out, result)
+
+
+def _pickles(exc: Exception) -> bool:
+    """Whether the exception is one of ours (their messages say what to fix) and survives the
+    trip to the caller as itself; anything else is reported as a StageWorkerError."""
+    if not type(exc).__module__.startswith("dataverse_assets."):
+        return False
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return False
+    return True
 
 
 if __name__ == "__main__":

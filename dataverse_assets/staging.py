@@ -16,7 +16,14 @@ from pathlib import Path
 
 import orjson
 
-from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive, read_gzip
+from dataverse_assets.archive import (
+    ENTITY_DEFINITION,
+    REQUEST,
+    ChangeSetArchive,
+    DamagedPage,
+    page_records,
+    read_page_file,
+)
 from dataverse_assets.schema import (
     EntitySchema,
     OversizedInteger,
@@ -71,8 +78,9 @@ def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None) -
     request = archive.read_json(REQUEST) or {}
     override = primary_key_override or request.get("primary_key")
     sample: list[dict] = []
-    for body in archive.iter_page_bodies():
-        sample.extend(orjson.loads(body).get("value", []))
+    for page, records in archive.iter_page_records():
+        if page.get("shape", "collection") == "collection":
+            sample.extend(records)
         if len(sample) >= 1000:
             break
     return infer_schema_from_records(archive.entity, sample, override)
@@ -95,11 +103,6 @@ class StagedRecords:
     batches: Iterator[tuple[list[tuple], list[str]]]
     counts: dict[str, int] = field(default_factory=dict)
     issues: list[dict] = field(default_factory=list)
-
-
-def _page_records(body: bytes, shape: str) -> list[dict]:
-    payload = orjson.loads(body)
-    return [payload] if shape == "record" else payload["value"]
 
 
 def _delete_row(change_set: str, key: str, names: list[str], marker: dict) -> tuple:
@@ -152,7 +155,7 @@ def _values_of(names: tuple[str, ...]) -> Callable[[dict], tuple]:
 def _stage_page(context: _PageContext, page_number: int, page: dict, body: bytes,
                 counts: dict[str, int], issues: list[dict]) -> tuple[list[tuple], list[str]]:
     """One archived page as staging rows, or as keys (a key-only scan's page)."""
-    records = _page_records(body, page.get("shape", "collection"))
+    records = page_records(body, page.get("shape", "collection"), page_number)
     pk, names, change_set = context.pk, context.names, context.change_set
     if page.get("kind") == "keys":
         counts["keys"] += len(records)
@@ -208,7 +211,8 @@ def _stage_page_file(context: _PageContext, page_number: int, page: dict,
     """A stage worker's task: read, unzip and stage one page file."""
     counts: dict[str, int] = dict.fromkeys(STAGING_COUNTS, 0)
     issues: list[dict] = []
-    rows, keys = _stage_page(context, page_number, page, read_gzip(Path(path)), counts,
+    rows, keys = _stage_page(context, page_number, page, read_page_file(Path(path), page_number),
+                             counts,
                              issues)
     return rows, keys, counts, issues
 
@@ -259,6 +263,15 @@ def _staged_pages_in_workers(
                                   page_number, counts, issues)
 
 
+def _naming_damaged_pages(archive: ChangeSetArchive, staged_pages: Iterator[tuple]
+                          ) -> Iterator[tuple]:
+    """The staged pages; a damaged one is a CorruptArchiveError naming its file."""
+    try:
+        yield from staged_pages
+    except DamagedPage as exc:
+        raise archive.corrupt(archive.page_file(exc.number), exc.problem) from None
+
+
 def iter_staged_batches(
     archive: ChangeSetArchive, schema: EntitySchema, counts: dict[str, int],
     issues: list[dict], *, hash_ignore_annotations: bool = False,
@@ -290,7 +303,7 @@ def iter_staged_batches(
     else:
         staged_pages = _staged_bodies(context, pages, archive.iter_page_bodies(), 1, counts,
                                       issues)
-    for rows, page_keys in staged_pages:
+    for rows, page_keys in _naming_damaged_pages(archive, staged_pages):
         batch.extend(rows)
         keys.extend(page_keys)
         if len(batch) >= STAGING_BATCH_ROWS or len(keys) >= STAGING_BATCH_ROWS * 10:

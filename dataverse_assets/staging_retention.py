@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dataverse_assets.archive import ChangeSetArchive
 from dataverse_assets.config import EntitiesConfig, EntityConfig
+from dataverse_assets.names import change_set_order, is_change_set_key
 from dataverse_assets.publish import publish_status
 from dataverse_assets.store import (
     quote_identifier,
@@ -81,7 +82,7 @@ def _done_with(connection: sqlite3.Connection, archive_dir: Path, reader: str,
         return False  # a retry may fetch it yet
     state = read_sync_state(connection, reader)
     return state is not None and state.last_change_set is not None and (
-        state.last_change_set > change_set)
+        change_set_order(state.last_change_set) > change_set_order(change_set))
 
 
 def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
@@ -96,10 +97,13 @@ def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
     for entity in config.entities:
         if not table_exists(connection, staging_table(entity.name)):
             continue
-        staged = connection.execute(
+        # Newest first by the time each key encodes; a row an older version staged under a
+        # key that is not one has no archive folder to check against, and is left alone.
+        staged = sorted((row for row in connection.execute(
             "SELECT s.change_set, s.rows, s.pruned_at, p.status FROM _staged s"
             " LEFT JOIN _publish_state p ON p.entity = s.entity AND p.change_set = s.change_set"
-            " WHERE s.entity = ? ORDER BY s.change_set DESC", (entity.name,)).fetchall()
+            " WHERE s.entity = ?", (entity.name,)) if is_change_set_key(row[0])),
+            key=lambda row: change_set_order(row[0]), reverse=True)
         readers = _filtered_readers(config, entity.name)
         for change_set, rows, pruned, status in reversed(staged[keep:]):
             if pruned is not None or status != "COMPLETE":

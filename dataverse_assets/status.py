@@ -7,9 +7,16 @@ from datetime import UTC, datetime
 
 from dataverse_assets import dead_letters
 from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.locks import is_held
 from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.query import parse_datetime
-from dataverse_assets.store import read_sync_state, table_exists
+from dataverse_assets.store import (
+    INTERRUPTED,
+    PUBLISHING_STATUSES,
+    latest_publish_state,
+    read_sync_state,
+    table_exists,
+)
 
 
 def _age_seconds(timestamp: str | None, now: datetime) -> float | None:
@@ -30,26 +37,26 @@ def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
     rows = []
     for entity in config.entities:
         state = read_sync_state(connection, entity.name)
-        last = connection.execute(
-            "SELECT change_set, status, finished_at, error FROM _publish_state"
-            " WHERE entity = ? ORDER BY change_set DESC LIMIT 1", (entity.name,)).fetchone()
-        delta_issued = None
-        if state and state.delta_token:
-            delta_issued = connection.execute(
-                "SELECT finished_at FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'"
-                " ORDER BY change_set DESC LIMIT 1", (entity.name,)).fetchone()
+        last = latest_publish_state(connection, entity.name)
+        if last and last["status"] in PUBLISHING_STATUSES and not is_held(connection,
+                                                                           entity.name):
+            # Marked as under way, but no run holds the entity: it was cut off (the next
+            # publish records that); say so instead of "EXECUTING".
+            last = {**last, "status": "FAILED", "error": INTERRUPTED}
+        delta_issued = (latest_publish_state(connection, entity.name, "COMPLETE")
+                        if state and state.delta_token else None)
         rows.append({
             "entity": entity.name,
             "group": entity.group,
             "mode": state.mode if state else None,
             "sync_status": state.status if state else "never synced",
-            "last_change_set": last[0] if last else None,
-            "publish_status": last[1] if last else None,
-            "last_error": last[3] if last else None,
-            "published_age_seconds": _age_seconds(last[2], now) if last else None,
+            "last_change_set": last["change_set"] if last else None,
+            "publish_status": last["status"] if last else None,
+            "last_error": last["error"] if last else None,
+            "published_age_seconds": _age_seconds(last["finished_at"], now) if last else None,
             "watermark": state.watermark if state else None,
             "watermark_age_seconds": _age_seconds(state.watermark, now) if state else None,
-            "delta_link_age_seconds": _age_seconds(delta_issued[0], now)
+            "delta_link_age_seconds": _age_seconds(delta_issued["finished_at"], now)
             if delta_issued else None,
             "rows": canonical_row_count(connection, entity.name),
             "open_issues": connection.execute(

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime
 
 import orjson
@@ -27,6 +28,7 @@ from dataverse_assets.fetch import (
     plan_fetch,
     reconcile_due,
 )
+from dataverse_assets.names import change_set_order, check_change_set_key, is_change_set_key
 from dataverse_assets.publish import (
     PublishResult,
     load_locked_schema,
@@ -50,6 +52,7 @@ from dataverse_assets.store import (
     log_step,
     mark_sync_status,
     read_sync_state,
+    record_interrupted_publishes,
     staging_table,
     storage_problem,
     utc_now_iso,
@@ -95,7 +98,7 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
     archived completely is immutable and is not fetched again. `targeted_ids` makes it a
     targeted refresh of those records (see fetch.plan_fetch). `on_progress` follows the pages
     (with a `$count` first, for an ETA)."""
-    archive = store.archive(entity.name, change_set)
+    archive = store.archive(entity.name, change_set)  # refuses a key that is not one
     if archive.is_complete():
         return FetchSummary(**archive.manifest()["summary"]), True
     source.check_fetchable(entity.name, change_set)  # the archive source replays only
@@ -178,17 +181,23 @@ def stage(store: MirrorStore, entity: EntityConfig, change_set: str) -> StagedRe
         return staged_records(connection, store.archive(entity.name, change_set), entity)
 
 
-def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[PublishResult]:
+def publish(store: MirrorStore, entity: EntityConfig, change_set: str, *,
+            skip: Collection[str] = ()) -> list[PublishResult]:
     """Publish change set K of an entity, after its older unpublished change sets, in order.
 
-    An older change set that was archived but never staged is staged from the archive first.
+    An older change set that was archived but never staged is staged from the archive first;
+    those in `skip` (a rebuild's damaged ones) are left out.
     """
+    check_change_set_key(change_set)
     started = time.perf_counter()
     started_at = utc_now_iso()
     results: list[PublishResult] = []
     with store.connection() as connection:
+        # The caller holds the entity's lock: a publish still marked as under way was cut off.
+        record_interrupted_publishes(connection, entity.name)
         refuse_if_pruned(connection, entity.name, change_set, "publishing it again")
-        older = _unpublished_before(connection, store, entity.name, change_set)
+        older = [key for key in _unpublished_before(connection, store, entity.name, change_set)
+                 if key not in skip]
         for key in [*older, change_set]:
             operation = "stage"
             try:
@@ -229,7 +238,7 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str) -> list[P
                     f"{entity.name}: change set {key} was published (COMPLETE, watermark "
                     f"moved) but its step log could not be written: {problem[0]} "
                     f"({database_path(connection)}; SQLite: {exc}). Nothing was half-written. "
-                    f"To fix: {problem[1]}, then run the sync again.") from exc
+                    f"To fix: {problem[1]}, then run the sync again.") from None
     return results
 
 
@@ -247,4 +256,9 @@ def _unpublished_before(connection: sqlite3.Connection, store: MirrorStore, enti
     staged = {row[0] for row in connection.execute(
         "SELECT change_set FROM _staged WHERE entity = ?", (entity,))}
     archived = set(list_change_sets(store.archive_dir, entity))
-    return sorted(k for k in staged | archived if k < change_set and k not in complete)
+    # Ordered by the time the keys encode. A key that is not one (stored by an older version
+    # that took any partition key) has no archive and is never published: it is left out.
+    before = change_set_order(change_set)
+    return sorted((k for k in staged | archived
+                   if is_change_set_key(k) and change_set_order(k) < before
+                   and k not in complete), key=change_set_order)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dataverse_assets.names import KEY_GLOB
+
 
 def quote_identifier(name: str) -> str:
     """Quote any string as a SQLite identifier: hostile names never break a statement."""
@@ -161,15 +163,38 @@ CREATE TABLE IF NOT EXISTS _issues (
 """
 
 
+# How long a statement waits for another process's write lock on the file before SQLite
+# gives up with "database is locked" (entity locks make such waits short and rare).
+BUSY_TIMEOUT_SECONDS = 60.0
+
+
 def connect(db_path: str | Path) -> sqlite3.Connection:
     """Open the mirror database (WAL, foreign keys off, autocommit off) creating it if needed.
 
     The one place a connection is made, so pragmas and bookkeeping tables are always in place.
+    A file that cannot be opened or used (read-only, corrupt, not a database, locked, a full
+    disk) is a StorageError naming the file and what to do.
     """
     path = Path(db_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    connection = sqlite3.connect(path, timeout=60, isolation_level=None,
-                                 factory=MirrorConnection)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"{path}: cannot create the mirror database's folder ({exc.strerror}). To fix: "
+            "make the folder writable or set DATAVERSE_DB_PATH to a writable place") from None
+    with storage_errors(path, "opening the mirror database", "nothing was read or written"):
+        connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
+                                     factory=MirrorConnection)
+        try:
+            _prepare(connection)
+        except BaseException:
+            connection.close()
+            raise
+    connection.path = str(path.resolve())
+    return connection
+
+
+def _prepare(connection: sqlite3.Connection) -> None:
     # 16 KB pages for new databases (a no-op on existing ones): wide rows (~1.7 KB with
     # json_response) load ~25% faster than with 4 KB pages (benchmarks/run_all.py).
     connection.execute("PRAGMA page_size=16384")
@@ -177,7 +202,7 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
     # NORMAL is durable across application crashes in WAL mode; only an OS crash can lose
     # the last transaction, and the watermark commits with the data, so nothing is skipped.
     connection.execute("PRAGMA synchronous=NORMAL")
-    connection.execute("PRAGMA busy_timeout=60000")
+    connection.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
     # 64 MB of page cache (default 2 MB): large change sets touch big indexes. Temp storage
     # stays on file: in memory, the primary-key check's sort alone took 150 MB at 1M rows.
     connection.execute("PRAGMA cache_size=-65536")
@@ -185,8 +210,6 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
     connection.execute("PRAGMA wal_autocheckpoint=0")
     connection.executescript(BOOKKEEPING_DDL)
     _add_missing_bookkeeping_columns(connection)
-    connection.path = str(path.resolve())
-    return connection
 
 
 @functools.cache
@@ -358,6 +381,9 @@ class StorageError(Exception):
     says which, where, what state the data is in and what to do."""
 
 
+_REBUILD = ("restore it from a backup, or rebuild the mirror from the archive "
+            "(`dataverse-assets rebuild --into NEW.db`) and point DATAVERSE_DB_PATH at it")
+# (what SQLite says, what is wrong, what to do): matched in this order.
 _STORAGE_PROBLEMS = (
     ("database or disk is full", "the disk is full", "free disk space"),
     ("readonly", "the database is read-only",
@@ -365,6 +391,14 @@ _STORAGE_PROBLEMS = (
     ("read-only", "the database is read-only",
      "make the database file, its -wal and -shm files and their folder writable"),
     ("disk i/o error", "the disk reported an I/O error", "check the disk"),
+    ("database is locked", "another process held the database's write lock for more than "
+     "{busy:g} s", "let the other program that writes this file finish (or "
+     "stop it: a sync of this mirror runs one writer at a time), then run again"),
+    ("file is not a database", "the file is not a SQLite database (corrupt, or another kind "
+     "of file)", "check DATAVERSE_DB_PATH; if it is the mirror, " + _REBUILD),
+    ("malformed", "the database file is corrupt", _REBUILD),
+    ("unable to open database file", "the database file cannot be opened",
+     "check that DATAVERSE_DB_PATH names a file in a folder that exists and is writable"),
 )
 
 
@@ -375,8 +409,35 @@ def storage_problem(exc: BaseException) -> tuple[str, str] | None:
     text = str(exc).lower()
     for needle, problem, remedy in _STORAGE_PROBLEMS:
         if needle in text:
-            return problem, remedy
+            return problem.format(busy=BUSY_TIMEOUT_SECONDS), remedy
     return None
+
+
+def storage_error(exc: BaseException, path: str | Path, doing: str,
+                  state: str) -> StorageError | None:
+    """The StorageError for a SQLite error that means the file cannot be used (None for
+    other errors): one line with the file, what is wrong, what `state` the data is in, and
+    what to do."""
+    problem = storage_problem(exc)
+    if problem is None:
+        return None
+    what, remedy = problem
+    return StorageError(f"{path}: {what} while {doing} (SQLite: {exc}). {state[:1].upper()}"
+                        f"{state[1:]}. To fix: {remedy}.")
+
+
+@contextmanager
+def storage_errors(path: str | Path, doing: str,
+                   state: str = "nothing was written") -> Iterator[None]:
+    """Turn a SQLite error raised in the block that means the file cannot be used into a
+    StorageError (see storage_error); other errors pass as they are."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        error = storage_error(exc, path, doing, state)
+        if error is None:
+            raise
+        raise error from None  # its message carries SQLite's own words
 
 
 def database_path(connection: sqlite3.Connection) -> str:
@@ -481,6 +542,45 @@ def record_issue(
         " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (entity, change_set, record_id, field, problem, context, utc_now_iso()),
     )
+
+
+def latest_publish_state(connection: sqlite3.Connection, entity: str,
+                         status: str | None = None) -> dict | None:
+    """The `_publish_state` row of the entity's newest change set (of one status), newest by
+    the time its key encodes; rows an older version stored under a key that is not a
+    change-set key (any partition key was taken then) are never the newest."""
+    cursor = connection.execute(
+        "SELECT * FROM _publish_state WHERE entity = ? AND change_set GLOB ?"
+        + (" AND status = ?" if status else "") + " ORDER BY change_set DESC LIMIT 1",
+        (entity, KEY_GLOB, status) if status else (entity, KEY_GLOB))
+    row = cursor.fetchone()
+    return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
+
+
+# A publish passes through these on its way to COMPLETE or FAILED; PENDING is a resting state.
+PUBLISHING_STATUSES = ("PLANNING", "PLAN_COMPLETE", "EXECUTING", "RETRYING")
+INTERRUPTED = ("interrupted: the publish stopped without recording why (its process ended, or "
+               "the database refused the failure record); it is planned again from the start")
+
+
+def record_interrupted_publishes(connection: sqlite3.Connection, entity: str) -> list[str]:
+    """Publishes of the entity still marked as under way, recorded FAILED (interrupted).
+
+    Call only while no publish of the entity can be running (holding its lock): a state left
+    PLANNING or EXECUTING is then a run that stopped without recording its failure (killed,
+    or the disk refused the FAILED record). Returns their change sets."""
+    statuses = ", ".join("?" * len(PUBLISHING_STATUSES))
+    with transaction(connection):
+        keys = [row[0] for row in connection.execute(
+            f"SELECT change_set FROM _publish_state WHERE entity = ? AND status IN ({statuses})",
+            (entity, *PUBLISHING_STATUSES))]
+        for key in keys:
+            connection.execute(
+                "UPDATE _publish_state SET status = 'FAILED', failed_operation = 'interrupted',"
+                " error_code = 'interrupted', error = ?, finished_at = ?,"
+                " retry_count = retry_count + 1 WHERE entity = ? AND change_set = ?",
+                (INTERRUPTED, utc_now_iso(), entity, key))
+    return keys
 
 
 def set_publish_state(connection: sqlite3.Connection, entity: str, change_set: str,

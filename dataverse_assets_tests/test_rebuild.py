@@ -2,6 +2,7 @@
 live-synced one table by table, row by row (history included), from page files, from the
 compacted archive, through Dagster with the archive source, and after retention."""
 
+import gzip
 import hashlib
 import json
 import shutil
@@ -216,6 +217,75 @@ def test_rebuild_refuses_an_existing_database_unless_forced(live, tmp_path, monk
     out = capsys.readouterr().out
     assert "vin_candidates" in out and "rows/s" in out
     assert_same_database(into, live.settings.db_path)
+
+
+def _flip_crc(path):
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# What can happen to an archived file, where it lands, and the words that describe it.
+DAMAGE = {
+    "bad CRC": ("page-00001.json.gz", _flip_crc, "CRC check failed"),
+    "truncated gzip": ("page-00001.json.gz", _truncate, "cannot be read (EOFError"),
+    "gzip of invalid JSON": ("page-00001.json.gz",
+                             lambda path: path.write_bytes(gzip.compress(b'{"value": [{')),
+                             "is not valid JSON"),
+    "gzip of JSON that is not a page": ("page-00001.json.gz",
+                                        lambda path: path.write_bytes(gzip.compress(b"[1, 2]")),
+                                        "is not an OData page"),
+    "broken manifest": ("manifest.json", lambda path: path.write_text('{"mode": "full", '),
+                        "is not valid JSON"),
+    "manifest without its summary": ("manifest.json",
+                                     lambda path: path.write_text('{"mode": "full"}'),
+                                     "is not a change-set manifest"),
+    "truncated Parquet part": ("pages-0001-of-0001.parquet", _truncate, "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_archive_file_stops_the_rebuild_in_one_line_or_is_skipped(
+        live, tmp_path, damage, monkeypatch, capsys):
+    archive = copy_archive(live, tmp_path)
+    entity = "vin_candidates"
+    name, spoil, words = DAMAGE[damage]
+    # The first change set (the initial read) is the one large enough to compact.
+    key = list_change_sets(archive, entity)[0 if name.endswith(".parquet") else 1]
+    if name.endswith(".parquet"):
+        compact_archive(archive, live.settings.entities, older_than_days=0)
+    spoil(archive / entity / key / name)
+    monkeypatch.setenv("DATAVERSE_ARCHIVE_DIR", str(archive))
+    monkeypatch.setenv("DATAVERSE_DB_PATH", str(live.settings.db_path))
+    monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(live.settings.entities_config_path))
+    into = tmp_path / "rebuilt.db"
+
+    assert main(["rebuild", "--into", str(into)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"rebuild: {entity}: change set {key}: ")
+    assert name in err and words in err and "--skip-corrupt" in err, err
+    assert f"Nothing was written to {into}" in err
+    assert not list(tmp_path.glob("rebuilt.db*")), "a half-written database was left"
+
+    assert main(["rebuild", "--into", str(into), "--skip-corrupt"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped {entity} {key} (damaged, --skip-corrupt)" in err and words in err
+    assert "1 change set(s) left out" in err
+    # Everything else is as the live mirror has it.
+    expected, actual = data_tables(live.settings.db_path), data_tables(into)
+    for table in expected:
+        if entity not in table:
+            assert actual[table] == expected[table], table
+    with sqlite3.connect(into) as connection:
+        states = dict(connection.execute(
+            "SELECT change_set, status FROM _publish_state WHERE entity = ?", (entity,)))
+    assert key not in states
+    assert set(states.values()) == {"COMPLETE"}
+    assert len(states) == len(list_change_sets(archive, entity)) - 1
 
 
 def test_compaction_keeps_every_page_byte_for_byte_and_rebuild_equal(live, tmp_path,

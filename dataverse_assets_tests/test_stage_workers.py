@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from dataverse_assets import staging
-from dataverse_assets.archive import REQUEST, ChangeSetArchive
+from dataverse_assets.archive import REQUEST, ChangeSetArchive, CorruptArchiveError
 from dataverse_assets.config import EntityConfig
-from dataverse_assets.stage_workers import StageWorkerError, WorkerPool
+from dataverse_assets.stage_workers import WorkerPool
 from dataverse_assets.staging import staging_workers, write_staged
 from dataverse_assets.steps import staged_records
 from dataverse_assets.store import connect, staging_keys_table, staging_table
@@ -98,7 +98,8 @@ def test_worker_processes_stage_exactly_what_one_process_stages(tmp_path, monkey
 
 def test_a_page_a_worker_cannot_read_fails_the_staging_and_stages_nothing(tmp_path,
                                                                             monkeypatch):
-    with pytest.raises(StageWorkerError, match="a staging worker failed: BadGzipFile"):
+    with pytest.raises(CorruptArchiveError, match="page-00004.json.gz cannot be read "
+                       r"\(BadGzipFile"):
         stage(tmp_path, "bad", 2, monkeypatch, corrupt_page=4)
     connection = connect(tmp_path / "bad" / "m.db")
     assert connection.execute("SELECT count(*) FROM _staged").fetchone()[0] == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 
 from dataverse_assets.config import EntitiesConfig, load_entities_config
-from dataverse_assets.partitions import change_set_key
+from dataverse_assets.names import change_set_key
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.simulator import DataverseSimulator
 from dataverse_assets.sources import SimulatorSource
