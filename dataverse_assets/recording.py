@@ -25,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -33,7 +34,7 @@ from dataverse_assets.archive import ChangeSetArchive
 from dataverse_assets.client import Page
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.fetch import fetch_change_set, plan_fetch
-from dataverse_assets.names import is_guid
+from dataverse_assets.names import change_set_key, is_guid
 from dataverse_assets.query import PageQuery
 from dataverse_assets.sources import DataverseSource, SourceSession
 from dataverse_assets.staging import LOOKUP_TARGET_ANNOTATION
@@ -259,6 +260,8 @@ async def record_fixtures(source: DataverseSource, config: EntitiesConfig, out: 
     out.mkdir(parents=True, exist_ok=True)
     for entity in order:
         shutil.rmtree(out / entity.name, ignore_errors=True)
+    # The fetch runs as a change set of a throwaway archive, under a real key.
+    key = change_set_key(datetime.now(UTC))
     with tempfile.TemporaryDirectory(prefix="dataverse-recording-") as scratch:
         async with source.open_session() as inner:
             session = RecordingSession(inner, out, max_pages, scrubber)
@@ -267,11 +270,11 @@ async def record_fixtures(source: DataverseSource, config: EntitiesConfig, out: 
                     entity = entity.model_copy(update={"page_size": page_size})
                 definition = await session.entity_definition(entity.name)
                 request = plan_fetch(
-                    entity, "recording", definition, watermark=None,
+                    entity, key, definition, watermark=None,
                     linked_ids=linked_ids(entity, session.recorded) if entity.filtered else (),
                     include_annotations=config.read_with_annotations(entity.name),
                 )
-                archive = ChangeSetArchive(scratch, entity.name, "recording")
+                archive = ChangeSetArchive(scratch, entity.name, key)
                 await fetch_change_set(session, archive, request, definition)
                 session.entity(entity.name).mode = request.mode
     recorded = [session.recorded[e.name] for e in order]

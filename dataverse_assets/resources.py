@@ -48,7 +48,7 @@ class MirrorStore(ConfigurableResource):
         connection = connect(self.db_path)
         try:
             with storage_errors(self.db_path, "writing the mirror",
-                                "what was being written was rolled back"):
+                                "the write that failed rolled back: nothing of it was kept"):
                 yield connection
         finally:
             connection.close()

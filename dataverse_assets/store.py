@@ -570,10 +570,12 @@ def record_interrupted_publishes(connection: sqlite3.Connection, entity: str) ->
     PLANNING or EXECUTING is then a run that stopped without recording its failure (killed,
     or the disk refused the FAILED record). Returns their change sets."""
     statuses = ", ".join("?" * len(PUBLISHING_STATUSES))
+    keys = [row[0] for row in connection.execute(
+        f"SELECT change_set FROM _publish_state WHERE entity = ? AND status IN ({statuses})",
+        (entity, *PUBLISHING_STATUSES))]
+    if not keys:
+        return keys  # the usual case: no write at all
     with transaction(connection):
-        keys = [row[0] for row in connection.execute(
-            f"SELECT change_set FROM _publish_state WHERE entity = ? AND status IN ({statuses})",
-            (entity, *PUBLISHING_STATUSES))]
         for key in keys:
             connection.execute(
                 "UPDATE _publish_state SET status = 'FAILED', failed_operation = 'interrupted',"
