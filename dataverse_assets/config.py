@@ -6,6 +6,7 @@ names the entity and the field, so the fix is obvious.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from dagster._utils.schedules import get_latest_completed_cron_tick, is_valid_cron_string
 from pydantic import (
@@ -426,29 +428,94 @@ SourceKind = Literal["live", "archive", "fixture", "simulator"]
 ExecutorKind = Literal["in_process", "multiprocess"]
 
 
+# Client secrets are redacted from every message by value; a very short one would redact
+# ordinary text everywhere, and no app registration issues one (Entra's are ~40 characters).
+MIN_SECRET_LENGTH = 8
+INSECURE_HTTP_VARIABLE = "DATAVERSE_ALLOW_INSECURE_HTTP"
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves the machine."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _insecure_url_problem(variable: str, url: str, allow_http: bool) -> str | None:
+    """Why a live endpoint URL cannot be used, or None. The URL is not echoed: it may carry
+    user:password."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return f"{variable}: not a URL (e.g. https://contoso.crm.dynamics.com)"
+    if parts.scheme not in ("https", "http") or not host:
+        return (f"{variable}: must be an https:// URL with a host "
+                "(e.g. https://contoso.crm.dynamics.com)")
+    if parts.scheme == "http" and not allow_http and not is_loopback_host(host):
+        return (f"{variable}: plain http:// to a host other than this machine sends the "
+                "client secret or access tokens unencrypted; use https://, or set "
+                f"{INSECURE_HTTP_VARIABLE}=true if that network is trusted")
+    return None
+
+
 class Settings(BaseModel):
     """Endpoints, secrets and paths, from the environment (and `.env`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     url: str | None = None
     client_id: str | None = None
     client_secret: SecretStr | None = None
     tenant_id: str | None = None
     authority: str = "https://login.microsoftonline.com"
+    allow_insecure_http: bool = Field(
+        False, description="Allow a live DATAVERSE_URL or DATAVERSE_AUTHORITY over plain "
+        "http:// to a host other than loopback (secrets then cross the network unencrypted).",
+    )
     db_path: Path = PROJECT_ROOT / "data" / "dataverse.db"
     archive_dir: Path = PROJECT_ROOT / "data" / "archive"
     fixtures_dir: Path | None = None
     source: SourceKind = "simulator"
     entities_config_path: Path = DEFAULT_ENTITIES_CONFIG
-    simulator_seed: int = 42
-    max_concurrency: int = Field(8, ge=1, le=52)
-    max_response_mb: float = Field(512.0, gt=0)
-    lock_wait_seconds: float = Field(600.0, ge=0)
+    simulator_seed: int = ranged(42, 0, 2**32 - 1, "Seed of the simulator's generated org.")
+    # Dataverse serves at most 52 concurrent requests per user.
+    max_concurrency: int = ranged(8, 1, 52, "Requests in flight at once.")
+    # Below ~10 KB not even a metadata response fits; 16 GB is past any memory meant for one
+    # response.
+    max_response_mb: float = ranged(
+        512.0, 0.01, 16_384, "A response body larger than this (MB) is refused.")
+    # A day: past it a waiting run is a hung run; `inf` or NaN would wait forever.
+    lock_wait_seconds: float = ranged(
+        600.0, 0, 86_400, "How long a step waits for another run's lock on the same entity.")
     # How runs launched by Dagster (UI, `dagster asset materialize`, schedules, sensors)
     # execute their steps. In one process by default: a process per step costs ~2 s of
     # imports each (the hourly group: 49.5 s instead of 8.5 s). The CLI always runs in-process.
     executor: ExecutorKind = "in_process"
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(f"shorter than {MIN_SECRET_LENGTH} characters; copy the whole "
+                             "client secret value from the app registration")
+        return value
+
+    @model_validator(mode="after")
+    def _live_endpoints_are_encrypted(self) -> Settings:
+        # Only a live source sends a secret; the simulator's credentials are public.
+        if self.source == "live":
+            for variable, url in (("DATAVERSE_URL", self.url),
+                                  ("DATAVERSE_AUTHORITY", self.authority)):
+                problem = url and _insecure_url_problem(variable, url, self.allow_insecure_http)
+                if problem:
+                    raise ValueError(problem)
+        return self
 
     @cached_property
     def entities(self) -> EntitiesConfig:
@@ -461,6 +528,7 @@ _ENV_FIELDS = {
     "DATAVERSE_CLIENT_SECRET": "client_secret",
     "DATAVERSE_TENANT_ID": "tenant_id",
     "DATAVERSE_AUTHORITY": "authority",
+    INSECURE_HTTP_VARIABLE: "allow_insecure_http",
     "DATAVERSE_DB_PATH": "db_path",
     "DATAVERSE_ARCHIVE_DIR": "archive_dir",
     "DATAVERSE_FIXTURES_DIR": "fixtures_dir",
@@ -494,10 +562,13 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         settings = Settings.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        variable = next((k for k, v in _ENV_FIELDS.items() if v == field), field)
         # Never echo the value: it may be a secret.
-        raise ConfigError(f"{variable}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across variables names them itself
+            raise ConfigError(message) from None
+        field = str(first["loc"][0])
+        variable = next((k for k, v in _ENV_FIELDS.items() if v == field), field)
+        raise ConfigError(f"{variable}: {message}") from None
     if settings.source == "live":
         missing = [
             name

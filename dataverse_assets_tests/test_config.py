@@ -4,6 +4,7 @@ from typing import get_args
 import pytest
 
 from dataverse_assets.config import (
+    _ENV_FIELDS,
     DEFAULT_ENTITIES_CONFIG,
     ArchiveConfig,
     ConfigError,
@@ -135,7 +136,7 @@ def test_bad_environment_value_names_the_variable():
 
 # -- numbers: every numeric field has a documented range, enforced at load --------------------
 
-NUMERIC_MODELS = (GroupConfig, EntityConfig, ArchiveConfig)
+NUMERIC_MODELS = (GroupConfig, EntityConfig, ArchiveConfig, Settings)
 
 
 def numeric_fields() -> list[tuple[type, str]]:
@@ -159,7 +160,7 @@ def field_range(model: type, name: str) -> tuple[float, float]:
 
 
 def test_every_numeric_field_has_its_range_in_its_description():
-    assert len(numeric_fields()) == 9  # a new numeric field needs a range too
+    assert len(numeric_fields()) == 13  # a new numeric field needs a range too
     for model, name in numeric_fields():
         info = model.model_fields[name]
         low, high = field_range(model, name)
@@ -325,3 +326,83 @@ def test_names_that_only_resemble_reserved_ones_are_allowed():
         entity["filtered"] = False
     assert parse_entities_config(raw).entities[0].name == "sqlitestuff"
 
+
+# -- the environment ---------------------------------------------------------------------------
+
+ENV_NUMBERS = {variable: field for variable, field in _ENV_FIELDS.items()
+               if (Settings, field) in numeric_fields()}
+
+
+def test_every_numeric_setting_is_an_environment_variable():
+    assert set(ENV_NUMBERS.values()) == {n for m, n in numeric_fields() if m is Settings}
+    assert {"DATAVERSE_MAX_CONCURRENCY", "DATAVERSE_MAX_RESPONSE_MB",
+            "DATAVERSE_LOCK_WAIT_SECONDS", "DATAVERSE_SIMULATOR_SEED"} <= set(ENV_NUMBERS)
+
+
+@pytest.mark.parametrize("variable", ENV_NUMBERS)
+def test_a_numeric_variable_refuses_non_numbers_and_values_out_of_range(variable):
+    field = ENV_NUMBERS[variable]
+    low, high = field_range(Settings, field)
+    for value in (low, high):
+        assert getattr(load_settings({variable: str(value)}), field) == value
+    integer = is_integer(Settings, field)
+    below = str(low - 1 if integer else low / 2 if low else -0.001)
+    for value in ["inf", "-inf", "Infinity", "nan", "NaN", below, str(high + 1), "1e308",
+                  "true", "ten", "1,000", *(["1.5", "1e3", str(2**64)] if integer else [])]:
+        with pytest.raises(ConfigError) as excinfo:
+            load_settings({variable: value})
+        message = str(excinfo.value)
+        assert message.startswith(f"{variable}: ") and "\n" not in message, (value, message)
+
+
+def test_a_short_client_secret_is_refused_without_showing_it():
+    for secret in ("Q", "Xy7!", "1234567"):
+        with pytest.raises(ConfigError) as excinfo:
+            load_settings({"DATAVERSE_URL": "https://org.crm.dynamics.com",
+                           "DATAVERSE_CLIENT_ID": "id", "DATAVERSE_CLIENT_SECRET": secret})
+        message = str(excinfo.value)
+        assert message.startswith("DATAVERSE_CLIENT_SECRET: shorter than 8 characters")
+        assert secret not in message.removeprefix("DATAVERSE_CLIENT_SECRET: ")
+    settings = load_settings({"DATAVERSE_URL": "https://org.crm.dynamics.com",
+                              "DATAVERSE_CLIENT_ID": "id", "DATAVERSE_CLIENT_SECRET": "12345678"})
+    assert settings.client_secret.get_secret_value() == "12345678"
+
+
+LIVE = {"DATAVERSE_CLIENT_ID": "id", "DATAVERSE_CLIENT_SECRET": "s3cr3t-value"}
+
+
+@pytest.mark.parametrize("variable", ["DATAVERSE_URL", "DATAVERSE_AUTHORITY"])
+@pytest.mark.parametrize("url", [
+    "http://contoso.crm.dynamics.com", "HTTP://contoso.crm.dynamics.com/", "http://10.0.0.5:8080",
+    "http://localhost.evil.example", "http://127.0.0.1.nip.io", "http://user:pw@192.168.1.2",
+    "http://[2001:db8::1]:80"])
+def test_plain_http_to_another_host_is_refused_and_says_how_to_allow_it(variable, url):
+    environ = {"DATAVERSE_URL": "https://org.crm.dynamics.com", **LIVE, variable: url}
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(environ)
+    message = str(excinfo.value)
+    assert message.startswith(f"{variable}: plain http://") and "\n" not in message
+    assert "DATAVERSE_ALLOW_INSECURE_HTTP=true" in message and "pw" not in message
+    settings = load_settings({**environ, "DATAVERSE_ALLOW_INSECURE_HTTP": "true"})
+    assert settings.allow_insecure_http
+
+
+@pytest.mark.parametrize("url", [
+    "https://contoso.crm.dynamics.com", "http://127.0.0.1:8765", "http://127.8.9.10",
+    "http://localhost:8080", "http://LOCALHOST", "http://[::1]:8080"])
+def test_https_anywhere_and_http_to_loopback_are_allowed(url):
+    settings = load_settings({"DATAVERSE_URL": url, "DATAVERSE_AUTHORITY": url, **LIVE})
+    assert settings.source == "live" and settings.url == url and settings.authority == url
+
+
+def test_a_live_url_without_https_or_a_host_is_refused():
+    for url in ("contoso.crm.dynamics.com", "ftp://contoso.crm.dynamics.com", "https://"):
+        with pytest.raises(ConfigError, match="^DATAVERSE_URL: must be an https:// URL"):
+            load_settings({"DATAVERSE_URL": url, **LIVE})
+
+
+def test_the_simulator_may_be_served_over_http_on_another_host():
+    """Its credentials are public: nothing secret crosses the network."""
+    settings = load_settings({"DATAVERSE_URL": "http://simulator:8765",
+                              "DATAVERSE_SOURCE": "simulator"})
+    assert settings.url == "http://simulator:8765"

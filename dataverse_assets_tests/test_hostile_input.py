@@ -180,6 +180,51 @@ def test_a_config_mistake_is_one_line_before_any_request(case, tmp_path, simulat
     assert not simulator.stats.request_log, "a request was sent before the config was checked"
 
 
+SHORT_SECRET = "Qz7#kp"
+ENVIRONMENT_MISTAKES = {
+    "concurrency inf": ({"DATAVERSE_MAX_CONCURRENCY": "inf"}, "DATAVERSE_MAX_CONCURRENCY: "),
+    "response limit inf": ({"DATAVERSE_MAX_RESPONSE_MB": "inf"},
+                           "DATAVERSE_MAX_RESPONSE_MB: Input should be a finite number"),
+    "response limit nan": ({"DATAVERSE_MAX_RESPONSE_MB": "nan"},
+                           "DATAVERSE_MAX_RESPONSE_MB: Input should be a finite number"),
+    "lock wait forever": ({"DATAVERSE_LOCK_WAIT_SECONDS": "Infinity"},
+                          "DATAVERSE_LOCK_WAIT_SECONDS: Input should be a finite number"),
+    "lock wait past a day": ({"DATAVERSE_LOCK_WAIT_SECONDS": "1e9"},
+                             "DATAVERSE_LOCK_WAIT_SECONDS: Input should be less than or equal"),
+    "seed out of range": ({"DATAVERSE_SIMULATOR_SEED": str(2**64)},
+                          "DATAVERSE_SIMULATOR_SEED: Input should be less than or equal"),
+    "short secret": ({"DATAVERSE_SOURCE": "live", "DATAVERSE_CLIENT_ID": "id",
+                      "DATAVERSE_CLIENT_SECRET": SHORT_SECRET},
+                     "DATAVERSE_CLIENT_SECRET: shorter than 8 characters"),
+    "plain http to another host": (
+        {"DATAVERSE_SOURCE": "live", "DATAVERSE_URL": "http://contoso.crm.dynamics.com",
+         "DATAVERSE_CLIENT_ID": "id", "DATAVERSE_CLIENT_SECRET": "long-enough-secret"},
+        "DATAVERSE_URL: plain http:// to a host other than this machine"),
+    "authority over plain http": (
+        {"DATAVERSE_SOURCE": "live", "DATAVERSE_AUTHORITY": "http://login.example.com",
+         "DATAVERSE_CLIENT_ID": "id", "DATAVERSE_CLIENT_SECRET": "long-enough-secret"},
+        "DATAVERSE_AUTHORITY: plain http:// to a host other than this machine"),
+}
+
+
+@pytest.mark.parametrize("case", ENVIRONMENT_MISTAKES)
+def test_an_environment_mistake_is_one_line_naming_the_variable_before_any_request(
+        case, tmp_path, simulator_url, monkeypatch, capsys):
+    simulator, url = simulator_url
+    environ, expected = ENVIRONMENT_MISTAKES[case]
+    monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(DEFAULT_ENTITIES_CONFIG))
+    monkeypatch.setenv("DATAVERSE_URL", url)
+    monkeypatch.setenv("DATAVERSE_SOURCE", "simulator")
+    monkeypatch.setenv("DATAVERSE_DB_PATH", str(tmp_path / "m.db"))
+    for variable, value in environ.items():
+        monkeypatch.setenv(variable, value)
+    assert cli_main(["sync"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"configuration error: {expected}") and err.count("\n") == 1, err
+    assert SHORT_SECRET not in err
+    assert not simulator.stats.request_log, "a request was sent before the config was checked"
+
+
 def test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line(
         tmp_path, simulator_url):
     mirror = make_mirror(tmp_path, simulator_url,
