@@ -316,6 +316,13 @@ def test_names_sqlite_or_the_mirror_use_are_refused(name):
     assert "reserved" in message
 
 
+def test_an_entity_whose_name_is_not_text_is_named_by_its_index():
+    raw = valid_config()
+    raw["entities"][0]["name"] = ["vin_candidates"]
+    assert error_for(raw) == ("entities_config.json: entities[0], field 'name': Input should be "
+                              "a valid string")
+
+
 def test_names_that_only_resemble_reserved_ones_are_allowed():
     raw = valid_config()
     for n, name in enumerate(["sqlitestuff", "my_sqlite_table", "history", "a_history",
