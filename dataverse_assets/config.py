@@ -6,15 +6,19 @@ names the entity and the field, so the fix is obvious.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from dagster._utils.schedules import is_valid_cron_string
+from dagster._utils.schedules import get_latest_completed_cron_tick, is_valid_cron_string
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -41,6 +45,20 @@ ORDERBY_PATTERN = re.compile(
 )
 
 
+# The mirror names tables and indexes `<entity>__<suffix>` (store.history_table,
+# publish._secondary_indexes, the `__readable` views to come). SQLite keeps tables and indexes
+# in one namespace and ignores case, so no entity may be named like one of them.
+RESERVED_NAME_SUFFIXES = ("__history", "__readable", "__pk", "__pk_nocase", "__modifiedon",
+                          "__createdon")
+
+
+def ranged(default: Any, low: float, high: float, description: str) -> Any:
+    """A numeric field validated to [low, high], with that range in its description (so the
+    reference generated from the descriptions states what validation enforces)."""
+    return Field(default, ge=low, le=high,
+                 description=f"{description} Range: {low:,} to {high:,}.")
+
+
 def _odata_column(value: str | None) -> str | None:
     if value is not None and not ODATA_COLUMN_PATTERN.match(value):
         raise ValueError(
@@ -54,10 +72,14 @@ class ConfigError(ValueError):
     """The configuration cannot be used; the message says what to fix."""
 
 
-class LinkSource(BaseModel):
-    """Where a filtered entity's ids come from: a column of another configured entity."""
+class _EntitiesFileModel(BaseModel):
+    # JSON types as written: true is not 1, "5" is not 5, 2.5 is not an integer, and NaN or
+    # Infinity (which Python's json module reads) is not a number.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    model_config = ConfigDict(extra="forbid")
+
+class LinkSource(_EntitiesFileModel):
+    """Where a filtered entity's ids come from: a column of another configured entity."""
 
     entity: str = Field(description="Entity set name of the linking table.")
     column: str = Field(description="Column of the linking table holding this entity's ids, "
@@ -74,16 +96,15 @@ class LinkSource(BaseModel):
         return _odata_column(value)
 
 
-class GroupConfig(BaseModel):
+class GroupConfig(_EntitiesFileModel):
     """A cadence group: the entities in it are synced together on one schedule."""
-
-    model_config = ConfigDict(extra="forbid")
 
     cron: str
     description: str = ""
-    freshness_grace_minutes: float = Field(
-        30.0, ge=0, description="How long after a cron tick the group's publish may take "
-        "before the freshness check warns.",
+    # A year and a day: even a yearly cron gets a whole period of grace.
+    freshness_grace_minutes: float = ranged(
+        30.0, 0, 527_040, "How long after a cron tick the group's publish may take "
+        "before the freshness check warns (minutes).",
     )
 
     @field_validator("cron")
@@ -91,6 +112,10 @@ class GroupConfig(BaseModel):
     def _cron_parses(cls, value: str) -> str:
         if not is_valid_cron_string(value):
             raise ValueError(f"{value!r} is not a valid cron expression (e.g. '0 * * * *')")
+        try:  # '0 0 31 4 *' parses, but schedules and freshness checks find no tick
+            get_latest_completed_cron_tick(value, datetime.now(UTC), "UTC")
+        except ValueError:
+            raise ValueError(f"{value!r} never fires: no date matches it") from None
         return value
 
 
@@ -99,10 +124,8 @@ SchemaEvolution = Literal["freeze", "evolve"]
 Priority = Literal["high", "normal", "low"]
 
 
-class EntityConfig(BaseModel):
+class EntityConfig(_EntitiesFileModel):
     """One Dataverse table to mirror."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Entity set name (the plural used in API URLs).")
     description: str = ""
@@ -114,24 +137,28 @@ class EntityConfig(BaseModel):
     orderby: str | None = None
     incremental: IncrementalMode = "auto"
     linked_from: list[LinkSource] = Field(default_factory=list)
-    page_size: int = Field(5000, ge=1, le=5000)
-    parallel_ranges: int = Field(
-        1, ge=1, le=52,
-        description="Large reads (full snapshots, a modifiedon first sync) are split into this "
+    # Dataverse returns at most 5000 rows a page, whatever is asked.
+    page_size: int = ranged(5000, 1, 5000, "Rows asked for per page (odata.maxpagesize).")
+    # Dataverse serves at most 52 concurrent requests per user.
+    parallel_ranges: int = ranged(
+        1, 1, 52,
+        "Large reads (full snapshots, a modifiedon first sync) are split into this "
         "many primary-key ranges paged in parallel, within the run's concurrency limit.",
     )
     hash_ignore_annotations: bool = Field(
         False, description="Leave @odata.etag and annotations out of the content hash, so a "
         "record whose only change is its etag or a formatted value is 'unchanged'.",
     )
-    publish_chunk_rows: int = Field(
-        50_000, ge=1,
-        description="Change sets larger than this publish in resumable chunks.",
+    # Bound into SQL as a 64-bit integer; 100 million is past any one Dataverse change set,
+    # so the top of the range means "never chunk".
+    publish_chunk_rows: int = ranged(
+        50_000, 1, 100_000_000, "Change sets larger than this publish in resumable chunks.",
     )
-    reconcile_every_hours: float = Field(
-        24.0, ge=0,
-        description="modifiedon and filtered entities: how often a key-only scan looks for "
-        "deleted records (0 = never).",
+    # A year: longer is the same as never (0); hours past ~2.4e10 would overflow timedelta.
+    reconcile_every_hours: float = ranged(
+        24.0, 0, 8_760,
+        "modifiedon and filtered entities: how often a key-only scan looks for "
+        "deleted records (hours; 0 = never).",
     )
     schema_evolution: SchemaEvolution = Field(
         "freeze", description="freeze: the first change set's columns stay the table's columns "
@@ -151,8 +178,14 @@ class EntityConfig(BaseModel):
                 "must be a Dataverse entity set name: a letter, then letters, digits or "
                 "underscores (at most 128)"
             )
-        if value.lower().endswith("__history"):
-            raise ValueError("names ending in '__history' are reserved for history tables")
+        folded = value.lower()
+        if folded.startswith("sqlite_"):
+            raise ValueError("names starting with 'sqlite_' are reserved for SQLite's own tables")
+        suffix = next((s for s in RESERVED_NAME_SUFFIXES if folded.endswith(s)), None)
+        if suffix:
+            raise ValueError(f"names ending in {suffix!r} are reserved for the tables, views "
+                             "and indexes the mirror makes for each entity (E__history, "
+                             "E__readable, E__pk_nocase, ...)")
         return value
 
     @field_validator("primary_key")
@@ -178,35 +211,34 @@ class EntityConfig(BaseModel):
         return self
 
 
-class ArchiveConfig(BaseModel):
+class ArchiveConfig(_EntitiesFileModel):
     """The raw archive's compaction and retention (`dataverse-assets compact`)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    compact_after_days: float | None = Field(
-        7.0, ge=0, description="Change sets fetched longer ago than this are merged into zstd "
-        "Parquet (null: never).",
+    # A century: `now - timedelta(days=...)` must stay after year 1 (~739,000 days back).
+    compact_after_days: float | None = ranged(
+        7.0, 0, 36_500, "Change sets fetched longer ago than this are merged into zstd "
+        "Parquet (days; null: never).",
     )
-    retention_days: float | None = Field(
-        None, ge=0, description="Change sets older than this may be deleted, never one a "
-        "rebuild needs (null: keep everything).",
+    retention_days: float | None = ranged(
+        None, 0, 36_500, "Change sets older than this may be deleted, never one a "
+        "rebuild needs (days; null: keep everything).",
     )
     retention_mode: Literal["lossless", "rebase"] = Field(
         "lossless", description="lossless: delete only change sets published as no-ops, so a "
         "rebuild still equals the mirror, history included; rebase: also everything before "
         "the newest old snapshot (history before it is given up).",
     )
-    zstd_level: int = Field(9, ge=1, le=22)
-    staging_keep_change_sets: int | None = Field(
-        24, ge=1, description="compact deletes the staged rows of older published change "
+    # zstd's own levels, as DuckDB's COMPRESSION_LEVEL takes them.
+    zstd_level: int = ranged(9, 1, 22, "zstd level of the compacted Parquet files.")
+    # A million: a century of hourly change sets.
+    staging_keep_change_sets: int | None = ranged(
+        24, 1, 1_000_000, "compact deletes the staged rows of older published change "
         "sets, keeping each entity's newest this many (null: keep every staged row).",
     )
 
 
-class EntitiesConfig(BaseModel):
+class EntitiesConfig(_EntitiesFileModel):
     """The whole entities file: cadence groups and the entities in them."""
-
-    model_config = ConfigDict(extra="forbid")
 
     groups: dict[str, GroupConfig] = Field(min_length=1)
     entities: list[EntityConfig] = Field(min_length=1)
@@ -285,8 +317,8 @@ def _describe_location(raw: object, loc: tuple[int | str, ...]) -> str:
             entities = raw.get("entities")
             if isinstance(entities, list) and loc[1] < len(entities):
                 item = entities[loc[1]]
-                if isinstance(item, dict):
-                    name = item.get("name")
+                if isinstance(item, dict) and isinstance(item.get("name"), str):
+                    name = item["name"]
         where = f"entity {name!r} (entities[{loc[1]}])" if name else f"entities[{loc[1]}]"
         rest = [str(part) for part in loc[2:]]
         return f"{where}, field {'.'.join(rest)!r}" if rest else where
@@ -295,6 +327,20 @@ def _describe_location(raw: object, loc: tuple[int | str, ...]) -> str:
         where = f"group {loc[1]!r}"
         return f"{where}, field {'.'.join(rest)!r}" if rest else where
     return f"field {'.'.join(str(p) for p in loc)!r}" if loc else "top level"
+
+
+def _number_message(error: Mapping[str, Any]) -> str | None:
+    """Plain words for a value that is not the number a field takes."""
+    if error["type"] not in ("int_type", "float_type", "finite_number"):
+        return None
+    value = error.get("input")
+    if isinstance(value, bool):
+        return "true and false are not numbers"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN and Infinity are not numbers"
+    if isinstance(value, float) and error["type"] == "int_type":
+        return "must be a whole number written as one (5000, not 5000.0 or 5e3)"
+    return None
 
 
 def parse_entities_config(raw: object, source: str = "entities config") -> EntitiesConfig:
@@ -306,12 +352,42 @@ def parse_entities_config(raw: object, source: str = "entities config") -> Entit
         return EntitiesConfig.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
+        message = _number_message(first) or first["msg"].removeprefix("Value error, ")
         location = _describe_location(raw, tuple(first["loc"]))
         if first["type"] == "extra_forbidden":
             message = "unknown field (check the spelling)"
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise ConfigError(f"{source}: {location}: {message}{more}") from None
+
+
+class _RepeatedKeys(dict):
+    """A JSON object that had a key twice (json.loads would silently keep the last value)."""
+
+    def __init__(self, pairs: dict[str, object], repeated: str) -> None:
+        super().__init__(pairs)
+        self.repeated = repeated
+
+
+def _json_object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    seen: set[str] = set()
+    repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return _RepeatedKeys(value, repeated)
+
+
+def _first_repeated_key(raw: object) -> tuple[tuple[int | str, ...], str] | None:
+    """Where the first object with a repeated key is (a pydantic-style location), and the key."""
+    pending: list[tuple[tuple[int | str, ...], object]] = [((), raw)]
+    while pending:
+        loc, value = pending.pop()
+        if isinstance(value, _RepeatedKeys):
+            return loc, value.repeated
+        children = (value.items() if isinstance(value, dict)
+                    else enumerate(value) if isinstance(value, list) else ())
+        pending.extend(reversed([((*loc, key), item) for key, item in children]))
+    return None
 
 
 def load_entities_config(path: str | os.PathLike[str]) -> EntitiesConfig:
@@ -333,11 +409,18 @@ def load_entities_config(path: str | os.PathLike[str]) -> EntitiesConfig:
             "set DATAVERSE_ENTITIES_CONFIG to the JSON file)"
         ) from None
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON: nested too deeply") from None
+    repeated = _first_repeated_key(raw)
+    if repeated is not None:
+        loc, key = repeated
+        raise ConfigError(f"{path}: {_describe_location(raw, loc)}: key {key!r} is given twice "
+                          "(only one value can count; remove the other)")
     return parse_entities_config(raw, source=str(path))
 
 
@@ -345,29 +428,94 @@ SourceKind = Literal["live", "archive", "fixture", "simulator"]
 ExecutorKind = Literal["in_process", "multiprocess"]
 
 
+# Client secrets are redacted from every message by value; a very short one would redact
+# ordinary text everywhere, and no app registration issues one (Entra's are ~40 characters).
+MIN_SECRET_LENGTH = 8
+INSECURE_HTTP_VARIABLE = "DATAVERSE_ALLOW_INSECURE_HTTP"
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves the machine."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _insecure_url_problem(variable: str, url: str, allow_http: bool) -> str | None:
+    """Why a live endpoint URL cannot be used, or None. The URL is not echoed: it may carry
+    user:password."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return f"{variable}: not a URL (e.g. https://contoso.crm.dynamics.com)"
+    if parts.scheme not in ("https", "http") or not host:
+        return (f"{variable}: must be an https:// URL with a host "
+                "(e.g. https://contoso.crm.dynamics.com)")
+    if parts.scheme == "http" and not allow_http and not is_loopback_host(host):
+        return (f"{variable}: plain http:// to a host other than this machine sends the "
+                "client secret or access tokens unencrypted; use https://, or set "
+                f"{INSECURE_HTTP_VARIABLE}=true if that network is trusted")
+    return None
+
+
 class Settings(BaseModel):
     """Endpoints, secrets and paths, from the environment (and `.env`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     url: str | None = None
     client_id: str | None = None
     client_secret: SecretStr | None = None
     tenant_id: str | None = None
     authority: str = "https://login.microsoftonline.com"
+    allow_insecure_http: bool = Field(
+        False, description="Allow a live DATAVERSE_URL or DATAVERSE_AUTHORITY over plain "
+        "http:// to a host other than loopback (secrets then cross the network unencrypted).",
+    )
     db_path: Path = PROJECT_ROOT / "data" / "dataverse.db"
     archive_dir: Path = PROJECT_ROOT / "data" / "archive"
     fixtures_dir: Path | None = None
     source: SourceKind = "simulator"
     entities_config_path: Path = DEFAULT_ENTITIES_CONFIG
-    simulator_seed: int = 42
-    max_concurrency: int = Field(8, ge=1, le=52)
-    max_response_mb: float = Field(512.0, gt=0)
-    lock_wait_seconds: float = Field(600.0, ge=0)
+    simulator_seed: int = ranged(42, 0, 2**32 - 1, "Seed of the simulator's generated org.")
+    # Dataverse serves at most 52 concurrent requests per user.
+    max_concurrency: int = ranged(8, 1, 52, "Requests in flight at once.")
+    # Below ~10 KB not even a metadata response fits; 16 GB is past any memory meant for one
+    # response.
+    max_response_mb: float = ranged(
+        512.0, 0.01, 16_384, "A response body larger than this (MB) is refused.")
+    # A day: past it a waiting run is a hung run; `inf` or NaN would wait forever.
+    lock_wait_seconds: float = ranged(
+        600.0, 0, 86_400, "How long a step waits for another run's lock on the same entity.")
     # How runs launched by Dagster (UI, `dagster asset materialize`, schedules, sensors)
     # execute their steps. In one process by default: a process per step costs ~2 s of
     # imports each (the hourly group: 49.5 s instead of 8.5 s). The CLI always runs in-process.
     executor: ExecutorKind = "in_process"
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(f"shorter than {MIN_SECRET_LENGTH} characters; copy the whole "
+                             "client secret value from the app registration")
+        return value
+
+    @model_validator(mode="after")
+    def _live_endpoints_are_encrypted(self) -> Settings:
+        # Only a live source sends a secret; the simulator's credentials are public.
+        if self.source == "live":
+            for variable, url in (("DATAVERSE_URL", self.url),
+                                  ("DATAVERSE_AUTHORITY", self.authority)):
+                problem = url and _insecure_url_problem(variable, url, self.allow_insecure_http)
+                if problem:
+                    raise ValueError(problem)
+        return self
 
     @cached_property
     def entities(self) -> EntitiesConfig:
@@ -380,6 +528,7 @@ _ENV_FIELDS = {
     "DATAVERSE_CLIENT_SECRET": "client_secret",
     "DATAVERSE_TENANT_ID": "tenant_id",
     "DATAVERSE_AUTHORITY": "authority",
+    INSECURE_HTTP_VARIABLE: "allow_insecure_http",
     "DATAVERSE_DB_PATH": "db_path",
     "DATAVERSE_ARCHIVE_DIR": "archive_dir",
     "DATAVERSE_FIXTURES_DIR": "fixtures_dir",
@@ -413,10 +562,13 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         settings = Settings.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        variable = next((k for k, v in _ENV_FIELDS.items() if v == field), field)
         # Never echo the value: it may be a secret.
-        raise ConfigError(f"{variable}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a check across variables names them itself
+            raise ConfigError(message) from None
+        field = str(first["loc"][0])
+        variable = next((k for k, v in _ENV_FIELDS.items() if v == field), field)
+        raise ConfigError(f"{variable}: {message}") from None
     if settings.source == "live":
         missing = [
             name

@@ -151,6 +151,36 @@ def test_a_bad_entities_file_fails_the_first_check(tmp_path, monkeypatch, doctor
     assert "entity 'teams' (entities[0]), field 'incremental'" in check["detail"]
 
 
+@pytest.mark.parametrize("variable, value, expected", [
+    ("DATAVERSE_URL", "http://contoso.crm.dynamics.com",
+     "DATAVERSE_URL: plain http:// to a host other than this machine"),
+    ("DATAVERSE_AUTHORITY", "http://login.example.com",
+     "DATAVERSE_AUTHORITY: plain http:// to a host other than this machine"),
+    ("DATAVERSE_CLIENT_SECRET", "Qz7#kp", "DATAVERSE_CLIENT_SECRET: shorter than 8 characters"),
+])
+def test_the_doctor_reports_an_unsafe_live_setting_as_the_sync_does(
+        variable, value, expected, doctor_env, simulator_url, monkeypatch, capsys):
+    sim, url = simulator_url
+    monkeypatch.setenv("DATAVERSE_SOURCE", "live")
+    monkeypatch.setenv("DATAVERSE_AUTHORITY", url)
+    monkeypatch.setenv("DATAVERSE_CLIENT_ID", SIMULATOR_CLIENT_ID)
+    monkeypatch.setenv("DATAVERSE_CLIENT_SECRET", "long-enough-secret")
+    monkeypatch.setenv(variable, value)
+    assert cli.main(["doctor"]) == 1
+    text = capsys.readouterr()
+    code, report = run_doctor_json(capsys)
+    assert code == 1
+    (check,) = report["checks"]  # nothing is sent anywhere
+    assert check["name"] == "configuration" and check["status"] == FAIL
+    assert check["detail"].startswith(expected)
+    if "http://" in value:
+        assert "set DATAVERSE_ALLOW_INSECURE_HTTP=true" in check["detail"]
+    assert f"FAIL  configuration  {expected}" in text.out
+    assert "Qz7#kp" not in text.out + text.err + json.dumps(report)
+    assert not sim.stats.request_log
+    assert cli.main(["sync"]) == 2 and expected in capsys.readouterr().err
+
+
 def test_throttling_headroom_from_a_throttling_org(doctor_env, simulator_url, capsys):
     sim, _ = simulator_url
     sim.limits = ServiceProtectionLimits.dataverse()

@@ -12,7 +12,12 @@ from dagster import DagsterInstance
 from dataverse_assets import client as client_module
 from dataverse_assets.cli import main as cli_main
 from dataverse_assets.client import RetryPolicy
-from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, ConfigError, Settings
+from dataverse_assets.config import (
+    DEFAULT_ENTITIES_CONFIG,
+    ConfigError,
+    Settings,
+    parse_entities_config,
+)
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.sources import FixtureSource, SimulatorSource
@@ -88,6 +93,7 @@ def _case_twin() -> str:
     return json.dumps(raw)
 
 
+JUNCTION = "entity 'vin_vin_candidate_accountset' (entities[2])"
 CONFIG_MISTAKES = {
     "missing file": (None, "entities config not found"),
     "invalid JSON": ('{"groups": {"hourly": ', "not valid JSON"),
@@ -104,6 +110,45 @@ CONFIG_MISTAKES = {
         _config(entities__0__primary_key="id eq null or id"), "field 'primary_key'"),
     "orderby that is not a column list": (
         _config(entities__0__orderby="name; drop"), "field 'orderby'"),
+    # Values that passed validation and crashed a run (or its checks) later.
+    "NaN": (_config(entities__2__reconcile_every_hours=float("nan")),
+            f"{JUNCTION}, field 'reconcile_every_hours': NaN and Infinity are not numbers"),
+    "Infinity": (_config(entities__2__reconcile_every_hours=float("inf")),
+                 f"{JUNCTION}, field 'reconcile_every_hours': NaN and Infinity are not numbers"),
+    "-Infinity": (_config(groups__daily__freshness_grace_minutes=float("-inf")),
+                  "group 'daily', field 'freshness_grace_minutes': NaN and Infinity are not"),
+    "hours past timedelta": (_config(entities__2__reconcile_every_hours=1e308),
+                             f"{JUNCTION}, field 'reconcile_every_hours': Input should be less"
+                             " than or equal to 8760"),
+    "minutes past timedelta": (_config(groups__daily__freshness_grace_minutes=1e300),
+                               "group 'daily', field 'freshness_grace_minutes': Input should be"
+                               " less than or equal to 527040"),
+    "days past datetime": (_config(archive={"compact_after_days": 1e308}),
+                           "field 'archive.compact_after_days': Input should be less than or "
+                           "equal to 36500"),
+    "rows past SQLite's integers": (_config(entities__2__publish_chunk_rows=10**30),
+                                    f"{JUNCTION}, field 'publish_chunk_rows': Input should be"
+                                    " less than or equal to 100000000"),
+    "rows as a float": (_config(entities__2__publish_chunk_rows=1e30),
+                        f"{JUNCTION}, field 'publish_chunk_rows': must be a whole number"),
+    "boolean for a number": (_config(entities__2__page_size=True),
+                             f"{JUNCTION}, field 'page_size': true and false are not numbers"),
+    "fraction for an integer": (_config(entities__2__page_size=2.5),
+                                f"{JUNCTION}, field 'page_size': must be a whole number"),
+    "key given twice": (
+        _config().replace('"incremental": "full"', '"incremental": "full", "page_size": 5000, '
+                          '"page_size": 50', 1),
+        f"{JUNCTION}: key 'page_size' is given twice"),
+    "SQLite's own name": (_config(entities__2__name="sqlite_master"),
+                          "entity 'sqlite_master' (entities[2]), field 'name': names starting "
+                          "with 'sqlite_' are reserved"),
+    "a view's name": (_config(entities__2__name="teams__readable"),
+                      "field 'name': names ending in '__readable' are reserved"),
+    "an index's name": (_config(entities__2__name="vin_candidates__pk_nocase"),
+                        "field 'name': names ending in '__pk_nocase' are reserved"),
+    "cron that never fires": (_config(groups__daily__cron="0 0 31 4 *"),
+                              "group 'daily', field 'cron': '0 0 31 4 *' never fires"),
+    "nested too deeply": ("[" * 100_000, "not valid JSON: nested too deeply"),
 }
 
 
@@ -135,6 +180,51 @@ def test_a_config_mistake_is_one_line_before_any_request(case, tmp_path, simulat
     assert not simulator.stats.request_log, "a request was sent before the config was checked"
 
 
+SHORT_SECRET = "Qz7#kp"
+ENVIRONMENT_MISTAKES = {
+    "concurrency inf": ({"DATAVERSE_MAX_CONCURRENCY": "inf"}, "DATAVERSE_MAX_CONCURRENCY: "),
+    "response limit inf": ({"DATAVERSE_MAX_RESPONSE_MB": "inf"},
+                           "DATAVERSE_MAX_RESPONSE_MB: Input should be a finite number"),
+    "response limit nan": ({"DATAVERSE_MAX_RESPONSE_MB": "nan"},
+                           "DATAVERSE_MAX_RESPONSE_MB: Input should be a finite number"),
+    "lock wait forever": ({"DATAVERSE_LOCK_WAIT_SECONDS": "Infinity"},
+                          "DATAVERSE_LOCK_WAIT_SECONDS: Input should be a finite number"),
+    "lock wait past a day": ({"DATAVERSE_LOCK_WAIT_SECONDS": "1e9"},
+                             "DATAVERSE_LOCK_WAIT_SECONDS: Input should be less than or equal"),
+    "seed out of range": ({"DATAVERSE_SIMULATOR_SEED": str(2**64)},
+                          "DATAVERSE_SIMULATOR_SEED: Input should be less than or equal"),
+    "short secret": ({"DATAVERSE_SOURCE": "live", "DATAVERSE_CLIENT_ID": "id",
+                      "DATAVERSE_CLIENT_SECRET": SHORT_SECRET},
+                     "DATAVERSE_CLIENT_SECRET: shorter than 8 characters"),
+    "plain http to another host": (
+        {"DATAVERSE_SOURCE": "live", "DATAVERSE_URL": "http://contoso.crm.dynamics.com",
+         "DATAVERSE_CLIENT_ID": "id", "DATAVERSE_CLIENT_SECRET": "long-enough-secret"},
+        "DATAVERSE_URL: plain http:// to a host other than this machine"),
+    "authority over plain http": (
+        {"DATAVERSE_SOURCE": "live", "DATAVERSE_AUTHORITY": "http://login.example.com",
+         "DATAVERSE_CLIENT_ID": "id", "DATAVERSE_CLIENT_SECRET": "long-enough-secret"},
+        "DATAVERSE_AUTHORITY: plain http:// to a host other than this machine"),
+}
+
+
+@pytest.mark.parametrize("case", ENVIRONMENT_MISTAKES)
+def test_an_environment_mistake_is_one_line_naming_the_variable_before_any_request(
+        case, tmp_path, simulator_url, monkeypatch, capsys):
+    simulator, url = simulator_url
+    environ, expected = ENVIRONMENT_MISTAKES[case]
+    monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(DEFAULT_ENTITIES_CONFIG))
+    monkeypatch.setenv("DATAVERSE_URL", url)
+    monkeypatch.setenv("DATAVERSE_SOURCE", "simulator")
+    monkeypatch.setenv("DATAVERSE_DB_PATH", str(tmp_path / "m.db"))
+    for variable, value in environ.items():
+        monkeypatch.setenv(variable, value)
+    assert cli_main(["sync"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"configuration error: {expected}") and err.count("\n") == 1, err
+    assert SHORT_SECRET not in err
+    assert not simulator.stats.request_log, "a request was sent before the config was checked"
+
+
 def test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line(
         tmp_path, simulator_url):
     mirror = make_mirror(tmp_path, simulator_url,
@@ -152,6 +242,25 @@ def test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line(
                                   ).fetchone() == ("failed",)
     teamz = [r.target for r in mirror.simulator.stats.request_log if "teamz" in r.target]
     assert len(teamz) <= 3  # metadata, the count, one page: nothing more
+
+
+def test_no_entity_can_be_named_like_a_table_or_index_the_mirror_makes(tmp_path, simulator_url):
+    """Every SQLite object a sync makes for an entity (history, indexes) has a name that the
+    config refuses for another entity, so two entities can never share one."""
+    mirror = make_mirror(tmp_path, simulator_url, [
+        {"name": "teams", "incremental": "modifiedon"},
+        {"name": "vin_vin_candidate_accountset", "incremental": "full"}])
+    mirror.sync("hourly")
+    with mirror.connection() as connection:
+        names = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+    derived = [n for n in names if not n.startswith(("_", "sqlite_"))
+               and n not in ("teams", "vin_vin_candidate_accountset")]
+    assert {"teams__history", "teams__modifiedon", "teams__pk_nocase"} <= set(derived)
+    for name in [*derived, *(n for n in names if n.startswith("sqlite_"))]:
+        raw = {"groups": {"hourly": {"cron": "0 * * * *"}},
+               "entities": [{"name": name, "group": "hourly"}]}
+        with pytest.raises(ConfigError, match="field 'name': names .* reserved"):
+            parse_entities_config(raw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,18 +1,35 @@
 """Property tests (hypothesis): filter building against the simulator's $filter parser,
-identifier quoting against SQLite, primary-key detection, and the publish diff (applying a
-plan to canonical gives the staged state), each on the real code."""
+identifier quoting against SQLite, primary-key detection, the publish diff (applying a
+plan to canonical gives the staged state), and hostile configs (one that validates syncs), each
+on the real code."""
 
 import asyncio
+import json
+import re
 import sqlite3
 import tempfile
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 from urllib.parse import parse_qsl
 
 import httpx
 import orjson
-from hypothesis import HealthCheck, given, settings
+from dagster import DagsterInstance
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
+from dataverse_assets.compaction import compact_archive
+from dataverse_assets.config import (
+    ArchiveConfig,
+    ConfigError,
+    EntityConfig,
+    GroupConfig,
+    LinkSource,
+    Settings,
+)
+from dataverse_assets.definitions import build_definitions
 from dataverse_assets.publish import lock_schema, publish_change_set
 from dataverse_assets.query import PageQuery, id_filter, string_literal
 from dataverse_assets.schema import Column, EntitySchema, detect_primary_key, sqlite_fold
@@ -20,6 +37,7 @@ from dataverse_assets.simulator.odata import BoolOp, Comparison, parse_filter
 from dataverse_assets.sources import SimulatorSource, embedded_simulator
 from dataverse_assets.staging import STAGING_META_COLUMNS, StagedRecords, content_hash, write_staged
 from dataverse_assets.store import connect, quote_identifier
+from dataverse_assets_tests.conftest import Mirror, failure_messages
 
 # Any text an id or a value can hold: quotes, unicode, whitespace, URL-special characters.
 # (Not NUL: no URL or SQLite identifier carries it; not lone surrogates: not valid UTF-8.)
@@ -225,3 +243,218 @@ def test_a_staged_row_has_each_columns_value_or_null_whatever_fields_a_record_la
         meta = len(STAGING_META_COLUMNS)
         assert row[meta:meta + len(names)] == tuple(record.get(n) for n in names)
         assert orjson.loads(row[-1]) == record
+
+
+# -- configs: one that validates runs ---------------------------------------------------------
+
+# Two small tables of the embedded simulator: teams (12 rows, modifiedon, so its reconcile
+# clock matters) and the business units its teams name (5, filtered: linked_from).
+CONFIG_ENTITIES = ["teams", "businessunits"]
+
+
+def _base_config() -> dict:
+    """A valid config with every field written out, so each one can be replaced."""
+    teams = EntityConfig(name="teams", group="hourly", incremental="modifiedon")
+    units = EntityConfig(name="businessunits", group="hourly", filtered=True,
+                         linked_from=[{"entity": "teams", "column": "_businessunitid_value"}])
+    return {"groups": {"hourly": GroupConfig(cron="0 * * * *").model_dump()},
+            "entities": [teams.model_dump(), units.model_dump()],
+            "archive": ArchiveConfig().model_dump()}
+
+
+def _children(value: object) -> list[tuple[int | str, object]]:
+    if isinstance(value, dict):
+        return list(value.items())
+    return list(enumerate(value)) if isinstance(value, list) else []
+
+
+def _paths(value: object, path: tuple = ()) -> list[tuple]:
+    """Every key and index below `value`, as paths."""
+    return [p for key, item in _children(value) for p in [(*path, key),
+                                                           *_paths(item, (*path, key))]]
+
+
+def _objects(value: object, path: tuple = ()) -> list[tuple]:
+    """The paths of the non-empty objects (a key can be repeated in those)."""
+    return ([path] if isinstance(value, dict) and value else []) + [
+        p for key, item in _children(value) for p in _objects(item, (*path, key))]
+
+
+CONFIG_PATHS = _paths(_base_config())
+MODELS = {"groups": GroupConfig, "entities": EntityConfig, "archive": ArchiveConfig,
+          "linked_from": LinkSource}
+NOT_NUMBERS = st.sampled_from([
+    float("nan"), float("inf"), float("-inf"), True, False, None, "", "5000", "NaN", [], [1],
+    {}, {"a": 1}, 1e308, -1e308, 1e-308, 2**63, 2**64, 10**30, -(10**30), 0.5, 2.5, 100.0])
+HOSTILE_VALUES = st.one_of(NOT_NUMBERS, st.integers(), st.floats(), st.text(max_size=8))
+# Names that are invalid or reserved (a valid name the org lacks fails its fetch by design:
+# test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line).
+HOSTILE_NAMES = st.sampled_from([
+    "sqlite_master", "SQLITE_sequence", "teams__history", "teams__readable", "teams__pk_nocase",
+    "businessunits__modifiedon", "1teams", "_teams", "", " teams", "teams;", "a" * 129,
+    "名前", "teams\n"])
+CRONS = st.sampled_from(["0 * * * *", "*/5 * * * *", "0 0 29 2 *", "59 23 31 12 *", "@daily",
+                         "0 0 31 4 *", "0 0 30 2 *", "every hour", "", "* * * * * * *"])
+
+
+def _usable_values(path: tuple) -> st.SearchStrategy | None:
+    """Values a user could mean for the field at `path`: anything in its range (both ends
+    too), every choice, working names and expressions. None for containers and names."""
+    name = path[-1]
+    model = next((MODELS[p] for p in reversed(path) if p in MODELS), None)
+    info = model.model_fields.get(name) if model and isinstance(name, str) else None
+    if info is None:
+        return None
+    kinds = set(get_args(info.annotation)) or {info.annotation}
+    if kinds & {int, float} and bool not in kinds:
+        bounds = {type(m).__name__: m for m in info.metadata}
+        low, high = bounds["Ge"].ge, bounds["Le"].le
+        return st.one_of(st.sampled_from([low, high]), st.integers(low, high),
+                         *([st.floats(low, high)] if float in kinds else []),
+                         *([st.none()] if type(None) in kinds else []))
+    if bool in kinds:
+        return st.booleans()
+    if all(get_origin(k) is Literal for k in kinds):
+        return st.sampled_from([v for k in kinds for v in get_args(k)])
+    return {
+        "cron": st.sampled_from(["0 * * * *", "*/5 * * * *", "0 0 29 2 *", "59 23 31 12 *",
+                                 "@daily"]),
+        "description": st.text(max_size=20),
+        "orderby": st.sampled_from([None, "name asc", "modifiedon desc, name"]),
+        # Another target table links nothing (any text is allowed; it is a value to match).
+        "lookup_target": st.one_of(st.sampled_from([None, "businessunit"]), st.text(max_size=5)),
+    }.get(name)
+
+
+def _hostile_values(path: tuple) -> st.SearchStrategy:
+    name = path[-1]
+    specific = {"name": HOSTILE_NAMES, "entity": HOSTILE_NAMES, "cron": CRONS,
+                "group": st.sampled_from(["daily", "Hourly", ""]),
+                "orderby": st.sampled_from(["name; x", "1 asc", ""]),
+                "column": st.sampled_from(["", "x y", "a'b"]),
+                "primary_key": st.sampled_from(["", "x y", "a'b"])}.get(name)
+    return st.one_of(specific, HOSTILE_VALUES) if specific else HOSTILE_VALUES
+
+
+def _changes(paths: list[tuple], values, max_size: int) -> st.SearchStrategy:
+    return st.lists(st.sampled_from(paths).flatmap(
+        lambda path: st.tuples(st.just(path), values(path))), max_size=max_size)
+
+
+USABLE_CHANGES = _changes([p for p in CONFIG_PATHS if _usable_values(p) is not None],
+                          _usable_values, 4)
+HOSTILE_CHANGES = _changes(CONFIG_PATHS, _hostile_values, 2)
+
+
+def _has(container: object, key: int | str) -> bool:
+    if isinstance(container, list):
+        return isinstance(key, int) and key < len(container)
+    return isinstance(container, dict) and key in container
+
+
+def _apply(raw: dict, changes: list[tuple[tuple, object]]) -> dict:
+    """Set each path to its value (skipped when an earlier change replaced its parent)."""
+    for path, value in changes:
+        parent: object = raw
+        for part in path[:-1]:
+            parent = parent[part] if _has(parent, part) else None  # type: ignore[index]
+        if _has(parent, path[-1]):
+            parent[path[-1]] = value  # type: ignore[index]
+    return raw
+
+
+def _json_text(value: object, repeat_at: tuple | None, path: tuple = ()) -> str:
+    """json.dumps (NaN and Infinity as Python writes them), with the first key of the object
+    at `repeat_at` written twice."""
+    if isinstance(value, dict):
+        items = [f"{json.dumps(k)}: {_json_text(v, repeat_at, (*path, k))}"
+                 for k, v in value.items()]
+        if path == repeat_at and items:
+            items.append(items[0])
+        return "{" + ", ".join(items) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_json_text(v, repeat_at, (*path, n))
+                               for n, v in enumerate(value)) + "]"
+    return json.dumps(value)
+
+
+def _both(field: str, value: object) -> list[tuple[tuple, object]]:
+    return [(("entities", n, field), value) for n in (0, 1)]
+
+
+MAXIMA = [(("groups", "hourly", "freshness_grace_minutes"), 527_040),
+          (("groups", "hourly", "cron"), "0 0 29 2 *"),
+          *_both("page_size", 5000), *_both("parallel_ranges", 52),
+          *_both("publish_chunk_rows", 100_000_000), *_both("reconcile_every_hours", 8760),
+          (("archive", "compact_after_days"), 36_500), (("archive", "retention_days"), 36_500),
+          (("archive", "zstd_level"), 22), (("archive", "staging_keep_change_sets"), 1_000_000)]
+MINIMA = [(("groups", "hourly", "freshness_grace_minutes"), 0),
+          *_both("page_size", 1), *_both("parallel_ranges", 1), *_both("publish_chunk_rows", 1),
+          *_both("reconcile_every_hours", 0),
+          (("archive", "compact_after_days"), 0), (("archive", "retention_days"), 0),
+          (("archive", "zstd_level"), 1), (("archive", "staging_keep_change_sets"), 1),
+          (("archive", "retention_mode"), "rebase")]
+
+
+# 60 generated configs (a third to a half of them sync) and the 10 examples: ~40 s.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(usable=USABLE_CHANGES, hostile=st.one_of(st.just([]), HOSTILE_CHANGES),
+       repeat=st.one_of(st.just(None), st.just(None), st.integers(0, 40)))
+@example(usable=MAXIMA, hostile=[], repeat=None)
+@example(usable=MINIMA, hostile=[], repeat=None)
+@example(usable=[], hostile=[(("groups", "hourly", "cron"), "0 0 31 4 *")], repeat=None)
+@example(usable=[], hostile=[(("entities", 0, "reconcile_every_hours"), 1e308)], repeat=None)
+@example(usable=[], hostile=[(("groups", "hourly", "freshness_grace_minutes"), 1e300)],
+         repeat=None)
+@example(usable=[], hostile=[(("archive", "compact_after_days"), 1e308)], repeat=None)
+@example(usable=[], hostile=[(("entities", 1, "publish_chunk_rows"), 1e30)], repeat=None)
+@example(usable=[], hostile=[(("entities", 0, "page_size"), True)], repeat=None)
+@example(usable=[], hostile=[(("entities", 0, "name"), "sqlite_master")], repeat=None)
+@example(usable=[], hostile=[], repeat=3)
+def test_a_config_either_names_the_field_it_gets_wrong_or_syncs(usable, hostile, repeat):
+    """Usable and hostile values in the fields of a small valid config: either a one-line
+    error naming where, or two syncs (the second reads the first's reconcile clock) with their
+    freshness checks, then a compaction as if far in the future, all complete with rows in the
+    mirror."""
+    raw = _apply(_base_config(), usable + hostile)
+    objects = _objects(raw)
+    repeat_at = objects[repeat % len(objects)] if repeat is not None else None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "entities.json"
+        path.write_text(_json_text(raw, repeat_at))
+        mirror_settings = Settings(db_path=Path(folder) / "mirror.db",
+                                   archive_dir=Path(folder) / "archive",
+                                   entities_config_path=path, source="simulator")
+        try:
+            defs = build_definitions(mirror_settings,
+                                     source=SimulatorSource(entity_names=CONFIG_ENTITIES))
+        except ConfigError as exc:
+            message = str(exc)
+            assert message.startswith(f"{path}: ") and "\n" not in message, message
+            # Where: a field, a group, an entity (cross-references name it), a repeated key.
+            where = message.removeprefix(f"{path}: ")
+            assert re.match(r"(field |group |entity |entities\[|top level: (entity|key) )",
+                            where), message
+            assert repeat_at is None or "is given twice" in message, message
+            event("refused")
+            return
+        event("synced")
+        assert repeat_at is None, "a key given twice was accepted"
+        config = mirror_settings.entities
+        sim = embedded_simulator(42, CONFIG_ENTITIES)
+        with DagsterInstance.ephemeral() as instance:
+            mirror = Mirror(sim, mirror_settings, defs, instance)
+            for _ in range(2):
+                _, result = mirror.run("hourly")
+                assert result.success, failure_messages(result)
+        with closing(connect(mirror_settings.db_path)) as connection:
+            teams = {row[0] for row in connection.execute("SELECT teamid FROM teams")}
+            units = {row[0] for row in connection.execute(
+                "SELECT businessunitid FROM businessunits")}
+        assert teams == {r["teamid"] for r in sim.records("teams")}
+        linked = {r["_businessunitid_value"] for r in sim.records("teams")}
+        # Another lookup_target (any text is allowed) links no team to a business unit.
+        target = config.entity("businessunits").linked_from[0].lookup_target
+        assert units == (linked if target in (None, "businessunit") else set())
+        compact_archive(mirror_settings.archive_dir, config, db_path=mirror_settings.db_path,
+                        now=datetime.now(UTC) + timedelta(days=36_501))
