@@ -236,7 +236,7 @@ class DataverseClient:
                     if number > 1:
                         self.stats.retries += 1
                     try:
-                        return await self._send_once(request_url, prefer, number)
+                        return await self._send_once(request_url, prefer, number, entity)
                     except _Transient as exc:
                         last = exc
                         raise
@@ -263,7 +263,8 @@ class DataverseClient:
             return 0.0  # a dropped connection is usually fixed by simply reconnecting
         return self.retry_policy.backoff(retry_number, self._rng)
 
-    async def _send_once(self, url: str, prefer: str | None, attempt: int) -> httpx.Response:
+    async def _send_once(self, url: str, prefer: str | None, attempt: int,
+                         entity: str) -> httpx.Response:
         waited = await self.gate.wait(self._sleep)
         self.stats.throttle_wait += waited
         token = await self._credentials.token()
@@ -309,7 +310,7 @@ class DataverseClient:
                     break
             finally:
                 self._in_flight -= 1
-        return self._classify(url, response)
+        return self._classify(url, response, entity)
 
     async def _read_capped(self, url: str, headers: dict[str, str]) -> httpx.Response:
         """GET and read the body, refusing one larger than `max_response_bytes` (checked as it
@@ -339,10 +340,13 @@ class DataverseClient:
                 f"over the limit of {cap:,} (DATAVERSE_MAX_RESPONSE_MB); lower the entity's "
                 "page_size or raise the limit")
 
-    def _classify(self, url: str, response: httpx.Response) -> httpx.Response:
+    def _classify(self, url: str, response: httpx.Response, entity: str) -> httpx.Response:
         status = response.status_code
         if 200 <= status < 300:
             return response
+        if 300 <= status < 400:
+            # Not retried: the same request would be sent to the same redirect.
+            raise DataverseRequestError(_redirect_refused(entity, url, response), status=status)
         code, message = _error_detail(response.content)
         if status == 429:
             self.stats.throttled += 1
@@ -352,11 +356,12 @@ class DataverseClient:
             raise _Transient(f"{code or 'server error'}: {message}", status=status)
         if status == 401:
             raise AuthenticationError(
-                f"GET {url} was refused (401) even with a fresh token: {message}. Check the "
-                "application user's access to this org"
+                f"{entity}: GET {url} was refused (401) even with a fresh token: {message}. "
+                "Check the application user's access to this org"
             )
         raise DataverseRequestError(
-            f"GET {url} answered {status} ({code}): {message}", status=status, code=code
+            f"{entity}: GET {url} answered {status} ({code}): {message}", status=status,
+            code=code,
         )
 
     def _record(self, url: str, status: int | None, attempt: int, started: float, size: int,
@@ -554,6 +559,22 @@ class DataverseClient:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _redirect_refused(entity: str, url: str, response: httpx.Response) -> str:
+    location = response.headers.get("Location")
+    if location:
+        try:
+            scheme, host = _origin(str(httpx.URL(url).join(location)))
+        except (httpx.InvalidURL, TypeError):
+            scheme, host = "", ""
+        target = f"{scheme}://{host}" if host else repr(location[:200])
+    else:
+        target = "an unnamed location (no Location header)"
+    return (f"{entity}: GET {url} answered {response.status_code}: redirect to {target} "
+            "refused: Dataverse does not redirect Web API calls, and the access token must not "
+            "follow a redirect elsewhere; check DATAVERSE_URL (the org's own address, e.g. "
+            "https://contoso.crm.dynamics.com)")
 
 
 def _origin(url: str) -> tuple[str, str]:

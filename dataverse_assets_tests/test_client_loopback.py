@@ -300,6 +300,18 @@ def test_malformed_json_is_retried_then_reported() -> None:
     assert sim.stats.faults["malformed"] >= 2 + FAST.max_attempts
 
 
+def test_a_redirect_is_refused_naming_its_host_and_not_retried() -> None:
+    with org(rows=30) as (sim, base):
+        sim.inject("redirect", count=10, entity="accounts", host="https://elsewhere.invalid")
+        with pytest.raises(DataverseRequestError) as excinfo:
+            read_accounts(base)
+    message = str(excinfo.value)
+    assert message.startswith("accounts: GET ") and "\n" not in message
+    assert "answered 302: redirect to https://elsewhere.invalid refused" in message
+    assert "check DATAVERSE_URL" in message and excinfo.value.status == 302
+    assert len(data_requests(sim)) == 1, "a redirect is not retried"
+
+
 def test_concurrency_never_exceeds_the_client_limit() -> None:
     with org(rows=480) as (sim, base):
         # Every response takes 20 ms, so requests overlap at the simulator.

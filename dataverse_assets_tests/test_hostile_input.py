@@ -313,6 +313,10 @@ API_FAULTS = {
     "deltaLink to another host": (
         dict(kind="foreign_link", link="delta", paging_only=False, after=1),
         ["refusing to store the deltaLink to http://foreign.invalid"]),
+    "302 redirect to another host": (
+        dict(kind="redirect"),
+        ["answered 302: redirect to http://foreign.invalid refused",
+         "Dataverse does not redirect Web API calls", "check DATAVERSE_URL"]),
 }
 
 
