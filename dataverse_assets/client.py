@@ -56,6 +56,9 @@ class ResponseTooLargeError(DataverseRequestError):
 # this. A larger body is not a Dataverse page (a runaway proxy, a wrong URL): refuse it
 # instead of holding it in memory.
 DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
+# httpx's timeout is per read: a server sending a byte every few seconds never trips it. A
+# 5000-row page takes seconds; five minutes for one whole response is far beyond any real one.
+DEFAULT_RESPONSE_DEADLINE_SECONDS = 300.0
 
 
 class _Transient(Exception):
@@ -197,9 +200,11 @@ class DataverseClient:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        response_deadline_seconds: float = DEFAULT_RESPONSE_DEADLINE_SECONDS,
     ) -> None:
         self._http = http
         self.max_response_bytes = max_response_bytes
+        self.response_deadline_seconds = response_deadline_seconds
         self._credentials = credentials
         self.org_url = org_url.rstrip("/")
         self.api_base = self.org_url + API_PATH
@@ -290,6 +295,13 @@ class DataverseClient:
                         raise _Transient(
                             f"timeout ({type(exc).__name__})", kind="timeout"
                         ) from None
+                    except TimeoutError:
+                        self._record(url, None, attempt, started, 0, waited, "deadline")
+                        raise _Transient(
+                            f"no complete response within the {self.response_deadline_seconds:g}"
+                            " s deadline; raise DATAVERSE_RESPONSE_DEADLINE_SECONDS if the org "
+                            "is really this slow", kind="timeout"
+                        ) from None
                     except (httpx.TransportError, httpx.DecodingError) as exc:
                         self._record(url, None, attempt, started, 0, waited, type(exc).__name__)
                         raise _Transient(
@@ -314,24 +326,26 @@ class DataverseClient:
 
     async def _read_capped(self, url: str, headers: dict[str, str]) -> httpx.Response:
         """GET and read the body, refusing one larger than `max_response_bytes` (checked as it
-        streams in, so an enormous answer never sits in memory whole)."""
+        streams in, so an enormous answer never sits in memory whole) or not complete within
+        `response_deadline_seconds` (TimeoutError)."""
         cap = self.max_response_bytes
-        response = await self._http.send(self._http.build_request("GET", url, headers=headers),
-                                          stream=True)
-        try:
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise ResponseTooLargeError(self._too_large(url, int(declared), cap))
-            parts: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > cap:
-                    raise ResponseTooLargeError(self._too_large(url, size, cap, more=True))
-                parts.append(chunk)
-            response._content = b"".join(parts)  # what httpx's own aread() sets
-        finally:
-            await response.aclose()
+        async with asyncio.timeout(self.response_deadline_seconds):
+            response = await self._http.send(
+                self._http.build_request("GET", url, headers=headers), stream=True)
+            try:
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > cap:
+                    raise ResponseTooLargeError(self._too_large(url, int(declared), cap))
+                parts: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise ResponseTooLargeError(self._too_large(url, size, cap, more=True))
+                    parts.append(chunk)
+                response._content = b"".join(parts)  # what httpx's own aread() sets
+            finally:
+                await response.aclose()
         return response
 
     @staticmethod

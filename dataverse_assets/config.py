@@ -363,6 +363,7 @@ class Settings(BaseModel):
     simulator_seed: int = 42
     max_concurrency: int = Field(8, ge=1, le=52)
     max_response_mb: float = Field(512.0, gt=0)
+    response_deadline_seconds: float = Field(300.0, gt=0)
     lock_wait_seconds: float = Field(600.0, ge=0)
     # How runs launched by Dagster (UI, `dagster asset materialize`, schedules, sensors)
     # execute their steps. In one process by default: a process per step costs ~2 s of
@@ -388,6 +389,7 @@ _ENV_FIELDS = {
     "DATAVERSE_SIMULATOR_SEED": "simulator_seed",
     "DATAVERSE_MAX_CONCURRENCY": "max_concurrency",
     "DATAVERSE_MAX_RESPONSE_MB": "max_response_mb",
+    "DATAVERSE_RESPONSE_DEADLINE_SECONDS": "response_deadline_seconds",
     "DATAVERSE_LOCK_WAIT_SECONDS": "lock_wait_seconds",
     "DATAVERSE_EXECUTOR": "executor",
 }

@@ -183,8 +183,10 @@ class Doctor:
                              entity=entity.name)
                 self.add("throttling headroom", SKIP, "not checked: no access token")
                 return self.checks
-            client = DataverseClient(http, credentials, org_url=target.org_url,
-                                     max_concurrency=2, retry_policy=DOCTOR_RETRY_POLICY)
+            client = DataverseClient(
+                http, credentials, org_url=target.org_url, max_concurrency=2,
+                retry_policy=DOCTOR_RETRY_POLICY,
+                response_deadline_seconds=self.settings.response_deadline_seconds)
             session = ClientSession(client)
             if not await self._who_am_i(client):
                 return self.checks

@@ -77,7 +77,7 @@ def org(rows: int = 120, **options) -> Iterator[tuple[DataverseSimulator, str]]:
 async def connect(
     base: str, *, secret: str = SIMULATOR_CLIENT_SECRET, max_concurrency: int = 4,
     policy: RetryPolicy = FAST, refresh_after: float = 3000.0, clock=time.monotonic,
-    timeout: float = 10.0,
+    timeout: float = 10.0, deadline: float = 30.0,
 ) -> AsyncIterator[tuple[DataverseClient, ClientCredentials]]:
     async with httpx.AsyncClient(timeout=timeout) as http:
         credentials = ClientCredentials(
@@ -85,7 +85,8 @@ async def connect(
             authority=base, refresh_after_seconds=refresh_after, clock=clock,
         )
         client = DataverseClient(http, credentials, org_url=base,
-                                 max_concurrency=max_concurrency, retry_policy=policy)
+                                 max_concurrency=max_concurrency, retry_policy=policy,
+                                 response_deadline_seconds=deadline)
         yield client, credentials
 
 
@@ -286,6 +287,19 @@ def test_a_slow_response_times_out_and_is_retried() -> None:
         pages, client = read_accounts(base, page_size=50, timeout=0.3)
         assert ids_of(pages) == truth(sim)
     assert [r.error for r in client.stats.log if r.error] == ["timeout"]
+
+
+def test_a_trickling_response_is_cut_at_the_deadline_and_retried() -> None:
+    """A byte every 10 ms never trips httpx's per-read timeout (2 s here); the deadline on the
+    whole response does, and the attempt is retried like any timeout."""
+    with org(rows=30) as (sim, base):
+        sim.inject("trickle", entity="accounts", seconds=0.01, chunk=1)
+        started = time.monotonic()
+        pages, client = read_accounts(base, page_size=50, timeout=2.0, deadline=0.3)
+        assert ids_of(pages) == truth(sim)
+    assert time.monotonic() - started < 3.0
+    assert [r.error for r in client.stats.log if r.error] == ["deadline"]
+    assert sim.stats.faults == {"trickle": 1}
 
 
 def test_malformed_json_is_retried_then_reported() -> None:

@@ -4,6 +4,7 @@ asserting on what a user sees: rows in SQLite, an issue row, the run's one-line 
 
 import json
 import sqlite3
+import time
 
 import orjson
 import pytest
@@ -12,7 +13,12 @@ from dagster import DagsterInstance
 from dataverse_assets import client as client_module
 from dataverse_assets.cli import main as cli_main
 from dataverse_assets.client import RetryPolicy
-from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, ConfigError, Settings
+from dataverse_assets.config import (
+    DEFAULT_ENTITIES_CONFIG,
+    ConfigError,
+    Settings,
+    load_settings,
+)
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.sources import FixtureSource, SimulatorSource
@@ -348,6 +354,40 @@ def test_a_misbehaving_api_is_a_clear_error_and_nothing_is_published(
     with mirror.connection() as connection:
         assert connection.execute("SELECT count(*) FROM teams").fetchone()[0] == len(
             sim.records("teams"))
+
+
+def test_a_server_trickling_bytes_fails_at_the_deadline_with_the_setting_to_change(
+        tmp_path, simulator_url, fast_retries):
+    """Each response of teams sends 16 bytes every 50 ms (a page would take seconds, and
+    httpx's per-read timeout never fires); DATAVERSE_RESPONSE_DEADLINE_SECONDS cuts each one."""
+    simulator, url = simulator_url
+    config = tmp_path / "entities.json"
+    config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}}, "entities": [
+        {"name": "teams", "group": "hourly", "page_size": 4}]}))
+    settings = load_settings({
+        "DATAVERSE_URL": url, "DATAVERSE_SOURCE": "simulator",
+        "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_DB_PATH": str(tmp_path / "m.db"),
+        "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+        "DATAVERSE_RESPONSE_DEADLINE_SECONDS": "0.4",
+    })
+    mirror = Mirror(simulator, settings, build_definitions(settings),
+                    DagsterInstance.ephemeral(), url)
+    simulator.inject("trickle", count=100, entity="teams", seconds=0.05, chunk=16)
+    started = time.monotonic()
+    _, result = mirror.run("hourly")
+    assert time.monotonic() - started < 15
+    assert not result.success
+    message = root_error(result)
+    assert "\n" not in message and "Error: teams: GET " in message
+    assert f"failed after {FAST.max_attempts} attempts" in message
+    assert "no complete response within the 0.4 s deadline" in message
+    assert "DATAVERSE_RESPONSE_DEADLINE_SECONDS" in message
+    pages = [r for r in simulator.stats.request_log
+             if r.entity == "teams" and "count=true" not in r.target]
+    assert len(pages) == FAST.max_attempts  # each cut response was retried, then given up
+    with mirror.connection() as connection:
+        assert connection.execute("SELECT status FROM _sync_state WHERE entity = 'teams'"
+                                  ).fetchone() == ("failed",)
 
 
 def test_an_enormous_page_is_refused_with_the_limit_to_change(tmp_path, simulator_url):
