@@ -27,6 +27,9 @@ from pydantic import (
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ENTITIES_CONFIG = PROJECT_ROOT / "entities_config.json"
+# Pages one read may take: 500 million records at 5000 a page, beyond any Dataverse table a
+# mirror like this serves; a server paging without end stops here at the latest.
+DEFAULT_MAX_PAGES = 100_000
 
 # Entity set names become SQL table names and archive folder names: keep them to what
 # Dataverse itself allows (letters, digits, underscores) so neither can be abused.
@@ -115,6 +118,12 @@ class EntityConfig(BaseModel):
     incremental: IncrementalMode = "auto"
     linked_from: list[LinkSource] = Field(default_factory=list)
     page_size: int = Field(5000, ge=1, le=5000)
+    max_pages: int = Field(
+        DEFAULT_MAX_PAGES, ge=1,
+        description="A read (one step of a change set) that goes past this many pages stops "
+        "with an error instead of following a server that pages without end; raise it for a "
+        "table of more than max_pages x page_size records.",
+    )
     parallel_ranges: int = Field(
         1, ge=1, le=52,
         description="Large reads (full snapshots, a modifiedon first sync) are split into this "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import re
 import time
 import tracemalloc
 from collections import Counter
@@ -361,6 +362,49 @@ def test_a_repeated_next_link_stops_with_a_paging_error(page: int) -> None:
             read_accounts(base, page_size=20)
     assert sim.stats.faults["repeat_next_link"] == 1
     assert len(data_requests(sim)) == page
+
+
+@pytest.mark.parametrize("ranges", [1, 4])
+def test_a_new_next_link_to_the_same_page_stops_the_read_and_keeps_its_pages(
+    ranges: int, tmp_path: Path,
+) -> None:
+    """The endless_next_link fault serves a page again and again, each time under a new link
+    (the client's repeated-link check never fires). With parallel key ranges the pages of the
+    ranges interleave; the repeat is still the range's own page."""
+    with org(rows=500) as (sim, base):
+        source = LiveDataverseSource(url=base, client_id=SIMULATOR_CLIENT_ID,
+                                     client_secret=SIMULATOR_CLIENT_SECRET, authority=base)
+        entity = EntityConfig(name="accounts", group="hourly", incremental="full",
+                              page_size=40, parallel_ranges=ranges)
+        archive = ChangeSetArchive(tmp_path, "accounts", "20260101T000000Z")
+        # A few good pages first; then one range's page is served again under new links.
+        sim.inject("endless_next_link", count=300, entity="accounts", after=3)
+        with pytest.raises(PagingError) as excinfo:
+            _run_fetch(source, entity, archive)
+        served = len(data_requests(sim))
+    message = str(excinfo.value)
+    assert message.startswith("accounts: change set 20260101T000000Z, snapshot read: page ")
+    assert re.search(r"page (\d+) repeats page (\d+) \(the same 40 keys and versions", message)
+    assert "paging without progress" in message
+    assert "the next run reads these changes again" in message
+    assert "DATAVERSE_URL" in message and "\n" not in message
+    assert served < 20, "the read went on after the repeat"
+    assert archive.page_paths() and not archive.is_complete()
+
+
+def test_max_pages_stops_a_read_that_needs_more_pages(tmp_path: Path) -> None:
+    with org(rows=100) as (_, base):
+        source = LiveDataverseSource(url=base, client_id=SIMULATOR_CLIENT_ID,
+                                     client_secret=SIMULATOR_CLIENT_SECRET, authority=base)
+        entity = EntityConfig(name="accounts", group="hourly", incremental="full",
+                              page_size=20, max_pages=3)
+        archive = ChangeSetArchive(tmp_path, "accounts", "20260101T000000Z")
+        with pytest.raises(PagingError) as excinfo:
+            _run_fetch(source, entity, archive)
+    message = str(excinfo.value)
+    assert "snapshot read: page 4 is its page 4, over the entity's max_pages of 3" in message
+    assert "raise max_pages for this entity" in message
+    assert len(archive.page_paths()) == 3 and not archive.is_complete()
 
 
 @pytest.mark.parametrize("ranges", [1, 3])
