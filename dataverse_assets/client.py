@@ -23,6 +23,7 @@ from tenacity import (
 from dataverse_assets.auth import API_PATH, AuthenticationError, ClientCredentials
 from dataverse_assets.key_ranges import KeyRange, key_ranges, range_query
 from dataverse_assets.query import PageQuery, is_guid
+from dataverse_assets.redaction import redact
 
 ODATA_HEADERS = {
     "Accept": "application/json",
@@ -32,7 +33,11 @@ ODATA_HEADERS = {
 
 
 class DataverseError(Exception):
-    """A request to Dataverse failed for good; the message names entity, URL and status."""
+    """A request to Dataverse failed for good; the message names entity, URL and status (and
+    holds no secret: it is redacted here, whoever builds it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class DataverseRequestError(DataverseError):
@@ -101,6 +106,10 @@ class RequestRecord:
     bytes: int
     throttle_wait: float
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.error:
+            self.error = redact(self.error)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -173,15 +182,23 @@ def _retry_after_seconds(value: str | None, default: float) -> float:
         return default
 
 
+# Enough of an error body to hold any token that starts within the snippet kept of it.
+_ERROR_BODY_READ = 16 * 1024
+
+
 def _error_detail(body: bytes) -> tuple[str | None, str]:
-    """Dataverse's `{"error": {"code", "message"}}`, or a short snippet of whatever came."""
+    """Dataverse's `{"error": {"code", "message"}}`, or a short snippet of whatever came.
+    Redacted before it is cut short: a token cut in half is no longer a whole value."""
     try:
         error = orjson.loads(body).get("error", {})
         if isinstance(error, dict):
-            return error.get("code") or None, str(error.get("message", ""))[:500]
+            code = error.get("code")
+            return (redact(str(code))[:40] if code else None,
+                    redact(str(error.get("message", "")))[:500])
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    snippet = body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+    text = redact(body[:_ERROR_BODY_READ].decode("utf-8", "replace"))
+    snippet = text[:200].strip().replace("\n", " ")
     return None, f"non-JSON body: {snippet!r}" if snippet else "empty body"
 
 
