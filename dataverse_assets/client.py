@@ -1,5 +1,6 @@
 """The Dataverse Web API client: one retry policy, a global throttle gate, bounded concurrency,
-and paging that follows nextLink exactly and refuses to leave the org's host.
+a deadline and a size limit per response, and paging that follows nextLink exactly and refuses
+to leave the org's host (redirects included). Error messages pass through the redactor.
 """
 
 from __future__ import annotations
