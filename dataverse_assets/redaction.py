@@ -19,8 +19,8 @@ from urllib.parse import quote
 import orjson
 
 MASK = "***"
-# Access tokens live about an hour: a year of hourly runs is ~9000. Older ones have long
-# expired, so the newest few thousand are plenty (a secret is never forgotten).
+# Access tokens live about an hour; the newest few thousand (months of hourly refreshes) are
+# every token a message could still hold while it is valid. Client secrets are never dropped.
 MAX_REMEMBERED_TOKENS = 4096
 
 _LETTER_OR_DIGIT = r"[^\W_]"
@@ -28,10 +28,10 @@ _LETTER_OR_DIGIT = r"[^\W_]"
 _BEARER = re.compile(
     r"\b(bearer\s+)[A-Za-z0-9\-._~+/]{16,}=*(?=$|[\s,;\"'\\)\]}&])", re.IGNORECASE)
 # `Authorization: value`, `authorization=value`, `"Authorization": "value"` and its escaped
-# form inside JSON text (`\"Authorization\": \"value\"`): the value up to its quote or the
-# end of the header.
+# form inside JSON text (`\"Authorization\": \"value\"`): the value up to its quote, the
+# end of the header or the next query parameter.
 _AUTHORIZATION = re.compile(
-    r"""(\bauthorization\b\\?["']?\s*[:=]\s*\\?["']?)[^"'\\\r\n,;}]+""", re.IGNORECASE)
+    r"""(\bauthorization\b\\?["']?\s*[:=]\s*\\?["']?)[^"'\\\r\n,;}&]+""", re.IGNORECASE)
 
 
 class Redactor:

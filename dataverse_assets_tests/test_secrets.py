@@ -137,6 +137,7 @@ def test_authorization_and_bearer_text_is_masked_whatever_the_token():
             'message: {\\"authorization\\": \\"***\\"}',
         "{'authorization': 'Basic dXNlcjpwYXNzd29yZA=='}": "{'authorization': '***'}",
         f"the proxy saw bearer {unknown}.": "the proxy saw bearer ***",
+        f"?authorization=Bearer%20{unknown}&x=1": "?authorization=***&x=1",
         # Prose about the scheme stays readable.
         "answered 200 without a Bearer challenge; is DATAVERSE_URL a Dataverse org?":
             "answered 200 without a Bearer challenge; is DATAVERSE_URL a Dataverse org?",
