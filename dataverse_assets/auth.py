@@ -1,7 +1,8 @@
 """OAuth client credentials for Dataverse: tenant discovery, a cached token, one refresh at a time.
 
 The secret is only ever sent to the configured authority, never to a host learned at run time,
-and never appears in an exception message.
+and never appears in an exception message: the secret and every token issued are given to the
+process's redactor (see redaction.py), which every error message passes through.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
+from dataverse_assets.redaction import REDACTOR, redact
+
 API_PATH = "/api/data/v9.2/"
 # Refresh well before the hour a token lives, so a long page walk never meets an expiry.
 DEFAULT_REFRESH_AFTER_SECONDS = 50 * 60
@@ -26,15 +29,11 @@ _AUTHORIZATION_URI = re.compile(r"authorization_uri=([^,\s]+)", re.IGNORECASE)
 
 
 class AuthenticationError(Exception):
-    """Dataverse or the authority refused our credentials; the message says what to check."""
+    """Dataverse or the authority refused our credentials; the message says what to check
+    (and holds no secret: it is redacted here, whoever builds it)."""
 
-
-def redact(text: str, *secrets: str | None) -> str:
-    """Remove every secret from a text before it goes into an error or a log."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 def parse_tenant_from_challenge(header: str) -> str:
@@ -141,6 +140,7 @@ class ClientCredentials:
         )
         self._lock = asyncio.Lock()
         self.token_requests = 0
+        REDACTOR.remember_secret(client_secret)
 
     @property
     def tenant_id(self) -> str | None:
@@ -230,11 +230,8 @@ class ClientCredentials:
             except orjson.JSONDecodeError:
                 pass
             raise AuthenticationError(
-                redact(
-                    f"token request to {url} was refused ({response.status_code}){detail}. "
-                    "Check DATAVERSE_CLIENT_ID, DATAVERSE_CLIENT_SECRET and DATAVERSE_TENANT_ID",
-                    self._client_secret,
-                )
+                f"token request to {url} was refused ({response.status_code}){detail}. "
+                "Check DATAVERSE_CLIENT_ID, DATAVERSE_CLIENT_SECRET and DATAVERSE_TENANT_ID"
             )
         try:
             body = orjson.loads(response.content)
@@ -244,5 +241,6 @@ class ClientCredentials:
             raise AuthenticationError(
                 f"token request to {url} answered 200 without an access_token"
             ) from None
+        REDACTOR.remember_token(value)
         refresh_in = min(self._refresh_after, max(lifetime - 60.0, lifetime * 0.8))
         return _Token(value=value, refresh_at=started + refresh_in, expires_at=started + lifetime)

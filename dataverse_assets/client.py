@@ -1,5 +1,6 @@
 """The Dataverse Web API client: one retry policy, a global throttle gate, bounded concurrency,
-and paging that follows nextLink exactly and refuses to leave the org's host.
+a deadline and a size limit per response, and paging that follows nextLink exactly and refuses
+to leave the org's host (redirects included). Error messages pass through the redactor.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataverse_assets.auth import API_PATH, AuthenticationError, ClientCredentia
 from dataverse_assets.key_ranges import KeyRange, key_ranges, range_query
 from dataverse_assets.names import is_guid
 from dataverse_assets.query import PageQuery
+from dataverse_assets.redaction import redact
 
 ODATA_HEADERS = {
     "Accept": "application/json",
@@ -33,7 +35,11 @@ ODATA_HEADERS = {
 
 
 class DataverseError(Exception):
-    """A request to Dataverse failed for good; the message names entity, URL and status."""
+    """A request to Dataverse failed for good; the message names entity, URL and status (and
+    holds no secret: it is redacted here, whoever builds it)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class DataverseRequestError(DataverseError):
@@ -57,6 +63,9 @@ class ResponseTooLargeError(DataverseRequestError):
 # this. A larger body is not a Dataverse page (a runaway proxy, a wrong URL): refuse it
 # instead of holding it in memory.
 DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
+# httpx's timeout is per read: a server sending a byte every few seconds never trips it. A
+# 5000-row page takes seconds; five minutes for one whole response is far beyond any real one.
+DEFAULT_RESPONSE_DEADLINE_SECONDS = 300.0
 
 
 class _Transient(Exception):
@@ -99,6 +108,10 @@ class RequestRecord:
     bytes: int
     throttle_wait: float
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.error:
+            self.error = redact(self.error)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -171,15 +184,23 @@ def _retry_after_seconds(value: str | None, default: float) -> float:
         return default
 
 
+# Enough of an error body to hold any token that starts within the snippet kept of it.
+_ERROR_BODY_READ = 16 * 1024
+
+
 def _error_detail(body: bytes) -> tuple[str | None, str]:
-    """Dataverse's `{"error": {"code", "message"}}`, or a short snippet of whatever came."""
+    """Dataverse's `{"error": {"code", "message"}}`, or a short snippet of whatever came.
+    Redacted before it is cut short: a token cut in half is no longer a whole value."""
     try:
         error = orjson.loads(body).get("error", {})
         if isinstance(error, dict):
-            return error.get("code") or None, str(error.get("message", ""))[:500]
+            code = error.get("code")
+            return (redact(str(code))[:40] if code else None,
+                    redact(str(error.get("message", "")))[:500])
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    snippet = body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
+    text = redact(body[:_ERROR_BODY_READ].decode("utf-8", "replace"))
+    snippet = text[:200].strip().replace("\n", " ")
     return None, f"non-JSON body: {snippet!r}" if snippet else "empty body"
 
 
@@ -198,9 +219,11 @@ class DataverseClient:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        response_deadline_seconds: float = DEFAULT_RESPONSE_DEADLINE_SECONDS,
     ) -> None:
         self._http = http
         self.max_response_bytes = max_response_bytes
+        self.response_deadline_seconds = response_deadline_seconds
         self._credentials = credentials
         self.org_url = org_url.rstrip("/")
         self.api_base = self.org_url + API_PATH
@@ -237,7 +260,7 @@ class DataverseClient:
                     if number > 1:
                         self.stats.retries += 1
                     try:
-                        return await self._send_once(request_url, prefer, number)
+                        return await self._send_once(request_url, prefer, number, entity)
                     except _Transient as exc:
                         last = exc
                         raise
@@ -264,7 +287,8 @@ class DataverseClient:
             return 0.0  # a dropped connection is usually fixed by simply reconnecting
         return self.retry_policy.backoff(retry_number, self._rng)
 
-    async def _send_once(self, url: str, prefer: str | None, attempt: int) -> httpx.Response:
+    async def _send_once(self, url: str, prefer: str | None, attempt: int,
+                         entity: str) -> httpx.Response:
         waited = await self.gate.wait(self._sleep)
         self.stats.throttle_wait += waited
         token = await self._credentials.token()
@@ -290,6 +314,13 @@ class DataverseClient:
                         raise _Transient(
                             f"timeout ({type(exc).__name__})", kind="timeout"
                         ) from None
+                    except TimeoutError:
+                        self._record(url, None, attempt, started, 0, waited, "deadline")
+                        raise _Transient(
+                            f"no complete response within the {self.response_deadline_seconds:g}"
+                            " s deadline; raise DATAVERSE_RESPONSE_DEADLINE_SECONDS if the org "
+                            "is really this slow", kind="timeout"
+                        ) from None
                     except (httpx.TransportError, httpx.DecodingError) as exc:
                         self._record(url, None, attempt, started, 0, waited, type(exc).__name__)
                         raise _Transient(
@@ -310,28 +341,30 @@ class DataverseClient:
                     break
             finally:
                 self._in_flight -= 1
-        return self._classify(url, response)
+        return self._classify(url, response, entity)
 
     async def _read_capped(self, url: str, headers: dict[str, str]) -> httpx.Response:
         """GET and read the body, refusing one larger than `max_response_bytes` (checked as it
-        streams in, so an enormous answer never sits in memory whole)."""
+        streams in, so an enormous answer never sits in memory whole) or not complete within
+        `response_deadline_seconds` (TimeoutError)."""
         cap = self.max_response_bytes
-        response = await self._http.send(self._http.build_request("GET", url, headers=headers),
-                                          stream=True)
-        try:
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > cap:
-                raise ResponseTooLargeError(self._too_large(url, int(declared), cap))
-            parts: list[bytes] = []
-            size = 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > cap:
-                    raise ResponseTooLargeError(self._too_large(url, size, cap, more=True))
-                parts.append(chunk)
-            response._content = b"".join(parts)  # what httpx's own aread() sets
-        finally:
-            await response.aclose()
+        async with asyncio.timeout(self.response_deadline_seconds):
+            response = await self._http.send(
+                self._http.build_request("GET", url, headers=headers), stream=True)
+            try:
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and int(declared) > cap:
+                    raise ResponseTooLargeError(self._too_large(url, int(declared), cap))
+                parts: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise ResponseTooLargeError(self._too_large(url, size, cap, more=True))
+                    parts.append(chunk)
+                response._content = b"".join(parts)  # what httpx's own aread() sets
+            finally:
+                await response.aclose()
         return response
 
     @staticmethod
@@ -340,10 +373,13 @@ class DataverseClient:
                 f"over the limit of {cap:,} (DATAVERSE_MAX_RESPONSE_MB); lower the entity's "
                 "page_size or raise the limit")
 
-    def _classify(self, url: str, response: httpx.Response) -> httpx.Response:
+    def _classify(self, url: str, response: httpx.Response, entity: str) -> httpx.Response:
         status = response.status_code
         if 200 <= status < 300:
             return response
+        if 300 <= status < 400:
+            # Not retried: the same request would be sent to the same redirect.
+            raise DataverseRequestError(_redirect_refused(entity, url, response), status=status)
         code, message = _error_detail(response.content)
         if status == 429:
             self.stats.throttled += 1
@@ -353,11 +389,12 @@ class DataverseClient:
             raise _Transient(f"{code or 'server error'}: {message}", status=status)
         if status == 401:
             raise AuthenticationError(
-                f"GET {url} was refused (401) even with a fresh token: {message}. Check the "
-                "application user's access to this org"
+                f"{entity}: GET {url} was refused (401) even with a fresh token: {message}. "
+                "Check the application user's access to this org"
             )
         raise DataverseRequestError(
-            f"GET {url} answered {status} ({code}): {message}", status=status, code=code
+            f"{entity}: GET {url} answered {status} ({code}): {message}", status=status,
+            code=code,
         )
 
     def _record(self, url: str, status: int | None, attempt: int, started: float, size: int,
@@ -555,6 +592,22 @@ class DataverseClient:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _redirect_refused(entity: str, url: str, response: httpx.Response) -> str:
+    location = response.headers.get("Location")
+    if location:
+        try:
+            scheme, host = _origin(str(httpx.URL(url).join(location)))
+        except (httpx.InvalidURL, TypeError):
+            scheme, host = "", ""
+        target = f"{scheme}://{host}" if host else repr(location[:200])
+    else:
+        target = "an unnamed location (no Location header)"
+    return (f"{entity}: GET {url} answered {response.status_code}: redirect to {target} "
+            "refused: Dataverse does not redirect Web API calls, and the access token must not "
+            "follow a redirect elsewhere; check DATAVERSE_URL (the org's own address, e.g. "
+            "https://contoso.crm.dynamics.com)")
 
 
 def _origin(url: str) -> tuple[str, str]:

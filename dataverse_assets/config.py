@@ -31,6 +31,9 @@ from pydantic import (
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ENTITIES_CONFIG = PROJECT_ROOT / "entities_config.json"
+# Pages one read may take: 500 million records at 5000 a page, beyond any Dataverse table a
+# mirror like this serves; a server paging without end stops here at the latest.
+DEFAULT_MAX_PAGES = 100_000
 
 # Entity set names become SQL table names and archive folder names: keep them to what
 # Dataverse itself allows (letters, digits, underscores) so neither can be abused.
@@ -139,6 +142,14 @@ class EntityConfig(_EntitiesFileModel):
     linked_from: list[LinkSource] = Field(default_factory=list)
     # Dataverse returns at most 5000 rows a page, whatever is asked.
     page_size: int = ranged(5000, 1, 5000, "Rows asked for per page (odata.maxpagesize).")
+    # Ten million pages of 5000 is 50 billion rows: past any table, and still a bound on a
+    # server that pages without end.
+    max_pages: int = ranged(
+        DEFAULT_MAX_PAGES, 1, 10_000_000,
+        "A read (one step of a change set) that goes past this many pages stops with an error "
+        "instead of following a server that pages without end; raise it for a table of more "
+        "than max_pages x page_size records.",
+    )
     # Dataverse serves at most 52 concurrent requests per user.
     parallel_ranges: int = ranged(
         1, 1, 52,
@@ -490,6 +501,9 @@ class Settings(BaseModel):
     # response.
     max_response_mb: float = ranged(
         512.0, 0.01, 16_384, "A response body larger than this (MB) is refused.")
+    # A day: a response slower than that is a hung server; `inf` would wait forever.
+    response_deadline_seconds: float = ranged(
+        300.0, 0.1, 86_400, "Longest time for one whole response (headers and body).")
     # A day: past it a waiting run is a hung run; `inf` or NaN would wait forever.
     lock_wait_seconds: float = ranged(
         600.0, 0, 86_400, "How long a step waits for another run's lock on the same entity.")
@@ -537,6 +551,7 @@ _ENV_FIELDS = {
     "DATAVERSE_SIMULATOR_SEED": "simulator_seed",
     "DATAVERSE_MAX_CONCURRENCY": "max_concurrency",
     "DATAVERSE_MAX_RESPONSE_MB": "max_response_mb",
+    "DATAVERSE_RESPONSE_DEADLINE_SECONDS": "response_deadline_seconds",
     "DATAVERSE_LOCK_WAIT_SECONDS": "lock_wait_seconds",
     "DATAVERSE_EXECUTOR": "executor",
 }

@@ -41,6 +41,7 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
             authority=settings.authority,
             max_concurrency=settings.max_concurrency,
             max_response_mb=settings.max_response_mb,
+            response_deadline_seconds=settings.response_deadline_seconds,
         )
     if settings.source == "fixture":
         return FixtureSource(directory=str(settings.fixtures_dir))
@@ -52,6 +53,7 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
         entity_names=[e.name for e in config.entities], seed=settings.simulator_seed,
         base_url=settings.url, max_concurrency=settings.max_concurrency,
         max_response_mb=settings.max_response_mb,
+        response_deadline_seconds=settings.response_deadline_seconds,
     )
 
 

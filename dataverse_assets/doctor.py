@@ -16,11 +16,12 @@ from pathlib import Path
 import httpx
 import orjson
 
-from dataverse_assets.auth import AuthenticationError, ClientCredentials, redact
+from dataverse_assets.auth import AuthenticationError, ClientCredentials
 from dataverse_assets.client import DataverseClient, DataverseError, RetryPolicy
 from dataverse_assets.config import ConfigError, EntityConfig, Settings, load_settings
 from dataverse_assets.fetch import FetchConfigError, attribute_names, choose_mode
 from dataverse_assets.query import PageQuery, id_filter, string_literal
+from dataverse_assets.redaction import redact
 from dataverse_assets.schema import detect_primary_key
 from dataverse_assets.sources import ClientSession, shared_ssl_context
 
@@ -183,8 +184,10 @@ class Doctor:
                              entity=entity.name)
                 self.add("throttling headroom", SKIP, "not checked: no access token")
                 return self.checks
-            client = DataverseClient(http, credentials, org_url=target.org_url,
-                                     max_concurrency=2, retry_policy=DOCTOR_RETRY_POLICY)
+            client = DataverseClient(
+                http, credentials, org_url=target.org_url, max_concurrency=2,
+                retry_policy=DOCTOR_RETRY_POLICY,
+                response_deadline_seconds=self.settings.response_deadline_seconds)
             session = ClientSession(client)
             if not await self._who_am_i(client):
                 return self.checks
@@ -197,7 +200,7 @@ class Doctor:
                               "were throttled (429) during these checks",
                               fix="the org is throttling this application user already; "
                                   "lower DATAVERSE_MAX_CONCURRENCY or sync at quieter times")
-            self.checks.append(check)
+            self.add(check.name, check.status, check.detail, check.fix)
         return self.checks
 
     async def _tenant_and_token(self, credentials: ClientCredentials) -> bool:

@@ -17,16 +17,21 @@ Modes:
 from __future__ import annotations
 
 import difflib
+import hashlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
+import orjson
+
 from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
-from dataverse_assets.client import DataverseError, DataverseRequestError
-from dataverse_assets.config import EntityConfig
+from dataverse_assets.client import DataverseError, DataverseRequestError, PagingError
+from dataverse_assets.config import DEFAULT_MAX_PAGES, EntityConfig
 from dataverse_assets.faults import fault_point
 from dataverse_assets.key_ranges import ranged_watermark
 from dataverse_assets.names import InvalidNameError, check_column_name, is_guid
@@ -132,6 +137,7 @@ class FetchRequest:
     # Ids that must come back; those that do not are requested one by one.
     expected_ids: list[str] = field(default_factory=list)
     reason: str = ""
+    max_pages: int = DEFAULT_MAX_PAGES  # per step (see PagingGuard)
 
     def as_dict(self) -> dict:
         return {
@@ -140,6 +146,7 @@ class FetchRequest:
             "delta_link_before": self.delta_link_before,
             "steps": [s.as_dict() for s in self.steps], "id_scope": self.id_scope,
             "expected_ids": self.expected_ids, "reason": self.reason,
+            "max_pages": self.max_pages,
         }
 
 
@@ -181,6 +188,7 @@ def plan_fetch(
         for step in request.steps:
             if _splittable(request, step):
                 step.ranges = entity.parallel_ranges
+    request.max_pages = entity.max_pages
     return request
 
 
@@ -298,7 +306,8 @@ def resync_request(request: FetchRequest, page_size: int) -> FetchRequest:
     return FetchRequest(request.entity, request.change_set, "change_tracking_resync",
                         request.primary_key, request.watermark_before, request.delta_link_before,
                         [FetchStep("snapshot", tracking)],
-                        reason="delta token expired (0x80044352): full resync")
+                        reason="delta token expired (0x80044352): full resync",
+                        max_pages=request.max_pages)
 
 
 @dataclass
@@ -388,6 +397,86 @@ def _record_page(archive: ChangeSetArchive, progress: _Progress, step_index: int
 
 ProgressCallback = Callable[[FetchProgress], None]
 
+# A counted step stops past this many times its expected pages (plus a few). Rows written
+# while it reads, a RetrieveTotalRecordCount snapshot that lags the table, and pages shorter
+# than page_size all give more pages than the count says, but not ten times as many.
+COUNTED_PAGES_FACTOR = 10
+COUNTED_PAGES_SLACK = 10
+
+
+def page_digest(records: list[dict], primary_key: str) -> bytes | None:
+    """What a page holds: its records' keys and versions (etags), digested; None for an empty
+    page. A record edited between pages comes back with a new etag, so only a page served
+    again unchanged digests the same."""
+    if not records:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    for record in records:
+        key = record.get(primary_key, record.get("id"))  # "id": a $deletedEntity marker
+        if key is None:
+            digest.update(orjson.dumps(record))
+        else:
+            digest.update(f"{key}\x1f{record.get('@odata.etag')}\x1e".encode())
+    return digest.digest()
+
+
+class PagingGuard:
+    """Stops one step whose server pages without end: a page that repeats an earlier page of
+    the step (a new nextLink each time, the same records), more pages than `max_pages`, or,
+    when the step's records were counted, far more pages than the count needs.
+
+    Holds a 16-byte digest per page, never the keys. Parallel key ranges share one guard:
+    their key ranges are disjoint, so a page repeating another range's page is a repeat too.
+    """
+
+    def __init__(self, request: FetchRequest, step: FetchStep,
+                 counted_records: int | None = None) -> None:
+        self.request = request
+        self.step = step
+        self.counted_records = counted_records
+        self.pages = 0
+        self._first_page_of: dict[bytes, int] = {}
+        self.counted_pages: int | None = None
+        self.limit = request.max_pages
+        if counted_records is not None:
+            # Each key range ends with a page of its own (possibly short or empty).
+            self.counted_pages = (math.ceil(counted_records / max(step.query.page_size, 1))
+                                  + step.ranges)
+            self.limit = min(self.limit,
+                             COUNTED_PAGES_FACTOR * self.counted_pages + COUNTED_PAGES_SLACK)
+
+    def check(self, records: list[dict], archive_page: int) -> None:
+        """Raise PagingError before page `archive_page` (the change set's numbering) is
+        archived, if it shows the server is paging without progress."""
+        self.pages += 1
+        request = self.request
+        where = f"{request.entity}: change set {request.change_set}, {self.step.kind} read"
+        stopped = ("so the read stopped: the pages before it stay in the archive, the change set "
+                   "stays unfinished and the next run reads these changes again")
+        if self.pages > self.limit:
+            nth = f"page {archive_page} is its page {self.pages:,}"
+            if self.limit == request.max_pages:
+                raise PagingError(
+                    f"{where}: {nth}, over the entity's max_pages of {request.max_pages:,}, "
+                    f"{stopped}. If the table really needs more pages (more than max_pages x "
+                    "page_size records), raise max_pages for this entity in the entities config")
+            raise PagingError(
+                f"{where}: {nth}, far more than the {self.counted_records:,} records Dataverse "
+                f"counted for it need ({self.counted_pages:,} pages of "
+                f"{self.step.query.page_size:,}): the server keeps sending pages, {stopped}. If "
+                "the table really grew that much since it was counted, run again; otherwise "
+                "check that DATAVERSE_URL is the org itself")
+        digest = page_digest(records, request.primary_key)
+        if digest is None:
+            return
+        earlier = self._first_page_of.setdefault(digest, archive_page)
+        if earlier != archive_page:
+            raise PagingError(
+                f"{where}: page {archive_page} repeats page {earlier} (the same {len(records)} "
+                f"keys and versions, under a new nextLink): the server is paging without "
+                f"progress, {stopped}. If this happens again, check that DATAVERSE_URL is the "
+                "org itself and not a proxy")
+
 
 def _reads_whole_table(request: FetchRequest, step: FetchStep) -> bool:
     """Steps long enough to deserve an ETA: snapshots, key scans, a first modifiedon read."""
@@ -420,23 +509,27 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
         else:
             pages = session.iter_pages(request.entity, step.query, start_url=step.start_url)
         range_maxima: dict[int | None, str | None] = {}
-        total = None
+        total = count = None
         if on_progress is not None and count_total and _reads_whole_table(request, step):
             count = await _count_for_progress(session, request, step)
             total = None if count is None else progress.records + count
-        async for page in pages:
-            # Pages of parallel ranges interleave; archive numbers follow arrival order.
-            _record_page(archive, progress, index, step, page.url, page.body, page.records,
-                         track_watermark=track, primary_key=request.primary_key,
-                         next_link=page.next_link, delta_link=page.delta_link)
-            if step.ranges > 1 and track and request.mode == "modifiedon":
-                stamps = [r["modifiedon"] for r in page.records
-                          if isinstance(r.get("modifiedon"), str)]
-                range_maxima[page.range_index] = max(
-                    [*stamps, range_maxima.get(page.range_index) or ""]) or None
-            if on_progress is not None:
-                on_progress(FetchProgress(progress.page_number, progress.records, total))
-            fault_point("fetch.after_page")
+        guard = PagingGuard(request, step, count)
+        # Closed at once when a page is refused, so no request stays in flight.
+        async with aclosing(pages):
+            async for page in pages:
+                guard.check(page.records, progress.page_number + 1)
+                # Pages of parallel ranges interleave; archive numbers follow arrival order.
+                _record_page(archive, progress, index, step, page.url, page.body, page.records,
+                             track_watermark=track, primary_key=request.primary_key,
+                             next_link=page.next_link, delta_link=page.delta_link)
+                if step.ranges > 1 and track and request.mode == "modifiedon":
+                    stamps = [r["modifiedon"] for r in page.records
+                              if isinstance(r.get("modifiedon"), str)]
+                    range_maxima[page.range_index] = max(
+                        [*stamps, range_maxima.get(page.range_index) or ""]) or None
+                if on_progress is not None:
+                    on_progress(FetchProgress(progress.page_number, progress.records, total))
+                fault_point("fetch.after_page")
         if step.ranges > 1 and track and request.mode == "modifiedon":
             progress.max_modifiedon = ranged_watermark(range_maxima.values())
 

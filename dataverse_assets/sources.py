@@ -27,6 +27,7 @@ from dataverse_assets.auth import (
 )
 from dataverse_assets.client import (
     DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_RESPONSE_DEADLINE_SECONDS,
     DataverseClient,
     DataverseError,
     DataverseRequestError,
@@ -179,6 +180,7 @@ async def _client_session(
     retry_policy: RetryPolicy | None = None,
     refresh_after_seconds: float = DEFAULT_REFRESH_AFTER_SECONDS,
     max_response_mb: float = DEFAULT_MAX_RESPONSE_BYTES / 2**20,
+    response_deadline_seconds: float = DEFAULT_RESPONSE_DEADLINE_SECONDS,
 ) -> AsyncIterator[SourceSession]:
     limits = httpx.Limits(max_connections=max_concurrency + 2,
                           max_keepalive_connections=max_concurrency + 2)
@@ -195,7 +197,8 @@ async def _client_session(
         )
         client = DataverseClient(http, credentials, org_url=org_url,
                                  max_concurrency=max_concurrency, retry_policy=retry_policy,
-                                 max_response_bytes=int(max_response_mb * 2**20))
+                                 max_response_bytes=int(max_response_mb * 2**20),
+                                 response_deadline_seconds=response_deadline_seconds)
         yield ClientSession(client)
 
 
@@ -214,6 +217,11 @@ class LiveDataverseSource(DataverseSource):
         description="A response body larger than this (MB) is refused with a clear error "
         "instead of being held in memory (DATAVERSE_MAX_RESPONSE_MB).",
     )
+    response_deadline_seconds: float = Field(
+        DEFAULT_RESPONSE_DEADLINE_SECONDS, gt=0,
+        description="One response (headers and whole body) taking longer than this is a "
+        "timeout, retried like one (DATAVERSE_RESPONSE_DEADLINE_SECONDS).",
+    )
     token_refresh_after_seconds: float = Field(
         DEFAULT_REFRESH_AFTER_SECONDS, gt=0,
         description="Refresh the access token this long after getting it (tokens live about "
@@ -227,6 +235,7 @@ class LiveDataverseSource(DataverseSource):
             max_concurrency=self.max_concurrency, timeout_seconds=self.timeout_seconds,
             refresh_after_seconds=self.token_refresh_after_seconds,
             max_response_mb=self.max_response_mb,
+            response_deadline_seconds=self.response_deadline_seconds,
         )
 
 
@@ -263,6 +272,11 @@ class SimulatorSource(DataverseSource):
         description="A response body larger than this (MB) is refused with a clear error "
         "instead of being held in memory (DATAVERSE_MAX_RESPONSE_MB).",
     )
+    response_deadline_seconds: float = Field(
+        DEFAULT_RESPONSE_DEADLINE_SECONDS, gt=0,
+        description="One response (headers and whole body) taking longer than this is a "
+        "timeout, retried like one (DATAVERSE_RESPONSE_DEADLINE_SECONDS).",
+    )
     retry_backoff_seconds: list[float] | None = Field(
         None, description="Waits between retries (default: the client's 1, 2, 4, 8, 16 s); "
         "chaos tests shorten them.")
@@ -286,6 +300,7 @@ class SimulatorSource(DataverseSource):
             authority=org_url, tenant_id=None, max_concurrency=self.max_concurrency,
             timeout_seconds=self.timeout_seconds, transport=transport,
             max_response_mb=self.max_response_mb,
+            response_deadline_seconds=self.response_deadline_seconds,
             retry_policy=RetryPolicy(backoff_seconds=tuple(self.retry_backoff_seconds))
             if self.retry_backoff_seconds else None,
         )

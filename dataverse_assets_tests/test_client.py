@@ -141,6 +141,22 @@ def test_client_errors_are_not_retried_and_carry_dataverse_code():
     assert excinfo.value.status == 400
 
 
+@pytest.mark.parametrize("shape", ["json", "html"])
+def test_an_error_echoing_the_secret_or_token_is_redacted_before_it_is_cut_short(shape):
+    """Messages keep 500 characters of a JSON error and 200 of anything else: a secret or
+    token straddling that cut must not leave its first half behind."""
+    filler = "x " * (245 if shape == "json" else 89)
+    echo = f"{filler}{SECRET} Authorization: Bearer token-1"
+    body = {"error": {"code": "0x80040203", "message": echo}} if shape == "json" else \
+        f"<html><body>{echo}</body></html>".encode()
+    with pytest.raises(DataverseRequestError) as excinfo:
+        run_client([(400, {}, body)], lambda c: collect(c))
+    message = str(excinfo.value)
+    assert message.startswith("accounts: GET ") and "answered 400" in message
+    assert "very-" not in message and "token-1" not in message
+    assert "x ***" in message
+
+
 def test_next_link_is_followed_unchanged_with_the_same_prefer_header():
     link = f"{ORG}/api/data/v9.2/accounts?$skiptoken=%3Ccookie%20pagenumber%3D%222%22%20%2F%3E"
     steps = [page([{"accountid": "a"}], link), page([{"accountid": "b"}])]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import re
 import time
 import tracemalloc
 from collections import Counter
@@ -77,7 +78,7 @@ def org(rows: int = 120, **options) -> Iterator[tuple[DataverseSimulator, str]]:
 async def connect(
     base: str, *, secret: str = SIMULATOR_CLIENT_SECRET, max_concurrency: int = 4,
     policy: RetryPolicy = FAST, refresh_after: float = 3000.0, clock=time.monotonic,
-    timeout: float = 10.0,
+    timeout: float = 10.0, deadline: float = 30.0,
 ) -> AsyncIterator[tuple[DataverseClient, ClientCredentials]]:
     async with httpx.AsyncClient(timeout=timeout) as http:
         credentials = ClientCredentials(
@@ -85,7 +86,8 @@ async def connect(
             authority=base, refresh_after_seconds=refresh_after, clock=clock,
         )
         client = DataverseClient(http, credentials, org_url=base,
-                                 max_concurrency=max_concurrency, retry_policy=policy)
+                                 max_concurrency=max_concurrency, retry_policy=policy,
+                                 response_deadline_seconds=deadline)
         yield client, credentials
 
 
@@ -288,6 +290,19 @@ def test_a_slow_response_times_out_and_is_retried() -> None:
     assert [r.error for r in client.stats.log if r.error] == ["timeout"]
 
 
+def test_a_trickling_response_is_cut_at_the_deadline_and_retried() -> None:
+    """A byte every 10 ms never trips httpx's per-read timeout (2 s here); the deadline on the
+    whole response does, and the attempt is retried like any timeout."""
+    with org(rows=30) as (sim, base):
+        sim.inject("trickle", entity="accounts", seconds=0.01, chunk=1)
+        started = time.monotonic()
+        pages, client = read_accounts(base, page_size=50, timeout=2.0, deadline=0.3)
+        assert ids_of(pages) == truth(sim)
+    assert time.monotonic() - started < 3.0
+    assert [r.error for r in client.stats.log if r.error] == ["deadline"]
+    assert sim.stats.faults == {"trickle": 1}
+
+
 def test_malformed_json_is_retried_then_reported() -> None:
     with org(rows=60) as (sim, base):
         sim.inject("malformed", count=2, entity="accounts", after=1)
@@ -298,6 +313,18 @@ def test_malformed_json_is_retried_then_reported() -> None:
         with pytest.raises(DataverseRequestError, match="malformed"):
             read_accounts(base, page_size=25)
     assert sim.stats.faults["malformed"] >= 2 + FAST.max_attempts
+
+
+def test_a_redirect_is_refused_naming_its_host_and_not_retried() -> None:
+    with org(rows=30) as (sim, base):
+        sim.inject("redirect", count=10, entity="accounts", host="https://elsewhere.invalid")
+        with pytest.raises(DataverseRequestError) as excinfo:
+            read_accounts(base)
+    message = str(excinfo.value)
+    assert message.startswith("accounts: GET ") and "\n" not in message
+    assert "answered 302: redirect to https://elsewhere.invalid refused" in message
+    assert "check DATAVERSE_URL" in message and excinfo.value.status == 302
+    assert len(data_requests(sim)) == 1, "a redirect is not retried"
 
 
 def test_concurrency_never_exceeds_the_client_limit() -> None:
@@ -335,6 +362,49 @@ def test_a_repeated_next_link_stops_with_a_paging_error(page: int) -> None:
             read_accounts(base, page_size=20)
     assert sim.stats.faults["repeat_next_link"] == 1
     assert len(data_requests(sim)) == page
+
+
+@pytest.mark.parametrize("ranges", [1, 4])
+def test_a_new_next_link_to_the_same_page_stops_the_read_and_keeps_its_pages(
+    ranges: int, tmp_path: Path,
+) -> None:
+    """The endless_next_link fault serves a page again and again, each time under a new link
+    (the client's repeated-link check never fires). With parallel key ranges the pages of the
+    ranges interleave; the repeat is still the range's own page."""
+    with org(rows=500) as (sim, base):
+        source = LiveDataverseSource(url=base, client_id=SIMULATOR_CLIENT_ID,
+                                     client_secret=SIMULATOR_CLIENT_SECRET, authority=base)
+        entity = EntityConfig(name="accounts", group="hourly", incremental="full",
+                              page_size=40, parallel_ranges=ranges)
+        archive = ChangeSetArchive(tmp_path, "accounts", "20260101T000000Z")
+        # A few good pages first; then one range's page is served again under new links.
+        sim.inject("endless_next_link", count=300, entity="accounts", after=3)
+        with pytest.raises(PagingError) as excinfo:
+            _run_fetch(source, entity, archive)
+        served = len(data_requests(sim))
+    message = str(excinfo.value)
+    assert message.startswith("accounts: change set 20260101T000000Z, snapshot read: page ")
+    assert re.search(r"page (\d+) repeats page (\d+) \(the same 40 keys and versions", message)
+    assert "paging without progress" in message
+    assert "the next run reads these changes again" in message
+    assert "DATAVERSE_URL" in message and "\n" not in message
+    assert served < 20, "the read went on after the repeat"
+    assert archive.page_paths() and not archive.is_complete()
+
+
+def test_max_pages_stops_a_read_that_needs_more_pages(tmp_path: Path) -> None:
+    with org(rows=100) as (_, base):
+        source = LiveDataverseSource(url=base, client_id=SIMULATOR_CLIENT_ID,
+                                     client_secret=SIMULATOR_CLIENT_SECRET, authority=base)
+        entity = EntityConfig(name="accounts", group="hourly", incremental="full",
+                              page_size=20, max_pages=3)
+        archive = ChangeSetArchive(tmp_path, "accounts", "20260101T000000Z")
+        with pytest.raises(PagingError) as excinfo:
+            _run_fetch(source, entity, archive)
+    message = str(excinfo.value)
+    assert "snapshot read: page 4 is its page 4, over the entity's max_pages of 3" in message
+    assert "raise max_pages for this entity" in message
+    assert len(archive.page_paths()) == 3 and not archive.is_complete()
 
 
 @pytest.mark.parametrize("ranges", [1, 3])

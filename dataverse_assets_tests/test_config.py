@@ -160,7 +160,7 @@ def field_range(model: type, name: str) -> tuple[float, float]:
 
 
 def test_every_numeric_field_has_its_range_in_its_description():
-    assert len(numeric_fields()) == 13  # a new numeric field needs a range too
+    assert len(numeric_fields()) == 15  # a new numeric field needs a range too
     for model, name in numeric_fields():
         info = model.model_fields[name]
         low, high = field_range(model, name)
@@ -171,7 +171,8 @@ def test_every_numeric_field_has_its_range_in_its_description():
 FIELD_PATHS = {
     (GroupConfig, "freshness_grace_minutes"): ("groups", "daily"),
     **{(EntityConfig, name): ("entities", 2) for name in (
-        "page_size", "parallel_ranges", "publish_chunk_rows", "reconcile_every_hours")},
+        "page_size", "max_pages", "parallel_ranges", "publish_chunk_rows",
+        "reconcile_every_hours")},
     **{(ArchiveConfig, name): ("archive",) for name in (
         "compact_after_days", "retention_days", "zstd_level", "staging_keep_change_sets")},
 }
@@ -343,7 +344,8 @@ ENV_NUMBERS = {variable: field for variable, field in _ENV_FIELDS.items()
 def test_every_numeric_setting_is_an_environment_variable():
     assert set(ENV_NUMBERS.values()) == {n for m, n in numeric_fields() if m is Settings}
     assert {"DATAVERSE_MAX_CONCURRENCY", "DATAVERSE_MAX_RESPONSE_MB",
-            "DATAVERSE_LOCK_WAIT_SECONDS", "DATAVERSE_SIMULATOR_SEED"} <= set(ENV_NUMBERS)
+            "DATAVERSE_LOCK_WAIT_SECONDS", "DATAVERSE_SIMULATOR_SEED",
+            "DATAVERSE_RESPONSE_DEADLINE_SECONDS"} <= set(ENV_NUMBERS)
 
 
 @pytest.mark.parametrize("variable", ENV_NUMBERS)

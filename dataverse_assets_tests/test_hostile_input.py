@@ -4,6 +4,8 @@ asserting on what a user sees: rows in SQLite, an issue row, the run's one-line 
 
 import json
 import sqlite3
+import time
+from dataclasses import replace
 
 import orjson
 import pytest
@@ -11,14 +13,17 @@ from dagster import DagsterInstance
 
 from dataverse_assets import client as client_module
 from dataverse_assets.cli import main as cli_main
-from dataverse_assets.client import RetryPolicy
+from dataverse_assets.client import PagingError, RetryPolicy
 from dataverse_assets.config import (
     DEFAULT_ENTITIES_CONFIG,
     ConfigError,
     Settings,
+    load_settings,
     parse_entities_config,
 )
 from dataverse_assets.definitions import build_definitions
+from dataverse_assets.fetch import FetchRequest, FetchStep, PagingGuard
+from dataverse_assets.query import PageQuery
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.sources import FixtureSource, SimulatorSource
 from dataverse_assets.store import quote_identifier
@@ -149,6 +154,7 @@ CONFIG_MISTAKES = {
     "cron that never fires": (_config(groups__daily__cron="0 0 31 4 *"),
                               "group 'daily', field 'cron': '0 0 31 4 *' never fires"),
     "nested too deeply": ("[" * 100_000, "not valid JSON: nested too deeply"),
+    "max_pages below one": (_config(entities__0__max_pages=0), "field 'max_pages'"),
 }
 
 
@@ -422,6 +428,10 @@ API_FAULTS = {
     "deltaLink to another host": (
         dict(kind="foreign_link", link="delta", paging_only=False, after=1),
         ["refusing to store the deltaLink to http://foreign.invalid"]),
+    "302 redirect to another host": (
+        dict(kind="redirect"),
+        ["answered 302: redirect to http://foreign.invalid refused",
+         "Dataverse does not redirect Web API calls", "check DATAVERSE_URL"]),
 }
 
 
@@ -453,6 +463,133 @@ def test_a_misbehaving_api_is_a_clear_error_and_nothing_is_published(
     with mirror.connection() as connection:
         assert connection.execute("SELECT count(*) FROM teams").fetchone()[0] == len(
             sim.records("teams"))
+
+
+def step_errors(result) -> dict[str, str]:
+    """The innermost error message of each failed step."""
+    errors = {}
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            while error.cause is not None:
+                error = error.cause
+            errors[event.step_key] = error.message.strip()
+    return errors
+
+
+def test_a_server_paging_the_same_rows_forever_stops_and_the_mirror_is_unchanged(
+        tmp_path, simulator_url):
+    """The reported case: 12 rows served again and again, each page under a new nextLink (265
+    pages, reported ok). A delta read (teams) and a modifiedon read (systemusers), neither
+    counted, stop at the first repeated page."""
+    mirror = make_mirror(tmp_path, simulator_url, [
+        {"name": "teams", "page_size": 4}, {"name": "systemusers", "page_size": 20}])
+    sim = mirror.simulator
+    mirror.sync("hourly")
+    with mirror.connection() as connection:
+        before = {t: rows_by_key(connection, t, pk)
+                  for t, pk in (("teams", "teamid"), ("systemusers", "systemuserid"))}
+    team = sim.records("teams")[0]["teamid"]
+    user = sim.records("systemusers")[0]["systemuserid"]
+    sim.update("teams", team, {"name": "renamed team"})
+    sim.update("systemusers", user, {"fullname": "Renamed User"})
+    sim.reset_stats()
+    for entity in ("teams", "systemusers"):
+        sim.inject("endless_next_link", count=300, entity=entity)
+    key, result = mirror.run("hourly")
+    assert not result.success
+    errors = step_errors(result)
+    for entity, kind in (("teams", "delta"), ("systemusers", "changes")):
+        message = errors[f"raw__{entity}"]
+        assert "\n" not in message
+        assert f"{entity}: change set {key}, {kind} read: page 2 repeats page 1" in message
+        assert "paging without progress" in message and "DATAVERSE_URL" in message
+        archive = mirror.settings.archive_dir / entity / key
+        assert (archive / "page-00001.json.gz").exists()  # what came stays
+        assert not (archive / "manifest.json").exists()  # unfinished: read again next time
+    assert len(sim.stats.request_log) < 20, "the reads went on past the repeat"
+    with mirror.connection() as connection:
+        for table, pk in (("teams", "teamid"), ("systemusers", "systemuserid")):
+            assert rows_by_key(connection, table, pk) == before[table]
+    sim.clear_faults()
+    _, result = mirror.run("hourly", key)  # the same change set again, the server behaving
+    assert result.success, failure_messages(result)
+    with mirror.connection() as connection:
+        assert rows_by_key(connection, "teams", "teamid")[team]["name"] == "renamed team"
+        assert rows_by_key(connection, "systemusers", "systemuserid")[user][
+            "fullname"] == "Renamed User"
+
+
+def _page(*versions: tuple[str, int]) -> list[dict]:
+    return [{"teamid": key, "@odata.etag": f'W/"{version}"'} for key, version in versions]
+
+
+def test_the_paging_guard_tells_a_repeated_page_from_an_edited_one_and_bounds_a_counted_read():
+    request = FetchRequest("teams", "20260101T000000Z", "full", "teamid", None)
+    step = FetchStep("snapshot", PageQuery(page_size=2))
+    guard = PagingGuard(request, step)
+    guard.check(_page(("a", 1), ("b", 1)), 1)
+    guard.check([], 2)  # an empty page proves nothing
+    guard.check([], 3)
+    guard.check(_page(("a", 2), ("b", 1)), 4)  # a served again after an edit: progress
+    with pytest.raises(PagingError, match="page 5 repeats page 1 "):
+        guard.check(_page(("a", 1), ("b", 1)), 5)
+    deletes = PagingGuard(request, FetchStep("delta", PageQuery(page_size=2)))
+    deletes.check([{"id": "a", "reason": "deleted"}], 1)
+    deletes.check([{"id": "b", "reason": "deleted"}], 2)
+    with pytest.raises(PagingError, match="delta read: page 3 repeats page 1"):
+        deletes.check([{"id": "a", "reason": "deleted"}], 3)
+    # 6 records counted, pages of 2: 3 pages (+1 for the range's end); new keys on every page
+    # pass up to ten times that (+10), then the read stops.
+    counted = PagingGuard(request, step, counted_records=6)
+    for number in range(1, 51):
+        counted.check(_page((f"k{number}", 1)), number)
+    with pytest.raises(PagingError) as excinfo:
+        counted.check(_page(("k51", 1)), 51)
+    assert "page 51 is its page 51, far more than the 6 records Dataverse counted for it " \
+        "need (4 pages of 2)" in str(excinfo.value)
+    small = PagingGuard(replace(request, max_pages=3), step, counted_records=6)
+    for number in range(1, 4):
+        small.check(_page((f"k{number}", 1)), number)
+    with pytest.raises(PagingError, match="over the entity's max_pages of 3"):
+        small.check(_page(("k4", 1)), 4)
+
+
+def test_a_server_trickling_bytes_fails_at_the_deadline_with_the_setting_to_change(
+        tmp_path, simulator_url, fast_retries):
+    """Each response of teams sends 16 bytes every 50 ms (a page would take seconds, and
+    httpx's per-read timeout never fires); DATAVERSE_RESPONSE_DEADLINE_SECONDS cuts each one."""
+    simulator, url = simulator_url
+    config = tmp_path / "entities.json"
+    config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}}, "entities": [
+        {"name": "teams", "group": "hourly", "page_size": 4}]}))
+    settings = load_settings({
+        "DATAVERSE_URL": url, "DATAVERSE_SOURCE": "simulator",
+        "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_DB_PATH": str(tmp_path / "m.db"),
+        "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+        "DATAVERSE_RESPONSE_DEADLINE_SECONDS": "0.4",
+    })
+    mirror = Mirror(simulator, settings, build_definitions(settings),
+                    DagsterInstance.ephemeral(), url)
+    simulator.inject("trickle", count=100, entity="teams", seconds=0.05, chunk=16)
+    started = time.monotonic()
+    _, result = mirror.run("hourly")
+    assert time.monotonic() - started < 15
+    assert not result.success
+    message = root_error(result)
+    assert "\n" not in message and "Error: teams: GET " in message
+    assert f"failed after {FAST.max_attempts} attempts" in message
+    assert "no complete response within the 0.4 s deadline" in message
+    assert "DATAVERSE_RESPONSE_DEADLINE_SECONDS" in message
+    settled = time.monotonic() + 5  # a request is logged once the simulator sees the hang-up
+    while simulator.in_flight and time.monotonic() < settled:
+        time.sleep(0.01)
+    pages = [r for r in simulator.stats.request_log
+             if r.entity == "teams" and "count=true" not in r.target]
+    assert len(pages) == FAST.max_attempts  # each cut response was retried, then given up
+    with mirror.connection() as connection:
+        assert connection.execute("SELECT status FROM _sync_state WHERE entity = 'teams'"
+                                  ).fetchone() == ("failed",)
 
 
 def test_an_enormous_page_is_refused_with_the_limit_to_change(tmp_path, simulator_url):

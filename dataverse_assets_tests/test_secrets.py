@@ -1,7 +1,8 @@
-"""Secrets never leak: a full sync with a recognisable secret, then every file it produced
-(database, archive, Dagster's instance storage and logs), every Dagster event and every
-exception message is searched for it and its tokens; and a link to another host never
-receives the token."""
+"""Secrets never leak: a full sync with a recognisable secret (and a server that echoes the
+request's headers back in an error), then every file it produced (database, archive, Dagster's
+instance storage and logs), every Dagster event and every exception message is searched for it
+and its tokens; a link to another host never receives the token; and masking takes whole
+values only."""
 
 import socket
 import threading
@@ -13,6 +14,7 @@ from dagster._serdes import serialize_value
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import load_settings
 from dataverse_assets.definitions import build_definitions
+from dataverse_assets.redaction import Redactor, redact
 from dataverse_assets_tests.conftest import failure_messages, write_entities_config
 
 SECRET = "S3CR3T-do-not-leak-7f1e2d"
@@ -51,6 +53,26 @@ def test_a_full_sync_leaves_no_secret_or_token_anywhere(tmp_path, simulator_url,
             # Changes for the next hourly change set: delta links are followed with the token.
             candidate = simulator.records("vin_candidates")[0]["vin_candidateid"]
             simulator.update("vin_candidates", candidate, {"vin_name": f"renamed {group}"})
+        # A server (a proxy, a debug endpoint) that answers 400 repeating the request's
+        # headers: the token is in the body; the run fails with one line that holds none.
+        simulator.inject("echo_headers", count=100, entity="vin_candidates")
+        echoed = defs.resolve_job_def("sync_hourly").execute_in_process(
+            instance=instance, partition_key=new_change_set_key(instance, "hourly"),
+            raise_on_error=False)
+        simulator.clear_faults()
+        assert not echoed.success
+        echo_errors = [event.step_failure_data.error for event in echoed.all_events
+                       if event.is_step_failure and event.step_failure_data.error]
+        assert len(echo_errors) == 1
+        cause = echo_errors[0]
+        while cause.cause is not None:  # the error that failed the step, under Dagster's
+            cause = cause.cause
+        echo_message = cause.message.strip()
+        assert "\n" not in echo_message and "vin_candidates: GET " in echo_message
+        assert "answered 400 (0x80040203): The request could not be routed" in echo_message
+        assert 'Request headers: {"host":' in echo_message
+        assert '"authorization":"***"' in echo_message
+        messages_echoed = failure_messages(echoed)
         # A wrong secret: a clear failure, and the wrong secret is not repeated anywhere.
         monkeypatch.setenv("DATAVERSE_CLIENT_SECRET", WRONG)
         key = new_change_set_key(instance, "daily")
@@ -81,6 +103,49 @@ def test_a_full_sync_leaves_no_secret_or_token_anywhere(tmp_path, simulator_url,
     for needle in needles:
         assert needle.decode() not in output.out + output.err
     assert SECRET not in messages and WRONG not in messages
+    for needle in needles:
+        assert needle.decode() not in messages_echoed
+
+
+def test_a_secret_is_masked_as_a_whole_value_only():
+    host = "GET https://contoso.crm.dynamics.com/api/data/v9.2/accounts answered 400"
+    assert redact(host, "co") == host
+    prose = "every entity: your query is ready, try again"
+    assert redact(prose, "y") == prose
+    assert redact(f"client_secret={SECRET}&scope=x; {SECRET}.", SECRET) == \
+        "client_secret=***&scope=x; ***."
+    assert redact("co: 'co' co-worker", "co") == "***: '***' ***-worker"
+    # The redactor remembers the secrets and tokens of the process's sessions.
+    redactor = Redactor()
+    redactor.remember_secret("co")
+    redactor.remember_token("tok-12")
+    assert redactor(host + " tok-123 tok-12") == host + " tok-123 ***"
+    # URL-encoded and JSON-escaped forms of a secret are the secret too.
+    redactor.remember_secret('p+ss/"w"rd')
+    assert redactor('client_secret=p%2Bss%2F%22w%22rd {"s": "p+ss/\\"w\\"rd"}') == \
+        'client_secret=*** {"s": "***"}'
+
+
+def test_authorization_and_bearer_text_is_masked_whatever_the_token():
+    unknown = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJodHRwcyJ9.c2lnbmF0dXJl"
+    cases = {
+        f"Authorization: Bearer {unknown}, Accept: application/json":
+            "Authorization: ***, Accept: application/json",
+        f'{{"Authorization": "Bearer {unknown}", "Accept": "application/json"}}':
+            '{"Authorization": "***", "Accept": "application/json"}',
+        f'message: {{\\"authorization\\": \\"Bearer {unknown}\\"}}':
+            'message: {\\"authorization\\": \\"***\\"}',
+        "{'authorization': 'Basic dXNlcjpwYXNzd29yZA=='}": "{'authorization': '***'}",
+        f"the proxy saw bearer {unknown}.": "the proxy saw bearer ***",
+        f"?authorization=Bearer%20{unknown}&x=1": "?authorization=***&x=1",
+        # Prose about the scheme stays readable.
+        "answered 200 without a Bearer challenge; is DATAVERSE_URL a Dataverse org?":
+            "answered 200 without a Bearer challenge; is DATAVERSE_URL a Dataverse org?",
+        "the 401 challenge has no authorization_uri; set DATAVERSE_TENANT_ID":
+            "the 401 challenge has no authorization_uri; set DATAVERSE_TENANT_ID",
+    }
+    for text, expected in cases.items():
+        assert redact(text) == expected, text
 
 
 class Listener:

@@ -1428,6 +1428,58 @@ def test_repeat_next_link_points_back_at_the_page_served(
     assert second.json()["value"] != first.json()["value"]
 
 
+def test_endless_next_link_serves_the_same_page_under_a_new_link_each_time(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    sim.inject("endless_next_link", count=3, entity="teams")
+    prefer = {"Prefer": "odata.track-changes,odata.maxpagesize=100"}
+    first = client.get(f"{API}/teams", headers=prefer)  # every row: no nextLink of its own
+    links = [first.json()["@odata.nextLink"]]
+    pages = [first.json()]
+    for _ in range(2):
+        pages.append(client.get(links[-1], headers=prefer).json())
+        links.append(pages[-1]["@odata.nextLink"])
+    assert len(set(links)) == 3, "each link is new"
+    assert all(page["value"] == pages[0]["value"] for page in pages), "the same rows each time"
+    assert all("@odata.deltaLink" not in page for page in pages)
+    after = client.get(links[-1], headers=prefer).json()  # the fault is used up
+    assert after["value"] == pages[0]["value"] and "@odata.deltaLink" in after
+    assert sim.stats.faults == {"endless_next_link": 3}
+
+
+def test_trickle_sends_the_body_a_piece_at_a_time(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    whole = client.get(f"{API}/teams", headers={"Prefer": "odata.maxpagesize=2"}).content
+    sim.inject("trickle", entity="teams", seconds=0.01, chunk=len(whole) // 10)
+    started = time.monotonic()
+    pieces: list[bytes] = []
+    with client.stream("GET", f"{API}/teams", headers={"Prefer": "odata.maxpagesize=2"}) as r:
+        headers_after = time.monotonic() - started
+        pieces = list(r.iter_raw())
+    assert b"".join(pieces) == whole and len(pieces) >= 10
+    assert headers_after < 0.05 and time.monotonic() - started >= 0.09
+    assert sim.stats.faults == {"trickle": 1}
+
+
+def test_redirect_points_at_another_host_and_echo_headers_repeats_the_token(
+    fresh: tuple[DataverseSimulator, str, httpx.Client],
+) -> None:
+    sim, _, client = fresh
+    sim.inject("redirect", entity="teams", host="https://elsewhere.invalid")
+    moved = client.get(f"{API}/teams?$top=1")
+    assert moved.status_code == 302 and not moved.is_success
+    assert moved.headers["location"] == "https://elsewhere.invalid/api/data/v9.2/teams?$top=1"
+    sim.inject("echo_headers", entity="teams")
+    echoed = client.get(f"{API}/teams")
+    assert echoed.status_code == 400
+    token = client.headers["Authorization"].removeprefix("Bearer ")
+    assert f'"authorization":"Bearer {token}"' in error_of(echoed)["message"]
+    assert sim.stats.faults == {"redirect": 1, "echo_headers": 1}
+
+
 def test_a_fault_plan_is_a_seeded_random_scenario() -> None:
     def run(seed: int) -> list[tuple[str | None, int]]:
         sim = DataverseSimulator(["teams"], row_counts={"teams": 3})

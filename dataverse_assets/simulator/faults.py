@@ -26,6 +26,15 @@ Kinds:
 - `throttle`: a 429 with Dataverse's service-protection error and `Retry-After: seconds`; in a
   `FaultPlan` a storm of `storm` 429s in a row whose Retry-After doubles each time (what a
   client sees when it keeps pushing a throttled org).
+- `endless_next_link`: the page's `@odata.nextLink` (added when the page has none) is a new,
+  distinct link that serves the same page again: each time with another `simloop=<n>`
+  parameter, which the app ignores. A client following links blindly pages forever.
+- `trickle`: the response body arrives `chunk` bytes at a time with `seconds` between them
+  (over loopback as separate writes; the headers come at once), as a congested proxy sends it.
+- `redirect`: a 302 with `Location` on another host (`host=`, path and query kept), as a
+  misconfigured proxy or a wrong DATAVERSE_URL answers; a client must not follow it.
+- `echo_headers`: a 400 with a Dataverse-style JSON error whose message echoes the request's
+  headers, Authorization included, as a debug endpoint or a misconfigured proxy does.
 """
 
 from __future__ import annotations
@@ -46,10 +55,14 @@ FAULT_KINDS = (
     "repeat_next_link",
     "foreign_link",
     "throttle",
+    "endless_next_link",
+    "trickle",
+    "redirect",
+    "echo_headers",
 )
 # Kinds that need an entity set request (a table to mutate, a page to rewrite).
 _ENTITY_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link",
-                           "foreign_link"})
+                           "foreign_link", "endless_next_link"})
 # Kinds that by default only hit nextLink requests (the client is between pages).
 _PAGING_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link"})
 
@@ -93,17 +106,20 @@ class Fault:
     status: int = 503
     # server_error: "html" | "json"; malformed: "truncated" | "html" | "not_odata" | "array"
     body: str | None = None
-    seconds: float = 1.0
+    seconds: float = 1.0  # slow: the wait; trickle: the pause between pieces of the body
+    chunk: int = 1  # trickle: bytes per piece
     rows: int = 1
     paging_only: bool | None = None  # None: the kind's default
     link: str = "next"  # foreign_link: "next" | "delta"
-    host: str = "http://foreign.invalid"  # foreign_link: where the link points
+    host: str = "http://foreign.invalid"  # foreign_link, redirect: where the link points
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; one of {', '.join(FAULT_KINDS)}")
         if self.count < 1 or self.after < 0:
             raise ValueError("count must be >= 1 and after >= 0")
+        if self.chunk < 1 or self.seconds < 0:
+            raise ValueError("chunk must be >= 1 and seconds >= 0")
         if self.link not in ("next", "delta"):
             raise ValueError("link must be 'next' or 'delta'")
         if self.paging_only is None:

@@ -9,6 +9,7 @@ was issued to. The request handlers themselves know nothing of faults or limits.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,12 @@ from .protection import REQUESTS_CODE
 if TYPE_CHECKING:
     from .model import DataverseSimulator
 
-_REWRITING_KINDS = frozenset({"reset", "malformed", "repeat_next_link", "foreign_link"})
+_REWRITING_KINDS = frozenset({"reset", "malformed", "repeat_next_link", "foreign_link",
+                              "endless_next_link", "trickle"})
+# The query parameter that makes each endless_next_link link new (the app ignores it).
+ENDLESS_LINK_PARAMETER = "simloop"
+# Dataverse's code for an invalid argument, which a proxy's echo of a bad request imitates.
+_INVALID_ARGUMENT_CODE = "0x80040203"
 _NOT_ODATA = {
     "not_odata": b'{"message": "OK", "status": "healthy"}',
     "array": b'[{"accountid": "not an OData collection"}]',
@@ -81,6 +87,7 @@ class Gateway:
         self.app = app
         self.sim = sim
         self.api_path = api_path.rstrip("/")
+        self._loop_numbers = itertools.count(1)
 
     def _target(self, path: str) -> tuple[str | None, bool]:
         """(entity set named by the path or None, whether it addresses the collection)."""
@@ -134,6 +141,12 @@ class Gateway:
             if fault is not None and fault.kind == "throttle":
                 retry_after = fault.seconds
                 await self._throttle(watched, fault)
+                return
+            if fault is not None and fault.kind == "redirect":
+                await self._redirect(scope, watched, fault)
+                return
+            if fault is not None and fault.kind == "echo_headers":
+                await self._echo_headers(scope, watched)
                 return
             if fault is not None and fault.kind == "token_expiry":
                 sim.expire_all_tokens()
@@ -201,6 +214,57 @@ class Gateway:
         await _respond(send, 429, body, _JSON_TYPE,
                        [(b"retry-after", f"{fault.seconds:g}".encode())])
 
+    async def _redirect(self, scope: Scope, send: Send, fault: Fault) -> None:
+        """302 to the same path and query on another host."""
+        host = urlsplit(fault.host)
+        query = scope.get("query_string", b"").decode("latin-1")
+        location = urlunsplit((host.scheme, host.netloc, scope.get("path", ""), query, ""))
+        body = (f'<html><head><title>Object moved</title></head><body><h2>Object moved to '
+                f'<a href="{location}">here</a>.</h2></body></html>').encode()
+        await _respond(send, 302, body, b"text/html; charset=utf-8",
+                       [(b"location", location.encode("latin-1"))])
+
+    async def _echo_headers(self, scope: Scope, send: Send) -> None:
+        """A 400 whose error message repeats every request header, Authorization too."""
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        message = ("The request could not be routed. Request headers: "
+                   + orjson.dumps(headers).decode())
+        body = orjson.dumps({"error": {"code": _INVALID_ARGUMENT_CODE, "message": message}})
+        await _respond(send, 400, body, _JSON_TYPE)
+
+    async def _trickle(self, receive: Receive, send: Send, start: Message, body: bytes,
+                       fault: Fault) -> None:
+        """The headers at once, then the body `fault.chunk` bytes at a time; stops early when
+        the client hangs up (over loopback), so an abandoned response does not linger."""
+        async def hang_up() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(hang_up())
+        try:
+            await send(start)
+            for offset in range(0, len(body), fault.chunk):
+                if gone.done():
+                    return
+                piece = body[offset:offset + fault.chunk]
+                last = offset + fault.chunk >= len(body)
+                await send({"type": "http.response.body", "body": piece, "more_body": not last})
+                if not last:
+                    await asyncio.sleep(fault.seconds)
+            if not body:
+                await send({"type": "http.response.body", "body": b""})
+        finally:
+            gone.cancel()
+
+    def _endless_link(self, scope: Scope) -> str:
+        """This request's URL with a new `simloop` value: the same page, under a new link."""
+        url = urlsplit(str(Request(scope).url))
+        # The rest of the query stays byte for byte (a skiptoken is not re-encoded).
+        parts = [p for p in url.query.split("&")
+                 if p and p.partition("=")[0] != ENDLESS_LINK_PARAMETER]
+        parts.append(f"{ENDLESS_LINK_PARAMETER}={next(self._loop_numbers)}")
+        return urlunsplit((*url[:3], "&".join(parts), ""))
+
     async def _rewritten(self, scope: Scope, receive: Receive, send: Send, fault: Fault) -> None:
         """Run the app, then deliver its response damaged the way the fault says."""
         messages: list[Message] = []
@@ -211,6 +275,9 @@ class Gateway:
         await self.app(scope, receive, capture)
         start = messages[0]
         body = b"".join(m.get("body", b"") for m in messages[1:])
+        if fault.kind == "trickle":
+            await self._trickle(receive, send, start, body, fault)
+            return
         if start["status"] != 200:
             await send(start)
             await send({"type": "http.response.body", "body": body})
@@ -243,6 +310,9 @@ class Gateway:
                 original = urlsplit(payload[name])
                 host = urlsplit(fault.host)
                 payload[name] = urlunsplit((host.scheme, host.netloc, *original[2:]))
+        elif fault.kind == "endless_next_link":
+            payload.pop("@odata.deltaLink", None)
+            payload["@odata.nextLink"] = self._endless_link(scope)
         else:
             # repeat_next_link: the next page is said to be the page just served.
             payload["@odata.nextLink"] = str(Request(scope).url)

@@ -816,7 +816,7 @@ class DataverseSimulator:
 
     def inject(self, kind: str, count: int = 1, **options: Any) -> Fault:
         """Give the next `count` matching Web API requests a fault (see simulator.faults);
-        options: entity, after, status, body, seconds, rows, paging_only."""
+        options: entity, after, status, body, seconds, chunk, rows, paging_only, link, host."""
         with self.lock:
             return self._fault_board.add(Fault(kind, count=count, **options))
 
