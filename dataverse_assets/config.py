@@ -29,20 +29,15 @@ from pydantic import (
     model_validator,
 )
 
+from dataverse_assets.names import ENTITY_NAME_PATTERN, GROUP_NAME_PATTERN, check_column_name
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ENTITIES_CONFIG = PROJECT_ROOT / "entities_config.json"
 # Pages one read may take: 500 million records at 5000 a page, beyond any Dataverse table a
 # mirror like this serves; a server paging without end stops here at the latest.
 DEFAULT_MAX_PAGES = 100_000
 
-# Entity set names become SQL table names and archive folder names: keep them to what
-# Dataverse itself allows (letters, digits, underscores) so neither can be abused.
-ENTITY_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
-GROUP_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-# Column names the config puts into OData queries ($select, $filter, $orderby), where they
-# cannot be quoted: Dataverse logical names (letters, digits, underscores; lookups as
-# _name_value). Anything else would change the query, so it is refused.
-ODATA_COLUMN_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# The name formats (entity set, group, column) are names.py's; $orderby lists are only here.
 ORDERBY_PATTERN = re.compile(
     r"^\s*[A-Za-z_][A-Za-z0-9_]*(\s+(asc|desc))?\s*(,\s*[A-Za-z_][A-Za-z0-9_]*(\s+(asc|desc))?\s*)*$"
 )
@@ -63,12 +58,8 @@ def ranged(default: Any, low: float, high: float, description: str) -> Any:
 
 
 def _odata_column(value: str | None) -> str | None:
-    if value is not None and not ODATA_COLUMN_PATTERN.match(value):
-        raise ValueError(
-            f"{value!r} is not a Dataverse column name (letters, digits and underscores, e.g. "
-            "'accountid' or '_parentcustomerid_value')"
-        )
-    return value
+    """Column names go into OData queries ($select, $filter, $orderby) unquoted."""
+    return None if value is None else check_column_name(value)
 
 
 class ConfigError(ValueError):
