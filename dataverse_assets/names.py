@@ -87,28 +87,30 @@ def change_set_order(key: str) -> tuple[int, datetime | str]:
     return (0, key)
 
 
-def check_entity_name(value: object) -> str:
-    if not isinstance(value, str) or not ENTITY_NAME_PATTERN.match(value):
-        raise InvalidNameError(
-            f"entity {_shown(value)} is not an entity set name: a letter, then letters, "
-            "digits or underscores (at most 128), e.g. 'accounts'")
+def _matching(value: object, pattern: re.Pattern[str], refusal: str) -> str:
+    """`value` if it is text of the pattern's form, else InvalidNameError (`refusal` with
+    `{value}` in it says what was expected)."""
+    if not isinstance(value, str) or not pattern.match(value):
+        raise InvalidNameError(refusal.format(value=_shown(value)))
     return value
+
+
+def check_entity_name(value: object) -> str:
+    return _matching(value, ENTITY_NAME_PATTERN,
+                     "entity {value} is not an entity set name: a letter, then letters, "
+                     "digits or underscores (at most 128), e.g. 'accounts'")
 
 
 def check_group_name(value: object) -> str:
-    if not isinstance(value, str) or not GROUP_NAME_PATTERN.match(value):
-        raise InvalidNameError(
-            f"group {_shown(value)} is not a group name: lowercase letters, digits or "
-            "underscores, starting with a letter, e.g. 'hourly'")
-    return value
+    return _matching(value, GROUP_NAME_PATTERN,
+                     "group {value} is not a group name: lowercase letters, digits or "
+                     "underscores, starting with a letter, e.g. 'hourly'")
 
 
 def check_column_name(value: object) -> str:
-    if not isinstance(value, str) or not ODATA_COLUMN_PATTERN.match(value):
-        raise InvalidNameError(
-            f"{_shown(value)} is not a Dataverse column name (letters, digits and "
-            "underscores, e.g. 'accountid' or '_parentcustomerid_value')")
-    return value
+    return _matching(value, ODATA_COLUMN_PATTERN,
+                     "{value} is not a Dataverse column name (letters, digits and "
+                     "underscores, e.g. 'accountid' or '_parentcustomerid_value')")
 
 
 def is_guid(value: object) -> bool:
@@ -116,8 +118,6 @@ def is_guid(value: object) -> bool:
 
 
 def check_record_id(value: object) -> str:
-    if not is_guid(value):
-        raise InvalidNameError(
-            f"record id {_shown(value)} is not a GUID: Dataverse primary keys look like "
-            "00000000-0000-0000-0000-000000000000")
-    return value  # type: ignore[return-value]
+    return _matching(value, GUID_PATTERN,
+                     "record id {value} is not a GUID: Dataverse primary keys look like "
+                     "00000000-0000-0000-0000-000000000000")
