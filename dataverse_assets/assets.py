@@ -41,6 +41,11 @@ class RawConfig(Config):
         None, description="Fetch the records whose lookup column (e.g. _parentcustomerid_value) "
         "names one of `ids` instead: an account's contacts.",
     )
+    reconcile: bool = Field(
+        False, description="Compare the mirror with the source by key and version now (a "
+        "key-and-version scan; missing and stale records are fetched by id, extra ones "
+        "deleted), whatever the entity's reconcile cadence.",
+    )
 
 
 def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[AssetsDefinition]:
@@ -79,6 +84,7 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
                                           include_annotations=annotations,
                                           targeted_ids=config.ids,
                                           lookup_column=config.lookup_column,
+                                          reconcile=config.reconcile,
                                           on_progress=progress)
         if not reused:
             progress.finish(summary.pages, summary.records)

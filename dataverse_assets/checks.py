@@ -14,6 +14,12 @@ Per change set, evaluated inside the canonical/E step right after the publish (d
   says why: Dagster needs a result for every declared check. WARN, not blocking: a record
   created or deleted while a change set pages explains a difference, and the next
   reconciliation settles it.
+- `mirror_matches_source`: what the change set's key-and-version scan found (fetch.Divergence),
+  where it has one: records the mirror lacked, held at another version, or held though the
+  source no longer lists them. Such divergence is repaired in the same change set (refetched by
+  id, or deleted); the check fails (WARN) when there was any, so a source whose paging lost
+  something shows. A modifiedon or filtered table learns of deletes only from this scan, so
+  there its deletes are not divergence. Without a scan it passes with `reconciled: false`.
 
 Per cadence group, its own op (`freshness_<group>`, also run by `check_freshness`):
 - `freshness`: the last COMPLETE publish of each entity against the group's cron (UTC): after
@@ -64,6 +70,7 @@ from dataverse_assets.store import (
 SCHEMA_DRIFT = "schema_drift"
 PRIMARY_KEY = "primary_key"
 ROW_COUNT = "row_count"
+MIRROR_MATCHES_SOURCE = "mirror_matches_source"
 FRESHNESS = "freshness"
 FRESHNESS_JOB = "check_freshness"
 
@@ -108,6 +115,13 @@ def canonical_check_specs(entity: EntityConfig,
                 "knows it (full snapshot, resync, first full read, key-only scan). Not "
                 "blocking.",
             ),
+            AssetCheckSpec(
+                MIRROR_MATCHES_SOURCE, asset=key, partitions_def=partitions_def,
+                description="Where the change set has a key-and-version scan: records the "
+                "mirror lacked, held at another version, or held after the source dropped "
+                "them (all repaired in the change set). WARN when there were any. Not "
+                "blocking.",
+            ),
         ]
 
 
@@ -128,6 +142,7 @@ def evaluate_canonical_checks(connection: sqlite3.Connection, entity: EntityConf
     checks.results.append(schema_drift_result(connection, entity.name, change_sets))
     checks.results.append(primary_key_result(connection, entity.name, schema))
     checks.results.append(row_count_result(connection, entity, change_sets[-1]))
+    checks.results.append(mirror_matches_source_result(connection, entity, change_sets[-1]))
     if schema is not None:
         checks.metadata["dagster/column_schema"] = column_schema(schema)
         checks.metadata["schema_version"] = connection.execute(
@@ -359,6 +374,58 @@ def row_count_result(connection: sqlite3.Connection, entity: EntityConfig,
         metadata={"reconciled": True, "basis": basis, "source_count": expected,
                   "canonical_count": rows, "difference": rows - expected},
     )
+
+
+def divergence(connection: sqlite3.Connection, entity: str,
+               change_set: str) -> dict[str, object] | None:
+    """What the change set's key-and-version scan found, or None without one: scanned keys,
+    missing and stale records (refetched), extra ones (deleted because the scan no longer
+    listed them: plan deletes with no delete marker staged), and the mode."""
+    staged = connection.execute(
+        "SELECT mode, reconciled, reconcile_scanned, reconcile_missing, reconcile_stale"
+        " FROM _staged WHERE entity = ? AND change_set = ?", (entity, change_set)).fetchone()
+    if staged is None or not staged[1]:
+        return None
+    mode, _, scanned, missing, stale = staged
+    extra = 0
+    if table_exists(connection, "_publish_plan"):
+        extra = connection.execute(
+            "SELECT count(*) FROM _publish_plan p WHERE p.entity = ? AND p.change_set = ?"
+            f" AND p.kind = 'delete' AND NOT EXISTS (SELECT 1 FROM"
+            f" {quote_identifier(staging_table(entity))} s"
+            "  WHERE s._change_set = p.change_set AND s._pk = p.pk)",
+            (entity, change_set)).fetchone()[0]
+    return {"mode": mode, "scanned": scanned or 0, "missing": missing or 0,
+            "stale": stale or 0, "extra": extra}
+
+
+def mirror_matches_source_result(connection: sqlite3.Connection, entity: EntityConfig,
+                                 change_set: str) -> AssetCheckResult:
+    found = divergence(connection, entity.name, change_set)
+    if found is None:
+        return AssetCheckResult(
+            check_name=MIRROR_MATCHES_SOURCE, passed=True, severity=AssetCheckSeverity.WARN,
+            description="Not reconciled in this change set: its key-and-version scan runs every "
+            f"{entity.reconcile_every_hours:g} hours (reconcile_every_hours), or on demand with "
+            "`dataverse-assets reconcile`; a full snapshot compares every record by itself.",
+            metadata={"reconciled": False})
+    missing, stale, extra = found["missing"], found["stale"], found["extra"]
+    # A modifiedon or filtered table learns of deletes only from this scan: not divergence.
+    deletes_expected = found["mode"] in ("modifiedon", "filtered")
+    diverged = missing + stale + (0 if deletes_expected else extra)
+    parts = [f"{missing} missing", f"{stale} stale",
+             f"{extra} extra" + (" (deletes, found this way by design)" if deletes_expected
+                                 and extra else "")]
+    description = (f"The mirror matched the source ({', '.join(parts)} among "
+                   f"{found['scanned']:,} keys)." if not diverged else
+                   f"The mirror had diverged from the source: {', '.join(parts)} among "
+                   f"{found['scanned']:,} keys; repaired in this change set (refetched by id, "
+                   "or deleted).")
+    return AssetCheckResult(
+        check_name=MIRROR_MATCHES_SOURCE, passed=not diverged, severity=AssetCheckSeverity.WARN,
+        description=description,
+        metadata={"reconciled": True, "scanned": found["scanned"], "missing": missing,
+                  "stale": stale, "extra": extra, "repaired": missing + stale + extra})
 
 
 # -- freshness, per cadence group ---------------------------------------------------------

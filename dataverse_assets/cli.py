@@ -10,6 +10,7 @@ import argparse
 import difflib
 import os
 import sys
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def _instance():
     return DagsterInstance.get()
 
 
+def _connection(settings):
+    """The mirror database, closed when the block ends."""
+    from dataverse_assets.store import connect
+
+    return closing(connect(settings.db_path))
+
+
 def _configured_entity(config, name: str):
     """The entity's config, or a ConfigError naming it (with the closest configured names)."""
     check_entity_name(name)
@@ -60,11 +68,28 @@ def _configured_entity(config, name: str):
         raise ConfigError(f"unknown entity {name!r}{hint}") from None
 
 
-def new_change_set_key(instance, group: str, now: datetime | None = None) -> str:
-    """Register a new change-set partition for a group; keys are sortable UTC timestamps."""
+def new_change_set_key(instance, group: str, now: datetime | None = None,
+                       settings=None) -> str:
+    """Register a new change-set partition for a group; keys are sortable UTC timestamps.
+    With `settings`, a key the mirror already used is skipped too: the archive or the
+    database may hold change sets of another Dagster instance (a DAGSTER_HOME wiped or
+    changed), and reusing one would replay it instead of syncing."""
     from dataverse_assets.partitions import register_change_set
 
-    return register_change_set(instance, group, now)
+    used = None
+    if settings is not None:
+        entities = [e.name for e in settings.entities.entities_in_group(group)]
+
+        def used(key: str) -> bool:
+            if any((Path(settings.archive_dir) / entity / key).exists() for entity in entities):
+                return True
+            with _connection(settings) as connection:
+                return connection.execute(
+                    "SELECT 1 FROM _publish_state WHERE change_set = ? AND entity IN"
+                    f" ({', '.join('?' * len(entities))}) LIMIT 1",
+                    (key, *entities)).fetchone() is not None
+
+    return register_change_set(instance, group, now, used)
 
 
 def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
@@ -135,7 +160,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     print(f"source: {settings.source}; database: {settings.db_path}")
     failed = False
     for group in groups:
-        key = new_change_set_key(instance, group)
+        key = new_change_set_key(instance, group, settings=settings)
         print(f"\n[{group}] change set {key}")
         job = defs.resolve_job_def(sync_job_name(group))
         with listening(_print_progress):  # fetches that take a while show pages, rows, ETA
@@ -160,7 +185,7 @@ def cmd_change_set_create(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"unknown group {args.group!r}; the groups are {sorted(settings.entities.groups)}"
         )
-    print(new_change_set_key(_instance(), args.group))
+    print(new_change_set_key(_instance(), args.group, settings=settings))
     return 0
 
 
@@ -239,7 +264,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         op_config[f"raw__{other}"] = {"ids": args.id, "lookup_column": column}
         entities.append(other)
     instance = _instance()
-    key = new_change_set_key(instance, entity.group)
+    key = new_change_set_key(instance, entity.group, settings=settings)
     print(f"targeted refresh as change set {key} ({entity.group})")
     result = _run_entities(settings, instance, entity.group, key, entities, op_config)
     rows = _summary_rows(settings, key, entities)
@@ -249,6 +274,36 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         _print_failures(result)
         return 1
     return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Compare the mirror with the source by key and version now, and repair what diverged,
+    as a change set of its own per group."""
+    from dataverse_assets.checks import divergence
+
+    settings = load_settings()
+    config = settings.entities
+    chosen = ([_configured_entity(config, args.entity)] if args.entity else config.entities)
+    instance = _instance()
+    failed = False
+    for group in dict.fromkeys(e.group for e in chosen):
+        entities = [e.name for e in chosen if e.group == group]
+        key = new_change_set_key(instance, group, settings=settings)
+        print(f"[{group}] reconcile as change set {key}")
+        result = _run_entities(settings, instance, group, key, entities,
+                               {f"raw__{name}": {"reconcile": True} for name in entities})
+        rows = []
+        with _connection(settings) as connection:
+            for name in entities:
+                found = divergence(connection, name, key)
+                rows.append({"entity": name, **({"mode": "-", "scanned": "-", "missing": "-",
+                                                 "stale": "-", "extra": "-"} if found is None
+                                                else found)})
+        _print_table(rows)
+        if not result.success:
+            failed = True
+            _print_failures(result)
+    return 1 if failed else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -371,7 +426,9 @@ def cmd_simulator(args: argparse.Namespace) -> int:
     row_counts = _row_counts(args.rows or [])
     names = [e.name for e in settings.entities.entities]
     names += [name for name in row_counts if name not in names]
-    simulator = DataverseSimulator(names, seed=args.seed, row_counts=row_counts)
+    simulator = DataverseSimulator(names, seed=args.seed, row_counts=row_counts,
+                                   paging=args.paging,
+                                   delta_token_moment=args.delta_token_moment)
     if args.limits == "dataverse":
         simulator.limits = ServiceProtectionLimits.dataverse()
     if args.faults:
@@ -611,6 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also refresh the records of ENTITY whose LOOKUP_COLUMN names "
                               "the ids, e.g. contacts:_parentcustomerid_value")
     refresh.set_defaults(handler=cmd_refresh)
+    reconcile = commands.add_parser(
+        "reconcile", help="compare the mirror with the source by key and version now; "
+        "missing and stale records are fetched again, extra ones deleted")
+    reconcile.add_argument("entity", nargs="?", help="only this entity (default: every one)")
+    reconcile.set_defaults(handler=cmd_reconcile)
     status = commands.add_parser("status", help="per-entity status")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
@@ -646,6 +708,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulator.add_argument("--limits", choices=("off", "dataverse"), default="off",
                            help="service protection limits: off, or Dataverse's per-user "
                            "6000 requests / 1200 s / 52 concurrent per 300 s")
+    simulator.add_argument("--paging", choices=("cookie", "page_number"), default="cookie",
+                           help="page_number: legacy paging, each page sliced from the result "
+                           "as it is then (an edit between pages skips or repeats a row)")
+    simulator.add_argument("--delta-token-moment", choices=("first_page", "last_page"),
+                           default="first_page",
+                           help="last_page: a read's delta token marks its last page, so an "
+                           "edit of a row already served is in no delta")
     simulator.add_argument("--faults", metavar="SCENARIO",
                            help="seeded random faults, e.g. "
                            "'seed=1,server_error=0.02,reset=0.01,slow=0.05,malformed=0.01'")

@@ -243,8 +243,12 @@ def _plan_fetch(
         if delta_link is None:
             return FetchRequest(entity.name, change_set, "change_tracking_resync", pk, watermark,
                                 None, [FetchStep("snapshot", tracking)], reason="first sync")
+        # A change the delta link never reports (see the simulator's delta_token_moment) stays
+        # missed until the record changes again: the key-and-version scan finds it. It goes
+        # first, so a record created after it arrives in the delta.
+        delta = FetchStep("delta", tracking, start_url=delta_link)
         return FetchRequest(entity.name, change_set, "change_tracking", pk, watermark,
-                            delta_link, [FetchStep("delta", tracking, start_url=delta_link)])
+                            delta_link, [keys, delta] if reconcile else [delta])
     if mode == "modifiedon":
         changes = FetchStep("changes", PageQuery(
             filter=modified_since_filter(watermark),
@@ -493,9 +497,75 @@ async def _count_for_progress(session: SourceSession, request: FetchRequest,
         return None
 
 
+# The version of each mirrored record among some ids (ids the mirror lacks are left out).
+MirroredVersions = Callable[[list[str]], dict[str, str | None]]
+
+
+class Divergence:
+    """What a key-and-version scan finds against the mirror, page by page: keys the mirror
+    lacks (unfiltered entities: a filtered one mirrors only linked records) and keys it holds
+    at another version (`@odata.etag`, which Dataverse returns even with `$select=<key>`).
+    A record a later step of the change set serves anyway (a change since the last change set)
+    is no divergence and needs no refetch; what is left is fetched by id. Holds only the
+    divergent ids."""
+
+    def __init__(self, versions: MirroredVersions, primary_key: str, *,
+                 missing_too: bool) -> None:
+        self.versions = versions
+        self.primary_key = primary_key
+        self.missing_too = missing_too
+        self.scanned = 0
+        self.ids: dict[str, tuple[str, str]] = {}  # lowercase id -> (id as served, kind)
+
+    def scan(self, records: list[dict]) -> None:
+        keyed = [(str(r[self.primary_key]), r.get("@odata.etag")) for r in records
+                 if r.get(self.primary_key) is not None]
+        self.scanned += len(keyed)
+        known = self.versions([key for key, _ in keyed]) if keyed else {}
+        for key, etag in keyed:
+            if key not in known:
+                if self.missing_too:
+                    self.ids[key.lower()] = (key, "missing")
+            elif known[key] != etag:
+                self.ids[key.lower()] = (key, "stale")
+
+    def served(self, records: list[dict]) -> None:
+        if not self.ids:
+            return
+        for record in records:
+            key = record.get(self.primary_key, record.get("id"))  # "id": a delete marker
+            if key is not None:
+                self.ids.pop(str(key).lower(), None)
+
+    def found(self) -> dict[str, int]:
+        kinds = [kind for _, kind in self.ids.values()]
+        return {"scanned": self.scanned, "missing": kinds.count("missing"),
+                "stale": kinds.count("stale")}
+
+
+async def _refetch(session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
+                   progress: _Progress, divergence: Divergence) -> list[str]:
+    """The divergent records by id, in batches of 50, archived as `refetch` pages (staged and
+    published like any record, never moving the watermark). Returns the ids that did not come
+    back (gone since the scan), for the one-by-one check that records them as defunct."""
+    ids = sorted(key for key, _ in divergence.ids.values())
+    step = FetchStep("refetch", PageQuery(page_size=request.steps[0].query.page_size))
+    served: set[str] = set()
+    for _, expression in id_filter_batches(request.primary_key, ids):
+        query = replace(step.query, filter=expression)
+        async with aclosing(session.iter_pages(request.entity, query)) as pages:
+            async for page in pages:
+                _record_page(archive, progress, len(request.steps), step, page.url, page.body,
+                             page.records, track_watermark=False,
+                             primary_key=request.primary_key, next_link=page.next_link)
+                served.update(str(r.get(request.primary_key)).lower() for r in page.records)
+                fault_point("fetch.after_page")
+    return [key for key in ids if key.lower() not in served]
+
+
 async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
                      progress: _Progress, on_progress: ProgressCallback | None = None,
-                     count_total: bool = False) -> None:
+                     count_total: bool = False, divergence: Divergence | None = None) -> None:
     # A filtered entity's watermark comes from its changes step only: a record fetched by id
     # later may be newer than a change the changes step has not seen yet.
     for index, step in enumerate(request.steps):
@@ -518,6 +588,8 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
         async with aclosing(pages):
             async for page in pages:
                 guard.check(page.records, progress.page_number + 1)
+                if divergence is not None:
+                    (divergence.scan if step.kind == "keys" else divergence.served)(page.records)
                 # Pages of parallel ranges interleave; archive numbers follow arrival order.
                 _record_page(archive, progress, index, step, page.url, page.body, page.records,
                              track_watermark=track, primary_key=request.primary_key,
@@ -550,13 +622,14 @@ async def _unknown_entity(session: SourceSession, entity: str) -> UnknownEntityE
 
 
 async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
-                           request: FetchRequest, progress: _Progress) -> list[dict]:
-    """Ids that had to come back but did not: ask for each one (200 / 404 / other)."""
+                           request: FetchRequest, progress: _Progress,
+                           gone: list[str] = ()) -> list[dict]:
+    """Ids that had to come back but did not (the request's expected ids, and refetched ids
+    `gone` since the scan): ask for each one (200 / 404 / other)."""
     missing: list[dict] = []
     step = FetchStep("record", PageQuery())
-    for record_id in request.expected_ids:
-        if record_id.lower() in progress.seen_ids:
-            continue
+    expected = [i for i in request.expected_ids if i.lower() not in progress.seen_ids]
+    for record_id in [*expected, *gone]:
         try:
             url, body, record = await session.get_record(request.entity, record_id)
         except DataverseRequestError as exc:
@@ -571,13 +644,15 @@ async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
 async def fetch_change_set(
     session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
     definition: dict | None, *, on_progress: ProgressCallback | None = None,
-    count_total: bool = False,
+    count_total: bool = False, mirrored_versions: MirroredVersions | None = None,
 ) -> FetchSummary:
     """Run the request's steps, archiving each page as it arrives; write the manifest last.
 
     `on_progress` is called after every page (see progress.ProgressReporter); with
     `count_total`, whole-table reads first ask the source for their `$count`, so progress
-    can show an ETA.
+    can show an ETA. With `mirrored_versions`, a key scan is compared with the mirror by key
+    and version, and what diverges is fetched again by id in the same change set (see
+    Divergence).
     """
     started = time.perf_counter()
     started_at = utc_now_iso()
@@ -590,8 +665,15 @@ async def fetch_change_set(
         if definition is not None:
             archive.write_json(ENTITY_DEFINITION, definition)
         progress = _Progress(request)
+        divergence = (Divergence(mirrored_versions, request.primary_key,
+                                 missing_too=request.mode != "filtered")
+                      if mirrored_versions is not None
+                      and any(step.kind == "keys" for step in request.steps) else None)
         try:
-            await _run_steps(session, archive, request, progress, on_progress, count_total)
+            await _run_steps(session, archive, request, progress, on_progress, count_total,
+                             divergence)
+            gone = (await _refetch(session, archive, request, progress, divergence)
+                    if divergence is not None and divergence.ids else [])
         except DataverseRequestError as exc:
             progress.flush(quiet=True)
             if exc.code == EXPIRED_DELTA_TOKEN and request.mode == "change_tracking":
@@ -605,7 +687,7 @@ async def fetch_change_set(
             raise
         break
     try:
-        missing = await _resolve_missing(session, archive, request, progress)
+        missing = await _resolve_missing(session, archive, request, progress, gone)
     finally:
         progress.flush()
     fault_point("fetch.before_manifest")
@@ -630,6 +712,8 @@ async def fetch_change_set(
         "started_at": started_at,
         "finished_at": utc_now_iso(),
         "reconciled": any(step.kind == "keys" for step in request.steps),
+        # What the key-and-version scan found diverging (refetched by id): missing, stale.
+        "reconcile": divergence.found() if divergence is not None else None,
         "summary": summary.__dict__,
         "missing": missing,
         "pages": progress.pages,

@@ -7,7 +7,7 @@ Every key registered by this project (the CLI, sensors, schedules) goes through
 it (`raw/E` first), so a bad one fails before it touches the archive or the mirror.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from dagster import AddDynamicPartitionsRequest, DagsterInstance, DynamicPartitionsDefinition
@@ -48,11 +48,14 @@ def add_change_sets_request(group: str, keys: Sequence[str]) -> AddDynamicPartit
 
 
 def register_change_set(instance: DagsterInstance, group: str,
-                        now: datetime | None = None) -> str:
-    """Register a new change-set key for a group (one second later if that one is taken)."""
+                        now: datetime | None = None,
+                        used: Callable[[str], bool] | None = None) -> str:
+    """Register a new change-set key for a group (one second later if that one is taken: by
+    this instance, or by `used`, e.g. the archive of a mirror another instance synced)."""
     partitions_name = change_sets_partitions(group).name
     moment = (now or datetime.now(UTC)).replace(microsecond=0)
-    while instance.has_dynamic_partition(partitions_name, change_set_key(moment)):
+    while (instance.has_dynamic_partition(partitions_name, change_set_key(moment))
+           or (used is not None and used(change_set_key(moment)))):
         moment += timedelta(seconds=1)
     key = change_set_key(moment)
     add_change_sets(instance, group, [key])

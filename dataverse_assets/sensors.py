@@ -29,7 +29,7 @@ from dataverse_assets.priorities import priority_tags
 from dataverse_assets.query import PageQuery, modified_since_filter
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.sources import DataverseSource, SourceSession
-from dataverse_assets.store import SyncState, quote_identifier, read_sync_state
+from dataverse_assets.store import SyncState, mirrored_etags, read_sync_state
 
 LAYERS = ("raw", "staging", "canonical")
 MAX_RUNS_PER_TICK = 25
@@ -102,12 +102,8 @@ def canonical_etags(store: MirrorStore) -> MirroredEtags:
     """The `@odata.etag` of the mirrored version of each id (ids not mirrored are left out)."""
 
     def lookup(entity: str, primary_key: str, ids: list[str]) -> dict[str, str | None]:
-        column = quote_identifier(primary_key)
         with store.connection() as connection:
-            return dict(connection.execute(
-                f"SELECT {column}, json_extract(json_response, '$.\"@odata.etag\"')"
-                f" FROM {quote_identifier(entity)}"
-                f" WHERE {column} IN ({', '.join('?' * len(ids))})", ids))
+            return mirrored_etags(connection, entity, primary_key, ids)
 
     return lookup
 

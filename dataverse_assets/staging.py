@@ -103,6 +103,8 @@ class StagedRecords:
     batches: Iterator[tuple[list[tuple], list[str]]]
     counts: dict[str, int] = field(default_factory=dict)
     issues: list[dict] = field(default_factory=list)
+    # What its key-and-version scan found diverging: scanned, missing, stale (fetch.Divergence).
+    divergence: dict[str, int] = field(default_factory=dict)
 
 
 def _delete_row(change_set: str, key: str, names: list[str], marker: dict) -> tuple:
@@ -411,11 +413,14 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
         connection.execute(
             "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, upserts,"
             " watermark_after, delta_token_after, reconciled, reconciled_at, fetched_at,"
-            " staged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " staged_at, reconcile_scanned, reconcile_missing, reconcile_stale)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (staged.entity, staged.change_set, staged.mode, rows,
              count_staged(connection, staged.entity, staged.change_set, "upsert"),
              staged.watermark_after, staged.delta_token_after, int(staged.reconciled),
-             staged.reconciled_at, staged.fetched_at, now),
+             staged.reconciled_at, staged.fetched_at, now,
+             staged.divergence.get("scanned"), staged.divergence.get("missing"),
+             staged.divergence.get("stale")),
         )
         # PENDING until published; a change set already COMPLETE stays so (its archive, and so
         # its staged rows, cannot have changed).

@@ -51,6 +51,7 @@ from dataverse_assets.store import (
     database_path,
     log_step,
     mark_sync_status,
+    mirrored_etags,
     read_sync_state,
     record_interrupted_publishes,
     staging_table,
@@ -93,11 +94,13 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
           change_set: str, *, include_annotations: bool = False,
           targeted_ids: list[str] | None = None,
           lookup_column: str | None = None,
+          reconcile: bool = False,
           on_progress: ProgressCallback | None = None) -> tuple[FetchSummary, bool]:
     """Fetch one change set into the archive. Returns (summary, reused): a change set already
     archived completely is immutable and is not fetched again. `targeted_ids` makes it a
-    targeted refresh of those records (see fetch.plan_fetch). `on_progress` follows the pages
-    (with a `$count` first, for an ETA)."""
+    targeted refresh of those records (see fetch.plan_fetch). `reconcile` adds the
+    key-and-version scan now, whether or not the entity's cadence has it due. `on_progress`
+    follows the pages (with a `$count` first, for an ETA)."""
     archive = store.archive(entity.name, change_set)  # refuses a key that is not one
     if archive.is_complete():
         return FetchSummary(**archive.manifest()["summary"]), True
@@ -115,9 +118,10 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
         )
         mark_sync_status(connection, entity.name, "in_progress")
     started_at = utc_now_iso()
-    reconcile = reconcile_due(entity, state.reconciled_at if state else None, datetime.now(UTC))
+    reconcile = reconcile or reconcile_due(entity, state.reconciled_at if state else None,
+                                           datetime.now(UTC))
 
-    async def run() -> FetchSummary:
+    async def run(mirror: sqlite3.Connection) -> FetchSummary:
         async with source.open_session() as session:
             definition = await session.entity_definition(entity.name)
             request = plan_fetch(
@@ -128,12 +132,16 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
                 include_annotations=include_annotations, targeted_ids=targeted_ids or (),
                 lookup_column=lookup_column,
             )
-            return await fetch_change_set(session, archive, request, definition,
-                                          on_progress=on_progress,
-                                          count_total=on_progress is not None)
+            return await fetch_change_set(
+                session, archive, request, definition, on_progress=on_progress,
+                count_total=on_progress is not None,
+                # A key scan is compared with the mirror's versions as its pages arrive.
+                mirrored_versions=lambda ids: mirrored_etags(mirror, entity.name,
+                                                             request.primary_key, ids))
 
     try:
-        summary = asyncio.run(run())
+        with store.connection() as mirror:
+            summary = asyncio.run(run(mirror))
     except Exception:
         with store.connection() as connection:
             mark_sync_status(connection, entity.name, "failed")
@@ -172,6 +180,7 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
                                     hash_ignore_annotations=entity.hash_ignore_annotations),
         counts=counts,
         issues=issues,
+        divergence=manifest.get("reconcile") or {},
     )
 
 

@@ -122,6 +122,9 @@ CREATE TABLE IF NOT EXISTS _staged (
     fetched_at TEXT,
     staged_at TEXT NOT NULL,
     pruned_at TEXT,
+    reconcile_scanned INTEGER,
+    reconcile_missing INTEGER,
+    reconcile_stale INTEGER,
     PRIMARY KEY (entity, change_set)
 );
 CREATE TABLE IF NOT EXISTS _change_history (
@@ -449,6 +452,27 @@ def table_exists(connection: sqlite3.Connection, table: str) -> bool:
         "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)
     ).fetchone()
     return row is not None
+
+
+# Ids per lookup: far below SQLite's bound-parameter limit (32,766), a page's worth at once.
+_IDS_PER_LOOKUP = 5000
+
+
+def mirrored_etags(connection: sqlite3.Connection, entity: str, primary_key: str,
+                   ids: list[str]) -> dict[str, str | None]:
+    """The `@odata.etag` of the mirrored version of each id (ids not mirrored are left out;
+    ids as staging keys them)."""
+    if not ids or not table_exists(connection, entity):
+        return {}
+    column = quote_identifier(primary_key)
+    found: dict[str, str | None] = {}
+    for start in range(0, len(ids), _IDS_PER_LOOKUP):
+        batch = ids[start:start + _IDS_PER_LOOKUP]
+        found.update(connection.execute(
+            f"SELECT {column}, json_extract(json_response, '$.\"@odata.etag\"')"
+            f" FROM {quote_identifier(entity)} WHERE {column} IN ({', '.join('?' * len(batch))})",
+            batch))
+    return found
 
 
 def table_columns(connection: sqlite3.Connection, table: str) -> list[str]:

@@ -4,8 +4,7 @@ one line naming it and the format, and touches nothing; keys order by the time t
 
 import hashlib
 import os
-import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -162,7 +161,7 @@ def test_the_sync_summary_counts_stale_records_and_warns(tmp_path, simulator_url
                                                         capsys):
     mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams"}])
     sim = mirror.simulator
-    first = mirror.sync("hourly")
+    mirror.sync("hourly")
     teams = [record["teamid"] for record in sim.records("teams")][:2]
     # The mirror holds versions stamped later than anything the source will now serve
     # (e.g. a clock that ran ahead): the source's next edits of them are older, so stale.
@@ -174,10 +173,6 @@ def test_the_sync_summary_counts_stale_records_and_warns(tmp_path, simulator_url
     (tmp_path / "home").mkdir()
     for name, value in mirror.cli_environment(tmp_path / "home").items():
         monkeypatch.setenv(name, value)
-    # The command line registers keys in its own Dagster instance: a later second than the
-    # first sync's, so it is a new change set (not the archived one).
-    while change_set_key(datetime.now(UTC)) <= first:
-        time.sleep(0.05)
     assert cli_main(["sync", "--group", "hourly"]) == 0
     out, err = capsys.readouterr()
     header, row = [line.split() for line in out.splitlines() if line.startswith(("entity",
@@ -255,3 +250,23 @@ def test_a_run_that_failed_for_its_key_is_not_queued_for_retry(tmp_path, simulat
     with mirror.connection() as connection:
         dead_letters.ensure_tables(connection)
         assert connection.execute("SELECT count(*) FROM _retry_queue").fetchone() == (0,)
+
+
+def test_a_new_dagster_instance_never_reuses_a_change_set_the_mirror_has(
+        tmp_path, simulator_url, monkeypatch, capsys):
+    """The command line registers keys in its own Dagster instance (DAGSTER_HOME), which may
+    be new to a mirror synced before: a key the archive or the database already has would
+    replay that change set instead of syncing, so it is skipped."""
+    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams"}])
+    synced = mirror.sync("hourly")
+    now = datetime.now(UTC)
+    archived = {change_set_key(now + timedelta(seconds=n)) for n in range(3)}
+    for key in archived:
+        (Path(mirror.settings.archive_dir) / "teams" / key).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "fresh-home").mkdir()
+    for name, value in mirror.cli_environment(tmp_path / "fresh-home").items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert cli_main(["change-set", "create", "--group", "hourly"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key not in archived | {synced} and change_set_order(key) > change_set_order(synced)

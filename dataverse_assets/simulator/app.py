@@ -608,7 +608,10 @@ class _Api:
             )
         # $top wins over odata.maxpagesize and ends paging.
         limit = min(top, MAX_PAGE_SIZE) if top is not None else page_size
-        rows, has_more = engine.fetch_page(query, cursor, limit)
+        if sim.paging == "page_number" and cursor is not None:
+            rows, has_more = engine.fetch_page_by_number(query, cursor.page_number, limit)
+        else:
+            rows, has_more = engine.fetch_page(query, cursor, limit)
         if top is not None:
             has_more = False
         # A change-tracking full sync pins the version it started at, so changes made while
@@ -641,7 +644,7 @@ class _Api:
         elif prefs.track_changes:
             assert snapshot is not None
             body["@odata.deltaLink"] = self._delta_link(base, spec.entity_set_name, options,
-                                                        snapshot)
+                                                        self._token_version(snapshot))
         if prefs.max_page_size and top is None:
             applied.append(f"odata.maxpagesize={page_size}")
         if prefs.track_changes:
@@ -651,6 +654,11 @@ class _Api:
         sim.stats.rows_served[spec.entity_set_name] += len(body["value"])
         headers = {"Preference-Applied": ",".join(applied)} if applied else None
         return _json(body, headers=headers)
+
+    def _token_version(self, pinned: int) -> int:
+        """The version a read's delta token marks: the read's first moment (pinned on its
+        first page), or with `delta_token_moment="last_page"` the moment of its last page."""
+        return self.sim.version if self.sim.delta_token_moment == "last_page" else pinned
 
     def _link(
         self, base: str, entity_set: str, pairs: list[tuple[str, str]], skiptoken: str
@@ -734,7 +742,7 @@ class _Api:
             body["@odata.nextLink"] = self._link(base, spec.entity_set_name, pairs, token)
         else:
             body["@odata.deltaLink"] = self._delta_link(
-                base, spec.entity_set_name, options, to_version
+                base, spec.entity_set_name, options, self._token_version(to_version)
             )
         if annotator is not None:
             applied.append(f'odata.include-annotations="{prefs.annotations}"')

@@ -225,6 +225,21 @@ def fetch_page(
     return page, start + limit < len(rows)
 
 
+def fetch_page_by_number(query: CollectionQuery, page_number: int,
+                         limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """Legacy paging: the `page_number`-th slice of `limit` rows of the result as it is now.
+    A row inserted, deleted or moved ahead of the slice since the last page shifts it, so one
+    row is served twice or skipped, as Dataverse does when it cannot use a paging cookie."""
+    start = (page_number - 1) * limit
+    if query.default_order:
+        rows = _scan(query, None, start + limit + 1)
+    elif query.key_descending:
+        rows = _scan_descending(query, None, start + limit + 1)
+    else:
+        rows = _ordered(query)[1]
+    return rows[start:start + limit], len(rows) > start + limit
+
+
 def count_matching(query: CollectionQuery, cap: int) -> int:
     """`@odata.count`: matching rows, capped like Dataverse caps it."""
     if not query.default_order and not query.key_descending:

@@ -16,8 +16,8 @@ Kinds:
   (`body="html"`), JSON that is not OData (`body="not_odata"`: `{"message": ...}`), or a JSON
   array (`body="array"`): what a misrouted proxy or a wrong URL answers.
 - `token_expiry`: every issued access token expires just before this request (-> 401).
-- `modify_records` / `delete_records`: `rows` records of the entity change or vanish just
-  before this request (by default only on nextLink requests: between pages).
+- `modify_records` / `delete_records`: `rows` records of the entity (or exactly `pks`) change
+  or vanish just before this request (by default only on nextLink requests: between pages).
 - `repeat_next_link`: the page's `@odata.nextLink` points back at the page just served.
 - `foreign_link`: the page's `@odata.nextLink` (`link="next"`) or `@odata.deltaLink`
   (`link="delta"`) points at another host (`host=`, default `http://foreign.invalid`), as a
@@ -109,6 +109,7 @@ class Fault:
     seconds: float = 1.0  # slow: the wait; trickle: the pause between pieces of the body
     chunk: int = 1  # trickle: bytes per piece
     rows: int = 1
+    pks: tuple[str, ...] = ()  # modify_records / delete_records: exactly these records
     paging_only: bool | None = None  # None: the kind's default
     link: str = "next"  # foreign_link: "next" | "delta"
     host: str = "http://foreign.invalid"  # foreign_link, redirect: where the link points

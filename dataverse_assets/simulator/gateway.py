@@ -152,7 +152,7 @@ class Gateway:
                 sim.expire_all_tokens()
             elif fault is not None and fault.kind in ("modify_records", "delete_records"):
                 assert entity is not None
-                sim.mutate_for_fault(entity, fault.kind, fault.rows)
+                sim.mutate_for_fault(entity, fault.kind, fault.rows, fault.pks)
             user = self._user(scope)
             if user is not None and sim.limits.enabled:
                 with sim.lock:

@@ -16,7 +16,7 @@ import unicodedata
 import uuid
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -601,13 +601,30 @@ class DataverseSimulator:
         org_url: str | None = None,
         lazy_entities: Iterable[str] = (),
         strict_clock: bool = False,
+        paging: str = "cookie",
+        delta_token_moment: str = "first_page",
     ) -> None:
         """An org with these entity sets.
 
         `row_counts` overrides the default size per entity set. Tables in `lazy_entities`, and
         any table of more than LAZY_ROW_THRESHOLD rows, are generated on demand from each row's
         index (a million rows cost a few megabytes); intersect tables are always held.
+
+        How far paging can be trusted, as Microsoft leaves open (DATAVERSE.md, "Paging is not
+        always a snapshot"): `paging="page_number"` serves page N as the N-th slice of the
+        result as it is when that page is asked for (legacy paging without a cookie: a row
+        inserted, deleted or moved ahead of the slice since the last page makes one row
+        served twice or skipped); the default `"cookie"` continues after the last row served.
+        `delta_token_moment="last_page"` issues a read's delta token for the moment its last
+        page is served, so a row changed after an earlier page served it is in no delta; the
+        default `"first_page"` pins the read's first moment.
         """
+        if paging not in ("cookie", "page_number"):
+            raise ValueError("paging is 'cookie' or 'page_number'")
+        if delta_token_moment not in ("first_page", "last_page"):
+            raise ValueError("delta_token_moment is 'first_page' or 'last_page'")
+        self.paging = paging
+        self.delta_token_moment = delta_token_moment
         names = list(dict.fromkeys(entity_names))
         row_counts = row_counts or {}
         lazy_names = set(lazy_entities)
@@ -833,15 +850,21 @@ class DataverseSimulator:
                 self.stats.faults[fault.kind] += 1
             return fault
 
-    def mutate_for_fault(self, entity_set: str, kind: str, rows: int) -> list[str]:
-        """Update (`modify_records`) or delete (`delete_records`) random existing rows of an
-        entity set, as another user would while a client pages; returns their keys."""
+    def mutate_for_fault(self, entity_set: str, kind: str, rows: int,
+                         pks: Sequence[str] = ()) -> list[str]:
+        """Update (`modify_records`) or delete (`delete_records`) existing rows of an entity
+        set, as another user would while a client pages: `pks` if given (those still there),
+        else `rows` random ones; returns their keys."""
         with self.lock:
             table = self._tables[entity_set]
             keys = table.order_keys
-            picked = self._fault_rng.sample(range(len(keys)), min(rows, len(keys)))
+            if pks:
+                chosen = [pk for pk in pks if pk in table.rows]
+            else:
+                picked = self._fault_rng.sample(range(len(keys)), min(rows, len(keys)))
+                chosen = [table.key_to_pk[keys[i]] for i in picked]
             touched: list[str] = []
-            for pk in [table.key_to_pk[keys[i]] for i in picked]:
+            for pk in chosen:
                 if kind == "delete_records":
                     self.delete(entity_set, pk)
                 elif table.spec.is_intersect:
