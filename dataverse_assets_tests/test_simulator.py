@@ -951,6 +951,46 @@ def test_changes_during_initial_sync_reach_the_next_delta(
     assert changes[0]["jobtitle"] == "Edited mid-sync"
 
 
+def test_a_delta_token_from_the_last_page_misses_edits_of_rows_already_served() -> None:
+    """delta_token_moment="last_page": the token marks the read's last page, so an edit of a
+    row served earlier is in no delta (the default pins the first page: see above)."""
+    sim = DataverseSimulator(ALL_ENTITIES, seed=7, row_counts=SMALL_COUNTS,
+                             delta_token_moment="last_page")
+    with serve_on_loopback(sim) as base, api_client(base, fetch_token(base)) as client:
+        first_id = truth_ids(sim, "contacts")[0]
+
+        def touch(page: int) -> None:
+            if page == 1:
+                sim.update("contacts", first_id, {"jobtitle": "Edited mid-sync"})
+
+        _, responses = follow(client, f"{API}/contacts", prefer="odata.track-changes,"
+                              "odata.maxpagesize=40", between_pages=touch)
+        changes, _ = follow(client, responses[-1].json()["@odata.deltaLink"])
+    assert changes == []
+
+
+def test_page_number_paging_skips_a_row_when_an_earlier_one_moves() -> None:
+    """paging="page_number": page N is the N-th slice of the result as it is then; a row of
+    page 1 edited (so ordered last by modifiedon) shifts the rest: one row is never served."""
+    sim = DataverseSimulator(ALL_ENTITIES, seed=7, row_counts=SMALL_COUNTS,
+                             paging="page_number")
+    order = {"$orderby": "modifiedon asc,contactid asc"}
+    with serve_on_loopback(sim) as base, api_client(base, fetch_token(base)) as client:
+        before, _ = follow(client, f"{API}/contacts", params=order,
+                           prefer="odata.maxpagesize=40")
+        ids = [r["contactid"] for r in before]
+
+        def touch(page: int) -> None:
+            if page == 1:
+                sim.update("contacts", ids[0], {"jobtitle": "Edited mid-read"})
+
+        rows, _ = follow(client, f"{API}/contacts", params=order,
+                         prefer="odata.maxpagesize=40", between_pages=touch)
+    served = [r["contactid"] for r in rows]
+    assert ids[40] not in served and served.count(ids[0]) == 2  # skipped / served twice
+    assert set(served) | {ids[40]} == set(ids)
+
+
 def test_delta_paging_is_pinned_to_its_window(
     fresh: tuple[DataverseSimulator, str, httpx.Client],
 ) -> None:
