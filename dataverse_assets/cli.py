@@ -334,19 +334,22 @@ def cmd_issues(args: argparse.Namespace) -> int:
         check_entity_name(args.entity)
     connection = connect(settings.db_path)
     try:
-        issues = list_issues(connection, args.entity, args.limit)
+        issues = list_issues(connection, args.entity, args.limit, include_resolved=args.all)
     finally:
         connection.close()
     if args.json:
         print(orjson.dumps(issues, option=orjson.OPT_INDENT_2).decode())
     elif not issues:
-        print("no issues")
+        print("no issues" if args.all else "no open issues")
     for issue in [] if args.json else issues:
-        where = f"{issue['entity']} {issue['change_set']}"
+        seen = issue["change_set"] + (
+            f"..{issue['last_change_set']}, {issue['occurrences']} change sets"
+            if issue["occurrences"] > 1 else "")
         record = f" record {issue['record_id']}" if issue["record_id"] else ""
         field = f" field {issue['field']}" if issue["field"] else ""
-        print(f"#{issue['id']} {where}{record}{field}: {issue['problem']}"
-              + (f" ({issue['context']})" if issue["context"] else ""))
+        resolved = f" [resolved {issue['resolved_at']}]" if issue["resolved_at"] else ""
+        print(f"#{issue['id']} {issue['entity']} ({seen}){record}{field}: {issue['problem']}"
+              + (f" ({issue['context']})" if issue["context"] else "") + resolved)
     return 0
 
 
@@ -600,6 +603,25 @@ def cmd_compact(args: argparse.Namespace) -> int:
     print(f"archive {settings.archive_dir}: {before:,} bytes -> {after:,} bytes"
           + (f" ({after / before:.0%})" if before else "")
           + (" (dry run: nothing changed)" if args.dry_run else ""))
+    if args.no_retention or not settings.db_path.exists():
+        return 0
+    from dataverse_assets.locks import every_entity_lock
+    from dataverse_assets.maintenance import retain_bookkeeping, shrink_database
+
+    with _connection(settings) as connection:
+        deleted = retain_bookkeeping(connection, settings.entities, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for table, rows in deleted.items():
+        if rows:
+            print(f"  {verb} {rows:,} rows of {table} (retention: maintenance settings)")
+    if not args.dry_run and settings.entities.maintenance.shrink_file:
+        shrink = shrink_database(settings.db_path, exclusive=lambda: every_entity_lock(
+            settings.db_path, [e.name for e in settings.entities.entities],
+            owner=f"dataverse-assets compact ({os.getpid()})", purpose="maintenance",
+            wait_seconds=settings.lock_wait_seconds))
+        print(f"database {settings.db_path}: {shrink.bytes_before:,} bytes -> "
+              f"{shrink.bytes_after:,} bytes ({shrink.pages_freed:,} free pages given back"
+              + (", converted to incremental vacuum" if shrink.converted else "") + ")")
     return 0
 
 
@@ -632,7 +654,8 @@ def _add_archive_commands(commands, change_set_commands) -> None:
                          "instead of stopping at the first")
     rebuild.set_defaults(handler=cmd_rebuild)
     compact = commands.add_parser(
-        "compact", help="merge old page files into Parquet and apply the retention rule")
+        "compact", help="what the maintenance job does: merge old page files into Parquet, "
+        "apply the archive, staging and bookkeeping retention, shrink the database file")
     compact.add_argument("--older-than-days", type=float,
                          help="compact change sets fetched longer ago than this "
                          "(default: archive.compact_after_days of the entities file)")
@@ -676,8 +699,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="per-entity status")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
-    issues = commands.add_parser("issues", help="records that could not be staged or fetched")
+    issues = commands.add_parser(
+        "issues", help="records that could not be staged or fetched (open ones: a record that "
+        "stages cleanly later resolves its issues)")
     issues.add_argument("--entity")
+    issues.add_argument("--all", action="store_true", help="include resolved issues")
     issues.add_argument("--limit", type=int, default=100)
     issues.add_argument("--json", action="store_true")
     issues.set_defaults(handler=cmd_issues)

@@ -209,13 +209,17 @@ def _mirror_facts(connection: sqlite3.Connection | None, entity: str):
     complete = {row[0] for row in connection.execute(
         "SELECT change_set FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
         (entity,))}
-    # A first publish into an empty table stores its creates as one rule, not plan rows.
+    # What a change set wrote, from its publish counts (plan rows are deleted by maintenance
+    # after a while). A database from before `delete_unknown` was counted (NULL) still has
+    # those change sets' plan rows: maintenance keeps them.
     planned = {row[0] for row in connection.execute(
-        "SELECT change_set FROM _publish_state WHERE entity = ? AND bulk_create = 1"
-        " AND created > 0", (entity,))}
+        "SELECT change_set FROM _publish_state WHERE entity = ? AND (created + updated"
+        " + deleted + stale + coalesce(delete_unknown, 0) > 0)", (entity,))}
     if table_exists(connection, "_publish_plan"):
         planned |= {row[0] for row in connection.execute(
-            "SELECT DISTINCT change_set FROM _publish_plan WHERE entity = ?", (entity,))}
+            "SELECT DISTINCT p.change_set FROM _publish_plan p JOIN _publish_state s"
+            " ON s.entity = p.entity AND s.change_set = p.change_set"
+            " WHERE p.entity = ? AND s.delete_unknown IS NULL", (entity,))}
     schema_changing = set()
     if table_exists(connection, "_schema_check"):
         schema_changing = {row[0] for row in connection.execute(

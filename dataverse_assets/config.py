@@ -104,13 +104,17 @@ class GroupConfig(_EntitiesFileModel):
     @field_validator("cron")
     @classmethod
     def _cron_parses(cls, value: str) -> str:
-        if not is_valid_cron_string(value):
-            raise ValueError(f"{value!r} is not a valid cron expression (e.g. '0 * * * *')")
-        try:  # '0 0 31 4 *' parses, but schedules and freshness checks find no tick
-            get_latest_completed_cron_tick(value, datetime.now(UTC), "UTC")
-        except ValueError:
-            raise ValueError(f"{value!r} never fires: no date matches it") from None
-        return value
+        return _firing_cron(value)
+
+
+def _firing_cron(value: str) -> str:
+    if not is_valid_cron_string(value):
+        raise ValueError(f"{value!r} is not a valid cron expression (e.g. '0 * * * *')")
+    try:  # '0 0 31 4 *' parses, but schedules and freshness checks find no tick
+        get_latest_completed_cron_tick(value, datetime.now(UTC), "UTC")
+    except ValueError:
+        raise ValueError(f"{value!r} never fires: no date matches it") from None
+    return value
 
 
 IncrementalMode = Literal["auto", "modifiedon", "change_tracking", "full"]
@@ -239,12 +243,56 @@ class ArchiveConfig(_EntitiesFileModel):
     )
 
 
+class MaintenanceConfig(_EntitiesFileModel):
+    """The `maintenance` job (compaction, retention, shrinking the file): when it runs, and how
+    long the bookkeeping that grows with every change set is kept."""
+
+    cron: str | None = Field(
+        "0 3 * * *", description="When the maintenance job runs (UTC; null: no schedule, run "
+        "it by hand with `dataverse-assets compact` or from the UI).",
+    )
+    # Days: as the archive's (a century at most: `now - timedelta` stays after year 1).
+    publish_plan_days: float | None = ranged(
+        30.0, 0, 36_500, "Plan rows (`_publish_plan`, what `plan show` lists) of change sets "
+        "published longer ago than this are deleted; the counts in `_publish_state` stay "
+        "(days; null: keep).",
+    )
+    change_history_days: float | None = ranged(
+        90.0, 0, 36_500, "`_change_history` rows (which record changed how, in which change "
+        "set) older than this are deleted (days; null: keep).",
+    )
+    sync_log_days: float | None = ranged(
+        30.0, 0, 36_500, "`_sync_log` rows older than this are deleted (days; null: keep).")
+    resolved_issues_days: float | None = ranged(
+        30.0, 0, 36_500, "Issues resolved longer ago than this are deleted; open ones stay "
+        "(days; null: keep).",
+    )
+    closed_dead_letters_days: float | None = ranged(
+        90.0, 0, 36_500, "Dead letters resolved or dropped longer ago than this are deleted; "
+        "open ones stay (days; null: keep).",
+    )
+    history_days: float | None = ranged(
+        None, 0, 36_500, "Versions in `E__history` superseded longer ago than this are "
+        "deleted (days; null, the default: history keeps everything).",
+    )
+    shrink_file: bool = Field(
+        True, description="Give the space retention freed back to the file system "
+        "(incremental vacuum, a few megabytes per transaction, so a sync never waits long).",
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_parses(cls, value: str | None) -> str | None:
+        return None if value is None else _firing_cron(value)
+
+
 class EntitiesConfig(_EntitiesFileModel):
     """The whole entities file: cadence groups and the entities in them."""
 
     groups: dict[str, GroupConfig] = Field(min_length=1)
     entities: list[EntityConfig] = Field(min_length=1)
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
+    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
 
     @field_validator("groups")
     @classmethod

@@ -17,6 +17,7 @@ from dagster import (
 from dataverse_assets.assets import build_all_assets
 from dataverse_assets.checks import FRESHNESS_JOB, build_freshness_checks
 from dataverse_assets.config import EntitiesConfig, Settings, load_settings
+from dataverse_assets.maintenance_job import build_maintenance_job
 from dataverse_assets.resources import ArchiveIOManager, MirrorStore, SQLiteIOManager
 from dataverse_assets.schedules import build_schedules, sync_job_name
 from dataverse_assets.sensors import build_sensors
@@ -77,6 +78,7 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None)
         FRESHNESS_JOB, selection=AssetSelection.checks(*freshness_checks),
         description="Freshness of every canonical table against its group's cron.",
     ))
+    jobs.append(build_maintenance_job(config))
     return Definitions(
         assets=build_all_assets(config),
         asset_checks=freshness_checks,

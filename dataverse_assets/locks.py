@@ -19,7 +19,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,3 +155,20 @@ def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
                                    (entity, me.owner, me.pid))
     finally:
         connection.close()
+
+
+def every_entity_lock(db_path: str | Path, entities: list[str], *, owner: str, purpose: str,
+                      wait_seconds: float = DEFAULT_WAIT_SECONDS,
+                      warn: Callable[[str], None] | None = None) -> ExitStack:
+    """Every entity's lock, taken in name order (a sync holds one at a time, so this never
+    deadlocks with one): for work that rewrites the whole database file. Close the stack to
+    release them."""
+    stack = ExitStack()
+    try:
+        for entity in sorted(entities):
+            stack.enter_context(entity_lock(db_path, entity, owner=owner, purpose=purpose,
+                                            wait_seconds=wait_seconds, warn=warn))
+    except BaseException:
+        stack.close()
+        raise
+    return stack

@@ -269,7 +269,7 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             connection, schema.entity, change_set, "PLAN_COMPLETE",
             plan_finished_at=utc_now_iso(), created=counts["create"], updated=counts["update"],
             deleted=counts["delete"], unchanged=counts["unchanged"], stale=counts["stale"],
-            bulk_create=0,
+            delete_unknown=counts["delete_unknown"], bulk_create=0,
         )
     return counts
 
@@ -311,7 +311,8 @@ def _plan_into_empty_table(connection: sqlite3.Connection, schema: EntitySchema,
                                counts["create"] + counts["delete_unknown"])
     set_publish_state(
         connection, schema.entity, change_set, "PLAN_COMPLETE", plan_finished_at=utc_now_iso(),
-        created=counts["create"], updated=0, deleted=0, unchanged=0, stale=0, bulk_create=1,
+        created=counts["create"], updated=0, deleted=0, unchanged=0, stale=0,
+        delete_unknown=counts["delete_unknown"], bulk_create=1,
     )
     return counts
 

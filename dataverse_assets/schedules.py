@@ -19,6 +19,7 @@ def sync_job_name(group: str) -> str:
 
 def build_schedules(config: EntitiesConfig) -> list[ScheduleDefinition]:
     from dataverse_assets.checks import FRESHNESS_JOB
+    from dataverse_assets.maintenance_job import build_maintenance_schedule
 
     schedules = [ScheduleDefinition(
         name="freshness_schedule", cron_schedule="*/15 * * * *", job_name=FRESHNESS_JOB,
@@ -31,7 +32,8 @@ def build_schedules(config: EntitiesConfig) -> list[ScheduleDefinition]:
             continue
         schedules.append(_group_schedule(group, group_config.cron,
                                          group_priority_tags(config, group)))
-    return schedules
+    maintenance = build_maintenance_schedule(config)
+    return schedules if maintenance is None else [*schedules, maintenance]
 
 
 def _group_schedule(group: str, cron: str,

@@ -36,6 +36,7 @@ from dataverse_assets.stage_workers import WorkerPool
 from dataverse_assets.store import (
     quote_identifier,
     record_issue,
+    resolve_issues,
     staging_keys_table,
     staging_table,
     table_columns,
@@ -407,6 +408,8 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
             _create_key_index(connection, table, staged.change_set)
         for issue in staged.issues:
             record_issue(connection, entity=staged.entity, change_set=staged.change_set, **issue)
+        # A record this change set staged without its earlier problem is fine now.
+        resolve_issues(connection, staged.entity, staged.change_set, table)
         # The marker that this change set is fully staged: publishing refuses without it, so
         # a full snapshot can never be "published" from an empty, never-staged change set.
         now = utc_now_iso()

@@ -60,7 +60,8 @@ def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
             if delta_issued else None,
             "rows": canonical_row_count(connection, entity.name),
             "open_issues": connection.execute(
-                "SELECT count(*) FROM _issues WHERE entity = ?", (entity.name,)).fetchone()[0],
+                "SELECT count(*) FROM _issues WHERE entity = ? AND resolved_at IS NULL",
+                (entity.name,)).fetchone()[0],
             "dead_letters": connection.execute(
                 "SELECT count(*) FROM _dead_letter WHERE entity = ? AND status = 'open'",
                 (entity.name,)).fetchone()[0],
@@ -72,12 +73,18 @@ def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
 
 
 def list_issues(connection: sqlite3.Connection, entity: str | None = None,
-                limit: int = 100) -> list[dict]:
+                limit: int = 100, include_resolved: bool = False) -> list[dict]:
+    """Issues, newest sighting first: open ones (or every one with `include_resolved`), each
+    once with how many change sets saw it, when first and last, and when it was resolved."""
     if not table_exists(connection, "_issues"):
         return []
+    conditions = ([] if include_resolved else ["resolved_at IS NULL"]) + (
+        ["entity = ?"] if entity else [])
     cursor = connection.execute(
-        "SELECT id, entity, change_set, record_id, field, problem, context, recorded_at"
-        " FROM _issues" + (" WHERE entity = ?" if entity else "") + " ORDER BY id DESC LIMIT ?",
+        "SELECT id, entity, change_set, last_change_set, record_id, field, problem, context,"
+        " occurrences, recorded_at, last_seen_at, resolved_at FROM _issues"
+        + (f" WHERE {' AND '.join(conditions)}" if conditions else "")
+        + " ORDER BY coalesce(last_seen_at, recorded_at) DESC, id DESC LIMIT ?",
         ((entity, limit) if entity else (limit,)))
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, row, strict=True)) for row in cursor]

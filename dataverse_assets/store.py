@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS _publish_state (
     error TEXT,
     retry_count INTEGER NOT NULL DEFAULT 0,
     bulk_create INTEGER NOT NULL DEFAULT 0,
+    delete_unknown INTEGER,
     PRIMARY KEY (entity, change_set)
 );
 CREATE TABLE IF NOT EXISTS _schema (
@@ -161,9 +162,21 @@ CREATE TABLE IF NOT EXISTS _issues (
     field TEXT,
     problem TEXT NOT NULL,
     context TEXT,
-    recorded_at TEXT NOT NULL
+    recorded_at TEXT NOT NULL,
+    last_seen_at TEXT,
+    last_change_set TEXT,
+    occurrences INTEGER NOT NULL DEFAULT 1,
+    resolved_at TEXT
 );
 """
+# One open issue per (entity, record, field, problem): the same problem of the same record
+# seen again counts, it is not a new row (record_issue). A resolved issue seen again opens a
+# new one. A problem of a record without a key (which record it was, only its page says) is a
+# row of its own each time.
+_OPEN_ISSUE_KEY = "entity, record_id, coalesce(field, ''), problem"
+_OPEN_ISSUE = "resolved_at IS NULL AND record_id IS NOT NULL"
+_OPEN_ISSUES_INDEX = (f"CREATE UNIQUE INDEX IF NOT EXISTS _issues__open ON _issues"
+                      f" ({_OPEN_ISSUE_KEY}) WHERE {_OPEN_ISSUE}")
 
 
 # How long a statement waits for another process's write lock on the file before SQLite
@@ -201,6 +214,11 @@ def _prepare(connection: sqlite3.Connection) -> None:
     # 16 KB pages for new databases (a no-op on existing ones): wide rows (~1.7 KB with
     # json_response) load ~25% faster than with 4 KB pages (benchmarks/run_all.py).
     connection.execute("PRAGMA page_size=16384")
+    # Space freed by deletes (retention) can be given back to the file system a few pages at
+    # a time (`PRAGMA incremental_vacuum`, maintenance.shrink_database) instead of only by a
+    # VACUUM that rewrites the whole file. Takes effect for a new database; an older one is
+    # converted once by maintenance.
+    connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
     connection.execute("PRAGMA journal_mode=WAL")
     # NORMAL is durable across application crashes in WAL mode; only an OS crash can lose
     # the last transaction, and the watermark commits with the data, so nothing is skipped.
@@ -213,6 +231,36 @@ def _prepare(connection: sqlite3.Connection) -> None:
     connection.execute("PRAGMA wal_autocheckpoint=0")
     connection.executescript(BOOKKEEPING_DDL)
     _add_missing_bookkeeping_columns(connection)
+    _index_open_issues(connection)
+
+
+def _index_open_issues(connection: sqlite3.Connection) -> None:
+    """The open-issue key; a database from before it had one row per sighting: those rows are
+    folded into one each (count, first and last sighting) once, first."""
+    try:
+        connection.execute(_OPEN_ISSUES_INDEX)
+        return
+    except sqlite3.IntegrityError:
+        pass
+    with transaction(connection):
+        connection.execute(
+            "UPDATE _issues SET last_seen_at = recorded_at, last_change_set = change_set"
+            " WHERE last_seen_at IS NULL")
+        same = ("o.resolved_at IS NULL AND o.entity = _issues.entity"
+                " AND o.record_id = _issues.record_id"
+                " AND coalesce(o.field, '') = coalesce(_issues.field, '')"
+                " AND o.problem = _issues.problem")
+        first_of_each = (f"SELECT min(id) FROM _issues WHERE {_OPEN_ISSUE}"
+                         f" GROUP BY {_OPEN_ISSUE_KEY}")
+        connection.execute(
+            f"UPDATE _issues SET occurrences = (SELECT count(*) FROM _issues o WHERE {same}),"
+            f" last_seen_at = (SELECT max(o.recorded_at) FROM _issues o WHERE {same}),"
+            f" last_change_set = (SELECT o.change_set FROM _issues o WHERE {same}"
+            f"  ORDER BY o.id DESC LIMIT 1)"
+            f" WHERE {_OPEN_ISSUE} AND id IN ({first_of_each})")
+        connection.execute(
+            f"DELETE FROM _issues WHERE {_OPEN_ISSUE} AND id NOT IN ({first_of_each})")
+        connection.execute(_OPEN_ISSUES_INDEX)
 
 
 @functools.cache
@@ -561,11 +609,30 @@ def record_issue(
     problem: str,
     context: str | None = None,
 ) -> None:
+    """An issue, or one more sighting of the same open one (its count, last sighting, last
+    change set and context move; `change_set` and `recorded_at` stay the first)."""
+    now = utc_now_iso()
     connection.execute(
         "INSERT INTO _issues (entity, change_set, record_id, field, problem, context,"
-        " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (entity, change_set, record_id, field, problem, context, utc_now_iso()),
+        " recorded_at, last_seen_at, last_change_set) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        f" ON CONFLICT ({_OPEN_ISSUE_KEY}) WHERE {_OPEN_ISSUE} DO UPDATE SET"
+        " occurrences = occurrences + (last_change_set IS NOT excluded.last_change_set),"
+        " last_seen_at = excluded.last_seen_at, last_change_set = excluded.last_change_set,"
+        " context = excluded.context",
+        (entity, change_set, record_id, field, problem, context, now, now, change_set),
     )
+
+
+def resolve_issues(connection: sqlite3.Connection, entity: str, change_set: str,
+                   staged_table: str) -> int:
+    """Open issues of records this change set staged without that issue: resolved (the record
+    now stages cleanly). Issues without a record stay open. Returns how many."""
+    return connection.execute(
+        f"UPDATE _issues SET resolved_at = ? WHERE entity = ? AND resolved_at IS NULL"
+        f" AND record_id IS NOT NULL AND last_change_set IS NOT ?"
+        f" AND record_id IN (SELECT _pk FROM {quote_identifier(staged_table)}"
+        f"  WHERE _change_set = ?)",
+        (utc_now_iso(), entity, change_set, change_set)).rowcount
 
 
 def latest_publish_state(connection: sqlite3.Connection, entity: str,

@@ -353,6 +353,37 @@ def test_lossless_retention_deletes_only_no_op_change_sets_and_rebuild_stays_equ
     assert _sync_state(rebuilt) == _sync_state(live.settings.db_path)
 
 
+def test_lossless_retention_stays_lossless_after_maintenance_pruned_the_plans(live, tmp_path):
+    """The plan rows of old change sets go after `publish_plan_days`; archive retention then
+    tells a change set that wrote something from its publish counts, not from plan rows."""
+    from dataverse_assets.maintenance import retain_bookkeeping
+    from dataverse_assets.store import wait_for_checkpoint
+
+    archive = copy_archive(live, tmp_path)
+    wait_for_checkpoint(live.settings.db_path)
+    db = tmp_path / "mirror.db"
+    shutil.copyfile(live.settings.db_path, db)
+    raw = json.loads(live.settings.entities_config_path.read_text())
+    raw["archive"] = {"retention_days": 0}
+    raw["maintenance"] = {"publish_plan_days": 0}
+    path = tmp_path / "entities_config.json"
+    path.write_text(json.dumps(raw))
+    config = load_entities_config(path)
+    with sqlite3.connect(db) as connection:
+        pruned = retain_bookkeeping(connection, config)["_publish_plan"]
+        assert pruned > 0 and connection.execute(
+            "SELECT count(*) FROM _publish_plan").fetchone() == (0,)
+
+    compact_archive(archive, config, db_path=db, older_than_days=0)
+
+    rebuilt = tmp_path / "rebuilt.db"
+    rebuild(config, archive, rebuilt)
+    expected, actual = data_tables(live.settings.db_path), data_tables(rebuilt)
+    for table in expected:
+        if not table.startswith("_staging__"):
+            assert actual[table] == expected[table], f"{table} differs"
+
+
 def _sync_state(db_path):
     with sqlite3.connect(db_path) as connection:
         return sorted(connection.execute(

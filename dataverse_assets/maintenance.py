@@ -1,0 +1,146 @@
+"""Keeping the mirror bounded: bookkeeping retention and giving freed space back to the file
+system. The `maintenance` job runs these after archive compaction and retention (compaction.py)
+on its schedule; `dataverse-assets compact` runs the same.
+
+What grows with every change set, and what is kept (`maintenance` in the entities file):
+- `_publish_plan` (what `plan show` lists): rows of change sets published longer ago than
+  `publish_plan_days` (30) go; their counts stay in `_publish_state`.
+- `_change_history`: rows older than `change_history_days` (90) go, never one the next scoped
+  primary-key check still reads (`_key_check`).
+- `_sync_log`: `sync_log_days` (30). Resolved issues: `resolved_issues_days` (30); open ones
+  stay. Resolved or dropped dead letters: `closed_dead_letters_days` (90); open ones stay.
+- `E__history`: everything, unless `history_days` is set.
+- Kept for good, one small row per entity and change set: `_publish_state`, `_staged` (its
+  staged rows are pruned by staging retention), `_schema_check`, `_schema_drift` rows.
+
+Rows go in batches of BATCH_ROWS, one short transaction each, so a sync running meanwhile
+waits a moment at most. The file shrinks by incremental vacuum (`shrink_database`).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from contextlib import ExitStack, closing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.store import (
+    connect,
+    history_table,
+    quote_identifier,
+    table_exists,
+    transaction,
+    wait_for_checkpoint,
+)
+
+BATCH_ROWS = 20_000
+# Pages given back per transaction: 2,048 pages of 16 KB, 32 MB.
+VACUUM_PAGES_PER_STEP = 2048
+
+
+def _cutoff(now: datetime, days: float) -> str:
+    return (now - timedelta(days=days)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _delete_in_batches(connection: sqlite3.Connection, table: str, condition: str,
+                       params: tuple, *, dry_run: bool) -> int:
+    """Delete the rows of `table` matching `condition`, BATCH_ROWS per transaction."""
+    if not table_exists(connection, table):
+        return 0
+    quoted = quote_identifier(table)
+    if dry_run:
+        return connection.execute(f"SELECT count(*) FROM {quoted} WHERE {condition}",
+                                  params).fetchone()[0]
+    deleted = 0
+    while True:
+        with transaction(connection):
+            count = connection.execute(
+                f"DELETE FROM {quoted} WHERE rowid IN (SELECT rowid FROM {quoted}"
+                f" WHERE {condition} LIMIT {BATCH_ROWS})", params).rowcount
+        deleted += count
+        if count < BATCH_ROWS:
+            return deleted
+
+
+def retain_bookkeeping(connection: sqlite3.Connection, config: EntitiesConfig,
+                       now: datetime | None = None, *, dry_run: bool = False) -> dict[str, int]:
+    """Delete what the retention settings no longer keep; returns rows deleted per table (or,
+    with `dry_run`, the rows that would be)."""
+    policy = config.maintenance
+    now = now or datetime.now(UTC)
+    deleted: dict[str, int] = {}
+
+    def retain(table: str, days: float | None, condition: str, *params: object) -> None:
+        if days is not None:
+            deleted[table] = _delete_in_batches(
+                connection, table, condition, (_cutoff(now, days), *params), dry_run=dry_run)
+
+    # Plan rows of published change sets; a change set planned before `delete_unknown` was
+    # counted keeps them (archive retention reads them to tell a no-op: compaction).
+    retain("_publish_plan", policy.publish_plan_days,
+           "EXISTS (SELECT 1 FROM _publish_state s WHERE s.entity = _publish_plan.entity"
+           " AND s.change_set = _publish_plan.change_set AND s.status = 'COMPLETE'"
+           " AND s.finished_at < ? AND s.delete_unknown IS NOT NULL)")
+    # Rows past an entity's last primary-key check are that check's next input.
+    retain("_change_history", policy.change_history_days,
+           "applied_at < ? AND id <= coalesce((SELECT k.checked_through FROM _key_check k"
+           " WHERE k.entity = _change_history.entity), 9223372036854775807)")
+    retain("_sync_log", policy.sync_log_days, "coalesce(finished_at, started_at) < ?")
+    retain("_issues", policy.resolved_issues_days,
+           "resolved_at IS NOT NULL AND resolved_at < ?")
+    retain("_dead_letter", policy.closed_dead_letters_days,
+           "status IN ('resolved', 'dropped') AND updated_at < ?")
+    if policy.history_days is not None:
+        for entity in config.entities:
+            retain(history_table(entity.name), policy.history_days, "valid_to < ?")
+    return deleted
+
+
+@dataclass
+class Shrink:
+    """What giving freed space back did: file bytes (database and WAL) before and after."""
+
+    bytes_before: int
+    bytes_after: int
+    pages_freed: int
+    converted: bool = False  # an older database was switched to incremental vacuum (VACUUM)
+
+    @property
+    def bytes_freed(self) -> int:
+        return max(0, self.bytes_before - self.bytes_after)
+
+
+def _file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal"))
+               if p.exists())
+
+
+def shrink_database(db_path: str | os.PathLike[str], *,
+                    exclusive: Callable[[], ExitStack] | None = None) -> Shrink:
+    """Give the free pages back to the file system, a step at a time (incremental vacuum),
+    then truncate the WAL. A database made before incremental vacuum was on is converted
+    once by a VACUUM, which rewrites the whole file: `exclusive()` should hold every entity's
+    lock for it, so syncs wait for their lock rather than for the file."""
+    path = Path(db_path)
+    wait_for_checkpoint(path)  # the WAL folded in first: sizes compare like with like
+    before = _file_bytes(path)
+    converted = False
+    freed = 0
+    with closing(connect(path)) as connection:
+        if connection.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: incremental
+            with exclusive() if exclusive is not None else ExitStack():
+                connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                connection.execute("VACUUM")
+            converted = True
+        while (free := connection.execute("PRAGMA freelist_count").fetchone()[0]) > 0:
+            # A script, not execute(): the pragma frees one page per step, and the sqlite3
+            # module steps a statement without result rows only once.
+            connection.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP});")
+            freed += min(free, VACUUM_PAGES_PER_STEP)
+        # The file shrinks when the WAL is checkpointed; TRUNCATE also empties the WAL file.
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    return Shrink(before, _file_bytes(path), freed, converted)
