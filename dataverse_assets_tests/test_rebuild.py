@@ -66,6 +66,14 @@ def data_tables(db_path) -> dict[str, list[tuple]]:
                 for table in (name, f"{name}__history", f"_staging__{name}")}
 
 
+def assert_same_canonical_and_history(rebuilt, live) -> None:
+    """Every canonical and history table, every row and column (staging may differ)."""
+    expected, actual = data_tables(live), data_tables(rebuilt)
+    for table in expected:
+        if not table.startswith("_staging__"):
+            assert actual[table] == expected[table], f"{table} differs"
+
+
 def bookkeeping_tables(db_path) -> dict[str, list[tuple]]:
     with sqlite3.connect(db_path) as connection:
         return {table: table_rows(connection, table, RUN_TIMES.get(table, set()))
@@ -341,12 +349,8 @@ def test_lossless_retention_deletes_only_no_op_change_sets_and_rebuild_stays_equ
         assert kept[0] == original[0] and kept[-1] == original[-1], entity
     rebuilt = tmp_path / "rebuilt.db"
     rebuild(config, archive, rebuilt)
-    # Canonical and history: every row, every column; the deleted change sets are gone only
-    # from staging and the per-change-set bookkeeping.
-    expected, actual = data_tables(live.settings.db_path), data_tables(rebuilt)
-    for table in expected:
-        if not table.startswith("_staging__"):
-            assert actual[table] == expected[table], f"{table} differs"
+    # The deleted change sets are gone only from staging and the per-change-set bookkeeping.
+    assert_same_canonical_and_history(rebuilt, live.settings.db_path)
     for table in ("_defunct", "_change_history", "_schema"):
         assert bookkeeping_tables(rebuilt)[table] == bookkeeping_tables(
             live.settings.db_path)[table], table
@@ -378,10 +382,7 @@ def test_lossless_retention_stays_lossless_after_maintenance_pruned_the_plans(li
 
     rebuilt = tmp_path / "rebuilt.db"
     rebuild(config, archive, rebuilt)
-    expected, actual = data_tables(live.settings.db_path), data_tables(rebuilt)
-    for table in expected:
-        if not table.startswith("_staging__"):
-            assert actual[table] == expected[table], f"{table} differs"
+    assert_same_canonical_and_history(rebuilt, live.settings.db_path)
 
 
 def _sync_state(db_path):
