@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from dataverse_assets.errors import ArchiveError, ArchivePathError, CorruptArchiveError
 from dataverse_assets.names import (
     change_set_order,
     check_change_set_key,
@@ -32,20 +33,6 @@ MANIFEST = "manifest.json"
 REQUEST = "request.json"
 ENTITY_DEFINITION = "entity_definition.json"
 COMPACTED_PARTS = "pages-*-of-*.parquet"
-
-
-class ArchiveError(Exception):
-    """The archive is missing something a step needs; the message says which change set."""
-
-
-class ArchivePathError(ArchiveError):
-    """A change set's folder would not be inside the archive root; nothing was touched."""
-
-
-class CorruptArchiveError(ArchiveError):
-    """A file of an archived change set cannot be read (a bad gzip CRC, a truncated file, a
-    body that is not an OData page, a broken manifest); the message names the entity, the
-    change set and the file."""
 
 
 class DamagedPage(ValueError):

@@ -19,21 +19,14 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from dataverse_assets.redaction import REDACTOR, redact
+from dataverse_assets.errors import AuthenticationError
+from dataverse_assets.redaction import REDACTOR
 
 API_PATH = "/api/data/v9.2/"
 # Refresh well before the hour a token lives, so a long page walk never meets an expiry.
 DEFAULT_REFRESH_AFTER_SECONDS = 50 * 60
 
 _AUTHORIZATION_URI = re.compile(r"authorization_uri=([^,\s]+)", re.IGNORECASE)
-
-
-class AuthenticationError(Exception):
-    """Dataverse or the authority refused our credentials; the message says what to check
-    (and holds no secret: it is redacted here, whoever builds it)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact(message))
 
 
 def parse_tenant_from_challenge(header: str) -> str:

@@ -53,7 +53,7 @@ from dagster._utils.schedules import get_latest_completed_cron_tick
 
 from dataverse_assets.config import EntitiesConfig, EntityConfig, GroupConfig
 from dataverse_assets.drift import read_schema_checks
-from dataverse_assets.fetch import SNAPSHOT_MODES
+from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus
 from dataverse_assets.publish import SYNC_COLUMNS, canonical_row_count, load_locked_schema
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.schema import ADDED, BREAKING, EXCLUDED, REMOVED, TYPE_CHANGED, EntitySchema
@@ -330,27 +330,27 @@ def source_count(connection: sqlite3.Connection, entity: EntityConfig,
         (entity.name, change_set)).fetchone()
     latest = connection.execute(
         "SELECT last_change_set FROM _sync_state WHERE entity = ?", (entity.name,)).fetchone()
-    if published is None or published[0] != "COMPLETE":
+    if published is None or published[0] != PublishStatus.COMPLETE:
         return None, "the change set is not published"
     if latest is None or latest[0] != change_set:
         return None, f"newer change set {latest[0] if latest else '?'} already published"
     staging = quote_identifier(staging_table(entity.name))
     records = (f"SELECT _pk FROM {staging} WHERE _change_set = :cs AND _op = 'upsert'")
-    if mode in SNAPSHOT_MODES or (mode == "modifiedon" and published[1] is None):
-        basis = ("full snapshot" if mode == "full" else "change-tracking resync"
-                 if mode != "modifiedon" else "first full read")
+    if mode in SNAPSHOT_MODES or (mode == Mode.MODIFIEDON and published[1] is None):
+        basis = ("full snapshot" if mode == Mode.FULL else "change-tracking resync"
+                 if mode != Mode.MODIFIEDON else "first full read")
         # Counted when it was staged (a key is staged once per change set); a database
         # staged by an older version counts now.
         if upserts is None:
             upserts = count_staged(connection, entity.name, change_set, "upsert")
         return upserts, f"{basis}: distinct records the source returned"
-    if key_scan and mode == "modifiedon":
+    if key_scan and mode == Mode.MODIFIEDON:
         keys = quote_identifier(staging_keys_table(entity.name))
         count = connection.execute(
             f"SELECT count(*) FROM (SELECT _pk FROM {keys} WHERE _change_set = :cs"
             f" UNION {records})", {"cs": change_set}).fetchone()[0]
         return count, "key-only scan: keys the source listed, plus records created after it"
-    if mode == "filtered":
+    if mode == Mode.FILTERED:
         return None, "filtered entity: only linked records are mirrored, not the whole table"
     return None, (f"incremental change set ({mode}): it carries changes only, so the "
                   "source's total is not known")
@@ -411,7 +411,7 @@ def mirror_matches_source_result(connection: sqlite3.Connection, entity: EntityC
             metadata={"reconciled": False})
     missing, stale, extra = found["missing"], found["stale"], found["extra"]
     # A modifiedon or filtered table learns of deletes only from this scan: not divergence.
-    deletes_expected = found["mode"] in ("modifiedon", "filtered")
+    deletes_expected = found["mode"] in (Mode.MODIFIEDON, Mode.FILTERED)
     diverged = missing + stale + (0 if deletes_expected else extra)
     parts = [f"{missing} missing", f"{stale} stale",
              f"{extra} extra" + (" (deletes, found this way by design)" if deletes_expected

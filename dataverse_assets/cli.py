@@ -16,10 +16,9 @@ from pathlib import Path
 
 import orjson
 
-from dataverse_assets.archive import ArchiveError
-from dataverse_assets.config import PROJECT_ROOT, ConfigError, load_settings
+from dataverse_assets.config import PROJECT_ROOT, load_settings
+from dataverse_assets.errors import ArchiveError, ConfigError, InvalidNameError, StorageError
 from dataverse_assets.names import (
-    InvalidNameError,
     check_change_set_key,
     check_column_name,
     check_entity_name,
@@ -32,7 +31,6 @@ from dataverse_assets.progress import (
     ProgressUpdate,
     listening,
 )
-from dataverse_assets.store import StorageError
 
 
 def _instance():
@@ -548,7 +546,8 @@ def _add_diagnostics_commands(commands) -> None:
 # -- the archive: rebuild, compact, archived keys as partitions ------------------------------
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    from dataverse_assets.rebuild import RebuildError, rebuild
+    from dataverse_assets.errors import RebuildError
+    from dataverse_assets.rebuild import rebuild
 
     settings = load_settings()
     print(f"rebuilding {args.into} from {settings.archive_dir}")

@@ -21,7 +21,13 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from dataverse_assets.auth import API_PATH, AuthenticationError, ClientCredentials
+from dataverse_assets.auth import API_PATH, ClientCredentials
+from dataverse_assets.errors import (
+    AuthenticationError,
+    DataverseRequestError,
+    PagingError,
+    ResponseTooLargeError,
+)
 from dataverse_assets.key_ranges import KeyRange, key_ranges, range_query
 from dataverse_assets.names import is_guid
 from dataverse_assets.query import PageQuery
@@ -32,31 +38,6 @@ ODATA_HEADERS = {
     "OData-MaxVersion": "4.0",
     "OData-Version": "4.0",
 }
-
-
-class DataverseError(Exception):
-    """A request to Dataverse failed for good; the message names entity, URL and status (and
-    holds no secret: it is redacted here, whoever builds it)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact(message))
-
-
-class DataverseRequestError(DataverseError):
-    def __init__(
-        self, message: str, *, status: int | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class PagingError(DataverseError):
-    """The server's paging links cannot be followed safely."""
-
-
-class ResponseTooLargeError(DataverseRequestError):
-    """A response body over the client's size limit; not retried (it would be as large)."""
 
 
 # Dataverse pages hold at most 5000 rows; even wide rows with long Memo fields stay far below

@@ -39,13 +39,10 @@ from pathlib import Path
 
 import duckdb
 
-from dataverse_assets.archive import (
-    ArchiveError,
-    ChangeSetArchive,
-    list_change_sets,
-)
+from dataverse_assets.archive import ChangeSetArchive, list_change_sets
 from dataverse_assets.config import ArchiveConfig, EntitiesConfig
-from dataverse_assets.fetch import SNAPSHOT_MODES
+from dataverse_assets.errors import ArchiveError
+from dataverse_assets.modes import SNAPSHOT_MODES
 from dataverse_assets.query import parse_datetime
 from dataverse_assets.staging_retention import StagingPrune, plan_staging_prune, prune_staged
 from dataverse_assets.store import connect, table_exists

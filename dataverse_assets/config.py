@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from dataverse_assets.errors import ConfigError
 from dataverse_assets.names import ENTITY_NAME_PATTERN, GROUP_NAME_PATTERN, check_column_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -60,10 +61,6 @@ def ranged(default: Any, low: float, high: float, description: str) -> Any:
 def _odata_column(value: str | None) -> str | None:
     """Column names go into OData queries ($select, $filter, $orderby) unquoted."""
     return None if value is None else check_column_name(value)
-
-
-class ConfigError(ValueError):
-    """The configuration cannot be used; the message says what to fix."""
 
 
 class _EntitiesFileModel(BaseModel):

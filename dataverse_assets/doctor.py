@@ -16,10 +16,17 @@ from pathlib import Path
 import httpx
 import orjson
 
-from dataverse_assets.auth import AuthenticationError, ClientCredentials
-from dataverse_assets.client import DataverseClient, DataverseError, RetryPolicy
-from dataverse_assets.config import ConfigError, EntityConfig, Settings, load_settings
-from dataverse_assets.fetch import FetchConfigError, attribute_names, choose_mode
+from dataverse_assets.auth import ClientCredentials
+from dataverse_assets.client import DataverseClient, RetryPolicy
+from dataverse_assets.config import EntityConfig, Settings, load_settings
+from dataverse_assets.errors import (
+    AuthenticationError,
+    ConfigError,
+    DataverseError,
+    FetchConfigError,
+)
+from dataverse_assets.fetch import attribute_names, choose_mode
+from dataverse_assets.modes import Mode
 from dataverse_assets.query import PageQuery, id_filter, string_literal
 from dataverse_assets.redaction import redact
 from dataverse_assets.schema import detect_primary_key
@@ -371,7 +378,7 @@ class Doctor:
             "full": "the whole table every change set; vanished rows are deletes",
         }[mode]
         if entity.filtered:
-            mode, how = "filtered", "linked ids and a modifiedon watermark"
+            mode, how = Mode.FILTERED, "linked ids and a modifiedon watermark"
         self.add("change tracking", PASS if tracked else INFO,
                  f"{enabled}; incremental mode {mode!r} ({how})", entity=name)
 
@@ -506,7 +513,7 @@ def _fixture_checks(settings: Settings, entities: list[EntityConfig]) -> list[Ch
                                     f"{folder} --entity {entity.name}", entity=entity.name))
             continue
         try:
-            mode = "filtered" if entity.filtered else choose_mode(entity, definition)
+            mode = Mode.FILTERED if entity.filtered else choose_mode(entity, definition)
         except FetchConfigError as exc:
             checks.append(Check("saved pages", FAIL, str(exc),
                                 entity=entity.name))

@@ -15,13 +15,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from dataverse_assets.errors import InjectedFault
+
 ENV_VARIABLE = "DATAVERSE_FAULT_POINTS"
 _armed: dict[str, list] = {}  # name -> [action, calls to let pass first]
 _env_calls: dict[str, int] = {}  # name -> calls seen, for "name=kill@3" (let 3 pass)
-
-
-class InjectedFault(RuntimeError):
-    """Raised at an armed fault point."""
 
 
 def _from_environment() -> dict[str, str]:

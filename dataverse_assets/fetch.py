@@ -30,11 +30,19 @@ from datetime import datetime, timedelta
 import orjson
 
 from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
-from dataverse_assets.client import DataverseError, DataverseRequestError, PagingError
 from dataverse_assets.config import DEFAULT_MAX_PAGES, EntityConfig
+from dataverse_assets.errors import (
+    DataverseError,
+    DataverseRequestError,
+    FetchConfigError,
+    InvalidNameError,
+    PagingError,
+    UnknownEntityError,
+)
 from dataverse_assets.faults import fault_point
 from dataverse_assets.key_ranges import ranged_watermark
-from dataverse_assets.names import InvalidNameError, check_column_name, is_guid
+from dataverse_assets.modes import Mode
+from dataverse_assets.names import check_column_name, is_guid
 from dataverse_assets.progress import FetchProgress
 from dataverse_assets.query import (
     PageQuery,
@@ -47,11 +55,6 @@ from dataverse_assets.sources import SourceSession
 from dataverse_assets.store import utc_now_iso
 
 EXPIRED_DELTA_TOKEN = "0x80044352"
-SNAPSHOT_MODES = ("full", "change_tracking_resync")
-
-
-class FetchConfigError(ValueError):
-    """The entity's configuration asks for something this table cannot do."""
 
 
 def attribute_names(definition: dict | None) -> set[str]:
@@ -70,21 +73,21 @@ def choose_mode(entity: EntityConfig, definition: dict | None) -> str:
                 f"{entity.name}: incremental 'change_tracking' but the table is not enabled "
                 "for change tracking; enable it in Dataverse or use 'auto'"
             )
-        return "change_tracking"
+        return Mode.CHANGE_TRACKING
     if entity.incremental == "modifiedon":
         if definition is not None and not has_modifiedon:
             raise FetchConfigError(
                 f"{entity.name}: incremental 'modifiedon' but the table has no modifiedon "
                 "column; use 'full'"
             )
-        return "modifiedon"
+        return Mode.MODIFIEDON
     if entity.incremental == "full":
-        return "full"
+        return Mode.FULL
     if tracked:
-        return "change_tracking"
+        return Mode.CHANGE_TRACKING
     if has_modifiedon:
-        return "modifiedon"
-    return "full"  # without metadata we cannot know there is a modifiedon
+        return Mode.MODIFIEDON
+    return Mode.FULL  # without metadata we cannot know there is a modifiedon
 
 
 def primary_key_for(entity: EntityConfig, definition: dict | None) -> str:
@@ -138,6 +141,9 @@ class FetchRequest:
     expected_ids: list[str] = field(default_factory=list)
     reason: str = ""
     max_pages: int = DEFAULT_MAX_PAGES  # per step (see PagingGuard)
+
+    def __post_init__(self) -> None:
+        self.mode = str(self.mode)  # a Mode, written out (request.json, metadata) as text
 
     def as_dict(self) -> dict:
         return {
@@ -196,9 +202,9 @@ def _splittable(request: FetchRequest, step: FetchStep) -> bool:
     """Key ranges for large reads that take a $filter: a full snapshot, or a modifiedon first
     sync ordered by modifiedon (its watermark comes from the ranges, see ranged_watermark).
     Change tracking's initial read takes no $filter, so it stays one stream."""
-    if request.mode == "full":
+    if request.mode == Mode.FULL:
         return step.kind == "snapshot"
-    return (request.mode == "modifiedon" and step.kind == "changes"
+    return (request.mode == Mode.MODIFIEDON and step.kind == "changes"
             and request.watermark_before is None
             and bool(step.query.orderby) and step.query.orderby[0].startswith("modifiedon"))
 
@@ -235,31 +241,31 @@ def _plan_fetch(
         # asked for by id like every id that does not come back, which records it as an issue.
         for _, expression in id_filter_batches(pk, [i for i in missing if is_guid(i)]):
             steps.append(FetchStep("ids", PageQuery(filter=expression, page_size=page_size)))
-        return FetchRequest(entity.name, change_set, "filtered", pk, watermark, None, steps,
+        return FetchRequest(entity.name, change_set, Mode.FILTERED, pk, watermark, None, steps,
                             id_scope=sorted(linked | mirrored), expected_ids=missing)
     mode = choose_mode(entity, definition)
-    if mode == "change_tracking":
+    if mode == Mode.CHANGE_TRACKING:
         tracking = PageQuery(page_size=page_size, track_changes=True)
         if delta_link is None:
-            return FetchRequest(entity.name, change_set, "change_tracking_resync", pk, watermark,
+            return FetchRequest(entity.name, change_set, Mode.CHANGE_TRACKING_RESYNC, pk, watermark,
                                 None, [FetchStep("snapshot", tracking)], reason="first sync")
         # A change the delta link never reports (see the simulator's delta_token_moment) stays
         # missed until the record changes again: the key-and-version scan finds it. It goes
         # first, so a record created after it arrives in the delta.
         delta = FetchStep("delta", tracking, start_url=delta_link)
-        return FetchRequest(entity.name, change_set, "change_tracking", pk, watermark,
+        return FetchRequest(entity.name, change_set, Mode.CHANGE_TRACKING, pk, watermark,
                             delta_link, [keys, delta] if reconcile else [delta])
-    if mode == "modifiedon":
+    if mode == Mode.MODIFIEDON:
         changes = FetchStep("changes", PageQuery(
             filter=modified_since_filter(watermark),
             orderby=orderby or ("modifiedon asc", f"{pk} asc"), page_size=page_size,
         ))
         # The key scan goes first: a record created after it arrives in the changes step.
         steps = [keys, changes] if reconcile and watermark is not None else [changes]
-        return FetchRequest(entity.name, change_set, "modifiedon", pk, watermark, None, steps)
+        return FetchRequest(entity.name, change_set, Mode.MODIFIEDON, pk, watermark, None, steps)
     snapshot = FetchStep("snapshot", PageQuery(orderby=orderby or (f"{pk} asc",),
                                                page_size=page_size))
-    return FetchRequest(entity.name, change_set, "full", pk, None, None, [snapshot])
+    return FetchRequest(entity.name, change_set, Mode.FULL, pk, None, None, [snapshot])
 
 
 def plan_targeted_fetch(entity: EntityConfig, change_set: str, definition: dict | None,
@@ -279,7 +285,7 @@ def plan_targeted_fetch(entity: EntityConfig, change_set: str, definition: dict 
             f"{'is not one' if len(not_guids) == 1 else 'are not'}")
     steps = [FetchStep("ids", PageQuery(filter=expression, page_size=entity.page_size))
              for _, expression in id_filter_batches(column, ids)]
-    return FetchRequest(entity.name, change_set, "targeted", pk, watermark, None, steps,
+    return FetchRequest(entity.name, change_set, Mode.TARGETED, pk, watermark, None, steps,
                         expected_ids=[] if lookup_column else ids,
                         reason=f"targeted refresh of {len(ids)} id(s)"
                         + (f" through {lookup_column}" if lookup_column else ""))
@@ -307,7 +313,7 @@ def _check_lookup_column(entity: EntityConfig, definition: dict | None, column: 
 def resync_request(request: FetchRequest, page_size: int) -> FetchRequest:
     """The delta token expired: read the table again in full (deletes found by diff)."""
     tracking = PageQuery(page_size=page_size, track_changes=True)
-    return FetchRequest(request.entity, request.change_set, "change_tracking_resync",
+    return FetchRequest(request.entity, request.change_set, Mode.CHANGE_TRACKING_RESYNC,
                         request.primary_key, request.watermark_before, request.delta_link_before,
                         [FetchStep("snapshot", tracking)],
                         reason="delta token expired (0x80044352): full resync",
@@ -570,7 +576,7 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
     # later may be newer than a change the changes step has not seen yet.
     for index, step in enumerate(request.steps):
         track = step.kind in ("changes", "delta", "snapshot") or (
-            request.mode == "filtered" and request.watermark_before is None
+            request.mode == Mode.FILTERED and request.watermark_before is None
             and step.kind == "ids"
         )
         if step.ranges > 1:
@@ -594,7 +600,7 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
                 _record_page(archive, progress, index, step, page.url, page.body, page.records,
                              track_watermark=track, primary_key=request.primary_key,
                              next_link=page.next_link, delta_link=page.delta_link)
-                if step.ranges > 1 and track and request.mode == "modifiedon":
+                if step.ranges > 1 and track and request.mode == Mode.MODIFIEDON:
                     stamps = [r["modifiedon"] for r in page.records
                               if isinstance(r.get("modifiedon"), str)]
                     range_maxima[page.range_index] = max(
@@ -602,12 +608,8 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
                 if on_progress is not None:
                     on_progress(FetchProgress(progress.page_number, progress.records, total))
                 fault_point("fetch.after_page")
-        if step.ranges > 1 and track and request.mode == "modifiedon":
+        if step.ranges > 1 and track and request.mode == Mode.MODIFIEDON:
             progress.max_modifiedon = ranged_watermark(range_maxima.values())
-
-
-class UnknownEntityError(DataverseRequestError):
-    """The configured entity set does not exist in the org."""
 
 
 async def _unknown_entity(session: SourceSession, entity: str) -> UnknownEntityError:
@@ -666,7 +668,7 @@ async def fetch_change_set(
             archive.write_json(ENTITY_DEFINITION, definition)
         progress = _Progress(request)
         divergence = (Divergence(mirrored_versions, request.primary_key,
-                                 missing_too=request.mode != "filtered")
+                                 missing_too=request.mode != Mode.FILTERED)
                       if mirrored_versions is not None
                       and any(step.kind == "keys" for step in request.steps) else None)
         try:
@@ -676,7 +678,7 @@ async def fetch_change_set(
                     if divergence is not None and divergence.ids else [])
         except DataverseRequestError as exc:
             progress.flush(quiet=True)
-            if exc.code == EXPIRED_DELTA_TOKEN and request.mode == "change_tracking":
+            if exc.code == EXPIRED_DELTA_TOKEN and request.mode == Mode.CHANGE_TRACKING:
                 request = resync_request(request, request.steps[0].query.page_size)
                 continue
             if exc.status == 404 and definition is None and progress.page_number == 0:
@@ -700,7 +702,7 @@ async def fetch_change_set(
         seconds=seconds, watermark_before=request.watermark_before,
         # A full snapshot has no watermark, and a targeted refresh must not move it.
         watermark_after=(progress.max_modifiedon
-                         if request.mode not in ("full", "targeted") else None),
+                         if request.mode not in (Mode.FULL, Mode.TARGETED) else None),
         delta_link_after=progress.delta_link, missing=len(missing), reason=request.reason,
     )
     archive.finish({

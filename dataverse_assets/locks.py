@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dataverse_assets.errors import EntityLockedError
 from dataverse_assets.store import connect, storage_errors, transaction, utc_now_iso
 
 DEFAULT_WAIT_SECONDS = 600.0
@@ -31,10 +32,6 @@ DEFAULT_STALE_AFTER_SECONDS = 6 * 3600.0
 _POLL_SECONDS = 0.1
 
 logger = logging.getLogger(__name__)
-
-
-class EntityLockedError(RuntimeError):
-    """Another run holds the entity's lock and did not release it in time."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
+from dataverse_assets.errors import InvalidNameError
+
 # Change sets are the partitions: UTC timestamps to the second. Every key has this fixed width,
 # so their text order is their time order; `change_set_order` sorts by the time regardless.
 KEY_FORMAT = "%Y%m%dT%H%M%SZ"
@@ -34,10 +36,6 @@ ODATA_COLUMN_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 GUID_PATTERN = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 )
-
-
-class InvalidNameError(ValueError):
-    """A key, name or id that does not have its documented format; nothing was touched."""
 
 
 def _shown(value: object) -> str:

@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass
 
 import orjson
 
+from dataverse_assets.errors import PlanValidationError, StorageError
 from dataverse_assets.faults import fault_point
+from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus, SyncStatus
 from dataverse_assets.names import KEY_GLOB
 from dataverse_assets.schema import Column, EntitySchema, json_bytes
 from dataverse_assets.staging import count_staged
 from dataverse_assets.store import (
-    StorageError,
     database_path,
     history_table,
     quote_identifier,
@@ -164,14 +165,6 @@ class PublishResult:
         return asdict(self)
 
 
-class PlanValidationError(Exception):
-    """The plan does not add up; nothing was written."""
-
-
-class PublishError(Exception):
-    """Publishing failed; the change set stays unpublished and will be published again."""
-
-
 def publish_status(connection: sqlite3.Connection, entity: str, change_set: str) -> str | None:
     row = connection.execute(
         "SELECT status FROM _publish_state WHERE entity = ? AND change_set = ?",
@@ -192,11 +185,11 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
     staging = quote_identifier(staging_table(schema.entity))
     pk = quote_identifier(schema.primary_key)
     keys = quote_identifier(staging_keys_table(schema.entity))
-    full_snapshot = mode in ("full", "change_tracking_resync")
+    full_snapshot = mode in SNAPSHOT_MODES
     connection.executescript(PLAN_DDL)
     with transaction(connection):
         ensure_canonical_tables(connection, schema)
-        set_publish_state(connection, schema.entity, change_set, "PLANNING",
+        set_publish_state(connection, schema.entity, change_set, PublishStatus.PLANNING,
                           plan_started_at=utc_now_iso())
         connection.execute("DELETE FROM _publish_plan WHERE entity = ? AND change_set = ?",
                            (schema.entity, change_set))
@@ -266,7 +259,7 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             (schema.entity, change_set),
         )
         set_publish_state(
-            connection, schema.entity, change_set, "PLAN_COMPLETE",
+            connection, schema.entity, change_set, PublishStatus.PLAN_COMPLETE,
             plan_finished_at=utc_now_iso(), created=counts["create"], updated=counts["update"],
             deleted=counts["delete"], unchanged=counts["unchanged"], stale=counts["stale"],
             delete_unknown=counts["delete_unknown"], bulk_create=0,
@@ -310,7 +303,8 @@ def _plan_into_empty_table(connection: sqlite3.Connection, schema: EntitySchema,
     _check_plan_covers_staging(connection, schema.entity, change_set,
                                counts["create"] + counts["delete_unknown"])
     set_publish_state(
-        connection, schema.entity, change_set, "PLAN_COMPLETE", plan_finished_at=utc_now_iso(),
+        connection, schema.entity, change_set, PublishStatus.PLAN_COMPLETE,
+        plan_finished_at=utc_now_iso(),
         created=counts["create"], updated=0, deleted=0, unchanged=0, stale=0,
         delete_unknown=counts["delete_unknown"], bulk_create=1,
     )
@@ -350,7 +344,7 @@ def execute_plan(
     state = read_sync_state(connection, schema.entity)
     watermark_before = state.watermark if state else None
     with transaction(connection):
-        set_publish_state(connection, schema.entity, change_set, "EXECUTING",
+        set_publish_state(connection, schema.entity, change_set, PublishStatus.EXECUTING,
                           started_at=utc_now_iso())
     applied = 0
     if _is_bulk_create(connection, schema.entity, change_set):
@@ -386,8 +380,8 @@ def execute_plan(
             applied += size
             last = size < chunk_rows
             if not last:
-                set_publish_state(connection, schema.entity, change_set, "EXECUTING",
-                                  rows_applied=applied)
+                set_publish_state(connection, schema.entity, change_set,
+                                  PublishStatus.EXECUTING, rows_applied=applied)
                 continue
             fault_point("publish.before_watermark")
             new_watermark = watermark_before
@@ -399,11 +393,11 @@ def execute_plan(
             write_sync_state(
                 connection, schema.entity,
                 # The entity's mode, not this change set's detour (a resync, a targeted refresh).
-                mode={"targeted": state.mode if state else None,
-                      "change_tracking_resync": "change_tracking"}.get(mode, mode),
+                mode={Mode.TARGETED: state.mode if state else None,
+                      Mode.CHANGE_TRACKING_RESYNC: str(Mode.CHANGE_TRACKING)}.get(mode, mode),
                 watermark=new_watermark,
                 delta_token=delta_token_after or (state.delta_token if state else None),
-                status="completed", change_set=change_set, reconciled_at=reconciled_at,
+                status=SyncStatus.COMPLETED, change_set=change_set, reconciled_at=reconciled_at,
             )
             result = PublishResult(
                 schema.entity, change_set, counts["create"], counts["update"],
@@ -411,7 +405,8 @@ def execute_plan(
                 time.perf_counter() - started, watermark_before, new_watermark,
             )
             set_publish_state(
-                connection, schema.entity, change_set, "COMPLETE", rows_applied=applied,
+                connection, schema.entity, change_set, PublishStatus.COMPLETE,
+                rows_applied=applied,
                 finished_at=utc_now_iso(), watermark_before=watermark_before,
                 watermark_after=new_watermark, seconds=result.seconds, error=None,
                 error_code=None, failed_operation=None,
@@ -491,7 +486,7 @@ def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
                 ensure_canonical_tables(connection, schema)
                 return applied
             after = last[0]
-            set_publish_state(connection, schema.entity, change_set, "EXECUTING",
+            set_publish_state(connection, schema.entity, change_set, PublishStatus.EXECUTING,
                               rows_applied=applied)
 
 
@@ -598,7 +593,7 @@ def publish_change_set(
     reconciled_at: when deletes were last fully established (stored with the watermark);
     as_of: when the change set was fetched: sync_time, updated_at and valid_to of deletes.
     """
-    if publish_status(connection, schema.entity, change_set) == "COMPLETE":
+    if publish_status(connection, schema.entity, change_set) == PublishStatus.COMPLETE:
         row = connection.execute(
             "SELECT created, updated, unchanged, stale, deleted, watermark_before,"
             " watermark_after FROM _publish_state WHERE entity = ? AND change_set = ?",
@@ -606,9 +601,9 @@ def publish_change_set(
         ).fetchone()
         return PublishResult(schema.entity, change_set, *row[:5], 0.0, row[5], row[6],
                              already_published=True)
-    if publish_status(connection, schema.entity, change_set) == "FAILED":
+    if publish_status(connection, schema.entity, change_set) == PublishStatus.FAILED:
         with transaction(connection):
-            set_publish_state(connection, schema.entity, change_set, "RETRYING")
+            set_publish_state(connection, schema.entity, change_set, PublishStatus.RETRYING)
     operation = "plan"
     try:
         counts = plan_change_set(connection, schema, change_set, mode, reconciled=key_scan)
@@ -645,7 +640,7 @@ def record_publish_failure(connection: sqlite3.Connection, entity: str, change_s
             "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
             (entity, change_set)).fetchone()
         set_publish_state(
-            connection, entity, change_set, "FAILED", failed_operation=operation,
+            connection, entity, change_set, PublishStatus.FAILED, failed_operation=operation,
             error_code=getattr(exc, "code", None) or type(exc).__name__,
             error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
             retry_count=(retries[0] or 0) + 1 if retries else 1,

@@ -20,17 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataverse_assets import steps
-from dataverse_assets.archive import CorruptArchiveError, list_change_sets
+from dataverse_assets.archive import list_change_sets
 from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.errors import CorruptArchiveError, RebuildError
 from dataverse_assets.names import change_set_order
 from dataverse_assets.progress import FetchProgress, ProgressReporter
 from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.staging import write_staged
-
-
-class RebuildError(Exception):
-    """The rebuild cannot start; the message says what to change."""
 
 
 @dataclass

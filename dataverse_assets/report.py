@@ -22,6 +22,7 @@ import orjson
 from dataverse_assets import dead_letters
 from dataverse_assets.checks import freshness_status, last_complete_publish
 from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.modes import PublishStatus, SyncStatus
 from dataverse_assets.names import KEY_GLOB, change_set_time, is_change_set_key
 from dataverse_assets.progress import format_duration
 from dataverse_assets.publish import canonical_row_count
@@ -90,7 +91,7 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
 def entity_state(publish_status: str | None, sync_status: str | None, fresh: bool,
                  last_publish: datetime | None) -> str:
     """failed when the latest attempt failed, never synced, else fresh or late by cadence."""
-    if publish_status == "FAILED" or sync_status == "failed":
+    if publish_status == PublishStatus.FAILED or sync_status == SyncStatus.FAILED:
         return FAILED
     if last_publish is None:
         return NEVER
@@ -122,7 +123,7 @@ def collect_report(connection: sqlite3.Connection, config: EntitiesConfig,
             open_issues=_count(connection, "_issues", entity.name, "resolved_at IS NULL"),
             dead_letters=_count(connection, "_dead_letter", entity.name, "status = 'open'"),
             queued_retries=_count(connection, "_retry_queue", entity.name),
-            last_error=last[2] if last and last[1] == "FAILED" else None,
+            last_error=last[2] if last and last[1] == PublishStatus.FAILED else None,
         ))
     return StatusReport(now, database, statuses, _change_set_points(connection, config))
 
@@ -160,7 +161,7 @@ def _change_set_points(connection: sqlite3.Connection,
             (entity.name, KEY_GLOB, MAX_POINTS_PER_ENTITY)).fetchall()
         keys = {row[0] for row in rows}
         # Change sets that failed before anything was staged have no publish state.
-        rows += [(cs, "FAILED", None, None, 0, 0, 0, None, 0)
+        rows += [(cs, str(PublishStatus.FAILED), None, None, 0, 0, 0, None, 0)
                  for (name, cs) in failures if name == entity.name and cs not in keys]
         for (change_set, status, source_ts, finished, created, updated, deleted, seconds,
              retry_count) in sorted(rows):
@@ -173,9 +174,9 @@ def _change_set_points(connection: sqlite3.Connection,
             points.append(ChangeSetPoint(
                 entity=entity.name, change_set=change_set, at=at, status=status,
                 rows_changed=(created or 0) + (updated or 0) + (deleted or 0),
-                sync_seconds=sum(work) if work and status == "COMPLETE" else None,
+                sync_seconds=sum(work) if work and status == PublishStatus.COMPLETE else None,
                 latency_seconds=(_seconds_between(source_ts, finished)
-                                 if status == "COMPLETE" else None),
+                                 if status == PublishStatus.COMPLETE else None),
                 retries=int(fetch.get("retries") or 0),
                 errors=max(retry_count or 0, failures.get((entity.name, change_set), 0)),
             ))

@@ -22,7 +22,7 @@ from dagster import (
 from dataverse_assets import dead_letters
 from dataverse_assets.archive import list_change_sets
 from dataverse_assets.config import EntitiesConfig, EntityConfig
-from dataverse_assets.fetch import SNAPSHOT_MODES
+from dataverse_assets.modes import SNAPSHOT_MODES
 from dataverse_assets.names import change_set_key, change_set_order, is_change_set_key
 from dataverse_assets.partitions import add_change_sets_request
 from dataverse_assets.priorities import priority_tags

@@ -19,21 +19,20 @@ import orjson
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from dataverse_assets.auth import (
-    DEFAULT_REFRESH_AFTER_SECONDS,
-    SHARED_TOKENS,
-    AuthenticationError,
-    ClientCredentials,
-)
+from dataverse_assets.auth import DEFAULT_REFRESH_AFTER_SECONDS, SHARED_TOKENS, ClientCredentials
 from dataverse_assets.client import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_RESPONSE_DEADLINE_SECONDS,
     DataverseClient,
-    DataverseError,
-    DataverseRequestError,
     FetchStats,
     Page,
     RetryPolicy,
+)
+from dataverse_assets.errors import (
+    AuthenticationError,
+    ChangeSetNotArchivedError,
+    DataverseError,
+    DataverseRequestError,
 )
 from dataverse_assets.query import PageQuery, string_literal
 
@@ -355,10 +354,6 @@ class FixtureSource(DataverseSource):
             yield FixtureSession(Path(self.directory))
 
         return session()
-
-
-class ChangeSetNotArchivedError(LookupError):
-    """The archive source was asked for a change set the archive does not hold."""
 
 
 class ArchiveSession(SourceSession):

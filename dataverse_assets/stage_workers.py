@@ -21,16 +21,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from dataverse_assets.errors import StageWorkerError
+
 _HEADER = struct.Struct("!Q")
 # The largest peak RSS (MB) of any worker this process has run, read from /proc when a pool
 # closes (Linux; 0.0 elsewhere): for reports, since a child's own rusage also counts the
 # memory it had from its parent before exec.
 peak_worker_rss_mb = 0.0
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-class StageWorkerError(RuntimeError):
-    """A worker process failed or died."""
 
 
 def _write_frame(stream, payload: object) -> None:

@@ -24,6 +24,7 @@ from dataverse_assets.archive import (
     page_records,
     read_page_file,
 )
+from dataverse_assets.errors import NotStagedError
 from dataverse_assets.schema import (
     EntitySchema,
     OversizedInteger,
@@ -513,10 +514,6 @@ class StagedChangeSet:
     reconciled: bool
     reconciled_at: str | None
     fetched_at: str | None
-
-
-class NotStagedError(Exception):
-    """A step needs a staged change set that does not exist."""
 
 
 def read_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> StagedChangeSet:

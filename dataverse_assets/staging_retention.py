@@ -29,6 +29,8 @@ from pathlib import Path
 
 from dataverse_assets.archive import ChangeSetArchive
 from dataverse_assets.config import EntitiesConfig, EntityConfig
+from dataverse_assets.errors import StagingPrunedError
+from dataverse_assets.modes import PublishStatus
 from dataverse_assets.names import change_set_order, is_change_set_key
 from dataverse_assets.publish import publish_status
 from dataverse_assets.store import (
@@ -40,10 +42,6 @@ from dataverse_assets.store import (
     transaction,
     utc_now_iso,
 )
-
-
-class StagingPrunedError(RuntimeError):
-    """The staged rows a step needs were deleted by staging retention."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ def _done_with(connection: sqlite3.Connection, archive_dir: Path, reader: str,
                change_set: str) -> bool:
     """Can the filtered entity `reader` no longer need its linking tables' staging of it?"""
     status = publish_status(connection, reader, change_set)
-    if status == "COMPLETE":
+    if status == PublishStatus.COMPLETE:
         return True
     archive = ChangeSetArchive(archive_dir, reader, change_set)
     if archive.is_complete():
@@ -106,7 +104,7 @@ def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
             key=lambda row: change_set_order(row[0]), reverse=True)
         readers = _filtered_readers(config, entity.name)
         for change_set, rows, pruned, status in reversed(staged[keep:]):
-            if pruned is not None or status != "COMPLETE":
+            if pruned is not None or status != PublishStatus.COMPLETE:
                 continue
             if all(_done_with(connection, archive_dir, r.name, change_set) for r in readers):
                 plan.append(StagingPrune(entity.name, change_set, rows))

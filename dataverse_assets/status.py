@@ -8,15 +8,10 @@ from datetime import UTC, datetime
 from dataverse_assets import dead_letters
 from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.locks import is_held
+from dataverse_assets.modes import PUBLISHING_STATUSES, PublishStatus
 from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.query import parse_datetime
-from dataverse_assets.store import (
-    INTERRUPTED,
-    PUBLISHING_STATUSES,
-    latest_publish_state,
-    read_sync_state,
-    table_exists,
-)
+from dataverse_assets.store import INTERRUPTED, latest_publish_state, read_sync_state, table_exists
 
 
 def _age_seconds(timestamp: str | None, now: datetime) -> float | None:
@@ -42,8 +37,8 @@ def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
                                                                            entity.name):
             # Marked as under way, but no run holds the entity: it was cut off (the next
             # publish records that); say so instead of "EXECUTING".
-            last = {**last, "status": "FAILED", "error": INTERRUPTED}
-        delta_issued = (latest_publish_state(connection, entity.name, "COMPLETE")
+            last = {**last, "status": str(PublishStatus.FAILED), "error": INTERRUPTED}
+        delta_issued = (latest_publish_state(connection, entity.name, PublishStatus.COMPLETE)
                         if state and state.delta_token else None)
         rows.append({
             "entity": entity.name,

@@ -16,18 +16,19 @@ from datetime import UTC, datetime
 import orjson
 
 from dataverse_assets import dead_letters
-from dataverse_assets.archive import ArchiveError, ChangeSetArchive, list_change_sets
+from dataverse_assets.archive import ChangeSetArchive, list_change_sets
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.drift import schema_for_change_set
+from dataverse_assets.errors import ArchiveError, StorageError
 from dataverse_assets.faults import fault_point
 from dataverse_assets.fetch import (
-    SNAPSHOT_MODES,
     FetchSummary,
     ProgressCallback,
     fetch_change_set,
     plan_fetch,
     reconcile_due,
 )
+from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus, SyncStatus
 from dataverse_assets.names import change_set_order, check_change_set_key, is_change_set_key
 from dataverse_assets.publish import (
     PublishResult,
@@ -47,7 +48,6 @@ from dataverse_assets.staging import (
 )
 from dataverse_assets.staging_retention import refuse_if_pruned
 from dataverse_assets.store import (
-    StorageError,
     database_path,
     log_step,
     mark_sync_status,
@@ -106,7 +106,7 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
         return FetchSummary(**archive.manifest()["summary"]), True
     source.check_fetchable(entity.name, change_set)  # the archive source replays only
     with store.connection() as connection:
-        if publish_status(connection, entity.name, change_set) == "COMPLETE":
+        if publish_status(connection, entity.name, change_set) == PublishStatus.COMPLETE:
             # Archive retention deleted it after it was published: fetching now would file
             # today's data under an old key, and a rebuild would replay it out of order.
             raise ArchiveError(f"{entity.name}: change set {change_set} was published and its"
@@ -116,7 +116,7 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
             linked_and_mirrored_ids(connection, entity, change_set)
             if entity.filtered and not targeted_ids else (set(), set(), set())
         )
-        mark_sync_status(connection, entity.name, "in_progress")
+        mark_sync_status(connection, entity.name, SyncStatus.IN_PROGRESS)
     started_at = utc_now_iso()
     reconcile = reconcile or reconcile_due(entity, state.reconciled_at if state else None,
                                            datetime.now(UTC))
@@ -144,12 +144,12 @@ def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
             summary = asyncio.run(run(mirror))
     except Exception:
         with store.connection() as connection:
-            mark_sync_status(connection, entity.name, "failed")
+            mark_sync_status(connection, entity.name, SyncStatus.FAILED)
         raise
     fault_point("fetch.after_archive")
     with store.connection() as connection:
         log_step(connection, entity=entity.name, change_set=change_set, layer="raw",
-                 status="completed", started_at=started_at, seconds=summary.seconds,
+                 status=SyncStatus.COMPLETED, started_at=started_at, seconds=summary.seconds,
                  details=_json(summary.__dict__))
     return summary, False
 
@@ -164,7 +164,7 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
     key_scan = bool(manifest.get("reconciled"))
     # Deletes are established by key scans, snapshots and first syncs: the reconcile clock.
     establishes_deletes = key_scan or manifest["mode"] in SNAPSHOT_MODES or (
-        summary.get("watermark_before") is None and manifest["mode"] != "change_tracking"
+        summary.get("watermark_before") is None and manifest["mode"] != Mode.CHANGE_TRACKING
     )
     counts: dict[str, int] = {}
     issues: list[dict] = []
@@ -236,7 +236,7 @@ def publish(store: MirrorStore, entity: EntityConfig, change_set: str, *,
             try:
                 dead_letters.mark_succeeded(connection, entity.name, key)
                 log_step(connection, entity=entity.name, change_set=key, layer="canonical",
-                         status="completed", started_at=started_at,
+                         status=SyncStatus.COMPLETED, started_at=started_at,
                          seconds=time.perf_counter() - started,
                          details=_json(results[-1].as_dict()))
             except sqlite3.Error as exc:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from dataverse_assets.errors import StorageError
+from dataverse_assets.modes import PUBLISHING_STATUSES
 from dataverse_assets.names import KEY_GLOB
 
 
@@ -427,11 +429,6 @@ class MirrorConnection(sqlite3.Connection):
         super().close()
 
 
-class StorageError(Exception):
-    """The mirror database cannot be written (disk full, read-only, I/O error); the message
-    says which, where, what state the data is in and what to do."""
-
-
 _REBUILD = ("restore it from a backup, or rebuild the mirror from the archive "
             "(`dataverse-assets rebuild --into NEW.db`) and point DATAVERSE_DB_PATH at it")
 # (what SQLite says, what is wrong, what to do): matched in this order.
@@ -648,8 +645,6 @@ def latest_publish_state(connection: sqlite3.Connection, entity: str,
     return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
 
 
-# A publish passes through these on its way to COMPLETE or FAILED; PENDING is a resting state.
-PUBLISHING_STATUSES = ("PLANNING", "PLAN_COMPLETE", "EXECUTING", "RETRYING")
 INTERRUPTED = ("interrupted: the publish stopped without recording why (its process ended, or "
                "the database refused the failure record); it is planned again from the start")
 

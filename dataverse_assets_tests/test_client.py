@@ -10,8 +10,9 @@ import httpx
 import orjson
 import pytest
 
-from dataverse_assets.auth import AuthenticationError, ClientCredentials
-from dataverse_assets.client import DataverseClient, DataverseRequestError, PagingError
+from dataverse_assets.auth import ClientCredentials
+from dataverse_assets.client import DataverseClient
+from dataverse_assets.errors import AuthenticationError, DataverseRequestError, PagingError
 from dataverse_assets.query import PageQuery
 
 ORG = "https://org.example.com"

@@ -27,15 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dataverse_assets.archive import ChangeSetArchive
-from dataverse_assets.auth import AuthenticationError, ClientCredentials
-from dataverse_assets.client import (
-    DataverseClient,
-    DataverseRequestError,
-    Page,
-    PagingError,
-    RetryPolicy,
-)
+from dataverse_assets.auth import ClientCredentials
+from dataverse_assets.client import DataverseClient, Page, RetryPolicy
 from dataverse_assets.config import EntityConfig
+from dataverse_assets.errors import AuthenticationError, DataverseRequestError, PagingError
 from dataverse_assets.fetch import fetch_change_set, plan_fetch
 from dataverse_assets.key_ranges import guid_sql_value
 from dataverse_assets.query import PageQuery

@@ -7,7 +7,6 @@ from dataverse_assets.config import (
     _ENV_FIELDS,
     DEFAULT_ENTITIES_CONFIG,
     ArchiveConfig,
-    ConfigError,
     EntityConfig,
     GroupConfig,
     Settings,
@@ -15,6 +14,7 @@ from dataverse_assets.config import (
     load_settings,
     parse_entities_config,
 )
+from dataverse_assets.errors import ConfigError
 
 
 def valid_config() -> dict:

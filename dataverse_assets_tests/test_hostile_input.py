@@ -13,15 +13,15 @@ from dagster import DagsterInstance
 
 from dataverse_assets import client as client_module
 from dataverse_assets.cli import main as cli_main
-from dataverse_assets.client import PagingError, RetryPolicy
+from dataverse_assets.client import RetryPolicy
 from dataverse_assets.config import (
     DEFAULT_ENTITIES_CONFIG,
-    ConfigError,
     Settings,
     load_settings,
     parse_entities_config,
 )
 from dataverse_assets.definitions import build_definitions
+from dataverse_assets.errors import ConfigError, PagingError
 from dataverse_assets.fetch import FetchRequest, FetchStep, PagingGuard
 from dataverse_assets.query import PageQuery
 from dataverse_assets.simulator import SimAttribute

@@ -11,7 +11,8 @@ import pytest
 from dagster import DefaultScheduleStatus
 
 from dataverse_assets.cli import main as cli_main
-from dataverse_assets.config import ConfigError, load_entities_config
+from dataverse_assets.config import load_entities_config
+from dataverse_assets.errors import ConfigError
 from dataverse_assets.maintenance import retain_bookkeeping, shrink_database
 from dataverse_assets.maintenance_job import MAINTENANCE_JOB
 from dataverse_assets.simulator import SimAttribute

@@ -5,7 +5,8 @@ import pytest
 
 from dataverse_assets.archive import REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
-from dataverse_assets.publish import PlanValidationError, render_plan
+from dataverse_assets.errors import PlanValidationError
+from dataverse_assets.publish import render_plan
 from dataverse_assets.staging import write_staged
 from dataverse_assets.steps import publish, staged_records
 from dataverse_assets.store import connect

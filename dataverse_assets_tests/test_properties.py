@@ -21,15 +21,9 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from dataverse_assets.compaction import compact_archive
-from dataverse_assets.config import (
-    ArchiveConfig,
-    ConfigError,
-    EntityConfig,
-    GroupConfig,
-    LinkSource,
-    Settings,
-)
+from dataverse_assets.config import ArchiveConfig, EntityConfig, GroupConfig, LinkSource, Settings
 from dataverse_assets.definitions import build_definitions
+from dataverse_assets.errors import ConfigError
 from dataverse_assets.publish import lock_schema, publish_change_set
 from dataverse_assets.query import PageQuery, id_filter, string_literal
 from dataverse_assets.schema import Column, EntitySchema, detect_primary_key, sqlite_fold

@@ -5,7 +5,8 @@ import asyncio
 
 import pytest
 
-from dataverse_assets.auth import SHARED_TOKENS, AuthenticationError
+from dataverse_assets.auth import SHARED_TOKENS
+from dataverse_assets.errors import AuthenticationError
 from dataverse_assets.simulator import (
     SIMULATOR_CLIENT_ID,
     SIMULATOR_CLIENT_SECRET,

@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from dataverse_assets import staging
-from dataverse_assets.archive import REQUEST, ChangeSetArchive, CorruptArchiveError
+from dataverse_assets.archive import REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
+from dataverse_assets.errors import CorruptArchiveError
 from dataverse_assets.stage_workers import WorkerPool
 from dataverse_assets.staging import staging_workers, write_staged
 from dataverse_assets.steps import staged_records

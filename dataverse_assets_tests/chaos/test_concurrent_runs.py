@@ -10,13 +10,8 @@ import time
 
 import pytest
 
-from dataverse_assets.locks import (
-    EntityLockedError,
-    LockHolder,
-    entity_lock,
-    read_lock,
-    stale_reason,
-)
+from dataverse_assets.errors import EntityLockedError
+from dataverse_assets.locks import LockHolder, entity_lock, read_lock, stale_reason
 from dataverse_assets.simulator import serve_on_loopback
 from dataverse_assets.store import connect, utc_now_iso
 from dataverse_assets_tests.chaos.harness import (
