@@ -27,7 +27,7 @@ import duckdb
 import orjson
 
 from dataverse_assets import steps
-from dataverse_assets.archive import MANIFEST, ChangeSetArchive, list_change_sets
+from dataverse_assets.archive.change_sets import MANIFEST, ChangeSetArchive, list_change_sets
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, parse_entities_config
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.sources import SimulatorSource

@@ -38,7 +38,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dataverse_assets.archive import ChangeSetArchive  # noqa: E402
+from dataverse_assets.archive.change_sets import ChangeSetArchive  # noqa: E402
 from dataverse_assets.config import EntityConfig  # noqa: E402
 from dataverse_assets.fetch import fetch_change_set, plan_fetch  # noqa: E402
 from dataverse_assets.simulator import (  # noqa: E402

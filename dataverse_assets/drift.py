@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from dataverse_assets.archive import ENTITY_DEFINITION, ChangeSetArchive
+from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.publish import load_locked_schema, lock_schema
 from dataverse_assets.schema import (

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 
 import orjson
 
-from dataverse_assets.archive import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
+from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
 from dataverse_assets.config import DEFAULT_MAX_PAGES, EntityConfig
 from dataverse_assets.errors import (
     DataverseError,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataverse_assets import steps
-from dataverse_assets.archive import list_change_sets
+from dataverse_assets.archive.change_sets import list_change_sets
 from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.errors import CorruptArchiveError, RebuildError
 from dataverse_assets.names import change_set_order

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import orjson
 
-from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.client import Page
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.fetch import fetch_change_set, plan_fetch

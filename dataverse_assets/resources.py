@@ -22,7 +22,7 @@ from dagster import (
 from pydantic import Field
 
 from dataverse_assets import locks
-from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.faults import fault_point
 from dataverse_assets.names import check_change_set_key
 from dataverse_assets.staging import StagedChangeSet, StagedRecords, read_staged, write_staged

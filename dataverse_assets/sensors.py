@@ -20,7 +20,7 @@ from dagster import (
 )
 
 from dataverse_assets import dead_letters
-from dataverse_assets.archive import list_change_sets
+from dataverse_assets.archive.change_sets import list_change_sets
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.modes import SNAPSHOT_MODES
 from dataverse_assets.names import change_set_key, change_set_order, is_change_set_key

@@ -365,7 +365,11 @@ class ArchiveSession(SourceSession):
         self.stats = FetchStats()
 
     async def entity_definition(self, entity_set: str) -> dict | None:
-        from dataverse_assets.archive import ENTITY_DEFINITION, ChangeSetArchive, list_change_sets
+        from dataverse_assets.archive.change_sets import (
+            ENTITY_DEFINITION,
+            ChangeSetArchive,
+            list_change_sets,
+        )
 
         for change_set in reversed(list_change_sets(self.archive_dir, entity_set)):
             definition = ChangeSetArchive(self.archive_dir, entity_set, change_set).read_json(

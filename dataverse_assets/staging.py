@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 
-from dataverse_assets.archive import (
+from dataverse_assets.archive.change_sets import (
     ENTITY_DEFINITION,
     REQUEST,
     ChangeSetArchive,
@@ -260,7 +260,7 @@ def _staged_pages_in_workers(
                 raise
     if page_number <= len(paths):
         # Compacted while we read: the rest comes from the Parquet parts.
-        from dataverse_assets.compaction import iter_compacted_bodies
+        from dataverse_assets.archive.compacted import iter_compacted_bodies
 
         yield from _staged_bodies(context, pages,
                                   iter_compacted_bodies(archive, first_page=page_number),

@@ -27,7 +27,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.errors import StagingPrunedError
 from dataverse_assets.modes import PublishStatus

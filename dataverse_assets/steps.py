@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import orjson
 
 from dataverse_assets import dead_letters
-from dataverse_assets.archive import ChangeSetArchive, list_change_sets
+from dataverse_assets.archive.change_sets import ChangeSetArchive, list_change_sets
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.drift import schema_for_change_set
 from dataverse_assets.errors import ArchiveError, StorageError

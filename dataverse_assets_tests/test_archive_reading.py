@@ -3,8 +3,8 @@ happens while the pages are being read (the next page is read ahead on a thread)
 
 import orjson
 
-from dataverse_assets.archive import ChangeSetArchive
-from dataverse_assets.compaction import compact_change_set
+from dataverse_assets.archive.change_sets import ChangeSetArchive
+from dataverse_assets.archive.compacted import compact_change_set
 
 
 def archive_with_pages(root, pages: int) -> tuple[ChangeSetArchive, list[bytes]]:

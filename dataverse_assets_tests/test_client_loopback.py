@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.auth import ClientCredentials
 from dataverse_assets.client import DataverseClient, Page, RetryPolicy
 from dataverse_assets.config import EntityConfig

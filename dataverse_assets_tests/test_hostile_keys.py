@@ -12,7 +12,7 @@ import pytest
 from dagster import AssetKey, DagsterEventType, build_run_status_sensor_context
 
 from dataverse_assets import dead_letters
-from dataverse_assets.archive import MANIFEST, ChangeSetArchive, list_change_sets
+from dataverse_assets.archive.change_sets import MANIFEST, ChangeSetArchive, list_change_sets
 from dataverse_assets.cli import main as cli_main
 from dataverse_assets.errors import InvalidNameError
 from dataverse_assets.names import (

@@ -3,7 +3,7 @@
 import orjson
 import pytest
 
-from dataverse_assets.archive import REQUEST, ChangeSetArchive
+from dataverse_assets.archive.change_sets import REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import PlanValidationError
 from dataverse_assets.publish import render_plan

@@ -5,7 +5,7 @@ from urllib.parse import unquote
 
 import httpx
 
-from dataverse_assets.archive import ChangeSetArchive
+from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.auth import ClientCredentials
 from dataverse_assets.client import DataverseClient
 from dataverse_assets.config import EntityConfig

@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from dataverse_assets.archive import ChangeSetArchive, list_change_sets
+from dataverse_assets.archive.change_sets import ChangeSetArchive, list_change_sets
 from dataverse_assets.cli import main, new_change_set_key
 from dataverse_assets.compaction import compact_archive
 from dataverse_assets.config import Settings, load_entities_config
@@ -145,7 +145,7 @@ def config_with_archive(live, tmp_path, **archive):
 
 
 def page_digests(archive_dir) -> dict:
-    from dataverse_assets.archive import ChangeSetArchive
+    from dataverse_assets.archive.change_sets import ChangeSetArchive
 
     return {(entity, key): [hashlib.sha256(body).hexdigest() for body in
                             ChangeSetArchive(archive_dir, entity, key).iter_page_bodies()]

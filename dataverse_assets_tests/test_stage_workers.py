@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from dataverse_assets import staging
-from dataverse_assets.archive import REQUEST, ChangeSetArchive
+from dataverse_assets.archive.change_sets import REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import CorruptArchiveError
 from dataverse_assets.stage_workers import WorkerPool
@@ -150,7 +150,7 @@ def test_a_script_without_a_main_guard_does_not_run_again_in_the_workers(tmp_pat
 
 
 def test_a_compaction_while_workers_read_goes_on_from_the_parquet_parts(tmp_path, monkeypatch):
-    from dataverse_assets.compaction import compact_change_set
+    from dataverse_assets.archive.compacted import compact_change_set
     from dataverse_assets.publish import load_locked_schema
 
     monkeypatch.setattr(staging, "PARALLEL_STAGING_MIN_PAGES", 2)

@@ -4,9 +4,9 @@ Layout: `<archive>/<entity>/<change_set>/page-00001.json.gz ... manifest.json`. 
 complete once its manifest is written (atomically, last); a folder without one is a fetch that
 died and is started over.
 
-`dataverse-assets compact` (compaction.py) later merges the page files of old change sets into
-zstd Parquet (`pages-0001-of-0001.parquet`: page_number, kind, shape, body, the bodies byte for
-byte); `iter_page_bodies()` reads either form.
+`dataverse-assets compact` later merges the page files of old change sets into zstd Parquet
+(archive.compacted: `pages-0001-of-0001.parquet`: page_number, kind, shape, body, the bodies
+byte for byte); `iter_page_bodies()` reads either form.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import orjson
 
+from dataverse_assets.archive.compacted import iter_compacted_bodies
 from dataverse_assets.errors import ArchiveError, ArchivePathError, CorruptArchiveError
 from dataverse_assets.names import (
     change_set_order,
@@ -202,8 +203,6 @@ class ChangeSetArchive:
                 else:
                     if paths or not self.is_compacted():
                         return
-        from dataverse_assets.compaction import iter_compacted_bodies
-
         yield from iter_compacted_bodies(self, first_page=read + 1)
 
 
