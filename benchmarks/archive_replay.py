@@ -30,7 +30,7 @@ from dataverse_assets import steps
 from dataverse_assets.archive.change_sets import MANIFEST, ChangeSetArchive, list_change_sets
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, parse_entities_config
 from dataverse_assets.resources import MirrorStore
-from dataverse_assets.sources import SimulatorSource
+from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.staging import write_staged
 
 ROW_COUNTS = {
@@ -63,7 +63,7 @@ def build_mirror(workdir: Path, scale: float):
     simulator = DataverseSimulator(names, seed=11, row_counts=counts)
     source = SimulatorSource(entity_names=names, seed=11)
     # The in-process source looks its simulator up by (seed, names): hand it ours.
-    from dataverse_assets import sources
+    from dataverse_assets.source import base as sources
 
     sources._EMBEDDED[(11, tuple(sorted(names)))] = simulator
     store = MirrorStore(db_path=str(workdir / "live.db"), archive_dir=str(workdir / "archive"))

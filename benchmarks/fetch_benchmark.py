@@ -46,7 +46,7 @@ from dataverse_assets.simulator import (  # noqa: E402
     SIMULATOR_CLIENT_SECRET,
     SIMULATOR_TENANT_ID,
 )
-from dataverse_assets.sources import LiveDataverseSource  # noqa: E402
+from dataverse_assets.source.live import LiveDataverseSource  # noqa: E402
 
 TARGET_ROWS_PER_SECOND = 100_000
 TARGET_PEAK_RSS_MB = 300

@@ -67,7 +67,7 @@ def main() -> int:
     from dataverse_assets.config import load_entities_config
     from dataverse_assets.resources import MirrorStore
     from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
-    from dataverse_assets.sources import SimulatorSource
+    from dataverse_assets.source.simulator import SimulatorSource
 
     scale = args.day_seconds / 86_400
     work = Path(tempfile.mkdtemp(prefix="dataverse-retention-"))

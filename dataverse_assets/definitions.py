@@ -21,13 +21,11 @@ from dataverse_assets.maintenance_job import build_maintenance_job
 from dataverse_assets.resources import ArchiveIOManager, MirrorStore, SQLiteIOManager
 from dataverse_assets.schedules import build_schedules, sync_job_name
 from dataverse_assets.sensors import build_sensors
-from dataverse_assets.sources import (
-    ArchiveSource,
-    DataverseSource,
-    FixtureSource,
-    LiveDataverseSource,
-    SimulatorSource,
-)
+from dataverse_assets.source.base import DataverseSource
+from dataverse_assets.source.fixture import FixtureSource
+from dataverse_assets.source.live import LiveDataverseSource
+from dataverse_assets.source.replay import ArchiveSource
+from dataverse_assets.source.simulator import SimulatorSource
 
 
 def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:

@@ -16,8 +16,6 @@ from pathlib import Path
 import httpx
 import orjson
 
-from dataverse_assets.auth import ClientCredentials
-from dataverse_assets.client import DataverseClient, RetryPolicy
 from dataverse_assets.config import EntityConfig, Settings, load_settings
 from dataverse_assets.errors import (
     AuthenticationError,
@@ -27,10 +25,12 @@ from dataverse_assets.errors import (
 )
 from dataverse_assets.fetch import attribute_names, choose_mode
 from dataverse_assets.modes import Mode
-from dataverse_assets.query import PageQuery, id_filter, string_literal
 from dataverse_assets.redaction import redact
 from dataverse_assets.schema import detect_primary_key
-from dataverse_assets.sources import ClientSession, shared_ssl_context
+from dataverse_assets.source.auth import ClientCredentials
+from dataverse_assets.source.client import DataverseClient, RetryPolicy
+from dataverse_assets.source.live import ClientSession, shared_ssl_context
+from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 
 PASS, FAIL, WARN, INFO, SKIP = "PASS", "FAIL", "WARN", "INFO", "SKIP"
 
@@ -90,7 +90,7 @@ def org_target(settings: Settings) -> OrgTarget | None:
             SIMULATOR_CLIENT_SECRET,
             create_app,
         )
-        from dataverse_assets.sources import embedded_simulator
+        from dataverse_assets.source.simulator import embedded_simulator
 
         if settings.url:
             url = settings.url.rstrip("/")

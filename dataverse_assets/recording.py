@@ -31,12 +31,12 @@ from pathlib import Path
 import orjson
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
-from dataverse_assets.client import Page
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.fetch import fetch_change_set, plan_fetch
 from dataverse_assets.names import change_set_key, is_guid
-from dataverse_assets.query import PageQuery
-from dataverse_assets.sources import DataverseSource, SourceSession
+from dataverse_assets.source.base import DataverseSource, SourceSession
+from dataverse_assets.source.client import Page
+from dataverse_assets.source.query import PageQuery
 from dataverse_assets.staging import LOOKUP_TARGET_ANNOTATION
 from dataverse_assets.store import utc_now_iso
 

@@ -26,7 +26,7 @@ from dataverse_assets.modes import PublishStatus, SyncStatus
 from dataverse_assets.names import KEY_GLOB, change_set_time, is_change_set_key
 from dataverse_assets.progress import format_duration
 from dataverse_assets.publish import canonical_row_count
-from dataverse_assets.query import parse_datetime
+from dataverse_assets.source.query import parse_datetime
 from dataverse_assets.store import latest_publish_state, read_sync_state
 
 DURATION_TICKS = (0.01, 0.1, 1.0, 60.0, 3600.0, 86400.0, 30 * 86400.0, 365 * 86400.0)

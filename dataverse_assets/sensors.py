@@ -26,9 +26,9 @@ from dataverse_assets.modes import SNAPSHOT_MODES
 from dataverse_assets.names import change_set_key, change_set_order, is_change_set_key
 from dataverse_assets.partitions import add_change_sets_request
 from dataverse_assets.priorities import priority_tags
-from dataverse_assets.query import PageQuery, modified_since_filter
 from dataverse_assets.resources import MirrorStore
-from dataverse_assets.sources import DataverseSource, SourceSession
+from dataverse_assets.source.base import DataverseSource, SourceSession
+from dataverse_assets.source.query import PageQuery, modified_since_filter
 from dataverse_assets.store import SyncState, mirrored_etags, read_sync_state
 
 LAYERS = ("raw", "staging", "canonical")

@@ -10,7 +10,7 @@ from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.locks import is_held
 from dataverse_assets.modes import PUBLISHING_STATUSES, PublishStatus
 from dataverse_assets.publish import canonical_row_count
-from dataverse_assets.query import parse_datetime
+from dataverse_assets.source.query import parse_datetime
 from dataverse_assets.store import INTERRUPTED, latest_publish_state, read_sync_state, table_exists
 
 

@@ -38,7 +38,7 @@ from dataverse_assets.publish import (
     record_publish_failure,
 )
 from dataverse_assets.resources import MirrorStore
-from dataverse_assets.sources import DataverseSource
+from dataverse_assets.source.base import DataverseSource
 from dataverse_assets.staging import (
     StagedRecords,
     column_values,

@@ -10,10 +10,10 @@ import httpx
 import orjson
 import pytest
 
-from dataverse_assets.auth import ClientCredentials
-from dataverse_assets.client import DataverseClient
 from dataverse_assets.errors import AuthenticationError, DataverseRequestError, PagingError
-from dataverse_assets.query import PageQuery
+from dataverse_assets.source.auth import ClientCredentials
+from dataverse_assets.source.client import DataverseClient
+from dataverse_assets.source.query import PageQuery
 
 ORG = "https://org.example.com"
 SECRET = "very-secret-client-secret"
@@ -65,7 +65,7 @@ def run_client(steps, coroutine_factory, *, max_attempts: int = 6):
                 http, org_url=ORG, client_id="id", client_secret=SECRET,
                 authority="https://login.example.com", tenant_id="tenant", clock=clock,
             )
-            from dataverse_assets.client import RetryPolicy
+            from dataverse_assets.source.client import RetryPolicy
 
             client = DataverseClient(
                 http, credentials, org_url=ORG, sleep=clock.sleep, clock=clock,
@@ -230,7 +230,7 @@ def test_fetch_sessions_share_one_verifying_tls_context(monkeypatch, tmp_path):
 
     import certifi
 
-    from dataverse_assets.sources import shared_ssl_context
+    from dataverse_assets.source.live import shared_ssl_context
 
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)

@@ -11,9 +11,7 @@ import orjson
 import pytest
 from dagster import DagsterInstance
 
-from dataverse_assets import client as client_module
 from dataverse_assets.cli import main as cli_main
-from dataverse_assets.client import RetryPolicy
 from dataverse_assets.config import (
     DEFAULT_ENTITIES_CONFIG,
     Settings,
@@ -23,9 +21,12 @@ from dataverse_assets.config import (
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.errors import ConfigError, PagingError
 from dataverse_assets.fetch import FetchRequest, FetchStep, PagingGuard
-from dataverse_assets.query import PageQuery
 from dataverse_assets.simulator import SimAttribute
-from dataverse_assets.sources import FixtureSource, SimulatorSource
+from dataverse_assets.source import client as client_module
+from dataverse_assets.source.client import RetryPolicy
+from dataverse_assets.source.fixture import FixtureSource
+from dataverse_assets.source.query import PageQuery
+from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store import quote_identifier
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataverse_assets.key_ranges import (
+from dataverse_assets.simulator.odata import guid_order_key
+from dataverse_assets.source.key_ranges import (
     GUID_SPACE,
     KeyRange,
     guid_from_sql_value,
@@ -15,8 +16,7 @@ from dataverse_assets.key_ranges import (
     range_query,
     ranged_watermark,
 )
-from dataverse_assets.query import PageQuery
-from dataverse_assets.simulator.odata import guid_order_key
+from dataverse_assets.source.query import PageQuery
 
 guids = st.integers(0, GUID_SPACE - 1).map(lambda n: str(uuid.UUID(int=n)))
 

@@ -6,8 +6,6 @@ from urllib.parse import unquote
 import httpx
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
-from dataverse_assets.auth import ClientCredentials
-from dataverse_assets.client import DataverseClient
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.fetch import fetch_change_set, plan_fetch
 from dataverse_assets.progress import (
@@ -19,7 +17,10 @@ from dataverse_assets.progress import (
     format_duration,
     listening,
 )
-from dataverse_assets.sources import ClientSession, SimulatorSource
+from dataverse_assets.source.auth import ClientCredentials
+from dataverse_assets.source.client import DataverseClient
+from dataverse_assets.source.live import ClientSession
+from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets_tests.conftest import ENTITY_NAMES
 
 ORG = "https://org.example.com"

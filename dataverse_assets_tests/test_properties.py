@@ -25,10 +25,10 @@ from dataverse_assets.config import ArchiveConfig, EntityConfig, GroupConfig, Li
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.publish import lock_schema, publish_change_set
-from dataverse_assets.query import PageQuery, id_filter, string_literal
 from dataverse_assets.schema import Column, EntitySchema, detect_primary_key, sqlite_fold
 from dataverse_assets.simulator.odata import BoolOp, Comparison, parse_filter
-from dataverse_assets.sources import SimulatorSource, embedded_simulator
+from dataverse_assets.source.query import PageQuery, id_filter, string_literal
+from dataverse_assets.source.simulator import SimulatorSource, embedded_simulator
 from dataverse_assets.staging import STAGING_META_COLUMNS, StagedRecords, content_hash, write_staged
 from dataverse_assets.store import connect, quote_identifier
 from dataverse_assets_tests.conftest import Mirror, failure_messages

@@ -2,7 +2,7 @@ from urllib.parse import quote
 
 import pytest
 
-from dataverse_assets.query import (
+from dataverse_assets.source.query import (
     MAX_IDS_PER_FILTER,
     PageQuery,
     datetime_literal,

@@ -21,7 +21,7 @@ from dataverse_assets.progress import ProgressReporter, ProgressSink, ProgressUp
 from dataverse_assets.rebuild import archived_change_sets, rebuild, register_archived
 from dataverse_assets.schedules import sync_job_name
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
-from dataverse_assets.sources import SimulatorSource
+from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store import quote_identifier
 from dataverse_assets_tests.conftest import (
     ENTITY_NAMES,

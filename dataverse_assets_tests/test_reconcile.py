@@ -16,7 +16,7 @@ from dataverse_assets.config import Settings
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.partitions import register_change_set
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
-from dataverse_assets.sources import SimulatorSource
+from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets_tests.conftest import ENTITY_NAMES, SMALL_ROW_COUNTS, Mirror
 from dataverse_assets_tests.truth import PRIMARY_KEYS, canonical_rows, expected_records
 

@@ -17,7 +17,7 @@ from dataverse_assets.definitions import build_definitions
 from dataverse_assets.faults import armed
 from dataverse_assets.report import FAILED, FRESH, LATE, NEVER, collect_report, entity_state
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
-from dataverse_assets.sources import SimulatorSource
+from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets_tests.conftest import (
     ENTITY_NAMES,
     SMALL_ROW_COUNTS,

@@ -5,7 +5,6 @@ import asyncio
 
 import pytest
 
-from dataverse_assets.auth import SHARED_TOKENS
 from dataverse_assets.errors import AuthenticationError
 from dataverse_assets.simulator import (
     SIMULATOR_CLIENT_ID,
@@ -13,7 +12,8 @@ from dataverse_assets.simulator import (
     DataverseSimulator,
     serve_on_loopback,
 )
-from dataverse_assets.sources import LiveDataverseSource
+from dataverse_assets.source.auth import SHARED_TOKENS
+from dataverse_assets.source.live import LiveDataverseSource
 
 from .conftest import failure_messages
 

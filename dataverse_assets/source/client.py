@@ -21,17 +21,17 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from dataverse_assets.auth import API_PATH, ClientCredentials
 from dataverse_assets.errors import (
     AuthenticationError,
     DataverseRequestError,
     PagingError,
     ResponseTooLargeError,
 )
-from dataverse_assets.key_ranges import KeyRange, key_ranges, range_query
 from dataverse_assets.names import is_guid
-from dataverse_assets.query import PageQuery
 from dataverse_assets.redaction import redact
+from dataverse_assets.source.auth import API_PATH, ClientCredentials
+from dataverse_assets.source.key_ranges import KeyRange, key_ranges, range_query
+from dataverse_assets.source.query import PageQuery
 
 ODATA_HEADERS = {
     "Accept": "application/json",

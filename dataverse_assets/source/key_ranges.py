@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from dataverse_assets.names import is_guid
-from dataverse_assets.query import PageQuery
+from dataverse_assets.source.query import PageQuery
 
 GUID_SPACE = 1 << 128
 
