@@ -181,8 +181,8 @@ def main() -> None:
     _timed("duckdb: read_blob, then gzip.decompress", pages_duckdb_blob, archive_dir)
     _timed("ChangeSetArchive.iter_page_bodies (gzip pages)", pages_archive_api, archive_dir)
 
-    from dataverse_assets.compaction import compact_archive
     from dataverse_assets.rebuild import rebuild
+    from dataverse_assets.store.archive_retention import compact_archive
 
     if not args.no_rebuild:
         report, _ = _timed("3. rebuild from gzip pages", rebuild, config, archive_dir,

@@ -137,11 +137,12 @@ def worker_sync(args: dict) -> dict:
     """One run of a group's job, in-process, for a new change set."""
     from dagster import DagsterEventType, DagsterInstance
 
-    from dataverse_assets import assets, locks, resources, steps
+    from dataverse_assets import assets, resources, steps
     from dataverse_assets.config import Settings
     from dataverse_assets.definitions import build_definitions
     from dataverse_assets.partitions import register_change_set
     from dataverse_assets.schedules import sync_job_name
+    from dataverse_assets.store import locks
 
     timers = _Timers()
     for module, name in ((steps, "fetch"), (resources, "write_staged"), (steps, "publish"),

@@ -54,17 +54,23 @@ from dagster._utils.schedules import get_latest_completed_cron_tick
 from dataverse_assets.config import EntitiesConfig, EntityConfig, GroupConfig
 from dataverse_assets.drift import read_schema_checks
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus
-from dataverse_assets.publish import SYNC_COLUMNS, canonical_row_count, load_locked_schema
 from dataverse_assets.resources import MirrorStore
-from dataverse_assets.schema import ADDED, BREAKING, EXCLUDED, REMOVED, TYPE_CHANGED, EntitySchema
 from dataverse_assets.staging import count_staged
-from dataverse_assets.store import (
-    quote_identifier,
+from dataverse_assets.store.db import quote_identifier, table_exists, transaction, utc_now_iso
+from dataverse_assets.store.schema import (
+    ADDED,
+    BREAKING,
+    EXCLUDED,
+    REMOVED,
+    TYPE_CHANGED,
+    EntitySchema,
+)
+from dataverse_assets.store.schema_registry import load_locked_schema
+from dataverse_assets.store.tables import (
+    SYNC_COLUMNS,
+    canonical_row_count,
     staging_keys_table,
     staging_table,
-    table_exists,
-    transaction,
-    utc_now_iso,
 )
 
 SCHEMA_DRIFT = "schema_drift"

@@ -49,7 +49,7 @@ def _instance():
 
 def _connection(settings):
     """The mirror database, closed when the block ends."""
-    from dataverse_assets.store import connect
+    from dataverse_assets.store.db import connect
 
     return closing(connect(settings.db_path))
 
@@ -91,7 +91,7 @@ def new_change_set_key(instance, group: str, now: datetime | None = None,
 
 
 def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
-    from dataverse_assets.store import connect
+    from dataverse_assets.store.db import connect
 
     connection = connect(settings.db_path)
     try:
@@ -189,7 +189,7 @@ def cmd_change_set_create(args: argparse.Namespace) -> int:
 
 def cmd_plan_show(args: argparse.Namespace) -> int:
     from dataverse_assets.publish import render_plan
-    from dataverse_assets.store import connect
+    from dataverse_assets.store.db import connect
 
     settings = load_settings()
     # The database's plans, also of entities no longer configured: the format is checked.
@@ -306,7 +306,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from dataverse_assets.status import entity_status
-    from dataverse_assets.store import connect
+    from dataverse_assets.store.db import connect
 
     settings = load_settings()
     connection = connect(settings.db_path)
@@ -324,8 +324,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_issues(args: argparse.Namespace) -> int:
-    from dataverse_assets.status import list_issues
-    from dataverse_assets.store import connect
+    from dataverse_assets.store.db import connect
+    from dataverse_assets.store.issues import list_issues
 
     settings = load_settings()
     if args.entity is not None:
@@ -352,8 +352,8 @@ def cmd_issues(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from dataverse_assets import dead_letters
-    from dataverse_assets.store import connect
+    from dataverse_assets.store import dead_letters
+    from dataverse_assets.store.db import connect
 
     settings = load_settings()
     connection = connect(settings.db_path)
@@ -502,7 +502,7 @@ def cmd_fixtures_record(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from dataverse_assets.report import write_report
-    from dataverse_assets.store import connect
+    from dataverse_assets.store.db import connect
 
     settings = load_settings()
     connection = connect(settings.db_path)
@@ -580,7 +580,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_compact(args: argparse.Namespace) -> int:
-    from dataverse_assets.compaction import compact_archive
+    from dataverse_assets.store.archive_retention import compact_archive
 
     settings = load_settings()
     report = compact_archive(
@@ -604,8 +604,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
           + (" (dry run: nothing changed)" if args.dry_run else ""))
     if args.no_retention or not settings.db_path.exists():
         return 0
-    from dataverse_assets.locks import every_entity_lock
-    from dataverse_assets.maintenance import retain_bookkeeping, shrink_database
+    from dataverse_assets.store.locks import every_entity_lock
+    from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
 
     with _connection(settings) as connection:
         deleted = retain_bookkeeping(connection, settings.entities, dry_run=args.dry_run)

@@ -26,11 +26,11 @@ from dataverse_assets.errors import (
 from dataverse_assets.fetch import attribute_names, choose_mode
 from dataverse_assets.modes import Mode
 from dataverse_assets.redaction import redact
-from dataverse_assets.schema import detect_primary_key
 from dataverse_assets.source.auth import ClientCredentials
 from dataverse_assets.source.client import DataverseClient, RetryPolicy
 from dataverse_assets.source.live import ClientSession, shared_ssl_context
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal
+from dataverse_assets.store.schema import detect_primary_key
 
 PASS, FAIL, WARN, INFO, SKIP = "PASS", "FAIL", "WARN", "INFO", "SKIP"
 
@@ -380,7 +380,7 @@ class Doctor:
         if entity.filtered:
             mode, how = Mode.FILTERED, "linked ids and a modifiedon watermark"
         self.add("change tracking", PASS if tracked else INFO,
-                 f"{enabled}; incremental mode {mode!r} ({how})", entity=name)
+                 f"{enabled}; incremental mode {str(mode)!r} ({how})", entity=name)
 
     async def _paging(self, client: DataverseClient, entity: EntityConfig,
                       primary_key: str) -> list[str]:
@@ -521,7 +521,7 @@ def _fixture_checks(settings: Settings, entities: list[EntityConfig]) -> list[Ch
         checks.append(Check(
             "saved pages", PASS,
             f"{len(pages)} page(s)" + (", metadata" if definition else ", no metadata")
-            + f"; incremental mode {mode!r}", entity=entity.name))
+            + f"; incremental mode {str(mode)!r}", entity=entity.name))
     return checks
 
 

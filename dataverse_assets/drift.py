@@ -24,8 +24,15 @@ import orjson
 
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
-from dataverse_assets.publish import load_locked_schema, lock_schema
-from dataverse_assets.schema import (
+from dataverse_assets.staging import decide_schema, is_deleted_entity
+from dataverse_assets.store.db import (
+    quote_identifier,
+    table_columns,
+    table_exists,
+    transaction,
+    utc_now_iso,
+)
+from dataverse_assets.store.schema import (
     ADDED,
     EXCLUDED,
     REMOVED,
@@ -40,16 +47,8 @@ from dataverse_assets.schema import (
     schema_from_observed_types,
     sqlite_fold,
 )
-from dataverse_assets.staging import decide_schema, is_deleted_entity
-from dataverse_assets.store import (
-    history_table,
-    quote_identifier,
-    staging_table,
-    table_columns,
-    table_exists,
-    transaction,
-    utc_now_iso,
-)
+from dataverse_assets.store.schema_registry import load_locked_schema, lock_schema
+from dataverse_assets.store.tables import history_table, staging_table
 
 DRIFT_DDL = (
     """CREATE TABLE IF NOT EXISTS _schema_check (

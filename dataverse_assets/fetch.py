@@ -43,7 +43,6 @@ from dataverse_assets.faults import fault_point
 from dataverse_assets.modes import Mode
 from dataverse_assets.names import check_column_name, is_guid
 from dataverse_assets.progress import FetchProgress
-from dataverse_assets.schema import detect_primary_key
 from dataverse_assets.source.base import SourceSession
 from dataverse_assets.source.key_ranges import ranged_watermark
 from dataverse_assets.source.query import (
@@ -52,7 +51,8 @@ from dataverse_assets.source.query import (
     modified_since_filter,
     parse_datetime,
 )
-from dataverse_assets.store import utc_now_iso
+from dataverse_assets.store.db import utc_now_iso
+from dataverse_assets.store.schema import detect_primary_key
 
 EXPIRED_DELTA_TOKEN = "0x80044352"
 

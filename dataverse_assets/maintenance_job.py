@@ -19,11 +19,11 @@ from dagster import (
     op,
 )
 
-from dataverse_assets.compaction import compact_archive
 from dataverse_assets.config import EntitiesConfig
-from dataverse_assets.locks import every_entity_lock
-from dataverse_assets.maintenance import retain_bookkeeping, shrink_database
 from dataverse_assets.resources import MirrorStore
+from dataverse_assets.store.archive_retention import compact_archive
+from dataverse_assets.store.locks import every_entity_lock
+from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
 
 MAINTENANCE_JOB = "maintenance"
 

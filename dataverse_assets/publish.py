@@ -24,39 +24,36 @@ from dataverse_assets.errors import PlanValidationError, StorageError
 from dataverse_assets.faults import fault_point
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus, SyncStatus
 from dataverse_assets.names import KEY_GLOB
-from dataverse_assets.schema import Column, EntitySchema, json_bytes
 from dataverse_assets.staging import count_staged
-from dataverse_assets.store import (
-    database_path,
-    history_table,
-    quote_identifier,
+from dataverse_assets.store.bookkeeping import (
+    is_bulk_create,
+    pruned_at,
+    publish_status,
     read_sync_state,
+    record_publish_failure,
     set_publish_state,
-    staging_keys_table,
-    staging_table,
+    write_sync_state,
+)
+from dataverse_assets.store.db import (
+    database_path,
+    quote_identifier,
     storage_problem,
     table_exists,
     transaction,
     utc_now_iso,
-    write_sync_state,
+)
+from dataverse_assets.store.schema import EntitySchema, json_bytes
+from dataverse_assets.store.tables import (
+    NOCASE_SUFFIX,
+    STABLE_INDEXED_COLUMNS,
+    SYNC_COLUMNS,
+    ensure_canonical_tables,
+    history_table,
+    secondary_indexes,
+    staging_keys_table,
+    staging_table,
 )
 
-SYNC_COLUMNS = (
-    ("json_response", "TEXT NOT NULL"),
-    ("_content_hash", "TEXT NOT NULL"),
-    ("sync_time", "TEXT NOT NULL"),
-    ("valid_from", "TEXT"),
-    ("updated_at", "TEXT NOT NULL"),
-    ("_change_set", "TEXT NOT NULL"),
-)
-HISTORY_COLUMNS = (("valid_to", "TEXT NOT NULL"), ("change_kind", "TEXT NOT NULL"),
-                   ("superseded_in", "TEXT NOT NULL"))
-INDEXED_COLUMNS = ("modifiedon", "createdon")
-# Indexed columns an update (almost) never changes: left out of the update's SET and set
-# apart where they changed (see _apply_chunk), which saved ~9% of a 1% incremental's writes
-# (README, Performance).
-STABLE_INDEXED_COLUMNS = ("createdon",)
-NOCASE_SUFFIX = "__pk_nocase"
 DEFAULT_CHUNK_ROWS = 50_000
 PLAN_KINDS = ("create", "update", "delete", "unchanged", "stale", "delete_unknown")
 # A canonical row `c` written by a change set newer than :cs. Keys have one fixed width, so
@@ -79,72 +76,6 @@ CREATE TABLE IF NOT EXISTS _publish_plan (
 
 # -- the locked schema --------------------------------------------------------------------
 
-def load_locked_schema(connection: sqlite3.Connection, entity: str) -> EntitySchema | None:
-    row = connection.execute(
-        "SELECT primary_key, columns_json, decided_from, reasons_json FROM _schema "
-        "WHERE entity = ? ORDER BY version DESC LIMIT 1", (entity,)
-    ).fetchone()
-    if row is None:
-        return None
-    columns = tuple(Column.from_json(c) for c in orjson.loads(row[1]))
-    return EntitySchema(entity, row[0], columns, row[2], tuple(orjson.loads(row[3])))
-
-
-def lock_schema(connection: sqlite3.Connection, schema: EntitySchema) -> EntitySchema:
-    """Store the first schema of an entity; afterwards the stored one wins."""
-    locked = load_locked_schema(connection, schema.entity)
-    if locked is not None:
-        return locked
-    connection.execute(
-        "INSERT INTO _schema (entity, version, primary_key, columns_json, decided_from,"
-        " reasons_json, locked_at) VALUES (?, 1, ?, ?, ?, ?, ?)",
-        (schema.entity, schema.primary_key, schema.to_json(), schema.decided_from,
-         orjson.dumps(list(schema.reasons)).decode(), utc_now_iso()),
-    )
-    return schema
-
-
-def ensure_canonical_tables(connection: sqlite3.Connection, schema: EntitySchema) -> None:
-    """Create the entity table and its history table if they do not exist yet."""
-    entity = quote_identifier(schema.entity)
-    pk = schema.primary_key
-    data_columns = [
-        f"{quote_identifier(c.name)} {c.sqlite_type}" + (" PRIMARY KEY" if c.name == pk else "")
-        for c in schema.columns
-    ]
-    sync_columns = [f"{quote_identifier(n)} {t}" for n, t in SYNC_COLUMNS]
-    connection.execute(
-        f"CREATE TABLE IF NOT EXISTS {entity} ({', '.join(data_columns + sync_columns)})"
-    )
-    history_columns = [f"{quote_identifier(c.name)} {c.sqlite_type}" for c in schema.columns]
-    history_columns += [f"{quote_identifier(n)} {t}" for n, t in SYNC_COLUMNS + HISTORY_COLUMNS]
-    history = history_table(schema.entity)
-    connection.execute(
-        f"CREATE TABLE IF NOT EXISTS {quote_identifier(history)} ({', '.join(history_columns)})"
-    )
-    connection.execute(
-        f"CREATE INDEX IF NOT EXISTS {quote_identifier(history + '__pk')} "
-        f"ON {quote_identifier(history)} ({quote_identifier(pk)})"
-    )
-    for name, column in _secondary_indexes(schema).items():
-        connection.execute(f"CREATE INDEX IF NOT EXISTS {quote_identifier(name)} "
-                           f"ON {entity} ({column})")
-
-
-def _secondary_indexes(schema: EntitySchema) -> dict[str, str]:
-    """The canonical table's indexes besides its primary key: {index name: indexed column}.
-
-    On modifiedon and createdon, and on the primary key without case (NOCASE folds ASCII,
-    as SQLite's lower() does): the primary-key check reads that index in order instead of
-    sorting every key (0.7 s at 1M rows). Updates never change a key, so it costs creates only.
-    """
-    indexes = {f"{schema.entity}__{column}": quote_identifier(column)
-               for column in INDEXED_COLUMNS if column in schema.column_names}
-    indexes[f"{schema.entity}{NOCASE_SUFFIX}"] = (
-        f"{quote_identifier(schema.primary_key)} COLLATE NOCASE")
-    return indexes
-
-
 # -- results and state --------------------------------------------------------------------
 
 @dataclass
@@ -163,14 +94,6 @@ class PublishResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def publish_status(connection: sqlite3.Connection, entity: str, change_set: str) -> str | None:
-    row = connection.execute(
-        "SELECT status FROM _publish_state WHERE entity = ? AND change_set = ?",
-        (entity, change_set),
-    ).fetchone()
-    return row[0] if row else None
 
 
 # -- plan ---------------------------------------------------------------------------------
@@ -347,7 +270,7 @@ def execute_plan(
         set_publish_state(connection, schema.entity, change_set, PublishStatus.EXECUTING,
                           started_at=utc_now_iso())
     applied = 0
-    if _is_bulk_create(connection, schema.entity, change_set):
+    if is_bulk_create(connection, schema.entity, change_set):
         applied = _execute_bulk_creates(connection, schema, change_set, chunk_rows,
                                         as_of or utc_now_iso())
     after = ""  # chunks follow the plan's key order: each starts where the last one ended
@@ -427,13 +350,6 @@ def _canonical_values(data: list[str]) -> str:
     return ", ".join(_canonical_expressions(data))
 
 
-def _is_bulk_create(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
-    row = connection.execute(
-        "SELECT bulk_create FROM _publish_state WHERE entity = ? AND change_set = ?",
-        (entity, change_set)).fetchone()
-    return bool(row and row[0])
-
-
 def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
                           change_set: str, chunk_rows: int, as_of: str) -> int:
     """Insert every staged upsert of a `bulk_create` plan, in chunks of staged keys (one
@@ -449,7 +365,7 @@ def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
     # The modifiedon/createdon indexes are built once at the end instead of being grown row by
     # row in random order (3 s less at 1M rows; a crash before then: the next plan creates
     # them). The NOCASE key index grows in key order, as the rows go in: it stays.
-    indexes = [n for n in _secondary_indexes(schema) if not n.endswith(NOCASE_SUFFIX)]
+    indexes = [n for n in secondary_indexes(schema) if not n.endswith(NOCASE_SUFFIX)]
     with transaction(connection):
         for name in indexes:
             connection.execute(f"DROP INDEX IF EXISTS {quote_identifier(name)}")
@@ -631,26 +547,6 @@ def publish_change_set(
         connection.execute("DROP TABLE IF EXISTS temp._chunk")
 
 
-def record_publish_failure(connection: sqlite3.Connection, entity: str, change_set: str,
-                           operation: str, exc: BaseException) -> None:
-    """FAILED, with the operation that failed, the error and one more retry counted; the
-    entity's sync state says failed."""
-    with transaction(connection):
-        retries = connection.execute(
-            "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
-            (entity, change_set)).fetchone()
-        set_publish_state(
-            connection, entity, change_set, PublishStatus.FAILED, failed_operation=operation,
-            error_code=getattr(exc, "code", None) or type(exc).__name__,
-            error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
-            retry_count=(retries[0] or 0) + 1 if retries else 1,
-        )
-        connection.execute(
-            "UPDATE _sync_state SET status = 'failed', updated_at = ? WHERE entity = ?",
-            (utc_now_iso(), entity),
-        )
-
-
 def _storage_error(connection: sqlite3.Connection, entity: str, change_set: str,
                    problem: tuple[str, str], exc: BaseException) -> StorageError:
     what, remedy = problem
@@ -668,12 +564,6 @@ def _storage_error(connection: sqlite3.Connection, entity: str, change_set: str,
         f" SQLite: {exc}). {state} and the watermark did not move. To fix: {remedy}, then run"
         " the sync again; it publishes this change set first."
     )
-
-
-def canonical_row_count(connection: sqlite3.Connection, entity: str) -> int:
-    if not table_exists(connection, entity):
-        return 0
-    return connection.execute(f"SELECT count(*) FROM {quote_identifier(entity)}").fetchone()[0]
 
 
 # -- the human-readable plan --------------------------------------------------------------
@@ -705,10 +595,8 @@ def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
         f"{created:,} to create, {updated:,} to update, {deleted:,} to delete, "
         f"{unchanged:,} unchanged" + (f", {stale:,} stale" if stale else ""),
     ]
-    bulk = _is_bulk_create(connection, entity, change_set)
+    bulk = is_bulk_create(connection, entity, change_set)
     if bulk:
-        from dataverse_assets.staging_retention import pruned_at  # it imports this module
-
         lines.append("(into an empty table: every staged record is a create)")
         if pruned_at(connection, entity, change_set) is not None:
             lines.append("(its staged rows were deleted by staging retention, so the creates "
@@ -739,11 +627,3 @@ def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
         if total > len(rows):
             lines.append(f"  ... and {total - len(rows):,} more")
     return "\n".join(lines)
-
-
-def read_publish_state(connection: sqlite3.Connection, entity: str, change_set: str) -> dict:
-    """The `_publish_state` row of a change set as a dict (empty if none)."""
-    cursor = connection.execute(
-        "SELECT * FROM _publish_state WHERE entity = ? AND change_set = ?", (entity, change_set))
-    row = cursor.fetchone()
-    return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else {}

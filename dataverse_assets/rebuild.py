@@ -25,9 +25,9 @@ from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.errors import CorruptArchiveError, RebuildError
 from dataverse_assets.names import change_set_order
 from dataverse_assets.progress import FetchProgress, ProgressReporter
-from dataverse_assets.publish import canonical_row_count
-from dataverse_assets.resources import MirrorStore
 from dataverse_assets.staging import write_staged
+from dataverse_assets.store.mirror import Mirror
+from dataverse_assets.store.tables import canonical_row_count
 
 
 @dataclass
@@ -125,7 +125,7 @@ def rebuild(
     building = into.with_name(into.name + ".rebuilding")
     for leftover in _database_files(building):
         leftover.unlink(missing_ok=True)
-    store = MirrorStore(db_path=str(building), archive_dir=str(archive_dir))
+    store = Mirror(db_path=str(building), archive_dir=str(archive_dir))
     report = RebuildReport(into=into, archive_dir=archive_dir)
     started = time.perf_counter()
     try:
@@ -187,7 +187,7 @@ def rebuild(
     return report
 
 
-def _summary(store: MirrorStore, entity: str, change_set: str) -> dict:
+def _summary(store: Mirror, entity: str, change_set: str) -> dict:
     """A change set's fetch summary for progress ({} when its manifest is damaged: the replay
     itself reports that)."""
     try:

@@ -38,7 +38,7 @@ from dataverse_assets.source.base import DataverseSource, SourceSession
 from dataverse_assets.source.client import Page
 from dataverse_assets.source.query import PageQuery
 from dataverse_assets.staging import LOOKUP_TARGET_ANNOTATION
-from dataverse_assets.store import utc_now_iso
+from dataverse_assets.store.db import utc_now_iso
 
 FORMATTED_VALUE = "@OData.Community.Display.V1.FormattedValue"
 RECORDING_MANIFEST = "recording.json"

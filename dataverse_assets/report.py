@@ -19,15 +19,15 @@ from pathlib import Path
 
 import orjson
 
-from dataverse_assets import dead_letters
 from dataverse_assets.checks import freshness_status, last_complete_publish
 from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.modes import PublishStatus, SyncStatus
 from dataverse_assets.names import KEY_GLOB, change_set_time, is_change_set_key
 from dataverse_assets.progress import format_duration
-from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.source.query import parse_datetime
-from dataverse_assets.store import latest_publish_state, read_sync_state
+from dataverse_assets.store import dead_letters
+from dataverse_assets.store.bookkeeping import latest_publish_state, read_sync_state
+from dataverse_assets.store.tables import canonical_row_count
 
 DURATION_TICKS = (0.01, 0.1, 1.0, 60.0, 3600.0, 86400.0, 30 * 86400.0, 365 * 86400.0)
 FRESH, LATE, FAILED, NEVER = "fresh", "late", "failed", "never synced"

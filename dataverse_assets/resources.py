@@ -7,11 +7,7 @@
 """
 
 
-import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from dagster import (
     ConfigurableIOManager,
@@ -21,16 +17,16 @@ from dagster import (
 )
 from pydantic import Field
 
-from dataverse_assets import locks
-from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.faults import fault_point
 from dataverse_assets.names import check_change_set_key
 from dataverse_assets.staging import StagedChangeSet, StagedRecords, read_staged, write_staged
-from dataverse_assets.store import connect, storage_errors
+from dataverse_assets.store import locks
+from dataverse_assets.store.mirror import MirrorAccess
 
 
-class MirrorStore(ConfigurableResource):
-    """Where the mirror lives: the SQLite database and the raw archive."""
+class MirrorStore(ConfigurableResource, MirrorAccess):
+    """Where the mirror lives: the SQLite database and the raw archive (store.mirror's methods:
+    a connection, an entity's lock, a change set's archive)."""
 
     db_path: str
     archive_dir: str
@@ -40,31 +36,6 @@ class MirrorStore(ConfigurableResource):
     lock_stale_after_seconds: float = Field(
         locks.DEFAULT_STALE_AFTER_SECONDS, gt=0,
         description="A lock older than this is taken over (a dead process's is at once).")
-
-    @contextmanager
-    def connection(self) -> Iterator[sqlite3.Connection]:
-        """A connection to the mirror; a SQLite error in the block that means the file cannot
-        be used (full, read-only, corrupt, locked) becomes a StorageError saying so."""
-        connection = connect(self.db_path)
-        try:
-            with storage_errors(self.db_path, "writing the mirror",
-                                "the write that failed rolled back: nothing of it was kept"):
-                yield connection
-        finally:
-            connection.close()
-
-    @contextmanager
-    def entity_lock(self, entity: str, *, owner: str, purpose: str,
-                    warn: Callable[[str], None] | None = None) -> Iterator[locks.LockHolder]:
-        """Hold the entity's lock in the database for a step that writes it (see locks)."""
-        with locks.entity_lock(self.db_path, entity, owner=owner, purpose=purpose,
-                               wait_seconds=self.lock_wait_seconds,
-                               stale_after_seconds=self.lock_stale_after_seconds,
-                               warn=warn) as holder:
-            yield holder
-
-    def archive(self, entity: str, change_set: str) -> ChangeSetArchive:
-        return ChangeSetArchive(Path(self.archive_dir), entity, change_set)
 
 
 @dataclass(frozen=True)

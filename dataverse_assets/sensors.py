@@ -19,7 +19,6 @@ from dagster import (
     sensor,
 )
 
-from dataverse_assets import dead_letters
 from dataverse_assets.archive.change_sets import list_change_sets
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.modes import SNAPSHOT_MODES
@@ -29,7 +28,10 @@ from dataverse_assets.priorities import priority_tags
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.source.base import DataverseSource, SourceSession
 from dataverse_assets.source.query import PageQuery, modified_since_filter
-from dataverse_assets.store import SyncState, mirrored_etags, read_sync_state
+from dataverse_assets.store import dead_letters
+from dataverse_assets.store.bookkeeping import SyncState, read_sync_state
+from dataverse_assets.store.schema_registry import load_locked_schema
+from dataverse_assets.store.tables import mirrored_etags
 
 LAYERS = ("raw", "staging", "canonical")
 MAX_RUNS_PER_TICK = 25
@@ -129,8 +131,6 @@ async def probe_entity(session: SourceSession, entity: EntityConfig, state: Sync
 
 def _probe_group(source: DataverseSource, store: MirrorStore, config: EntitiesConfig,
                  group: str) -> dict[str, bool | None]:
-    from dataverse_assets.publish import load_locked_schema
-
     entities = config.entities_in_group(group)
     with store.connection() as connection:
         states = {e.name: read_sync_state(connection, e.name) for e in entities}

@@ -24,8 +24,18 @@ from dataverse_assets.archive.change_sets import (
     page_records,
     read_page_file,
 )
+from dataverse_assets.archive.compacted import iter_compacted_bodies
 from dataverse_assets.errors import NotStagedError
-from dataverse_assets.schema import (
+from dataverse_assets.stage_workers import WorkerPool
+from dataverse_assets.store.db import (
+    quote_identifier,
+    table_columns,
+    table_exists,
+    transaction,
+    utc_now_iso,
+)
+from dataverse_assets.store.issues import record_issue, resolve_issues
+from dataverse_assets.store.schema import (
     EntitySchema,
     OversizedInteger,
     infer_schema_from_records,
@@ -33,18 +43,7 @@ from dataverse_assets.schema import (
     schema_from_metadata,
     to_sqlite_value,
 )
-from dataverse_assets.stage_workers import WorkerPool
-from dataverse_assets.store import (
-    quote_identifier,
-    record_issue,
-    resolve_issues,
-    staging_keys_table,
-    staging_table,
-    table_columns,
-    table_exists,
-    transaction,
-    utc_now_iso,
-)
+from dataverse_assets.store.tables import staging_keys_table, staging_table
 
 STAGING_META_COLUMNS = ("_change_set", "_pk", "_op", "_content_hash", "_modifiedon")
 STAGING_BATCH_ROWS = 2000
@@ -260,8 +259,6 @@ def _staged_pages_in_workers(
                 raise
     if page_number <= len(paths):
         # Compacted while we read: the rest comes from the Parquet parts.
-        from dataverse_assets.archive.compacted import iter_compacted_bodies
-
         yield from _staged_bodies(context, pages,
                                   iter_compacted_bodies(archive, first_page=page_number),
                                   page_number, counts, issues)

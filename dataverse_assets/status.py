@@ -5,13 +5,13 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 
-from dataverse_assets import dead_letters
 from dataverse_assets.config import EntitiesConfig
-from dataverse_assets.locks import is_held
 from dataverse_assets.modes import PUBLISHING_STATUSES, PublishStatus
-from dataverse_assets.publish import canonical_row_count
 from dataverse_assets.source.query import parse_datetime
-from dataverse_assets.store import INTERRUPTED, latest_publish_state, read_sync_state, table_exists
+from dataverse_assets.store import dead_letters
+from dataverse_assets.store.bookkeeping import INTERRUPTED, latest_publish_state, read_sync_state
+from dataverse_assets.store.locks import is_held
+from dataverse_assets.store.tables import canonical_row_count
 
 
 def _age_seconds(timestamp: str | None, now: datetime) -> float | None:
@@ -65,21 +65,3 @@ def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
                 (entity.name,)).fetchone()[0],
         })
     return rows
-
-
-def list_issues(connection: sqlite3.Connection, entity: str | None = None,
-                limit: int = 100, include_resolved: bool = False) -> list[dict]:
-    """Issues, newest sighting first: open ones (or every one with `include_resolved`), each
-    once with how many change sets saw it, when first and last, and when it was resolved."""
-    if not table_exists(connection, "_issues"):
-        return []
-    conditions = ([] if include_resolved else ["resolved_at IS NULL"]) + (
-        ["entity = ?"] if entity else [])
-    cursor = connection.execute(
-        "SELECT id, entity, change_set, last_change_set, record_id, field, problem, context,"
-        " occurrences, recorded_at, last_seen_at, resolved_at FROM _issues"
-        + (f" WHERE {' AND '.join(conditions)}" if conditions else "")
-        + " ORDER BY coalesce(last_seen_at, recorded_at) DESC, id DESC LIMIT ?",
-        ((entity, limit) if entity else (limit,)))
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row, strict=True)) for row in cursor]

@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 
 import orjson
 
-from dataverse_assets import dead_letters
 from dataverse_assets.archive.change_sets import ChangeSetArchive, list_change_sets
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.drift import schema_for_change_set
@@ -30,14 +29,7 @@ from dataverse_assets.fetch import (
 )
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus, SyncStatus
 from dataverse_assets.names import change_set_order, check_change_set_key, is_change_set_key
-from dataverse_assets.publish import (
-    PublishResult,
-    load_locked_schema,
-    publish_change_set,
-    publish_status,
-    record_publish_failure,
-)
-from dataverse_assets.resources import MirrorStore
+from dataverse_assets.publish import PublishResult, publish_change_set
 from dataverse_assets.source.base import DataverseSource
 from dataverse_assets.staging import (
     StagedRecords,
@@ -46,18 +38,20 @@ from dataverse_assets.staging import (
     read_staged,
     write_staged,
 )
-from dataverse_assets.staging_retention import refuse_if_pruned
-from dataverse_assets.store import (
-    database_path,
+from dataverse_assets.store import dead_letters
+from dataverse_assets.store.bookkeeping import (
     log_step,
     mark_sync_status,
-    mirrored_etags,
+    publish_status,
     read_sync_state,
     record_interrupted_publishes,
-    staging_table,
-    storage_problem,
-    utc_now_iso,
+    record_publish_failure,
+    refuse_if_pruned,
 )
+from dataverse_assets.store.db import database_path, storage_problem, utc_now_iso
+from dataverse_assets.store.mirror import MirrorAccess
+from dataverse_assets.store.schema_registry import load_locked_schema
+from dataverse_assets.store.tables import mirrored_etags, staging_table
 
 
 def _json(value: object) -> str:
@@ -90,7 +84,7 @@ def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig
     return linked, mirrored, defunct
 
 
-def fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
+def fetch(store: MirrorAccess, source: DataverseSource, entity: EntityConfig,
           change_set: str, *, include_annotations: bool = False,
           targeted_ids: list[str] | None = None,
           lookup_column: str | None = None,
@@ -184,13 +178,13 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
     )
 
 
-def stage(store: MirrorStore, entity: EntityConfig, change_set: str) -> StagedRecords:
+def stage(store: MirrorAccess, entity: EntityConfig, change_set: str) -> StagedRecords:
     """Staging as the asset does it (rows are written by the SQLite IO manager)."""
     with store.connection() as connection:
         return staged_records(connection, store.archive(entity.name, change_set), entity)
 
 
-def publish(store: MirrorStore, entity: EntityConfig, change_set: str, *,
+def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
             skip: Collection[str] = ()) -> list[PublishResult]:
     """Publish change set K of an entity, after its older unpublished change sets, in order.
 
@@ -256,7 +250,7 @@ def _is_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> 
                               (entity, change_set)).fetchone() is not None
 
 
-def _unpublished_before(connection: sqlite3.Connection, store: MirrorStore, entity: str,
+def _unpublished_before(connection: sqlite3.Connection, store: MirrorAccess, entity: str,
                         change_set: str) -> list[str]:
     """Older change sets of the entity, staged or archived, that are not COMPLETE."""
     complete = {row[0] for row in connection.execute(

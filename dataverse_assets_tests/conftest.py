@@ -15,7 +15,7 @@ from dataverse_assets.resources import MirrorStore
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.auth import SHARED_TOKENS
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store import connect
+from dataverse_assets.store.db import connect
 
 SMALL_ROW_COUNTS = {
     "accounts": 90, "contacts": 120, "systemusers": 12, "businessunits": 4, "teams": 6,

@@ -2,7 +2,7 @@
 
 import orjson
 
-from dataverse_assets.store import quote_identifier
+from dataverse_assets.store.db import quote_identifier
 from dataverse_assets_tests.truth import (
     CONFIGURED,
     FILTERED,

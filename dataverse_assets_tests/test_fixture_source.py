@@ -9,7 +9,7 @@ from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import Settings
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.source.fixture import FixtureSource
-from dataverse_assets.store import connect
+from dataverse_assets.store.db import connect
 
 RECORDS = [
     {"@odata.etag": 'W/"101"', "vin_candidateid": "00000000-0000-4000-8000-000000000001",

@@ -27,7 +27,7 @@ from dataverse_assets.source.client import RetryPolicy
 from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.query import PageQuery
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store import quote_identifier
+from dataverse_assets.store.db import quote_identifier
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
 
 TRIALS = "vin_clinicaltrials"

@@ -11,7 +11,6 @@ import orjson
 import pytest
 from dagster import AssetKey, DagsterEventType, build_run_status_sensor_context
 
-from dataverse_assets import dead_letters
 from dataverse_assets.archive.change_sets import MANIFEST, ChangeSetArchive, list_change_sets
 from dataverse_assets.cli import main as cli_main
 from dataverse_assets.errors import InvalidNameError
@@ -24,6 +23,7 @@ from dataverse_assets.names import (
 from dataverse_assets.partitions import register_change_set
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.sensors import entity_asset_keys
+from dataverse_assets.store import dead_letters
 from dataverse_assets_tests.test_hostile_input import make_mirror, root_error
 
 FORMAT_WORDS = "YYYYMMDDTHHMMSSZ"

@@ -5,7 +5,7 @@ import pytest
 
 from dataverse_assets import checks
 from dataverse_assets.checks import primary_key_result
-from dataverse_assets.publish import load_locked_schema
+from dataverse_assets.store.schema_registry import load_locked_schema
 from dataverse_assets_tests.test_plan_view import stage_and_publish, thing
 
 

@@ -13,10 +13,10 @@ from dagster import DefaultScheduleStatus
 from dataverse_assets.cli import main as cli_main
 from dataverse_assets.config import load_entities_config
 from dataverse_assets.errors import ConfigError
-from dataverse_assets.maintenance import retain_bookkeeping, shrink_database
 from dataverse_assets.maintenance_job import MAINTENANCE_JOB
 from dataverse_assets.simulator import SimAttribute
-from dataverse_assets.store import connect, wait_for_checkpoint
+from dataverse_assets.store.db import connect, wait_for_checkpoint
+from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
 from dataverse_assets_tests.conftest import write_entities_config
 from dataverse_assets_tests.test_change_sets import mutate
 from dataverse_assets_tests.truth import canonical_rows
@@ -103,7 +103,7 @@ def test_bookkeeping_retention_keeps_what_it_must(store, tmp_path):
     now = datetime(2026, 12, 6, tzinfo=UTC)
     old, recent = "2026-01-01T00:00:00.000000Z", "2026-12-05T00:00:00.000000Z"
     with store.connection() as connection:
-        from dataverse_assets import dead_letters
+        from dataverse_assets.store import dead_letters
 
         dead_letters.ensure_tables(connection)
         connection.executescript("CREATE TABLE IF NOT EXISTS _publish_plan (entity TEXT,"
@@ -235,7 +235,7 @@ def test_an_issue_counts_once_per_record_and_resolves_when_the_record_stages_cle
 
 
 def test_the_same_problem_seen_again_is_one_issue_with_a_count(store):
-    from dataverse_assets.store import record_issue
+    from dataverse_assets.store.issues import record_issue
 
     with store.connection() as connection:
         for change_set in ("a", "a", "b", "c"):

@@ -9,7 +9,8 @@ from dataverse_assets.errors import PlanValidationError
 from dataverse_assets.publish import render_plan
 from dataverse_assets.staging import write_staged
 from dataverse_assets.steps import publish, staged_records
-from dataverse_assets.store import connect
+from dataverse_assets.store.db import connect
+from dataverse_assets.store.schema_registry import load_locked_schema
 
 ENTITY = EntityConfig(name="things", group="daily", incremental="full")
 
@@ -101,7 +102,7 @@ def test_a_plan_that_does_not_add_up_is_refused_before_any_write(store, monkeypa
                 connection.execute("DELETE FROM _publish_plan WHERE pk = 'id-2'")
 
         monkeypatch.setattr(publish_module, "fault_point", classification_bug)
-        schema = publish_module.load_locked_schema(connection, "things")
+        schema = load_locked_schema(connection, "things")
         with pytest.raises(PlanValidationError, match="covers 1 staged rows but 2"):
             publish_module.publish_change_set(connection, schema, "20260102T000000Z",
                                               mode="full", watermark_after=None)

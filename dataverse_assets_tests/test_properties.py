@@ -20,17 +20,18 @@ from dagster import DagsterInstance
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from dataverse_assets.compaction import compact_archive
 from dataverse_assets.config import ArchiveConfig, EntityConfig, GroupConfig, LinkSource, Settings
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
-from dataverse_assets.publish import lock_schema, publish_change_set
-from dataverse_assets.schema import Column, EntitySchema, detect_primary_key, sqlite_fold
+from dataverse_assets.publish import publish_change_set
 from dataverse_assets.simulator.odata import BoolOp, Comparison, parse_filter
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 from dataverse_assets.source.simulator import SimulatorSource, embedded_simulator
 from dataverse_assets.staging import STAGING_META_COLUMNS, StagedRecords, content_hash, write_staged
-from dataverse_assets.store import connect, quote_identifier
+from dataverse_assets.store.archive_retention import compact_archive
+from dataverse_assets.store.db import connect, quote_identifier
+from dataverse_assets.store.schema import Column, EntitySchema, detect_primary_key, sqlite_fold
+from dataverse_assets.store.schema_registry import lock_schema
 from dataverse_assets_tests.conftest import Mirror, failure_messages
 
 # Any text an id or a value can hold: quotes, unicode, whitespace, URL-special characters.

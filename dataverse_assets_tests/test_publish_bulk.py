@@ -15,7 +15,7 @@ from dataverse_assets.publish import render_plan
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.staging import write_staged
 from dataverse_assets.steps import publish, staged_records
-from dataverse_assets.store import wait_for_checkpoint
+from dataverse_assets.store.db import wait_for_checkpoint
 
 from .test_plan_view import ENTITY, archive_change_set, stage_and_publish, thing
 
@@ -142,7 +142,7 @@ def test_checkpoints_run_on_a_thread_and_finish_before_the_process_exits(store, 
     # checkpoint thread finished (and the WAL was folded in) before it exited.
     other = tmp_path / "other.db"
     script = (
-        "from dataverse_assets.store import connect, transaction\n"
+        "from dataverse_assets.store.db import connect, transaction\n"
         f"c = connect({str(other)!r})\n"
         "with transaction(c):\n"
         "    c.execute('CREATE TABLE t (x)')\n"

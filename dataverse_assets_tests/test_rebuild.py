@@ -13,7 +13,6 @@ from dagster import AssetKey, DagsterInstance
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive, list_change_sets
 from dataverse_assets.cli import main, new_change_set_key
-from dataverse_assets.compaction import compact_archive
 from dataverse_assets.config import Settings, load_entities_config
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.errors import RebuildError
@@ -22,7 +21,8 @@ from dataverse_assets.rebuild import archived_change_sets, rebuild, register_arc
 from dataverse_assets.schedules import sync_job_name
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store import quote_identifier
+from dataverse_assets.store.archive_retention import compact_archive
+from dataverse_assets.store.db import quote_identifier
 from dataverse_assets_tests.conftest import (
     ENTITY_NAMES,
     SMALL_ROW_COUNTS,
@@ -361,8 +361,8 @@ def test_lossless_retention_deletes_only_no_op_change_sets_and_rebuild_stays_equ
 def test_lossless_retention_stays_lossless_after_maintenance_pruned_the_plans(live, tmp_path):
     """The plan rows of old change sets go after `publish_plan_days`; archive retention then
     tells a change set that wrote something from its publish counts, not from plan rows."""
-    from dataverse_assets.maintenance import retain_bookkeeping
-    from dataverse_assets.store import wait_for_checkpoint
+    from dataverse_assets.store.db import wait_for_checkpoint
+    from dataverse_assets.store.maintenance import retain_bookkeeping
 
     archive = copy_archive(live, tmp_path)
     wait_for_checkpoint(live.settings.db_path)

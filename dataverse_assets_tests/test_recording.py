@@ -11,11 +11,11 @@ from dataverse_assets import cli
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import Settings
 from dataverse_assets.definitions import build_definitions
-from dataverse_assets.publish import SYNC_COLUMNS
 from dataverse_assets.recording import Scrubber
 from dataverse_assets.simulator import SIMULATOR_CLIENT_SECRET
 from dataverse_assets.source.fixture import FixtureSource
-from dataverse_assets.store import connect, quote_identifier
+from dataverse_assets.store.db import connect, quote_identifier
+from dataverse_assets.store.tables import SYNC_COLUMNS
 from dataverse_assets_tests.conftest import failure_messages
 from dataverse_assets_tests.truth import PRIMARY_KEYS
 

@@ -3,7 +3,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from dataverse_assets.checks import freshness_status
-from dataverse_assets.schema import (
+from dataverse_assets.store.schema import (
     RESERVED_COLUMNS,
     Column,
     EntitySchema,
@@ -113,8 +113,8 @@ def test_names_sqlite_cannot_tell_apart_are_excluded_with_a_reason():
 
 
 def test_every_column_the_sync_adds_is_reserved():
-    from dataverse_assets.publish import HISTORY_COLUMNS, SYNC_COLUMNS
     from dataverse_assets.staging import STAGING_META_COLUMNS
+    from dataverse_assets.store.tables import HISTORY_COLUMNS, SYNC_COLUMNS
 
     added = {n for n, _ in SYNC_COLUMNS + HISTORY_COLUMNS} | set(STAGING_META_COLUMNS)
     assert added <= RESERVED_COLUMNS

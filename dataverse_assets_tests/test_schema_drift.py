@@ -12,12 +12,12 @@ from dataverse_assets.checks import FRESHNESS_JOB
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import Settings
 from dataverse_assets.definitions import build_definitions
-from dataverse_assets.schema import infer_schema_from_records, schema_from_metadata
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.query import PageQuery
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store import quote_identifier, table_columns
+from dataverse_assets.store.db import quote_identifier, table_columns
+from dataverse_assets.store.schema import infer_schema_from_records, schema_from_metadata
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
 from dataverse_assets_tests.truth import PRIMARY_KEYS, canonical_rows
 

@@ -18,7 +18,8 @@ from dataverse_assets.errors import CorruptArchiveError
 from dataverse_assets.stage_workers import WorkerPool
 from dataverse_assets.staging import staging_workers, write_staged
 from dataverse_assets.steps import staged_records
-from dataverse_assets.store import connect, staging_keys_table, staging_table
+from dataverse_assets.store.db import connect
+from dataverse_assets.store.tables import staging_keys_table, staging_table
 
 ENTITY = EntityConfig(name="things", group="daily", incremental="full")
 
@@ -151,7 +152,7 @@ def test_a_script_without_a_main_guard_does_not_run_again_in_the_workers(tmp_pat
 
 def test_a_compaction_while_workers_read_goes_on_from_the_parquet_parts(tmp_path, monkeypatch):
     from dataverse_assets.archive.compacted import compact_change_set
-    from dataverse_assets.publish import load_locked_schema
+    from dataverse_assets.store.schema_registry import load_locked_schema
 
     monkeypatch.setattr(staging, "PARALLEL_STAGING_MIN_PAGES", 2)
     resumed_at = []

@@ -7,8 +7,11 @@ from contextlib import contextmanager
 
 import orjson
 
-from dataverse_assets import locks, publish, resources, store
+from dataverse_assets import publish
 from dataverse_assets.cli import main as cli_main
+from dataverse_assets.store import db as store
+from dataverse_assets.store import locks
+from dataverse_assets.store import mirror as resources
 from dataverse_assets_tests.conftest import failure_messages
 from dataverse_assets_tests.test_hostile_input import make_mirror, root_error
 from dataverse_assets_tests.test_hostile_keys import mirror_rows, tree
@@ -43,7 +46,7 @@ def test_a_read_only_database_fails_the_first_step_with_one_line(tmp_path, simul
     _, result = mirror.run("hourly")
     assert not result.success
     message = root_error(result)
-    assert message.startswith(f"dataverse_assets.store.StorageError: "
+    assert message.startswith(f"dataverse_assets.errors.StorageError: "
                               f"{mirror.settings.db_path}: the database is read-only")
     assert "taking the lock of teams" in message and "To fix: make the database file" in message
     assert "\n" not in message

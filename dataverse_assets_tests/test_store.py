@@ -2,7 +2,8 @@
 
 import sqlite3
 
-from dataverse_assets.store import connect, quote_identifier, read_sync_state
+from dataverse_assets.store.bookkeeping import read_sync_state
+from dataverse_assets.store.db import connect, quote_identifier
 
 
 def test_a_database_from_an_older_version_gains_new_columns_and_keeps_its_rows(tmp_path):

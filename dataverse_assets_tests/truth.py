@@ -2,7 +2,7 @@
 
 import orjson
 
-from dataverse_assets.store import quote_identifier
+from dataverse_assets.store.db import quote_identifier
 
 CONFIGURED = [
     "vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_accountset",

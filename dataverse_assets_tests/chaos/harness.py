@@ -15,7 +15,7 @@ from dataverse_assets.names import change_set_key
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.simulator import DataverseSimulator
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store import connect, quote_identifier
+from dataverse_assets.store.db import connect, quote_identifier
 from dataverse_assets_tests.chaos.driver import FAST_RETRIES, sync_group
 from dataverse_assets_tests.conftest import ENTITY_NAMES, SMALL_ROW_COUNTS, write_entities_config
 from dataverse_assets_tests.truth import (

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from dataverse_assets.errors import EntityLockedError
-from dataverse_assets.locks import LockHolder, entity_lock, read_lock, stale_reason
 from dataverse_assets.simulator import serve_on_loopback
-from dataverse_assets.store import connect, utc_now_iso
+from dataverse_assets.store.db import connect, utc_now_iso
+from dataverse_assets.store.locks import LockHolder, entity_lock, read_lock, stale_reason
 from dataverse_assets_tests.chaos.harness import (
     ALL_ENTITIES,
     canonical_problems,
@@ -58,16 +58,17 @@ def test_the_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
 
 def test_concurrent_syncs_of_one_mirror_wait_for_each_other_and_never_interleave(
         tmp_path, chaos_report):
-    """A sync holds vin_candidates' publish lock for a second (a fault point sleeps inside
-    the publish transaction); a second sync of the same mirror started meanwhile waits for it
-    at that entity, then completes; the result equals a mirror synced once, alone."""
+    """A sync holds vin_candidates' publish lock for a few seconds (a fault point sleeps inside
+    the publish transaction: long enough for the test to see it on a loaded machine); a second
+    sync of the same mirror started meanwhile waits for it at that entity, then completes; the
+    result equals a mirror synced once, alone."""
     started = time.perf_counter()
     simulator = new_simulator()
     with serve_on_loopback(simulator) as url:
         mirror = make_chaos_mirror(tmp_path, simulator, url, "mirror", page_size=50)
         reference = make_chaos_mirror(tmp_path, simulator, url, "reference", page_size=50)
         env = {**os.environ, "PYTHONPATH": str(REPO),
-               "DATAVERSE_FAULT_POINTS": "publish.before_watermark=sleep:1.5"}
+               "DATAVERSE_FAULT_POINTS": "publish.before_watermark=sleep:4"}
         first = subprocess.Popen(
             [sys.executable, "-m", "dataverse_assets_tests.chaos.driver",
              "--db", mirror.store.db_path, "--archive", mirror.store.archive_dir,

@@ -12,13 +12,10 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from dataverse_assets.errors import StorageError
-from dataverse_assets.modes import PUBLISHING_STATUSES
-from dataverse_assets.names import KEY_GLOB
 
 
 def quote_identifier(name: str) -> str:
@@ -30,19 +27,6 @@ def quote_identifier(name: str) -> str:
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def history_table(entity: str) -> str:
-    return f"{entity}__history"
-
-
-def staging_table(entity: str) -> str:
-    return f"_staging__{entity}"
-
-
-def staging_keys_table(entity: str) -> str:
-    """Keys seen by a change set's key-only reconciliation scan."""
-    return f"_staging_keys__{entity}"
 
 
 BOOKKEEPING_DDL = """
@@ -175,10 +159,10 @@ CREATE TABLE IF NOT EXISTS _issues (
 # seen again counts, it is not a new row (record_issue). A resolved issue seen again opens a
 # new one. A problem of a record without a key (which record it was, only its page says) is a
 # row of its own each time.
-_OPEN_ISSUE_KEY = "entity, record_id, coalesce(field, ''), problem"
-_OPEN_ISSUE = "resolved_at IS NULL AND record_id IS NOT NULL"
-_OPEN_ISSUES_INDEX = (f"CREATE UNIQUE INDEX IF NOT EXISTS _issues__open ON _issues"
-                      f" ({_OPEN_ISSUE_KEY}) WHERE {_OPEN_ISSUE}")
+OPEN_ISSUE_KEY = "entity, record_id, coalesce(field, ''), problem"
+OPEN_ISSUE = "resolved_at IS NULL AND record_id IS NOT NULL"
+OPEN_ISSUES_INDEX = (f"CREATE UNIQUE INDEX IF NOT EXISTS _issues__open ON _issues"
+                      f" ({OPEN_ISSUE_KEY}) WHERE {OPEN_ISSUE}")
 
 
 # How long a statement waits for another process's write lock on the file before SQLite
@@ -240,7 +224,7 @@ def _index_open_issues(connection: sqlite3.Connection) -> None:
     """The open-issue key; a database from before it had one row per sighting: those rows are
     folded into one each (count, first and last sighting) once, first."""
     try:
-        connection.execute(_OPEN_ISSUES_INDEX)
+        connection.execute(OPEN_ISSUES_INDEX)
         return
     except sqlite3.IntegrityError:
         pass
@@ -252,17 +236,17 @@ def _index_open_issues(connection: sqlite3.Connection) -> None:
                 " AND o.record_id = _issues.record_id"
                 " AND coalesce(o.field, '') = coalesce(_issues.field, '')"
                 " AND o.problem = _issues.problem")
-        first_of_each = (f"SELECT min(id) FROM _issues WHERE {_OPEN_ISSUE}"
-                         f" GROUP BY {_OPEN_ISSUE_KEY}")
+        first_of_each = (f"SELECT min(id) FROM _issues WHERE {OPEN_ISSUE}"
+                         f" GROUP BY {OPEN_ISSUE_KEY}")
         connection.execute(
             f"UPDATE _issues SET occurrences = (SELECT count(*) FROM _issues o WHERE {same}),"
             f" last_seen_at = (SELECT max(o.recorded_at) FROM _issues o WHERE {same}),"
             f" last_change_set = (SELECT o.change_set FROM _issues o WHERE {same}"
             f"  ORDER BY o.id DESC LIMIT 1)"
-            f" WHERE {_OPEN_ISSUE} AND id IN ({first_of_each})")
+            f" WHERE {OPEN_ISSUE} AND id IN ({first_of_each})")
         connection.execute(
-            f"DELETE FROM _issues WHERE {_OPEN_ISSUE} AND id NOT IN ({first_of_each})")
-        connection.execute(_OPEN_ISSUES_INDEX)
+            f"DELETE FROM _issues WHERE {OPEN_ISSUE} AND id NOT IN ({first_of_each})")
+        connection.execute(OPEN_ISSUES_INDEX)
 
 
 @functools.cache
@@ -499,187 +483,5 @@ def table_exists(connection: sqlite3.Connection, table: str) -> bool:
     return row is not None
 
 
-# Ids per lookup: far below SQLite's bound-parameter limit (32,766), a page's worth at once.
-_IDS_PER_LOOKUP = 5000
-
-
-def mirrored_etags(connection: sqlite3.Connection, entity: str, primary_key: str,
-                   ids: list[str]) -> dict[str, str | None]:
-    """The `@odata.etag` of the mirrored version of each id (ids not mirrored are left out;
-    ids as staging keys them)."""
-    if not ids or not table_exists(connection, entity):
-        return {}
-    column = quote_identifier(primary_key)
-    found: dict[str, str | None] = {}
-    for start in range(0, len(ids), _IDS_PER_LOOKUP):
-        batch = ids[start:start + _IDS_PER_LOOKUP]
-        found.update(connection.execute(
-            f"SELECT {column}, json_extract(json_response, '$.\"@odata.etag\"')"
-            f" FROM {quote_identifier(entity)} WHERE {column} IN ({', '.join('?' * len(batch))})",
-            batch))
-    return found
-
-
 def table_columns(connection: sqlite3.Connection, table: str) -> list[str]:
     return [row[1] for row in connection.execute(f"PRAGMA table_info({quote_identifier(table)})")]
-
-
-@dataclass(frozen=True)
-class SyncState:
-    entity: str
-    mode: str | None
-    watermark: str | None
-    delta_token: str | None
-    status: str
-    last_change_set: str | None
-    reconciled_at: str | None
-
-
-def read_sync_state(connection: sqlite3.Connection, entity: str) -> SyncState | None:
-    row = connection.execute(
-        "SELECT entity, mode, watermark, delta_token, status, last_change_set, reconciled_at "
-        "FROM _sync_state WHERE entity = ?",
-        (entity,),
-    ).fetchone()
-    return SyncState(*row) if row else None
-
-
-def write_sync_state(
-    connection: sqlite3.Connection,
-    entity: str,
-    *,
-    mode: str | None,
-    watermark: str | None,
-    delta_token: str | None,
-    status: str,
-    change_set: str,
-    reconciled_at: str | None = None,
-) -> None:
-    """Advance an entity's state (reconciled_at only moves when given)."""
-    connection.execute(
-        "INSERT INTO _sync_state (entity, mode, watermark, delta_token, status, last_change_set,"
-        " reconciled_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(entity) DO"
-        " UPDATE SET mode=excluded.mode, watermark=excluded.watermark,"
-        " delta_token=excluded.delta_token, status=excluded.status,"
-        " last_change_set=excluded.last_change_set,"
-        " reconciled_at=COALESCE(excluded.reconciled_at, reconciled_at),"
-        " updated_at=excluded.updated_at",
-        (entity, mode, watermark, delta_token, status, change_set, reconciled_at,
-         utc_now_iso()),
-    )
-
-
-def mark_sync_status(connection: sqlite3.Connection, entity: str, status: str) -> None:
-    """Set only the status, creating the row if this entity was never synced."""
-    connection.execute(
-        "INSERT INTO _sync_state (entity, status, updated_at) VALUES (?, ?, ?)"
-        " ON CONFLICT(entity) DO UPDATE SET status=excluded.status, updated_at=excluded.updated_at",
-        (entity, status, utc_now_iso()),
-    )
-
-
-def log_step(
-    connection: sqlite3.Connection,
-    *,
-    entity: str,
-    change_set: str,
-    layer: str,
-    status: str,
-    started_at: str,
-    seconds: float,
-    details: str,
-) -> None:
-    connection.execute(
-        "INSERT INTO _sync_log (entity, change_set, layer, status, started_at, finished_at,"
-        " seconds, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (entity, change_set, layer, status, started_at, utc_now_iso(), seconds, details),
-    )
-
-
-def record_issue(
-    connection: sqlite3.Connection,
-    *,
-    entity: str,
-    change_set: str,
-    record_id: str | None,
-    field: str | None,
-    problem: str,
-    context: str | None = None,
-) -> None:
-    """An issue, or one more sighting of the same open one (its count, last sighting, last
-    change set and context move; `change_set` and `recorded_at` stay the first)."""
-    now = utc_now_iso()
-    connection.execute(
-        "INSERT INTO _issues (entity, change_set, record_id, field, problem, context,"
-        " recorded_at, last_seen_at, last_change_set) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        f" ON CONFLICT ({_OPEN_ISSUE_KEY}) WHERE {_OPEN_ISSUE} DO UPDATE SET"
-        " occurrences = occurrences + (last_change_set IS NOT excluded.last_change_set),"
-        " last_seen_at = excluded.last_seen_at, last_change_set = excluded.last_change_set,"
-        " context = excluded.context",
-        (entity, change_set, record_id, field, problem, context, now, now, change_set),
-    )
-
-
-def resolve_issues(connection: sqlite3.Connection, entity: str, change_set: str,
-                   staged_table: str) -> int:
-    """Open issues of records this change set staged without that issue: resolved (the record
-    now stages cleanly). Issues without a record stay open. Returns how many."""
-    return connection.execute(
-        f"UPDATE _issues SET resolved_at = ? WHERE entity = ? AND resolved_at IS NULL"
-        f" AND record_id IS NOT NULL AND last_change_set IS NOT ?"
-        f" AND record_id IN (SELECT _pk FROM {quote_identifier(staged_table)}"
-        f"  WHERE _change_set = ?)",
-        (utc_now_iso(), entity, change_set, change_set)).rowcount
-
-
-def latest_publish_state(connection: sqlite3.Connection, entity: str,
-                         status: str | None = None) -> dict | None:
-    """The `_publish_state` row of the entity's newest change set (of one status), newest by
-    the time its key encodes; rows an older version stored under a key that is not a
-    change-set key (any partition key was taken then) are never the newest."""
-    cursor = connection.execute(
-        "SELECT * FROM _publish_state WHERE entity = ? AND change_set GLOB ?"
-        + (" AND status = ?" if status else "") + " ORDER BY change_set DESC LIMIT 1",
-        (entity, KEY_GLOB, status) if status else (entity, KEY_GLOB))
-    row = cursor.fetchone()
-    return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
-
-
-INTERRUPTED = ("interrupted: the publish stopped without recording why (its process ended, or "
-               "the database refused the failure record); it is planned again from the start")
-
-
-def record_interrupted_publishes(connection: sqlite3.Connection, entity: str) -> list[str]:
-    """Publishes of the entity still marked as under way, recorded FAILED (interrupted).
-
-    Call only while no publish of the entity can be running (holding its lock): a state left
-    PLANNING or EXECUTING is then a run that stopped without recording its failure (killed,
-    or the disk refused the FAILED record). Returns their change sets."""
-    statuses = ", ".join("?" * len(PUBLISHING_STATUSES))
-    keys = [row[0] for row in connection.execute(
-        f"SELECT change_set FROM _publish_state WHERE entity = ? AND status IN ({statuses})",
-        (entity, *PUBLISHING_STATUSES))]
-    if not keys:
-        return keys  # the usual case: no write at all
-    with transaction(connection):
-        for key in keys:
-            connection.execute(
-                "UPDATE _publish_state SET status = 'FAILED', failed_operation = 'interrupted',"
-                " error_code = 'interrupted', error = ?, finished_at = ?,"
-                " retry_count = retry_count + 1 WHERE entity = ? AND change_set = ?",
-                (INTERRUPTED, utc_now_iso(), entity, key))
-    return keys
-
-
-def set_publish_state(connection: sqlite3.Connection, entity: str, change_set: str,
-                      status: str, **fields: object) -> None:
-    """Upsert one change set's publish state; only the given fields change."""
-    columns = ["status", *fields]
-    values = [status, *fields.values()]
-    assignments = ", ".join(f"{c} = excluded.{c}" for c in columns)
-    connection.execute(
-        f"INSERT INTO _publish_state (entity, change_set, {', '.join(columns)})"
-        f" VALUES (?, ?, {', '.join('?' for _ in columns)})"
-        f" ON CONFLICT(entity, change_set) DO UPDATE SET {assignments}",
-        (entity, change_set, *values),
-    )

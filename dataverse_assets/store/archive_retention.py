@@ -35,8 +35,8 @@ from dataverse_assets.archive.compacted import (
 from dataverse_assets.config import ArchiveConfig, EntitiesConfig
 from dataverse_assets.modes import SNAPSHOT_MODES
 from dataverse_assets.source.query import parse_datetime
-from dataverse_assets.staging_retention import StagingPrune, plan_staging_prune, prune_staged
-from dataverse_assets.store import connect, table_exists
+from dataverse_assets.store.db import connect, table_exists
+from dataverse_assets.store.staging_retention import StagingPrune, plan_staging_prune, prune_staged
 
 # -- reading --------------------------------------------------------------------------------
 

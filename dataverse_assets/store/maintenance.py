@@ -28,14 +28,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dataverse_assets.config import EntitiesConfig
-from dataverse_assets.store import (
+from dataverse_assets.store.db import (
     connect,
-    history_table,
     quote_identifier,
     table_exists,
     transaction,
     wait_for_checkpoint,
 )
+from dataverse_assets.store.tables import history_table
 
 BATCH_ROWS = 20_000
 # Pages given back per transaction: 2,048 pages of 16 KB, 32 MB.

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dataverse_assets.errors import EntityLockedError
-from dataverse_assets.store import connect, storage_errors, transaction, utc_now_iso
+from dataverse_assets.store.db import connect, storage_errors, transaction, utc_now_iso
 
 DEFAULT_WAIT_SECONDS = 600.0
 DEFAULT_STALE_AFTER_SECONDS = 6 * 3600.0

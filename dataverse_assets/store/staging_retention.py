@@ -29,19 +29,11 @@ from pathlib import Path
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.config import EntitiesConfig, EntityConfig
-from dataverse_assets.errors import StagingPrunedError
 from dataverse_assets.modes import PublishStatus
 from dataverse_assets.names import change_set_order, is_change_set_key
-from dataverse_assets.publish import publish_status
-from dataverse_assets.store import (
-    quote_identifier,
-    read_sync_state,
-    staging_keys_table,
-    staging_table,
-    table_exists,
-    transaction,
-    utc_now_iso,
-)
+from dataverse_assets.store.bookkeeping import publish_status, read_sync_state
+from dataverse_assets.store.db import quote_identifier, table_exists, transaction, utc_now_iso
+from dataverse_assets.store.tables import staging_keys_table, staging_table
 
 
 @dataclass(frozen=True)
@@ -126,23 +118,3 @@ def prune_staged(connection: sqlite3.Connection, prune: StagingPrune) -> int:
             "UPDATE _staged SET pruned_at = ? WHERE entity = ? AND change_set = ?",
             (utc_now_iso(), prune.entity, prune.change_set))
     return deleted
-
-
-def pruned_at(connection: sqlite3.Connection, entity: str, change_set: str) -> str | None:
-    """When staging retention deleted this change set's staged rows, or None."""
-    row = connection.execute(
-        "SELECT pruned_at FROM _staged WHERE entity = ? AND change_set = ?",
-        (entity, change_set)).fetchone()
-    return row[0] if row is not None else None
-
-
-def refuse_if_pruned(connection: sqlite3.Connection, entity: str, change_set: str,
-                     purpose: str) -> None:
-    """Raise StagingPrunedError (saying what to do) when the staged rows are gone."""
-    when = pruned_at(connection, entity, change_set)
-    if when is not None:
-        raise StagingPrunedError(
-            f"{entity}: the staged rows of change set {change_set} were deleted by staging "
-            f"retention (`dataverse-assets compact`, at {when}), and {purpose} needs them. "
-            f"Materialize staging/{entity} for partition {change_set} to stage it again from "
-            "the archive, then retry.")

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
-from dataverse_assets.store import transaction, utc_now_iso
+from dataverse_assets.store.db import transaction, utc_now_iso
 
 # Delays before scheduled retries 1, 2, 3; then the change set is dead-lettered.
 SCHEDULED_RETRY_DELAYS = (timedelta(minutes=5), timedelta(minutes=30), timedelta(hours=2))
