@@ -26,8 +26,8 @@ from dataverse_assets.partitions import PARTITION_NOTE, change_sets_partitions
 from dataverse_assets.progress import fetch_reporter
 from dataverse_assets.resources import MirrorStore, RawChangeSet
 from dataverse_assets.source.base import DataverseSource
-from dataverse_assets.staging import StagedChangeSet, StagedRecords
-from dataverse_assets.store.bookkeeping import read_publish_state
+from dataverse_assets.staging import StagedRecords
+from dataverse_assets.store.bookkeeping import StagedChangeSet, read_publish_state
 from dataverse_assets.store.tables import canonical_row_count
 
 

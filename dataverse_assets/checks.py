@@ -56,6 +56,12 @@ from dataverse_assets.drift import read_schema_checks
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.staging import count_staged
+from dataverse_assets.store.bookkeeping import (
+    last_complete_publish,
+    read_publish_state,
+    read_sync_state,
+    staged_row,
+)
 from dataverse_assets.store.db import quote_identifier, table_exists, transaction, utc_now_iso
 from dataverse_assets.store.schema import (
     ADDED,
@@ -325,24 +331,21 @@ def primary_key_result(connection: sqlite3.Connection, entity: str,
 def source_count(connection: sqlite3.Connection, entity: EntityConfig,
                  change_set: str) -> tuple[int | None, str]:
     """How many records the source had, if this change set knows it, and how it knows."""
-    staged = connection.execute(
-        "SELECT mode, reconciled, upserts FROM _staged WHERE entity = ? AND change_set = ?",
-        (entity.name, change_set)).fetchone()
+    staged = staged_row(connection, entity.name, change_set)
     if staged is None:
         return None, "the change set is not staged"
-    mode, key_scan, upserts = staged
-    published = connection.execute(
-        "SELECT status, watermark_before FROM _publish_state WHERE entity = ? AND change_set = ?",
-        (entity.name, change_set)).fetchone()
-    latest = connection.execute(
-        "SELECT last_change_set FROM _sync_state WHERE entity = ?", (entity.name,)).fetchone()
-    if published is None or published[0] != PublishStatus.COMPLETE:
+    mode, key_scan, upserts = staged["mode"], staged["reconciled"], staged["upserts"]
+    published = read_publish_state(connection, entity.name, change_set)
+    latest = read_sync_state(connection, entity.name)
+    if published.get("status") != PublishStatus.COMPLETE:
         return None, "the change set is not published"
-    if latest is None or latest[0] != change_set:
-        return None, f"newer change set {latest[0] if latest else '?'} already published"
+    if latest is None or latest.last_change_set != change_set:
+        return None, ("newer change set "
+                      f"{latest.last_change_set if latest else '?'} already published")
     staging = quote_identifier(staging_table(entity.name))
     records = (f"SELECT _pk FROM {staging} WHERE _change_set = :cs AND _op = 'upsert'")
-    if mode in SNAPSHOT_MODES or (mode == Mode.MODIFIEDON and published[1] is None):
+    if mode in SNAPSHOT_MODES or (mode == Mode.MODIFIEDON
+                                  and published["watermark_before"] is None):
         basis = ("full snapshot" if mode == Mode.FULL else "change-tracking resync"
                  if mode != Mode.MODIFIEDON else "first full read")
         # Counted when it was staged (a key is staged once per change set); a database
@@ -387,12 +390,11 @@ def divergence(connection: sqlite3.Connection, entity: str,
     """What the change set's key-and-version scan found, or None without one: scanned keys,
     missing and stale records (refetched), extra ones (deleted because the scan no longer
     listed them: plan deletes with no delete marker staged), and the mode."""
-    staged = connection.execute(
-        "SELECT mode, reconciled, reconcile_scanned, reconcile_missing, reconcile_stale"
-        " FROM _staged WHERE entity = ? AND change_set = ?", (entity, change_set)).fetchone()
-    if staged is None or not staged[1]:
+    staged = staged_row(connection, entity, change_set)
+    if staged is None or not staged["reconciled"]:
         return None
-    mode, _, scanned, missing, stale = staged
+    mode, scanned = staged["mode"], staged["reconcile_scanned"]
+    missing, stale = staged["reconcile_missing"], staged["reconcile_stale"]
     extra = 0
     if table_exists(connection, "_publish_plan"):
         extra = connection.execute(
@@ -448,13 +450,6 @@ def freshness_status(cron: str, last_publish: datetime | None, now: datetime,
     """Fresh when a publish finished at or after the latest tick whose grace has passed."""
     due = get_latest_completed_cron_tick(cron, now - grace, "UTC")
     return Freshness(last_publish is not None and last_publish >= due, due, last_publish)
-
-
-def last_complete_publish(connection: sqlite3.Connection, entity: str) -> datetime | None:
-    row = connection.execute(
-        "SELECT max(finished_at) FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
-        (entity,)).fetchone()
-    return datetime.fromisoformat(row[0]) if row and row[0] else None
 
 
 def freshness_result(connection: sqlite3.Connection, entity: str, group: str,

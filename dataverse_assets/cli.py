@@ -31,6 +31,7 @@ from dataverse_assets.progress import (
     ProgressUpdate,
     listening,
 )
+from dataverse_assets.store.bookkeeping import change_set_used, step_details
 
 
 def _instance():
@@ -82,32 +83,20 @@ def new_change_set_key(instance, group: str, now: datetime | None = None,
             if any((Path(settings.archive_dir) / entity / key).exists() for entity in entities):
                 return True
             with _connection(settings) as connection:
-                return connection.execute(
-                    "SELECT 1 FROM _publish_state WHERE change_set = ? AND entity IN"
-                    f" ({', '.join('?' * len(entities))}) LIMIT 1",
-                    (key, *entities)).fetchone() is not None
+                return change_set_used(connection, key, entities)
 
     return register_change_set(instance, group, now, used)
 
 
 def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
-    from dataverse_assets.store.db import connect
-
-    connection = connect(settings.db_path)
-    try:
+    with _connection(settings) as connection:
         rows = []
         for entity in entities:
-            raw = connection.execute(
-                "SELECT details FROM _sync_log WHERE entity=? AND change_set=? AND layer='raw'"
-                " ORDER BY id DESC LIMIT 1", (entity, change_set)).fetchone()
-            canonical = connection.execute(
-                "SELECT details FROM _sync_log WHERE entity=? AND change_set=? AND"
-                " layer='canonical' ORDER BY id DESC LIMIT 1", (entity, change_set)).fetchone()
-            fetched = orjson.loads(raw[0]) if raw else {}
-            published = orjson.loads(canonical[0]) if canonical else {}
+            fetched = step_details(connection, entity, change_set, "raw")
+            published = step_details(connection, entity, change_set, "canonical")
             rows.append({
                 "entity": entity,
-                "status": "ok" if canonical else "FAILED",
+                "status": "ok" if published else "FAILED",
                 "mode": fetched.get("mode", "-"),
                 "fetched": fetched.get("records", 0),
                 "created": published.get("created", 0),
@@ -119,8 +108,6 @@ def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
                 "seconds": round(fetched.get("seconds", 0) + published.get("seconds", 0), 2),
             })
         return rows
-    finally:
-        connection.close()
 
 
 def _warn_stale(rows: list[dict], change_set: str) -> None:

@@ -29,6 +29,7 @@ from dataverse_assets.store.bookkeeping import (
     is_bulk_create,
     pruned_at,
     publish_status,
+    read_publish_state,
     read_sync_state,
     record_publish_failure,
     set_publish_state,
@@ -509,13 +510,11 @@ def publish_change_set(
     reconciled_at: when deletes were last fully established (stored with the watermark);
     as_of: when the change set was fetched: sync_time, updated_at and valid_to of deletes.
     """
-    if publish_status(connection, schema.entity, change_set) == PublishStatus.COMPLETE:
-        row = connection.execute(
-            "SELECT created, updated, unchanged, stale, deleted, watermark_before,"
-            " watermark_after FROM _publish_state WHERE entity = ? AND change_set = ?",
-            (schema.entity, change_set),
-        ).fetchone()
-        return PublishResult(schema.entity, change_set, *row[:5], 0.0, row[5], row[6],
+    done = read_publish_state(connection, schema.entity, change_set)
+    if done.get("status") == PublishStatus.COMPLETE:
+        return PublishResult(schema.entity, change_set, done["created"], done["updated"],
+                             done["unchanged"], done["stale"], done["deleted"], 0.0,
+                             done["watermark_before"], done["watermark_after"],
                              already_published=True)
     if publish_status(connection, schema.entity, change_set) == PublishStatus.FAILED:
         with transaction(connection):
@@ -550,10 +549,7 @@ def publish_change_set(
 def _storage_error(connection: sqlite3.Connection, entity: str, change_set: str,
                    problem: tuple[str, str], exc: BaseException) -> StorageError:
     what, remedy = problem
-    applied = connection.execute(
-        "SELECT rows_applied FROM _publish_state WHERE entity = ? AND change_set = ?",
-        (entity, change_set)).fetchone()
-    applied = applied[0] if applied else 0
+    applied = read_publish_state(connection, entity, change_set).get("rows_applied") or 0
     state = (
         f"{applied} rows were applied by earlier chunks (committed, counted as unchanged when it "
         "runs again); nothing else was written" if applied else
@@ -584,12 +580,11 @@ def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
                 max_rows_per_kind: int = 50) -> str:
     """A stored plan the way `terraform plan` shows one: counts first, then rows by kind with
     only the fields that change."""
-    state = connection.execute(
-        "SELECT status, created, updated, deleted, unchanged, stale FROM _publish_state"
-        " WHERE entity = ? AND change_set = ?", (entity, change_set)).fetchone()
-    if state is None or not table_exists(connection, "_publish_plan"):
+    state = read_publish_state(connection, entity, change_set)
+    if not state or not table_exists(connection, "_publish_plan"):
         raise LookupError(f"no plan for {entity} change set {change_set}")
-    status, created, updated, deleted, unchanged, stale = state
+    status, created, updated, deleted, unchanged, stale = (
+        state[k] for k in ("status", "created", "updated", "deleted", "unchanged", "stale"))
     lines = [
         f"Plan for {entity}, change set {change_set} ({status})",
         f"{created:,} to create, {updated:,} to update, {deleted:,} to delete, "

@@ -19,14 +19,20 @@ from pathlib import Path
 
 import orjson
 
-from dataverse_assets.checks import freshness_status, last_complete_publish
+from dataverse_assets.checks import freshness_status
 from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.modes import PublishStatus, SyncStatus
-from dataverse_assets.names import KEY_GLOB, change_set_time, is_change_set_key
+from dataverse_assets.names import change_set_time, is_change_set_key
 from dataverse_assets.progress import format_duration
 from dataverse_assets.source.query import parse_datetime
 from dataverse_assets.store import dead_letters
-from dataverse_assets.store.bookkeeping import latest_publish_state, read_sync_state
+from dataverse_assets.store.bookkeeping import (
+    fetch_details,
+    last_complete_publish,
+    latest_publish_state,
+    publish_history,
+    read_sync_state,
+)
 from dataverse_assets.store.tables import canonical_row_count
 
 DURATION_TICKS = (0.01, 0.1, 1.0, 60.0, 3600.0, 86400.0, 30 * 86400.0, 365 * 86400.0)
@@ -137,13 +143,7 @@ def _count(connection: sqlite3.Connection, table: str, entity: str,
 
 def _change_set_points(connection: sqlite3.Connection,
                        config: EntitiesConfig) -> list[ChangeSetPoint]:
-    fetches: dict[tuple[str, str], dict] = {}
-    for entity, change_set, details in connection.execute(
-            "SELECT entity, change_set, details FROM _sync_log WHERE layer = 'raw' ORDER BY id"):
-        try:
-            fetches[(entity, change_set)] = orjson.loads(details or "{}")
-        except orjson.JSONDecodeError:
-            continue
+    fetches = fetch_details(connection)
     failures: dict[tuple[str, str], int] = defaultdict(int)
     for entity, change_set, attempts in connection.execute(
             "SELECT entity, change_set, attempts FROM _retry_queue"):
@@ -154,11 +154,7 @@ def _change_set_points(connection: sqlite3.Connection,
         failures[(entity, change_set)] = max(failures[(entity, change_set)], attempts)
     points = []
     for entity in config.entities:
-        rows = connection.execute(
-            "SELECT change_set, status, source_timestamp, finished_at, created, updated,"
-            " deleted, seconds, retry_count FROM _publish_state WHERE entity = ?"
-            " AND change_set GLOB ? ORDER BY change_set DESC LIMIT ?",
-            (entity.name, KEY_GLOB, MAX_POINTS_PER_ENTITY)).fetchall()
+        rows = publish_history(connection, entity.name, MAX_POINTS_PER_ENTITY)
         keys = {row[0] for row in rows}
         # Change sets that failed before anything was staged have no publish state.
         rows += [(cs, str(PublishStatus.FAILED), None, None, 0, 0, 0, None, 0)

@@ -29,7 +29,7 @@ from dataverse_assets.resources import MirrorStore
 from dataverse_assets.source.base import DataverseSource, SourceSession
 from dataverse_assets.source.query import PageQuery, modified_since_filter
 from dataverse_assets.store import dead_letters
-from dataverse_assets.store.bookkeeping import SyncState, read_sync_state
+from dataverse_assets.store.bookkeeping import SyncState, every_complete_change_set, read_sync_state
 from dataverse_assets.store.schema_registry import load_locked_schema
 from dataverse_assets.store.tables import mirrored_etags
 
@@ -214,8 +214,7 @@ def build_archive_sensor(config: EntitiesConfig) -> SensorDefinition:
     def _sensor(context: SensorEvaluationContext, store: MirrorStore):
         requests, additions = [], {}
         with store.connection() as connection:
-            published = {(row[0], row[1]) for row in connection.execute(
-                "SELECT entity, change_set FROM _publish_state WHERE status = 'COMPLETE'")}
+            published = every_complete_change_set(connection)
         found = []
         for entity in config.entities:
             materialized = context.instance.get_materialized_partitions(

@@ -25,14 +25,13 @@ from dataverse_assets.archive.change_sets import (
     read_page_file,
 )
 from dataverse_assets.archive.compacted import iter_compacted_bodies
-from dataverse_assets.errors import NotStagedError
 from dataverse_assets.stage_workers import WorkerPool
+from dataverse_assets.store.bookkeeping import record_staged
 from dataverse_assets.store.db import (
     quote_identifier,
     table_columns,
     table_exists,
     transaction,
-    utc_now_iso,
 )
 from dataverse_assets.store.issues import record_issue, resolve_issues
 from dataverse_assets.store.schema import (
@@ -410,28 +409,14 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
         resolve_issues(connection, staged.entity, staged.change_set, table)
         # The marker that this change set is fully staged: publishing refuses without it, so
         # a full snapshot can never be "published" from an empty, never-staged change set.
-        now = utc_now_iso()
-        connection.execute(
-            "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, upserts,"
-            " watermark_after, delta_token_after, reconciled, reconciled_at, fetched_at,"
-            " staged_at, reconcile_scanned, reconcile_missing, reconcile_stale)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (staged.entity, staged.change_set, staged.mode, rows,
-             count_staged(connection, staged.entity, staged.change_set, "upsert"),
-             staged.watermark_after, staged.delta_token_after, int(staged.reconciled),
-             staged.reconciled_at, staged.fetched_at, now,
-             staged.divergence.get("scanned"), staged.divergence.get("missing"),
-             staged.divergence.get("stale")),
-        )
-        # PENDING until published; a change set already COMPLETE stays so (its archive, and so
-        # its staged rows, cannot have changed).
-        connection.execute(
-            "INSERT INTO _publish_state (entity, change_set, status, staged_at, source_timestamp)"
-            " VALUES (?, ?, 'PENDING', ?, ?) ON CONFLICT(entity, change_set) DO UPDATE SET"
-            " status = CASE WHEN status = 'COMPLETE' THEN status ELSE 'PENDING' END,"
-            " staged_at = excluded.staged_at, source_timestamp = excluded.source_timestamp",
-            (staged.entity, staged.change_set, now, staged.source_timestamp),
-        )
+        record_staged(
+            connection, entity=staged.entity, change_set=staged.change_set, mode=staged.mode,
+            rows=rows, upserts=count_staged(connection, staged.entity, staged.change_set,
+                                            "upsert"),
+            watermark_after=staged.watermark_after, delta_token_after=staged.delta_token_after,
+            reconciled=staged.reconciled, reconciled_at=staged.reconciled_at,
+            fetched_at=staged.fetched_at, source_timestamp=staged.source_timestamp,
+            divergence=staged.divergence)
     return rows
 
 
@@ -496,34 +481,3 @@ def column_values(connection: sqlite3.Connection, table: str, column: str, *,
             f" WHERE {' AND '.join(conditions)}", params,
         )
     }
-
-
-@dataclass(frozen=True)
-class StagedChangeSet:
-    """A staged change set ready to publish (the value of staging/E downstream)."""
-
-    entity: str
-    change_set: str
-    mode: str
-    rows: int
-    watermark_after: str | None
-    delta_token_after: str | None
-    reconciled: bool
-    reconciled_at: str | None
-    fetched_at: str | None
-
-
-def read_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> StagedChangeSet:
-    row = connection.execute(
-        "SELECT mode, rows, watermark_after, delta_token_after, reconciled, reconciled_at,"
-        " fetched_at FROM _staged"
-        " WHERE entity = ? AND change_set = ?",
-        (entity, change_set),
-    ).fetchone()
-    if row is None:
-        raise NotStagedError(
-            f"{entity}: change set {change_set} is not staged; materialize staging/{entity} "
-            "for this partition first"
-        )
-    return StagedChangeSet(entity, change_set, row[0], row[1], row[2], row[3], bool(row[4]),
-                           row[5], row[6])

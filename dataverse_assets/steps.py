@@ -35,18 +35,21 @@ from dataverse_assets.staging import (
     StagedRecords,
     column_values,
     iter_staged_batches,
-    read_staged,
     write_staged,
 )
 from dataverse_assets.store import dead_letters
 from dataverse_assets.store.bookkeeping import (
+    complete_change_sets,
     log_step,
     mark_sync_status,
     publish_status,
+    read_staged,
     read_sync_state,
     record_interrupted_publishes,
     record_publish_failure,
     refuse_if_pruned,
+    staged_change_sets,
+    staged_row,
 )
 from dataverse_assets.store.db import database_path, storage_problem, utc_now_iso
 from dataverse_assets.store.mirror import MirrorAccess
@@ -64,15 +67,13 @@ def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig
     canonical for incrementally synced linking tables), ids already mirrored, ids defunct."""
     linked: set[str] = set()
     for link in entity.linked_from:
-        staged = connection.execute(
-            "SELECT mode FROM _staged WHERE entity = ? AND change_set = ?",
-            (link.entity, change_set)).fetchone()
+        staged = staged_row(connection, link.entity, change_set)
         if staged is not None:
             refuse_if_pruned(connection, link.entity, change_set,
                              f"{entity.name}'s fetch (the ids {link.entity} links)")
             linked |= column_values(connection, staging_table(link.entity), link.column,
                                     change_set=change_set, lookup_target=link.lookup_target)
-        if staged is None or staged[0] not in SNAPSHOT_MODES:
+        if staged is None or staged["mode"] not in SNAPSHOT_MODES:
             # An incremental linking table stages only its changes, and one not staged in this
             # change set has all its links in canonical.
             linked |= column_values(connection, link.entity, link.column,
@@ -204,7 +205,7 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
         for key in [*older, change_set]:
             operation = "stage"
             try:
-                if key != change_set and not _is_staged(connection, entity.name, key):
+                if key != change_set and staged_row(connection, entity.name, key) is None:
                     write_staged(connection, staged_records(
                         connection, store.archive(entity.name, key), entity))
                 operation = "prepare"
@@ -245,19 +246,11 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
     return results
 
 
-def _is_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
-    return connection.execute("SELECT 1 FROM _staged WHERE entity = ? AND change_set = ?",
-                              (entity, change_set)).fetchone() is not None
-
-
 def _unpublished_before(connection: sqlite3.Connection, store: MirrorAccess, entity: str,
                         change_set: str) -> list[str]:
     """Older change sets of the entity, staged or archived, that are not COMPLETE."""
-    complete = {row[0] for row in connection.execute(
-        "SELECT change_set FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
-        (entity,))}
-    staged = {row[0] for row in connection.execute(
-        "SELECT change_set FROM _staged WHERE entity = ?", (entity,))}
+    complete = complete_change_sets(connection, entity)
+    staged = staged_change_sets(connection, entity)
     archived = set(list_change_sets(store.archive_dir, entity))
     # Ordered by the time the keys encode. A key that is not one (stored by an older version
     # that took any partition key) has no archive and is never published: it is left out.

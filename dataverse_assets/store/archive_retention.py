@@ -35,6 +35,7 @@ from dataverse_assets.archive.compacted import (
 from dataverse_assets.config import ArchiveConfig, EntitiesConfig
 from dataverse_assets.modes import SNAPSHOT_MODES
 from dataverse_assets.source.query import parse_datetime
+from dataverse_assets.store.bookkeeping import change_sets_that_wrote, complete_change_sets
 from dataverse_assets.store.db import connect, table_exists
 from dataverse_assets.store.staging_retention import StagingPrune, plan_staging_prune, prune_staged
 
@@ -60,20 +61,10 @@ def _mirror_facts(connection: sqlite3.Connection | None, entity: str):
     """(COMPLETE change sets, change sets with planned work, schema-changing change sets)."""
     if connection is None:
         return set(), set(), set()
-    complete = {row[0] for row in connection.execute(
-        "SELECT change_set FROM _publish_state WHERE entity = ? AND status = 'COMPLETE'",
-        (entity,))}
-    # What a change set wrote, from its publish counts (plan rows are deleted by maintenance
-    # after a while). A database from before `delete_unknown` was counted (NULL) still has
-    # those change sets' plan rows: maintenance keeps them.
-    planned = {row[0] for row in connection.execute(
-        "SELECT change_set FROM _publish_state WHERE entity = ? AND (created + updated"
-        " + deleted + stale + coalesce(delete_unknown, 0) > 0)", (entity,))}
-    if table_exists(connection, "_publish_plan"):
-        planned |= {row[0] for row in connection.execute(
-            "SELECT DISTINCT p.change_set FROM _publish_plan p JOIN _publish_state s"
-            " ON s.entity = p.entity AND s.change_set = p.change_set"
-            " WHERE p.entity = ? AND s.delete_unknown IS NULL", (entity,))}
+    complete = complete_change_sets(connection, entity)
+    # What a change set wrote, from its publish counts: plan rows are deleted by maintenance
+    # after a while.
+    planned = change_sets_that_wrote(connection, entity)
     schema_changing = set()
     if table_exists(connection, "_schema_check"):
         schema_changing = {row[0] for row in connection.execute(

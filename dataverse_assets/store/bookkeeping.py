@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
+from datetime import datetime
 
-from dataverse_assets.errors import StagingPrunedError
+import orjson
+
+from dataverse_assets.errors import NotStagedError, StagingPrunedError
 from dataverse_assets.modes import (
     PUBLISHING_STATUSES,
     PublishStatus,
 )
 from dataverse_assets.names import KEY_GLOB
-from dataverse_assets.store.db import (
-    transaction,
-    utc_now_iso,
-)
+from dataverse_assets.store.db import table_exists, transaction, utc_now_iso
 
 
 @dataclass(frozen=True)
@@ -204,3 +204,173 @@ def refuse_if_pruned(connection: sqlite3.Connection, entity: str, change_set: st
             f"retention (`dataverse-assets compact`, at {when}), and {purpose} needs them. "
             f"Materialize staging/{entity} for partition {change_set} to stage it again from "
             "the archive, then retry.")
+
+
+# -- which change sets are where -------------------------------------------------------------
+
+def complete_change_sets(connection: sqlite3.Connection, entity: str) -> set[str]:
+    """The entity's published change sets."""
+    return {row[0] for row in connection.execute(
+        "SELECT change_set FROM _publish_state WHERE entity = ? AND status = ?",
+        (entity, PublishStatus.COMPLETE))}
+
+
+def every_complete_change_set(connection: sqlite3.Connection) -> set[tuple[str, str]]:
+    """(entity, change set) of every published change set."""
+    return {(row[0], row[1]) for row in connection.execute(
+        "SELECT entity, change_set FROM _publish_state WHERE status = ?",
+        (PublishStatus.COMPLETE,))}
+
+
+def change_sets_that_wrote(connection: sqlite3.Connection, entity: str) -> set[str]:
+    """Change sets whose publish changed something (a create, update, delete or stale row, or a
+    delete of a record never mirrored), from their counts. A database from before
+    `delete_unknown` was counted (NULL) still has those change sets' plan rows, read here."""
+    wrote = {row[0] for row in connection.execute(
+        "SELECT change_set FROM _publish_state WHERE entity = ? AND (created + updated"
+        " + deleted + stale + coalesce(delete_unknown, 0) > 0)", (entity,))}
+    if table_exists(connection, "_publish_plan"):
+        wrote |= {row[0] for row in connection.execute(
+            "SELECT DISTINCT p.change_set FROM _publish_plan p JOIN _publish_state s"
+            " ON s.entity = p.entity AND s.change_set = p.change_set"
+            " WHERE p.entity = ? AND s.delete_unknown IS NULL", (entity,))}
+    return wrote
+
+
+def last_complete_publish(connection: sqlite3.Connection, entity: str) -> datetime | None:
+    """When the entity's latest publish finished."""
+    row = connection.execute(
+        "SELECT max(finished_at) FROM _publish_state WHERE entity = ? AND status = ?",
+        (entity, PublishStatus.COMPLETE)).fetchone()
+    return datetime.fromisoformat(row[0]) if row and row[0] else None
+
+
+def publish_history(connection: sqlite3.Connection, entity: str, limit: int) -> list[tuple]:
+    """The entity's newest `limit` change sets' publish records, newest first: change set,
+    status, source timestamp, finished at, created, updated, deleted, seconds, retries."""
+    return connection.execute(
+        "SELECT change_set, status, source_timestamp, finished_at, created, updated,"
+        " deleted, seconds, retry_count FROM _publish_state WHERE entity = ?"
+        " AND change_set GLOB ? ORDER BY change_set DESC LIMIT ?",
+        (entity, KEY_GLOB, limit)).fetchall()
+
+
+def change_set_used(connection: sqlite3.Connection, change_set: str,
+                    entities: list[str]) -> bool:
+    """Whether any of the entities has a publish record of this change set."""
+    return connection.execute(
+        "SELECT 1 FROM _publish_state WHERE change_set = ? AND entity IN"
+        f" ({', '.join('?' * len(entities))}) LIMIT 1",
+        (change_set, *entities)).fetchone() is not None
+
+
+# -- staged change sets ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StagedChangeSet:
+    """A staged change set ready to publish (`_staged`; the value of staging/E downstream)."""
+
+    entity: str
+    change_set: str
+    mode: str
+    rows: int
+    watermark_after: str | None
+    delta_token_after: str | None
+    reconciled: bool
+    reconciled_at: str | None
+    fetched_at: str | None
+
+
+def read_staged(connection: sqlite3.Connection, entity: str, change_set: str) -> StagedChangeSet:
+    row = connection.execute(
+        "SELECT mode, rows, watermark_after, delta_token_after, reconciled, reconciled_at,"
+        " fetched_at FROM _staged"
+        " WHERE entity = ? AND change_set = ?",
+        (entity, change_set),
+    ).fetchone()
+    if row is None:
+        raise NotStagedError(
+            f"{entity}: change set {change_set} is not staged; materialize staging/{entity} "
+            "for this partition first"
+        )
+    return StagedChangeSet(entity, change_set, row[0], row[1], row[2], row[3], bool(row[4]),
+                           row[5], row[6])
+
+
+def staged_row(connection: sqlite3.Connection, entity: str, change_set: str) -> dict | None:
+    """The `_staged` row of a change set as a dict (None if it was never staged)."""
+    cursor = connection.execute(
+        "SELECT * FROM _staged WHERE entity = ? AND change_set = ?", (entity, change_set))
+    row = cursor.fetchone()
+    return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
+
+
+def staged_change_sets(connection: sqlite3.Connection, entity: str) -> set[str]:
+    return {row[0] for row in connection.execute(
+        "SELECT change_set FROM _staged WHERE entity = ?", (entity,))}
+
+
+def staged_with_status(connection: sqlite3.Connection, entity: str) -> list[tuple]:
+    """(change set, rows, pruned at, publish status) of each staged change set."""
+    return connection.execute(
+        "SELECT s.change_set, s.rows, s.pruned_at, p.status FROM _staged s"
+        " LEFT JOIN _publish_state p ON p.entity = s.entity AND p.change_set = s.change_set"
+        " WHERE s.entity = ?", (entity,)).fetchall()
+
+
+def record_staged(connection: sqlite3.Connection, *, entity: str, change_set: str, mode: str,
+                  rows: int, upserts: int, watermark_after: str | None,
+                  delta_token_after: str | None, reconciled: bool,
+                  reconciled_at: str | None, fetched_at: str | None,
+                  source_timestamp: str | None, divergence: dict[str, int]) -> None:
+    """The marker that a change set is fully staged (publishing refuses without it), and its
+    publish PENDING; a change set already COMPLETE stays so (its archive, and so its staged
+    rows, cannot have changed). Inside the caller's transaction."""
+    now = utc_now_iso()
+    connection.execute(
+        "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, upserts,"
+        " watermark_after, delta_token_after, reconciled, reconciled_at, fetched_at,"
+        " staged_at, reconcile_scanned, reconcile_missing, reconcile_stale)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (entity, change_set, mode, rows, upserts, watermark_after, delta_token_after,
+         int(reconciled), reconciled_at, fetched_at, now, divergence.get("scanned"),
+         divergence.get("missing"), divergence.get("stale")),
+    )
+    connection.execute(
+        "INSERT INTO _publish_state (entity, change_set, status, staged_at, source_timestamp)"
+        " VALUES (:entity, :cs, :pending, :now, :source) ON CONFLICT(entity, change_set) DO"
+        " UPDATE SET status = CASE WHEN status = :complete THEN status ELSE :pending END,"
+        " staged_at = excluded.staged_at, source_timestamp = excluded.source_timestamp",
+        {"entity": entity, "cs": change_set, "pending": PublishStatus.PENDING, "now": now,
+         "source": source_timestamp, "complete": PublishStatus.COMPLETE},
+    )
+
+
+def mark_pruned(connection: sqlite3.Connection, entity: str, change_set: str) -> None:
+    """Staging retention deleted the change set's staged rows (inside its transaction)."""
+    connection.execute(
+        "UPDATE _staged SET pruned_at = ? WHERE entity = ? AND change_set = ?",
+        (utc_now_iso(), entity, change_set))
+
+
+# -- the step log ------------------------------------------------------------------------------
+
+def step_details(connection: sqlite3.Connection, entity: str, change_set: str,
+                 layer: str) -> dict:
+    """What the latest `layer` step of a change set logged (its summary), {} if none."""
+    row = connection.execute(
+        "SELECT details FROM _sync_log WHERE entity = ? AND change_set = ? AND layer = ?"
+        " ORDER BY id DESC LIMIT 1", (entity, change_set, layer)).fetchone()
+    return orjson.loads(row[0]) if row and row[0] else {}
+
+
+def fetch_details(connection: sqlite3.Connection) -> dict[tuple[str, str], dict]:
+    """Every logged fetch's summary, by (entity, change set); the latest wins."""
+    details: dict[tuple[str, str], dict] = {}
+    for entity, change_set, text in connection.execute(
+            "SELECT entity, change_set, details FROM _sync_log WHERE layer = 'raw' ORDER BY id"):
+        try:
+            details[(entity, change_set)] = orjson.loads(text or "{}")
+        except orjson.JSONDecodeError:
+            continue
+    return details

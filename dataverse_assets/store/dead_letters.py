@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
+from dataverse_assets.store.bookkeeping import read_publish_state, read_sync_state
 from dataverse_assets.store.db import transaction, utc_now_iso
 
 # Delays before scheduled retries 1, 2, 3; then the change set is dead-lettered.
@@ -104,16 +105,13 @@ def record_failure(connection: sqlite3.Connection, entity: str, change_set: str,
 
 
 def _diagnostics(connection: sqlite3.Connection, entity: str, change_set: str) -> dict:
-    cursor = connection.execute(
-        "SELECT status, failed_operation, error_code, error, retry_count FROM _publish_state"
-        " WHERE entity = ? AND change_set = ?", (entity, change_set))
-    row = cursor.fetchone()
-    publish = dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
-    state = connection.execute(
-        "SELECT mode, watermark, status FROM _sync_state WHERE entity = ?", (entity,)).fetchone()
-    return {"publish_state": publish,
-            "sync_state": dict(zip(("mode", "watermark", "status"), state, strict=True))
-            if state else None}
+    publish = read_publish_state(connection, entity, change_set)
+    state = read_sync_state(connection, entity)
+    return {"publish_state": {k: publish[k] for k in ("status", "failed_operation",
+                                                      "error_code", "error", "retry_count")}
+            if publish else None,
+            "sync_state": {"mode": state.mode, "watermark": state.watermark,
+                           "status": state.status} if state else None}
 
 
 def due_retries(connection: sqlite3.Connection, now: datetime | None = None) -> list[DueRetry]:

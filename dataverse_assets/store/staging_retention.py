@@ -31,8 +31,13 @@ from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.modes import PublishStatus
 from dataverse_assets.names import change_set_order, is_change_set_key
-from dataverse_assets.store.bookkeeping import publish_status, read_sync_state
-from dataverse_assets.store.db import quote_identifier, table_exists, transaction, utc_now_iso
+from dataverse_assets.store.bookkeeping import (
+    mark_pruned,
+    publish_status,
+    read_sync_state,
+    staged_with_status,
+)
+from dataverse_assets.store.db import quote_identifier, table_exists, transaction
 from dataverse_assets.store.tables import staging_keys_table, staging_table
 
 
@@ -89,10 +94,8 @@ def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
             continue
         # Newest first by the time each key encodes; a row an older version staged under a
         # key that is not one has no archive folder to check against, and is left alone.
-        staged = sorted((row for row in connection.execute(
-            "SELECT s.change_set, s.rows, s.pruned_at, p.status FROM _staged s"
-            " LEFT JOIN _publish_state p ON p.entity = s.entity AND p.change_set = s.change_set"
-            " WHERE s.entity = ?", (entity.name,)) if is_change_set_key(row[0])),
+        staged = sorted((row for row in staged_with_status(connection, entity.name)
+                         if is_change_set_key(row[0])),
             key=lambda row: change_set_order(row[0]), reverse=True)
         readers = _filtered_readers(config, entity.name)
         for change_set, rows, pruned, status in reversed(staged[keep:]):
@@ -114,7 +117,5 @@ def prune_staged(connection: sqlite3.Connection, prune: StagingPrune) -> int:
         if table_exists(connection, keys):
             connection.execute(f"DELETE FROM {quote_identifier(keys)} WHERE _change_set = ?",
                                (prune.change_set,))
-        connection.execute(
-            "UPDATE _staged SET pruned_at = ? WHERE entity = ? AND change_set = ?",
-            (utc_now_iso(), prune.entity, prune.change_set))
+        mark_pruned(connection, prune.entity, prune.change_set)
     return deleted
