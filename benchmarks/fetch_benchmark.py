@@ -40,13 +40,14 @@ sys.path.insert(0, str(ROOT))
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive  # noqa: E402
 from dataverse_assets.config import EntityConfig  # noqa: E402
-from dataverse_assets.fetch import fetch_change_set, plan_fetch  # noqa: E402
 from dataverse_assets.simulator import (  # noqa: E402
     SIMULATOR_CLIENT_ID,
     SIMULATOR_CLIENT_SECRET,
     SIMULATOR_TENANT_ID,
 )
 from dataverse_assets.source.live import LiveDataverseSource  # noqa: E402
+from dataverse_assets.sync.fetch import fetch_change_set  # noqa: E402
+from dataverse_assets.sync.fetch_plan import plan_fetch  # noqa: E402
 
 TARGET_ROWS_PER_SECOND = 100_000
 TARGET_PEAK_RSS_MB = 300

@@ -86,12 +86,12 @@ def main() -> int:
 
 def simulate(args, config, entity, store, source, simulator) -> dict:
     """The month of change sets, each day ended by the maintenance steps."""
-    from dataverse_assets import steps
     from dataverse_assets.names import change_set_key
-    from dataverse_assets.staging import write_staged
     from dataverse_assets.store.archive_retention import compact_archive
     from dataverse_assets.store.db import connect, wait_for_checkpoint
     from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
+    from dataverse_assets.sync import steps
+    from dataverse_assets.sync.stage import write_staged
 
     rng = random.Random(5)
     db = Path(store.db_path)

@@ -69,8 +69,8 @@ def stage_worker_memory() -> dict:
     """Staging's worker processes (dataverse_assets.stage_workers) are children of the run's
     process, so their memory is apart from its VmHWM: the pool reads each worker's VmHWM
     before it exits (a child's rusage would count the parent's memory copied at fork)."""
-    from dataverse_assets import stage_workers
-    from dataverse_assets.staging import staging_workers
+    from dataverse_assets.sync import stage_workers
+    from dataverse_assets.sync.stage import staging_workers
 
     return {"stage_workers": staging_workers(),
             "stage_worker_peak_rss_mb": round(stage_workers.peak_worker_rss_mb, 1)}
@@ -137,12 +137,13 @@ def worker_sync(args: dict) -> dict:
     """One run of a group's job, in-process, for a new change set."""
     from dagster import DagsterEventType, DagsterInstance
 
-    from dataverse_assets import assets, resources, steps
+    from dataverse_assets import assets, resources
     from dataverse_assets.config import Settings
     from dataverse_assets.definitions import build_definitions
     from dataverse_assets.partitions import register_change_set
     from dataverse_assets.schedules import sync_job_name
     from dataverse_assets.store import locks
+    from dataverse_assets.sync import steps
 
     timers = _Timers()
     for module, name in ((steps, "fetch"), (resources, "write_staged"), (steps, "publish"),

@@ -17,18 +17,18 @@ from dagster import (
 )
 from pydantic import Field
 
-from dataverse_assets import steps
 from dataverse_assets.checks import canonical_check_specs, evaluate_canonical_checks
 from dataverse_assets.config import EntitiesConfig, EntityConfig
-from dataverse_assets.fetch import FetchSummary
 from dataverse_assets.names import check_change_set_key
 from dataverse_assets.partitions import PARTITION_NOTE, change_sets_partitions
-from dataverse_assets.progress import fetch_reporter
 from dataverse_assets.resources import MirrorStore, RawChangeSet
 from dataverse_assets.source.base import DataverseSource
-from dataverse_assets.staging import StagedRecords
 from dataverse_assets.store.bookkeeping import StagedChangeSet, read_publish_state
 from dataverse_assets.store.tables import canonical_row_count
+from dataverse_assets.sync import steps
+from dataverse_assets.sync.fetch import FetchSummary
+from dataverse_assets.sync.progress import fetch_reporter
+from dataverse_assets.sync.stage import StagedRecords
 
 
 class RawConfig(Config):

@@ -52,10 +52,8 @@ from dagster import (
 from dagster._utils.schedules import get_latest_completed_cron_tick
 
 from dataverse_assets.config import EntitiesConfig, EntityConfig, GroupConfig
-from dataverse_assets.drift import read_schema_checks
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus
 from dataverse_assets.resources import MirrorStore
-from dataverse_assets.staging import count_staged
 from dataverse_assets.store.bookkeeping import (
     last_complete_publish,
     read_publish_state,
@@ -78,6 +76,8 @@ from dataverse_assets.store.tables import (
     staging_keys_table,
     staging_table,
 )
+from dataverse_assets.sync.drift import read_schema_checks
+from dataverse_assets.sync.stage import count_staged
 
 SCHEMA_DRIFT = "schema_drift"
 PRIMARY_KEY = "primary_key"

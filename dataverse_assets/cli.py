@@ -24,14 +24,14 @@ from dataverse_assets.names import (
     check_entity_name,
     check_record_id,
 )
-from dataverse_assets.progress import (
+from dataverse_assets.store.bookkeeping import change_set_used, step_details
+from dataverse_assets.sync.progress import (
     TERMINAL_INTERVAL_SECONDS,
     ProgressReporter,
     ProgressSink,
     ProgressUpdate,
     listening,
 )
-from dataverse_assets.store.bookkeeping import change_set_used, step_details
 
 
 def _instance():
@@ -175,7 +175,7 @@ def cmd_change_set_create(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_show(args: argparse.Namespace) -> int:
-    from dataverse_assets.publish import render_plan
+    from dataverse_assets.ops.plan_view import render_plan
     from dataverse_assets.store.db import connect
 
     settings = load_settings()

@@ -23,7 +23,6 @@ from dataverse_assets.errors import (
     DataverseError,
     FetchConfigError,
 )
-from dataverse_assets.fetch import attribute_names, choose_mode
 from dataverse_assets.modes import Mode
 from dataverse_assets.redaction import redact
 from dataverse_assets.source.auth import ClientCredentials
@@ -31,6 +30,7 @@ from dataverse_assets.source.client import DataverseClient, RetryPolicy
 from dataverse_assets.source.live import ClientSession, shared_ssl_context
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 from dataverse_assets.store.schema import detect_primary_key
+from dataverse_assets.sync.fetch_plan import attribute_names, choose_mode
 
 PASS, FAIL, WARN, INFO, SKIP = "PASS", "FAIL", "WARN", "INFO", "SKIP"
 

@@ -19,15 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataverse_assets import steps
 from dataverse_assets.archive.change_sets import list_change_sets
 from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.errors import CorruptArchiveError, RebuildError
 from dataverse_assets.names import change_set_order
-from dataverse_assets.progress import FetchProgress, ProgressReporter
-from dataverse_assets.staging import write_staged
 from dataverse_assets.store.mirror import Mirror
 from dataverse_assets.store.tables import canonical_row_count
+from dataverse_assets.sync import steps
+from dataverse_assets.sync.progress import FetchProgress, ProgressReporter
+from dataverse_assets.sync.stage import write_staged
 
 
 @dataclass

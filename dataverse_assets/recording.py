@@ -32,13 +32,14 @@ import orjson
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.config import EntitiesConfig, EntityConfig
-from dataverse_assets.fetch import fetch_change_set, plan_fetch
 from dataverse_assets.names import change_set_key, is_guid
 from dataverse_assets.source.base import DataverseSource, SourceSession
 from dataverse_assets.source.client import Page
 from dataverse_assets.source.query import PageQuery
-from dataverse_assets.staging import LOOKUP_TARGET_ANNOTATION
 from dataverse_assets.store.db import utc_now_iso
+from dataverse_assets.sync.fetch import fetch_change_set
+from dataverse_assets.sync.fetch_plan import plan_fetch
+from dataverse_assets.sync.stage import LOOKUP_TARGET_ANNOTATION
 
 FORMATTED_VALUE = "@OData.Community.Display.V1.FormattedValue"
 RECORDING_MANIFEST = "recording.json"

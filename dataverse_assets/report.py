@@ -23,7 +23,6 @@ from dataverse_assets.checks import freshness_status
 from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.modes import PublishStatus, SyncStatus
 from dataverse_assets.names import change_set_time, is_change_set_key
-from dataverse_assets.progress import format_duration
 from dataverse_assets.source.query import parse_datetime
 from dataverse_assets.store import dead_letters
 from dataverse_assets.store.bookkeeping import (
@@ -34,6 +33,7 @@ from dataverse_assets.store.bookkeeping import (
     read_sync_state,
 )
 from dataverse_assets.store.tables import canonical_row_count
+from dataverse_assets.sync.progress import format_duration
 
 DURATION_TICKS = (0.01, 0.1, 1.0, 60.0, 3600.0, 86400.0, 30 * 86400.0, 365 * 86400.0)
 FRESH, LATE, FAILED, NEVER = "fresh", "late", "failed", "never synced"

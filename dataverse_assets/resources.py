@@ -17,12 +17,12 @@ from dagster import (
 )
 from pydantic import Field
 
-from dataverse_assets.faults import fault_point
 from dataverse_assets.names import check_change_set_key
-from dataverse_assets.staging import StagedRecords, write_staged
 from dataverse_assets.store import locks
 from dataverse_assets.store.bookkeeping import StagedChangeSet, read_staged
 from dataverse_assets.store.mirror import MirrorAccess
+from dataverse_assets.sync.faults import fault_point
+from dataverse_assets.sync.stage import StagedRecords, write_staged
 
 
 class MirrorStore(ConfigurableResource, MirrorAccess):

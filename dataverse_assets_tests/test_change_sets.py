@@ -6,8 +6,8 @@ import uuid
 import orjson
 import pytest
 
-from dataverse_assets.faults import armed
 from dataverse_assets.store.db import quote_identifier
+from dataverse_assets.sync.faults import armed
 from dataverse_assets_tests.conftest import failure_messages
 from dataverse_assets_tests.truth import (
     assert_mirror_equals_simulator,

@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import AuthenticationError, DataverseRequestError, PagingError
-from dataverse_assets.fetch import fetch_change_set, plan_fetch
 from dataverse_assets.simulator import (
     SIMULATOR_CLIENT_ID,
     SIMULATOR_CLIENT_SECRET,
@@ -47,6 +46,8 @@ from dataverse_assets.source.client import DataverseClient, Page, RetryPolicy
 from dataverse_assets.source.key_ranges import guid_sql_value
 from dataverse_assets.source.live import LiveDataverseSource
 from dataverse_assets.source.query import PageQuery
+from dataverse_assets.sync.fetch import fetch_change_set
+from dataverse_assets.sync.fetch_plan import plan_fetch
 
 # Backoff 50, 100, 200, 400 ms without jitter: the schedule is visible in arrival times.
 FAST = RetryPolicy(max_attempts=6, backoff_seconds=(0.05, 0.1, 0.2, 0.4, 0.8), jitter=0.0)

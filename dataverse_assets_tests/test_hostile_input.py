@@ -20,7 +20,6 @@ from dataverse_assets.config import (
 )
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.errors import ConfigError, PagingError
-from dataverse_assets.fetch import FetchRequest, FetchStep, PagingGuard
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.source import client as client_module
 from dataverse_assets.source.client import RetryPolicy
@@ -28,6 +27,8 @@ from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.query import PageQuery
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.db import quote_identifier
+from dataverse_assets.sync.fetch import PagingGuard
+from dataverse_assets.sync.fetch_plan import FetchRequest, FetchStep
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
 
 TRIALS = "vin_clinicaltrials"

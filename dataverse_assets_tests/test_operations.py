@@ -16,11 +16,12 @@ from dagster import (
     build_sensor_context,
 )
 
-from dataverse_assets import cli, steps
-from dataverse_assets.faults import armed
+from dataverse_assets import cli
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store import dead_letters
+from dataverse_assets.sync import steps
+from dataverse_assets.sync.faults import armed
 from dataverse_assets_tests.conftest import ENTITY_NAMES, failure_messages
 from dataverse_assets_tests.truth import assert_mirror_equals_simulator, canonical_rows
 

@@ -6,11 +6,11 @@ import pytest
 from dataverse_assets.archive.change_sets import REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import PlanValidationError
-from dataverse_assets.publish import render_plan
-from dataverse_assets.staging import write_staged
-from dataverse_assets.steps import publish, staged_records
+from dataverse_assets.ops.plan_view import render_plan
 from dataverse_assets.store.db import connect
 from dataverse_assets.store.schema_registry import load_locked_schema
+from dataverse_assets.sync.stage import write_staged
+from dataverse_assets.sync.steps import publish, staged_records
 
 ENTITY = EntityConfig(name="things", group="daily", incremental="full")
 
@@ -89,7 +89,7 @@ def test_an_older_snapshot_never_overwrites_a_newer_one(store):
 
 
 def test_a_plan_that_does_not_add_up_is_refused_before_any_write(store, monkeypatch):
-    from dataverse_assets import publish as publish_module
+    from dataverse_assets.sync import publish as publish_module
 
     stage_and_publish(store, "20260101T000000Z", [thing(1, "Alpha")])
     archive_change_set(store.archive_dir, "20260102T000000Z", [thing(1, "Changed"), thing(2, "B")])
@@ -126,7 +126,7 @@ def test_plan_show_command_prints_the_plan(store, monkeypatch, capsys):
 
 
 def test_changed_fields_of_an_update_missing_fields_count_as_null(store):
-    from dataverse_assets.publish import changed_fields
+    from dataverse_assets.sync.publish import changed_fields
 
     stage_and_publish(store, "20260101T000000Z", [
         {**thing(1, "Alpha"), "note": "kept", "gone": "x"}])

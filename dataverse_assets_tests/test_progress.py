@@ -7,8 +7,13 @@ import httpx
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.config import EntityConfig
-from dataverse_assets.fetch import fetch_change_set, plan_fetch
-from dataverse_assets.progress import (
+from dataverse_assets.source.auth import ClientCredentials
+from dataverse_assets.source.client import DataverseClient
+from dataverse_assets.source.live import ClientSession
+from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets.sync.fetch import fetch_change_set
+from dataverse_assets.sync.fetch_plan import plan_fetch
+from dataverse_assets.sync.progress import (
     FetchProgress,
     ProgressReporter,
     ProgressSink,
@@ -17,10 +22,6 @@ from dataverse_assets.progress import (
     format_duration,
     listening,
 )
-from dataverse_assets.source.auth import ClientCredentials
-from dataverse_assets.source.client import DataverseClient
-from dataverse_assets.source.live import ClientSession
-from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets_tests.conftest import ENTITY_NAMES
 
 ORG = "https://org.example.com"

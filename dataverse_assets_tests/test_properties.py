@@ -23,15 +23,20 @@ from hypothesis import strategies as st
 from dataverse_assets.config import ArchiveConfig, EntityConfig, GroupConfig, LinkSource, Settings
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
-from dataverse_assets.publish import publish_change_set
 from dataverse_assets.simulator.odata import BoolOp, Comparison, parse_filter
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 from dataverse_assets.source.simulator import SimulatorSource, embedded_simulator
-from dataverse_assets.staging import STAGING_META_COLUMNS, StagedRecords, content_hash, write_staged
 from dataverse_assets.store.archive_retention import compact_archive
 from dataverse_assets.store.db import connect, quote_identifier
 from dataverse_assets.store.schema import Column, EntitySchema, detect_primary_key, sqlite_fold
 from dataverse_assets.store.schema_registry import lock_schema
+from dataverse_assets.sync.publish import publish_change_set
+from dataverse_assets.sync.stage import (
+    STAGING_META_COLUMNS,
+    StagedRecords,
+    content_hash,
+    write_staged,
+)
 from dataverse_assets_tests.conftest import Mirror, failure_messages
 
 # Any text an id or a value can hold: quotes, unicode, whitespace, URL-special characters.
@@ -226,7 +231,7 @@ JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
                                 JSON_SCALARS), max_size=6))
 def test_a_staged_row_has_each_columns_value_or_null_whatever_fields_a_record_lacks(
         names, records):
-    from dataverse_assets.staging import STAGING_COUNTS, _PageContext, _stage_page
+    from dataverse_assets.sync.stage import STAGING_COUNTS, _PageContext, _stage_page
 
     records = [{**record, "id": f"k{n}"} for n, record in enumerate(records)]
     context = _PageContext(change_set="cs", pk="id", names=tuple(names),

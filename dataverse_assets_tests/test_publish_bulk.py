@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from dataverse_assets import publish as publish_module
-from dataverse_assets.publish import render_plan
+from dataverse_assets.ops.plan_view import render_plan
 from dataverse_assets.resources import MirrorStore
-from dataverse_assets.staging import write_staged
-from dataverse_assets.steps import publish, staged_records
 from dataverse_assets.store.db import wait_for_checkpoint
+from dataverse_assets.sync import publish as publish_module
+from dataverse_assets.sync.stage import write_staged
+from dataverse_assets.sync.steps import publish, staged_records
 
 from .test_plan_view import ENTITY, archive_change_set, stage_and_publish, thing
 

@@ -16,13 +16,13 @@ from dataverse_assets.cli import main, new_change_set_key
 from dataverse_assets.config import Settings, load_entities_config
 from dataverse_assets.definitions import build_definitions
 from dataverse_assets.errors import RebuildError
-from dataverse_assets.progress import ProgressReporter, ProgressSink, ProgressUpdate
 from dataverse_assets.rebuild import archived_change_sets, rebuild, register_archived
 from dataverse_assets.schedules import sync_job_name
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.archive_retention import compact_archive
 from dataverse_assets.store.db import quote_identifier
+from dataverse_assets.sync.progress import ProgressReporter, ProgressSink, ProgressUpdate
 from dataverse_assets_tests.conftest import (
     ENTITY_NAMES,
     SMALL_ROW_COUNTS,
@@ -469,9 +469,9 @@ def staged_change_sets(connection, entity) -> dict[str, int]:
 
 def test_staging_retention_deletes_old_staged_rows_and_nothing_else(make_mirror, tmp_path,
                                                                    monkeypatch, capsys):
-    from dataverse_assets import steps
     from dataverse_assets.errors import StagingPrunedError
     from dataverse_assets.resources import MirrorStore
+    from dataverse_assets.sync import steps
 
     mirror = make_mirror()
     simulator = mirror.simulator

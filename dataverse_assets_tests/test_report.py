@@ -14,10 +14,10 @@ from dagster import DagsterInstance
 from dataverse_assets import cli
 from dataverse_assets.config import PROJECT_ROOT, Settings
 from dataverse_assets.definitions import build_definitions
-from dataverse_assets.faults import armed
 from dataverse_assets.report import FAILED, FRESH, LATE, NEVER, collect_report, entity_state
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets.sync.faults import armed
 from dataverse_assets_tests.conftest import (
     ENTITY_NAMES,
     SMALL_ROW_COUNTS,

@@ -113,8 +113,8 @@ def test_names_sqlite_cannot_tell_apart_are_excluded_with_a_reason():
 
 
 def test_every_column_the_sync_adds_is_reserved():
-    from dataverse_assets.staging import STAGING_META_COLUMNS
     from dataverse_assets.store.tables import HISTORY_COLUMNS, SYNC_COLUMNS
+    from dataverse_assets.sync.stage import STAGING_META_COLUMNS
 
     added = {n for n, _ in SYNC_COLUMNS + HISTORY_COLUMNS} | set(STAGING_META_COLUMNS)
     assert added <= RESERVED_COLUMNS

@@ -11,15 +11,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from dataverse_assets import staging
 from dataverse_assets.archive.change_sets import REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import CorruptArchiveError
-from dataverse_assets.stage_workers import WorkerPool
-from dataverse_assets.staging import staging_workers, write_staged
-from dataverse_assets.steps import staged_records
 from dataverse_assets.store.db import connect
 from dataverse_assets.store.tables import staging_keys_table, staging_table
+from dataverse_assets.sync import stage as staging
+from dataverse_assets.sync.stage import staging_workers, write_staged
+from dataverse_assets.sync.stage_workers import WorkerPool
+from dataverse_assets.sync.steps import staged_records
 
 ENTITY = EntityConfig(name="things", group="daily", incremental="full")
 
@@ -125,11 +125,11 @@ def test_a_script_without_a_main_guard_does_not_run_again_in_the_workers(tmp_pat
     script.write_text(textwrap.dedent(f"""
         import os
         from pathlib import Path
-        from dataverse_assets import staging
+        from dataverse_assets.sync import stage as staging
         from dataverse_assets.config import EntityConfig
-        from dataverse_assets.staging import write_staged
-        from dataverse_assets.steps import staged_records
-        from dataverse_assets.store import connect
+        from dataverse_assets.sync.stage import write_staged
+        from dataverse_assets.sync.steps import staged_records
+        from dataverse_assets.store.db import connect
         from dataverse_assets_tests.test_stage_workers import make_archive
 
         with open({str(marker)!r}, "a") as f:

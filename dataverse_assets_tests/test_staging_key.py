@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from dataverse_assets.staging import count_staged, staging_key_index
+from dataverse_assets.sync.stage import count_staged, staging_key_index
 
 from .test_plan_view import stage_and_publish, thing
 

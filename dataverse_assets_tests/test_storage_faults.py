@@ -7,11 +7,11 @@ from contextlib import contextmanager
 
 import orjson
 
-from dataverse_assets import publish
 from dataverse_assets.cli import main as cli_main
 from dataverse_assets.store import db as store
 from dataverse_assets.store import locks
 from dataverse_assets.store import mirror as resources
+from dataverse_assets.sync import publish
 from dataverse_assets_tests.conftest import failure_messages
 from dataverse_assets_tests.test_hostile_input import make_mirror, root_error
 from dataverse_assets_tests.test_hostile_keys import mirror_rows, tree

@@ -15,13 +15,13 @@ import argparse
 import os
 import sys
 
-from dataverse_assets import steps
 from dataverse_assets.config import EntitiesConfig, EntityConfig, load_entities_config
-from dataverse_assets.faults import fault_point
 from dataverse_assets.resources import MirrorStore
 from dataverse_assets.source.base import DataverseSource
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.staging import write_staged
+from dataverse_assets.sync import steps
+from dataverse_assets.sync.faults import fault_point
+from dataverse_assets.sync.stage import write_staged
 
 FAST_RETRIES = [0.01, 0.02, 0.04, 0.08, 0.16]
 

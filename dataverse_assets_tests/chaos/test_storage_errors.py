@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from dataverse_assets import steps
 from dataverse_assets.simulator import serve_on_loopback
 from dataverse_assets.store import mirror as resources
+from dataverse_assets.sync import steps
 from dataverse_assets_tests.chaos.harness import (
     ALL_ENTITIES,
     canonical_problems,

@@ -17,26 +17,10 @@ import orjson
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive, list_change_sets
 from dataverse_assets.config import EntityConfig
-from dataverse_assets.drift import schema_for_change_set
 from dataverse_assets.errors import ArchiveError, StorageError
-from dataverse_assets.faults import fault_point
-from dataverse_assets.fetch import (
-    FetchSummary,
-    ProgressCallback,
-    fetch_change_set,
-    plan_fetch,
-    reconcile_due,
-)
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus, SyncStatus
 from dataverse_assets.names import change_set_order, check_change_set_key, is_change_set_key
-from dataverse_assets.publish import PublishResult, publish_change_set
 from dataverse_assets.source.base import DataverseSource
-from dataverse_assets.staging import (
-    StagedRecords,
-    column_values,
-    iter_staged_batches,
-    write_staged,
-)
 from dataverse_assets.store import dead_letters
 from dataverse_assets.store.bookkeeping import (
     complete_change_sets,
@@ -55,6 +39,17 @@ from dataverse_assets.store.db import database_path, storage_problem, utc_now_is
 from dataverse_assets.store.mirror import MirrorAccess
 from dataverse_assets.store.schema_registry import load_locked_schema
 from dataverse_assets.store.tables import mirrored_etags, staging_table
+from dataverse_assets.sync.drift import schema_for_change_set
+from dataverse_assets.sync.faults import fault_point
+from dataverse_assets.sync.fetch import FetchSummary, ProgressCallback, fetch_change_set
+from dataverse_assets.sync.fetch_plan import plan_fetch, reconcile_due
+from dataverse_assets.sync.publish import PublishResult, publish_change_set
+from dataverse_assets.sync.stage import (
+    StagedRecords,
+    column_values,
+    iter_staged_batches,
+    write_staged,
+)
 
 
 def _json(value: object) -> str:

@@ -1,11 +1,11 @@
 """Worker processes that parse archived pages for staging, so a large change set uses every core.
 
 Parsing, hashing and serialising a record is Python work that holds the GIL (~18 µs a row of
-30 columns), so threads cannot share it. Each worker is `python -m
-dataverse_assets.stage_workers`, a process of our own: unlike multiprocessing's spawn, it never
-re-imports the caller's main module, so a script without an `if __name__ == "__main__"`
-guard cannot run twice. Tasks and results are pickled frames over the worker's stdin and
-stdout; stray prints in the worker go to its stderr.
+30 columns), so threads cannot share it. Each worker is
+`python -m dataverse_assets.sync.stage_workers`, a process of our own: unlike
+multiprocessing's spawn, it never re-imports the caller's main module, so a script without an
+`if __name__ == "__main__"` guard cannot run twice. Tasks and results are pickled frames over
+the worker's stdin and stdout; stray prints in the worker go to its stderr.
 
 Results come back in task order (page i goes to worker i mod n, and each worker answers in
 order), which staging needs: a later page wins for a key seen twice.
@@ -64,7 +64,7 @@ class WorkerPool:
         self.stderr = [tempfile.TemporaryFile() for _ in range(workers)]
         self.processes = [
             subprocess.Popen(
-                [sys.executable, "-m", "dataverse_assets.stage_workers", self.function],
+                [sys.executable, "-m", "dataverse_assets.sync.stage_workers", self.function],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
             for stderr in self.stderr
         ]

@@ -25,7 +25,6 @@ from dataverse_assets.archive.change_sets import (
     read_page_file,
 )
 from dataverse_assets.archive.compacted import iter_compacted_bodies
-from dataverse_assets.stage_workers import WorkerPool
 from dataverse_assets.store.bookkeeping import record_staged
 from dataverse_assets.store.db import (
     quote_identifier,
@@ -43,6 +42,7 @@ from dataverse_assets.store.schema import (
     to_sqlite_value,
 )
 from dataverse_assets.store.tables import staging_keys_table, staging_table
+from dataverse_assets.sync.stage_workers import WorkerPool
 
 STAGING_META_COLUMNS = ("_change_set", "_pk", "_op", "_content_hash", "_modifiedon")
 STAGING_BATCH_ROWS = 2000

@@ -24,7 +24,6 @@ import orjson
 
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
-from dataverse_assets.staging import decide_schema, is_deleted_entity
 from dataverse_assets.store.db import (
     quote_identifier,
     table_columns,
@@ -49,6 +48,7 @@ from dataverse_assets.store.schema import (
 )
 from dataverse_assets.store.schema_registry import load_locked_schema, lock_schema
 from dataverse_assets.store.tables import history_table, staging_table
+from dataverse_assets.sync.stage import decide_schema, is_deleted_entity
 
 DRIFT_DDL = (
     """CREATE TABLE IF NOT EXISTS _schema_check (
