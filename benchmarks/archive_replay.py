@@ -28,7 +28,7 @@ import orjson
 
 from dataverse_assets.archive.change_sets import MANIFEST, ChangeSetArchive, list_change_sets
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, parse_entities_config
-from dataverse_assets.resources import MirrorStore
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.stage import write_staged

@@ -65,7 +65,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from dataverse_assets.config import load_entities_config
-    from dataverse_assets.resources import MirrorStore
+    from dataverse_assets.defs.resources import MirrorStore
     from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
     from dataverse_assets.source.simulator import SimulatorSource
 

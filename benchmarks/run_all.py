@@ -137,11 +137,11 @@ def worker_sync(args: dict) -> dict:
     """One run of a group's job, in-process, for a new change set."""
     from dagster import DagsterEventType, DagsterInstance
 
-    from dataverse_assets import assets, resources
     from dataverse_assets.config import Settings
-    from dataverse_assets.definitions import build_definitions
-    from dataverse_assets.partitions import register_change_set
-    from dataverse_assets.schedules import sync_job_name
+    from dataverse_assets.defs import assets, resources
+    from dataverse_assets.defs.definitions import build_definitions
+    from dataverse_assets.defs.partitions import register_change_set
+    from dataverse_assets.defs.schedules import sync_job_name
     from dataverse_assets.store import locks
     from dataverse_assets.sync import steps
 

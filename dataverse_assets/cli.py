@@ -73,7 +73,7 @@ def new_change_set_key(instance, group: str, now: datetime | None = None,
     With `settings`, a key the mirror already used is skipped too: the archive or the
     database may hold change sets of another Dagster instance (a DAGSTER_HOME wiped or
     changed), and reusing one would replay it instead of syncing."""
-    from dataverse_assets.partitions import register_change_set
+    from dataverse_assets.defs.partitions import register_change_set
 
     used = None
     if settings is not None:
@@ -132,7 +132,8 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from dataverse_assets.definitions import build_definitions, sync_job_name
+    from dataverse_assets.defs.definitions import build_definitions
+    from dataverse_assets.defs.schedules import sync_job_name
 
     settings = load_settings()
     config = settings.entities
@@ -198,8 +199,9 @@ def _run_entities(settings, instance, group: str, key: str, entities: list[str],
     """Materialize the three assets of the given entities for one change set, in-process."""
     from dagster import AssetKey
 
-    from dataverse_assets.definitions import build_definitions, sync_job_name
-    from dataverse_assets.partitions import add_change_sets
+    from dataverse_assets.defs.definitions import build_definitions
+    from dataverse_assets.defs.partitions import add_change_sets
+    from dataverse_assets.defs.schedules import sync_job_name
 
     add_change_sets(instance, group, [key])
     defs = build_definitions(settings)
@@ -214,7 +216,7 @@ def _run_entities(settings, instance, group: str, key: str, entities: list[str],
 
 
 def _print_failures(result) -> None:
-    from dataverse_assets.sensors import root_cause
+    from dataverse_assets.defs.sensors import root_cause
 
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data:
@@ -264,7 +266,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     """Compare the mirror with the source by key and version now, and repair what diverged,
     as a change set of its own per group."""
-    from dataverse_assets.checks import divergence
+    from dataverse_assets.defs.checks import divergence
 
     settings = load_settings()
     config = settings.entities
@@ -456,7 +458,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_fixtures_record(args: argparse.Namespace) -> int:
     import asyncio
 
-    from dataverse_assets.definitions import build_source
+    from dataverse_assets.defs.definitions import build_source
     from dataverse_assets.recording import key_columns, record_fixtures
 
     settings = load_settings()

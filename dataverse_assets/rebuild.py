@@ -220,6 +220,6 @@ def archived_change_sets(config: EntitiesConfig, archive_dir: str | os.PathLike[
 
 def register_archived(instance, group: str, keys: list[str]) -> list[str]:
     """Add the keys not yet registered to the group's dynamic partitions; returns those added."""
-    from dataverse_assets.partitions import add_change_sets
+    from dataverse_assets.defs.partitions import add_change_sets
 
     return add_change_sets(instance, group, keys)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import orjson
 
-from dataverse_assets.checks import freshness_status
 from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.defs.checks import freshness_status
 from dataverse_assets.modes import PublishStatus, SyncStatus
 from dataverse_assets.names import change_set_time, is_change_set_key
 from dataverse_assets.source.query import parse_datetime

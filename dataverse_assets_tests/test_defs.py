@@ -8,9 +8,9 @@ import sys
 import pytest
 from dagster import AssetKey
 
-from dataverse_assets import defs
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, load_entities_config, load_settings
-from dataverse_assets.definitions import build_definitions
+from dataverse_assets.definitions import defs
+from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
 
 CONFIG = load_entities_config(DEFAULT_ENTITIES_CONFIG)

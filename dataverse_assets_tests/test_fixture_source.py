@@ -7,7 +7,7 @@ from dagster import DagsterInstance
 
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import Settings
-from dataverse_assets.definitions import build_definitions
+from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.store.db import connect
 

@@ -18,7 +18,7 @@ from dataverse_assets.config import (
     load_settings,
     parse_entities_config,
 )
-from dataverse_assets.definitions import build_definitions
+from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError, PagingError
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.source import client as client_module

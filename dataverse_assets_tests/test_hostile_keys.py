@@ -13,6 +13,9 @@ from dagster import AssetKey, DagsterEventType, build_run_status_sensor_context
 
 from dataverse_assets.archive.change_sets import MANIFEST, ChangeSetArchive, list_change_sets
 from dataverse_assets.cli import main as cli_main
+from dataverse_assets.defs.asset_keys import entity_asset_keys
+from dataverse_assets.defs.partitions import register_change_set
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.errors import InvalidNameError
 from dataverse_assets.names import (
     KEY_EXAMPLE,
@@ -20,9 +23,6 @@ from dataverse_assets.names import (
     change_set_order,
     check_change_set_key,
 )
-from dataverse_assets.partitions import register_change_set
-from dataverse_assets.resources import MirrorStore
-from dataverse_assets.sensors import entity_asset_keys
 from dataverse_assets.store import dead_letters
 from dataverse_assets_tests.test_hostile_input import make_mirror, root_error
 

@@ -3,8 +3,8 @@ the keys created since, unless something says the table must be read again."""
 
 import pytest
 
-from dataverse_assets import checks
-from dataverse_assets.checks import primary_key_result
+from dataverse_assets.defs.checks import primary_key_result
+from dataverse_assets.store import key_check
 from dataverse_assets.store.schema_registry import load_locked_schema
 from dataverse_assets_tests.test_plan_view import stage_and_publish, thing
 
@@ -21,7 +21,7 @@ def check(store):
 def scoped(monkeypatch):
     """Scoped checks even on these tiny tables (the default reads the whole index whenever
     the new keys are more than 1 in 20 rows)."""
-    monkeypatch.setattr(checks, "SCOPED_KEY_CHECK_RATIO", 0)
+    monkeypatch.setattr(key_check, "SCOPED_KEY_CHECK_RATIO", 0)
 
 
 def test_after_a_clean_check_only_new_keys_are_looked_up_and_a_case_twin_is_caught(

@@ -12,8 +12,8 @@ from dagster import DefaultScheduleStatus
 
 from dataverse_assets.cli import main as cli_main
 from dataverse_assets.config import load_entities_config
+from dataverse_assets.defs.maintenance import MAINTENANCE_JOB
 from dataverse_assets.errors import ConfigError
-from dataverse_assets.maintenance_job import MAINTENANCE_JOB
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.store.db import connect, wait_for_checkpoint
 from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
@@ -41,7 +41,7 @@ def output_metadata(result) -> dict[str, dict]:
 
 
 def test_the_schedule_runs_daily_by_default_or_as_configured_or_not_at_all(tmp_path):
-    from dataverse_assets.schedules import build_schedules
+    from dataverse_assets.defs.schedules import build_schedules
 
     def schedule(maintenance):
         path = write_entities_config(tmp_path / "e.json", page_size=40)
@@ -77,7 +77,7 @@ def test_the_maintenance_job_compacts_retains_and_shrinks_with_its_numbers_in_th
     size_before = db.stat().st_size
     with_maintenance(mirror, tmp_path, **EVERYTHING_OLD,
                      archive={"compact_after_days": 0, "staging_keep_change_sets": 1})
-    from dataverse_assets.definitions import build_definitions
+    from dataverse_assets.defs.definitions import build_definitions
 
     defs = build_definitions(mirror.settings, source=mirror.defs.resources["source"])
     result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(

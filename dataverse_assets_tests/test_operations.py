@@ -17,7 +17,7 @@ from dagster import (
 )
 
 from dataverse_assets import cli
-from dataverse_assets.resources import MirrorStore
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store import dead_letters
 from dataverse_assets.sync import steps
@@ -296,7 +296,7 @@ def test_one_entity_can_be_materialized_alone(mirror, entity):
     assert result.success
     mirror.simulator.update(entity, sorted(canonical_rows(mirror.connection(), entity))[1],
                             {"name": "Alone again"})
-    from dataverse_assets.partitions import register_change_set
+    from dataverse_assets.defs.partitions import register_change_set
 
     key = register_change_set(mirror.instance, "hourly")
     job = mirror.defs.resolve_job_def("sync_hourly")

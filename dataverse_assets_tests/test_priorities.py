@@ -7,8 +7,8 @@ import pytest
 from dagster import DagsterInstance, build_schedule_context
 
 from dataverse_assets.config import PROJECT_ROOT, parse_entities_config
+from dataverse_assets.defs.priorities import PRIORITY_TAG, run_priority
 from dataverse_assets.errors import ConfigError
-from dataverse_assets.priorities import PRIORITY_TAG, run_priority
 from dataverse_assets.store import dead_letters
 from dataverse_assets.sync import steps
 from dataverse_assets_tests.test_operations import evaluate, source_of, store_of

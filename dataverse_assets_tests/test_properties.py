@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from dataverse_assets.config import ArchiveConfig, EntityConfig, GroupConfig, LinkSource, Settings
-from dataverse_assets.definitions import build_definitions
+from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.simulator.odata import BoolOp, Comparison, parse_filter
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.ops.plan_view import render_plan
-from dataverse_assets.resources import MirrorStore
 from dataverse_assets.store.db import wait_for_checkpoint
 from dataverse_assets.sync import publish as publish_module
 from dataverse_assets.sync.stage import write_staged

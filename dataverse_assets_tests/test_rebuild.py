@@ -14,10 +14,10 @@ from dagster import AssetKey, DagsterInstance
 from dataverse_assets.archive.change_sets import ChangeSetArchive, list_change_sets
 from dataverse_assets.cli import main, new_change_set_key
 from dataverse_assets.config import Settings, load_entities_config
-from dataverse_assets.definitions import build_definitions
+from dataverse_assets.defs.definitions import build_definitions
+from dataverse_assets.defs.schedules import sync_job_name
 from dataverse_assets.errors import RebuildError
 from dataverse_assets.rebuild import archived_change_sets, rebuild, register_archived
-from dataverse_assets.schedules import sync_job_name
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.archive_retention import compact_archive
@@ -469,8 +469,8 @@ def staged_change_sets(connection, entity) -> dict[str, int]:
 
 def test_staging_retention_deletes_old_staged_rows_and_nothing_else(make_mirror, tmp_path,
                                                                    monkeypatch, capsys):
+    from dataverse_assets.defs.resources import MirrorStore
     from dataverse_assets.errors import StagingPrunedError
-    from dataverse_assets.resources import MirrorStore
     from dataverse_assets.sync import steps
 
     mirror = make_mirror()

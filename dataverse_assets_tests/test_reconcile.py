@@ -10,11 +10,11 @@ import orjson
 import pytest
 from dagster import DagsterInstance
 
-from dataverse_assets.checks import MIRROR_MATCHES_SOURCE
 from dataverse_assets.cli import main as cli_main
 from dataverse_assets.config import Settings
-from dataverse_assets.definitions import build_definitions
-from dataverse_assets.partitions import register_change_set
+from dataverse_assets.defs.checks import MIRROR_MATCHES_SOURCE
+from dataverse_assets.defs.definitions import build_definitions
+from dataverse_assets.defs.partitions import register_change_set
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets_tests.conftest import ENTITY_NAMES, SMALL_ROW_COUNTS, Mirror

@@ -10,7 +10,7 @@ from dagster import DagsterInstance
 from dataverse_assets import cli
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import Settings
-from dataverse_assets.definitions import build_definitions
+from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.recording import Scrubber
 from dataverse_assets.simulator import SIMULATOR_CLIENT_SECRET
 from dataverse_assets.source.fixture import FixtureSource

@@ -13,7 +13,7 @@ from dagster import DagsterInstance
 
 from dataverse_assets import cli
 from dataverse_assets.config import PROJECT_ROOT, Settings
-from dataverse_assets.definitions import build_definitions
+from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.report import FAILED, FRESH, LATE, NEVER, collect_report, entity_state
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource

@@ -2,7 +2,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from dataverse_assets.checks import freshness_status
+from dataverse_assets.defs.checks import freshness_status
 from dataverse_assets.store.schema import (
     RESERVED_COLUMNS,
     Column,

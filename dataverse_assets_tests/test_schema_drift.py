@@ -8,10 +8,10 @@ import orjson
 import pytest
 from dagster import AssetCheckSeverity, DagsterInstance
 
-from dataverse_assets.checks import FRESHNESS_JOB
 from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import Settings
-from dataverse_assets.definitions import build_definitions
+from dataverse_assets.defs.checks import FRESHNESS_JOB
+from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.query import PageQuery

@@ -10,7 +10,10 @@ import orjson
 from dataverse_assets.store.db import (
     utc_now_iso,
 )
-from dataverse_assets.store.schema import Column, EntitySchema
+from dataverse_assets.store.schema import (
+    Column,
+    EntitySchema,
+)
 
 
 def load_locked_schema(connection: sqlite3.Connection, entity: str) -> EntitySchema | None:
@@ -36,5 +39,11 @@ def lock_schema(connection: sqlite3.Connection, schema: EntitySchema) -> EntityS
          orjson.dumps(list(schema.reasons)).decode(), utc_now_iso()),
     )
     return schema
+
+
+def schema_version(connection: sqlite3.Connection, entity: str) -> int:
+    row = connection.execute("SELECT max(version) FROM _schema WHERE entity = ?",
+                             (entity,)).fetchone()
+    return row[0] or 0
 
 

@@ -46,7 +46,7 @@ from dataverse_assets.store.schema import (
     schema_from_observed_types,
     sqlite_fold,
 )
-from dataverse_assets.store.schema_registry import load_locked_schema, lock_schema
+from dataverse_assets.store.schema_registry import load_locked_schema, lock_schema, schema_version
 from dataverse_assets.store.tables import history_table, staging_table
 from dataverse_assets.sync.stage import decide_schema, is_deleted_entity
 
@@ -101,12 +101,6 @@ def live_schema(archive: ChangeSetArchive, primary_key: str) -> tuple[EntitySche
     if not records_seen:
         return None, "none"
     return schema_from_observed_types(archive.entity, types, primary_key), "records"
-
-
-def schema_version(connection: sqlite3.Connection, entity: str) -> int:
-    row = connection.execute("SELECT max(version) FROM _schema WHERE entity = ?",
-                             (entity,)).fetchone()
-    return row[0] or 0
 
 
 def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArchive,

@@ -16,7 +16,7 @@ import os
 import sys
 
 from dataverse_assets.config import EntitiesConfig, EntityConfig, load_entities_config
-from dataverse_assets.resources import MirrorStore
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.source.base import DataverseSource
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.sync import steps

@@ -11,8 +11,8 @@ from pathlib import Path
 import orjson
 
 from dataverse_assets.config import EntitiesConfig, load_entities_config
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.names import change_set_key
-from dataverse_assets.resources import MirrorStore
 from dataverse_assets.simulator import DataverseSimulator
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.db import connect, quote_identifier

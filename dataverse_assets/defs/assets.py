@@ -1,30 +1,33 @@
-"""The asset factory: each configured entity becomes raw/E -> staging/E -> canonical/E.
-
-Nothing here is written per entity; everything comes from the entity's config entry.
+"""The asset factory: each configured entity becomes raw/E -> staging/E -> canonical/E, one
+builder per layer. Nothing here is written per entity; everything comes from the entity's
+config entry. Each asset is a few lines: the work is sync.steps', and each layer's output is
+persisted by its IO manager (defs.io_managers: the archive, staging, the canonical tables).
 """
 
+from collections.abc import Iterator
 
 from dagster import (
+    AssetCheckResult,
     AssetExecutionContext,
     AssetIn,
-    AssetKey,
     AssetsDefinition,
     Config,
-    MaterializeResult,
     MetadataValue,
     Output,
+    PartitionsDefinition,
     asset,
 )
 from pydantic import Field
 
-from dataverse_assets.checks import canonical_check_specs, evaluate_canonical_checks
 from dataverse_assets.config import EntitiesConfig, EntityConfig
+from dataverse_assets.defs.asset_keys import canonical_key, raw_key, staging_key
+from dataverse_assets.defs.checks import canonical_check_specs, evaluate_canonical_checks
+from dataverse_assets.defs.io_managers import PublishRequest, RawChangeSet
+from dataverse_assets.defs.partitions import PARTITION_NOTE, change_sets_partitions
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.names import check_change_set_key
-from dataverse_assets.partitions import PARTITION_NOTE, change_sets_partitions
-from dataverse_assets.resources import MirrorStore, RawChangeSet
 from dataverse_assets.source.base import DataverseSource
-from dataverse_assets.store.bookkeeping import StagedChangeSet, read_publish_state
-from dataverse_assets.store.tables import canonical_row_count
+from dataverse_assets.store.bookkeeping import StagedChangeSet
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.fetch import FetchSummary
 from dataverse_assets.sync.progress import fetch_reporter
@@ -52,25 +55,30 @@ class RawConfig(Config):
 def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[AssetsDefinition]:
     """The three assets of one entity."""
     partitions_def = change_sets_partitions(entity.group)
+    return [build_raw_asset(entity, config, partitions_def),
+            build_staging_asset(entity, partitions_def),
+            build_canonical_asset(entity, partitions_def)]
+
+
+def _described(entity: EntityConfig) -> str:
+    return entity.description or f"The Dataverse table {entity.name}."
+
+
+def build_raw_asset(entity: EntityConfig, config: EntitiesConfig,
+                    partitions_def: PartitionsDefinition) -> AssetsDefinition:
+    """raw/E: one change set fetched from the source, every response archived verbatim."""
     name = entity.name
-    description = entity.description or f"The Dataverse table {name}."
     annotations = config.read_with_annotations(name)
     # Ordering only: the ids are read from the store, from the linking table's staging when it
-    # was staged in this change set and from its canonical table otherwise, so raw/E+ can also
+    # was staged in this change set and from its canonical table otherwise, so raw/E can also
     # run on its own (a targeted refresh, a sensor run of just the changed entities).
-    linking_tables = sorted({AssetKey(["staging", link.entity]) for link in entity.linked_from})
+    linking_tables = sorted({staging_key(link.entity) for link in entity.linked_from})
 
     @asset(
-        key=AssetKey(["raw", name]),
-        group_name=entity.group,
-        partitions_def=partitions_def,
-        io_manager_key="archive_io_manager",
-        deps=linking_tables,
-        kinds={"dataverse", "json"},
-        description=(
-            f"Raw API responses of {name} for one change set, archived verbatim.\n\n"
-            f"{description}\n\n{PARTITION_NOTE}"
-        ),
+        key=raw_key(name), group_name=entity.group, partitions_def=partitions_def,
+        io_manager_key="archive_io_manager", deps=linking_tables, kinds={"dataverse", "json"},
+        description=(f"Raw API responses of {name} for one change set, archived verbatim.\n\n"
+                     f"{_described(entity)}\n\n{PARTITION_NOTE}"),
     )
     def raw(context: AssetExecutionContext, config: RawConfig, source: DataverseSource,
             store: MirrorStore) -> Output[RawChangeSet]:
@@ -87,26 +95,29 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
                                           lookup_column=config.lookup_column,
                                           reconcile=config.reconcile,
                                           on_progress=progress)
-        if not reused:
-            progress.finish(summary.pages, summary.records)
         if reused:
             # An archived change set is immutable: replaying it must stage the same rows.
             context.log.info(f"{name} {change_set}: already archived, not fetched again")
+        else:
+            progress.finish(summary.pages, summary.records)
         path = store.archive(name, change_set).path
         return Output(RawChangeSet(name, change_set, str(path)),
                       metadata=_fetch_metadata(summary, path, reused=reused))
 
+    return raw
+
+
+def build_staging_asset(entity: EntityConfig,
+                        partitions_def: PartitionsDefinition) -> AssetsDefinition:
+    """staging/E: the archived pages parsed into typed rows (written by its IO manager)."""
+    name = entity.name
+
     @asset(
-        key=AssetKey(["staging", name]),
-        group_name=entity.group,
-        partitions_def=partitions_def,
+        key=staging_key(name), group_name=entity.group, partitions_def=partitions_def,
         io_manager_key="sqlite_io_manager",
-        ins={"raw_change_set": AssetIn(key=AssetKey(["raw", name]))},
-        kinds={"sqlite"},
-        description=(
-            f"{name} records of one change set, parsed into typed columns plus json_response, "
-            f"in the staging table.\n\n{PARTITION_NOTE}"
-        ),
+        ins={"raw_change_set": AssetIn(key=raw_key(name))}, kinds={"sqlite"},
+        description=(f"{name} records of one change set, parsed into typed columns plus "
+                     f"json_response, in the staging table.\n\n{PARTITION_NOTE}"),
     )
     def staging(context: AssetExecutionContext, store: MirrorStore,
                 raw_change_set: RawChangeSet) -> Output[StagedRecords]:
@@ -118,57 +129,37 @@ def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[As
             "mode": staged.mode,
         })
 
+    return staging
+
+
+def build_canonical_asset(entity: EntityConfig,
+                          partitions_def: PartitionsDefinition) -> AssetsDefinition:
+    """canonical/E: the staged change set published into the mirror by its IO manager (plan,
+    then execute), then the per-change-set checks on the result."""
+    name = entity.name
+
     @asset(
-        key=AssetKey(["canonical", name]),
-        group_name=entity.group,
-        partitions_def=partitions_def,
-        ins={"staged": AssetIn(key=AssetKey(["staging", name]))},
-        kinds={"sqlite"},
+        key=canonical_key(name), group_name=entity.group, partitions_def=partitions_def,
+        io_manager_key="canonical_io_manager",
+        ins={"staged": AssetIn(key=staging_key(name))}, kinds={"sqlite"},
         check_specs=canonical_check_specs(entity, partitions_def),
-        description=(
-            f"The mirror of {name}: one row per record with typed columns, json_response, "
-            f"sync_time, valid_from and updated_at; old versions in {name}__history.\n\n"
-            f"{description}\n\n{PARTITION_NOTE}"
-        ),
+        description=(f"The mirror of {name}: one row per record with typed columns, "
+                     "json_response, sync_time, valid_from and updated_at; old versions in "
+                     f"{name}__history.\n\n{_described(entity)}\n\n{PARTITION_NOTE}"),
     )
     def canonical(context: AssetExecutionContext, store: MirrorStore,
-                  staged: StagedChangeSet) -> MaterializeResult:
-        with store.entity_lock(name, owner=context.run.run_id, purpose="publish",
-                               warn=context.log.warning):
-            results = steps.publish(store, entity, staged.change_set)
-        for earlier in results[:-1]:
+                  staged: StagedChangeSet) -> Iterator[Output | AssetCheckResult]:
+        request = PublishRequest(entity, staged.change_set)
+        # The IO manager publishes it here (handle_output runs as the output is yielded) and
+        # records what it published in the request.
+        yield Output(request)
+        for earlier in request.results[:-1]:
             context.log.info(f"{name}: published older change set {earlier.change_set} first")
-        result = results[-1]
+        published = [r.change_set for r in request.results] or [staged.change_set]
         with store.connection() as connection:
-            rows = canonical_row_count(connection, name)
-            state = read_publish_state(connection, name, result.change_set)
-            checked = evaluate_canonical_checks(connection, entity,
-                                                [r.change_set for r in results])
-        timings = {k: state.get(k) or "" for k in (
-            "source_timestamp", "staged_at", "plan_started_at", "started_at", "finished_at")}
-        return MaterializeResult(metadata={
-            "publish_status": state.get("status", ""),
-            "publish_timestamps": timings,
-            "created": result.created,
-            "updated": result.updated,
-            "unchanged": result.unchanged,
-            "deleted": result.deleted,
-            "stale_skipped": result.stale,
-            "rows_in_table": rows,
-            "older_change_sets_published": [r.change_set for r in results[:-1]],
-            "already_published": result.already_published,
-            "watermark_before": result.watermark_before or "",
-            "watermark_after": result.watermark_after or "",
-            "seconds": round(result.seconds, 3),
-            "plan": MetadataValue.md(
-                f"{result.created} to create, {result.updated} to update, "
-                f"{result.deleted} to delete, {result.unchanged:,} unchanged"
-            ),
-            "dagster/row_count": rows,
-            **checked.metadata,
-        }, check_results=checked.results)
+            yield from evaluate_canonical_checks(connection, entity, published)
 
-    return [raw, staging, canonical]
+    return canonical
 
 
 def _fetch_metadata(summary: FetchSummary, path, *, reused: bool) -> dict:

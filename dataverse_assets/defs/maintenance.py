@@ -20,7 +20,7 @@ from dagster import (
 )
 
 from dataverse_assets.config import EntitiesConfig
-from dataverse_assets.resources import MirrorStore
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.store.archive_retention import compact_archive
 from dataverse_assets.store.locks import every_entity_lock
 from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database

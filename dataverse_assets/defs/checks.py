@@ -30,7 +30,7 @@ Per cadence group, its own op (`freshness_<group>`, also run by `check_freshness
 import sqlite3
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from dagster import (
@@ -40,7 +40,6 @@ from dagster import (
     AssetChecksDefinition,
     AssetCheckSeverity,
     AssetCheckSpec,
-    AssetKey,
     MetadataValue,
     PartitionsDefinition,
     PreviewWarning,
@@ -52,15 +51,17 @@ from dagster import (
 from dagster._utils.schedules import get_latest_completed_cron_tick
 
 from dataverse_assets.config import EntitiesConfig, EntityConfig, GroupConfig
+from dataverse_assets.defs.asset_keys import canonical_key
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus
-from dataverse_assets.resources import MirrorStore
 from dataverse_assets.store.bookkeeping import (
     last_complete_publish,
     read_publish_state,
     read_sync_state,
     staged_row,
 )
-from dataverse_assets.store.db import quote_identifier, table_exists, transaction, utc_now_iso
+from dataverse_assets.store.db import quote_identifier, table_exists
+from dataverse_assets.store.key_check import KeyFindings, find_key_problems, record_key_check
 from dataverse_assets.store.schema import (
     ADDED,
     BREAKING,
@@ -69,7 +70,7 @@ from dataverse_assets.store.schema import (
     TYPE_CHANGED,
     EntitySchema,
 )
-from dataverse_assets.store.schema_registry import load_locked_schema
+from dataverse_assets.store.schema_registry import load_locked_schema, schema_version
 from dataverse_assets.store.tables import (
     SYNC_COLUMNS,
     canonical_row_count,
@@ -94,10 +95,6 @@ _SYNC_COLUMN_DESCRIPTIONS = {
     "updated_at": "when the content last changed in the mirror",
     "_change_set": "the change set that wrote this version",
 }
-
-
-def canonical_key(entity: str) -> AssetKey:
-    return AssetKey(["canonical", entity])
 
 
 # -- per change set, inside canonical/E ---------------------------------------------------
@@ -137,30 +134,26 @@ def canonical_check_specs(entity: EntityConfig,
         ]
 
 
-@dataclass
-class CanonicalChecks:
-    """What canonical/E adds to its materialization: check results and metadata."""
-
-    results: list[AssetCheckResult] = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)
-
-
 def evaluate_canonical_checks(connection: sqlite3.Connection, entity: EntityConfig,
-                              change_sets: list[str]) -> CanonicalChecks:
+                              change_sets: list[str]) -> list[AssetCheckResult]:
     """Every per-change-set check after publishing `change_sets` (older first, the step's own
     change set last)."""
     schema = load_locked_schema(connection, entity.name)
-    checks = CanonicalChecks()
-    checks.results.append(schema_drift_result(connection, entity.name, change_sets))
-    checks.results.append(primary_key_result(connection, entity.name, schema))
-    checks.results.append(row_count_result(connection, entity, change_sets[-1]))
-    checks.results.append(mirror_matches_source_result(connection, entity, change_sets[-1]))
-    if schema is not None:
-        checks.metadata["dagster/column_schema"] = column_schema(schema)
-        checks.metadata["schema_version"] = connection.execute(
-            "SELECT max(version) FROM _schema WHERE entity = ?", (entity.name,)).fetchone()[0]
-        checks.metadata["schema_from"] = schema.decided_from
-    return checks
+    return [schema_drift_result(connection, entity.name, change_sets),
+            primary_key_result(connection, entity.name, schema),
+            row_count_result(connection, entity, change_sets[-1]),
+            mirror_matches_source_result(connection, entity, change_sets[-1])]
+
+
+def canonical_metadata(connection: sqlite3.Connection, entity: str) -> dict:
+    """What a canonical materialization shows of its table's schema: the columns (with their
+    Dataverse types), the schema's version and where it was decided from."""
+    schema = load_locked_schema(connection, entity)
+    if schema is None:
+        return {}
+    return {"dagster/column_schema": column_schema(schema),
+            "schema_version": schema_version(connection, entity),
+            "schema_from": schema.decided_from}
 
 
 def column_schema(schema: EntitySchema) -> TableSchema:
@@ -241,90 +234,33 @@ def _describe(kind: str, entry: dict) -> str:
     return f"{entry['column']} {entry['type'] or '(type unknown)'}"
 
 
-# A scoped primary-key check probes each new key (an index seek, ~10 µs); reading the whole
-# NOCASE index costs ~0.3 µs a row. Past one new key in SCOPED_KEY_CHECK_RATIO rows, read it all.
-SCOPED_KEY_CHECK_RATIO = 20
-
-
 def primary_key_result(connection: sqlite3.Connection, entity: str,
                        schema: EntitySchema | None) -> AssetCheckResult:
-    """No NULL or empty key, and no two keys equal but for letter case.
-
-    Keys never change in place: a case variant can only arrive as a create. So once every key
-    has been seen unique (`_key_check`), a later check needs only the keys created since
-    (`_change_history` ids past the last check), each looked up in the NOCASE index: the cost
-    follows the change, not the table. The whole table is read on a first check, after a
-    failed one, when the new keys are many, and when the row count is not the last check's
-    plus the creates minus the deletes since (rows written by anything but a publish).
-    """
+    """No NULL or empty key, and no two keys equal but for letter case (the reads and their
+    scope: store.key_check)."""
     if schema is None or not table_exists(connection, entity):
         return AssetCheckResult(check_name=PRIMARY_KEY, passed=True,
                                 description="No canonical table yet.",
                                 metadata={"rows": 0})
-    table, pk = quote_identifier(entity), quote_identifier(schema.primary_key)
-    # One read snapshot (no write lock held while reading): the history ids and their keys.
-    connection.execute("BEGIN")
-    try:
-        missing = connection.execute(
-            f"SELECT count(*) FROM {table} WHERE {pk} IS NULL OR {pk} = ''").fetchone()[0]
-        through = connection.execute(
-            "SELECT coalesce(max(id), 0) FROM _change_history").fetchone()[0]
-        rows = canonical_row_count(connection, entity)
-        last = connection.execute(
-            "SELECT passed, checked_through, rows FROM _key_check WHERE entity = ?",
-            (entity,)).fetchone()
-        new_keys = None
-        if last is not None and last[0]:
-            # By id range (+entity: not the (entity, record_id) index, which would read every
-            # change the entity ever had).
-            new_keys, deleted = connection.execute(
-                "SELECT count(*) FILTER (WHERE kind = 'create'),"
-                " count(*) FILTER (WHERE kind = 'delete') FROM _change_history"
-                " WHERE id > ? AND id <= ? AND +entity = ?", (last[1], through, entity),
-            ).fetchone()
-            # Rows that the history does not explain (written around publish, e.g. by hand)
-            # or many new keys: read the whole index.
-            if (rows != last[2] + new_keys - deleted
-                    or new_keys * SCOPED_KEY_CHECK_RATIO > rows):
-                new_keys = None
-        if new_keys is None:
-            scope = "all keys"
-            # Grouped without case: NOCASE folds ASCII as lower() does, and the canonical
-            # table's NOCASE index on the key (publish.ensure_canonical_tables) gives the
-            # groups in order.
-            duplicates = connection.execute(
-                f"SELECT lower({pk}), count(*) FROM {table} WHERE {pk} IS NOT NULL"
-                f" GROUP BY {pk} COLLATE NOCASE HAVING count(*) > 1 ORDER BY 1").fetchall()
-        else:
-            scope = f"{new_keys} keys created since the last check"
-            duplicates = connection.execute(
-                f"SELECT key, (SELECT count(*) FROM {table} c"
-                f"  WHERE c.{pk} = key COLLATE NOCASE) AS n"
-                f" FROM (SELECT DISTINCT lower(record_id) AS key FROM _change_history"
-                f"  WHERE id > ? AND id <= ? AND +entity = ? AND kind = 'create')"
-                f" WHERE n > 1 ORDER BY 1", (last[1], through, entity)).fetchall()
-    finally:
-        connection.execute("COMMIT")
-    passed = not missing and not duplicates
-    with transaction(connection):
-        # Kept only if no later check (a concurrent run) has recorded a newer verdict.
-        connection.execute(
-            "INSERT INTO _key_check (entity, passed, checked_through, rows, scope, checked_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (entity) DO UPDATE SET"
-            " passed = excluded.passed, checked_through = excluded.checked_through,"
-            " rows = excluded.rows, scope = excluded.scope, checked_at = excluded.checked_at"
-            " WHERE excluded.checked_through >= _key_check.checked_through",
-            (entity, int(passed), through, rows, scope, utc_now_iso()))
-    description = (f"{schema.primary_key!r} is unique and never null." if passed else
-                   f"{missing} rows without a key, {len(duplicates)} keys held by more than one "
-                   f"row (compared case-insensitively).")
+    findings = find_key_problems(connection, entity, schema.primary_key)
+    result = primary_key_verdict(schema.primary_key, findings)
+    record_key_check(connection, entity, findings, result.passed)
+    return result
+
+
+def primary_key_verdict(primary_key: str, findings: KeyFindings) -> AssetCheckResult:
+    """The check's result from what the read found."""
+    passed = not findings.missing and not findings.duplicates
+    description = (f"{primary_key!r} is unique and never null." if passed else
+                   f"{findings.missing} rows without a key, {len(findings.duplicates)} keys "
+                   "held by more than one row (compared case-insensitively).")
     return AssetCheckResult(
         check_name=PRIMARY_KEY, passed=passed, severity=AssetCheckSeverity.ERROR,
         description=description,
-        metadata={"primary_key": schema.primary_key, "null_or_empty_keys": missing,
-                  "duplicate_keys": len(duplicates), "checked": scope,
+        metadata={"primary_key": primary_key, "null_or_empty_keys": findings.missing,
+                  "duplicate_keys": len(findings.duplicates), "checked": findings.scope,
                   "duplicate_examples": MetadataValue.json(
-                      [{"key": k, "rows": n} for k, n in duplicates[:10]])},
+                      [{"key": k, "rows": n} for k, n in findings.duplicates[:10]])},
     )
 
 

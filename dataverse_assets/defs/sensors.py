@@ -21,11 +21,12 @@ from dagster import (
 
 from dataverse_assets.archive.change_sets import list_change_sets
 from dataverse_assets.config import EntitiesConfig, EntityConfig
+from dataverse_assets.defs.asset_keys import entity_asset_keys, entity_of_step
+from dataverse_assets.defs.partitions import add_change_sets_request
+from dataverse_assets.defs.priorities import priority_tags
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.modes import SNAPSHOT_MODES
 from dataverse_assets.names import change_set_key, change_set_order, is_change_set_key
-from dataverse_assets.partitions import add_change_sets_request
-from dataverse_assets.priorities import priority_tags
-from dataverse_assets.resources import MirrorStore
 from dataverse_assets.source.base import DataverseSource, SourceSession
 from dataverse_assets.source.query import PageQuery, modified_since_filter
 from dataverse_assets.store import dead_letters
@@ -33,12 +34,7 @@ from dataverse_assets.store.bookkeeping import SyncState, every_complete_change_
 from dataverse_assets.store.schema_registry import load_locked_schema
 from dataverse_assets.store.tables import mirrored_etags
 
-LAYERS = ("raw", "staging", "canonical")
 MAX_RUNS_PER_TICK = 25
-
-
-def entity_asset_keys(entity: str, layers=LAYERS) -> list[AssetKey]:
-    return [AssetKey([layer, entity]) for layer in layers]
 
 
 def root_cause(error) -> str:
@@ -48,12 +44,6 @@ def root_cause(error) -> str:
     while getattr(error, "cause", None) is not None:
         error = error.cause
     return f"{error.cls_name}: {error.message.strip()}" if error.cls_name else error.message
-
-
-def entity_of_step(step_key: str) -> str | None:
-    """raw__accounts -> accounts (the step keys of our assets are <layer>__<entity>)."""
-    layer, _, entity = step_key.partition("__")
-    return entity if layer in LAYERS and entity else None
 
 
 # -- probing the source for changes -------------------------------------------------------

@@ -8,9 +8,11 @@ job for that partition.
 from dagster import RunRequest, ScheduleDefinition, ScheduleEvaluationContext, schedule
 
 from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.defs.checks import FRESHNESS_JOB
+from dataverse_assets.defs.maintenance import build_maintenance_schedule
+from dataverse_assets.defs.partitions import add_change_sets
+from dataverse_assets.defs.priorities import group_priority_tags
 from dataverse_assets.names import change_set_key
-from dataverse_assets.partitions import add_change_sets
-from dataverse_assets.priorities import group_priority_tags
 
 
 def sync_job_name(group: str) -> str:
@@ -18,9 +20,6 @@ def sync_job_name(group: str) -> str:
 
 
 def build_schedules(config: EntitiesConfig) -> list[ScheduleDefinition]:
-    from dataverse_assets.checks import FRESHNESS_JOB
-    from dataverse_assets.maintenance_job import build_maintenance_schedule
-
     schedules = [ScheduleDefinition(
         name="freshness_schedule", cron_schedule="*/15 * * * *", job_name=FRESHNESS_JOB,
         execution_timezone="UTC",

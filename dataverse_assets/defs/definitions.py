@@ -1,0 +1,108 @@
+"""The Dagster definitions: assets from entities_config.json, resources from the environment.
+
+dataverse_assets.definitions builds `defs` from them: what `dagster dev`, `dagster asset
+materialize -m dataverse_assets` and the CLI load.
+"""
+
+from __future__ import annotations
+
+from dagster import (
+    AssetSelection,
+    Definitions,
+    EnvVar,
+    define_asset_job,
+    in_process_executor,
+    multiprocess_executor,
+)
+
+from dataverse_assets.config import EntitiesConfig, Settings
+from dataverse_assets.defs.assets import build_all_assets
+from dataverse_assets.defs.checks import FRESHNESS_JOB, build_freshness_checks
+from dataverse_assets.defs.io_managers import (
+    ArchiveIOManager,
+    CanonicalIOManager,
+    SQLiteIOManager,
+)
+from dataverse_assets.defs.maintenance import build_maintenance_job
+from dataverse_assets.defs.resources import MirrorStore
+from dataverse_assets.defs.schedules import build_schedules, sync_job_name
+from dataverse_assets.defs.sensors import build_sensors
+from dataverse_assets.source.base import DataverseSource
+from dataverse_assets.source.fixture import FixtureSource
+from dataverse_assets.source.live import LiveDataverseSource
+from dataverse_assets.source.replay import ArchiveSource
+from dataverse_assets.source.simulator import SimulatorSource
+
+
+def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
+    """The source resource named by DATAVERSE_SOURCE (the simulator when no URL is set)."""
+    if settings.source == "live":
+        return LiveDataverseSource(
+            url=settings.url or "",
+            client_id=EnvVar("DATAVERSE_CLIENT_ID"),
+            # EnvVar keeps the value out of the run config the UI displays.
+            client_secret=EnvVar("DATAVERSE_CLIENT_SECRET"),
+            tenant_id=settings.tenant_id,
+            authority=settings.authority,
+            max_concurrency=settings.max_concurrency,
+            max_response_mb=settings.max_response_mb,
+            response_deadline_seconds=settings.response_deadline_seconds,
+        )
+    if settings.source == "fixture":
+        return FixtureSource(directory=str(settings.fixtures_dir))
+    if settings.source == "archive":
+        # Replays DATAVERSE_ARCHIVE_DIR into DATAVERSE_DB_PATH: raw/E reuses each archived
+        # change set; nothing is fetched.
+        return ArchiveSource(archive_dir=str(settings.archive_dir))
+    return SimulatorSource(
+        entity_names=[e.name for e in config.entities], seed=settings.simulator_seed,
+        base_url=settings.url, max_concurrency=settings.max_concurrency,
+        max_response_mb=settings.max_response_mb,
+        response_deadline_seconds=settings.response_deadline_seconds,
+    )
+
+
+def build_definitions(settings: Settings, source: DataverseSource | None = None,
+                      resources: dict | None = None) -> Definitions:
+    """Definitions for given settings; tests pass their own paths and source, and may swap any
+    resource (an IO manager of their own: `resources` win over the built ones)."""
+    config = settings.entities
+    store = MirrorStore(db_path=str(settings.db_path), archive_dir=str(settings.archive_dir),
+                        lock_wait_seconds=settings.lock_wait_seconds)
+    jobs = [
+        define_asset_job(
+            sync_job_name(group),
+            selection=AssetSelection.groups(group),
+            description=f"Sync every entity of the {group!r} group for one change set.",
+        )
+        for group in config.groups
+        if config.entities_in_group(group)
+    ]
+    # Freshness runs with each sync (after the publish) and on its own (schedule or UI).
+    freshness_checks = build_freshness_checks(config)
+    jobs.append(define_asset_job(
+        FRESHNESS_JOB, selection=AssetSelection.checks(*freshness_checks),
+        description="Freshness of every canonical table against its group's cron.",
+    ))
+    jobs.append(build_maintenance_job(config))
+    return Definitions(
+        assets=build_all_assets(config),
+        asset_checks=freshness_checks,
+        jobs=jobs,
+        schedules=build_schedules(config),
+        sensors=build_sensors(config),
+        # Every job of the code location (the sync jobs, the asset job the UI and `dagster
+        # asset materialize` use): steps in the run's own process unless DATAVERSE_EXECUTOR
+        # says multiprocess (see Settings.executor).
+        executor=in_process_executor if settings.executor == "in_process"
+        else multiprocess_executor,
+        resources={
+            "source": source or build_source(settings, config),
+            "store": store,
+            "archive_io_manager": ArchiveIOManager(store=store),
+            "sqlite_io_manager": SQLiteIOManager(store=store),
+            "canonical_io_manager": CanonicalIOManager(store=store),
+            **(resources or {}),
+        },
+    )
+

@@ -1,0 +1,45 @@
+"""Each layer persists through its IO manager, so a test (or another store) can swap the
+output side without touching asset code."""
+
+from dagster import ConfigurableIOManager, InputContext, OutputContext
+
+from dataverse_assets.defs.definitions import build_definitions
+from dataverse_assets.defs.io_managers import PublishRequest
+from dataverse_assets.defs.partitions import add_change_sets
+from dataverse_assets.defs.schedules import sync_job_name
+from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets.store.db import connect, table_exists
+from dataverse_assets.store.tables import staging_table
+from dataverse_assets_tests.conftest import ENTITY_NAMES, failure_messages
+
+REQUESTS: list[tuple[str, str]] = []
+
+
+class RecordingCanonicalIOManager(ConfigurableIOManager):
+    """Keeps what canonical/E asked to publish instead of publishing it."""
+
+    def handle_output(self, context: OutputContext, obj: PublishRequest) -> None:
+        REQUESTS.append((obj.entity.name, obj.change_set))
+
+    def load_input(self, context: InputContext):
+        raise AssertionError("nothing reads canonical/E in this test")
+
+
+def test_canonical_output_side_is_swappable_without_changing_asset_code(mirror):
+    REQUESTS.clear()
+    source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=mirror.url)
+    defs = build_definitions(mirror.settings, source=source, resources={
+        "canonical_io_manager": RecordingCanonicalIOManager()})
+    key = "20260101T000000Z"
+    add_change_sets(mirror.instance, "daily", [key])
+    result = defs.resolve_job_def(sync_job_name("daily")).execute_in_process(
+        instance=mirror.instance, partition_key=key, raise_on_error=False)
+    assert result.success, failure_messages(result)
+    daily = sorted(e.name for e in mirror.settings.entities.entities_in_group("daily"))
+    # Every entity's change set reached the swapped manager, staged but never published.
+    assert sorted(REQUESTS) == [(name, key) for name in daily]
+    with connect(mirror.settings.db_path) as connection:
+        for name in daily:
+            assert not table_exists(connection, name)
+            assert connection.execute(
+                f'SELECT count(*) FROM "{staging_table(name)}"').fetchone()[0] > 0
