@@ -22,7 +22,13 @@ run: $(BIN)/.installed $(DAGSTER_HOME)
 
 test: $(BIN)/.installed $(DAGSTER_HOME)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
+
+# Style and the layer contract (pyproject's [tool.importlinter]): `make test` runs both first.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 dev: $(BIN)/.installed $(DAGSTER_HOME)
 	$(BIN)/dagster dev

@@ -181,7 +181,7 @@ def main() -> None:
     _timed("duckdb: read_blob, then gzip.decompress", pages_duckdb_blob, archive_dir)
     _timed("ChangeSetArchive.iter_page_bodies (gzip pages)", pages_archive_api, archive_dir)
 
-    from dataverse_assets.rebuild import rebuild
+    from dataverse_assets.ops.rebuild import rebuild
     from dataverse_assets.store.archive_retention import compact_archive
 
     if not args.no_rebuild:

@@ -86,7 +86,7 @@ class RssSampler:
 
 
 def start_simulator(entity: str, rows: int) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "dataverse_assets.cli", "simulator", "--port", "0",
+    command = [sys.executable, "-m", "dataverse_assets.ops.cli", "simulator", "--port", "0",
                "--rows", f"{entity}={rows}"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None

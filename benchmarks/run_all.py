@@ -219,7 +219,7 @@ def worker_sync(args: dict) -> dict:
 
 def worker_rebuild(args: dict) -> dict:
     from dataverse_assets.config import load_entities_config
-    from dataverse_assets.rebuild import rebuild
+    from dataverse_assets.ops.rebuild import rebuild
 
     config = load_entities_config(Path(args["config"]))
     config = config.model_copy(update={
@@ -351,7 +351,7 @@ class Simulator:
     """`dataverse-assets simulator --control` in its own process."""
 
     def __init__(self, config: Path, rows: int, small_rows: int) -> None:
-        command = [sys.executable, "-m", "dataverse_assets.cli", "simulator", "--port", "0",
+        command = [sys.executable, "-m", "dataverse_assets.ops.cli", "simulator", "--port", "0",
                    "--control", "--rows", f"{ENTITY}={rows}"]
         for name in SMALL_ENTITIES:
             command += ["--rows", f"{name}={small_rows}"]

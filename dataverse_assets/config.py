@@ -19,6 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from dagster._utils.schedules import get_latest_completed_cron_tick, is_valid_cron_string
+from dotenv import load_dotenv
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -44,9 +45,9 @@ ORDERBY_PATTERN = re.compile(
 )
 
 
-# The mirror names tables and indexes `<entity>__<suffix>` (store.history_table,
-# publish._secondary_indexes, the `__readable` views to come). SQLite keeps tables and indexes
-# in one namespace and ignores case, so no entity may be named like one of them.
+# The mirror names tables and indexes `<entity>__<suffix>` (store.tables: history_table,
+# secondary_indexes; the `__readable` views to come). SQLite keeps tables and indexes in one
+# namespace and ignores case, so no entity may be named like one of them.
 RESERVED_NAME_SUFFIXES = ("__history", "__readable", "__pk", "__pk_nocase", "__modifiedon",
                           "__createdon")
 
@@ -597,8 +598,6 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
     """Settings from `environ` (default: os.environ, after loading `.env` without overriding)."""
     if environ is None:
         if dotenv:
-            from dotenv import load_dotenv
-
             load_dotenv(PROJECT_ROOT / ".env", override=False)
         environ = os.environ
     values: dict[str, object] = {}

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, Definitions
 
-from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, Settings
 from dataverse_assets.defs.definitions import build_definitions, sync_job_name
 from dataverse_assets.defs.resources import MirrorStore
+from dataverse_assets.ops.cli import new_change_set_key
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.auth import SHARED_TOKENS
 from dataverse_assets.source.simulator import SimulatorSource

@@ -11,7 +11,6 @@ import orjson
 import pytest
 from dagster import DagsterInstance
 
-from dataverse_assets.cli import main as cli_main
 from dataverse_assets.config import (
     DEFAULT_ENTITIES_CONFIG,
     Settings,
@@ -20,6 +19,7 @@ from dataverse_assets.config import (
 )
 from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError, PagingError
+from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.source import client as client_module
 from dataverse_assets.source.client import RetryPolicy
@@ -30,6 +30,7 @@ from dataverse_assets.store.db import quote_identifier
 from dataverse_assets.sync.fetch import PagingGuard
 from dataverse_assets.sync.fetch_plan import FetchRequest, FetchStep
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
+from dataverse_assets_tests.helpers import mirror_of, root_error
 
 TRIALS = "vin_clinicaltrials"
 FAST = RetryPolicy(max_attempts=3, backoff_seconds=(0.01, 0.02), jitter=0.0)
@@ -39,32 +40,6 @@ FAST = RetryPolicy(max_attempts=3, backoff_seconds=(0.01, 0.02), jitter=0.0)
 def fast_retries(monkeypatch):
     """The client's default policy backs off 1+2+4+8+16 s; tests exhaust it in milliseconds."""
     monkeypatch.setattr(client_module, "RetryPolicy", lambda: FAST)
-
-
-def make_mirror(tmp_path, simulator_url, entities: list[dict], name: str = "m",
-                **source_options) -> Mirror:
-    simulator, url = simulator_url
-    folder = tmp_path / name
-    folder.mkdir()
-    config = folder / "entities.json"
-    config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}},
-                                  "entities": [{"group": "hourly", **e} for e in entities]}))
-    settings = Settings(db_path=folder / "mirror.db", archive_dir=folder / "archive",
-                        entities_config_path=config, source="simulator")
-    source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url, **source_options)
-    return Mirror(simulator, settings, build_definitions(settings, source=source),
-                  DagsterInstance.ephemeral(), url)
-
-
-def root_error(result) -> str:
-    """The message of the exception that failed the run (the innermost cause)."""
-    for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data.error:
-            error = event.step_failure_data.error
-            while error.cause is not None:
-                error = error.cause
-            return error.message.strip()
-    raise AssertionError("the run did not fail")
 
 
 def rows_by_key(connection: sqlite3.Connection, table: str, pk: str) -> dict[str, dict]:
@@ -235,7 +210,7 @@ def test_an_environment_mistake_is_one_line_naming_the_variable_before_any_reque
 
 def test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line(
         tmp_path, simulator_url):
-    mirror = make_mirror(tmp_path, simulator_url,
+    mirror = mirror_of(tmp_path, simulator_url,
                          [{"name": "teams"}, {"name": "teamz", "incremental": "full"}])
     _, result = mirror.run("hourly")
     assert not result.success
@@ -255,7 +230,7 @@ def test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line(
 def test_no_entity_can_be_named_like_a_table_or_index_the_mirror_makes(tmp_path, simulator_url):
     """Every SQLite object a sync makes for an entity (history, indexes) has a name that the
     config refuses for another entity, so two entities can never share one."""
-    mirror = make_mirror(tmp_path, simulator_url, [
+    mirror = mirror_of(tmp_path, simulator_url, [
         {"name": "teams", "incremental": "modifiedon"},
         {"name": "vin_vin_candidate_accountset", "incremental": "full"}])
     mirror.sync("hourly")
@@ -287,7 +262,7 @@ def nested(depth: int) -> dict:
 
 
 def test_hostile_values_are_stored_exactly_across_change_sets(tmp_path, simulator_url):
-    mirror = make_mirror(tmp_path, simulator_url, [
+    mirror = mirror_of(tmp_path, simulator_url, [
         {"name": TRIALS, "schema_evolution": "evolve", "page_size": 7},
         {"name": "teams", "page_size": 4},
         # Ids from a text column are not GUIDs, so they cannot be primary keys: they must not
@@ -441,7 +416,7 @@ API_FAULTS = {
 def test_a_misbehaving_api_is_a_clear_error_and_nothing_is_published(
         case, tmp_path, simulator_url, fast_retries):
     fault, expected = API_FAULTS[case]
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams", "page_size": 4}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams", "page_size": 4}])
     sim = mirror.simulator
     sim.inject(count=100, entity="teams", **fault)
     try:
@@ -484,7 +459,7 @@ def test_a_server_paging_the_same_rows_forever_stops_and_the_mirror_is_unchanged
     """The reported case: 12 rows served again and again, each page under a new nextLink (265
     pages, reported ok). A delta read (teams) and a modifiedon read (systemusers), neither
     counted, stop at the first repeated page."""
-    mirror = make_mirror(tmp_path, simulator_url, [
+    mirror = mirror_of(tmp_path, simulator_url, [
         {"name": "teams", "page_size": 4}, {"name": "systemusers", "page_size": 20}])
     sim = mirror.simulator
     mirror.sync("hourly")
@@ -597,7 +572,7 @@ def test_a_server_trickling_bytes_fails_at_the_deadline_with_the_setting_to_chan
 def test_an_enormous_page_is_refused_with_the_limit_to_change(tmp_path, simulator_url):
     """Bodies stream in and are refused past DATAVERSE_MAX_RESPONSE_MB (default 512, far
     above any 5000-row Dataverse page); here the limit is 20 KB and a page is ~25 KB."""
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "accounts", "incremental": "full"}],
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "accounts", "incremental": "full"}],
                          max_response_mb=0.02)
     _, result = mirror.run("hourly")
     assert not result.success
@@ -609,7 +584,7 @@ def test_an_enormous_page_is_refused_with_the_limit_to_change(tmp_path, simulato
     pages = [r for r in mirror.simulator.stats.request_log
              if r.entity == "accounts" and "count=true" not in r.target]
     assert len(pages) == 1
-    small = make_mirror(tmp_path, simulator_url,
+    small = mirror_of(tmp_path, simulator_url,
                         [{"name": "accounts", "incremental": "full", "page_size": 20}],
                         name="small", max_response_mb=0.02)
     _, result = small.run("hourly")

@@ -2,7 +2,6 @@
 command line) never become a path outside the archive or a term of a query: a bad one fails with
 one line naming it and the format, and touches nothing; keys order by the time they encode."""
 
-import hashlib
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 from dagster import AssetKey, DagsterEventType, build_run_status_sensor_context
 
 from dataverse_assets.archive.change_sets import MANIFEST, ChangeSetArchive, list_change_sets
-from dataverse_assets.cli import main as cli_main
 from dataverse_assets.defs.asset_keys import entity_asset_keys
 from dataverse_assets.defs.partitions import register_change_set
 from dataverse_assets.defs.resources import MirrorStore
@@ -23,26 +21,16 @@ from dataverse_assets.names import (
     change_set_order,
     check_change_set_key,
 )
+from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.store import dead_letters
-from dataverse_assets_tests.test_hostile_input import make_mirror, root_error
+from dataverse_assets_tests.helpers import mirror_of, mirror_rows, root_error, tree
 
 FORMAT_WORDS = "YYYYMMDDTHHMMSSZ"
 
 
-def tree(root: Path) -> dict[str, str]:
-    """Every file under `root` with a digest of its bytes."""
-    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*")) if path.is_file()}
-
-
-def mirror_rows(mirror, table: str) -> list[tuple]:
-    with mirror.connection() as connection:
-        return connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
-
-
 def test_a_partition_key_that_is_not_a_change_set_key_fails_and_touches_nothing(
         tmp_path, simulator_url):
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams"}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
     mirror.sync("hourly")
     # A folder outside the archive that an absolute "key" names, with a file in it.
     victim = tmp_path / "victim"
@@ -82,7 +70,7 @@ def test_a_partition_key_that_is_not_a_change_set_key_fails_and_touches_nothing(
 
 def test_an_archive_folder_that_links_outside_the_archive_is_never_written(
         tmp_path, simulator_url):
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams"}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "keep.txt").write_text("precious")
@@ -133,7 +121,7 @@ def _as_if_published_under(mirror, entity: str, key: str, old_key: str) -> None:
 
 def test_rows_a_hand_typed_key_left_behind_never_make_later_updates_stale(
         tmp_path, simulator_url, monkeypatch, capsys):
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams"}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
     sim = mirror.simulator
     key = mirror.sync("hourly")
     _as_if_published_under(mirror, "teams", key, "my-first-run")
@@ -159,7 +147,7 @@ def test_rows_a_hand_typed_key_left_behind_never_make_later_updates_stale(
 
 def test_the_sync_summary_counts_stale_records_and_warns(tmp_path, simulator_url, monkeypatch,
                                                         capsys):
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams"}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
     sim = mirror.simulator
     mirror.sync("hourly")
     teams = [record["teamid"] for record in sim.records("teams")][:2]
@@ -183,7 +171,7 @@ def test_the_sync_summary_counts_stale_records_and_warns(tmp_path, simulator_url
 
 def test_commands_refuse_names_keys_and_ids_outside_their_format(tmp_path, simulator_url,
                                                                 monkeypatch, capsys):
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "accounts"}, {"name": "contacts"}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "accounts"}, {"name": "contacts"}])
     (tmp_path / "home").mkdir()
     for name, value in mirror.cli_environment(tmp_path / "home").items():
         monkeypatch.setenv(name, value)
@@ -210,7 +198,7 @@ def test_commands_refuse_names_keys_and_ids_outside_their_format(tmp_path, simul
 def test_a_lookup_column_in_run_config_cannot_rewrite_the_filter(tmp_path, simulator_url):
     """The UI launchpad's `lookup_column` goes into contacts' $filter: only a column of the
     table is taken, and nothing is fetched otherwise."""
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "accounts"}, {"name": "contacts"}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "accounts"}, {"name": "contacts"}])
     sim = mirror.simulator
     mirror.sync("hourly")
     account = sim.records("accounts")[0]["accountid"]
@@ -234,7 +222,7 @@ def test_a_lookup_column_in_run_config_cannot_rewrite_the_filter(tmp_path, simul
 
 
 def test_a_run_that_failed_for_its_key_is_not_queued_for_retry(tmp_path, simulator_url):
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams"}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
     mirror.instance.add_dynamic_partitions("change_sets_hourly", ["my-first-run"])
     _, result = mirror.run("hourly", "my-first-run")
     assert not result.success
@@ -257,7 +245,7 @@ def test_a_new_dagster_instance_never_reuses_a_change_set_the_mirror_has(
     """The command line registers keys in its own Dagster instance (DAGSTER_HOME), which may
     be new to a mirror synced before: a key the archive or the database already has would
     replay that change set instead of syncing, so it is skipped."""
-    mirror = make_mirror(tmp_path, simulator_url, [{"name": "teams"}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
     synced = mirror.sync("hourly")
     now = datetime.now(UTC)
     archived = {change_set_key(now + timedelta(seconds=n)) for n in range(3)}

@@ -30,10 +30,13 @@ from dataverse_assets.store.archive_retention import compact_archive
 from dataverse_assets.store.db import connect, quote_identifier
 from dataverse_assets.store.schema import Column, EntitySchema, detect_primary_key, sqlite_fold
 from dataverse_assets.store.schema_registry import lock_schema
-from dataverse_assets.sync.publish import publish_change_set
+from dataverse_assets.sync.publish_execute import publish_change_set
 from dataverse_assets.sync.stage import (
+    STAGING_COUNTS,
     STAGING_META_COLUMNS,
     StagedRecords,
+    _PageContext,
+    _stage_page,
     content_hash,
     write_staged,
 )
@@ -231,7 +234,6 @@ JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
                                 JSON_SCALARS), max_size=6))
 def test_a_staged_row_has_each_columns_value_or_null_whatever_fields_a_record_lacks(
         names, records):
-    from dataverse_assets.sync.stage import STAGING_COUNTS, _PageContext, _stage_page
 
     records = [{**record, "id": f"k{n}"} for n, record in enumerate(records)]
     context = _PageContext(change_set="cs", pk="id", names=tuple(names),

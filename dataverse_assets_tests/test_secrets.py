@@ -11,9 +11,9 @@ from pathlib import Path
 from dagster import DagsterInstance
 from dagster._serdes import serialize_value
 
-from dataverse_assets.cli import new_change_set_key
 from dataverse_assets.config import load_settings
 from dataverse_assets.defs.definitions import build_definitions
+from dataverse_assets.ops.cli import new_change_set_key
 from dataverse_assets.redaction import Redactor, redact
 from dataverse_assets_tests.conftest import failure_messages, write_entities_config
 

@@ -27,7 +27,7 @@ from dataverse_assets.store.bookkeeping import StagedChangeSet, read_publish_sta
 from dataverse_assets.store.tables import canonical_row_count
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.faults import fault_point
-from dataverse_assets.sync.publish import PublishResult
+from dataverse_assets.sync.publish_execute import PublishResult
 from dataverse_assets.sync.stage import StagedRecords, write_staged
 
 

@@ -1,16 +1,7 @@
-"""Persistence resources: the mirror store and the two IO managers.
+"""The store resource: where the mirror lives, as Dagster injects it into assets, sensors and
+IO managers (io_managers.py persists each layer through it)."""
 
-- `ArchiveIOManager`: raw/E lives in the archive (pages are streamed there by the asset); the
-  manager hands downstream steps a `RawChangeSet` pointing at it.
-- `SQLiteIOManager`: staging/E rows are written into SQLite as they are produced; downstream
-  steps get a `StagedChangeSet` handle, not the rows.
-"""
-
-
-
-from dagster import (
-    ConfigurableResource,
-)
+from dagster import ConfigurableResource
 from pydantic import Field
 
 from dataverse_assets.store import locks

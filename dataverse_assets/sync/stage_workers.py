@@ -11,6 +11,7 @@ Results come back in task order (page i goes to worker i mod n, and each worker 
 order), which staging needs: a later page wins for a key seen twice.
 """
 
+import importlib
 import os
 import pickle
 import struct
@@ -161,8 +162,6 @@ def _serve(function_name: str) -> None:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     module_name, _, qualname = function_name.partition(":")
-    import importlib
-
     function = importlib.import_module(module_name)
     for part in qualname.split("."):
         function = getattr(function, part)

@@ -43,7 +43,7 @@ from dataverse_assets.sync.drift import schema_for_change_set
 from dataverse_assets.sync.faults import fault_point
 from dataverse_assets.sync.fetch import FetchSummary, ProgressCallback, fetch_change_set
 from dataverse_assets.sync.fetch_plan import plan_fetch, reconcile_due
-from dataverse_assets.sync.publish import PublishResult, publish_change_set
+from dataverse_assets.sync.publish_execute import PublishResult, publish_change_set
 from dataverse_assets.sync.stage import (
     StagedRecords,
     column_values,

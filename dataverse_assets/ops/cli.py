@@ -1,0 +1,736 @@
+"""`dataverse-assets`: the operations command line.
+
+Every sync goes through Dagster (a change-set partition is registered and the group's job
+runs against the persistent instance in DAGSTER_HOME), so the UI shows what the CLI did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import difflib
+import os
+import sys
+import threading
+from contextlib import closing
+from datetime import datetime
+from pathlib import Path
+
+import orjson
+from dagster import AssetKey, DagsterInstance
+
+from dataverse_assets.config import PROJECT_ROOT, load_settings
+from dataverse_assets.defs.checks import divergence
+from dataverse_assets.defs.definitions import build_definitions, build_source
+from dataverse_assets.defs.partitions import add_change_sets, register_change_set
+from dataverse_assets.defs.schedules import sync_job_name
+from dataverse_assets.defs.sensors import root_cause
+from dataverse_assets.errors import (
+    ArchiveError,
+    ConfigError,
+    InvalidNameError,
+    RebuildError,
+    StorageError,
+)
+from dataverse_assets.names import (
+    check_change_set_key,
+    check_column_name,
+    check_entity_name,
+    check_record_id,
+)
+from dataverse_assets.ops.doctor import doctor_passed, render_checks, run_doctor
+from dataverse_assets.ops.plan_view import render_plan
+from dataverse_assets.ops.rebuild import archived_change_sets, rebuild, register_archived
+from dataverse_assets.ops.recording import key_columns, record_fixtures
+from dataverse_assets.ops.report import write_report
+from dataverse_assets.ops.status import entity_status
+from dataverse_assets.store import dead_letters
+from dataverse_assets.store.archive_retention import compact_archive
+from dataverse_assets.store.bookkeeping import change_set_used, step_details
+from dataverse_assets.store.db import connect
+from dataverse_assets.store.issues import list_issues
+from dataverse_assets.store.locks import every_entity_lock
+from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
+from dataverse_assets.sync.progress import (
+    TERMINAL_INTERVAL_SECONDS,
+    ProgressReporter,
+    ProgressSink,
+    ProgressUpdate,
+    listening,
+)
+
+
+def _instance():
+    if not os.environ.get("DAGSTER_HOME"):
+        os.environ["DAGSTER_HOME"] = str(PROJECT_ROOT / ".dagster_home")
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    settings_file = home / "dagster.yaml"
+    if not settings_file.exists():
+        # A project-local instance: no telemetry calls from a mirror that runs offline.
+        settings_file.write_text("telemetry:\n  enabled: false\n")
+    return DagsterInstance.get()
+
+
+def _connection(settings):
+    """The mirror database, closed when the block ends."""
+
+    return closing(connect(settings.db_path))
+
+
+def _configured_entity(config, name: str):
+    """The entity's config, or a ConfigError naming it (with the closest configured names)."""
+    check_entity_name(name)
+    try:
+        return config.entity(name)
+    except KeyError:
+        names = [e.name for e in config.entities]
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; the entities are {names}"
+        raise ConfigError(f"unknown entity {name!r}{hint}") from None
+
+
+def new_change_set_key(instance, group: str, now: datetime | None = None,
+                       settings=None) -> str:
+    """Register a new change-set partition for a group; keys are sortable UTC timestamps.
+    With `settings`, a key the mirror already used is skipped too: the archive or the
+    database may hold change sets of another Dagster instance (a DAGSTER_HOME wiped or
+    changed), and reusing one would replay it instead of syncing."""
+
+    used = None
+    if settings is not None:
+        entities = [e.name for e in settings.entities.entities_in_group(group)]
+
+        def used(key: str) -> bool:
+            if any((Path(settings.archive_dir) / entity / key).exists() for entity in entities):
+                return True
+            with _connection(settings) as connection:
+                return change_set_used(connection, key, entities)
+
+    return register_change_set(instance, group, now, used)
+
+
+def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
+    with _connection(settings) as connection:
+        rows = []
+        for entity in entities:
+            fetched = step_details(connection, entity, change_set, "raw")
+            published = step_details(connection, entity, change_set, "canonical")
+            rows.append({
+                "entity": entity,
+                "status": "ok" if published else "FAILED",
+                "mode": fetched.get("mode", "-"),
+                "fetched": fetched.get("records", 0),
+                "created": published.get("created", 0),
+                "updated": published.get("updated", 0),
+                "deleted": published.get("deleted", 0),
+                "unchanged": published.get("unchanged", 0),
+                "stale": published.get("stale", 0),
+                "pages": fetched.get("pages", 0),
+                "seconds": round(fetched.get("seconds", 0) + published.get("seconds", 0), 2),
+            })
+        return rows
+
+
+def _warn_stale(rows: list[dict], change_set: str) -> None:
+    """Stale records were older than the mirror's version and were not applied: say so."""
+    for row in rows:
+        if row.get("stale"):
+            print(f"warning: {row['entity']}: {row['stale']} record(s) of change set "
+                  f"{change_set} were older than the mirrored version and were not applied "
+                  f"(stale); see `dataverse-assets plan show {row['entity']} {change_set}`",
+                  file=sys.stderr)
+
+
+def _print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    headers = list(rows[0])
+    widths = {h: max(len(h), *(len(str(r[h])) for r in rows)) for h in headers}
+    print("  ".join(h.ljust(widths[h]) for h in headers))
+    for row in rows:
+        print("  ".join(str(row[h]).rjust(widths[h]) if isinstance(row[h], int | float)
+                        else str(row[h]).ljust(widths[h]) for h in headers))
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    config = settings.entities
+    groups = args.group or [g for g in config.groups if config.entities_in_group(g)]
+    unknown = [g for g in groups if g not in config.groups]
+    if unknown:
+        raise ConfigError(f"unknown group(s) {unknown}; the groups are {sorted(config.groups)}")
+    instance = _instance()
+    defs = build_definitions(settings)
+    print(f"source: {settings.source}; database: {settings.db_path}")
+    failed = False
+    for group in groups:
+        key = new_change_set_key(instance, group, settings=settings)
+        print(f"\n[{group}] change set {key}")
+        job = defs.resolve_job_def(sync_job_name(group))
+        with listening(_print_progress):  # fetches that take a while show pages, rows, ETA
+            result = job.execute_in_process(
+                instance=instance, partition_key=key, raise_on_error=False,
+                # Every event is in the UI; the terminal gets the summary and real problems.
+                run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
+            )
+        entities = [e.name for e in config.entities_in_group(group)]
+        rows = _summary_rows(settings, key, entities)
+        _print_table(rows)
+        _warn_stale(rows, key)
+        if not result.success:
+            failed = True
+            _print_failures(result)
+    return 1 if failed else 0
+
+
+def cmd_change_set_create(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if args.group not in settings.entities.groups:
+        raise ConfigError(
+            f"unknown group {args.group!r}; the groups are {sorted(settings.entities.groups)}"
+        )
+    print(new_change_set_key(_instance(), args.group, settings=settings))
+    return 0
+
+
+def cmd_plan_show(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    # The database's plans, also of entities no longer configured: the format is checked.
+    check_entity_name(args.entity)
+    check_change_set_key(args.change_set)
+    connection = connect(settings.db_path)
+    try:
+        print(render_plan(connection, args.entity, args.change_set, args.max_rows))
+    except LookupError as exc:
+        print(f"{exc} in {settings.db_path}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    return 0
+
+
+def _run_entities(settings, instance, group: str, key: str, entities: list[str],
+                  op_config: dict[str, dict] | None = None, log_level: str = "WARNING"):
+    """Materialize the three assets of the given entities for one change set, in-process."""
+
+
+    add_change_sets(instance, group, [key])
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def(sync_job_name(group))
+    selection = [AssetKey([layer, e]) for e in entities
+                 for layer in ("raw", "staging", "canonical")]
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    if op_config:
+        run_config["ops"] = {op: {"config": config} for op, config in op_config.items()}
+    return job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False,
+                                  asset_selection=selection, run_config=run_config)
+
+
+def _print_failures(result) -> None:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data:
+            message = root_cause(event.step_failure_data.error)
+            print(f"  FAILED {event.step_key}: {message}", file=sys.stderr)
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    """Targeted refresh: exactly these records (and, with --with, the records pointing at
+    them), as their own change set."""
+    settings = load_settings()
+    config = settings.entities
+    entity = _configured_entity(config, args.entity)
+    for record_id in args.id:  # refused before any run starts
+        try:
+            check_record_id(record_id)
+        except InvalidNameError as exc:
+            raise ConfigError(f"--id: {exc}") from None
+    op_config = {f"raw__{entity.name}": {"ids": args.id}}
+    entities = [entity.name]
+    for spec in args.with_linked or []:
+        other, _, column = spec.partition(":")
+        if not column:
+            raise ConfigError(f"--with {spec!r}: expected <configured entity>:<lookup column>")
+        try:
+            _configured_entity(config, other)
+            check_column_name(column)  # it goes into the linked table's $filter
+        except (ConfigError, InvalidNameError) as exc:
+            raise ConfigError(f"--with {spec!r}: {exc}") from None
+        if config.entity(other).group != entity.group:
+            raise ConfigError(f"--with {spec!r}: {other} is not in group {entity.group!r}")
+        op_config[f"raw__{other}"] = {"ids": args.id, "lookup_column": column}
+        entities.append(other)
+    instance = _instance()
+    key = new_change_set_key(instance, entity.group, settings=settings)
+    print(f"targeted refresh as change set {key} ({entity.group})")
+    result = _run_entities(settings, instance, entity.group, key, entities, op_config)
+    rows = _summary_rows(settings, key, entities)
+    _print_table(rows)
+    _warn_stale(rows, key)
+    if not result.success:
+        _print_failures(result)
+        return 1
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Compare the mirror with the source by key and version now, and repair what diverged,
+    as a change set of its own per group."""
+
+    settings = load_settings()
+    config = settings.entities
+    chosen = ([_configured_entity(config, args.entity)] if args.entity else config.entities)
+    instance = _instance()
+    failed = False
+    for group in dict.fromkeys(e.group for e in chosen):
+        entities = [e.name for e in chosen if e.group == group]
+        key = new_change_set_key(instance, group, settings=settings)
+        print(f"[{group}] reconcile as change set {key}")
+        result = _run_entities(settings, instance, group, key, entities,
+                               {f"raw__{name}": {"reconcile": True} for name in entities})
+        rows = []
+        with _connection(settings) as connection:
+            for name in entities:
+                found = divergence(connection, name, key)
+                rows.append({"entity": name, **({"mode": "-", "scanned": "-", "missing": "-",
+                                                 "stale": "-", "extra": "-"} if found is None
+                                                else found)})
+        _print_table(rows)
+        if not result.success:
+            failed = True
+            _print_failures(result)
+    return 1 if failed else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    connection = connect(settings.db_path)
+    try:
+        rows = entity_status(connection, settings.entities)
+    finally:
+        connection.close()
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    shown = ("entity", "mode", "last_change_set", "publish_status", "watermark_age_seconds",
+             "rows", "open_issues", "dead_letters", "queued_retries")
+    _print_table([{k: ("-" if row[k] is None else row[k]) for k in shown} for row in rows])
+    return 0
+
+
+def cmd_issues(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    if args.entity is not None:
+        check_entity_name(args.entity)
+    connection = connect(settings.db_path)
+    try:
+        issues = list_issues(connection, args.entity, args.limit, include_resolved=args.all)
+    finally:
+        connection.close()
+    if args.json:
+        print(orjson.dumps(issues, option=orjson.OPT_INDENT_2).decode())
+    elif not issues:
+        print("no issues" if args.all else "no open issues")
+    for issue in [] if args.json else issues:
+        seen = issue["change_set"] + (
+            f"..{issue['last_change_set']}, {issue['occurrences']} change sets"
+            if issue["occurrences"] > 1 else "")
+        record = f" record {issue['record_id']}" if issue["record_id"] else ""
+        field = f" field {issue['field']}" if issue["field"] else ""
+        resolved = f" [resolved {issue['resolved_at']}]" if issue["resolved_at"] else ""
+        print(f"#{issue['id']} {issue['entity']} ({seen}){record}{field}: {issue['problem']}"
+              + (f" ({issue['context']})" if issue["context"] else "") + resolved)
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    connection = connect(settings.db_path)
+    try:
+        if args.dlq_command == "list":
+            letters = dead_letters.list_dead_letters(connection, include_closed=args.all)
+            if args.json:
+                print(orjson.dumps(letters, option=orjson.OPT_INDENT_2).decode())
+            elif letters:
+                _print_table([{k: v for k, v in letter.items() if k != "reason"}
+                              for letter in letters])
+            else:
+                print("no dead letters")
+            return 0
+        try:
+            letter = dead_letters.get_dead_letter(connection, args.id)
+        except LookupError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        if args.dlq_command == "show":
+            print(orjson.dumps(letter, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        if args.dlq_command == "drop":
+            dead_letters.set_dead_letter_status(connection, args.id, "dropped")
+            print(f"dropped dead letter {args.id} ({letter['entity']} {letter['change_set']})")
+            return 0
+        # requeue: publish the change set again now, through Dagster.
+        check_change_set_key(letter["change_set"])
+        dead_letters.set_dead_letter_status(connection, args.id, "requeued")
+    finally:
+        connection.close()
+    entity = settings.entities.entity(letter["entity"])
+    print(f"requeued {letter['entity']} change set {letter['change_set']}")
+    result = _run_entities(settings, _instance(), entity.group, letter["change_set"],
+                           [entity.name])
+    if not result.success:
+        _print_failures(result)
+        connection = connect(settings.db_path)
+        try:
+            dead_letters.set_dead_letter_status(connection, args.id, "open")
+        finally:
+            connection.close()
+        return 1
+    print("published; the dead letter is resolved")
+    return 0
+
+
+def _row_counts(items: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        try:
+            counts[name.strip()] = int(count)
+        except ValueError:
+            raise ConfigError(
+                f"--rows {item!r}: expected ENTITY=COUNT, e.g. accounts=1000000") from None
+    return counts
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from dataverse_assets.simulator import (
+        DataverseSimulator,
+        FaultPlan,
+        ServiceProtectionLimits,
+        serve_on_loopback,
+    )
+
+    settings = load_settings()
+    row_counts = _row_counts(args.rows or [])
+    names = [e.name for e in settings.entities.entities]
+    names += [name for name in row_counts if name not in names]
+    simulator = DataverseSimulator(names, seed=args.seed, row_counts=row_counts,
+                                   paging=args.paging,
+                                   delta_token_moment=args.delta_token_moment)
+    if args.limits == "dataverse":
+        simulator.limits = ServiceProtectionLimits.dataverse()
+    if args.faults:
+        try:
+            simulator.fault_plan = FaultPlan.parse(args.faults)
+        except ValueError as exc:
+            raise ConfigError(f"--faults: {exc}") from None
+    with serve_on_loopback(simulator, port=args.port, control=args.control) as url:
+        print(f"Dataverse simulator on {url} (DATAVERSE_URL={url} DATAVERSE_SOURCE=simulator)",
+              flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _print_progress(update: ProgressUpdate) -> None:
+    print(f"  {update.line()}", file=sys.stderr, flush=True)
+
+
+# -- diagnostics: doctor, fixtures record, report -------------------------------------------
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    checks = run_doctor(only_entities=args.entity)
+    if args.json:
+        print(orjson.dumps({"ok": doctor_passed(checks),
+                            "checks": [c.as_dict() for c in checks]},
+                           option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_checks(checks))
+    return 0 if doctor_passed(checks) else 1
+
+
+def cmd_fixtures_record(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    config = settings.entities
+    unknown = sorted(set(args.entity or []) - {e.name for e in config.entities})
+    if unknown:
+        raise ConfigError(f"--entity {unknown}: not in {settings.entities_config_path}")
+    # Resolved here (EnvVar fields are read from the environment), never printed.
+    source = build_source(settings, config).process_config_and_initialize()
+    if args.pages < 1 or not 1 <= (args.page_size or 1) <= 5000:
+        raise ConfigError("--pages must be at least 1 and --page-size between 1 and 5000")
+    out = Path(args.out)
+    recorded = asyncio.run(record_fixtures(
+        source, config, out, entities=args.entity, max_pages=args.pages,
+        page_size=args.page_size, scrub=args.scrub or (),
+        salt=args.salt.encode() if args.salt else None))
+    for entity in recorded:
+        extra = f", {entity.single_records} single records" if entity.single_records else ""
+        more = (f" (stopped after {args.pages} page(s) per query)"
+                if entity.truncated_queries else "")
+        print(f"{entity.entity}: {entity.pages} pages, {entity.records} records{extra}, "
+              f"mode {entity.mode}{', metadata' if entity.metadata else ''}{more}")
+    keys = sorted(set(args.scrub or ()) & key_columns(config, {}))
+    if keys:
+        print(f"note: scrubbed key columns {keys}: scrub every column that names the same "
+              "records too (lookups, junction ids), or links will not match", file=sys.stderr)
+    print(f"wrote {out}; replay with DATAVERSE_SOURCE=fixture DATAVERSE_FIXTURES_DIR={out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    connection = connect(settings.db_path)
+    try:
+        report = write_report(connection, settings.entities, Path(args.out),
+                              database=str(settings.db_path))
+    finally:
+        connection.close()
+    states = ", ".join(f"{e.entity} {e.state}" for e in report.entities)
+    print(f"wrote {args.out}: {len(report.points)} change sets; {states}")
+    return 0
+
+
+def _add_diagnostics_commands(commands) -> None:
+    doctor = commands.add_parser(
+        "doctor", help="read-only checks of the configuration against the org")
+    doctor.add_argument("--entity", action="append", help="only this entity (repeatable)")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(handler=cmd_doctor)
+    fixtures = commands.add_parser("fixtures", help="recorded responses for the fixture source")
+    fixtures_commands = fixtures.add_subparsers(dest="fixtures_command", required=True)
+    record = fixtures_commands.add_parser(
+        "record", help="record a page or two of each entity, its metadata and the records "
+        "filtered entities ask for, into DIR")
+    record.add_argument("--out", required=True, metavar="DIR")
+    record.add_argument("--entity", action="append",
+                        help="only this entity (repeatable; linking tables of filtered "
+                        "entities are added)")
+    record.add_argument("--pages", type=int, default=2, help="pages per query (default 2)")
+    record.add_argument("--page-size", type=int, help="instead of the configured page size")
+    record.add_argument("--scrub", action="append", metavar="COLUMN",
+                        help="replace this column's values with stable fakes (repeatable)")
+    record.add_argument("--salt", help="makes the fakes reproducible across recordings "
+                        "(default: random per recording)")
+    record.set_defaults(handler=cmd_fixtures_record)
+    report = commands.add_parser("report", help="write a self-contained HTML status page")
+    report.add_argument("--out", default="status.html")
+    report.set_defaults(handler=cmd_report)
+
+
+# -- the archive: rebuild, compact, archived keys as partitions ------------------------------
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    print(f"rebuilding {args.into} from {settings.archive_dir}")
+    try:
+        report = rebuild(
+            settings.entities, settings.archive_dir, args.into, force=args.force,
+            live_db_path=settings.db_path,
+            on_entity=lambda e: print(
+                f"  {e.entity}: {e.change_sets} change sets, {e.rows:,} rows, "
+                f"{e.seconds:.2f} s", flush=True),
+            # A long entity shows records replayed, rows/s and ETA every few seconds.
+            progress_for=lambda entity: ProgressReporter(entity, "rebuild", [ProgressSink(
+                _print_progress, TERMINAL_INTERVAL_SECONDS, final_only_after_progress=True)]),
+            skip_corrupt=args.skip_corrupt,
+        )
+    except RebuildError as exc:
+        print(f"rebuild: {exc}", file=sys.stderr)
+        return 1
+    print()
+    _print_table(report.rows_table())
+    print(report.lines()[-1])
+    for skipped in report.skipped:
+        print(f"skipped {skipped.entity} {skipped.change_set} (damaged, --skip-corrupt): "
+              f"{skipped.reason}", file=sys.stderr)
+    if report.skipped:
+        print(f"warning: {len(report.skipped)} change set(s) left out: {args.into} holds "
+              "everything else; it differs from the mirror where they made changes",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    report = compact_archive(
+        settings.archive_dir, settings.entities, db_path=settings.db_path,
+        older_than_days=args.older_than_days, retention=not args.no_retention,
+        dry_run=args.dry_run,
+    )
+    _print_table(report.rows())
+    for decision in report.deleted:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"  {verb} {decision.entity} {decision.change_set}: {decision.reason}")
+    for prune in report.staging_pruned:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(f"  {verb} the {prune.rows:,} staged rows of {prune.entity} {prune.change_set}"
+              " (published; staging retention)")
+    for note in report.notes:
+        print(f"  {note}", file=sys.stderr)
+    before, after = report.bytes_before, report.bytes_after
+    print(f"archive {settings.archive_dir}: {before:,} bytes -> {after:,} bytes"
+          + (f" ({after / before:.0%})" if before else "")
+          + (" (dry run: nothing changed)" if args.dry_run else ""))
+    if args.no_retention or not settings.db_path.exists():
+        return 0
+
+    with _connection(settings) as connection:
+        deleted = retain_bookkeeping(connection, settings.entities, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for table, rows in deleted.items():
+        if rows:
+            print(f"  {verb} {rows:,} rows of {table} (retention: maintenance settings)")
+    if not args.dry_run and settings.entities.maintenance.shrink_file:
+        shrink = shrink_database(settings.db_path, exclusive=lambda: every_entity_lock(
+            settings.db_path, [e.name for e in settings.entities.entities],
+            owner=f"dataverse-assets compact ({os.getpid()})", purpose="maintenance",
+            wait_seconds=settings.lock_wait_seconds))
+        print(f"database {settings.db_path}: {shrink.bytes_before:,} bytes -> "
+              f"{shrink.bytes_after:,} bytes ({shrink.pages_freed:,} free pages given back"
+              + (", converted to incremental vacuum" if shrink.converted else "") + ")")
+    return 0
+
+
+def cmd_register_archived(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    config = settings.entities
+    if args.group not in config.groups:
+        raise ConfigError(
+            f"unknown group {args.group!r}; the groups are {sorted(config.groups)}")
+    archived = archived_change_sets(config, settings.archive_dir, args.group)
+    register_archived(_instance(), args.group, list(archived))
+    group_entities = {e.name for e in config.entities_in_group(args.group)}
+    for key, entities in archived.items():
+        print(key)
+        if set(entities) != group_entities:
+            print(f"  {key} archives only {', '.join(entities)}: materialize those assets",
+                  file=sys.stderr)
+    return 0
+
+
+def _add_archive_commands(commands, change_set_commands) -> None:
+    rebuild = commands.add_parser(
+        "rebuild", help="replay every archived change set into a new database")
+    rebuild.add_argument("--into", required=True, type=Path, help="the new database file")
+    rebuild.add_argument("--force", action="store_true", help="replace an existing file")
+    rebuild.add_argument("--skip-corrupt", action="store_true",
+                         help="leave out change sets with a damaged archive file (reported) "
+                         "instead of stopping at the first")
+    rebuild.set_defaults(handler=cmd_rebuild)
+    compact = commands.add_parser(
+        "compact", help="what the maintenance job does: merge old page files into Parquet, "
+        "apply the archive, staging and bookkeeping retention, shrink the database file")
+    compact.add_argument("--older-than-days", type=float,
+                         help="compact change sets fetched longer ago than this "
+                         "(default: archive.compact_after_days of the entities file)")
+    compact.add_argument("--no-retention", action="store_true", help="delete nothing")
+    compact.add_argument("--dry-run", action="store_true", help="report only")
+    compact.set_defaults(handler=cmd_compact)
+    archived = change_set_commands.add_parser(
+        "register-archived",
+        help="register the archived change sets of a group as partitions; prints the keys, "
+        "oldest first")
+    archived.add_argument("--group", required=True)
+    archived.set_defaults(handler=cmd_register_archived)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dataverse-assets", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    sync = commands.add_parser("sync", help="sync every entity (or a group) through Dagster")
+    sync.add_argument("--group", action="append", help="only this cadence group (repeatable)")
+    sync.add_argument("--log-level", default="WARNING", help="Dagster console log level")
+    sync.set_defaults(handler=cmd_sync)
+    change_set = commands.add_parser("change-set", help="manage change-set partitions")
+    change_set_commands = change_set.add_subparsers(dest="change_set_command", required=True)
+    create = change_set_commands.add_parser("create", help="register a new change set key")
+    create.add_argument("--group", required=True)
+    create.set_defaults(handler=cmd_change_set_create)
+    refresh = commands.add_parser(
+        "refresh", help="targeted refresh of records by id, as their own change set")
+    refresh.add_argument("entity")
+    refresh.add_argument("--id", action="append", required=True, help="primary key (repeatable)")
+    refresh.add_argument("--with", dest="with_linked", action="append",
+                         metavar="ENTITY:LOOKUP_COLUMN",
+                         help="also refresh the records of ENTITY whose LOOKUP_COLUMN names "
+                              "the ids, e.g. contacts:_parentcustomerid_value")
+    refresh.set_defaults(handler=cmd_refresh)
+    reconcile = commands.add_parser(
+        "reconcile", help="compare the mirror with the source by key and version now; "
+        "missing and stale records are fetched again, extra ones deleted")
+    reconcile.add_argument("entity", nargs="?", help="only this entity (default: every one)")
+    reconcile.set_defaults(handler=cmd_reconcile)
+    status = commands.add_parser("status", help="per-entity status")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+    issues = commands.add_parser(
+        "issues", help="records that could not be staged or fetched (open ones: a record that "
+        "stages cleanly later resolves its issues)")
+    issues.add_argument("--entity")
+    issues.add_argument("--all", action="store_true", help="include resolved issues")
+    issues.add_argument("--limit", type=int, default=100)
+    issues.add_argument("--json", action="store_true")
+    issues.set_defaults(handler=cmd_issues)
+    dlq = commands.add_parser("dlq", help="dead letters: change sets that failed every retry")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_commands.add_parser("list")
+    dlq_list.add_argument("--all", action="store_true", help="include resolved and dropped")
+    dlq_list.add_argument("--json", action="store_true")
+    for name in ("show", "requeue", "drop"):
+        command = dlq_commands.add_parser(name)
+        command.add_argument("id", type=int)
+    dlq.set_defaults(handler=cmd_dlq)
+    plan = commands.add_parser("plan", help="publish plans")
+    plan_commands = plan.add_subparsers(dest="plan_command", required=True)
+    show = plan_commands.add_parser("show", help="print the plan of a change set")
+    show.add_argument("entity")
+    show.add_argument("change_set")
+    show.add_argument("--max-rows", type=int, default=50, help="rows shown per kind")
+    show.set_defaults(handler=cmd_plan_show)
+    simulator = commands.add_parser("simulator", help="serve the Dataverse simulator")
+    simulator.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    simulator.add_argument("--seed", type=int, default=42)
+    simulator.add_argument("--rows", action="append", metavar="ENTITY=COUNT",
+                           help="table size (repeatable); tables over 100,000 rows are "
+                           "generated on demand, e.g. --rows accounts=1000000")
+    simulator.add_argument("--control", action="store_true",
+                           help="serve /_simulator/stats and /_simulator/mutate (benchmarks)")
+    simulator.add_argument("--limits", choices=("off", "dataverse"), default="off",
+                           help="service protection limits: off, or Dataverse's per-user "
+                           "6000 requests / 1200 s / 52 concurrent per 300 s")
+    simulator.add_argument("--paging", choices=("cookie", "page_number"), default="cookie",
+                           help="page_number: legacy paging, each page sliced from the result "
+                           "as it is then (an edit between pages skips or repeats a row)")
+    simulator.add_argument("--delta-token-moment", choices=("first_page", "last_page"),
+                           default="first_page",
+                           help="last_page: a read's delta token marks its last page, so an "
+                           "edit of a row already served is in no delta")
+    simulator.add_argument("--faults", metavar="SCENARIO",
+                           help="seeded random faults, e.g. "
+                           "'seed=1,server_error=0.02,reset=0.01,slow=0.05,malformed=0.01'")
+    simulator.set_defaults(handler=cmd_simulator)
+    _add_diagnostics_commands(commands)
+    _add_archive_commands(commands, change_set_commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except InvalidNameError as exc:  # a key, name or id typed on the command line
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StorageError, ArchiveError) as exc:  # the database or archive cannot be used
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

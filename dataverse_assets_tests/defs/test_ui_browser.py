@@ -1,0 +1,310 @@
+"""The Dagster UI, checked in a real browser.
+
+`dagster dev` runs on loopback against a temporary DAGSTER_HOME, database and archive; headless
+Chromium (Debian's /usr/bin/chromium, driven by Playwright; no browser download) opens the asset
+graph, checks every configured entity's three assets in its cadence group, materializes one
+entity from the UI for a registered change set, waits for the run to succeed and reads the
+canonical asset's metadata off its page. Screenshots and the server's log go to test-artifacts/.
+
+Skipped where Chromium or Playwright is missing, except in CI (CI=true), where that fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, load_entities_config
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path(os.environ.get("DATAVERSE_TEST_CHROMIUM", "/usr/bin/chromium"))
+# As root on a closed network: no sandbox, and no background connections to Google's hosts.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+BIN = Path(sys.executable).parent  # the venv's console scripts: dagster, dataverse-assets
+LOCATION = "dataverse_assets"  # `dagster dev -m dataverse_assets` names the code location so
+GROUP, ENTITY = "daily", "teams"  # a small entity: three assets, a dozen rows
+LAYERS = ("raw", "staging", "canonical")
+STARTUP_TIMEOUT_S = 120
+RUN_TIMEOUT_S = 120
+UI_TIMEOUT_MS = 30_000
+
+
+def _require_browser() -> None:
+    missing = []
+    if not CHROMIUM.exists():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("the playwright package (pip install -e '.[dev]')")
+    if not missing:
+        return
+    reason = "browser test needs " + " and ".join(missing)
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI must check the UI in a browser (.ci/run installs chromium)")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _graphql(url: str, query: str) -> dict:
+    request = urllib.request.Request(
+        f"{url}/graphql", data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@dataclass
+class DagsterDev:
+    url: str
+    env: dict[str, str]
+    db_path: Path
+    process: subprocess.Popen
+
+
+def _wait_until_loaded(server: DagsterDev, log_path: Path) -> None:
+    """Poll until the webserver answers and the code location has loaded (bounded)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            pytest.fail(f"dagster dev exited with {server.process.returncode}:\n"
+                        f"{log_path.read_text()[-3000:]}")
+        try:
+            data = _graphql(server.url, "{ workspaceOrError { ... on Workspace {"
+                                        " locationEntries { name loadStatus } } } }")
+            entries = data["data"]["workspaceOrError"]["locationEntries"]
+            if any(e["name"] == LOCATION and e["loadStatus"] == "LOADED" for e in entries):
+                return
+            last_error = f"locations: {entries}"
+        except (OSError, urllib.error.URLError, KeyError, TypeError, ValueError) as exc:
+            last_error = repr(exc)
+        time.sleep(0.5)
+    pytest.fail(f"dagster dev not ready after {STARTUP_TIMEOUT_S}s ({last_error}):\n"
+                f"{log_path.read_text()[-3000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C for dagster dev (it stops its webserver, daemon, code server and runs), then
+    SIGKILL to the whole process group whatever is left."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)  # its own group: start_new_session below
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+
+
+def _default_sigint() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored; dagster dev
+    # maps SIGTERM to its SIGINT handler, so it must not inherit that, or it cannot be stopped.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def dagster_dev(tmp_path) -> Iterator[DagsterDev]:
+    _require_browser()
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    # No telemetry, and no "join the community" dialog over the page.
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+        "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+        "DATAVERSE_ENTITIES_CONFIG": str(DEFAULT_ENTITIES_CONFIG),
+        # The embedded simulator, whatever a developer's .env says (empty wins over .env).
+        "DATAVERSE_SOURCE": "simulator",
+        "DATAVERSE_URL": "",
+    }
+    port = _free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = ARTIFACTS / "ui-dagster-dev.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [str(BIN / "dagster"), "dev", "-m", LOCATION, "-h", "127.0.0.1", "-p", str(port)],
+            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_default_sigint,
+        )
+    server = DagsterDev(f"http://127.0.0.1:{port}", env, tmp_path / "mirror.db", process)
+    try:
+        _wait_until_loaded(server, log_path)
+        yield server
+    finally:
+        _stop(process)
+
+
+@pytest.fixture
+def browser_page(dagster_dev):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            page = context.new_page()
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
+def _register_change_set(server: DagsterDev, group: str) -> str:
+    result = subprocess.run(
+        [str(BIN / "dataverse-assets"), "change-set", "create", "--group", group],
+        env=server.env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"\d{8}T\d{6}Z", key), result.stdout
+    return key
+
+
+def _asset_links_shown(page) -> set[str]:
+    """Asset keys ("raw/teams") of the asset nodes the page links to."""
+    hrefs = page.locator('a[href^="/assets/"]').evaluate_all("els => els.map(e => e.href)")
+    return {urlparse(href).path.removeprefix("/assets/") for href in hrefs}
+
+
+def _metadata_value(page, key: str) -> str:
+    row = page.get_by_role("row").filter(has=page.get_by_text(key, exact=True)).first
+    return row.get_by_role("cell").last.inner_text().strip()
+
+
+def _check_groups(page, server: DagsterDev, config) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"{server.url}/asset-groups")  # the global lineage: one node per group
+    for group in config.groups:
+        if config.entities_in_group(group):
+            expect(page.get_by_text(group, exact=True).first).to_be_visible()
+    for group in config.groups:
+        entities = config.entities_in_group(group)
+        if not entities:
+            continue
+        page.goto(f"{server.url}/locations/{LOCATION}/asset-groups/{group}")
+        expected = {f"{layer}/{e.name}" for e in entities for layer in LAYERS}
+        for key in sorted(expected):  # auto-waits until the graph has drawn each node
+            expect(page.locator(f'a[href^="/assets/{key}?"]').first).to_be_visible()
+        assert _asset_links_shown(page) == expected, group
+        page.screenshot(path=ARTIFACTS / f"ui-graph-{group}.png")
+
+
+def _materialize_from_ui(page, server: DagsterDev, key: str) -> str:
+    """Filter the group's graph to the entity, Materialize, pick the partition, launch;
+    returns the run's page path."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{server.url}/locations/{LOCATION}/asset-groups/{GROUP}")
+    expect(page.locator(f'a[href^="/assets/canonical/{ENTITY}?"]').first).to_be_visible()
+    page.locator(".CodeMirror:visible").first.click()  # "Search and filter assets"
+    page.keyboard.type(" or ".join(f'key:"{layer}/{ENTITY}"' for layer in LAYERS))
+    page.keyboard.press("Enter")
+    expect(page).to_have_url(re.compile(r"/lineage~"))  # the filter is applied
+    others = [e.name for e in load_entities_config(DEFAULT_ENTITIES_CONFIG).entities_in_group(GROUP)
+              if e.name != ENTITY]
+    for other in others:
+        expect(page.locator(f'a[href^="/assets/canonical/{other}?"]')).to_have_count(0)
+    assert _asset_links_shown(page) == {f"{layer}/{ENTITY}" for layer in LAYERS}
+
+    page.get_by_role("button", name="Materialize all…").click()
+    dialog = page.locator(".dagster-dialog")
+    expect(dialog.get_by_text("Launch runs to materialize 3 assets")).to_be_visible()
+    dialog.get_by_text("Select a partition or create one").click()
+    page.get_by_text(key, exact=True).first.click()  # in the partition picker's popover
+    launch = dialog.get_by_role("button", name="Launch 1 run")
+    expect(launch).to_be_enabled()
+    launch.click()
+    view = page.get_by_role("link", name="View", exact=True)  # the "Launched run" toast
+    expect(view).to_have_attribute("href", re.compile(r"^/runs/"))
+    run_path = view.get_attribute("href")
+    view.click()
+    return run_path
+
+
+def _wait_for_run(page, run_path: str) -> None:
+    from playwright.sync_api import expect
+
+    expect(page).to_have_url(re.compile(re.escape(run_path)))
+    success = page.get_by_text("RUN_SUCCESS", exact=True)
+    failure = page.get_by_text(re.compile(r"^(RUN_FAILURE|RUN_CANCELED)$"))
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if success.count():
+            return
+        if failure.count():
+            page.screenshot(path=ARTIFACTS / "ui-run.png")
+            pytest.fail(f"the run failed in the UI: {run_path}")
+        page.wait_for_timeout(500)
+    page.screenshot(path=ARTIFACTS / "ui-run.png")
+    pytest.fail(f"the run did not succeed within {RUN_TIMEOUT_S}s: {run_path}")
+
+
+def test_asset_graph_materialize_one_entity_and_its_metadata_in_chromium(browser_page, dagster_dev):
+    from playwright.sync_api import expect
+
+    page, server = browser_page, dagster_dev
+    config = load_entities_config(DEFAULT_ENTITIES_CONFIG)
+    assert ENTITY in {e.name for e in config.entities_in_group(GROUP)}
+    key = _register_change_set(server, GROUP)
+    try:
+        _check_groups(page, server, config)
+
+        run_path = _materialize_from_ui(page, server, key)
+        _wait_for_run(page, run_path)
+        expect(page.get_by_text("Success", exact=True).first).to_be_visible()
+        expect(page.get_by_text(f"partition: {key}").first).to_be_visible()
+        expect(page.get_by_text("3 assets").first).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "ui-run.png")
+
+        with sqlite3.connect(server.db_path) as db:
+            rows = db.execute(f'SELECT count(*) FROM "{ENTITY}"').fetchone()[0]
+            synced = dict(db.execute("SELECT entity, status FROM _sync_state"))
+        assert rows > 0
+        assert synced == {ENTITY: "completed"}, synced  # that entity only
+
+        page.goto(f"{server.url}/assets/canonical/{ENTITY}")
+        expect(page.get_by_text("Latest materialization")).to_be_visible()
+        expect(page.get_by_text(key, exact=True).first).to_be_visible()
+        expect(page.get_by_role("row").filter(
+            has=page.get_by_text("rows_in_table", exact=True))).to_be_visible()
+        metadata = {name: _metadata_value(page, name)
+                    for name in ("publish_status", "created", "rows_in_table", "deleted")}
+        assert metadata == {"publish_status": "COMPLETE", "created": str(rows),
+                            "rows_in_table": str(rows), "deleted": "0"}, metadata
+        page.get_by_text("rows_in_table", exact=True).scroll_into_view_if_needed()
+        page.screenshot(path=ARTIFACTS / "ui-metadata.png")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            page.screenshot(path=ARTIFACTS / "ui-failure.png", full_page=True)
+        raise

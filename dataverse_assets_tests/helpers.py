@@ -1,0 +1,107 @@
+"""Helpers shared by tests in several folders: small archived change sets, mirrors of
+a few entities, what a failed run said, a folder's digest, the same source changes
+for every mirror of a test."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import orjson
+from dagster import DagsterInstance
+
+from dataverse_assets.archive.change_sets import REQUEST, ChangeSetArchive
+from dataverse_assets.config import EntityConfig, Settings
+from dataverse_assets.defs.definitions import build_definitions
+from dataverse_assets.defs.resources import MirrorStore
+from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets.sync.stage import write_staged
+from dataverse_assets.sync.steps import publish, staged_records
+from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror
+
+ENTITY = EntityConfig(name="things", group="daily", incremental="full")
+
+
+def archive_change_set(root, change_set, records):
+    archive = ChangeSetArchive(root, "things", change_set)
+    archive.start()
+    archive.write_json(REQUEST, {"primary_key": "thingid"})
+    archive.write_page(1, orjson.dumps({"value": records}))
+    archive.finish({"mode": "full", "started_at": "2026-01-01T00:00:00Z",
+                    "summary": {"watermark_before": None, "watermark_after": None},
+                    "pages": [{"kind": "snapshot", "shape": "collection"}]})
+    return archive
+
+
+def thing(n, name, size=1):
+    return {"thingid": f"id-{n}", "name": name, "size": size}
+
+
+def stage_and_publish(store, change_set, records):
+    archive_change_set(store.archive_dir, change_set, records)
+    with store.connection() as connection:
+        write_staged(connection, staged_records(
+            connection, store.archive("things", change_set), ENTITY))
+    return publish(store, ENTITY, change_set)[-1]
+
+
+def mirror_of(tmp_path, simulator_url, entities: list[dict], name: str = "m",
+              **source_options) -> Mirror:
+    """A mirror of just `entities` (all in one hourly group) from the loopback simulator."""
+    simulator, url = simulator_url
+    folder = tmp_path / name
+    folder.mkdir()
+    config = folder / "entities.json"
+    config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}},
+                                  "entities": [{"group": "hourly", **e} for e in entities]}))
+    settings = Settings(db_path=folder / "mirror.db", archive_dir=folder / "archive",
+                        entities_config_path=config, source="simulator")
+    source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url, **source_options)
+    return Mirror(simulator, settings, build_definitions(settings, source=source),
+                  DagsterInstance.ephemeral(), url)
+
+
+def root_error(result) -> str:
+    """The message of the exception that failed the run (the innermost cause)."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data.error:
+            error = event.step_failure_data.error
+            while error.cause is not None:
+                error = error.cause
+            return error.message.strip()
+    raise AssertionError("the run did not fail")
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under `root` with a digest of its bytes."""
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def mirror_rows(mirror, table: str) -> list[tuple]:
+    with mirror.connection() as connection:
+        return connection.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+
+
+def mutate(simulator):
+    """The same changes for every mirror of a test: each mode sees creates, updates, deletes."""
+    candidates = [r["vin_candidateid"] for r in simulator.records("vin_candidates")]
+    simulator.update("vin_candidates", candidates[4], {"vin_name": "Changed"})
+    simulator.delete("vin_candidates", candidates[5])
+    simulator.create("vin_candidates", {"vin_name": "Fresh"})
+    trials = [r["vin_clinicaltrialid"] for r in simulator.records("vin_clinicaltrials")]
+    simulator.update("vin_clinicaltrials", trials[2], {"vin_name": "Renamed trial"})
+    junction = simulator.records("vin_vin_candidate_clinicaltrialset")[0]
+    simulator.delete("vin_vin_candidate_clinicaltrialset",
+                     junction["vin_vin_candidate_clinicaltrialid"])
+    account = simulator.records("accounts")[0]["accountid"]
+    simulator.create("vin_vin_candidate_accountset",
+                     {"vin_candidateid": candidates[6], "accountid": account})
+
+
+def store_of(mirror) -> MirrorStore:
+    return MirrorStore(db_path=str(mirror.settings.db_path),
+                       archive_dir=str(mirror.settings.archive_dir))
+
+
+def source_of(mirror) -> SimulatorSource:
+    return SimulatorSource(entity_names=ENTITY_NAMES, base_url=mirror.url)
