@@ -74,6 +74,13 @@ class Redactor:
         text = _BEARER.sub(lambda m: m.group(1) + MASK, text)
         return _AUTHORIZATION.sub(lambda m: m.group(1) + MASK, text)
 
+    def clear(self) -> None:
+        """Forget every remembered secret and token (what a new process knows)."""
+        with self._lock:
+            self._secrets.clear()
+            self._tokens.clear()
+            self._pattern = None
+
     def _known_pattern(self) -> re.Pattern[str] | None:
         with self._lock:
             if self._pattern is None and (self._secrets or self._tokens):

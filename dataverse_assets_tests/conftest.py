@@ -12,6 +12,7 @@ from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, Settings
 from dataverse_assets.defs.definitions import build_definitions, sync_job_name
 from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.ops.cli import new_change_set_key
+from dataverse_assets.redaction import REDACTOR
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.auth import SHARED_TOKENS
 from dataverse_assets.source.simulator import SimulatorSource
@@ -89,8 +90,10 @@ ENTITY_NAMES = [e["name"] for e in json.loads(DEFAULT_ENTITIES_CONFIG.read_text(
 @pytest.fixture(autouse=True)
 def _no_tokens_from_earlier_tests() -> None:
     """Sessions share tokens per process (auth.SHARED_TOKENS); each test starts without, as a
-    new process would (a simulator of an earlier test may have had the same port)."""
+    new process would (a simulator of an earlier test may have had the same port), and so
+    does the redactor (an earlier test's one-letter secret would mask that letter)."""
     SHARED_TOKENS.clear()
+    REDACTOR.clear()
 
 
 @pytest.fixture
