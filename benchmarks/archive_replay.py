@@ -72,8 +72,7 @@ def build_mirror(workdir: Path, scale: float):
         key = f"2026010{number + 1}T000000Z"
         started = time.perf_counter()
         for entity in config.entities:
-            steps.fetch(store, source, entity, key,
-                        include_annotations=config.read_with_annotations(entity.name))
+            steps.fetch(store, source, entity, key)
             with store.connection() as connection:
                 write_staged(connection, steps.staged_records(
                     connection, store.archive(entity.name, key), entity))

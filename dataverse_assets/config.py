@@ -120,6 +120,15 @@ SchemaEvolution = Literal["freeze", "evolve"]
 Priority = Literal["high", "normal", "low"]
 
 
+class LabelsConfig(_EntitiesFileModel):
+    """The language of the choice labels in each entity's readable view (E__readable)."""
+
+    # Windows language ids (LCIDs) run to 0xFFFF.
+    language_code: int | None = ranged(
+        None, 1, 65_535, "The language of the labels, as a Dataverse language code (1033 "
+        "English, 1031 German, 1036 French, ...); null: the org's base language.")
+
+
 class EntityConfig(_EntitiesFileModel):
     """One Dataverse table to mirror."""
 
@@ -150,8 +159,9 @@ class EntityConfig(_EntitiesFileModel):
         "many primary-key ranges paged in parallel, within the run's concurrency limit.",
     )
     hash_ignore_annotations: bool = Field(
-        False, description="Leave @odata.etag and annotations out of the content hash, so a "
-        "record whose only change is its etag or a formatted value is 'unchanged'.",
+        True, description="Leave @odata.etag and annotations out of the content hash, so a "
+        "record whose only change is its etag or a formatted value (a relabelled option, a "
+        "renamed lookup target) is 'unchanged'. false: any difference is an update.",
     )
     # Bound into SQL as a 64-bit integer; 100 million is past any one Dataverse change set,
     # so the top of the range means "never chunk".
@@ -169,6 +179,8 @@ class EntityConfig(_EntitiesFileModel):
         "(new fields live in json_response); evolve: new columns are added and filled from "
         "json_response. Drift is reported either way.",
     )
+    labels: LabelsConfig | None = Field(
+        None, description="This entity's label language (default: the file's `labels`).")
     priority: Priority = Field(
         "normal", description="Runs for high-priority entities carry a higher Dagster run "
         "priority (dagster/priority), so under a run-queue limit they start first.",
@@ -291,6 +303,7 @@ class EntitiesConfig(_EntitiesFileModel):
     entities: list[EntityConfig] = Field(min_length=1)
     archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
     @field_validator("groups")
     @classmethod
@@ -316,6 +329,8 @@ class EntitiesConfig(_EntitiesFileModel):
             seen[folded] = entity.name
         by_name = {e.name: e for e in self.entities}
         for entity in self.entities:
+            if entity.labels is None:
+                entity.labels = self.labels
             if entity.group not in self.groups:
                 raise ValueError(
                     f"entity {entity.name!r}, field 'group': {entity.group!r} is not one of "
@@ -347,11 +362,6 @@ class EntitiesConfig(_EntitiesFileModel):
             if entity.name == name:
                 return entity
         raise KeyError(name)
-
-    def read_with_annotations(self, name: str) -> bool:
-        """Whether a filtered entity reads this entity's lookups by their target table."""
-        return any(link.entity == name and link.lookup_target
-                   for entity in self.entities for link in entity.linked_from)
 
     def entities_in_group(self, group: str) -> list[EntityConfig]:
         return [e for e in self.entities if e.group == group]

@@ -33,6 +33,8 @@ from dataverse_assets.names import (
 MANIFEST = "manifest.json"
 REQUEST = "request.json"
 ENTITY_DEFINITION = "entity_definition.json"
+# The attribute metadata responses (choices, lookup targets, date behaviours), verbatim.
+ATTRIBUTE_METADATA = "attribute_metadata.json"
 COMPACTED_PARTS = "pages-*-of-*.parquet"
 
 

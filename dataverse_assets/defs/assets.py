@@ -68,7 +68,6 @@ def build_raw_asset(entity: EntityConfig, config: EntitiesConfig,
                     partitions_def: PartitionsDefinition) -> AssetsDefinition:
     """raw/E: one change set fetched from the source, every response archived verbatim."""
     name = entity.name
-    annotations = config.read_with_annotations(name)
     # Ordering only: the ids are read from the store, from the linking table's staging when it
     # was staged in this change set and from its canonical table otherwise, so raw/E can also
     # run on its own (a targeted refresh, a sensor run of just the changed entities).
@@ -90,7 +89,6 @@ def build_raw_asset(entity: EntityConfig, config: EntitiesConfig,
         with store.entity_lock(name, owner=context.run.run_id, purpose="fetch",
                                warn=context.log.warning):
             summary, reused = steps.fetch(store, source, entity, change_set,
-                                          include_annotations=annotations,
                                           targeted_ids=config.ids,
                                           lookup_column=config.lookup_column,
                                           reconcile=config.reconcile,

@@ -3,8 +3,9 @@
 Per change set, evaluated inside the canonical/E step right after the publish (declared with
 `check_specs` on the asset, partitioned like it, so the UI shows a result per change set):
 - `schema_drift`: what `_schema_drift` recorded for the change set(s) the step published.
-  WARN for info (added columns, fields kept in json_response only), ERROR for breaking
-  (removed columns, type changes). Not blocking: the data keeps flowing by design.
+  WARN for info (added columns, fields kept in json_response only, choice options added or
+  relabelled) and warnings (options removed), ERROR for breaking (removed columns, type
+  changes). Not blocking: the data keeps flowing by design.
 - `primary_key`: the key column has no NULL or empty value and no two rows whose keys differ
   only in case (Dataverse GUIDs are case-insensitive; SQLite's PRIMARY KEY is not). ERROR and
   blocking: the step fails, so nothing downstream reads a table whose key is broken.
@@ -110,8 +111,9 @@ def canonical_check_specs(entity: EntityConfig,
             AssetCheckSpec(
                 SCHEMA_DRIFT, asset=key, partitions_def=partitions_def,
                 description="The change set's schema (metadata, else records) against the "
-                "locked one: WARN for added columns and fields kept in json_response only, "
-                "ERROR for removed columns and type changes. Not blocking.",
+                "locked one: WARN for added columns, fields kept in json_response only and "
+                "choice options added, relabelled or removed; ERROR for removed columns and "
+                "type changes. Not blocking.",
             ),
             AssetCheckSpec(
                 PRIMARY_KEY, asset=key, partitions_def=partitions_def, blocking=True,
@@ -178,7 +180,13 @@ def column_schema(schema: EntitySchema) -> TableSchema:
     return TableSchema(columns=columns)
 
 
+OPTION_KINDS = ("option_added", "option_relabelled", "option_removed")
+
+
 def _finding(kind: str, f: dict, change_set: str) -> dict:
+    if kind in OPTION_KINDS:
+        return {"option": f["column_name"], "detail": f["detail"], "severity": f["severity"],
+                "change_set": change_set, "action": f["action"]}
     if kind == TYPE_CHANGED:
         return {"column": f["column_name"], "locked_type": f["locked_type"],
                 "live_type": f["live_type"], "locked_attribute_type": f["locked_attribute_type"],
@@ -199,7 +207,8 @@ def _finding(kind: str, f: dict, change_set: str) -> dict:
 def schema_drift_result(connection: sqlite3.Connection, entity: str,
                         change_sets: list[str]) -> AssetCheckResult:
     compared = read_schema_checks(connection, entity, change_sets)
-    by_kind: dict[str, list[dict]] = {ADDED: [], REMOVED: [], TYPE_CHANGED: [], EXCLUDED: []}
+    by_kind: dict[str, list[dict]] = {ADDED: [], REMOVED: [], TYPE_CHANGED: [], EXCLUDED: [],
+                                      **{kind: [] for kind in OPTION_KINDS}}
     breaking = 0
     for check in compared:
         for f in check.findings:
@@ -217,7 +226,10 @@ def schema_drift_result(connection: sqlite3.Connection, entity: str,
     else:
         parts = []
         for kind, label in ((REMOVED, "removed"), (TYPE_CHANGED, "type changed"),
-                            (ADDED, "added"), (EXCLUDED, "kept in json_response only")):
+                            (ADDED, "added"), (EXCLUDED, "kept in json_response only"),
+                            ("option_removed", "options removed (warning)"),
+                            ("option_added", "options added"),
+                            ("option_relabelled", "options relabelled")):
             if by_kind[kind]:
                 names = ", ".join(_describe(kind, e) for e in by_kind[kind])
                 parts.append(f"{label}: {names}")
@@ -229,6 +241,8 @@ def schema_drift_result(connection: sqlite3.Connection, entity: str,
 
 
 def _describe(kind: str, entry: dict) -> str:
+    if kind in OPTION_KINDS:
+        return entry["detail"] or entry["option"]
     if kind == TYPE_CHANGED:
         return f"{entry['column']} {entry['locked_type']} -> {entry['live_type']}"
     return f"{entry['column']} {entry['type'] or '(type unknown)'}"

@@ -169,6 +169,13 @@ class RecordingSession(SourceSession):
             self.entity(entity_set).metadata = True
         return definition
 
+    async def attribute_metadata(self, entity_set: str, definition: dict) -> dict | None:
+        metadata = await self.inner.attribute_metadata(entity_set, definition)
+        if metadata is not None:  # option labels and targets: metadata, nothing to scrub
+            self._write(self.directory / entity_set / "attribute_metadata.json",
+                        orjson.dumps(metadata, option=orjson.OPT_INDENT_2))
+        return metadata
+
     async def iter_pages(self, entity_set: str, query: PageQuery,
                          start_url: str | None = None) -> AsyncIterator[Page]:
         recorded = self.entity(entity_set)
@@ -270,13 +277,15 @@ async def record_fixtures(source: DataverseSource, config: EntitiesConfig, out: 
                 if page_size is not None:
                     entity = entity.model_copy(update={"page_size": page_size})
                 definition = await session.entity_definition(entity.name)
+                attributes = (await session.attribute_metadata(entity.name, definition)
+                              if definition is not None else None)
                 request = plan_fetch(
                     entity, key, definition, watermark=None,
                     linked_ids=linked_ids(entity, session.recorded) if entity.filtered else (),
-                    include_annotations=config.read_with_annotations(entity.name),
                 )
                 archive = ChangeSetArchive(scratch, entity.name, key)
-                await fetch_change_set(session, archive, request, definition)
+                await fetch_change_set(session, archive, request, definition,
+                                       attribute_metadata=attributes)
                 session.entity(entity.name).mode = request.mode
     recorded = [session.recorded[e.name] for e in order]
     (out / RECORDING_MANIFEST).write_bytes(orjson.dumps({

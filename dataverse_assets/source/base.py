@@ -27,6 +27,13 @@ class SourceSession(ABC):
     async def entity_definition(self, entity_set: str) -> dict | None:
         """The EntityDefinitions entry (with Attributes) or None when metadata is unavailable."""
 
+    async def attribute_metadata(self, entity_set: str, definition: dict) -> dict | None:
+        """The entity's attribute metadata beyond names and types, as the source sent it:
+        {"organization": ..., "<kind>": <response>, "EntitySets": ...} for the choice kinds,
+        lookups (targets) and date columns it has (store.choices parses it); None when the
+        source has none."""
+        return None
+
     @abstractmethod
     def iter_pages(self, entity_set: str, query: PageQuery,
                    start_url: str | None = None) -> AsyncIterator[Page]:

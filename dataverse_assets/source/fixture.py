@@ -18,7 +18,8 @@ from dataverse_assets.source.query import PageQuery
 
 
 class FixtureSession(SourceSession):
-    """Saved responses on disk: `<dir>/<entity>/page-*.json` and `entity_definition.json`.
+    """Saved responses on disk: `<dir>/<entity>/page-*.json`, `entity_definition.json` and
+    `attribute_metadata.json`.
 
     Queries are not evaluated: the saved pages are what the entity returns.
     """
@@ -29,6 +30,10 @@ class FixtureSession(SourceSession):
 
     async def entity_definition(self, entity_set: str) -> dict | None:
         path = self.directory / entity_set / "entity_definition.json"
+        return orjson.loads(path.read_bytes()) if path.exists() else None
+
+    async def attribute_metadata(self, entity_set: str, definition: dict) -> dict | None:
+        path = self.directory / entity_set / "attribute_metadata.json"
         return orjson.loads(path.read_bytes()) if path.exists() else None
 
     async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:

@@ -30,6 +30,26 @@ from dataverse_assets.source.client import (
 from dataverse_assets.source.query import PageQuery, string_literal
 
 METADATA_SELECT = "LogicalName,EntitySetName,PrimaryIdAttribute,ChangeTrackingEnabled"
+# AttributeTypeName too: a multi-select choice's AttributeType is "Virtual", only its type
+# name says what it is (an export that skips Virtual attributes drops them).
+ATTRIBUTE_SELECT = "LogicalName,AttributeType,AttributeTypeName"
+# Per kind of attribute the entity has: the typed-cast request and what it selects. Choices
+# expand their option set (a global set comes as GlobalOptionSet).
+ATTRIBUTE_DETAILS = {
+    "Picklist": ("PicklistAttributeMetadata", "LogicalName", "OptionSet,GlobalOptionSet"),
+    "MultiSelectPicklist": ("MultiSelectPicklistAttributeMetadata", "LogicalName",
+                            "OptionSet,GlobalOptionSet"),
+    "State": ("StateAttributeMetadata", "LogicalName", "OptionSet,GlobalOptionSet"),
+    "Status": ("StatusAttributeMetadata", "LogicalName", "OptionSet,GlobalOptionSet"),
+    "Boolean": ("BooleanAttributeMetadata", "LogicalName", "OptionSet,GlobalOptionSet"),
+    "Lookup": ("LookupAttributeMetadata", "LogicalName,Targets", None),
+    "DateTime": ("DateTimeAttributeMetadata", "LogicalName,Format,DateTimeBehavior", None),
+}
+# The AttributeType (or AttributeTypeName) values each typed cast covers.
+_DETAIL_KIND = {"Picklist": "Picklist", "MultiSelectPicklistType": "MultiSelectPicklist",
+                "MultiSelectPicklist": "MultiSelectPicklist", "State": "State",
+                "Status": "Status", "Boolean": "Boolean", "Lookup": "Lookup",
+                "Customer": "Lookup", "Owner": "Lookup", "DateTime": "DateTime"}
 # Dataverse stops counting at 5000 (`@odata.count` says 5000 and the limit annotation is set).
 COUNT_LIMIT = 5000
 COUNT_LIMIT_EXCEEDED = "@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded"
@@ -42,6 +62,8 @@ class ClientSession(SourceSession):
         self.client = client
         self.stats = client.stats
         self._logical_names: dict[str, str] = {}  # entity set -> table, from metadata
+        self._organization_payload: dict | None = None
+        self._set_names: dict[str, str | None] = {}  # table -> entity set, lookup targets
 
     async def entity_definition(self, entity_set: str) -> dict | None:
         _, payload = await self.client.get_json(
@@ -49,7 +71,7 @@ class ClientSession(SourceSession):
             params={
                 "$select": METADATA_SELECT,
                 "$filter": f"EntitySetName eq {string_literal(entity_set)}",
-                "$expand": "Attributes($select=LogicalName,AttributeType)",
+                "$expand": f"Attributes($select={ATTRIBUTE_SELECT})",
             },
             entity=entity_set,
         )
@@ -57,6 +79,62 @@ class ClientSession(SourceSession):
         if definitions and definitions[0].get("LogicalName"):
             self._logical_names[entity_set] = definitions[0]["LogicalName"]
         return definitions[0] if definitions else None
+
+    async def attribute_metadata(self, entity_set: str, definition: dict) -> dict | None:
+        """One typed-cast request per kind of attribute the entity has (choices with their
+        option sets, lookups with their targets, dates with their behaviour), the set names
+        of the lookups' targets, and the org's base language (once per session)."""
+        logical = definition.get("LogicalName")
+        if not isinstance(logical, str):
+            return None
+        kinds = []
+        for attribute in definition.get("Attributes") or []:
+            if not isinstance(attribute, dict):
+                continue
+            type_name = attribute.get("AttributeTypeName")
+            type_name = type_name.get("Value") if isinstance(type_name, dict) else None
+            kind = _DETAIL_KIND.get(type_name or "") or _DETAIL_KIND.get(
+                attribute.get("AttributeType") or "")
+            if kind and kind not in kinds:
+                kinds.append(kind)
+        raw: dict = {"organization": await self._organization()}
+        base = f"EntityDefinitions(LogicalName={string_literal(logical)})/Attributes"
+        for kind in ATTRIBUTE_DETAILS:
+            if kind not in kinds:
+                continue
+            cast, select, expand = ATTRIBUTE_DETAILS[kind]
+            params = {"$select": select, **({"$expand": expand} if expand else {})}
+            _, raw[kind] = await self.client.get_json(
+                f"{base}/Microsoft.Dynamics.CRM.{cast}", params=params, entity=entity_set)
+        targets = sorted({target for item in (raw.get("Lookup") or {}).get("value") or []
+                          if isinstance(item, dict)
+                          for target in item.get("Targets") or [] if isinstance(target, str)})
+        if targets:
+            raw["EntitySets"] = await self._entity_sets(targets, entity_set)
+        return raw
+
+    async def _organization(self) -> dict:
+        if self._organization_payload is None:
+            _, self._organization_payload = await self.client.get_json(
+                "organizations", params={"$select": "languagecode"}, entity="organizations")
+        return self._organization_payload
+
+    async def _entity_sets(self, logical_names: list[str], entity: str) -> dict:
+        """LogicalName -> EntitySetName of lookup targets, in requests of 20 names."""
+        found = [name for name in logical_names if name in self._set_names]
+        missing = [name for name in logical_names if name not in self._set_names]
+        for start in range(0, len(missing), 20):
+            names = missing[start:start + 20]
+            _, payload = await self.client.get_json("EntityDefinitions", params={
+                "$select": "LogicalName,EntitySetName",
+                "$filter": " or ".join(f"LogicalName eq {string_literal(n)}" for n in names),
+            }, entity=entity)
+            for item in payload.get("value") or []:
+                if isinstance(item, dict) and isinstance(item.get("LogicalName"), str):
+                    self._set_names[item["LogicalName"]] = item.get("EntitySetName")
+            found += names
+        return {"value": [{"LogicalName": name, "EntitySetName": self._set_names.get(name)}
+                          for name in sorted(found) if self._set_names.get(name)]}
 
     def iter_pages(self, entity_set: str, query: PageQuery,
                    start_url: str | None = None) -> AsyncIterator[Page]:

@@ -9,6 +9,11 @@ from datetime import UTC, datetime
 # Dataverse answers long URLs with 414/400 well before 32 KB; 50 GUIDs per or-chain keeps a
 # request near 3 KB, and matches what Microsoft suggests for id lookups.
 MAX_IDS_PER_FILTER = 50
+# The annotations a read asks for: labels, lookup names and formatted values, and the table a
+# polymorphic lookup points at. Not "*": other annotations are not needed, and every one
+# added makes each page larger.
+ANNOTATIONS = ("OData.Community.Display.V1.FormattedValue,"
+               "Microsoft.Dynamics.CRM.lookuplogicalname")
 
 
 def string_literal(value: str) -> str:
@@ -105,5 +110,5 @@ class PageQuery:
         if self.track_changes:
             preferences.insert(0, "odata.track-changes")
         if self.include_annotations:
-            preferences.append('odata.include-annotations="*"')
+            preferences.append(f'odata.include-annotations="{ANNOTATIONS}"')
         return ",".join(preferences)

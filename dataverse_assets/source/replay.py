@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 from dataverse_assets.archive.change_sets import (
+    ATTRIBUTE_METADATA,
     ENTITY_DEFINITION,
     ChangeSetArchive,
     list_change_sets,
@@ -36,6 +37,14 @@ class ArchiveSession(SourceSession):
                 ENTITY_DEFINITION)
             if isinstance(definition, dict):
                 return definition
+        return None
+
+    async def attribute_metadata(self, entity_set: str, definition: dict) -> dict | None:
+        for change_set in reversed(list_change_sets(self.archive_dir, entity_set)):
+            metadata = ChangeSetArchive(self.archive_dir, entity_set, change_set).read_json(
+                ATTRIBUTE_METADATA)
+            if isinstance(metadata, dict):
+                return metadata
         return None
 
     def _refuse(self, entity_set: str, what: str) -> ChangeSetNotArchivedError:

@@ -19,6 +19,11 @@ ATTRIBUTE_TYPE_TO_SQLITE: dict[str, str] = {
     "BigInt": "INTEGER",
     "Boolean": "INTEGER",
     "Picklist": "INTEGER",
+    # The chosen options' values, comma-separated, as Dataverse sends them ("1,3"); one row
+    # per option in the child table E__<column> (store.readable).
+    "MultiSelectPicklist": "TEXT",
+    # A file column's value is the file's id; the file itself is not in the row.
+    "File": "TEXT",
     "State": "INTEGER",
     "Status": "INTEGER",
     "Double": "REAL",
@@ -31,6 +36,17 @@ ATTRIBUTE_TYPE_TO_SQLITE: dict[str, str] = {
     "Owner": "TEXT",
 }
 LOOKUP_TYPES = {"Lookup", "Customer", "Owner"}
+# AttributeType is "Virtual" for these; the AttributeTypeName says what they are.
+TYPE_NAME_TO_ATTRIBUTE_TYPE = {"MultiSelectPicklistType": "MultiSelectPicklist",
+                               "FileType": "File"}
+
+
+def attribute_type_of(attribute: dict) -> str | None:
+    """An attribute's type as the mirror uses it: AttributeType, except where only the
+    AttributeTypeName tells (a multi-select choice, a file column)."""
+    type_name = attribute.get("AttributeTypeName")
+    type_name = type_name.get("Value") if isinstance(type_name, dict) else None
+    return TYPE_NAME_TO_ATTRIBUTE_TYPE.get(type_name or "") or attribute.get("AttributeType")
 # Columns the sync itself adds to canonical, history and staging tables; an API column with
 # one of these names (in any letter case) would collide, so it lives in json_response only.
 RESERVED_COLUMNS = {"json_response", "sync_time", "valid_from", "updated_at", "_content_hash",
@@ -195,7 +211,7 @@ def schema_from_metadata(
     """Columns from an EntityDefinitions entry with its Attributes expanded."""
     columns: list[Column] = []
     for attribute in definition.get("Attributes", []):
-        attribute_type = attribute.get("AttributeType")
+        attribute_type = attribute_type_of(attribute)
         name = attribute.get("LogicalName")
         if not name or attribute_type not in ATTRIBUTE_TYPE_TO_SQLITE:
             continue  # Virtual and unknown kinds are not returned as plain columns

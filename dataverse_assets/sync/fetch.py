@@ -28,7 +28,12 @@ from dataclasses import dataclass, replace
 
 import orjson
 
-from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
+from dataverse_assets.archive.change_sets import (
+    ATTRIBUTE_METADATA,
+    ENTITY_DEFINITION,
+    REQUEST,
+    ChangeSetArchive,
+)
 from dataverse_assets.errors import (
     DataverseError,
     DataverseRequestError,
@@ -48,6 +53,7 @@ from dataverse_assets.sync.fetch_plan import (
     FetchRequest,
     FetchStep,
     resync_request,
+    without_annotations_for_delta_link,
 )
 from dataverse_assets.sync.progress import FetchProgress
 
@@ -305,10 +311,13 @@ async def _refetch(session: SourceSession, archive: ChangeSetArchive, request: F
 
 async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
                      progress: _Progress, on_progress: ProgressCallback | None = None,
-                     count_total: bool = False, divergence: Divergence | None = None) -> None:
+                     count_total: bool = False, divergence: Divergence | None = None,
+                     start: int = 0) -> None:
     # A filtered entity's watermark comes from its changes step only: a record fetched by id
     # later may be newer than a change the changes step has not seen yet.
     for index, step in enumerate(request.steps):
+        if index < start:
+            continue
         track = step.kind in ("changes", "delta", "snapshot") or (
             request.mode == Mode.FILTERED and request.watermark_before is None
             and step.kind == "ids"
@@ -379,7 +388,8 @@ async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
 
 async def fetch_change_set(
     session: SourceSession, archive: ChangeSetArchive, request: FetchRequest,
-    definition: dict | None, *, on_progress: ProgressCallback | None = None,
+    definition: dict | None, *, attribute_metadata: dict | None = None,
+    on_progress: ProgressCallback | None = None,
     count_total: bool = False, mirrored_versions: MirroredVersions | None = None,
 ) -> FetchSummary:
     """Run the request's steps, archiving each page as it arrives; write the manifest last.
@@ -400,6 +410,8 @@ async def fetch_change_set(
         archive.write_json(REQUEST, request.as_dict())
         if definition is not None:
             archive.write_json(ENTITY_DEFINITION, definition)
+        if attribute_metadata is not None:
+            archive.write_json(ATTRIBUTE_METADATA, attribute_metadata)
         progress = _Progress(request)
         divergence = (Divergence(mirrored_versions, request.primary_key,
                                  missing_too=request.mode != Mode.FILTERED)
@@ -408,6 +420,15 @@ async def fetch_change_set(
         try:
             await _run_steps(session, archive, request, progress, on_progress, count_total,
                              divergence)
+            if progress.delta_link is None and request.mode in (
+                    Mode.CHANGE_TRACKING, Mode.CHANGE_TRACKING_RESYNC):
+                again = without_annotations_for_delta_link(request)
+                if again is not None:
+                    request.steps.append(again)
+                    request.reason = ((request.reason + "; ") if request.reason else "") + (
+                        "no deltaLink with annotations: read again without them")
+                    await _run_steps(session, archive, request, progress, on_progress,
+                                     count_total, divergence, start=len(request.steps) - 1)
             gone = (await _refetch(session, archive, request, progress, divergence)
                     if divergence is not None and divergence.ids else [])
         except DataverseRequestError as exc:

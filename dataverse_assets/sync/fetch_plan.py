@@ -135,12 +135,12 @@ def plan_fetch(
     linked_ids: Iterable[str] = (),
     mirrored_ids: Iterable[str] = (),
     defunct_ids: Iterable[str] = (),
-    include_annotations: bool = False,
     targeted_ids: Iterable[str] = (),
     lookup_column: str | None = None,
 ) -> FetchRequest:
-    """Decide the queries of one change set (annotations on when a filtered entity reads
-    this one's polymorphic lookups).
+    """Decide the queries of one change set. Every read but a key-only scan asks for the
+    formatted values and lookup annotations (kept in json_response; the readable view reads
+    lookup names and targets from them).
 
     With `targeted_ids` the change set is a targeted refresh: exactly those records (or, with
     `lookup_column`, the records whose lookup points at them), nothing else; the watermark
@@ -154,10 +154,9 @@ def plan_fetch(
         request = _plan_fetch(entity, change_set, definition, watermark=watermark,
                               delta_link=delta_link, reconcile=reconcile, linked_ids=linked_ids,
                               mirrored_ids=mirrored_ids, defunct_ids=defunct_ids)
-    if include_annotations:
-        for step in request.steps:
-            if step.kind != "keys":
-                step.query = replace(step.query, include_annotations=True)
+    for step in request.steps:
+        if step.kind != "keys":
+            step.query = replace(step.query, include_annotations=True)
     if entity.parallel_ranges > 1:
         for step in request.steps:
             if _splittable(request, step):
@@ -276,6 +275,24 @@ def _check_lookup_column(entity: EntityConfig, definition: dict | None, column: 
         raise FetchConfigError(f"{entity.name} has no column {column!r}{hint}; a targeted "
                                "refresh through a lookup names the lookup column, e.g. "
                                "_parentcustomerid_value")
+
+
+def without_annotations_for_delta_link(request: FetchRequest) -> FetchStep | None:
+    """A change-tracking read that ended without `@odata.deltaLink` though it asked for
+    annotations (Dataverse has been reported to drop the link then): the same read again
+    without annotations, whose last page carries it. None when that is not the case (no
+    tracking step, or it asked for no annotations: nothing to fall back to).
+
+    Its pages are archived after the annotated ones, so a record served by both keeps the
+    newer version; such records lack formatted values in json_response until they change
+    again (labels still come from _choice_labels).
+    """
+    tracking = [step for step in request.steps if step.query.track_changes]
+    if not tracking or not tracking[-1].query.include_annotations:
+        return None
+    last = tracking[-1]
+    return FetchStep(last.kind, replace(last.query, include_annotations=False),
+                     start_url=last.start_url)
 
 
 def resync_request(request: FetchRequest, page_size: int) -> FetchRequest:

@@ -34,6 +34,12 @@ from dataverse_assets.store.db import (
     transaction,
     utc_now_iso,
 )
+from dataverse_assets.store.readable import (
+    child_rows_sql,
+    ensure_multi_select_tables,
+    ensure_readable_view,
+    multi_select_table,
+)
 from dataverse_assets.store.schema import EntitySchema
 from dataverse_assets.store.tables import (
     NOCASE_SUFFIX,
@@ -86,9 +92,13 @@ def execute_plan(
         set_publish_state(connection, schema.entity, change_set, PublishStatus.EXECUTING,
                           started_at=utc_now_iso())
     applied = 0
+    with transaction(connection):
+        # Multi-select child tables: made (and filled from E) before the first chunk, kept by
+        # every chunk in its own transaction.
+        multi_select = ensure_multi_select_tables(connection, schema)
     if is_bulk_create(connection, schema.entity, change_set):
         applied = _execute_bulk_creates(connection, schema, change_set, chunk_rows,
-                                        as_of or utc_now_iso())
+                                        as_of or utc_now_iso(), multi_select)
     after = ""  # chunks follow the plan's key order: each starts where the last one ended
     while True:
         if applied:
@@ -110,7 +120,7 @@ def execute_plan(
             size, last_pk = connection.execute(
                 "SELECT count(*), max(pk) FROM temp._chunk").fetchone()
             after = last_pk if last_pk is not None else after
-            _apply_chunk(connection, schema, change_set, as_of or utc_now_iso())
+            _apply_chunk(connection, schema, change_set, as_of or utc_now_iso(), multi_select)
             fault_point("publish.mid_execute")
             connection.execute(
                 "UPDATE OR FAIL _publish_plan SET applied = 1 WHERE entity = ? AND change_set = ?"
@@ -123,6 +133,7 @@ def execute_plan(
                                   PublishStatus.EXECUTING, rows_applied=applied)
                 continue
             fault_point("publish.before_watermark")
+            ensure_readable_view(connection, schema)
             new_watermark = watermark_before
             if watermark_after is not None and (
                 new_watermark is None or watermark_after > new_watermark
@@ -167,7 +178,8 @@ def _canonical_values(data: list[str]) -> str:
 
 
 def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
-                          change_set: str, chunk_rows: int, as_of: str) -> int:
+                          change_set: str, chunk_rows: int, as_of: str,
+                          multi_select: list[str]) -> int:
     """Insert every staged upsert of a `bulk_create` plan, in chunks of staged keys (one
     transaction each, in key order, so the primary-key index grows at its end). A failure
     leaves earlier chunks committed; the next publish plans against the now non-empty table,
@@ -213,6 +225,10 @@ def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
                 f" WHERE {pk} > :after{'' if last is None else f' AND {pk} <= :last'}"
                 f" ORDER BY {pk}", params,
             )
+            in_chunk = f"c.{pk} > :after{'' if last is None else f' AND c.{pk} <= :last'}"
+            for column in multi_select:
+                connection.execute(child_rows_sql(schema.entity, schema.primary_key, column,
+                                                  in_chunk), params)
             applied += size
             if last is None:
                 ensure_canonical_tables(connection, schema)
@@ -223,7 +239,7 @@ def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
 
 
 def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_set: str,
-                 as_of: str) -> None:
+                 as_of: str, multi_select: list[str] = ()) -> None:
     """Apply one chunk of the plan (temp._chunk), inside the caller's transaction.
 
     Every statement is `OR FAIL`, and the updates are an UPDATE rather than an upsert: a
@@ -290,6 +306,12 @@ def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_se
     connection.execute(
         f"DELETE FROM {entity} WHERE {pk} IN (SELECT pk FROM temp._chunk WHERE kind = 'delete')"
     )
+    # Each multi-select child table follows its column: the chunk's records' rows replaced.
+    for column in multi_select:
+        table = quote_identifier(multi_select_table(schema.entity, column))
+        connection.execute(f"DELETE FROM {table} WHERE record_id IN (SELECT pk FROM temp._chunk)")
+        chunk = f"c.{pk} IN (SELECT pk FROM temp._chunk WHERE kind IN ('create', 'update'))"
+        connection.execute(child_rows_sql(schema.entity, schema.primary_key, column, chunk))
     connection.execute(
         "INSERT OR REPLACE INTO _defunct (entity, id, change_set, reason, recorded_at)"
         " SELECT ?, p.pk, ?, CASE"

@@ -31,6 +31,7 @@ from dataverse_assets.store.db import (
     table_columns,
     table_exists,
     transaction,
+    utc_now_iso,
 )
 from dataverse_assets.store.issues import record_issue, resolve_issues
 from dataverse_assets.store.schema import (
@@ -68,6 +69,42 @@ def content_hash(record: dict, ignore_annotations: bool = False) -> str:
         record = {k: v for k, v in record.items() if "@" not in k}
     return hashlib.blake2b(json_bytes(record, sort_keys=True),
                            digest_size=16).hexdigest()
+
+
+HASH_RULES = {False: "verbatim", True: "without annotations"}
+_REHASH_BATCH = 5000
+
+
+def align_canonical_hashes(connection: sqlite3.Connection, entity: str,
+                           ignore_annotations: bool) -> int:
+    """Make the canonical table's `_content_hash` follow the entity's hash rule before a plan
+    compares it with staged hashes: once, when the rule is new to the table (a mirror made by
+    a version that hashed annotations, or `hash_ignore_annotations` switched), every row is
+    hashed again from its json_response. Without this, every record would look changed once
+    and be written again. Returns the rows rehashed."""
+    rule = HASH_RULES[ignore_annotations]
+    connection.execute("CREATE TABLE IF NOT EXISTS _hash_rule (entity TEXT PRIMARY KEY,"
+                       " rule TEXT NOT NULL, set_at TEXT NOT NULL)")
+    row = connection.execute("SELECT rule FROM _hash_rule WHERE entity = ?",
+                             (entity,)).fetchone()
+    if row is not None and row[0] == rule:
+        return 0
+    table = quote_identifier(entity)
+    rehashed = 0
+    with transaction(connection):
+        if table_exists(connection, entity):
+            cursor = connection.execute(f"SELECT rowid, json_response FROM {table}")
+            while batch := cursor.fetchmany(_REHASH_BATCH):
+                updates = [(content_hash(orjson.loads(body), ignore_annotations), rowid)
+                           for rowid, body in batch]
+                connection.executemany(
+                    f"UPDATE {table} SET _content_hash = ? WHERE rowid = ?", updates)
+                rehashed += len(updates)
+        connection.execute(
+            "INSERT INTO _hash_rule (entity, rule, set_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (entity) DO UPDATE SET rule = excluded.rule, set_at = excluded.set_at",
+            (entity, rule, utc_now_iso()))
+    return rehashed
 
 
 def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None) -> EntitySchema:

@@ -39,6 +39,7 @@ from dataverse_assets.store.db import database_path, storage_problem, utc_now_is
 from dataverse_assets.store.mirror import MirrorAccess
 from dataverse_assets.store.schema_registry import load_locked_schema
 from dataverse_assets.store.tables import mirrored_etags, staging_table
+from dataverse_assets.sync.choices import refresh_attribute_metadata
 from dataverse_assets.sync.drift import schema_for_change_set
 from dataverse_assets.sync.faults import fault_point
 from dataverse_assets.sync.fetch import FetchSummary, ProgressCallback, fetch_change_set
@@ -46,6 +47,7 @@ from dataverse_assets.sync.fetch_plan import plan_fetch, reconcile_due
 from dataverse_assets.sync.publish_execute import PublishResult, publish_change_set
 from dataverse_assets.sync.stage import (
     StagedRecords,
+    align_canonical_hashes,
     column_values,
     iter_staged_batches,
     write_staged,
@@ -81,7 +83,7 @@ def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig
 
 
 def fetch(store: MirrorAccess, source: DataverseSource, entity: EntityConfig,
-          change_set: str, *, include_annotations: bool = False,
+          change_set: str, *,
           targeted_ids: list[str] | None = None,
           lookup_column: str | None = None,
           reconcile: bool = False,
@@ -114,16 +116,19 @@ def fetch(store: MirrorAccess, source: DataverseSource, entity: EntityConfig,
     async def run(mirror: sqlite3.Connection) -> FetchSummary:
         async with source.open_session() as session:
             definition = await session.entity_definition(entity.name)
+            attributes = (await session.attribute_metadata(entity.name, definition)
+                          if definition is not None else None)
             request = plan_fetch(
                 entity, change_set, definition,
                 watermark=state.watermark if state else None,
                 delta_link=state.delta_token if state else None, reconcile=reconcile,
                 linked_ids=linked, mirrored_ids=mirrored, defunct_ids=defunct,
-                include_annotations=include_annotations, targeted_ids=targeted_ids or (),
+                targeted_ids=targeted_ids or (),
                 lookup_column=lookup_column,
             )
             return await fetch_change_set(
-                session, archive, request, definition, on_progress=on_progress,
+                session, archive, request, definition, attribute_metadata=attributes,
+                on_progress=on_progress,
                 count_total=on_progress is not None,
                 # A key scan is compared with the mirror's versions as its pages arrive.
                 mirrored_versions=lambda ids: mirrored_etags(mirror, entity.name,
@@ -150,6 +155,8 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
     manifest = archive.manifest()
     # Locked by the first change set; later ones are compared with it (and evolve it).
     schema = schema_for_change_set(connection, archive, entity)
+    # Labels, lookup targets and option drift from the change set's attribute metadata.
+    refresh_attribute_metadata(connection, archive, entity, schema)
     summary = manifest["summary"]
     key_scan = bool(manifest.get("reconciled"))
     # Deletes are established by key scans, snapshots and first syncs: the reconcile clock.
@@ -204,6 +211,7 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
                     write_staged(connection, staged_records(
                         connection, store.archive(entity.name, key), entity))
                 operation = "prepare"
+                align_canonical_hashes(connection, entity.name, entity.hash_ignore_annotations)
                 staged = read_staged(connection, entity.name, key)
                 schema = load_locked_schema(connection, entity.name)
                 assert schema is not None, "staging locks the schema before publishing"

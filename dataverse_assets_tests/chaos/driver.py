@@ -45,8 +45,7 @@ def sync_group(store: MirrorStore, source: DataverseSource, config: EntitiesConf
             continue
         try:
             with store.entity_lock(name, owner=owner, purpose="fetch"):
-                steps.fetch(store, source, entity, change_set,
-                            include_annotations=config.read_with_annotations(name))
+                steps.fetch(store, source, entity, change_set)
             with store.entity_lock(name, owner=owner, purpose="staging"), \
                     store.connection() as connection:
                 write_staged(connection, steps.staged_records(
