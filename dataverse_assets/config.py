@@ -181,6 +181,16 @@ class EntityConfig(_EntitiesFileModel):
     )
     labels: LabelsConfig | None = Field(
         None, description="This entity's label language (default: the file's `labels`).")
+    select: list[str] | None = Field(
+        None, min_length=1, max_length=2000,
+        description="The columns to mirror (logical names; a lookup by its name or its "
+        "_<name>_value column). The primary key, modifiedon and versionnumber always come. "
+        "null: every column. Checked against the table's metadata before anything is fetched.")
+    filter: str | None = Field(
+        None, min_length=1, max_length=4000,
+        description="An OData row filter ($filter) for an entity fetched in full, e.g. "
+        "'statecode eq 0': records outside it are not mirrored (and leave the mirror when "
+        "they drop out of it). Not with change tracking, which takes no $filter.")
     priority: Priority = Field(
         "normal", description="Runs for high-priority entities carry a higher Dagster run "
         "priority (dagster/priority), so under a run-queue limit they start first.",
@@ -218,12 +228,42 @@ class EntityConfig(_EntitiesFileModel):
             )
         return value
 
+    @field_validator("select")
+    @classmethod
+    def _select_is_a_column_list(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        seen: set[str] = set()
+        for name in value:
+            check_column_name(name)
+            if name.lower() in seen:
+                raise ValueError(f"{name!r} is listed twice")
+            seen.add(name.lower())
+        return value
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_is_one_expression(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("is empty; leave it out to mirror every record")
+        if any(ord(c) < 32 for c in value):
+            raise ValueError("holds a control character (a line break?); write it on one line")
+        return value
+
     @model_validator(mode="after")
     def _filtered_needs_links(self) -> EntityConfig:
         if self.filtered and not self.linked_from:
             raise ValueError("a filtered entity needs 'linked_from' (which tables name its ids)")
         if self.linked_from and not self.filtered:
             raise ValueError("'linked_from' only applies to filtered entities: set filtered")
+        if self.filter is not None and self.filtered:
+            raise ValueError("'filter' is for entities fetched in full; a filtered entity is "
+                             "fetched by the ids its linking tables name")
+        if self.filter is not None and self.incremental == "change_tracking":
+            raise ValueError("'filter' does not go with incremental 'change_tracking' (Dataverse "
+                             "takes no $filter on change tracking); use 'modifiedon' or 'auto'")
         return self
 
 

@@ -106,6 +106,12 @@ class ChangeSetArchive:
         (self.path / f"page-{number:05d}.json.gz").write_bytes(data)
         return len(data)
 
+    def replace_page(self, number: int, body: bytes) -> int:
+        """Replace an archived page's body (a purge erasing data), atomically."""
+        data = gzip.compress(body, compresslevel=1, mtime=0)
+        _write_atomically(self.path / f"page-{number:05d}.json.gz", data)
+        return len(data)
+
     def write_json(self, name: str, value: object) -> None:
         _write_atomically(self.path / name, orjson.dumps(value, option=orjson.OPT_INDENT_2))
 

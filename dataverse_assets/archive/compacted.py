@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -160,6 +160,51 @@ def compact_change_set(archive: ChangeSetArchive, *, zstd_level: int = 9,
         path.unlink()
     return CompactedChangeSet(archive.entity, archive.change_set, len(paths), bytes_before,
                               bytes_after)
+
+
+# A page body and its shape ("collection" or "record") -> the new body, or None: unchanged.
+PageRewrite = Callable[[bytes, str], "bytes | None"]
+
+
+def rewrite_pages(archive: ChangeSetArchive, rewrite: PageRewrite, *,
+                  zstd_level: int = 9) -> int:
+    """Rewrite a complete change set's page bodies (erasing data, `dataverse-assets purge`), in
+    whichever form it is in; returns the pages changed. Each page file is replaced atomically;
+    a compacted part is written under a temporary name, read back (md5 of every body) and
+    only then renamed over the old one, so a crash leaves each part either old or new."""
+    manifest = archive.manifest()
+    archive.checked_path()
+    shapes = [page.get("shape", "collection") for page in manifest.get("pages", [])]
+    changed = 0
+    if not archive.is_compacted():
+        for number, path in enumerate(archive.page_paths(), start=1):
+            with gzip.open(path, "rb") as handle:
+                body = handle.read()
+            new = rewrite(body, shapes[number - 1] if number <= len(shapes) else "collection")
+            if new is not None and new != body:
+                archive.replace_page(number, new)
+                changed += 1
+        return changed
+    with _duckdb() as connection:
+        for part in archive.compacted_parts():
+            rows = connection.execute(
+                "SELECT page_number, kind, shape, body FROM read_parquet(?)"
+                " ORDER BY page_number", [str(part)]).fetchall()
+            new_rows, digests, part_changed = [], {}, 0
+            for number, kind, shape, body in rows:
+                new = rewrite(bytes(body), shape or "collection")
+                if new is not None and new != bytes(body):
+                    body, part_changed = new, part_changed + 1
+                new_rows.append((number, kind, shape, bytes(body)))
+                digests[number] = hashlib.md5(bytes(body)).hexdigest()
+            if not part_changed:
+                continue
+            tmp = part.with_name(part.name + ".tmp")
+            _write_part(connection, new_rows, tmp, zstd_level)
+            _verify_part(connection, tmp, digests)
+            tmp.replace(part)
+            changed += part_changed
+    return changed
 
 
 def delete_change_set(archive: ChangeSetArchive) -> int:

@@ -66,7 +66,9 @@ from dataverse_assets.store.key_check import KeyFindings, find_key_problems, rec
 from dataverse_assets.store.schema import (
     ADDED,
     BREAKING,
+    DESELECTED,
     EXCLUDED,
+    FILTER_CHANGED,
     REMOVED,
     TYPE_CHANGED,
     EntitySchema,
@@ -187,6 +189,9 @@ def _finding(kind: str, f: dict, change_set: str) -> dict:
     if kind in OPTION_KINDS:
         return {"option": f["column_name"], "detail": f["detail"], "severity": f["severity"],
                 "change_set": change_set, "action": f["action"]}
+    if kind in (DESELECTED, FILTER_CHANGED):
+        return {"column": f["column_name"], "detail": f["detail"], "change_set": change_set,
+                "action": f["action"]}
     if kind == TYPE_CHANGED:
         return {"column": f["column_name"], "locked_type": f["locked_type"],
                 "live_type": f["live_type"], "locked_attribute_type": f["locked_attribute_type"],
@@ -208,6 +213,7 @@ def schema_drift_result(connection: sqlite3.Connection, entity: str,
                         change_sets: list[str]) -> AssetCheckResult:
     compared = read_schema_checks(connection, entity, change_sets)
     by_kind: dict[str, list[dict]] = {ADDED: [], REMOVED: [], TYPE_CHANGED: [], EXCLUDED: [],
+                                      DESELECTED: [], FILTER_CHANGED: [],
                                       **{kind: [] for kind in OPTION_KINDS}}
     breaking = 0
     for check in compared:
@@ -227,6 +233,8 @@ def schema_drift_result(connection: sqlite3.Connection, entity: str,
         parts = []
         for kind, label in ((REMOVED, "removed"), (TYPE_CHANGED, "type changed"),
                             (ADDED, "added"), (EXCLUDED, "kept in json_response only"),
+                            (DESELECTED, "left out of select"),
+                            (FILTER_CHANGED, "filter changed"),
                             ("option_removed", "options removed (warning)"),
                             ("option_added", "options added"),
                             ("option_relabelled", "options relabelled")):
@@ -243,6 +251,10 @@ def schema_drift_result(connection: sqlite3.Connection, entity: str,
 def _describe(kind: str, entry: dict) -> str:
     if kind in OPTION_KINDS:
         return entry["detail"] or entry["option"]
+    if kind == FILTER_CHANGED:
+        return entry["detail"]
+    if kind == DESELECTED:
+        return entry["column"]
     if kind == TYPE_CHANGED:
         return f"{entry['column']} {entry['locked_type']} -> {entry['live_type']}"
     return f"{entry['column']} {entry['type'] or '(type unknown)'}"

@@ -40,6 +40,7 @@ from dataverse_assets.names import (
 )
 from dataverse_assets.ops.doctor import doctor_passed, render_checks, run_doctor
 from dataverse_assets.ops.plan_view import render_plan
+from dataverse_assets.ops.purge import check_purgeable, purge_column
 from dataverse_assets.ops.rebuild import archived_change_sets, rebuild, register_archived
 from dataverse_assets.ops.recording import key_columns, record_fixtures
 from dataverse_assets.ops.report import write_report
@@ -51,6 +52,7 @@ from dataverse_assets.store.db import connect
 from dataverse_assets.store.issues import list_issues
 from dataverse_assets.store.locks import every_entity_lock
 from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
+from dataverse_assets.store.mirror import Mirror
 from dataverse_assets.sync.progress import (
     TERMINAL_INTERVAL_SECONDS,
     ProgressReporter,
@@ -611,7 +613,39 @@ def cmd_register_archived(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    entity = _configured_entity(settings.entities, args.entity)
+    check_purgeable(entity, args.column)
+    if not args.yes:
+        print(f"would erase {args.column!r} of {entity.name} from the mirror ({settings.db_path}:"
+              f" {entity.name}, its history and staging, the change log) and from every "
+              f"archived change set in {settings.archive_dir}; this cannot be undone. Run "
+              "again with --yes to do it.")
+        return 0
+    mirror = Mirror(db_path=str(settings.db_path), archive_dir=str(settings.archive_dir),
+                    lock_wait_seconds=settings.lock_wait_seconds)
+    with mirror.entity_lock(entity.name, owner=f"dataverse-assets purge ({os.getpid()})",
+                            purpose="purge"):
+        result = purge_column(mirror, entity, args.column)
+    for table, rows in result.rows.items():
+        print(f"  {table}: {rows:,} rows had it; now NULL, json_response without it")
+    print(f"  change log: {result.change_log_rows:,} rows; issues: {result.issues:,}")
+    print(f"  archive: {result.archive_pages:,} pages of {result.change_sets:,} change sets "
+          "rewritten")
+    print(f"purged {args.column!r} from {entity.name}")
+    return 0
+
+
 def _add_archive_commands(commands, change_set_commands) -> None:
+    purge = commands.add_parser(
+        "purge", help="erase a column the entity no longer selects from the mirror, its "
+        "history, staging, change log and archive (personal data)")
+    purge.add_argument("--entity", required=True)
+    purge.add_argument("--column", required=True, help="the column (logical name) to erase")
+    purge.add_argument("--yes", action="store_true",
+                       help="do it (without: say what would be erased)")
+    purge.set_defaults(handler=cmd_purge)
     rebuild = commands.add_parser(
         "rebuild", help="replay every archived change set into a new database")
     rebuild.add_argument("--into", required=True, type=Path, help="the new database file")

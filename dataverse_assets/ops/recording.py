@@ -195,8 +195,9 @@ class RecordingSession(SourceSession):
                         recorded.truncated_queries += 1
                     break
 
-    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
-        url, body, record = await self.inner.get_record(entity_set, record_id)
+    async def get_record(self, entity_set: str, record_id: str,
+                         select: tuple[str, ...] = ()) -> tuple[str, bytes, dict]:
+        url, body, record = await self.inner.get_record(entity_set, record_id, select)
         recorded = self.entity(entity_set)
         recorded.single_records += 1
         recorded.raw_records.append(record)

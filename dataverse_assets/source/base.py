@@ -40,8 +40,10 @@ class SourceSession(ABC):
         """Pages of an entity set (or of a stored delta link), yielded as they arrive."""
 
     @abstractmethod
-    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
-        """One record by id: (url, verbatim body, record); DataverseRequestError if missing."""
+    async def get_record(self, entity_set: str, record_id: str,
+                         select: tuple[str, ...] = ()) -> tuple[str, bytes, dict]:
+        """One record by id, with `select`'s columns (all when empty) and the annotations:
+        (url, verbatim body, record); DataverseRequestError if missing."""
 
     def iter_pages_in_ranges(self, entity_set: str, query: PageQuery, primary_key: str,
                              ranges: int) -> AsyncIterator[Page]:

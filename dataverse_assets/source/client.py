@@ -31,7 +31,7 @@ from dataverse_assets.names import is_guid
 from dataverse_assets.redaction import redact
 from dataverse_assets.source.auth import API_PATH, ClientCredentials
 from dataverse_assets.source.key_ranges import KeyRange, key_ranges, range_query
-from dataverse_assets.source.query import PageQuery
+from dataverse_assets.source.query import ANNOTATIONS, PageQuery
 
 ODATA_HEADERS = {
     "Accept": "application/json",
@@ -425,14 +425,18 @@ class DataverseClient:
             f"{entity}: GET {url} kept answering malformed bodies: {last_error}"
         )
 
-    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
+    async def get_record(self, entity_set: str, record_id: str,
+                         select: tuple[str, ...] = ()) -> tuple[str, bytes, dict]:
         """One record by id: (url, verbatim body, record). A missing one raises with 404."""
         if not is_guid(record_id):
             raise DataverseRequestError(
                 f"{entity_set}: {record_id!r} is not a GUID; records are fetched by GUID",
                 status=400,
             )
-        response, payload = await self.get_json(f"{entity_set}({record_id})", entity=entity_set)
+        params = {"$select": ",".join(select)} if select else None
+        response, payload = await self.get_json(
+            f"{entity_set}({record_id})", params=params, entity=entity_set,
+            prefer=f'odata.include-annotations="{ANNOTATIONS}"')
         return str(response.url), response.content, payload
 
     async def iter_pages(self, entity_set: str, query: PageQuery,

@@ -36,7 +36,8 @@ class FixtureSession(SourceSession):
         path = self.directory / entity_set / "attribute_metadata.json"
         return orjson.loads(path.read_bytes()) if path.exists() else None
 
-    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
+    async def get_record(self, entity_set: str, record_id: str,
+                         select: tuple[str, ...] = ()) -> tuple[str, bytes, dict]:
         path = self.directory / entity_set / "records" / f"{record_id}.json"
         if not path.exists():
             raise DataverseRequestError(f"{entity_set}: no saved record {record_id}", status=404)

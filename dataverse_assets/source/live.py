@@ -150,8 +150,9 @@ class ClientSession(SourceSession):
         return [str(item["name"]) for item in items if isinstance(item, dict) and item.get("name")
                 ] if isinstance(items, list) else []
 
-    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
-        return await self.client.get_record(entity_set, record_id)
+    async def get_record(self, entity_set: str, record_id: str,
+                         select: tuple[str, ...] = ()) -> tuple[str, bytes, dict]:
+        return await self.client.get_record(entity_set, record_id, select)
 
     def iter_pages_in_ranges(self, entity_set: str, query: PageQuery, primary_key: str,
                              ranges: int) -> AsyncIterator[Page]:

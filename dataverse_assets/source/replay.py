@@ -57,7 +57,8 @@ class ArchiveSession(SourceSession):
                    start_url: str | None = None) -> AsyncIterator[Page]:
         raise self._refuse(entity_set, "pages")
 
-    async def get_record(self, entity_set: str, record_id: str) -> tuple[str, bytes, dict]:
+    async def get_record(self, entity_set: str, record_id: str,
+                         select: tuple[str, ...] = ()) -> tuple[str, bytes, dict]:
         raise self._refuse(entity_set, f"record {record_id}")
 
 

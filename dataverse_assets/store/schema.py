@@ -358,6 +358,8 @@ def to_sqlite_value(value: object) -> object:
 # -- drift: the live schema of a change set against the locked one --------------------------
 
 ADDED, REMOVED, TYPE_CHANGED, EXCLUDED = "added", "removed", "type_changed", "excluded"
+# Scope changes made by the entities file: a column left out of `select`, another `filter`.
+DESELECTED, FILTER_CHANGED = "deselected", "filter_changed"
 INFO, BREAKING = "info", "breaking"
 
 
@@ -436,6 +438,28 @@ def compare_schemas(locked: EntitySchema, live: EntitySchema) -> list[SchemaChan
             changes.append(SchemaChange(REMOVED, column.name, BREAKING, column.sqlite_type,
                                         None, column.attribute_type, None))
     return changes
+
+
+def only_selected(schema: EntitySchema, select: list[str] | None) -> EntitySchema:
+    """The schema's columns that `select` (row keys, as a request asked for them) keeps, and
+    the key; the whole schema when every column was asked for."""
+    if not select:
+        return schema
+    keep = {*select, schema.primary_key}
+    return replace(schema, columns=tuple(c for c in schema.columns if c.name in keep),
+                   excluded=tuple(e for e in schema.excluded if e.name in keep))
+
+
+def mark_deselected(changes: list[SchemaChange], select: list[str] | None,
+                    metadata_columns: set[str]) -> list[SchemaChange]:
+    """A locked column the source still has but `select` no longer asks for is not a removal
+    by the source (breaking) but the user's choice (info)."""
+    if not select:
+        return changes
+    return [replace(c, kind=DESELECTED, severity=INFO,
+                    detail="left out of 'select'; its old values stay until purged")
+            if c.kind == REMOVED and c.column not in select and c.column in metadata_columns
+            else c for c in changes]
 
 
 def excluded_as_changes(schema: EntitySchema) -> list[SchemaChange]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
+from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.store.db import (
     quote_identifier,
@@ -33,7 +33,10 @@ from dataverse_assets.store.db import (
 )
 from dataverse_assets.store.schema import (
     ADDED,
+    DESELECTED,
     EXCLUDED,
+    FILTER_CHANGED,
+    INFO,
     REMOVED,
     TYPE_CHANGED,
     Column,
@@ -41,7 +44,9 @@ from dataverse_assets.store.schema import (
     SchemaChange,
     compare_schemas,
     excluded_as_changes,
+    mark_deselected,
     observed_types,
+    only_selected,
     schema_from_metadata,
     schema_from_observed_types,
     sqlite_fold,
@@ -82,6 +87,9 @@ def ensure_drift_tables(connection: sqlite3.Connection) -> None:
     # Plain statements, not executescript: that would commit an open transaction.
     for statement in DRIFT_DDL:
         connection.execute(statement)
+    # The filter each change set was fetched with (added after the first release).
+    if "row_filter" not in table_columns(connection, "_schema_check"):
+        connection.execute("ALTER TABLE _schema_check ADD COLUMN row_filter TEXT")
 
 
 def live_schema(archive: ChangeSetArchive, primary_key: str) -> tuple[EntitySchema | None, str]:
@@ -89,7 +97,9 @@ def live_schema(archive: ChangeSetArchive, primary_key: str) -> tuple[EntitySche
     "none") when it holds no metadata and no records, so there is nothing to compare."""
     definition = archive.read_json(ENTITY_DEFINITION)
     if isinstance(definition, dict) and definition.get("Attributes"):
-        return schema_from_metadata(archive.entity, definition, primary_key), "metadata"
+        request = archive.read_json(REQUEST) or {}
+        return only_selected(schema_from_metadata(archive.entity, definition, primary_key),
+                             request.get("select")), "metadata"
     types: dict[str, str | None] = {}
     records_seen = 0
     for page, records in archive.iter_page_records():
@@ -109,6 +119,8 @@ def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArch
     in evolve mode extended) by every later one. Each change set is compared once."""
     ensure_drift_tables(connection)
     change_set = archive.change_set
+    request = archive.read_json(REQUEST) or {}
+    row_filter = request.get("row_filter")
     locked = load_locked_schema(connection, entity.name)
     if locked is None:
         decided = decide_schema(archive, entity.primary_key)
@@ -117,17 +129,20 @@ def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArch
             if locked is decided:  # this change set locked it
                 live_from = "metadata" if decided.decided_from == "metadata" else "records"
                 _record(connection, entity.name, change_set, 1, live_from, "locked",
-                        excluded_as_changes(decided), lambda change: _action(change, None))
+                        excluded_as_changes(decided), lambda change: _action(change, None),
+                        row_filter)
         return locked
     if _checked(connection, entity.name, change_set):
         return locked
     live, live_from = live_schema(archive, locked.primary_key)
     changes = compare_schemas(locked, live) if live is not None else []
+    changes = mark_deselected(changes, request.get("select"), _metadata_columns(archive))
     with transaction(connection):
         if _checked(connection, entity.name, change_set):  # another run got here first
             return load_locked_schema(connection, entity.name) or locked
         locked = load_locked_schema(connection, entity.name) or locked
         changes = _not_reported_before(connection, entity.name, change_set, changes)
+        changes += _filter_change(connection, entity.name, change_set, row_filter)
         version = schema_version(connection, entity.name)
         schema = locked
         addable = [c for c in changes if c.kind == ADDED and c.live_type is not None]
@@ -138,7 +153,8 @@ def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArch
         outcome = ("no evidence" if live is None else "evolved" if evolved is not None
                    else "drift" if changes else "unchanged")
         _record(connection, entity.name, change_set, version, live_from, outcome, changes,
-                lambda change: _action(change, entity.schema_evolution, evolved, version))
+                lambda change: _action(change, entity.schema_evolution, evolved, version),
+                row_filter)
     return schema
 
 
@@ -181,6 +197,27 @@ def evolve(connection: sqlite3.Connection, locked: EntitySchema, additions: list
     return schema
 
 
+def _metadata_columns(archive: ChangeSetArchive) -> set[str]:
+    """Every column the change set's metadata lists (whatever `select` asked for)."""
+    definition = archive.read_json(ENTITY_DEFINITION)
+    if not isinstance(definition, dict) or not definition.get("Attributes"):
+        return set()
+    return set(schema_from_metadata(archive.entity, definition).column_names)
+
+
+def _filter_change(connection: sqlite3.Connection, entity: str, change_set: str,
+                   row_filter: str | None) -> list[SchemaChange]:
+    """The entity's `filter` against the one the previous change set was fetched with."""
+    previous = connection.execute(
+        "SELECT row_filter FROM _schema_check WHERE entity = ? AND change_set < ?"
+        " ORDER BY change_set DESC LIMIT 1", (entity, change_set)).fetchone()
+    if previous is None or previous[0] == row_filter:
+        return []
+    return [SchemaChange(FILTER_CHANGED, "(filter)", INFO, detail=(
+        f"{previous[0]!r} -> {row_filter!r}; records outside the new filter leave the mirror "
+        "as the key-and-version scan finds them"))]
+
+
 def _checked(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
     return connection.execute(
         "SELECT 1 FROM _schema_check WHERE entity = ? AND change_set = ?", (entity, change_set)
@@ -209,6 +246,11 @@ def _action(change: SchemaChange, mode: str | None, evolved: EntitySchema | None
         return "kept in json_response (schema_evolution: freeze)"
     if change.kind == REMOVED:
         return "column kept; NULL in rows that no longer carry it"
+    if change.kind == DESELECTED:
+        return ("column kept, NULL in rows fetched from now on; `dataverse-assets purge "
+                "--entity E --column C` erases its old values")
+    if change.kind == FILTER_CHANGED:
+        return "the new filter applies from this change set"
     if change.kind == TYPE_CHANGED:
         return (f"column keeps its locked type {change.locked_type}; json_response holds "
                 "the values as sent")
@@ -216,12 +258,13 @@ def _action(change: SchemaChange, mode: str | None, evolved: EntitySchema | None
 
 
 def _record(connection: sqlite3.Connection, entity: str, change_set: str, version: int,
-            live_from: str, outcome: str, changes: list[SchemaChange], action) -> None:
+            live_from: str, outcome: str, changes: list[SchemaChange], action,
+            row_filter: str | None) -> None:
     now = utc_now_iso()
     connection.execute(
         "INSERT OR REPLACE INTO _schema_check (entity, change_set, schema_version, live_from,"
-        " outcome, checked_at) VALUES (?, ?, ?, ?, ?, ?)",
-        (entity, change_set, version, live_from, outcome, now),
+        " outcome, checked_at, row_filter) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (entity, change_set, version, live_from, outcome, now, row_filter),
     )
     connection.execute("DELETE FROM _schema_drift WHERE entity = ? AND change_set = ?",
                        (entity, change_set))

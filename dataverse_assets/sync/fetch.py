@@ -50,9 +50,11 @@ from dataverse_assets.source.query import (
 from dataverse_assets.store.db import utc_now_iso
 from dataverse_assets.sync.faults import fault_point
 from dataverse_assets.sync.fetch_plan import (
+    OUTSIDE_FILTER,
     FetchRequest,
     FetchStep,
     resync_request,
+    within_filter,
     without_annotations_for_delta_link,
 )
 from dataverse_assets.sync.progress import FetchProgress
@@ -295,10 +297,13 @@ async def _refetch(session: SourceSession, archive: ChangeSetArchive, request: F
     published like any record, never moving the watermark). Returns the ids that did not come
     back (gone since the scan), for the one-by-one check that records them as defunct."""
     ids = sorted(key for key, _ in divergence.ids.values())
-    step = FetchStep("refetch", PageQuery(page_size=request.steps[0].query.page_size))
+    step = FetchStep("refetch", PageQuery(page_size=request.steps[0].query.page_size,
+                                          select=tuple(request.select or ()),
+                                          include_annotations=True))
     served: set[str] = set()
     for _, expression in id_filter_batches(request.primary_key, ids):
-        query = replace(step.query, filter=expression)
+        query = replace(step.query, filter=within_filter(request.row_filter, expression)
+                        if request.row_filter else expression)
         async with aclosing(session.iter_pages(request.entity, query)) as pages:
             async for page in pages:
                 _record_page(archive, progress, len(request.steps), step, page.url, page.body,
@@ -370,16 +375,22 @@ async def _resolve_missing(session: SourceSession, archive: ChangeSetArchive,
                            request: FetchRequest, progress: _Progress,
                            gone: list[str] = ()) -> list[dict]:
     """Ids that had to come back but did not (the request's expected ids, and refetched ids
-    `gone` since the scan): ask for each one (200 / 404 / other)."""
+    `gone` since the scan): ask for each one (200 / 404 / other). With a row filter, one that
+    exists but did not come back is outside the filter: recorded so, not archived."""
     missing: list[dict] = []
     step = FetchStep("record", PageQuery())
     expected = [i for i in request.expected_ids if i.lower() not in progress.seen_ids]
     for record_id in [*expected, *gone]:
         try:
-            url, body, record = await session.get_record(request.entity, record_id)
+            url, body, record = await session.get_record(request.entity, record_id,
+                                                         tuple(request.select or ()))
         except DataverseRequestError as exc:
             missing.append({"id": record_id, "status": exc.status, "code": exc.code,
                             "message": str(exc)[:300]})
+            continue
+        if request.row_filter:
+            missing.append({"id": record_id, "status": OUTSIDE_FILTER,
+                            "message": f"outside the entity's filter {request.row_filter!r}"})
             continue
         _record_page(archive, progress, len(request.steps), step, url, body, [record],
                      track_watermark=False, primary_key=request.primary_key, shape="record")

@@ -22,7 +22,7 @@ from dataverse_assets.source.query import (
     modified_since_filter,
     parse_datetime,
 )
-from dataverse_assets.store.schema import detect_primary_key
+from dataverse_assets.store.schema import LOOKUP_TYPES, attribute_type_of, detect_primary_key
 
 
 def attribute_names(definition: dict | None) -> set[str]:
@@ -51,7 +51,7 @@ def choose_mode(entity: EntityConfig, definition: dict | None) -> str:
         return Mode.MODIFIEDON
     if entity.incremental == "full":
         return Mode.FULL
-    if tracked:
+    if tracked and entity.filter is None:  # change tracking takes no $filter
         return Mode.CHANGE_TRACKING
     if has_modifiedon:
         return Mode.MODIFIEDON
@@ -109,6 +109,9 @@ class FetchRequest:
     expected_ids: list[str] = field(default_factory=list)
     reason: str = ""
     max_pages: int = DEFAULT_MAX_PAGES  # per step (see PagingGuard)
+    # The entity's `select` as row keys ($select), and its `filter`; None: every column, row.
+    select: list[str] | None = None
+    row_filter: str | None = None
 
     def __post_init__(self) -> None:
         self.mode = str(self.mode)  # a Mode, written out (request.json, metadata) as text
@@ -120,7 +123,7 @@ class FetchRequest:
             "delta_link_before": self.delta_link_before,
             "steps": [s.as_dict() for s in self.steps], "id_scope": self.id_scope,
             "expected_ids": self.expected_ids, "reason": self.reason,
-            "max_pages": self.max_pages,
+            "max_pages": self.max_pages, "select": self.select, "row_filter": self.row_filter,
         }
 
 
@@ -154,15 +157,76 @@ def plan_fetch(
         request = _plan_fetch(entity, change_set, definition, watermark=watermark,
                               delta_link=delta_link, reconcile=reconcile, linked_ids=linked_ids,
                               mirrored_ids=mirrored_ids, defunct_ids=defunct_ids)
+    request.select = resolve_select(entity, definition, request.primary_key)
+    request.row_filter = entity.filter
     for step in request.steps:
         if step.kind != "keys":
-            step.query = replace(step.query, include_annotations=True)
+            step.query = replace(step.query, include_annotations=True,
+                                 select=tuple(request.select or ()))
+        if entity.filter is not None and step.start_url is None:
+            step.query = replace(step.query, filter=within_filter(entity.filter,
+                                                                  step.query.filter))
     if entity.parallel_ranges > 1:
         for step in request.steps:
             if _splittable(request, step):
                 step.ranges = entity.parallel_ranges
     request.max_pages = entity.max_pages
     return request
+
+
+# A record asked for by id that exists but is outside the entity's `filter`: it leaves the
+# mirror like a record gone from the source (staging makes it a delete).
+OUTSIDE_FILTER = "outside_filter"
+# Always mirrored whatever `select` says: the key, and what incremental reads and the
+# key-and-version scan rely on.
+ALWAYS_SELECTED = ("modifiedon", "versionnumber")
+# Attribute types a row never carries: naming one in `select` is a mistake.
+_NOT_IN_ROWS = {"Virtual"}
+
+
+def resolve_select(entity: EntityConfig, definition: dict | None,
+                   primary_key: str) -> list[str] | None:
+    """The entity's `select` as the row keys to ask for ($select): lookups as
+    `_<name>_value`, the key, modifiedon and versionnumber added. Checked against the
+    metadata when there is some: an unknown name is one line naming it."""
+    if entity.select is None:
+        return None
+    attributes = {a.get("LogicalName"): a for a in (definition or {}).get("Attributes", [])
+                  if isinstance(a, dict) and a.get("LogicalName")}
+    keys: list[str] = []
+    for name in [primary_key, *entity.select, *ALWAYS_SELECTED]:
+        logical = name[1:-len("_value")] if name.startswith("_") and name.endswith(
+            "_value") else name
+        attribute = attributes.get(name) or attributes.get(logical)
+        if attributes and attribute is None:
+            if name in ALWAYS_SELECTED:
+                continue  # a table without it (an intersect table has no modifiedon)
+            close = difflib.get_close_matches(name, sorted(attributes), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise FetchConfigError(
+                f"{entity.name}: 'select' names {name!r}, which is not a column of "
+                f"{(definition or {}).get('LogicalName') or entity.name}{hint}; fix "
+                "'select' in the entities file")
+        key = name
+        if attribute is not None:
+            kind = attribute_type_of(attribute)
+            if kind in _NOT_IN_ROWS:
+                raise FetchConfigError(
+                    f"{entity.name}: 'select' names {name!r}, a Virtual attribute Dataverse "
+                    "never returns in rows (a choice's label comes with its column, in "
+                    f"{entity.name}__readable); fix 'select' in the entities file")
+            if kind in LOOKUP_TYPES and attribute["LogicalName"] != primary_key:
+                key = f"_{attribute['LogicalName']}_value"
+            else:
+                key = attribute["LogicalName"]
+        if key not in keys:
+            keys.append(key)
+    return keys
+
+
+def within_filter(row_filter: str, step_filter: str | None) -> str:
+    """A step's $filter inside the entity's row filter."""
+    return f"({row_filter})" if not step_filter else f"({row_filter}) and ({step_filter})"
 
 
 def _splittable(request: FetchRequest, step: FetchStep) -> bool:

@@ -39,10 +39,12 @@ from dataverse_assets.store.schema import (
     OversizedInteger,
     infer_schema_from_records,
     json_bytes,
+    only_selected,
     schema_from_metadata,
     to_sqlite_value,
 )
 from dataverse_assets.store.tables import staging_keys_table, staging_table
+from dataverse_assets.sync.fetch_plan import OUTSIDE_FILTER
 from dataverse_assets.sync.stage_workers import WorkerPool
 
 STAGING_META_COLUMNS = ("_change_set", "_pk", "_op", "_content_hash", "_modifiedon")
@@ -110,9 +112,11 @@ def align_canonical_hashes(connection: sqlite3.Connection, entity: str,
 def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None) -> EntitySchema:
     """Schema for a first change set: from archived metadata, else from the first page."""
     definition = archive.read_json(ENTITY_DEFINITION)
-    if isinstance(definition, dict) and definition.get("Attributes"):
-        return schema_from_metadata(archive.entity, definition, primary_key_override)
     request = archive.read_json(REQUEST) or {}
+    if isinstance(definition, dict) and definition.get("Attributes"):
+        # Only the columns the entity's `select` asked for (all without one).
+        return only_selected(schema_from_metadata(archive.entity, definition,
+                                                  primary_key_override), request.get("select"))
     override = primary_key_override or request.get("primary_key")
     sample: list[dict] = []
     for page, records in archive.iter_page_records():
@@ -347,10 +351,13 @@ def iter_staged_batches(
             yield batch, keys
             batch, keys = [], []
     for missing in manifest.get("missing", []):
-        if missing.get("status") == 404:
-            # Named by a link but gone from the source: defunct.
+        if missing.get("status") in (404, OUTSIDE_FILTER):
+            # Named by a link (or a targeted refresh) but gone from the source, or outside
+            # the entity's filter: defunct.
+            reason = ("not found (404)" if missing.get("status") == 404
+                      else "outside the entity's filter")
             batch.append(_delete_row(change_set, missing["id"], names,
-                                     {"id": missing["id"], "reason": "not found (404)"}))
+                                     {"id": missing["id"], "reason": reason}))
             counts["deleted"] += 1
         else:
             # Anything else is not an answer: keep it visible; the id is asked for again next
