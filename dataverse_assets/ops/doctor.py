@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,8 +31,9 @@ from dataverse_assets.source.client import DataverseClient, RetryPolicy
 from dataverse_assets.source.live import ClientSession, shared_ssl_context
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 from dataverse_assets.source.simulator import embedded_simulator
+from dataverse_assets.store.choices import parse_attribute_metadata
 from dataverse_assets.store.schema import detect_primary_key
-from dataverse_assets.sync.fetch_plan import attribute_names, choose_mode
+from dataverse_assets.sync.fetch_plan import attribute_names, choose_mode, resolve_select
 
 PASS, FAIL, WARN, INFO, SKIP = "PASS", "FAIL", "WARN", "INFO", "SKIP"
 
@@ -272,6 +274,9 @@ class Doctor:
         if primary_key is None:
             return
         self._change_tracking(entity, definition)
+        await self._choices(session, entity, definition)
+        if not await self._scope(client, entity, definition, primary_key):
+            return
         first_keys = await self._paging(client, entity, primary_key)
         if first_keys:
             await self._filter_on_key(client, entity, definition, primary_key, first_keys)
@@ -381,6 +386,66 @@ class Doctor:
             mode, how = Mode.FILTERED, "linked ids and a modifiedon watermark"
         self.add("change tracking", PASS if tracked else INFO,
                  f"{enabled}; incremental mode {str(mode)!r} ({how})", entity=name)
+
+    async def _choices(self, session: ClientSession, entity: EntityConfig,
+                       definition: dict | None) -> None:
+        """What the readable view will show: choice columns and their labels, lookups."""
+        name = entity.name
+        if definition is None:
+            return
+        try:
+            raw = await session.attribute_metadata(name, definition)
+        except (DataverseError, AuthenticationError) as exc:
+            self.add("choices", WARN, f"attribute metadata could not be read: {exc}",
+                     fix="grant the security role read access to metadata (Attribute); "
+                         "without it the sync stops at this entity", entity=name)
+            return
+        parsed = parse_attribute_metadata(raw)
+        if not parsed.choice_columns and not parsed.lookups:
+            self.add("choices", INFO, "no choice or lookup columns", entity=name)
+            return
+        language = (entity.labels.language_code if entity.labels else None) or \
+            parsed.base_language_code
+        labelled = sum(1 for o in parsed.options if any(c == language for c, _ in o.labels))
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(
+            Counter(parsed.choice_columns.values()).items()))
+        polymorphic = sum(1 for targets in parsed.lookups.values() if len(targets) > 1)
+        missing = len(parsed.options) - labelled
+        self.add("choices", WARN if missing else PASS,
+                 f"{len(parsed.choice_columns)} choice columns ({kinds or 'none'}), "
+                 f"{len(parsed.options)} options, {labelled} labelled in language {language}"
+                 + (f" ({missing} without a label in it)" if missing else "")
+                 + f"; {len(parsed.lookups)} lookups ({polymorphic} polymorphic)"
+                 + (f"; {len(parsed.date_only)} DateOnly" if parsed.date_only else ""),
+                 fix=("choose a language every option has (labels.language_code), or accept "
+                      "empty labels for those options") if missing else "", entity=name)
+
+    async def _scope(self, client: DataverseClient, entity: EntityConfig,
+                     definition: dict | None, primary_key: str) -> bool:
+        """`select` against the metadata and `filter` against the org (one $top=1 read)."""
+        name = entity.name
+        if entity.select is not None:
+            try:
+                keys = resolve_select(entity, definition, primary_key)
+            except FetchConfigError as exc:
+                self.add("select", FAIL, str(exc), fix="fix 'select' in the entities file",
+                         entity=name)
+                return False
+            self.add("select", PASS, f"{len(keys or [])} columns: {', '.join(keys or [])}",
+                     entity=name)
+        if entity.filter is not None:
+            try:
+                _, payload = await client.get_json(name, params={
+                    "$select": primary_key, "$filter": entity.filter, "$top": "1"}, entity=name)
+            except DataverseError as exc:
+                self.add("filter", FAIL, f"Dataverse refuses the filter: {exc}",
+                         fix="fix 'filter' in the entities file (OData $filter syntax, "
+                             "column logical names)", entity=name)
+                return False
+            self.add("filter", PASS, f"{entity.filter!r} is accepted"
+                     + ("" if payload.get("value") else "; no record matches it now"),
+                     entity=name)
+        return True
 
     async def _paging(self, client: DataverseClient, entity: EntityConfig,
                       primary_key: str) -> list[str]:
