@@ -203,8 +203,11 @@ def _prepare(connection: sqlite3.Connection) -> None:
     # Space freed by deletes (retention) can be given back to the file system a few pages at
     # a time (`PRAGMA incremental_vacuum`, maintenance.shrink_database) instead of only by a
     # VACUUM that rewrites the whole file. Takes effect for a new database; an older one is
-    # converted once by maintenance.
-    connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
+    # converted once by maintenance. Only asked of a file with no tables yet: on an existing
+    # file the pragma waits for the write lock, so every reader (status, the sensors, the UI)
+    # would wait for a running publish to commit.
+    if not connection.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+        connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
     connection.execute("PRAGMA journal_mode=WAL")
     # NORMAL is durable across application crashes in WAL mode; only an OS crash can lose
     # the last transaction, and the watermark commits with the data, so nothing is skipped.

@@ -2,6 +2,7 @@
 
 import sqlite3
 
+from dataverse_assets.store import db
 from dataverse_assets.store.bookkeeping import read_sync_state
 from dataverse_assets.store.db import connect, quote_identifier
 
@@ -39,3 +40,20 @@ def test_identifiers_are_always_quoted_safely(tmp_path):
     row = connection.execute(f"SELECT * FROM {table}").fetchone()
     assert row == tuple(range(len(hostile)))
     assert [r[1] for r in connection.execute(f"PRAGMA table_info({table})")] == hostile
+
+
+def test_a_reader_opens_the_mirror_at_once_while_a_publish_holds_the_write_lock(
+        tmp_path, monkeypatch):
+    """status, the sensors and the UI open the mirror during a sync: opening must not wait for
+    the writer's transaction (it once did, for as long as the publish ran)."""
+    db_path = tmp_path / "mirror.db"
+    writer = connect(db_path)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("CREATE TABLE accounts (accountid TEXT PRIMARY KEY)")
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_SECONDS", 1.0)  # a wait raises StorageError
+    try:
+        with connect(db_path) as reader:
+            assert reader.execute("SELECT count(*) FROM _sync_state").fetchone() == (0,)
+    finally:
+        writer.rollback()
+        writer.close()
