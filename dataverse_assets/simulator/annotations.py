@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .model import OPTION_LABELS, EntityTable
+from .model import BASE_CURRENCY, EntityTable, SimAttribute
 
 if TYPE_CHECKING:
     from .model import DataverseSimulator
@@ -34,21 +34,30 @@ def _format_datetime(text: str) -> str:
     return f"{month}/{day}/{year} {hour12}:{minute:02d} {suffix}"
 
 
-def formatted_value(column: str, attribute_type: str, value: Any) -> str | None:
-    """The FormattedValue Dataverse would send for a non-null value, or None."""
-    if attribute_type in ("Picklist", "State", "Status"):
-        return OPTION_LABELS.get(column, {}).get(value, str(value))
-    if attribute_type == "Boolean":
-        return "Yes" if value else "No"
-    if attribute_type == "Money":
-        return f"${value:,.2f}"
-    if attribute_type in ("Integer", "BigInt"):
+def _format_date(text: str) -> str:
+    # A DateOnly value is a calendar day: en-US, no time and no time zone shift.
+    return f"{int(text[5:7])}/{int(text[8:10])}/{int(text[0:4])}"
+
+
+def formatted_value(value_type: str, value: Any, *, symbol: str = "$",
+                    decimals: int = 2) -> str | None:
+    """The FormattedValue Dataverse would send for a non-null value that is not a choice,
+    or None. `symbol` is the money's currency symbol, `decimals` a number's precision."""
+    if value_type == "Money":
+        return f"{symbol}{value:,.2f}"
+    if value_type in ("Integer", "BigInt"):
         return f"{value:,}"
-    if attribute_type in ("Decimal", "Double"):
-        return f"{value:,.2f}"
-    if attribute_type == "DateTime":
+    if value_type in ("Decimal", "Double"):
+        return f"{value:,.{decimals}f}"
+    if value_type == "DateTime":
         return _format_datetime(value)
+    if value_type == "Date":
+        return _format_date(value)
     return None
+
+
+# exchangerate has Dataverse's fixed precision of 10 decimals.
+_DECIMALS = {"exchangerate": 10}
 
 
 class Annotator:
@@ -66,15 +75,14 @@ class Annotator:
             a.column: a for a in table.spec.attributes if not a.is_virtual
         }
 
-    def _lookup_name(self, target: str, guid: str) -> str | None:
-        target_table = self.sim.table_by_logical(target)
-        if target_table is None:
-            return None
-        row = target_table.rows.get(guid)
-        name_column = target_table.spec.primary_name_attribute
-        if row is None or name_column is None:
-            return None
-        return row.get(name_column)
+    def _formatted(self, attribute: SimAttribute, row: dict[str, Any], value: Any) -> str | None:
+        if attribute.is_choice:
+            return self.sim.formatted_choice(self.table.spec, attribute, value)
+        symbol = BASE_CURRENCY.symbol
+        if attribute.attribute_type == "Money" and not attribute.is_base_currency:
+            symbol = self.sim.currency(row.get("_transactioncurrencyid_value")).symbol
+        return formatted_value(attribute.value_type, value, symbol=symbol,
+                               decimals=_DECIMALS.get(attribute.logical_name, 2))
 
     def __call__(self, row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
         """A copy of row restricted to keys, each value preceded by its annotations."""
@@ -88,18 +96,19 @@ class Annotator:
                     target = self.sim.lookup_target(self.table.spec.entity_set_name, pk, key)
                     target = target or "systemuser"
                     if self.formatted:
-                        name = self._lookup_name(target, value)
+                        name = self.sim.primary_name(target, value)
                         if name is not None:
                             out[f"{key}@{FORMATTED}"] = name
                     if self.navigation:
                         navigation = attribute.logical_name
-                        if attribute.attribute_type == "Customer":
+                        if attribute.attribute_type != "Owner" and len(attribute.targets) > 1:
+                            # A polymorphic lookup has one navigation property per target.
                             navigation = f"{navigation}_{target}"
                         out[f"{key}@{NAVIGATION_PROPERTY}"] = navigation
                     if self.logical:
                         out[f"{key}@{LOOKUP_LOGICAL_NAME}"] = target
                 elif self.formatted:
-                    text = formatted_value(key, attribute.attribute_type, value)
+                    text = self._formatted(attribute, row, value)
                     if text is not None:
                         out[f"{key}@{FORMATTED}"] = text
             out[key] = value

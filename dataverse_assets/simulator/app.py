@@ -26,20 +26,36 @@ from starlette.routing import Route
 
 from . import engine
 from .annotations import Annotator
+from .choices import BASE_LANGUAGE, option_set_metadata, option_set_properties
 from .gateway import Gateway, bearer_token
 from .metadata import (
+    ATTRIBUTE_CLASSES,
     ATTRIBUTE_PROPERTIES,
     ATTRIBUTE_PROPERTY_TYPES,
     ENTITY_PROPERTIES,
     ENTITY_PROPERTY_TYPES,
+    ORGANIZATION_COLUMNS,
+    UNRELATED_METADATA_CLASSES,
     attribute_definition,
+    class_includes,
+    class_properties,
     csdl,
     entity_definition,
+    metadata_id,
     parse_attribute_expand,
+    parse_navigation_expand,
     parse_property_select,
     project,
 )
-from .model import INVALID_ARGUMENT_CODE, MAX_PAGE_SIZE, DataverseSimulator, EntityTable
+from .model import (
+    BASE_CURRENCY,
+    INVALID_ARGUMENT_CODE,
+    MAX_PAGE_SIZE,
+    DataverseSimulator,
+    EntityTable,
+    SimAttribute,
+    SimEntity,
+)
 from .odata import (
     ODataQueryError,
     compile_filter,
@@ -60,6 +76,10 @@ CHANGE_TRACKING_DISABLED_CODE = "0x80072491"
 COUNT_CAP = 5000
 PRIVILEGE_DENIED_CODE = "0x80040220"
 RETRIEVE_TOTAL_RECORD_COUNT = "RetrieveTotalRecordCount"
+ORGANIZATIONS = "organizations"
+_CRM = "Microsoft.Dynamics.CRM."
+# The organization row's etag: a version no record of the org is ever given.
+_ORGANIZATION_VERSION = 1000
 
 _KNOWN_OPTIONS = frozenset(
     {"$select", "$filter", "$orderby", "$top", "$skip", "$count", "$skiptoken", "$deltatoken",
@@ -377,6 +397,8 @@ class _Api:
                 if name == RETRIEVE_TOTAL_RECORD_COUNT:
                     return self._total_record_count(base, key, pairs)
                 table = sim.find_table(name)
+                if table is None and name == ORGANIZATIONS and len(segments) == 1:
+                    return self._organizations(base, key, options)
                 client = self._client(request)
                 if table is not None and not sim.may_read(name, client):
                     logical = table.spec.logical_name
@@ -431,11 +453,42 @@ class _Api:
         })
 
     def _service_document(self, base: str) -> Response:
-        value = [
-            {"name": t.spec.entity_set_name, "kind": "EntitySet", "url": t.spec.entity_set_name}
-            for t in self.sim.tables()
-        ]
+        names = [t.spec.entity_set_name for t in self.sim.tables()]
+        if ORGANIZATIONS not in names:
+            names.append(ORGANIZATIONS)
+        value = [{"name": name, "kind": "EntitySet", "url": name} for name in names]
         return _json({"@odata.context": f"{base}{API_PATH}/$metadata", "value": value})
+
+    def _organizations(self, base: str, key: str | None, options: dict[str, str]) -> Response:
+        """The organization table: one row, the org itself. `languagecode` is the base
+        language, which is how a client learns which labels are the org's own."""
+        sim = self.sim
+        for option in options:
+            if option not in ("$select", "$top"):
+                raise ODataQueryError(f"The query parameter {option} is not supported")
+        row = {
+            "@odata.etag": f'W/"{_ORGANIZATION_VERSION}"',
+            "organizationid": sim.organization_id,
+            "name": "Simulated Dataverse Org",
+            "languagecode": BASE_LANGUAGE,
+            "_basecurrencyid_value": BASE_CURRENCY.id,
+        }
+        selected = None
+        if "$select" in options:
+            selected = parse_select(options["$select"], ORGANIZATION_COLUMNS, "organization")
+            keys = ["@odata.etag", *selected]
+            if "organizationid" not in keys:
+                keys.append("organizationid")
+            row = {k: row[k] for k in keys}
+        select_part = f"({','.join(selected)})" if selected else ""
+        context = f"{base}{API_PATH}/$metadata#{ORGANIZATIONS}{select_part}"
+        if key is not None:
+            if key.strip().lower() != sim.organization_id:
+                return _error(404, RECORD_NOT_FOUND_CODE,
+                              f"organization With Id = {key} Does Not Exist")
+            return _json({"@odata.context": f"{context}/$entity", **row})
+        rows = [row][: int(options["$top"])] if options.get("$top", "").isdigit() else [row]
+        return _json({"@odata.context": context, "value": rows})
 
     def _who_am_i(self, base: str) -> Response:
         sim = self.sim
@@ -641,7 +694,7 @@ class _Api:
                 tracking=prefs.track_changes,
             )
             body["@odata.nextLink"] = self._link(base, spec.entity_set_name, pairs, token)
-        elif prefs.track_changes:
+        elif prefs.track_changes and not self._withholds_delta_link(annotator):
             assert snapshot is not None
             body["@odata.deltaLink"] = self._delta_link(base, spec.entity_set_name, options,
                                                         self._token_version(snapshot))
@@ -654,6 +707,11 @@ class _Api:
         sim.stats.rows_served[spec.entity_set_name] += len(body["value"])
         headers = {"Preference-Applied": ",".join(applied)} if applied else None
         return _json(body, headers=headers)
+
+    def _withholds_delta_link(self, annotator: Annotator | None) -> bool:
+        """The reported quirk, made to happen: a change-tracking read that asked for
+        annotations gets no @odata.deltaLink on its last page."""
+        return annotator is not None and self.sim.omit_delta_link_with_annotations
 
     def _token_version(self, pinned: int) -> int:
         """The version a read's delta token marks: the read's first moment (pinned on its
@@ -740,7 +798,7 @@ class _Api:
                 tracking=True,
             )
             body["@odata.nextLink"] = self._link(base, spec.entity_set_name, pairs, token)
-        else:
+        elif not self._withholds_delta_link(annotator):
             body["@odata.deltaLink"] = self._delta_link(
                 base, spec.entity_set_name, options, self._token_version(to_version)
             )
@@ -793,8 +851,14 @@ class _Api:
             item = self._entity_item(table, entity_definition(table.spec), select, expand)
             context = f"{context_root}{self._select_suffix(select, expand)}/$entity"
             return _json({"@odata.context": context, **item})
-        if tail[0] != "Attributes" or len(tail) > 1:
+        segment, _, attribute_key = tail[0].partition("(")
+        if segment != "Attributes" or len(tail) > 2:
             return _error(404, NOT_FOUND_CODE, f"Resource not found for the segment '{tail[-1]}'.")
+        if attribute_key or len(tail) == 2:
+            return self._typed_attributes(
+                base, table, key, attribute_key[:-1] if attribute_key else None,
+                tail[1] if len(tail) == 2 else None, options,
+            )
         if "$expand" in options:
             raise ODataQueryError("The simulator does not implement $expand on Attributes.")
         select = None
@@ -818,6 +882,121 @@ class _Api:
             + (f"({','.join(select)})" if select else "")
         )
         return _json({"@odata.context": context, "value": attributes})
+
+    def _typed_attributes(
+        self,
+        base: str,
+        table: EntityTable,
+        entity_key: str,
+        attribute_key: str | None,
+        cast: str | None,
+        options: dict[str, str],
+    ) -> Response:
+        """`Attributes/Microsoft.Dynamics.CRM.<Class>` (the attributes of that class, with
+        their class's own properties and navigation properties: OptionSet, GlobalOptionSet),
+        and `Attributes(<key>)`, with or without a cast."""
+        spec = table.spec
+        allowed = ("$select", "$expand") if attribute_key is not None else (
+            "$select", "$filter", "$expand")
+        for option in options:
+            if option not in allowed:
+                raise ODataQueryError(f"The query parameter {option} is not supported")
+        cast_class = self._cast_class(cast) if cast is not None else "AttributeMetadata"
+        selectable, filterable, navigation = class_properties(cast_class)
+        select = None
+        if "$select" in options:
+            select = parse_property_select(options["$select"], [*selectable, *navigation],
+                                           cast_class)
+        expand: dict[str, list[str] | None] = {}
+        if "$expand" in options:
+            expand = parse_navigation_expand(
+                options["$expand"], navigation, cast_class,
+                lambda name: self._navigation_type(cast_class, name),
+            )
+        if attribute_key is not None:
+            attribute = self._definition_attribute(spec, attribute_key)
+            if attribute is None:
+                return _error(404, RECORD_NOT_FOUND_CODE,
+                              f"Could not find an attribute with key {attribute_key}.")
+            if not class_includes(cast_class, attribute):
+                return _error(404, NOT_FOUND_CODE, f"Resource not found for the segment '{cast}'.")
+            attributes = [attribute]
+        else:
+            predicate = None
+            if "$filter" in options:
+                predicate = compile_filter(parse_filter(options["$filter"], filterable,
+                                                        cast_class))
+            attributes = [
+                a for a in spec.attributes
+                if class_includes(cast_class, a)
+                and (predicate is None or predicate(attribute_definition(spec, a)))
+            ]
+        fields = [name for name in select or () if name not in navigation]
+        items = []
+        for attribute in attributes:
+            item = project(attribute_definition(spec, attribute), fields if select else None)
+            if item.get("@odata.type") == f"#{_CRM}{cast_class}":
+                del item["@odata.type"]  # the declared type needs no annotation
+            for name, nested in expand.items():
+                value = self._navigation_value(spec, attribute, name)
+                item[name] = None if value is None else project(value, nested)
+            items.append(item)
+        entity_part = (f"EntityDefinitions('{spec.logical_name}')"
+                       if entity_key.strip().startswith("LogicalName=")
+                       else f"EntityDefinitions({entity_key.strip()})")
+        path = f"{entity_part}/Attributes" + (f"/{_CRM}{cast_class}" if cast else "")
+        parts = [*(select or ()), *(n for n in expand if n not in (select or ()))]
+        parts += [f"{n}({','.join(nested)})" for n, nested in expand.items() if nested]
+        context = f"{base}{API_PATH}/$metadata#{path}" + (f"({','.join(parts)})" if parts else "")
+        if attribute_key is not None:
+            return _json({"@odata.context": f"{context}/$entity", **items[0]})
+        return _json({"@odata.context": context, "value": items})
+
+    def _cast_class(self, segment: str) -> str:
+        """The AttributeMetadata class a type-cast segment names. An unknown name is no
+        segment OData can resolve (404); a known type that is not an attribute class cannot
+        follow Attributes (400)."""
+        name = segment[len(_CRM):] if segment.startswith(_CRM) else None
+        if name in ATTRIBUTE_CLASSES:
+            return name
+        if name is not None and (name in UNRELATED_METADATA_CLASSES
+                                 or self.sim.table_by_logical(name) is not None):
+            raise ODataQueryError(
+                f"The type '{segment}' specified in the URI is neither a base type nor a "
+                f"sub-type of the previously-specified type "
+                f"'{_CRM}AttributeMetadata'."
+            )
+        raise ODataQueryError(f"Resource not found for the segment '{segment}'.",
+                              code=NOT_FOUND_CODE, status=404)
+
+    @staticmethod
+    def _navigation_type(cast_class: str, name: str) -> tuple[str, tuple[str, ...]]:
+        boolean = cast_class == "BooleanAttributeMetadata" and name == "OptionSet"
+        return ("BooleanOptionSetMetadata" if boolean else "OptionSetMetadata",
+                option_set_properties(boolean))
+
+    def _navigation_value(self, spec: SimEntity, attribute: SimAttribute,
+                          name: str) -> dict[str, Any] | None:
+        """OptionSet / GlobalOptionSet of a choice attribute: a local set is OptionSet only;
+        a global set is both (or, as Microsoft's docs describe it, GlobalOptionSet only)."""
+        sim = self.sim
+        option_set = sim.option_set_of(spec, attribute)
+        if name == "GlobalOptionSet" and not option_set.is_global:
+            return None
+        if name == "OptionSet" and option_set.is_global and sim.option_set_null_when_global:
+            return None
+        return option_set_metadata(option_set, sim.user_language_code)
+
+    @staticmethod
+    def _definition_attribute(spec: SimEntity, key: str) -> SimAttribute | None:
+        key = key.strip()
+        if key.startswith("LogicalName="):
+            logical = key.split("=", 1)[1].strip().strip("'")
+            return next((a for a in spec.attributes if a.logical_name == logical), None)
+        if is_guid(key):
+            return next((a for a in spec.attributes
+                         if metadata_id(spec.logical_name, a.logical_name) == key.lower()), None)
+        raise ODataQueryError(f"Bad Request - Error in query syntax: '{key}' is not a key.")
 
     def _definition_table(self, key: str) -> EntityTable | None:
         key = key.strip()
@@ -868,10 +1047,58 @@ class _Api:
         return out
 
 
+_OPTION_ACTIONS = ("set_option_label", "add_option", "remove_option")
+_SETTINGS = ("user_language_code", "omit_delta_link_with_annotations",
+             "option_set_null_when_global")
+
+
+def _mutation(sim: DataverseSimulator, body: dict[str, Any]) -> dict[str, Any]:
+    """What one `/_simulator/mutate` body asks for, done; the answer's body."""
+    if "update" in body:
+        touched = sim.mutate_for_fault(body["entity"], "modify_records", int(body["update"]))
+        return {"updated": len(touched)}
+    action = body.get("action")
+    if action == "settings":
+        unknown = set(body) - {"action", *_SETTINGS}
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}; one of {_SETTINGS}")
+        with sim.lock:
+            for name in _SETTINGS:
+                if name in body:
+                    setattr(sim, name, body[name])
+            return {name: getattr(sim, name) for name in _SETTINGS}
+    if action not in _OPTION_ACTIONS:
+        raise ValueError(f"action is one of {', '.join((*_OPTION_ACTIONS, 'settings'))}, "
+                         f"or give {{\"entity\", \"update\": N}}")
+    entity, attribute, value = body["entity"], body["attribute"], int(body["value"])
+    if action == "set_option_label":
+        sim.set_option_label(entity, attribute, value, body["label"],
+                             int(body.get("language_code", BASE_LANGUAGE)))
+    elif action == "add_option":
+        sim.add_option(entity, attribute, value, body["label"],
+                       language_code=int(body.get("language_code", BASE_LANGUAGE)),
+                       state=body.get("state"), default_status=body.get("default_status"))
+    else:
+        sim.remove_option(entity, attribute, value)
+    option_set = sim.option_set(entity, attribute)
+    return {"option_set": option_set.name, "options": [
+        {"value": o.value, "labels": {str(k): v for k, v in o.labels.items()}}
+        for o in option_set.options]}
+
+
 def _control_routes(sim: DataverseSimulator) -> list[Route]:
-    """`/_simulator/stats` (GET: the counters; POST: zero them) and `/_simulator/mutate` (POST
-    {"entity", "update": N}: N random rows edited, as another user would): how a benchmark
-    drives and observes a simulator running in another process. Off unless asked for."""
+    """How a benchmark or a test drives and observes a simulator running in another process.
+    Off unless asked for.
+
+    - `/_simulator/stats`: GET the counters; POST zeroes them.
+    - `/_simulator/mutate` (POST, JSON): `{"entity", "update": N}` edits N random rows, as
+      another user would; `{"action": "set_option_label" | "add_option" | "remove_option",
+      "entity", "attribute", "value", "label", "language_code", "state", "default_status"}`
+      changes an option set like the methods of the same names (rows untouched); `{"action":
+      "settings", "user_language_code" | "omit_delta_link_with_annotations" |
+      "option_set_null_when_global": ...}` sets those simulator settings. A bad request
+      answers 400 with the reason.
+    """
 
     async def stats(request: Request) -> Response:
         with sim.lock:
@@ -887,9 +1114,13 @@ def _control_routes(sim: DataverseSimulator) -> list[Route]:
             })
 
     async def mutate(request: Request) -> Response:
-        body = orjson.loads(await request.body())
-        touched = sim.mutate_for_fault(body["entity"], "modify_records", int(body["update"]))
-        return _json({"updated": len(touched)})
+        try:
+            body = orjson.loads(await request.body())
+            if not isinstance(body, dict):
+                raise ValueError("the body is a JSON object")
+            return _json(_mutation(sim, body))
+        except (KeyError, ValueError, TypeError, orjson.JSONDecodeError) as exc:
+            return _error(400, INVALID_ARGUMENT_CODE, f"{type(exc).__name__}: {exc}")
 
     return [Route("/_simulator/stats", stats, methods=["GET", "POST"]),
             Route("/_simulator/mutate", mutate, methods=["POST"])]

@@ -35,6 +35,13 @@ Kinds:
   misconfigured proxy or a wrong DATAVERSE_URL answers; a client must not follow it.
 - `echo_headers`: a 400 with a Dataverse-style JSON error whose message echoes the request's
   headers, Authorization included, as a debug endpoint or a misconfigured proxy does.
+- `omit_delta_link`: the last page of a change-tracking read (a first read with
+  `Prefer: odata.track-changes`, or a delta link) that asked for annotations
+  (`Prefer: odata.include-annotations=...`) comes without its `@odata.deltaLink`, as has been
+  reported of Dataverse (DATAVERSE.md). It is drawn once the response is known to carry a
+  delta link, so earlier pages and reads without annotations do not use it up; a read without
+  annotations always gets its link. `sim.omit_delta_link_with_annotations = True` does the
+  same to every such read.
 """
 
 from __future__ import annotations
@@ -59,10 +66,14 @@ FAULT_KINDS = (
     "trickle",
     "redirect",
     "echo_headers",
+    "omit_delta_link",
 )
 # Kinds that need an entity set request (a table to mutate, a page to rewrite).
 _ENTITY_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link",
-                           "foreign_link", "endless_next_link"})
+                           "foreign_link", "endless_next_link", "omit_delta_link"})
+# Kinds drawn after the app answered, for a response that can have them (see omit_delta_link);
+# every other kind is drawn before, and never for such a second draw.
+RESPONSE_KINDS = frozenset({"omit_delta_link"})
 # Kinds that by default only hit nextLink requests (the client is between pages).
 _PAGING_KINDS = frozenset({"modify_records", "delete_records", "repeat_next_link"})
 
@@ -126,7 +137,10 @@ class Fault:
         if self.paging_only is None:
             self.paging_only = self.kind in _PAGING_KINDS
 
-    def matches(self, entity: str | None, paging: bool, collection: bool) -> bool:
+    def matches(self, entity: str | None, paging: bool, collection: bool,
+                after_response: bool = False) -> bool:
+        if (self.kind in RESPONSE_KINDS) != after_response:
+            return False
         if self.entity is not None and entity != self.entity:
             return False
         if self.paging_only and not paging:
@@ -153,6 +167,9 @@ class FaultPlan:
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; one of {FAULT_KINDS}")
         self._rng = random.Random(self.seed)
+        # Draws after a response come from their own stream: a scenario's other faults fall
+        # on the same requests whether or not responses were inspected.
+        self._response_rng = random.Random(self.seed * 7 + 1)
         self._burst: Fault | None = None
         self._storm: list[float] = []  # the Retry-After values still to come
 
@@ -171,8 +188,14 @@ class FaultPlan:
                 raise ValueError(f"fault scenario item {item!r}: expected name=number") from None
         return cls(seed=seed, rates=rates)
 
-    def draw(self, entity: str | None, paging: bool, collection: bool) -> Fault | None:
+    def draw(self, entity: str | None, paging: bool, collection: bool,
+             after_response: bool = False) -> Fault | None:
         if self.entity is not None and entity != self.entity:
+            return None
+        if after_response:
+            for kind, rate in sorted(self.rates.items()):
+                if kind in RESPONSE_KINDS and self._response_rng.random() < rate:
+                    return Fault(kind)
             return None
         if self._storm:
             return Fault("throttle", seconds=self._storm.pop(0))
@@ -183,7 +206,7 @@ class FaultPlan:
                 self._burst = None
             return replace(fault, count=1)
         for kind, rate in sorted(self.rates.items()):
-            if self._rng.random() >= rate:
+            if kind in RESPONSE_KINDS or self._rng.random() >= rate:
                 continue
             fault = self._make(kind)
             if fault.matches(entity, paging, collection):
@@ -225,11 +248,21 @@ class FaultBoard:
         self.pending.clear()
         self.plan = None
 
-    def draw(self, entity: str | None, paging: bool, collection: bool) -> Fault | None:
-        """The fault for this request, if any (at most one)."""
+    def expects_response_faults(self) -> bool:
+        """Whether a response may still draw a fault (see RESPONSE_KINDS), so that it is
+        worth holding the response back to look at it."""
+        if any(fault.kind in RESPONSE_KINDS for fault in self.pending):
+            return True
+        return self.plan is not None and any(
+            kind in RESPONSE_KINDS and rate > 0 for kind, rate in self.plan.rates.items())
+
+    def draw(self, entity: str | None, paging: bool, collection: bool,
+             after_response: bool = False) -> Fault | None:
+        """The fault for this request (or, after_response, for its response), if any: at
+        most one of each."""
         chosen: Fault | None = None
         for fault in self.pending:
-            if not fault.matches(entity, paging, collection):
+            if not fault.matches(entity, paging, collection, after_response):
                 continue
             if fault.after > 0:
                 fault.after -= 1
@@ -242,5 +275,5 @@ class FaultBoard:
                 self.pending.remove(chosen)
             return replace(chosen, count=1)
         if self.plan is not None:
-            return self.plan.draw(entity, paging, collection)
+            return self.plan.draw(entity, paging, collection, after_response)
         return None

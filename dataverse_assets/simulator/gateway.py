@@ -54,6 +54,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _tracked_with_annotations(scope: Scope) -> bool:
+    """A change-tracking read (a first one, or a delta link) that asks for annotations: the
+    requests whose last page may lose its delta link (faults.omit_delta_link)."""
+    prefer = ",".join(v.decode("latin-1") for k, v in scope.get("headers", ())
+                      if k.lower() == b"prefer").lower()
+    query = scope.get("query_string", b"").lower()
+    tracked = "odata.track-changes" in prefer or b"deltatoken=" in query
+    return tracked and "odata.include-annotations" in prefer
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` header, None for anything else."""
     scheme, _, token = (authorization or "").partition(" ")
@@ -178,6 +188,9 @@ class Gateway:
                 await asyncio.sleep(fault.seconds)
             if fault is not None and fault.kind in _REWRITING_KINDS:
                 await self._rewritten(scope, receive, watched, fault)
+            elif (fault is None and collection and _tracked_with_annotations(scope)
+                  and sim.expects_response_faults()):
+                fault = await self._after_response(scope, receive, watched, entity, paging)
             else:
                 await self.app(scope, receive, watched)
         finally:
@@ -264,6 +277,30 @@ class Gateway:
                  if p and p.partition("=")[0] != ENDLESS_LINK_PARAMETER]
         parts.append(f"{ENDLESS_LINK_PARAMETER}={next(self._loop_numbers)}")
         return urlunsplit((*url[:3], "&".join(parts), ""))
+
+    async def _after_response(self, scope: Scope, receive: Receive, send: Send,
+                              entity: str | None, paging: bool) -> Fault | None:
+        """Run the app, then draw a response fault if the response has what it changes (a
+        last page's delta link); returns the fault applied, if any."""
+        messages: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, capture)
+        start = messages[0]
+        body = b"".join(m.get("body", b"") for m in messages[1:])
+        fault = None
+        if start["status"] == 200 and b'"@odata.deltaLink"' in body:
+            fault = self.sim.draw_fault(entity, paging, True, after_response=True)
+        if fault is not None:  # omit_delta_link
+            payload = orjson.loads(body)
+            payload.pop("@odata.deltaLink", None)
+            body = orjson.dumps(payload)
+            start = _with_body(start, body)
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+        return fault
 
     async def _rewritten(self, scope: Scope, receive: Receive, send: Send, fault: Fault) -> None:
         """Run the app, then deliver its response damaged the way the fault says."""

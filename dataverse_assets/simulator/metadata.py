@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
@@ -67,12 +67,56 @@ ATTRIBUTE_PROPERTY_TYPES = {
     "IsCustomAttribute": "Boolean",
 }
 
+# Attribute kind -> its metadata class (the @odata.type of its AttributeMetadata).
+# Customer and Owner columns are LookupAttributeMetadata with their own AttributeType.
 _METADATA_CLASS = {
-    "Uniqueidentifier": "UniqueIdentifier",
-    "Customer": "Lookup",
-    "Owner": "Lookup",
-    "State": "State",
-    "Status": "Status",
+    "Virtual": "AttributeMetadata",
+    "Uniqueidentifier": "UniqueIdentifierAttributeMetadata",
+    "Customer": "LookupAttributeMetadata",
+    "Owner": "LookupAttributeMetadata",
+}
+# Abstract classes a type cast may name, and the classes derived from them.
+_ABSTRACT_CLASSES = {
+    "AttributeMetadata": None,  # every attribute
+    "EnumAttributeMetadata": frozenset({
+        "PicklistAttributeMetadata", "MultiSelectPicklistAttributeMetadata",
+        "StateAttributeMetadata", "StatusAttributeMetadata", "EntityNameAttributeMetadata",
+    }),
+}
+# Every AttributeMetadata class the Web API knows (a cast to another name is not a type).
+ATTRIBUTE_CLASSES = frozenset({
+    "BigIntAttributeMetadata", "BooleanAttributeMetadata", "DateTimeAttributeMetadata",
+    "DecimalAttributeMetadata", "DoubleAttributeMetadata", "EntityNameAttributeMetadata",
+    "FileAttributeMetadata", "ImageAttributeMetadata", "IntegerAttributeMetadata",
+    "LookupAttributeMetadata", "ManagedPropertyAttributeMetadata", "MemoAttributeMetadata",
+    "MoneyAttributeMetadata", "MultiSelectPicklistAttributeMetadata",
+    "PicklistAttributeMetadata", "StateAttributeMetadata", "StatusAttributeMetadata",
+    "StringAttributeMetadata", "UniqueIdentifierAttributeMetadata", *_ABSTRACT_CLASSES,
+})
+# Other metadata types: a cast of Attributes to one of these is a type that exists but is
+# unrelated (400), where an unknown name is no segment at all (404).
+UNRELATED_METADATA_CLASSES = frozenset({
+    "EntityMetadata", "OptionSetMetadata", "BooleanOptionSetMetadata",
+    "OneToManyRelationshipMetadata", "ManyToManyRelationshipMetadata", "EntityKeyMetadata",
+})
+# Properties a metadata class adds to AttributeMetadata's, with their types for $filter
+# (None: not filterable), and its navigation properties (expandable, not selectable).
+_CLASS_PROPERTIES: dict[str, dict[str, str | None]] = {
+    "LookupAttributeMetadata": {"Targets": None},
+    "DateTimeAttributeMetadata": {"Format": "String", "DateTimeBehavior": None},
+    "MoneyAttributeMetadata": {"IsBaseCurrency": "Boolean"},
+    "ImageAttributeMetadata": {"IsPrimaryImage": "Boolean", "MaxHeight": "Integer",
+                               "MaxWidth": "Integer"},
+    "FileAttributeMetadata": {"MaxSizeInKB": "Integer"},
+}
+_CHOICE_NAVIGATION = ("OptionSet", "GlobalOptionSet")
+_CLASS_NAVIGATION: dict[str, tuple[str, ...]] = {
+    "PicklistAttributeMetadata": _CHOICE_NAVIGATION,
+    "MultiSelectPicklistAttributeMetadata": _CHOICE_NAVIGATION,
+    "StateAttributeMetadata": _CHOICE_NAVIGATION,
+    "StatusAttributeMetadata": _CHOICE_NAVIGATION,
+    "BooleanAttributeMetadata": _CHOICE_NAVIGATION,
+    "EnumAttributeMetadata": _CHOICE_NAVIGATION,
 }
 
 
@@ -93,19 +137,39 @@ def _is_custom(name: str) -> bool:
     return name.startswith("vin_")
 
 
-def attribute_definition(spec: SimEntity, attribute: SimAttribute) -> dict[str, Any]:
-    """The full AttributeMetadata object for one attribute."""
+def metadata_class(attribute: SimAttribute) -> str:
+    """The AttributeMetadata class of an attribute, e.g. PicklistAttributeMetadata."""
     kind = attribute.attribute_type
-    metadata_class = "AttributeMetadata" if kind == "Virtual" else (
-        f"{_METADATA_CLASS.get(kind, kind)}AttributeMetadata"
-    )
+    return _METADATA_CLASS.get(kind, f"{kind}AttributeMetadata")
+
+
+def class_includes(cast: str, attribute: SimAttribute) -> bool:
+    """Whether an attribute is of the cast's class or a class derived from it."""
+    own = metadata_class(attribute)
+    if cast in _ABSTRACT_CLASSES:
+        derived = _ABSTRACT_CLASSES[cast]
+        return derived is None or own in derived
+    return own == cast
+
+
+def class_properties(cast: str) -> tuple[list[str], dict[str, str], tuple[str, ...]]:
+    """(selectable properties, filterable property types, navigation properties) of a class."""
+    own = _CLASS_PROPERTIES.get(cast, {})
+    selectable = [*ATTRIBUTE_PROPERTIES, *own]
+    filterable = {**ATTRIBUTE_PROPERTY_TYPES,
+                  **{name: kind for name, kind in own.items() if kind is not None}}
+    return selectable, filterable, _CLASS_NAVIGATION.get(cast, ())
+
+
+def attribute_definition(spec: SimEntity, attribute: SimAttribute) -> dict[str, Any]:
+    """The full AttributeMetadata object for one attribute (navigation properties aside)."""
     out: dict[str, Any] = {
-        "@odata.type": f"#Microsoft.Dynamics.CRM.{metadata_class}",
+        "@odata.type": f"#Microsoft.Dynamics.CRM.{metadata_class(attribute)}",
         "MetadataId": metadata_id(spec.logical_name, attribute.logical_name),
         "LogicalName": attribute.logical_name,
         "SchemaName": _schema_name(attribute.logical_name),
-        "AttributeType": kind,
-        "AttributeTypeName": {"Value": f"{kind}Type"},
+        "AttributeType": attribute.metadata_type,
+        "AttributeTypeName": {"Value": attribute.type_name},
         "AttributeOf": attribute.attribute_of,
         "EntityLogicalName": spec.logical_name,
         "IsPrimaryId": attribute.logical_name == spec.primary_id_attribute,
@@ -115,6 +179,16 @@ def attribute_definition(spec: SimEntity, attribute: SimAttribute) -> dict[str, 
     }
     if attribute.is_lookup:
         out["Targets"] = list(attribute.targets)
+    behavior = attribute.behavior
+    if behavior is not None:
+        out["Format"] = "DateOnly" if behavior == "DateOnly" else "DateAndTime"
+        out["DateTimeBehavior"] = {"Value": behavior}
+    if attribute.attribute_type == "Money":
+        out["IsBaseCurrency"] = attribute.is_base_currency
+    if attribute.attribute_type == "Image":
+        out.update({"IsPrimaryImage": True, "MaxHeight": 144, "MaxWidth": 144})
+    if attribute.attribute_type == "File":
+        out["MaxSizeInKB"] = 32768
     return out
 
 
@@ -181,6 +255,63 @@ def parse_attribute_expand(text: str) -> list[str] | None:
     return select
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside parentheses: `A($select=x,y),B` -> ["A($select=x,y)", "B"]."""
+    items, depth, current = [], 0, []
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [item.strip() for item in items]
+
+
+_NAVIGATION_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*)\s*(?:\((.*)\))?$", re.DOTALL)
+
+
+def parse_navigation_expand(
+    text: str,
+    navigation: Sequence[str],
+    type_name: str,
+    target_properties: Callable[[str], tuple[str, Sequence[str]]],
+) -> dict[str, list[str] | None]:
+    """`$expand=OptionSet,GlobalOptionSet($select=Options)` on an attribute class: expanded
+    navigation property -> its `$select` (None = everything). `target_properties(name)` gives
+    the expanded type's name and the properties its `$select` may name."""
+    expanded: dict[str, list[str] | None] = {}
+    for item in _split_top_level(text):
+        match = _NAVIGATION_RE.match(item)
+        name = match.group(1) if match else item.split("(")[0].strip()
+        if match is None or name not in navigation:
+            raise property_not_found(name, type_name)
+        select: list[str] | None = None
+        for option in filter(None, (o.strip() for o in (match.group(2) or "").split(";"))):
+            key, _, value = option.partition("=")
+            if key.strip() != "$select":
+                raise ODataQueryError(
+                    f"The simulator supports only $select inside $expand, not '{key.strip()}'."
+                )
+            target_type, allowed = target_properties(name)
+            select = parse_property_select(value, allowed, target_type)
+        expanded[name] = select
+    return expanded
+
+
+# The organization entity set: one row, how a client finds the org's base language.
+ORGANIZATION_COLUMNS = {
+    "organizationid": "Uniqueidentifier",
+    "name": "String",
+    "languagecode": "Integer",
+    "_basecurrencyid_value": "Lookup",
+}
+
+
 def csdl(specs: Sequence[SimEntity]) -> str:
     """A minimal CSDL document: one EntityType (key + properties) and EntitySet per table."""
     lines = [
@@ -196,14 +327,21 @@ def csdl(specs: Sequence[SimEntity]) -> str:
         for attribute in spec.attributes:
             if attribute.is_virtual:
                 continue
-            edm = EDM_BY_TYPE.get(attribute.attribute_type, "Edm.String")
+            edm = EDM_BY_TYPE.get(attribute.value_type, "Edm.String")
             lines.append(f"<Property Name={quoteattr(attribute.column)} Type={quoteattr(edm)} />")
         lines.append("</EntityType>")
+    lines.append('<EntityType Name="organization">')
+    lines.append('<Key><PropertyRef Name="organizationid" /></Key>')
+    for column, kind in ORGANIZATION_COLUMNS.items():
+        lines.append(f"<Property Name={quoteattr(column)} Type={quoteattr(EDM_BY_TYPE[kind])} />")
+    lines.append("</EntityType>")
     lines.append('<EntityContainer Name="System">')
     for spec in specs:
         lines.append(
             f"<EntitySet Name={quoteattr(spec.entity_set_name)} "
             f"EntityType={quoteattr('Microsoft.Dynamics.CRM.' + spec.logical_name)} />"
         )
+    lines.append('<EntitySet Name="organizations" '
+                 'EntityType="Microsoft.Dynamics.CRM.organization" />')
     lines += ["</EntityContainer>", "</Schema>", "</edmx:DataServices>", "</edmx:Edmx>"]
     return "\n".join(lines)

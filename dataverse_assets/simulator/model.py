@@ -17,10 +17,21 @@ import uuid
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
+from .choices import (
+    BASE_LANGUAGE,
+    OPTION_SET_TYPE,
+    SimOption,
+    SimOptionSet,
+    formatted_choice,
+    local_set_name,
+    multi_select_value,
+    new_option_set,
+)
 from .faults import Fault, FaultBoard, FaultPlan
 from .identity import SIMULATOR_CLIENT_ID, SIMULATOR_CLIENT_SECRET, SIMULATOR_TENANT_ID
 from .lazy import DerivedKeyMap, LazyKeyIndex, LazyRows, LazyRowSource
@@ -42,7 +53,17 @@ EXPIRED_VERSION_MESSAGE = (
 INVALID_ARGUMENT_CODE = "0x80040203"
 
 LOOKUP_TYPES = frozenset({"Lookup", "Customer", "Owner"})
-_VIRTUAL_NAME_FOR = frozenset({"Picklist", "State", "Status", "Boolean"})
+_VIRTUAL_NAME_FOR = frozenset({"Picklist", "MultiSelectPicklist", "State", "Status", "Boolean"})
+# The simulator's kinds that metadata lists as AttributeType "Virtual", and their
+# AttributeTypeName. Multi-select and file columns are in rows all the same; images are not.
+_VIRTUAL_KINDS = {
+    "Virtual": "VirtualType",
+    "MultiSelectPicklist": "MultiSelectPicklistType",
+    "File": "FileType",
+    "Image": "ImageType",
+}
+_NOT_IN_ROWS = frozenset({"Virtual", "Image"})
+DATE_BEHAVIORS = ("UserLocal", "DateOnly", "TimeZoneIndependent")
 
 _SEED_START = datetime(2024, 1, 1, tzinfo=UTC)
 _SEED_END = datetime(2026, 1, 1, tzinfo=UTC)
@@ -60,13 +81,30 @@ LAZY_TEMPLATE_ROWS = 4096
 
 @dataclass(frozen=True)
 class SimAttribute:
-    """One column as EntityDefinitions/Attributes describes it."""
+    """One column as EntityDefinitions/Attributes describes it.
+
+    `attribute_type` is the AttributeType, or one of the kinds metadata lists as "Virtual":
+    "MultiSelectPicklist", "File" (both in rows) and "Image" (not in rows), like "Virtual".
+    """
 
     logical_name: str
     attribute_type: str
     targets: tuple[str, ...] = ()
     nullable: bool = False
     attribute_of: str | None = None
+    # Choices: the global option set the column uses; None is a local set of its own.
+    option_set: str | None = None
+    # DateTime: "UserLocal" (None), "DateOnly" (rows carry "YYYY-MM-DD") or "TimeZoneIndependent".
+    date_behavior: str | None = None
+    # Money: this is the `<money>_base` column, the value in the org's base currency.
+    is_base_currency: bool = False
+    # Added after the first release of the simulated org: values come from a stream of their
+    # own per row, so every earlier column keeps its values for a seed.
+    late: bool = False
+
+    def __post_init__(self) -> None:
+        if self.date_behavior is not None and self.date_behavior not in DATE_BEHAVIORS:
+            raise ValueError(f"date_behavior is one of {', '.join(DATE_BEHAVIORS)}")
 
     @property
     def is_lookup(self) -> bool:
@@ -75,8 +113,36 @@ class SimAttribute:
 
     @property
     def is_virtual(self) -> bool:
-        """Virtual columns exist in metadata but never in rows."""
-        return self.attribute_type == "Virtual"
+        """Virtual (and image) columns exist in metadata but never in rows."""
+        return self.attribute_type in _NOT_IN_ROWS
+
+    @property
+    def is_choice(self) -> bool:
+        """Picklist, MultiSelectPicklist, State, Status and Boolean columns have option sets."""
+        return self.attribute_type in OPTION_SET_TYPE
+
+    @property
+    def metadata_type(self) -> str:
+        """The AttributeType metadata reports."""
+        return "Virtual" if self.attribute_type in _VIRTUAL_KINDS else self.attribute_type
+
+    @property
+    def type_name(self) -> str:
+        """The AttributeTypeName metadata reports."""
+        return _VIRTUAL_KINDS.get(self.attribute_type, f"{self.attribute_type}Type")
+
+    @property
+    def behavior(self) -> str | None:
+        """A DateTime column's DateTimeBehavior (None for other kinds)."""
+        if self.attribute_type != "DateTime":
+            return None
+        return self.date_behavior or "UserLocal"
+
+    @property
+    def value_type(self) -> str:
+        """How row values compare and what Edm type they have: the AttributeType, except
+        "Date" for a DateOnly DateTime (Edm.Date: a calendar date, no time, no zone)."""
+        return "Date" if self.behavior == "DateOnly" else self.attribute_type
 
     @property
     def column(self) -> str:
@@ -122,8 +188,8 @@ class SimEntity:
 
     @property
     def column_types(self) -> dict[str, str]:
-        """Row key -> AttributeType for every non-virtual attribute."""
-        return {a.column: a.attribute_type for a in self.attributes if not a.is_virtual}
+        """Row key -> value type (see SimAttribute.value_type) for every non-virtual attribute."""
+        return {a.column: a.value_type for a in self.attributes if not a.is_virtual}
 
     def attribute(self, logical_name: str) -> SimAttribute | None:
         """The attribute with this logical name (or row key), if any."""
@@ -137,6 +203,12 @@ def _a(
     name: str, attribute_type: str, *targets: str, nullable: bool = False
 ) -> SimAttribute:
     return SimAttribute(name, attribute_type, tuple(targets), nullable)
+
+
+def _late(name: str, attribute_type: str, *targets: str, nullable: bool = True,
+          **options: Any) -> SimAttribute:
+    """A column added after the first release (see SimAttribute.late)."""
+    return SimAttribute(name, attribute_type, tuple(targets), nullable, late=True, **options)
 
 
 def _with_virtuals(attributes: list[SimAttribute]) -> list[SimAttribute]:
@@ -171,6 +243,10 @@ _BUILTIN: dict[str, tuple[str, str, str | None, bool, int, list[SimAttribute]]] 
             _a("ownerid", "Owner", "systemuser", "team"),
             _a("versionnumber", "BigInt"),
             *_STAMPS,
+            # A money column brings the record's currency, its rate and the base-currency value.
+            _late("transactioncurrencyid", "Lookup", "transactioncurrency", nullable=False),
+            _late("exchangerate", "Decimal", nullable=False),
+            _late("revenue_base", "Money", attribute_of="revenue", is_base_currency=True),
         ],
     ),
     "contacts": (
@@ -181,12 +257,17 @@ _BUILTIN: dict[str, tuple[str, str, str | None, bool, int, list[SimAttribute]]] 
             _a("fullname", "String"),
             _a("emailaddress1", "String", nullable=True),
             _a("jobtitle", "String", nullable=True),
-            _a("parentcustomerid", "Customer", "account", nullable=True),
-            _a("birthdate", "DateTime", nullable=True),
+            _a("parentcustomerid", "Customer", "account", "contact", nullable=True),
+            SimAttribute("birthdate", "DateTime", nullable=True, date_behavior="DateOnly"),
             _a("statecode", "State"),
             _a("statuscode", "Status"),
             _a("ownerid", "Owner", "systemuser", "team"),
             *_STAMPS,
+            # The record image: the image itself is never in rows, its companions are.
+            _late("entityimage", "Image"),
+            _late("entityimageid", "Uniqueidentifier"),
+            _late("entityimage_timestamp", "BigInt", attribute_of="entityimage"),
+            _late("entityimage_url", "String", attribute_of="entityimage"),
         ],
     ),
     "systemusers": (
@@ -228,6 +309,10 @@ _BUILTIN: dict[str, tuple[str, str, str | None, bool, int, list[SimAttribute]]] 
             _a("vin_primaryaccountid", "Lookup", "account", nullable=True),
             _a("statecode", "State"),
             *_STAMPS,
+            _late("vin_therapeuticareas", "MultiSelectPicklist", option_set="vin_therapeuticarea"),
+            _late("vin_regardingobjectid", "Lookup", "account", "contact"),
+            _late("vin_resume", "File"),
+            _late("vin_resume_name", "String", attribute_of="vin_resume"),
         ],
     ),
     "vin_clinicaltrials": (
@@ -235,11 +320,12 @@ _BUILTIN: dict[str, tuple[str, str, str | None, bool, int, list[SimAttribute]]] 
         [
             _a("vin_name", "String"),
             _a("vin_phase", "Picklist"),
-            _a("vin_startdate", "DateTime"),
+            SimAttribute("vin_startdate", "DateTime", date_behavior="DateOnly"),
             _a("vin_budget", "Money"),
             _a("vin_sponsorid", "Lookup", "account"),
             _a("statecode", "State"),
             *_STAMPS,
+            _late("vin_therapeuticarea", "Picklist", option_set="vin_therapeuticarea"),
         ],
     ),
     # Benchmark only (benchmarks/run_all.py; not in entities_config.json): a wide custom table,
@@ -344,41 +430,48 @@ def entity_spec_for(entity_set_name: str, row_count: int | None = None) -> SimEn
 
 
 # ---------------------------------------------------------------------------------------------
-# Option-set labels (formatted values) and realistic text with the usual hazards
+# Currencies and realistic text with the usual hazards
 # ---------------------------------------------------------------------------------------------
 
-OPTION_LABELS: dict[str, dict[int, str]] = {
-    "statecode": {0: "Active", 1: "Inactive"},
-    "statuscode": {1: "Active", 2: "Inactive"},
-    "industrycode": {
-        1: "Accounting",
-        2: "Agriculture and Non-petrol Natural Resource Extraction",
-        3: "Broadcasting Printing and Publishing",
-        6: "Business Services",
-        7: "Consulting",
-        9: "Design, Direction and Creative Management",
-        11: "Doctor's Offices and Clinics",
-        12: "Durable Manufacturing",
-        18: "Financial",
-        24: "Pharmaceuticals",
-        33: "Wholesale",
-    },
-    "teamtype": {0: "Owner", 1: "Access", 2: "Security Group", 3: "Office Group"},
-    # Custom option sets start at the solution publisher's prefix value, as in real orgs.
-    "vin_stage": {
-        100000000: "Screening",
-        100000001: "Eligible",
-        100000002: "Enrolled",
-        100000003: "Withdrawn",
-    },
-    "vin_phase": {
-        100000000: "Phase I",
-        100000001: "Phase II",
-        100000002: "Phase III",
-        100000003: "Phase IV",
-    },
-}
-_DEFAULT_OPTIONS = {1: "Option 1", 2: "Option 2", 3: "Option 3"}
+_CURRENCY_NAMESPACE = uuid.UUID("8f0e4b6a-7c1d-4e2f-b3a5-9d6c0e1f2a47")
+
+
+@dataclass(frozen=True)
+class SimCurrency:
+    """A transactioncurrency record: the org's currencies are fixed, the base one first."""
+
+    code: str
+    name: str
+    symbol: str
+    exchange_rate: float  # units of this currency per unit of the base currency
+    precision: int = 2
+    share: float = 0.0  # how many seeded records use it (the base currency takes the rest)
+
+    @property
+    def id(self) -> str:
+        """Its transactioncurrencyid (the same in every simulated org)."""
+        return str(uuid.uuid5(_CURRENCY_NAMESPACE, self.code))
+
+
+CURRENCIES = (
+    SimCurrency("USD", "US Dollar", "$", 1.0),
+    SimCurrency("EUR", "Euro", "€", 0.9234, share=0.15),
+    SimCurrency("CHF", "Swiss Franc", "CHF ", 0.8812, share=0.05),
+)
+BASE_CURRENCY = CURRENCIES[0]
+_CURRENCY_BY_ID = {currency.id: currency for currency in CURRENCIES}
+
+
+def money_base(amount: float | None, exchange_rate: float | None,
+               precision: int = BASE_CURRENCY.precision) -> float | None:
+    """A money value in the base currency: amount / exchange rate, rounded to the base
+    currency's precision half to even, as .NET's decimal rounding behind Dataverse does."""
+    if amount is None or not exchange_rate:
+        return None
+    value = Decimal(repr(amount)) / Decimal(repr(exchange_rate))
+    return float(value.quantize(Decimal(1).scaleb(-precision), rounding=ROUND_HALF_EVEN))
+
+
 
 _COMPANIES = [
     "Contoso", "Fabrikam", "Adventure Works", "Northwind Traders", "Litware", "Tailspin Toys",
@@ -410,7 +503,14 @@ _HAZARD_SURNAMES = [
     "O'Bryan", '"Nick" Nickerson', "Smith, Jr.", "", "Müller-Lüdenscheidt", "山田 太郎",
     "Rocket 🚀", "  Spaces  ", "Back\\slash", "100% + #1",
 ]
-_NULL_RATE = {"description": 0.3, "vin_notes": 0.35, "jobtitle": 0.2, "birthdate": 0.25}
+_NULL_RATE = {"description": 0.3, "vin_notes": 0.35, "jobtitle": 0.2, "birthdate": 0.25,
+              "entityimageid": 0.7, "vin_resume": 0.6, "vin_therapeuticareas": 0.2}
+# Polymorphic lookups: how many seeded rows point at a table other than the first target.
+_OTHER_TARGET_RATE = 0.3
+_FILE_NAMES = [
+    "CV.pdf", "Lebenslauf 2025.docx", "résumé (final).pdf", "cv_O'Bryan.pdf", "履歴書.pdf",
+    "CV, short version.docx", "scan 🚀.png", "curriculum-vitae.PDF",
+]
 _FIRST_NAMES = [
     "Anna", "Bob", "Chloé", "Dmitri", "Émile", "Fatima", "Giulia", "Hiro", "Ingrid", "José",
     "Kwame", "Li", "María", "Nils", "Olu", "Priya", "Quentin", "Renée", "Søren", "Tomás", "Zoë",
@@ -462,6 +562,35 @@ def _random_guid(rng: random.Random) -> str:
 def _random_stamp(rng: random.Random, start: datetime, end: datetime) -> datetime:
     span = int((end - start).total_seconds())
     return start + timedelta(seconds=rng.randrange(span))
+
+
+def _guid_number(guid: str) -> int:
+    return int(guid.replace("-", ""), 16)
+
+
+def _image_timestamp(image_id: str) -> int:
+    """An image's EntityImage_Timestamp: .NET ticks of its upload, a moment in 2024-2025 that
+    its id fixes."""
+    return 638_396_640_000_000_000 + _guid_number(image_id) % 630_720_000_000_000
+
+
+def _date_text(value: Any) -> str:
+    """A DateOnly value on the wire ("YYYY-MM-DD") from a date, datetime or ISO text."""
+    if isinstance(value, datetime):
+        return value.date().isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return date.fromisoformat(str(value).strip()[:10]).isoformat()
+
+
+def _is_derived(spec: SimEntity, attribute: SimAttribute) -> bool:
+    """Columns Dataverse computes from others of the same row rather than storing what a
+    client sent: a money column's base value, the currency's exchange rate, an image's URL and
+    timestamp, a file's name."""
+    if attribute.is_base_currency or attribute.logical_name == "exchangerate":
+        return True
+    source = spec.attribute(attribute.attribute_of) if attribute.attribute_of else None
+    return source is not None and source.attribute_type in ("Image", "File")
 
 
 # change_column_type: how a value becomes the new kind unless the caller says otherwise.
@@ -651,6 +780,16 @@ class DataverseSimulator:
         self._last_issued = _SEED_START
         self.strict_clock = strict_clock
         self._mutation_rng = random.Random(seed * 7919 + 17)
+        # The calling user's language: labels in metadata and formatted values use it.
+        self.user_language_code = BASE_LANGUAGE
+        # Microsoft's docs say an attribute using a global set has OptionSet null and the set
+        # in GlobalOptionSet; orgs send it in both. True serves the docs' reading.
+        self.option_set_null_when_global = False
+        # The reported quirk (DATAVERSE.md): a change-tracking read with annotations loses
+        # @odata.deltaLink on its last page. True does it to every such read.
+        self.omit_delta_link_with_annotations = False
+        self._option_sets: dict[str, SimOptionSet] = {}
+        self._derived_by_table: dict[str, tuple[list[SimAttribute], frozenset[str]]] = {}
         self._tables: dict[str, EntityTable] = {}
         self._by_logical: dict[str, EntityTable] = {}
         for name in names:
@@ -837,15 +976,22 @@ class DataverseSimulator:
         with self.lock:
             return self._fault_board.add(Fault(kind, count=count, **options))
 
+    def expects_response_faults(self) -> bool:
+        """Whether a fault may still be drawn for a response (the gateway then inspects it)."""
+        with self.lock:
+            return self._fault_board.expects_response_faults()
+
     def clear_faults(self) -> None:
         """Drop pending injected faults and the fault plan."""
         with self.lock:
             self._fault_board.clear()
 
-    def draw_fault(self, entity: str | None, paging: bool, collection: bool) -> Fault | None:
-        """The fault for one request (counted in stats.faults), or None."""
+    def draw_fault(self, entity: str | None, paging: bool, collection: bool,
+                   after_response: bool = False) -> Fault | None:
+        """The fault for one request, or with after_response for its response once it is known
+        to have what the fault changes (counted in stats.faults), or None."""
         with self.lock:
-            fault = self._fault_board.draw(entity, paging, collection)
+            fault = self._fault_board.draw(entity, paging, collection, after_response)
             if fault is not None:
                 self.stats.faults[fault.kind] += 1
             return fault
@@ -1033,8 +1179,18 @@ class DataverseSimulator:
 
     # -- row generation --------------------------------------------------------------------------
 
+    def _late_rng(self, spec: SimEntity, pk: str) -> random.Random:
+        """The stream a row's late columns draw from: a function of the seed and the row alone
+        (a str seed is hashed with SHA-512, not the per-process salted hash())."""
+        return random.Random(f"{self.seed}:{spec.entity_set_name}:{pk}")
+
     def _pick_reference(
-        self, table: EntityTable, attribute: SimAttribute, rng: random.Random
+        self,
+        table: EntityTable,
+        attribute: SimAttribute,
+        rng: random.Random,
+        late: Callable[[], random.Random],
+        pk: str,
     ) -> tuple[str | None, str]:
         """(GUID, target logical name) for a lookup, preferring existing target rows."""
         targets = list(attribute.targets) or ["systemuser"]
@@ -1046,14 +1202,36 @@ class DataverseSimulator:
             return rng.choice(existing), targets[0]
         present = [t for t in targets if t in self._by_logical and self._by_logical[t].order_keys]
         if not present:
+            if targets[0] == "transactioncurrency":
+                return self._pick_currency(rng).id, targets[0]
             return _random_guid(rng), targets[0]
         if attribute.attribute_type == "Owner" and len(present) > 1:
             target = present[0] if rng.random() < 0.85 else present[1]
         else:
-            target = rng.choice(present) if len(present) > 1 else present[0]
+            target = present[0]
         target_table = self._by_logical[target]
         key = rng.choice(target_table.order_keys)
-        return target_table.key_to_pk[key], target
+        guid = target_table.key_to_pk[key]
+        if attribute.attribute_type != "Owner" and len(present) > 1 and (
+            late().random() < _OTHER_TARGET_RATE
+        ):
+            # The other targets came later: whether a row points at one is drawn from the row's
+            # own stream, so the rows that keep the first target keep their values.
+            other = late().choice(present[1:])
+            other_table = self._by_logical[other]
+            other_guid = other_table.key_to_pk[late().choice(other_table.order_keys)]
+            if other_guid != pk:  # nobody is their own parent
+                return other_guid, other
+        return guid, target
+
+    @staticmethod
+    def _pick_currency(rng: random.Random) -> SimCurrency:
+        draw = rng.random()
+        for currency in CURRENCIES[1:]:
+            if draw < currency.share:
+                return currency
+            draw -= currency.share
+        return BASE_CURRENCY
 
     def _build_row(
         self,
@@ -1076,10 +1254,20 @@ class DataverseSimulator:
             )
         else:
             created = modified = stamp
+        derived = self._derived_columns(spec)
+        streams: list[random.Random] = []
+
+        def late() -> random.Random:
+            # Made on first use: most rows of most tables never need it.
+            if not streams:
+                streams.append(self._late_rng(spec, pk))
+            return streams[0]
+
         for attribute in spec.attributes:
             if attribute.is_virtual:
                 continue
             name = attribute.logical_name
+            draw = late() if attribute.late else rng
             if name == spec.primary_id_attribute:
                 row[name] = pk
             elif name == "createdon":
@@ -1088,17 +1276,53 @@ class DataverseSimulator:
                 row[name] = format_datetime(modified)
             elif name == "versionnumber":
                 row[name] = version
+            elif name in derived:
+                row[attribute.column] = self._derived(spec, attribute, row)
             elif attribute.is_lookup:
-                if attribute.nullable and rng.random() < 0.12:
+                if attribute.nullable and draw.random() < 0.12:
                     row[attribute.column] = None
                     continue
-                guid, target = self._pick_reference(table, attribute, rng)
+                guid, target = self._pick_reference(table, attribute, draw, late, pk)
                 row[attribute.column] = guid
                 if len(attribute.targets) > 1 and guid is not None:
                     table.lookup_targets.setdefault(pk, {})[attribute.column] = target
             else:
-                row[name] = self._value(spec, attribute, rng, row, ordinal)
+                row[name] = self._value(spec, attribute, draw, row, ordinal)
         return row
+
+    def _derived_columns(self, spec: SimEntity) -> frozenset[str]:
+        """Logical names of the table's derived columns (see _is_derived), kept until its
+        attributes change (a schema change assigns a new list)."""
+        cached = self._derived_by_table.get(spec.entity_set_name)
+        if cached is None or cached[0] is not spec.attributes:
+            names = frozenset(a.logical_name for a in spec.attributes
+                              if not a.is_virtual and _is_derived(spec, a))
+            cached = (spec.attributes, names)
+            self._derived_by_table[spec.entity_set_name] = cached
+        return cached[1]
+
+    def _derived(self, spec: SimEntity, attribute: SimAttribute, row: Mapping[str, Any]) -> Any:
+        """A column Dataverse computes from others of the row (see _is_derived)."""
+        if attribute.is_base_currency:
+            return money_base(row.get(attribute.attribute_of or ""), row.get("exchangerate"))
+        if attribute.logical_name == "exchangerate":
+            currency = _CURRENCY_BY_ID.get(row.get("_transactioncurrencyid_value") or "")
+            return currency.exchange_rate if currency is not None else None
+        owner = spec.attribute(attribute.attribute_of or "")
+        assert owner is not None
+        if owner.attribute_type == "File":
+            file_id = row.get(owner.column)
+            return None if file_id is None else _FILE_NAMES[_guid_number(file_id) % len(
+                _FILE_NAMES)]
+        # An image's companions follow its id: no image, no URL and no timestamp.
+        image_id = row.get(f"{owner.logical_name}id")
+        if image_id is None:
+            return None
+        timestamp = _image_timestamp(image_id)
+        if attribute.logical_name.endswith("_timestamp"):
+            return timestamp
+        return (f"/Image/download.aspx?Entity={spec.logical_name}"
+                f"&Attribute={owner.logical_name}&Id={image_id}&Timestamp={timestamp}")
 
     def _value(
         self,
@@ -1122,7 +1346,11 @@ class DataverseSimulator:
                 return 0 if rng.random() < 0.85 else 1
             if name == "statuscode":
                 return 1 if row.get("statecode", 0) == 0 else 2
-            return rng.choice(sorted(OPTION_LABELS.get(name, _DEFAULT_OPTIONS)))
+            return rng.choice(sorted(self._option_set_for(spec, attribute).values()))
+        if kind == "MultiSelectPicklist":
+            values = self._option_set_for(spec, attribute).values()
+            chosen = rng.sample(values, min(len(values), rng.randint(1, 3)))
+            return multi_select_value(sorted(chosen))
         if kind == "Boolean":
             return rng.random() < (0.1 if name == "isdisabled" else 0.5)
         if kind == "Integer":
@@ -1137,10 +1365,14 @@ class DataverseSimulator:
             if name == "birthdate":
                 start, end = datetime(1950, 1, 1, tzinfo=UTC), datetime(2005, 1, 1, tzinfo=UTC)
                 day = _random_stamp(rng, start, end)
-                return format_datetime(day.replace(hour=0, minute=0, second=0))
-            start, end = datetime(2022, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
-            return format_datetime(_random_stamp(rng, start, end))
-        if kind == "Uniqueidentifier":
+                text = format_datetime(day.replace(hour=0, minute=0, second=0))
+            else:
+                start, end = datetime(2022, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
+                text = format_datetime(_random_stamp(rng, start, end))
+            # A DateOnly column holds the calendar day the same draw gave before it had a
+            # behaviour (Edm.Date: "YYYY-MM-DD").
+            return text[:10] if attribute.behavior == "DateOnly" else text
+        if kind in ("Uniqueidentifier", "File"):
             return _random_guid(rng)
         return None
 
@@ -1204,7 +1436,11 @@ class DataverseSimulator:
         column = attribute.column
         if value is None:
             return column, None
-        category = CATEGORY_BY_TYPE.get(attribute.attribute_type)
+        category = CATEGORY_BY_TYPE.get(attribute.value_type)
+        if category == "date":
+            return column, _date_text(value)
+        if attribute.attribute_type == "MultiSelectPicklist" and not isinstance(value, str):
+            return column, multi_select_value(value)
         if category == "datetime":
             if isinstance(value, datetime):
                 stamp = value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -1240,6 +1476,20 @@ class DataverseSimulator:
                             break
             if column in ("modifiedon", "createdon"):
                 self._observe_stamp(wire)
+        self._refresh_derived(table, row, values)
+
+    def _refresh_derived(self, table: EntityTable, row: dict[str, Any],
+                         values: Mapping[str, Any]) -> None:
+        """Recompute what Dataverse computes (a base-currency value, a rate, an image's URL)
+        after a write, unless the write set it itself."""
+        spec = table.spec
+        derived = self._derived_columns(spec)
+        if not derived:
+            return
+        given = {a.column for a in map(spec.attribute, values) if a is not None}
+        for attribute in spec.attributes:
+            if attribute.logical_name in derived and attribute.column not in given:
+                row[attribute.column] = self._derived(spec, attribute, row)
 
     def create(self, entity_set: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
         """Insert a row (generated like seed rows, overridden by values); returns it."""
@@ -1379,7 +1629,7 @@ class DataverseSimulator:
         with self.lock:
             table = self._tables[entity_set]
             spec = table.spec
-            if not attribute.is_virtual and attribute.attribute_type not in CATEGORY_BY_TYPE:
+            if not attribute.is_virtual and attribute.value_type not in CATEGORY_BY_TYPE:
                 raise ValueError(f"unknown AttributeType {attribute.attribute_type!r}")
             if any(a.logical_name == attribute.logical_name for a in spec.attributes) or (
                 not attribute.is_virtual and attribute.column in spec.columns
@@ -1437,17 +1687,17 @@ class DataverseSimulator:
             attribute = spec.attribute(name)
             if attribute is None or attribute.is_virtual:
                 raise KeyError(f"{spec.logical_name} has no column {name!r}")
-            if attribute_type not in CATEGORY_BY_TYPE:
+            if attribute_type not in CATEGORY_BY_TYPE or attribute_type == "Date":
                 raise ValueError(f"unknown AttributeType {attribute_type!r}")
-            changed = SimAttribute(attribute.logical_name, attribute_type, attribute.targets,
-                                   attribute.nullable, attribute.attribute_of)
+            changed = replace(attribute, attribute_type=attribute_type)
             if changed.is_lookup != attribute.is_lookup:
                 raise ValueError("a column cannot become or stop being a lookup")
             if attribute.logical_name == spec.primary_id_attribute:
                 raise ValueError("the primary key's type cannot be changed")
             spec.attributes = [changed if a is attribute else a for a in spec.attributes]
             self._schema_changed(table)
-            convert = convert or _DEFAULT_CONVERSIONS.get(CATEGORY_BY_TYPE[attribute_type], str)
+            category = CATEGORY_BY_TYPE[changed.value_type]
+            convert = convert or _DEFAULT_CONVERSIONS.get(category, str)
             for pk, row in list(table.rows.items()):
                 value = row.get(changed.column)
                 new_row = dict(row)
@@ -1490,3 +1740,96 @@ class DataverseSimulator:
             if found is not None:
                 return found
         return attribute.targets[0] if attribute.targets else None
+
+    def primary_name(self, logical_name: str, guid: str) -> str | None:
+        """The primary name of the record a lookup points at (its FormattedValue), or None."""
+        if logical_name == "transactioncurrency" and logical_name not in self._by_logical:
+            currency = _CURRENCY_BY_ID.get(guid)
+            return currency.name if currency is not None else None
+        table = self._by_logical.get(logical_name)
+        if table is None or table.spec.primary_name_attribute is None:
+            return None
+        row = table.rows.get(guid)
+        return None if row is None else row.get(table.spec.primary_name_attribute)
+
+    @staticmethod
+    def currency(guid: str | None) -> SimCurrency:
+        """The currency a transactioncurrencyid names (the base currency if none)."""
+        return _CURRENCY_BY_ID.get(guid or "", BASE_CURRENCY)
+
+    # -- choices ---------------------------------------------------------------------------------
+    # Option sets are metadata: changing a label or an option touches no row (no new version,
+    # no change-tracking entry), but what is served afterwards (labels in metadata, formatted
+    # values) uses the change. A global set's change shows on every attribute using it.
+
+    def _option_set_for(self, spec: SimEntity, attribute: SimAttribute) -> SimOptionSet:
+        name = attribute.option_set or local_set_name(spec.logical_name, attribute.logical_name)
+        found = self._option_sets.get(name)
+        if found is None:
+            found = new_option_set(spec.logical_name, attribute.logical_name,
+                                   attribute.attribute_type, attribute.option_set)
+            self._option_sets[name] = found
+        return found
+
+    def option_set_of(self, spec: SimEntity, attribute: SimAttribute) -> SimOptionSet:
+        """The option set a choice column uses (for the HTTP layer)."""
+        with self.lock:
+            return self._option_set_for(spec, attribute)
+
+    def option_set(self, entity_set: str, attribute: str) -> SimOptionSet:
+        """The option set of a choice column (KeyError if there is no such column, ValueError
+        if it is not a choice)."""
+        with self.lock:
+            spec = self._tables[entity_set].spec
+            found = spec.attribute(attribute)
+            if found is None or found.is_virtual:
+                raise KeyError(f"{spec.logical_name} has no column {attribute!r}")
+            if not found.is_choice:
+                raise ValueError(f"{spec.logical_name}.{attribute} is not a choice column")
+            return self._option_set_for(spec, found)
+
+    def formatted_choice(self, spec: SimEntity, attribute: SimAttribute, value: Any) -> str:
+        """The FormattedValue of a choice value in the calling user's language."""
+        with self.lock:
+            return formatted_choice(self._option_set_for(spec, attribute),
+                                    attribute.attribute_type, value, self.user_language_code)
+
+    def set_option_label(self, entity_set: str, attribute: str, value: int, label: str,
+                         language_code: int = BASE_LANGUAGE) -> None:
+        """Relabel an option in one language (adding the language's label if it had none)."""
+        with self.lock:
+            option = self.option_set(entity_set, attribute).option(int(value))
+            if option is None:
+                raise KeyError(f"{entity_set}.{attribute} has no option {value}")
+            option.labels[int(language_code)] = label
+
+    def add_option(self, entity_set: str, attribute: str, value: int, label: str, *,
+                   language_code: int = BASE_LANGUAGE, state: int | None = None,
+                   default_status: int | None = None) -> None:
+        """Add an option at the end of the set; a Status option needs the `state` it belongs
+        to, a State option may name its `default_status`. Boolean sets have exactly two."""
+        with self.lock:
+            option_set = self.option_set(entity_set, attribute)
+            if option_set.option_set_type == "Boolean":
+                raise ValueError("a Boolean option set has exactly a true and a false option")
+            if option_set.option(int(value)) is not None:
+                raise ValueError(f"{entity_set}.{attribute} already has an option {value}")
+            if option_set.option_set_type == "Status" and state is None:
+                raise ValueError("a Status option needs the state it belongs to")
+            option_set.options.append(SimOption(
+                int(value), {int(language_code): label}, state=state,
+                default_status=default_status,
+                invariant_name=label if option_set.option_set_type == "State" else None,
+            ))
+
+    def remove_option(self, entity_set: str, attribute: str, value: int) -> None:
+        """Delete an option. Rows holding its value keep it; their FormattedValue becomes the
+        number, since no label is left for it."""
+        with self.lock:
+            option_set = self.option_set(entity_set, attribute)
+            if option_set.option_set_type == "Boolean":
+                raise ValueError("a Boolean option set has exactly a true and a false option")
+            option = option_set.option(int(value))
+            if option is None:
+                raise KeyError(f"{entity_set}.{attribute} has no option {value}")
+            option_set.options.remove(option)

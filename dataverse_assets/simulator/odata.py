@@ -28,7 +28,10 @@ QUERY_ERROR_CODE = "0x80060888"
 Row = Mapping[str, Any]
 Predicate = Callable[[Row], bool]
 
-# AttributeType -> comparison category; every column in a row falls in one of these.
+# Value type -> comparison category; every column in a row falls in one of these. Value types
+# are AttributeTypes plus three the metadata spells otherwise: "Date" (a DateTime with DateOnly
+# behaviour, Edm.Date on the wire) and "MultiSelectPicklist" and "File" (AttributeType
+# Virtual, yet rows carry them).
 CATEGORY_BY_TYPE: dict[str, str] = {
     "String": "string",
     "Memo": "string",
@@ -43,7 +46,10 @@ CATEGORY_BY_TYPE: dict[str, str] = {
     "Money": "number",
     "Boolean": "bool",
     "DateTime": "datetime",
+    "Date": "date",
+    "MultiSelectPicklist": "string",
     "Uniqueidentifier": "guid",
+    "File": "guid",
     "Lookup": "guid",
     "Customer": "guid",
     "Owner": "guid",
@@ -63,7 +69,10 @@ EDM_BY_TYPE: dict[str, str] = {
     "Money": "Edm.Decimal",
     "Boolean": "Edm.Boolean",
     "DateTime": "Edm.DateTimeOffset",
+    "Date": "Edm.Date",
+    "MultiSelectPicklist": "Edm.String",
     "Uniqueidentifier": "Edm.Guid",
+    "File": "Edm.Guid",
     "Lookup": "Edm.Guid",
     "Customer": "Edm.Guid",
     "Owner": "Edm.Guid",
@@ -95,6 +104,7 @@ _DATETIME_RE = re.compile(
     r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,7})?)?(Z|[+-]\d{2}:\d{2})$", re.IGNORECASE
 )
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_MIDNIGHT = "T00:00:00Z"  # an Edm.Date compares as this moment of its day
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _DECIMAL_RE = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?[mMdDfF]?$")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -485,7 +495,8 @@ class _Parser:
                     f"'yyyy-mm-ddThh:mm:ss('.'s+)?(zzzzzz)?' and each field value is within "
                     f"valid range."
                 ) from exc
-            return _Literal("datetime", value, "Edm.DateTimeOffset")
+            edm = "Edm.Date" if _DATE_RE.match(text) else "Edm.DateTimeOffset"
+            return _Literal("datetime", value, edm)
         if _INT_RE.match(text):
             number = int(text)
             edm = "Edm.Int32" if -(2**31) <= number < 2**31 else "Edm.Int64"
@@ -507,7 +518,9 @@ class _Parser:
             ok = literal.kind in ("int", "decimal")
         elif category == "bool":
             ok = literal.kind == "bool"
-        elif category == "datetime":
+        elif category in ("datetime", "date"):
+            # A date literal is midnight on a datetime column, and an Edm.Date column
+            # promotes to Edm.DateTimeOffset against a datetime literal, as in OData.
             ok = literal.kind == "datetime"
         elif category == "guid":
             if literal.kind == "guid":
@@ -583,6 +596,10 @@ def _compile_membership(expr: BoolOp) -> Predicate | None:
             canonical, has_fraction = item.value
             if not has_fraction:
                 values.add(canonical)
+        elif category == "date":
+            canonical, has_fraction = item.value
+            if not has_fraction and canonical.endswith(_MIDNIGHT):
+                values.add(canonical[:10])
         elif category == "string":
             values.add(item.value.casefold())
         else:
@@ -645,11 +662,34 @@ def _compile_comparison(expr: Comparison) -> Predicate:
         if op == "ne":
             return lambda row: row[col] != canonical
         return lambda row: (v := row[col]) is not None and func(v, canonical)
+    if category == "date":
+        return _compile_date_comparison(col, op, value)
     if op == "eq":
         return lambda row: (v := row[col]) is not None and v == value
     if op == "ne":
         return lambda row: (v := row[col]) is None or v != value
     return lambda row: (v := row[col]) is not None and func(v, value)
+
+
+
+def _compile_date_comparison(col: str, op: str, value: tuple[str, bool]) -> Predicate:
+    """An Edm.Date column ("YYYY-MM-DD") against a literal: the date is its midnight (UTC),
+    so `d lt 1980-01-01` and `d lt 1980-01-01T00:00:00Z` agree."""
+    canonical, has_fraction = value
+    if has_fraction:
+        if op == "eq":
+            return lambda row: False
+        if op == "ne":
+            return lambda row: True
+        if op in ("gt", "ge"):
+            return lambda row: (v := row[col]) is not None and v + _MIDNIGHT > canonical
+        return lambda row: (v := row[col]) is not None and v + _MIDNIGHT <= canonical
+    if op == "eq":
+        return lambda row: (v := row[col]) is not None and v + _MIDNIGHT == canonical
+    if op == "ne":
+        return lambda row: (v := row[col]) is None or v + _MIDNIGHT != canonical
+    func = _OP_FUNC[op]
+    return lambda row: (v := row[col]) is not None and func(v + _MIDNIGHT, canonical)
 
 
 # ---------------------------------------------------------------------------------------------
