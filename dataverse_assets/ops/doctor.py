@@ -411,14 +411,17 @@ class Doctor:
             Counter(parsed.choice_columns.values()).items()))
         polymorphic = sum(1 for targets in parsed.lookups.values() if len(targets) > 1)
         missing = len(parsed.options) - labelled
-        self.add("choices", WARN if missing else PASS,
-                 f"{len(parsed.choice_columns)} choice columns ({kinds or 'none'}), "
-                 f"{len(parsed.options)} options, {labelled} labelled in language {language}"
-                 + (f" ({missing} without a label in it)" if missing else "")
-                 + f"; {len(parsed.lookups)} lookups ({polymorphic} polymorphic)"
+        choices = (f"{_count(len(parsed.choice_columns), 'choice column')} ({kinds}), "
+                   f"{_count(len(parsed.options), 'option')}, {labelled} labelled in language "
+                   f"{language}" + (f" ({missing} shown in the base language "
+                                    f"{parsed.base_language_code}: no label in {language})"
+                                    if missing else "")
+                   if parsed.choice_columns else "no choice columns")
+        self.add("choices", INFO if missing else PASS,
+                 f"{choices}; {_count(len(parsed.lookups), 'lookup')} ({polymorphic} polymorphic)"
                  + (f"; {len(parsed.date_only)} DateOnly" if parsed.date_only else ""),
-                 fix=("choose a language every option has (labels.language_code), or accept "
-                      "empty labels for those options") if missing else "", entity=name)
+                 fix=("add the translations in Dataverse (export, translate, import), or "
+                      "choose another labels.language_code") if missing else "", entity=name)
 
     async def _scope(self, client: DataverseClient, entity: EntityConfig,
                      definition: dict | None, primary_key: str) -> bool:
@@ -637,3 +640,7 @@ def render_checks(checks: list[Check]) -> str:
         ("passed", counts[PASS]), ("failed", counts[FAIL]), ("warnings", counts[WARN]),
         ("info", counts[INFO]), ("skipped", counts[SKIP])) if n or label == "failed"))
     return "\n".join(lines)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -97,7 +97,8 @@ def readable_view_sql(connection: sqlite3.Connection, schema: EntitySchema) -> s
     metadata = stored_metadata(connection, schema.entity)
     if metadata is None or not table_exists(connection, schema.entity):
         return None
-    language = metadata.get("view_language_code") or metadata["base_language_code"] or 1033
+    base = metadata["base_language_code"] or 1033
+    language = metadata.get("view_language_code") or base
     entity, entity_literal = schema.entity, _literal(schema.entity)
     existing = {sqlite_fold(c) for c in table_columns(connection, entity)}
     derived: list[str] = []
@@ -107,6 +108,16 @@ def readable_view_sql(connection: sqlite3.Connection, schema: EntitySchema) -> s
             return  # a real column of that name wins
         existing.add(sqlite_fold(name))
         derived.append(f"{expression} AS {quote_identifier(name)}")
+
+    def _language_of(value: str) -> str:
+        """The view's language for an option that has a label in it, else (as Dataverse shows
+        an untranslated option) the org's base language."""
+        if language == base:
+            return str(int(language))
+        return (f"(CASE WHEN EXISTS (SELECT 1 FROM _choice_labels v WHERE v.entity ="
+                f" {entity_literal} AND v.attribute = {attribute} AND v.option_value = {value}"
+                f" AND v.language_code = {int(language)}) THEN {int(language)}"
+                f" ELSE {int(base)} END)")
 
     for column, kind in metadata["choice_columns"].items():
         if column not in schema.column_names or not _PLAIN_NAME.match(column):
@@ -120,14 +131,15 @@ def readable_view_sql(connection: sqlite3.Connection, schema: EntitySchema) -> s
                 f"(SELECT group_concat(label, '; ') FROM (SELECT l.label FROM"
                 f" {quote_identifier(table)} m JOIN _choice_labels l ON l.entity = "
                 f"{entity_literal} AND l.attribute = {attribute} AND l.option_value ="
-                f" m.option_value AND l.language_code = {int(language)}"
+                f" m.option_value AND l.language_code = {_language_of('m.option_value')}"
                 f" WHERE m.record_id = t.{quote_identifier(schema.primary_key)}"
                 f" ORDER BY l.option_order))")
         else:
+            value = f"t.{quote_identifier(column)}"
             add(f"{column}_label",
                 f"(SELECT l.label FROM _choice_labels l WHERE l.entity = {entity_literal}"
-                f" AND l.attribute = {attribute} AND l.option_value = t.{quote_identifier(column)}"
-                f" AND l.language_code = {int(language)})")
+                f" AND l.attribute = {attribute} AND l.option_value = {value}"
+                f" AND l.language_code = {_language_of(value)})")
     for attribute, column in metadata["lookup_columns"].items():
         if column not in schema.column_names or not _PLAIN_NAME.match(column) \
                 or not _PLAIN_NAME.match(attribute):

@@ -55,13 +55,18 @@ def test_doctor_passes_every_check_against_the_simulator(doctor_env, capsys):
                ("configuration", "tenant discovery", "access token", "org access"))
     candidates = by_entity(report, "vin_candidates")
     assert list(candidates) == ["reachable", "primary key, modifiedon", "change tracking",
-                                "paging", "$filter on the key"]
+                                "choices", "paging", "$filter on the key"]
     assert all(c["status"] == PASS for c in candidates.values())
     assert "'vin_candidateid'" in candidates["primary key, modifiedon"]["detail"]
     assert "incremental mode 'change_tracking'" in candidates["change tracking"]["detail"]
     assert "pages of 40 honoured" in candidates["paging"]["detail"]
     assert "nextLink followed" in candidates["paging"]["detail"]
     assert "vin_name eq 'O''Brien'" in candidates["$filter on the key"]["detail"]
+    # What the readable view will show, from the org's attribute metadata.
+    assert candidates["choices"]["detail"] == (
+        "4 choice columns (1 Boolean, 1 MultiSelectPicklist, 1 Picklist, 1 State), 13 options,"
+        " 13 labelled in language 1033; 2 lookups (1 polymorphic)")
+    assert "1 DateOnly" in by_entity(report, "contacts")["choices"]["detail"]
     # No x-ms-ratelimit-* headers from the simulator: said so, not failed.
     assert general["throttling headroom"]["status"] == INFO
     assert "not reported" in general["throttling headroom"]["detail"]
@@ -206,3 +211,21 @@ def test_throttling_headroom_reads_the_ratelimit_headers():
     scarce = ratelimit_headroom({"X-MS-RateLimit-Burst-Remaining-XRM-Requests": "120"})
     assert scarce.status == WARN and "requests" in scarce.fix
     assert ratelimit_headroom({}).detail.startswith("not reported")
+
+
+def test_choices_count_the_options_shown_in_the_base_language_for_want_of_a_translation(
+        tmp_path, monkeypatch, doctor_env, capsys):
+    """industrycode is only partly translated to German in the org: the doctor says how many
+    options the readable view will show in the base language instead, and what to do."""
+    path = entities_file(tmp_path, page_size=40)
+    raw = json.loads(path.read_text())
+    raw["labels"] = {"language_code": 1031}
+    path.write_text(json.dumps(raw))
+    code, report = run_doctor_json(capsys)
+    accounts = by_entity(report, "accounts")["choices"]
+    assert accounts["status"] == INFO
+    assert ("labelled in language 1031 (6 shown in the base language 1033: no label in 1031)"
+            in accounts["detail"])
+    assert "labels.language_code" in accounts["fix"]
+    assert by_entity(report, "vin_clinicaltrials")["choices"]["status"] == INFO  # vin_phase
+    assert by_entity(report, "contacts")["choices"]["status"] == PASS
