@@ -60,6 +60,19 @@ def mirror_of(tmp_path, simulator_url, entities: list[dict], name: str = "m",
                   DagsterInstance.ephemeral(), url)
 
 
+def reconfigured(mirror: Mirror, entities: list[dict]) -> Mirror:
+    """The same mirror (database, archive, Dagster instance) after its entities file was
+    edited to `entities` (all in one hourly group), as a restarted code location sees it."""
+    config = mirror.settings.entities_config_path
+    config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}},
+                                  "entities": [{"group": "hourly", **e} for e in entities]}))
+    settings = Settings(db_path=mirror.settings.db_path, archive_dir=mirror.settings.archive_dir,
+                        entities_config_path=config, source="simulator")
+    source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=mirror.url)
+    return Mirror(mirror.simulator, settings, build_definitions(settings, source=source),
+                  mirror.instance, mirror.url)
+
+
 def root_error(result) -> str:
     """The message of the exception that failed the run (the innermost cause)."""
     for event in result.all_events:

@@ -4,12 +4,14 @@ kept through option changes, record changes and a rebuild from the archive."""
 
 from collections import Counter
 
+import orjson
 import pytest
 from dagster import AssetCheckSeverity
 
 from dataverse_assets.ops.rebuild import rebuild
 from dataverse_assets.simulator.choices import parse_multi_select
 from dataverse_assets.store.db import connect
+from dataverse_assets.sync.stage import content_hash
 from dataverse_assets_tests.conftest import failure_messages
 from dataverse_assets_tests.helpers import mirror_of
 
@@ -231,3 +233,33 @@ def test_a_change_tracking_read_that_loses_its_delta_link_is_read_again_without_
             "SELECT count(*) FROM _change_history WHERE entity = 'vin_candidates'"
             " AND change_set = (SELECT max(change_set) FROM _change_history)").fetchone()[0]
     assert staged == 1  # a delta read: only the changed record
+
+
+def test_a_mirror_that_hashed_annotations_is_not_rewritten_when_they_are_ignored(
+        tmp_path, simulator_url):
+    """Reads carry annotations (formatted values change when a label does, not the record);
+    the content hash ignores them. A mirror made when hashes included them is rehashed once,
+    not written again record by record."""
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "vin_candidates",
+                                                  "incremental": "full"}])
+    mirror.sync("hourly")
+    with mirror.connection() as connection:
+        bodies = connection.execute("SELECT rowid, json_response FROM vin_candidates").fetchall()
+        connection.executemany(
+            "UPDATE vin_candidates SET _content_hash = ? WHERE rowid = ?",
+            [(content_hash(orjson.loads(body), False), rowid) for rowid, body in bodies])
+        connection.execute("DELETE FROM _hash_rule")
+        connection.commit()
+        history_before = connection.execute(
+            "SELECT count(*) FROM vin_candidates__history").fetchone()[0]
+    mirror.simulator.set_option_label("vin_candidates", STAGE, 100000000, "Pre-screening")
+
+    key = mirror.sync("hourly")
+
+    with mirror.connection() as connection:
+        updated, unchanged = connection.execute(
+            "SELECT updated, unchanged FROM _publish_state WHERE entity = 'vin_candidates'"
+            " AND change_set = ?", (key,)).fetchone()
+        assert connection.execute(
+            "SELECT count(*) FROM vin_candidates__history").fetchone()[0] == history_before
+    assert (updated, unchanged) == (0, len(bodies))
