@@ -8,6 +8,7 @@ import orjson
 import pytest
 from dagster import AssetCheckSeverity
 
+from dataverse_assets.ops import cli
 from dataverse_assets.ops.rebuild import rebuild
 from dataverse_assets.simulator.choices import parse_multi_select
 from dataverse_assets.store.db import connect
@@ -263,3 +264,14 @@ def test_a_mirror_that_hashed_annotations_is_not_rewritten_when_they_are_ignored
         assert connection.execute(
             "SELECT count(*) FROM vin_candidates__history").fetchone()[0] == history_before
     assert (updated, unchanged) == (0, len(bodies))
+
+
+def test_the_sync_says_where_to_read_the_labels(tmp_path, simulator_url, monkeypatch, capsys):
+    mirror = mirror_of(tmp_path, simulator_url, ENTITIES)
+    for name, value in mirror.cli_environment(tmp_path / "home").items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["sync"]) == 0
+    out = capsys.readouterr().out
+    assert ("readable views (choice labels, lookup names and tables): vin_candidates__readable"
+            " (4 choice columns), contacts__readable (2 choice columns),"
+            " vin_clinicaltrials__readable (3 choice columns)") in out

@@ -48,11 +48,13 @@ from dataverse_assets.ops.status import entity_status
 from dataverse_assets.store import dead_letters
 from dataverse_assets.store.archive_retention import compact_archive
 from dataverse_assets.store.bookkeeping import change_set_used, step_details
+from dataverse_assets.store.choices import label_counts
 from dataverse_assets.store.db import connect
 from dataverse_assets.store.issues import list_issues
 from dataverse_assets.store.locks import every_entity_lock
 from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
 from dataverse_assets.store.mirror import Mirror
+from dataverse_assets.store.readable import readable_view
 from dataverse_assets.sync.progress import (
     TERMINAL_INTERVAL_SECONDS,
     ProgressReporter,
@@ -183,7 +185,23 @@ def cmd_sync(args: argparse.Namespace) -> int:
         if not result.success:
             failed = True
             _print_failures(result)
+    _print_readable(settings, [e.name for g in groups for e in config.entities_in_group(g)])
     return 1 if failed else 0
+
+
+def _print_readable(settings, entities: list[str]) -> None:
+    """Where to read the mirror with labels: the readable views the sync keeps."""
+    with connect(settings.db_path) as connection:
+        counts = label_counts(connection)
+        present = {name for (name,) in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'view'")}
+    views = [e for e in entities if readable_view(e) in present]
+    if not views:
+        return
+    labelled = [f"{readable_view(e)} ({counts[e][0]} choice columns)" if e in counts
+                else readable_view(e) for e in views]
+    print(f"\nreadable views (choice labels, lookup names and tables): {', '.join(labelled)};"
+          " see 'Reading the mirror' in the README")
 
 
 def cmd_change_set_create(args: argparse.Namespace) -> int:
