@@ -21,10 +21,15 @@ from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror
 ENTITY = EntityConfig(name="things", group="daily", incremental="full")
 
 
-def archive_change_set(root, change_set, records):
-    archive = ChangeSetArchive(root, "things", change_set)
+def archive_change_set(root, change_set, records, entity: str = "things",
+                       request: dict | None = None, files: dict | None = None):
+    """A finished full-snapshot change set of `records` in one page, with `request.json`
+    (by default things' primary key) and any other JSON `files` (entity definition, ...)."""
+    archive = ChangeSetArchive(root, entity, change_set)
     archive.start()
-    archive.write_json(REQUEST, {"primary_key": "thingid"})
+    archive.write_json(REQUEST, request or {"primary_key": "thingid"})
+    for name, content in (files or {}).items():
+        archive.write_json(name, content)
     archive.write_page(1, orjson.dumps({"value": records}))
     archive.finish({"mode": "full", "started_at": "2026-01-01T00:00:00Z",
                     "summary": {"watermark_before": None, "watermark_after": None},
@@ -36,12 +41,13 @@ def thing(n, name, size=1):
     return {"thingid": f"id-{n}", "name": name, "size": size}
 
 
-def stage_and_publish(store, change_set, records):
-    archive_change_set(store.archive_dir, change_set, records)
+def stage_and_publish(store, change_set, records, entity: EntityConfig = ENTITY, **archived):
+    """Archive `records` as a change set of `entity` (see archive_change_set), stage and
+    publish it; returns the publish's last result."""
+    archive = archive_change_set(store.archive_dir, change_set, records, entity.name, **archived)
     with store.connection() as connection:
-        write_staged(connection, staged_records(
-            connection, store.archive("things", change_set), ENTITY))
-    return publish(store, ENTITY, change_set)[-1]
+        write_staged(connection, staged_records(connection, archive, entity))
+    return publish(store, entity, change_set)[-1]
 
 
 def mirror_of(tmp_path, simulator_url, entities: list[dict], name: str = "m",

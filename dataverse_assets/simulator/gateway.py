@@ -278,18 +278,21 @@ class Gateway:
         parts.append(f"{ENDLESS_LINK_PARAMETER}={next(self._loop_numbers)}")
         return urlunsplit((*url[:3], "&".join(parts), ""))
 
-    async def _after_response(self, scope: Scope, receive: Receive, send: Send,
-                              entity: str | None, paging: bool) -> Fault | None:
-        """Run the app, then draw a response fault if the response has what it changes (a
-        last page's delta link); returns the fault applied, if any."""
+    async def _captured(self, scope: Scope, receive: Receive) -> tuple[Message, bytes]:
+        """Run the app and hold its response back: the start message and the whole body."""
         messages: list[Message] = []
 
         async def capture(message: Message) -> None:
             messages.append(message)
 
         await self.app(scope, receive, capture)
-        start = messages[0]
-        body = b"".join(m.get("body", b"") for m in messages[1:])
+        return messages[0], b"".join(m.get("body", b"") for m in messages[1:])
+
+    async def _after_response(self, scope: Scope, receive: Receive, send: Send,
+                              entity: str | None, paging: bool) -> Fault | None:
+        """Run the app, then draw a response fault if the response has what it changes (a
+        last page's delta link); returns the fault applied, if any."""
+        start, body = await self._captured(scope, receive)
         fault = None
         if start["status"] == 200 and b'"@odata.deltaLink"' in body:
             fault = self.sim.draw_fault(entity, paging, True, after_response=True)
@@ -304,14 +307,7 @@ class Gateway:
 
     async def _rewritten(self, scope: Scope, receive: Receive, send: Send, fault: Fault) -> None:
         """Run the app, then deliver its response damaged the way the fault says."""
-        messages: list[Message] = []
-
-        async def capture(message: Message) -> None:
-            messages.append(message)
-
-        await self.app(scope, receive, capture)
-        start = messages[0]
-        body = b"".join(m.get("body", b"") for m in messages[1:])
+        start, body = await self._captured(scope, receive)
         if fault.kind == "trickle":
             await self._trickle(receive, send, start, body, fault)
             return

@@ -646,24 +646,10 @@ def _compile_comparison(expr: Comparison) -> Predicate:
         key = guid_order_key(value)
         return lambda row: (v := row[col]) is not None and func(guid_order_key(v), key)
     if category == "datetime":
-        canonical, has_fraction = value
         # Stored values are canonical whole-second strings, so string order is time order.
-        if has_fraction:
-            # The literal lies strictly between two whole seconds.
-            if op == "eq":
-                return lambda row: False
-            if op == "ne":
-                return lambda row: True
-            if op in ("gt", "ge"):
-                return lambda row: (v := row[col]) is not None and v > canonical
-            return lambda row: (v := row[col]) is not None and v <= canonical
-        if op == "eq":
-            return lambda row: row[col] == canonical
-        if op == "ne":
-            return lambda row: row[col] != canonical
-        return lambda row: (v := row[col]) is not None and func(v, canonical)
+        return _compile_stamp_comparison(col, op, value, "")
     if category == "date":
-        return _compile_date_comparison(col, op, value)
+        return _compile_stamp_comparison(col, op, value, _MIDNIGHT)
     if op == "eq":
         return lambda row: (v := row[col]) is not None and v == value
     if op == "ne":
@@ -672,24 +658,27 @@ def _compile_comparison(expr: Comparison) -> Predicate:
 
 
 
-def _compile_date_comparison(col: str, op: str, value: tuple[str, bool]) -> Predicate:
-    """An Edm.Date column ("YYYY-MM-DD") against a literal: the date is its midnight (UTC),
-    so `d lt 1980-01-01` and `d lt 1980-01-01T00:00:00Z` agree."""
+def _compile_stamp_comparison(col: str, op: str, value: tuple[str, bool],
+                              suffix: str) -> Predicate:
+    """A datetime column (suffix "") or an Edm.Date column ("YYYY-MM-DD", suffix _MIDNIGHT:
+    the date is its midnight UTC, so `d lt 1980-01-01` and `d lt 1980-01-01T00:00:00Z` agree)
+    against a literal, as canonical whole-second strings compare in time order."""
     canonical, has_fraction = value
     if has_fraction:
+        # The literal lies strictly between two whole seconds.
         if op == "eq":
             return lambda row: False
         if op == "ne":
             return lambda row: True
         if op in ("gt", "ge"):
-            return lambda row: (v := row[col]) is not None and v + _MIDNIGHT > canonical
-        return lambda row: (v := row[col]) is not None and v + _MIDNIGHT <= canonical
+            return lambda row: (v := row[col]) is not None and v + suffix > canonical
+        return lambda row: (v := row[col]) is not None and v + suffix <= canonical
     if op == "eq":
-        return lambda row: (v := row[col]) is not None and v + _MIDNIGHT == canonical
+        return lambda row: (v := row[col]) is not None and v + suffix == canonical
     if op == "ne":
-        return lambda row: (v := row[col]) is None or v + _MIDNIGHT != canonical
+        return lambda row: (v := row[col]) is None or v + suffix != canonical
     func = _OP_FUNC[op]
-    return lambda row: (v := row[col]) is not None and func(v + _MIDNIGHT, canonical)
+    return lambda row: (v := row[col]) is not None and func(v + suffix, canonical)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import pytest
 
 from dataverse_assets.archive.change_sets import (
     ENTITY_DEFINITION,
-    REQUEST,
     ChangeSetArchive,
     list_change_sets,
 )
@@ -18,8 +17,7 @@ from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.ops.purge import purge_column
-from dataverse_assets.sync.stage import write_staged
-from dataverse_assets.sync.steps import publish, staged_records
+from dataverse_assets_tests.helpers import stage_and_publish
 
 DEFINITION = {
     "LogicalName": "contact", "EntitySetName": "contacts", "PrimaryIdAttribute": "contactid",
@@ -42,17 +40,9 @@ def contact(n, email=True, name=None):
 
 
 def sync(store, change_set, records, entity, select=None):
-    archive = ChangeSetArchive(store.archive_dir, "contacts", change_set)
-    archive.start()
-    archive.write_json(REQUEST, {"primary_key": "contactid", "select": select})
-    archive.write_json(ENTITY_DEFINITION, DEFINITION)
-    archive.write_page(1, orjson.dumps({"value": records}))
-    archive.finish({"mode": "full", "started_at": "2026-01-01T00:00:00Z",
-                    "summary": {"watermark_before": None, "watermark_after": None},
-                    "pages": [{"kind": "snapshot", "shape": "collection"}]})
-    with store.connection() as connection:
-        write_staged(connection, staged_records(connection, archive, entity))
-    return publish(store, entity, change_set)[-1]
+    return stage_and_publish(store, change_set, records, entity,
+                             request={"primary_key": "contactid", "select": select},
+                             files={ENTITY_DEFINITION: DEFINITION})
 
 
 def everything_mentioning_email(store) -> list[str]:

@@ -2,17 +2,13 @@
 view, multi-select child tables exact through updates and deletes, lookup names and tables,
 calendar dates unshifted, the label language chosen in the config."""
 
-import orjson
 
 from dataverse_assets.archive.change_sets import (
     ATTRIBUTE_METADATA,
     ENTITY_DEFINITION,
-    REQUEST,
-    ChangeSetArchive,
 )
 from dataverse_assets.config import EntityConfig, LabelsConfig
-from dataverse_assets.sync.stage import write_staged
-from dataverse_assets.sync.steps import publish, staged_records
+from dataverse_assets_tests.helpers import stage_and_publish
 from dataverse_assets_tests.store.test_choices import option
 
 DEFINITION = {
@@ -67,19 +63,11 @@ def record(n, areas, owner_table="systemuser", status=1):
 
 
 def publish_records(store, change_set, records, metadata=None, entity=None):
-    entity = entity or EntityConfig(name="things", group="daily", incremental="full")
-    archive = ChangeSetArchive(store.archive_dir, "things", change_set)
-    archive.start()
-    archive.write_json(REQUEST, {"primary_key": "thingid"})
-    archive.write_json(ENTITY_DEFINITION, DEFINITION)
-    archive.write_json(ATTRIBUTE_METADATA, metadata or attribute_metadata())
-    archive.write_page(1, orjson.dumps({"value": records}))
-    archive.finish({"mode": "full", "started_at": "2026-01-01T00:00:00Z",
-                    "summary": {"watermark_before": None, "watermark_after": None},
-                    "pages": [{"kind": "snapshot", "shape": "collection"}]})
-    with store.connection() as connection:
-        write_staged(connection, staged_records(connection, archive, entity))
-    return publish(store, entity, change_set)[-1]
+    return stage_and_publish(
+        store, change_set, records,
+        entity or EntityConfig(name="things", group="daily", incremental="full"),
+        files={ENTITY_DEFINITION: DEFINITION,
+               ATTRIBUTE_METADATA: metadata or attribute_metadata()})
 
 
 def view(store, columns):
