@@ -360,6 +360,15 @@ async def _run_steps(session: SourceSession, archive: ChangeSetArchive, request:
             progress.max_modifiedon = ranged_watermark(range_maxima.values())
 
 
+def _tracking_read_ended(request: FetchRequest, progress: _Progress) -> bool:
+    """Whether the change-tracking read came to its last page (one without a nextLink): only
+    then is a missing deltaLink missing. A read cut short on purpose (a recording's page cap)
+    has a nextLink on its last page and no delta link to expect."""
+    tracking = [i for i, step in enumerate(request.steps) if step.query.track_changes]
+    pages = [p for p in progress.pages if tracking and p["step"] == tracking[-1]]
+    return bool(pages) and pages[-1]["next_link"] is None
+
+
 async def _unknown_entity(session: SourceSession, entity: str) -> UnknownEntityError:
     """The org has no metadata for the entity and its URL is 404: a wrong name in the config."""
     names = await session.entity_set_names()
@@ -432,7 +441,8 @@ async def fetch_change_set(
             await _run_steps(session, archive, request, progress, on_progress, count_total,
                              divergence)
             if progress.delta_link is None and request.mode in (
-                    Mode.CHANGE_TRACKING, Mode.CHANGE_TRACKING_RESYNC):
+                    Mode.CHANGE_TRACKING, Mode.CHANGE_TRACKING_RESYNC) \
+                    and _tracking_read_ended(request, progress):
                 again = without_annotations_for_delta_link(request)
                 if again is not None:
                     request.steps.append(again)

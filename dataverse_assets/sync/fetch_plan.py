@@ -360,12 +360,16 @@ def without_annotations_for_delta_link(request: FetchRequest) -> FetchStep | Non
 
 
 def resync_request(request: FetchRequest, page_size: int) -> FetchRequest:
-    """The delta token expired: read the table again in full (deletes found by diff)."""
-    tracking = PageQuery(page_size=page_size, track_changes=True)
-    return FetchRequest(request.entity, request.change_set, Mode.CHANGE_TRACKING_RESYNC,
-                        request.primary_key, request.watermark_before, request.delta_link_before,
-                        [FetchStep("snapshot", tracking)],
-                        reason="delta token expired (0x80044352): full resync",
-                        max_pages=request.max_pages)
+    """The delta token expired: read the table again in full (deletes found by diff), with
+    the same columns and annotations as every other read of the entity."""
+    tracking = PageQuery(page_size=page_size, track_changes=True, include_annotations=True,
+                         select=tuple(request.select or ()))
+    resync = FetchRequest(request.entity, request.change_set, Mode.CHANGE_TRACKING_RESYNC,
+                          request.primary_key, request.watermark_before,
+                          request.delta_link_before, [FetchStep("snapshot", tracking)],
+                          reason="delta token expired (0x80044352): full resync",
+                          max_pages=request.max_pages)
+    resync.select, resync.row_filter = request.select, request.row_filter
+    return resync
 
 

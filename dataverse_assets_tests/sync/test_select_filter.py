@@ -8,7 +8,7 @@ import pytest
 from dataverse_assets.config import EntityConfig, parse_entities_config
 from dataverse_assets.errors import ConfigError, FetchConfigError
 from dataverse_assets.modes import Mode
-from dataverse_assets.sync.fetch_plan import plan_fetch
+from dataverse_assets.sync.fetch_plan import plan_fetch, resync_request
 
 DEFINITION = {
     "LogicalName": "account", "EntitySetName": "accounts", "PrimaryIdAttribute": "accountid",
@@ -70,6 +70,18 @@ def test_a_filter_goes_into_every_query_and_turns_change_tracking_into_modifiedo
                           watermark=None,
                           targeted_ids=["00000000-0000-0000-0000-000000000001"])
     assert targeted.steps[0].query.params()["$filter"].startswith("(statecode eq 0) and (")
+
+
+def test_a_resync_after_an_expired_delta_token_reads_only_the_selected_columns():
+    """The full read that replaces an expired delta token is a read like any other: the
+    selected columns (no deselected personal data comes back) and the annotations."""
+    request = plan_fetch(entity(select=["name"]), "20260102T000000Z", DEFINITION,
+                         watermark="2026-01-01T00:00:00Z",
+                         delta_link="https://org.example/api/data/v9.2/accounts?$deltatoken=1")
+    resync = resync_request(request, page_size=100)
+    (step,) = resync.steps
+    assert step.query.params()["$select"] == "accountid,name,modifiedon,versionnumber"
+    assert step.query.include_annotations and resync.select == request.select
 
 
 @pytest.mark.parametrize(("fields", "message"), [
