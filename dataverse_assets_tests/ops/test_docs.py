@@ -100,17 +100,26 @@ def test_env_example_copied_unchanged_keeps_the_simulator(tmp_path, monkeypatch)
     assert load_settings().source == "simulator"
 
 
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the page's headings."""
+    text = FENCE.sub("", page.read_text(encoding="utf-8"))
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
 @pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
-def test_every_relative_link_points_at_a_file(page):
+def test_every_relative_link_points_at_a_file_and_heading(page):
     text = INLINE_CODE.sub("", FENCE.sub("", page.read_text(encoding="utf-8")))
     broken = []
     for target in LINK.findall(text):
-        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"^[a-z]+:", target):
             continue
-        path = target.split("#", 1)[0]
-        if not (page.parent / path).exists():
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path) if path else page
+        if not linked.exists() or (anchor and linked.suffix == ".md"
+                                   and anchor not in _anchors(linked)):
             broken.append(target)
-    assert not broken, f"{page.name} links to missing files: {broken}"
+    assert not broken, f"{page.name} links to missing files or headings: {broken}"
 
 
 def test_every_docs_page_is_linked_from_the_readme():
