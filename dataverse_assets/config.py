@@ -621,14 +621,18 @@ class Settings(BaseModel):
                                        description="The entities file.")
     simulator_seed: int = ranged(42, 0, 2**32 - 1, "Seed of the simulator's generated org.")
     # Dataverse serves at most 52 concurrent requests per user.
-    max_concurrency: int = ranged(8, 1, 52, "Requests in flight at once.")
+    max_concurrency: int = ranged(
+        8, 1, 52, "Requests in flight at once per run (Dataverse allows 52 per application "
+        "user).")
     # Below ~10 KB not even a metadata response fits; 16 GB is past any memory meant for one
     # response.
     max_response_mb: float = ranged(
-        512.0, 0.01, 16_384, "A response body larger than this (MB) is refused.")
+        512.0, 0.01, 16_384, "A response body larger than this (MB) is refused as it streams in, "
+        "never held in memory whole.")
     # A day: a response slower than that is a hung server; `inf` would wait forever.
     response_deadline_seconds: float = ranged(
-        300.0, 0.1, 86_400, "Longest time for one whole response (headers and body).")
+        300.0, 0.1, 86_400, "Longest time for one whole response (headers and body); a "
+        "slower one is a timeout, retried under the retry policy.")
     # A day: past it a waiting run is a hung run; `inf` or NaN would wait forever.
     lock_wait_seconds: float = ranged(
         600.0, 0, 86_400, "How long a step waits for another run's lock on the same entity.")
@@ -638,8 +642,8 @@ class Settings(BaseModel):
     executor: ExecutorKind = Field(
         "in_process", description="How runs launched by Dagster (UI, dagster asset "
         "materialize, schedules, sensors) execute their steps: in_process (one after another "
-        "in the run's process) or multiprocess (a process per step, in parallel). The CLI "
-        "always runs in-process.")
+        "in the run's process) or multiprocess (Dagster's executor: a process per step, in "
+        "parallel; its launchpad config applies). The CLI always runs in-process.")
 
     @field_validator("client_secret")
     @classmethod
