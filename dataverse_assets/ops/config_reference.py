@@ -108,9 +108,11 @@ The file is validated before anything runs, with the rules below and these acros
 filtered entity needs `linked_from` and takes no `filter`; its linking entities are configured,
 in the same group and not filtered themselves; `filter` does not go with `incremental:
 change_tracking`; no two entities share a name in any letter case (one SQLite table); a cron
-must match at least one date (`0 0 31 4 *` does not). Unknown fields are refused ("check the
-spelling"). See [How a sync works](how-a-sync-works.md) for what the modes do and
-[Operations](operations.md) for compaction, retention and priorities.
+must match at least one date (`0 0 31 4 *` does not); entity names that SQLite's or the
+mirror's own tables, views and indexes use (`sqlite_...`, `...__history`, `...__readable`) are
+refused. Unknown fields are refused ("check the spelling"). See [How a sync
+works](how-a-sync-works.md) for what the modes do and [Operations](operations.md) for
+compaction, retention and priorities.
 """
 
 # Settings fields whose model default is not what a user gets when the variable is unset.
