@@ -11,7 +11,7 @@ deletes in between; entities of every mode), then measures on its archive:
 4. reading the compacted page bodies (DuckDB read_parquet);
 5. `rebuild` from the page files and from the compacted archive, against the live sync time.
 
-Nothing here is part of the test suite; the numbers are quoted in the README.
+Nothing here is part of the test suite; the numbers are quoted in docs/performance.md.
 """
 
 from __future__ import annotations

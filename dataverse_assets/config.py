@@ -91,8 +91,9 @@ class LinkSource(_EntitiesFileModel):
 class GroupConfig(_EntitiesFileModel):
     """A cadence group: the entities in it are synced together on one schedule."""
 
-    cron: str
-    description: str = ""
+    cron: str = Field(description="When the group's schedule syncs it: a cron expression "
+                      "(UTC) that fires, e.g. '0 * * * *'.")
+    description: str = Field("", description="Shown in the Dagster UI.")
     # A year and a day: even a yearly cron gets a whole period of grace.
     freshness_grace_minutes: float = ranged(
         30.0, 0, 527_040, "How long after a cron tick the group's publish may take "
@@ -132,16 +133,28 @@ class LabelsConfig(_EntitiesFileModel):
 class EntityConfig(_EntitiesFileModel):
     """One Dataverse table to mirror."""
 
-    name: str = Field(description="Entity set name (the plural used in API URLs).")
-    description: str = ""
-    group: str
+    name: str = Field(description="Entity set name (the plural used in API URLs). Not "
+                      "starting with `sqlite_` or ending in `__history`, `__readable`, `__pk`, "
+                      "`__pk_nocase`, `__modifiedon` or `__createdon` (any case).")
+    description: str = Field("", description="The assets' description in the Dagster UI.")
+    group: str = Field(description="The cadence group (a key of `groups`) it is synced with.")
     filtered: bool = Field(
         False, description="Fetched by the ids that linked tables name, not in full."
     )
-    primary_key: str | None = None
-    orderby: str | None = None
-    incremental: IncrementalMode = "auto"
-    linked_from: list[LinkSource] = Field(default_factory=list)
+    primary_key: str | None = Field(
+        None, description="The key column; null: the metadata's PrimaryIdAttribute, else "
+        "`<name>id`, singular + `id`, the shortest `*id` column not starting with `_`, the "
+        "first column.")
+    orderby: str | None = Field(
+        None, description="An OData $orderby list for full reads, e.g. 'name asc,accountid "
+        "asc'.")
+    incremental: IncrementalMode = Field(
+        "auto", description="How changes are fetched: change_tracking (delta links), "
+        "modifiedon (a watermark), full (the whole table every change set); auto decides "
+        "from the table's metadata.")
+    linked_from: list[LinkSource] = Field(
+        default_factory=list, description="Filtered entities only: the columns of other "
+        "entities (same group, not filtered) that name this entity's ids.")
     # Dataverse returns at most 5000 rows a page, whatever is asked.
     page_size: int = ranged(5000, 1, 5000, "Rows asked for per page (odata.maxpagesize).")
     # Ten million pages of 5000 is 50 billion rows: past any table, and still a bound on a
@@ -171,8 +184,9 @@ class EntityConfig(_EntitiesFileModel):
     # A year: longer is the same as never (0); hours past ~2.4e10 would overflow timedelta.
     reconcile_every_hours: float = ranged(
         24.0, 0, 8_760,
-        "modifiedon and filtered entities: how often a key-only scan looks for "
-        "deleted records (hours; 0 = never).",
+        "How often a change set starts with a key-and-version scan that repairs records the "
+        "mirror lacks, holds an outdated version of, or holds after the source deleted them "
+        "(every mode but full, whose every change set is a snapshot; hours; 0 = never).",
     )
     schema_evolution: SchemaEvolution = Field(
         "freeze", description="freeze: the first change set's columns stay the table's columns "
@@ -184,7 +198,7 @@ class EntityConfig(_EntitiesFileModel):
     select: list[str] | None = Field(
         None, min_length=1, max_length=2000,
         description="The columns to mirror (logical names; a lookup by its name or its "
-        "_<name>_value column). The primary key, modifiedon and versionnumber always come. "
+        "`_<name>_value` column). The primary key, modifiedon and versionnumber always come. "
         "null: every column. Checked against the table's metadata before anything is fetched.")
     filter: str | None = Field(
         None, min_length=1, max_length=4000,
@@ -339,11 +353,18 @@ class MaintenanceConfig(_EntitiesFileModel):
 class EntitiesConfig(_EntitiesFileModel):
     """The whole entities file: cadence groups and the entities in them."""
 
-    groups: dict[str, GroupConfig] = Field(min_length=1)
-    entities: list[EntityConfig] = Field(min_length=1)
-    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
-    maintenance: MaintenanceConfig = Field(default_factory=MaintenanceConfig)
-    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    groups: dict[str, GroupConfig] = Field(
+        min_length=1, description="Cadence groups by name (lowercase letters, digits, "
+        "underscores).")
+    entities: list[EntityConfig] = Field(min_length=1, description="The tables to mirror.")
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig,
+                                   description="Archive compaction and retention.")
+    maintenance: MaintenanceConfig = Field(
+        default_factory=MaintenanceConfig,
+        description="The maintenance job's schedule and bookkeeping retention.")
+    labels: LabelsConfig = Field(
+        default_factory=LabelsConfig,
+        description="The label language of every readable view (an entity's own wins).")
 
     @field_validator("groups")
     @classmethod
@@ -567,37 +588,62 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    url: str | None = None
-    client_id: str | None = None
-    client_secret: SecretStr | None = None
-    tenant_id: str | None = None
-    authority: str = "https://login.microsoftonline.com"
+    url: str | None = Field(
+        None, description="The org's URL, e.g. https://contoso.crm.dynamics.com. Unset: the "
+        "embedded simulator serves the data.")
+    client_id: str | None = Field(
+        None, description="The app registration's Application (client) ID (client "
+        "credentials). Required for the live source.")
+    client_secret: SecretStr | None = Field(
+        None, description="The app registration's client secret value (at least 8 "
+        "characters; never printed). Required for the live source.")
+    tenant_id: str | None = Field(
+        None, description="The Directory (tenant) ID. Unset: discovered from the org's 401 "
+        "challenge.")
+    authority: str = Field("https://login.microsoftonline.com",
+                           description="The OAuth token authority.")
     allow_insecure_http: bool = Field(
         False, description="Allow a live DATAVERSE_URL or DATAVERSE_AUTHORITY over plain "
         "http:// to a host other than loopback (secrets then cross the network unencrypted).",
     )
-    db_path: Path = PROJECT_ROOT / "data" / "dataverse.db"
-    archive_dir: Path = PROJECT_ROOT / "data" / "archive"
-    fixtures_dir: Path | None = None
-    source: SourceKind = "simulator"
-    entities_config_path: Path = DEFAULT_ENTITIES_CONFIG
+    db_path: Path = Field(PROJECT_ROOT / "data" / "dataverse.db",
+                          description="The SQLite mirror.")
+    archive_dir: Path = Field(PROJECT_ROOT / "data" / "archive",
+                              description="The raw archive of every response.")
+    fixtures_dir: Path | None = Field(
+        None, description="Saved pages for the fixture source (`<dir>/<entity>/page-*.json`); "
+        "required with DATAVERSE_SOURCE=fixture.")
+    source: SourceKind = Field(
+        "simulator", description="Where change sets come from: live, simulator, fixture, or "
+        "archive (replay only). Unset: live when DATAVERSE_URL is set, else simulator; "
+        "simulator with DATAVERSE_URL set talks to a simulator served on that URL.")
+    entities_config_path: Path = Field(DEFAULT_ENTITIES_CONFIG,
+                                       description="The entities file.")
     simulator_seed: int = ranged(42, 0, 2**32 - 1, "Seed of the simulator's generated org.")
     # Dataverse serves at most 52 concurrent requests per user.
-    max_concurrency: int = ranged(8, 1, 52, "Requests in flight at once.")
+    max_concurrency: int = ranged(
+        8, 1, 52, "Requests in flight at once per run (Dataverse allows 52 per application "
+        "user).")
     # Below ~10 KB not even a metadata response fits; 16 GB is past any memory meant for one
     # response.
     max_response_mb: float = ranged(
-        512.0, 0.01, 16_384, "A response body larger than this (MB) is refused.")
+        512.0, 0.01, 16_384, "A response body larger than this (MB) is refused as it streams in, "
+        "never held in memory whole.")
     # A day: a response slower than that is a hung server; `inf` would wait forever.
     response_deadline_seconds: float = ranged(
-        300.0, 0.1, 86_400, "Longest time for one whole response (headers and body).")
+        300.0, 0.1, 86_400, "Longest time for one whole response (headers and body); a "
+        "slower one is a timeout, retried under the retry policy.")
     # A day: past it a waiting run is a hung run; `inf` or NaN would wait forever.
     lock_wait_seconds: float = ranged(
         600.0, 0, 86_400, "How long a step waits for another run's lock on the same entity.")
     # How runs launched by Dagster (UI, `dagster asset materialize`, schedules, sensors)
     # execute their steps. In one process by default: a process per step costs ~2 s of
     # imports each (the hourly group: 49.5 s instead of 8.5 s). The CLI always runs in-process.
-    executor: ExecutorKind = "in_process"
+    executor: ExecutorKind = Field(
+        "in_process", description="How runs launched by Dagster (UI, dagster asset "
+        "materialize, schedules, sensors) execute their steps: in_process (one after another "
+        "in the run's process) or multiprocess (Dagster's executor: a process per step, in "
+        "parallel; its launchpad config applies). The CLI always runs in-process.")
 
     @field_validator("client_secret")
     @classmethod

@@ -2,7 +2,7 @@
 Dagster's run queue starts first.
 
 The `dagster/priority` tag is read by the QueuedRunCoordinator (higher first, default 0) when
-more runs are queued than `max_concurrent_runs` allows; see README, "Priorities". A run that
+more runs are queued than `max_concurrent_runs` allows; see docs/operations.md. A run that
 covers several entities takes the highest priority among them. Within an entity, older change
 sets still publish first (canonical/E publishes them in order), whatever the run order.
 """

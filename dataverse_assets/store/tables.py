@@ -59,7 +59,7 @@ HISTORY_COLUMNS = (("valid_to", "TEXT NOT NULL"), ("change_kind", "TEXT NOT NULL
 INDEXED_COLUMNS = ("modifiedon", "createdon")
 # Indexed columns an update (almost) never changes: left out of the update's SET and set
 # apart where they changed (see _apply_chunk), which saved ~9% of a 1% incremental's writes
-# (README, Performance).
+# (docs/performance.md).
 STABLE_INDEXED_COLUMNS = ("createdon",)
 NOCASE_SUFFIX = "__pk_nocase"
 def ensure_canonical_tables(connection: sqlite3.Connection, schema: EntitySchema) -> None:

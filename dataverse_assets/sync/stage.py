@@ -264,7 +264,7 @@ def staging_workers() -> int:
     """Processes that parse pages for a large change set: DATAVERSE_STAGING_WORKERS (default
     0: the step's own process stages). Opt-in because of memory: each worker peaks at ~115 MB
     (a 5000-row page parsed, its rows and their pickle), so two add ~230 MB to a run's ~310 MB
-    for a full sync ~15-20% shorter and a rebuild 25-40% faster (README, Performance). More than 2
+    for a full sync ~15-20% shorter and a rebuild 25-40% faster (docs/performance.md). More than 2
     do not help: the step's process, which unpickles and writes every row, is the limit."""
     configured = os.environ.get(STAGING_WORKERS_ENV, "").strip()
     if not configured:
@@ -394,7 +394,7 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
         # A new table (an entity's first change set: its first sync, or a rebuild's) gets its
         # rows appended in page order and its (_change_set, _pk) key index built once, after
         # them: growing that index key by key in GUID order made staging a 1M-row first sync
-        # ~17% slower (README, Performance). Later change sets go through the index.
+        # ~17% slower (docs/performance.md). Later change sets go through the index.
         new_table = not table_exists(connection, table)
         if new_table:
             definitions = ", ".join(

@@ -2,7 +2,7 @@
 and a summary at the end of the session.
 
 The default (CI) subset runs a few seeds; `DATAVERSE_CHAOS_SOAK=1` runs many more seeds and
-longer scenarios (see README, "Guarantees and chaos testing").
+longer scenarios (see docs/guarantees.md).
 """
 
 import os
