@@ -144,6 +144,7 @@ def execute_plan(
                 connection, schema.entity,
                 # The entity's mode, not this change set's detour (a resync, a targeted refresh).
                 mode={Mode.TARGETED: state.mode if state else None,
+                      Mode.INITIAL: str(Mode.CHANGE_TRACKING),
                       Mode.CHANGE_TRACKING_RESYNC: str(Mode.CHANGE_TRACKING)}.get(mode, mode),
                 watermark=new_watermark,
                 delta_token=delta_token_after or (state.delta_token if state else None),
