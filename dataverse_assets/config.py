@@ -599,6 +599,17 @@ class Settings(BaseModel):
     # imports each (the hourly group: 49.5 s instead of 8.5 s). The CLI always runs in-process.
     executor: ExecutorKind = "in_process"
 
+    @field_validator("url", "authority")
+    @classmethod
+    def _has_a_scheme(cls, value: str | None) -> str | None:
+        # `contoso.crm.dynamics.com` would be read as a relative path and fail far later.
+        if value is not None and "://" not in value:
+            # Echoed only when it cannot carry user:password.
+            shown = f"{value!r} " if "@" not in value else ""
+            fix = f"https://{value}" if "@" not in value else "https://<host>"
+            raise ValueError(f"{shown}has no scheme; write {fix}")
+        return value
+
     @field_validator("client_secret")
     @classmethod
     def _secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -644,8 +655,13 @@ _ENV_FIELDS = {
 }
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
-    """Settings from `environ` (default: os.environ, after loading `.env` without overriding)."""
+def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True,
+                  credentials: bool = True) -> Settings:
+    """Settings from `environ` (default: os.environ, after loading `.env` without overriding).
+
+    `credentials=False` for commands that only read the mirror (status, issues, plans...):
+    a live source's client id and secret are then not required.
+    """
     if environ is None:
         if dotenv:
             load_dotenv(PROJECT_ROOT / ".env", override=False)
@@ -669,7 +685,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         field = str(first["loc"][0])
         variable = next((k for k, v in _ENV_FIELDS.items() if v == field), field)
         raise ConfigError(f"{variable}: {message}") from None
-    if settings.source == "live":
+    if settings.source == "live" and credentials:
         missing = [
             name
             for name, value in (

@@ -29,6 +29,7 @@ from dataverse_assets.redaction import redact
 from dataverse_assets.source.auth import ClientCredentials
 from dataverse_assets.source.client import DataverseClient, RetryPolicy
 from dataverse_assets.source.live import ClientSession, shared_ssl_context
+from dataverse_assets.source.network import connection_problem
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 from dataverse_assets.source.simulator import embedded_simulator
 from dataverse_assets.store.choices import parse_attribute_metadata
@@ -536,6 +537,8 @@ class Doctor:
 
 
 def _describe(exc: BaseException, where: str) -> str:
+    if isinstance(exc, httpx.TransportError):
+        return f"cannot reach {where}: {connection_problem(exc, where).message}"
     if isinstance(exc, httpx.HTTPError):
         return f"cannot reach {where}: {type(exc).__name__}"
     return str(exc)
