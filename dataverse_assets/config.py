@@ -567,20 +567,27 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    url: str | None = None
-    client_id: str | None = None
-    client_secret: SecretStr | None = None
-    tenant_id: str | None = None
-    authority: str = "https://login.microsoftonline.com"
+    url: str | None = Field(None, description="The org, e.g. https://contoso.crm.dynamics.com;"
+                            " unset: the built-in simulator serves.")
+    client_id: str | None = Field(None, description="The app registration's client id (live).")
+    client_secret: SecretStr | None = Field(
+        None, description="Its client secret (live); never printed.")
+    tenant_id: str | None = Field(None, description="The tenant; unset: discovered from the org.")
+    authority: str = Field("https://login.microsoftonline.com",
+                           description="Where tokens come from.")
     allow_insecure_http: bool = Field(
         False, description="Allow a live DATAVERSE_URL or DATAVERSE_AUTHORITY over plain "
         "http:// to a host other than loopback (secrets then cross the network unencrypted).",
     )
-    db_path: Path = PROJECT_ROOT / "data" / "dataverse.db"
-    archive_dir: Path = PROJECT_ROOT / "data" / "archive"
-    fixtures_dir: Path | None = None
-    source: SourceKind = "simulator"
-    entities_config_path: Path = DEFAULT_ENTITIES_CONFIG
+    db_path: Path = Field(PROJECT_ROOT / "data" / "dataverse.db",
+                          description="The mirror's SQLite file.")
+    archive_dir: Path = Field(PROJECT_ROOT / "data" / "archive",
+                              description="The raw archive: every response, per change set.")
+    fixtures_dir: Path | None = Field(None, description="Recorded responses (source fixture).")
+    source: SourceKind = Field("simulator", description="live, archive, fixture or simulator;"
+                               " unset: live when DATAVERSE_URL is set, else simulator.")
+    entities_config_path: Path = Field(DEFAULT_ENTITIES_CONFIG,
+                                       description="The entities and groups file.")
     simulator_seed: int = ranged(42, 0, 2**32 - 1, "Seed of the simulator's generated org.")
     # Dataverse serves at most 52 concurrent requests per user.
     max_concurrency: int = ranged(8, 1, 52, "Requests in flight at once.")
@@ -597,7 +604,9 @@ class Settings(BaseModel):
     # How runs launched by Dagster (UI, `dagster asset materialize`, schedules, sensors)
     # execute their steps. In one process by default: a process per step costs ~2 s of
     # imports each (the hourly group: 49.5 s instead of 8.5 s). The CLI always runs in-process.
-    executor: ExecutorKind = "in_process"
+    executor: ExecutorKind = Field("in_process", description="How Dagster-launched runs "
+                                   "execute steps: in_process or multiprocess (the CLI: "
+                                   "always in-process).")
 
     @field_validator("url", "authority")
     @classmethod
@@ -653,6 +662,21 @@ _ENV_FIELDS = {
     "DATAVERSE_LOCK_WAIT_SECONDS": "lock_wait_seconds",
     "DATAVERSE_EXECUTOR": "executor",
 }
+
+
+def environment_variables() -> list[tuple[str, str, str]]:
+    """(variable, what it sets, its default) for every variable the settings read, from the
+    model's own fields: the CLI's help lists them."""
+    variables = []
+    for variable, name in _ENV_FIELDS.items():
+        field = Settings.model_fields[name]
+        default = field.default
+        if isinstance(default, Path) and default.is_relative_to(PROJECT_ROOT):
+            default = default.relative_to(PROJECT_ROOT)
+        variables.append((variable, field.description or "",
+                          "-" if default is None else str(default).lower()
+                          if isinstance(default, bool) else str(default)))
+    return variables
 
 
 def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True,

@@ -21,6 +21,11 @@ class ConfigError(DataverseAssetsError, ValueError):
     """The configuration cannot be used; the message says what to fix."""
 
 
+class UnknownNameError(ConfigError):
+    """An entity or group named on the command line that is not configured (the message
+    offers the closest name)."""
+
+
 class InvalidNameError(DataverseAssetsError, ValueError):
     """A key, name or id that does not have its documented format; nothing was touched."""
 

@@ -25,6 +25,7 @@ from dataverse_assets.errors import (
     FetchConfigError,
 )
 from dataverse_assets.modes import Mode
+from dataverse_assets.names import unknown_name
 from dataverse_assets.redaction import redact
 from dataverse_assets.source.auth import ClientCredentials
 from dataverse_assets.source.client import DataverseClient, RetryPolicy
@@ -605,10 +606,11 @@ def run_doctor(environ: Mapping[str, str] | None = None,
         return checks
     entities = settings.entities.entities
     if only_entities:
-        unknown = sorted(set(only_entities) - {e.name for e in entities})
+        unknown = [name for name in only_entities if name not in {e.name for e in entities}]
         if unknown:
-            checks.append(Check("configuration", FAIL, f"not configured: {unknown}",
-                                fix="name entities listed in the entities file"))
+            checks.append(Check("configuration", FAIL, "; ".join(
+                unknown_name("entity", name, (e.name for e in entities)) for name in unknown),
+                fix="name entities listed in the entities file"))
             return checks
         entities = [e for e in entities if e.name in only_entities]
     target = org_target(settings)
