@@ -80,6 +80,7 @@ def configured(tmp_path, monkeypatch):
     ["status", "acounts"],
     ["issues", "--entity", "acounts"],
     ["change-set", "list", "acounts"],
+    ["fixtures", "record", "--out", "unused", "--entity", "acounts"],
 ])
 def test_an_unknown_entity_gets_the_closest_name_in_one_line(configured, capsys, argv):
     assert cli.main(argv) == 2
@@ -87,6 +88,12 @@ def test_an_unknown_entity_gets_the_closest_name_in_one_line(configured, capsys,
     assert "unknown entity 'acounts'; did you mean 'accounts'?" in err, err
     assert err.count("\n") == 1, err
     assert not (configured / "home").exists(), "a run was started"
+
+
+def test_the_doctor_names_the_closest_entity_too(configured, capsys):
+    assert cli.main(["doctor", "--entity", "acounts", "--json"]) == 1
+    checks = orjson.loads(capsys.readouterr().out)["checks"]
+    assert checks[-1]["detail"] == "unknown entity 'acounts'; did you mean 'accounts'?"
 
 
 @pytest.mark.parametrize("argv", [
