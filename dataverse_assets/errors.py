@@ -63,6 +63,11 @@ class DataverseRequestError(DataverseError):
         self.code = code
 
 
+class UnreachableError(DataverseRequestError):
+    """The org or the authority could not be reached: DNS, TLS or the connection, and why
+    (source/network.py); no response came."""
+
+
 class ResponseTooLargeError(DataverseRequestError):
     """A response body over the client's size limit; not retried (it would be as large)."""
 

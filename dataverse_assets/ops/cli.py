@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 import textwrap
 import threading
@@ -287,10 +288,14 @@ def _run_entities(settings, instance, group: str, key: str, entities: list[str],
                                   asset_selection=selection, run_config=run_config)
 
 
+# Dagster's message of an error repeats its class, qualified: `Type: package.module.Type: ...`.
+_REPEATED_CLASS = re.compile(r"^(\w+): (?:[\w.]+\.)?\1: ")
+
+
 def _print_failures(result) -> None:
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data:
-            message = root_cause(event.step_failure_data.error)
+            message = _REPEATED_CLASS.sub(r"\1: ", root_cause(event.step_failure_data.error))
             print(f"  FAILED {event.step_key}: {message}", file=sys.stderr)
 
 

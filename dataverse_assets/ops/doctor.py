@@ -23,6 +23,7 @@ from dataverse_assets.errors import (
     ConfigError,
     DataverseError,
     FetchConfigError,
+    UnreachableError,
 )
 from dataverse_assets.modes import Mode
 from dataverse_assets.names import unknown_name
@@ -222,7 +223,7 @@ class Doctor:
         else:
             try:
                 tenant = await credentials.discover_tenant()
-            except (AuthenticationError, httpx.HTTPError) as exc:
+            except (AuthenticationError, UnreachableError, httpx.HTTPError) as exc:
                 self.add("tenant discovery", FAIL, _describe(exc, target.org_url),
                          fix="check DATAVERSE_URL: the org root such as "
                              "https://contoso.crm.dynamics.com (no /api/data path), reachable "
@@ -232,7 +233,7 @@ class Doctor:
                      f"tenant {tenant} (from the org's WWW-Authenticate challenge)")
         try:
             await credentials.token()
-        except (AuthenticationError, httpx.HTTPError) as exc:
+        except (AuthenticationError, UnreachableError, httpx.HTTPError) as exc:
             self.add("access token", FAIL, _describe(exc, target.authority),
                      fix="check DATAVERSE_CLIENT_ID and DATAVERSE_CLIENT_SECRET (the secret's "
                          "value, not its ID, and not expired) in the app registration, that "

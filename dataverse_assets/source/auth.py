@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from dataverse_assets.errors import AuthenticationError
+from dataverse_assets.errors import AuthenticationError, UnreachableError
 from dataverse_assets.redaction import REDACTOR
 from dataverse_assets.source.network import connection_problem
 
@@ -145,7 +145,7 @@ class ClientCredentials:
         try:
             response = await self._http.get(self._org_url + API_PATH)
         except httpx.TransportError as exc:
-            raise AuthenticationError(
+            raise UnreachableError(
                 f"tenant discovery: GET {self._org_url}{API_PATH} failed: "
                 f"{connection_problem(exc, self._org_url).message}") from None
         challenge = response.headers.get("WWW-Authenticate", "")
@@ -217,7 +217,7 @@ class ClientCredentials:
                 },
             )
         except httpx.TransportError as exc:
-            raise AuthenticationError(
+            raise UnreachableError(
                 f"token request to {url} failed: {connection_problem(exc, url).message}"
             ) from None
         except httpx.HTTPError as exc:

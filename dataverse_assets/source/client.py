@@ -26,6 +26,7 @@ from dataverse_assets.errors import (
     DataverseRequestError,
     PagingError,
     ResponseTooLargeError,
+    UnreachableError,
 )
 from dataverse_assets.names import is_guid
 from dataverse_assets.redaction import redact
@@ -307,7 +308,7 @@ class DataverseClient:
                         self._record(url, None, attempt, started, 0, waited, type(exc).__name__)
                         problem = connection_problem(exc, url)
                         if problem.permanent:  # no retry resolves the name or trusts the cert
-                            raise DataverseRequestError(
+                            raise UnreachableError(
                                 f"{entity}: GET {url}: {problem.message}") from None
                         raise _Transient(problem.message, kind="connection") from None
                     except (httpx.TransportError, httpx.DecodingError) as exc:

@@ -177,3 +177,12 @@ def test_sync_says_what_each_entity_did_and_where_the_time_went_and_read_only_co
 def test_ages_read_like_a_person_says_them():
     assert [ago(s) for s in (None, 2, 42, 300, 7200, 3 * 86400)] == [
         "-", "just now", "42 s ago", "5 min ago", "2 h ago", "3 d ago"]
+
+
+def test_a_failed_step_is_one_line_without_the_class_said_twice():
+    message = ("UnreachableError: dataverse_assets.errors.UnreachableError: tenant discovery: "
+               "GET https://x.invalid/api/data/v9.2/ failed: DNS failure: x.invalid could not "
+               "be resolved")
+    assert cli._REPEATED_CLASS.sub(r"\1: ", message) == (
+        "UnreachableError: tenant discovery: GET https://x.invalid/api/data/v9.2/ failed: DNS "
+        "failure: x.invalid could not be resolved")

@@ -10,7 +10,12 @@ import httpx
 import orjson
 import pytest
 
-from dataverse_assets.errors import AuthenticationError, DataverseRequestError, PagingError
+from dataverse_assets.errors import (
+    AuthenticationError,
+    DataverseRequestError,
+    PagingError,
+    UnreachableError,
+)
 from dataverse_assets.source.auth import ClientCredentials
 from dataverse_assets.source.client import DataverseClient, RetryPolicy
 from dataverse_assets.source.live import shared_ssl_context
@@ -246,7 +251,7 @@ def test_fetch_sessions_share_one_verifying_tls_context(monkeypatch, tmp_path):
 
 def test_an_unknown_host_is_a_dns_failure_in_one_line_and_not_retried():
     steps = [httpx.ConnectError("[Errno -2] Name or service not known")]
-    with pytest.raises(DataverseRequestError) as failed:
+    with pytest.raises(UnreachableError) as failed:
         run_client(steps, lambda c: collect(c))
     message = str(failed.value)
     assert "DNS failure: org.example.com could not be resolved" in message
@@ -264,7 +269,7 @@ def test_tenant_discovery_of_an_unknown_host_says_dns():
                                             tenant_id=None)
             await credentials.token()
 
-    with pytest.raises(AuthenticationError, match="tenant discovery: .*DNS failure: "
+    with pytest.raises(UnreachableError, match="tenant discovery: .*DNS failure: "
                        "org.example.com could not be resolved"):
         asyncio.run(main())
 
@@ -286,14 +291,14 @@ def test_https_to_a_plain_http_server_is_a_tls_failure_that_says_so(simulator_ur
             credentials = ClientCredentials(http, org_url=https, client_id=SIMULATOR_CLIENT_ID,
                                             client_secret=SIMULATOR_CLIENT_SECRET,
                                             authority=url, tenant_id=None)
-            with pytest.raises(AuthenticationError) as discovery:
+            with pytest.raises(UnreachableError) as discovery:
                 await credentials.token()
             client = DataverseClient(http, ClientCredentials(
                 http, org_url=https, client_id=SIMULATOR_CLIENT_ID,
                 client_secret=SIMULATOR_CLIENT_SECRET, authority=url,
                 tenant_id=SIMULATOR_TENANT_ID),
                 org_url=https, retry_policy=RetryPolicy(max_attempts=2))
-            with pytest.raises((DataverseRequestError, AuthenticationError)) as request:
+            with pytest.raises(UnreachableError) as request:
                 await client.get(f"{https}/api/data/v9.2/accounts", entity="accounts")
             return str(discovery.value), str(request.value), client.stats.requests
 
