@@ -645,6 +645,17 @@ class Settings(BaseModel):
         "in the run's process) or multiprocess (Dagster's executor: a process per step, in "
         "parallel; its launchpad config applies). The CLI always runs in-process.")
 
+    @field_validator("url", "authority")
+    @classmethod
+    def _has_a_scheme(cls, value: str | None) -> str | None:
+        # `contoso.crm.dynamics.com` would be read as a relative path and fail far later.
+        if value is not None and "://" not in value:
+            # Echoed only when it cannot carry user:password.
+            shown = f"{value!r} " if "@" not in value else ""
+            fix = f"https://{value}" if "@" not in value else "https://<host>"
+            raise ValueError(f"{shown}has no scheme; write {fix}")
+        return value
+
     @field_validator("client_secret")
     @classmethod
     def _secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -690,8 +701,28 @@ _ENV_FIELDS = {
 }
 
 
-def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True) -> Settings:
-    """Settings from `environ` (default: os.environ, after loading `.env` without overriding)."""
+def environment_variables() -> list[tuple[str, str, str]]:
+    """(variable, what it sets, its default) for every variable the settings read, from the
+    model's own fields: the CLI's help lists them."""
+    variables = []
+    for variable, name in _ENV_FIELDS.items():
+        field = Settings.model_fields[name]
+        default = field.default
+        if isinstance(default, Path) and default.is_relative_to(PROJECT_ROOT):
+            default = default.relative_to(PROJECT_ROOT)
+        variables.append((variable, field.description or "",
+                          "-" if default is None else str(default).lower()
+                          if isinstance(default, bool) else str(default)))
+    return variables
+
+
+def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = True,
+                  credentials: bool = True) -> Settings:
+    """Settings from `environ` (default: os.environ, after loading `.env` without overriding).
+
+    `credentials=False` for commands that only read the mirror (status, issues, plans...):
+    a live source's client id and secret are then not required.
+    """
     if environ is None:
         if dotenv:
             load_dotenv(PROJECT_ROOT / ".env", override=False)
@@ -715,7 +746,7 @@ def load_settings(environ: Mapping[str, str] | None = None, *, dotenv: bool = Tr
         field = str(first["loc"][0])
         variable = next((k for k, v in _ENV_FIELDS.items() if v == field), field)
         raise ConfigError(f"{variable}: {message}") from None
-    if settings.source == "live":
+    if settings.source == "live" and credentials:
         missing = [
             name
             for name, value in (

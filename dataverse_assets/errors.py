@@ -21,6 +21,11 @@ class ConfigError(DataverseAssetsError, ValueError):
     """The configuration cannot be used; the message says what to fix."""
 
 
+class UnknownNameError(ConfigError):
+    """An entity or group named on the command line that is not configured (the message
+    offers the closest name)."""
+
+
 class InvalidNameError(DataverseAssetsError, ValueError):
     """A key, name or id that does not have its documented format; nothing was touched."""
 
@@ -56,6 +61,11 @@ class DataverseRequestError(DataverseError):
         super().__init__(message)
         self.status = status
         self.code = code
+
+
+class UnreachableError(DataverseRequestError):
+    """The org or the authority could not be reached: DNS, TLS or the connection, and why
+    (source/network.py); no response came."""
 
 
 class ResponseTooLargeError(DataverseRequestError):

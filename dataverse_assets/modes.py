@@ -12,7 +12,8 @@ class Mode(StrEnum):
     """How a change set was fetched (`manifest.json`, `_staged.mode`, `_sync_state.mode`)."""
 
     CHANGE_TRACKING = "change_tracking"  # a delta link followed
-    CHANGE_TRACKING_RESYNC = "change_tracking_resync"  # the track-changes read of the table
+    INITIAL = "initial"  # the first track-changes read of a table that never had a delta token
+    CHANGE_TRACKING_RESYNC = "change_tracking_resync"  # that read again: the delta token expired
     MODIFIEDON = "modifiedon"  # modifiedon ge the watermark
     FULL = "full"  # the whole table
     FILTERED = "filtered"  # only the records other tables link to
@@ -20,7 +21,9 @@ class Mode(StrEnum):
 
 
 # Change sets that hold the whole table: what they do not list is gone.
-SNAPSHOT_MODES = (Mode.FULL, Mode.CHANGE_TRACKING_RESYNC)
+SNAPSHOT_MODES = (Mode.FULL, Mode.INITIAL, Mode.CHANGE_TRACKING_RESYNC)
+# Change sets that read the table with change tracking on (they end with a delta link).
+TRACKING_READ_MODES = (Mode.CHANGE_TRACKING, Mode.INITIAL, Mode.CHANGE_TRACKING_RESYNC)
 
 
 class PublishStatus(StrEnum):

@@ -11,7 +11,9 @@ ours: every layer may use it.
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from dataverse_assets.errors import InvalidNameError
@@ -119,3 +121,13 @@ def check_record_id(value: object) -> str:
     return _matching(value, GUID_PATTERN,
                      "record id {value} is not a GUID: Dataverse primary keys look like "
                      "00000000-0000-0000-0000-000000000000")
+
+
+def unknown_name(kind: str, name: str, names: Iterable[str]) -> str:
+    """`unknown entity 'acounts'; did you mean 'accounts'?`, or the names there are when none
+    is close: the one message for a name that is not configured."""
+    known = sorted(set(names))
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = (f"; did you mean {close[0]!r}?" if close
+            else f"; the {kind}s are {', '.join(known) or 'none'}")
+    return f"unknown {kind} {name!r}{hint}"

@@ -405,9 +405,18 @@ def test_https_anywhere_and_http_to_loopback_are_allowed(url):
 
 
 def test_a_live_url_without_https_or_a_host_is_refused():
-    for url in ("contoso.crm.dynamics.com", "ftp://contoso.crm.dynamics.com", "https://"):
+    for url in ("ftp://contoso.crm.dynamics.com", "https://"):
         with pytest.raises(ConfigError, match="^DATAVERSE_URL: must be an https:// URL"):
             load_settings({"DATAVERSE_URL": url, **LIVE})
+
+
+@pytest.mark.parametrize("source", ["live", "simulator"])
+def test_a_url_without_a_scheme_is_one_line_with_the_fix(source):
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"DATAVERSE_URL": "contoso.crm.dynamics.com", **LIVE,
+                       "DATAVERSE_SOURCE": source})
+    assert str(refused.value) == ("DATAVERSE_URL: 'contoso.crm.dynamics.com' has no scheme; "
+                                  "write https://contoso.crm.dynamics.com")
 
 
 def test_the_simulator_may_be_served_over_http_on_another_host():

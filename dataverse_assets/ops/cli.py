@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import difflib
 import os
+import re
 import sys
+import textwrap
 import threading
+import time
+from collections.abc import Iterable
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +22,7 @@ from pathlib import Path
 import orjson
 from dagster import AssetKey, DagsterInstance
 
-from dataverse_assets.config import PROJECT_ROOT, load_settings
+from dataverse_assets.config import PROJECT_ROOT, environment_variables, load_settings
 from dataverse_assets.defs.checks import divergence
 from dataverse_assets.defs.definitions import build_definitions, build_source
 from dataverse_assets.defs.partitions import add_change_sets, register_change_set
@@ -31,12 +34,14 @@ from dataverse_assets.errors import (
     InvalidNameError,
     RebuildError,
     StorageError,
+    UnknownNameError,
 )
 from dataverse_assets.names import (
     check_change_set_key,
     check_column_name,
     check_entity_name,
     check_record_id,
+    unknown_name,
 )
 from dataverse_assets.ops.doctor import doctor_passed, render_checks, run_doctor
 from dataverse_assets.ops.plan_view import render_plan
@@ -44,7 +49,8 @@ from dataverse_assets.ops.purge import check_purgeable, purge_column
 from dataverse_assets.ops.rebuild import archived_change_sets, rebuild, register_archived
 from dataverse_assets.ops.recording import key_columns, record_fixtures
 from dataverse_assets.ops.report import write_report
-from dataverse_assets.ops.status import entity_status
+from dataverse_assets.ops.status import change_set_list, entity_status, next_run
+from dataverse_assets.ops.terminal import SyncProgress, ago, print_table, until, wall_time_line
 from dataverse_assets.store import dead_letters
 from dataverse_assets.store.archive_retention import compact_archive
 from dataverse_assets.store.bookkeeping import change_set_used, step_details
@@ -82,16 +88,36 @@ def _connection(settings):
     return closing(connect(settings.db_path))
 
 
+def _unknown(kind: str, name: str, names: Iterable[str]) -> UnknownNameError:
+    return UnknownNameError(unknown_name(kind, name, names))
+
+
 def _configured_entity(config, name: str):
-    """The entity's config, or a ConfigError naming it (with the closest configured names)."""
+    """The entity's config, or an error naming it (with the closest configured name)."""
     check_entity_name(name)
     try:
         return config.entity(name)
     except KeyError:
-        names = [e.name for e in config.entities]
-        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; the entities are {names}"
-        raise ConfigError(f"unknown entity {name!r}{hint}") from None
+        raise _unknown("entity", name, (e.name for e in config.entities)) from None
+
+
+def _configured_group(config, name: str) -> str:
+    """A group that has entities, or an error naming it (with the closest group)."""
+    if name not in config.groups:
+        raise _unknown("group", name, config.groups)
+    return name
+
+
+def _known_entity(settings, connection, name: str) -> str:
+    """An entity configured or with change sets in the database (read-only commands show
+    what the mirror holds, also of entities no longer configured)."""
+    check_entity_name(name)
+    names = {e.name for e in settings.entities.entities}
+    names |= {entity for (entity,) in connection.execute(
+        "SELECT DISTINCT entity FROM _publish_state")}
+    if name not in names:
+        raise _unknown("entity", name, names)
+    return name
 
 
 def new_change_set_key(instance, group: str, now: datetime | None = None,
@@ -114,12 +140,16 @@ def new_change_set_key(instance, group: str, now: datetime | None = None,
     return register_change_set(instance, group, now, used)
 
 
-def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
+def _summary_rows(settings, change_set: str, entities: list[str],
+                  progress: SyncProgress | None = None) -> list[dict]:
+    """One row per entity: what was fetched and published, and the seconds of our own steps
+    (fetch and publish from the step log, staging as the terminal measured it)."""
     with _connection(settings) as connection:
         rows = []
         for entity in entities:
             fetched = step_details(connection, entity, change_set, "raw")
             published = step_details(connection, entity, change_set, "canonical")
+            staging = progress.step_seconds(entity) if progress is not None else 0.0
             rows.append({
                 "entity": entity,
                 "status": "ok" if published else "FAILED",
@@ -131,7 +161,8 @@ def _summary_rows(settings, change_set: str, entities: list[str]) -> list[dict]:
                 "unchanged": published.get("unchanged", 0),
                 "stale": published.get("stale", 0),
                 "pages": fetched.get("pages", 0),
-                "seconds": round(fetched.get("seconds", 0) + published.get("seconds", 0), 2),
+                "seconds": round(fetched.get("seconds", 0) + staging
+                                 + published.get("seconds", 0), 2),
             })
         return rows
 
@@ -146,41 +177,32 @@ def _warn_stale(rows: list[dict], change_set: str) -> None:
                   file=sys.stderr)
 
 
-def _print_table(rows: list[dict]) -> None:
-    if not rows:
-        return
-    headers = list(rows[0])
-    widths = {h: max(len(h), *(len(str(r[h])) for r in rows)) for h in headers}
-    print("  ".join(h.ljust(widths[h]) for h in headers))
-    for row in rows:
-        print("  ".join(str(row[h]).rjust(widths[h]) if isinstance(row[h], int | float)
-                        else str(row[h]).ljust(widths[h]) for h in headers))
-
-
 def cmd_sync(args: argparse.Namespace) -> int:
     settings = load_settings()
     config = settings.entities
-    groups = args.group or [g for g in config.groups if config.entities_in_group(g)]
-    unknown = [g for g in groups if g not in config.groups]
-    if unknown:
-        raise ConfigError(f"unknown group(s) {unknown}; the groups are {sorted(config.groups)}")
+    groups = ([_configured_group(config, g) for g in args.group] if args.group
+              else [g for g in config.groups if config.entities_in_group(g)])
     instance = _instance()
     defs = build_definitions(settings)
     print(f"source: {settings.source}; database: {settings.db_path}")
     failed = False
     for group in groups:
         key = new_change_set_key(instance, group, settings=settings)
-        print(f"\n[{group}] change set {key}")
+        print(f"\n[{group}] change set {key}", flush=True)
         job = defs.resolve_job_def(sync_job_name(group))
-        with listening(_print_progress):  # fetches that take a while show pages, rows, ETA
+        started = time.perf_counter()
+        # Long phases show rows, rate and ETA; each entity gets a line when it is done.
+        with SyncProgress() as progress, listening(progress):
             result = job.execute_in_process(
                 instance=instance, partition_key=key, raise_on_error=False,
                 # Every event is in the UI; the terminal gets the summary and real problems.
                 run_config={"loggers": {"console": {"config": {"log_level": args.log_level}}}},
             )
+        wall = time.perf_counter() - started
         entities = [e.name for e in config.entities_in_group(group)]
-        rows = _summary_rows(settings, key, entities)
-        _print_table(rows)
+        rows = _summary_rows(settings, key, entities, progress)
+        print_table(rows)
+        print(wall_time_line(group, len(entities), wall, sum(r["seconds"] for r in rows)))
         _warn_stale(rows, key)
         if not result.success:
             failed = True
@@ -206,21 +228,40 @@ def _print_readable(settings, entities: list[str]) -> None:
 
 def cmd_change_set_create(args: argparse.Namespace) -> int:
     settings = load_settings()
-    if args.group not in settings.entities.groups:
-        raise ConfigError(
-            f"unknown group {args.group!r}; the groups are {sorted(settings.entities.groups)}"
-        )
-    print(new_change_set_key(_instance(), args.group, settings=settings))
+    group = _configured_group(settings.entities, args.group)
+    print(new_change_set_key(_instance(), group, settings=settings))
+    return 0
+
+
+def cmd_change_set_list(args: argparse.Namespace) -> int:
+    """Change sets and where their publish stands, newest first."""
+    settings = load_settings(credentials=False)
+    with _connection(settings) as connection:
+        entity = _known_entity(settings, connection, args.entity) if args.entity else None
+        rows = change_set_list(connection, entity, args.limit)
+    if args.json:
+        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    if not rows:
+        print("no change sets" + (f" of {entity}" if entity else ""))
+        return 0
+    print_table([{**{k: v for k, v in row.items()
+                     if k not in ("finished_age_seconds", "error")},
+                  "published": ago(row["finished_age_seconds"])} for row in rows])
+    for row in rows:
+        if row["error"]:
+            print(f"  {row['entity']} {row['change_set']} {row['status']}: {row['error']}",
+                  file=sys.stderr)
     return 0
 
 
 def cmd_plan_show(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    # The database's plans, also of entities no longer configured: the format is checked.
-    check_entity_name(args.entity)
+    settings = load_settings(credentials=False)
     check_change_set_key(args.change_set)
     connection = connect(settings.db_path)
     try:
+        # The database's plans, also of entities no longer configured.
+        _known_entity(settings, connection, args.entity)
         print(render_plan(connection, args.entity, args.change_set, args.max_rows))
     except LookupError as exc:
         print(f"{exc} in {settings.db_path}", file=sys.stderr)
@@ -247,10 +288,14 @@ def _run_entities(settings, instance, group: str, key: str, entities: list[str],
                                   asset_selection=selection, run_config=run_config)
 
 
+# Dagster's message of an error repeats its class, qualified: `Type: package.module.Type: ...`.
+_REPEATED_CLASS = re.compile(r"^(\w+): (?:[\w.]+\.)?\1: ")
+
+
 def _print_failures(result) -> None:
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data:
-            message = root_cause(event.step_failure_data.error)
+            message = _REPEATED_CLASS.sub(r"\1: ", root_cause(event.step_failure_data.error))
             print(f"  FAILED {event.step_key}: {message}", file=sys.stderr)
 
 
@@ -282,10 +327,11 @@ def cmd_refresh(args: argparse.Namespace) -> int:
         entities.append(other)
     instance = _instance()
     key = new_change_set_key(instance, entity.group, settings=settings)
-    print(f"targeted refresh as change set {key} ({entity.group})")
-    result = _run_entities(settings, instance, entity.group, key, entities, op_config)
-    rows = _summary_rows(settings, key, entities)
-    _print_table(rows)
+    print(f"targeted refresh as change set {key} ({entity.group})", flush=True)
+    with SyncProgress() as progress, listening(progress):
+        result = _run_entities(settings, instance, entity.group, key, entities, op_config)
+    rows = _summary_rows(settings, key, entities, progress)
+    print_table(rows)
     _warn_stale(rows, key)
     if not result.success:
         _print_failures(result)
@@ -305,9 +351,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     for group in dict.fromkeys(e.group for e in chosen):
         entities = [e.name for e in chosen if e.group == group]
         key = new_change_set_key(instance, group, settings=settings)
-        print(f"[{group}] reconcile as change set {key}")
-        result = _run_entities(settings, instance, group, key, entities,
-                               {f"raw__{name}": {"reconcile": True} for name in entities})
+        print(f"[{group}] reconcile as change set {key}", flush=True)
+        with SyncProgress() as progress, listening(progress):
+            result = _run_entities(settings, instance, group, key, entities,
+                                   {f"raw__{name}": {"reconcile": True} for name in entities})
         rows = []
         with _connection(settings) as connection:
             for name in entities:
@@ -315,7 +362,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 rows.append({"entity": name, **({"mode": "-", "scanned": "-", "missing": "-",
                                                  "stale": "-", "extra": "-"} if found is None
                                                 else found)})
-        _print_table(rows)
+        print_table(rows)
         if not result.success:
             failed = True
             _print_failures(result)
@@ -323,27 +370,45 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(credentials=False)
     connection = connect(settings.db_path)
     try:
+        entity = _known_entity(settings, connection, args.entity) if args.entity else None
         rows = entity_status(connection, settings.entities)
     finally:
         connection.close()
+    rows = [row for row in rows if entity is None or row["entity"] == entity]
     if args.json:
         print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         return 0
-    shown = ("entity", "mode", "last_change_set", "publish_status", "watermark_age_seconds",
-             "rows", "open_issues", "dead_letters", "queued_retries")
-    _print_table([{k: ("-" if row[k] is None else row[k]) for k in shown} for row in rows])
+    groups = settings.entities.groups
+    print_table([{
+        "entity": row["entity"],
+        "group": row["group"],
+        "mode": row["mode"],
+        "last_change_set": row["last_change_set"],
+        "publish_status": row["publish_status"] or row["sync_status"],
+        "published": ago(row["published_age_seconds"]),
+        "next_run": until(next_run(groups[row["group"]].cron)) if row["group"] in groups
+        else "-",
+        "rows": row["rows"],
+        "open_issues": row["open_issues"],
+        "dead_letters": row["dead_letters"],
+        "queued_retries": row["queued_retries"],
+    } for row in rows])
+    for row in rows:
+        if row["publish_status"] == "FAILED" and row["last_error"]:
+            print(f"  {row['entity']} {row['last_change_set']} FAILED: {row['last_error']}",
+                  file=sys.stderr)
     return 0
 
 
 def cmd_issues(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    if args.entity is not None:
-        check_entity_name(args.entity)
+    settings = load_settings(credentials=False)
     connection = connect(settings.db_path)
     try:
+        if args.entity is not None:
+            _known_entity(settings, connection, args.entity)
         issues = list_issues(connection, args.entity, args.limit, include_resolved=args.all)
     finally:
         connection.close()
@@ -364,7 +429,8 @@ def cmd_issues(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    # Only a requeue talks to the source; listing, showing and dropping read the database.
+    settings = load_settings(credentials=args.dlq_command == "requeue")
     connection = connect(settings.db_path)
     try:
         if args.dlq_command == "list":
@@ -372,7 +438,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             if args.json:
                 print(orjson.dumps(letters, option=orjson.OPT_INDENT_2).decode())
             elif letters:
-                _print_table([{k: v for k, v in letter.items() if k != "reason"}
+                print_table([{k: v for k, v in letter.items() if k != "reason"}
                               for letter in letters])
             else:
                 print("no dead letters")
@@ -474,9 +540,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_fixtures_record(args: argparse.Namespace) -> int:
     settings = load_settings()
     config = settings.entities
-    unknown = sorted(set(args.entity or []) - {e.name for e in config.entities})
-    if unknown:
-        raise ConfigError(f"--entity {unknown}: not in {settings.entities_config_path}")
+    for name in args.entity or []:
+        _configured_entity(config, name)
     # Resolved here (EnvVar fields are read from the environment), never printed.
     source = build_source(settings, config).process_config_and_initialize()
     if args.pages < 1 or not 1 <= (args.page_size or 1) <= 5000:
@@ -501,7 +566,7 @@ def cmd_fixtures_record(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(credentials=False)
     connection = connect(settings.db_path)
     try:
         report = write_report(connection, settings.entities, Path(args.out),
@@ -511,33 +576,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     states = ", ".join(f"{e.entity} {e.state}" for e in report.entities)
     print(f"wrote {args.out}: {len(report.points)} change sets; {states}")
     return 0
-
-
-def _add_diagnostics_commands(commands) -> None:
-    doctor = commands.add_parser(
-        "doctor", help="read-only checks of the configuration against the org")
-    doctor.add_argument("--entity", action="append", help="only this entity (repeatable)")
-    doctor.add_argument("--json", action="store_true")
-    doctor.set_defaults(handler=cmd_doctor)
-    fixtures = commands.add_parser("fixtures", help="recorded responses for the fixture source")
-    fixtures_commands = fixtures.add_subparsers(dest="fixtures_command", required=True)
-    record = fixtures_commands.add_parser(
-        "record", help="record a page or two of each entity, its metadata and the records "
-        "filtered entities ask for, into DIR")
-    record.add_argument("--out", required=True, metavar="DIR")
-    record.add_argument("--entity", action="append",
-                        help="only this entity (repeatable; linking tables of filtered "
-                        "entities are added)")
-    record.add_argument("--pages", type=int, default=2, help="pages per query (default 2)")
-    record.add_argument("--page-size", type=int, help="instead of the configured page size")
-    record.add_argument("--scrub", action="append", metavar="COLUMN",
-                        help="replace this column's values with stable fakes (repeatable)")
-    record.add_argument("--salt", help="makes the fakes reproducible across recordings "
-                        "(default: random per recording)")
-    record.set_defaults(handler=cmd_fixtures_record)
-    report = commands.add_parser("report", help="write a self-contained HTML status page")
-    report.add_argument("--out", default="status.html")
-    report.set_defaults(handler=cmd_report)
 
 
 # -- the archive: rebuild, compact, archived keys as partitions ------------------------------
@@ -561,7 +599,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         print(f"rebuild: {exc}", file=sys.stderr)
         return 1
     print()
-    _print_table(report.rows_table())
+    print_table(report.rows_table())
     print(report.lines()[-1])
     for skipped in report.skipped:
         print(f"skipped {skipped.entity} {skipped.change_set} (damaged, --skip-corrupt): "
@@ -580,7 +618,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
         older_than_days=args.older_than_days, retention=not args.no_retention,
         dry_run=args.dry_run,
     )
-    _print_table(report.rows())
+    print_table(report.rows())
     for decision in report.deleted:
         verb = "would delete" if args.dry_run else "deleted"
         print(f"  {verb} {decision.entity} {decision.change_set}: {decision.reason}")
@@ -617,9 +655,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_register_archived(args: argparse.Namespace) -> int:
     settings = load_settings()
     config = settings.entities
-    if args.group not in config.groups:
-        raise ConfigError(
-            f"unknown group {args.group!r}; the groups are {sorted(config.groups)}")
+    _configured_group(config, args.group)
     archived = archived_change_sets(config, settings.archive_dir, args.group)
     register_archived(_instance(), args.group, list(archived))
     group_entities = {e.name for e in config.entities_in_group(args.group)}
@@ -655,99 +691,192 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_archive_commands(commands, change_set_commands) -> None:
-    purge = commands.add_parser(
-        "purge", help="erase a column the entity no longer selects from the mirror, its "
-        "history, staging, change log and archive (personal data)")
-    purge.add_argument("--entity", required=True)
-    purge.add_argument("--column", required=True, help="the column (logical name) to erase")
-    purge.add_argument("--yes", action="store_true",
-                       help="do it (without: say what would be erased)")
-    purge.set_defaults(handler=cmd_purge)
-    rebuild = commands.add_parser(
-        "rebuild", help="replay every archived change set into a new database")
-    rebuild.add_argument("--into", required=True, type=Path, help="the new database file")
-    rebuild.add_argument("--force", action="store_true", help="replace an existing file")
-    rebuild.add_argument("--skip-corrupt", action="store_true",
-                         help="leave out change sets with a damaged archive file (reported) "
-                         "instead of stopping at the first")
-    rebuild.set_defaults(handler=cmd_rebuild)
-    compact = commands.add_parser(
-        "compact", help="what the maintenance job does: merge old page files into Parquet, "
-        "apply the archive, staging and bookkeeping retention, shrink the database file")
-    compact.add_argument("--older-than-days", type=float,
-                         help="compact change sets fetched longer ago than this "
-                         "(default: archive.compact_after_days of the entities file)")
-    compact.add_argument("--no-retention", action="store_true", help="delete nothing")
-    compact.add_argument("--dry-run", action="store_true", help="report only")
-    compact.set_defaults(handler=cmd_compact)
-    archived = change_set_commands.add_parser(
-        "register-archived",
-        help="register the archived change sets of a group as partitions; prints the keys, "
-        "oldest first")
-    archived.add_argument("--group", required=True)
-    archived.set_defaults(handler=cmd_register_archived)
+# -- the command line: every command and option says what it does, its default, an example --
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Epilogs keep their lines (examples, the variables); an option with a default that is
+    not stated in its help gets `(default: ...)`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings):
+            return text
+        return f"{text} (default: {default})"
+
+
+def _environment_epilog() -> str:
+    """Every variable the settings read (from the settings model), and DAGSTER_HOME."""
+    variables = [(variable, what + ("" if default == "-" else f" (default: {default})"))
+                 for variable, what, default in environment_variables()]
+    variables.append(("DAGSTER_HOME", "The Dagster instance the CLI's runs go to "
+                      "(default: .dagster_home)"))
+    lines = ["environment variables (also read from .env in the project root):"]
+    for variable, what in variables:
+        lines.append(f"  {variable}")
+        lines.extend(textwrap.wrap(what, width=92, initial_indent="      ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _command(commands, name: str, summary: str, examples: list[str],
+             details: str = "") -> argparse.ArgumentParser:
+    """A subcommand with its one-line help, a description and examples."""
+    return commands.add_parser(
+        name, help=summary,
+        description=textwrap.fill(summary, 92) + (f"\n\n{textwrap.fill(details, 92)}"
+                                                  if details else ""),
+        formatter_class=_HelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {example}" for example in examples))
+
+
+def _subcommands(parser: argparse.ArgumentParser, dest: str):
+    return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND")
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON for machines instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dataverse-assets", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    sync = commands.add_parser("sync", help="sync every entity (or a group) through Dagster")
-    sync.add_argument("--group", action="append", help="only this cadence group (repeatable)")
-    sync.add_argument("--log-level", default="WARNING", help="Dagster console log level")
+    parser = argparse.ArgumentParser(
+        prog="dataverse-assets", description=__doc__, formatter_class=_HelpFormatter,
+        epilog=_environment_epilog() + "\n\nexamples:\n  dataverse-assets sync\n"
+        "  dataverse-assets status\n  dataverse-assets sync --help")
+    commands = _subcommands(parser, "command")
+    _add_sync_commands(commands)
+    _add_read_commands(commands)
+    _add_diagnostics_commands(commands)
+    _add_archive_commands(commands)
+    return parser
+
+
+def _add_sync_commands(commands) -> None:
+    sync = _command(commands, "sync", "sync every entity (or a group) through Dagster",
+                    ["dataverse-assets sync", "dataverse-assets sync --group hourly"],
+                    "Each group gets a new change set; progress goes to stderr, the summary "
+                    "(with the wall time and Dagster's overhead) to stdout.")
+    sync.add_argument("--group", action="append", metavar="GROUP",
+                      help="only this cadence group (repeatable; default: every group with "
+                      "entities)")
+    sync.add_argument("--log-level", default="WARNING",
+                      choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+                      help="Dagster's console log level")
     sync.set_defaults(handler=cmd_sync)
-    change_set = commands.add_parser("change-set", help="manage change-set partitions")
-    change_set_commands = change_set.add_subparsers(dest="change_set_command", required=True)
-    create = change_set_commands.add_parser("create", help="register a new change set key")
-    create.add_argument("--group", required=True)
-    create.set_defaults(handler=cmd_change_set_create)
-    refresh = commands.add_parser(
-        "refresh", help="targeted refresh of records by id, as their own change set")
-    refresh.add_argument("entity")
-    refresh.add_argument("--id", action="append", required=True, help="primary key (repeatable)")
+
+    refresh = _command(
+        commands, "refresh", "targeted refresh of records by id, as their own change set",
+        ["dataverse-assets refresh accounts --id 5b3f2c1e-0000-4000-8000-000000000001",
+         "dataverse-assets refresh accounts --id <guid> --with contacts:_parentcustomerid_value"])
+    refresh.add_argument("entity", help="a configured entity, e.g. accounts")
+    refresh.add_argument("--id", action="append", required=True, metavar="GUID",
+                         help="primary key (repeatable; required)")
     refresh.add_argument("--with", dest="with_linked", action="append",
                          metavar="ENTITY:LOOKUP_COLUMN",
                          help="also refresh the records of ENTITY whose LOOKUP_COLUMN names "
-                              "the ids, e.g. contacts:_parentcustomerid_value")
+                              "the ids, e.g. contacts:_parentcustomerid_value (default: none)")
     refresh.set_defaults(handler=cmd_refresh)
-    reconcile = commands.add_parser(
-        "reconcile", help="compare the mirror with the source by key and version now; "
-        "missing and stale records are fetched again, extra ones deleted")
-    reconcile.add_argument("entity", nargs="?", help="only this entity (default: every one)")
+
+    reconcile = _command(
+        commands, "reconcile", "compare the mirror with the source by key and version now; "
+        "missing and stale records are fetched again, extra ones deleted",
+        ["dataverse-assets reconcile", "dataverse-assets reconcile accounts"])
+    reconcile.add_argument("entity", nargs="?",
+                           help="only this entity (default: every configured one)")
     reconcile.set_defaults(handler=cmd_reconcile)
-    status = commands.add_parser("status", help="per-entity status")
-    status.add_argument("--json", action="store_true")
+
+    change_set = _command(commands, "change-set", "change sets: list them, register keys",
+                          ["dataverse-assets change-set list accounts",
+                           "dataverse-assets change-set create --group hourly"])
+    change_set_commands = _subcommands(change_set, "change_set_command")
+    listing = _command(change_set_commands, "list",
+                       "change sets with their publish state, newest first (read-only)",
+                       ["dataverse-assets change-set list",
+                        "dataverse-assets change-set list accounts --limit 10"])
+    listing.add_argument("entity", nargs="?", help="only this entity (default: every entity)")
+    listing.add_argument("--limit", type=int, default=50, help="change sets shown")
+    _json_option(listing)
+    listing.set_defaults(handler=cmd_change_set_list)
+    create = _command(change_set_commands, "create",
+                      "register a new change-set key for a group (prints it)",
+                      ["dataverse-assets change-set create --group hourly"])
+    create.add_argument("--group", required=True, help="a cadence group (required)")
+    create.set_defaults(handler=cmd_change_set_create)
+    archived = _command(
+        change_set_commands, "register-archived",
+        "register the archived change sets of a group as partitions; prints the keys, "
+        "oldest first", ["dataverse-assets change-set register-archived --group hourly"])
+    archived.add_argument("--group", required=True, help="a cadence group (required)")
+    archived.set_defaults(handler=cmd_register_archived)
+
+
+def _add_read_commands(commands) -> None:
+    """Commands that only read the database: they need no credentials."""
+    status = _command(
+        commands, "status", "per-entity status: last change set, published when, next "
+        "scheduled run, rows, issues, dead letters (read-only)",
+        ["dataverse-assets status", "dataverse-assets status accounts --json"])
+    status.add_argument("entity", nargs="?", help="only this entity (default: every one)")
+    _json_option(status)
     status.set_defaults(handler=cmd_status)
-    issues = commands.add_parser(
-        "issues", help="records that could not be staged or fetched (open ones: a record that "
-        "stages cleanly later resolves its issues)")
-    issues.add_argument("--entity")
-    issues.add_argument("--all", action="store_true", help="include resolved issues")
-    issues.add_argument("--limit", type=int, default=100)
-    issues.add_argument("--json", action="store_true")
+
+    issues = _command(
+        commands, "issues", "records that could not be staged or fetched (open ones: a record "
+        "that stages cleanly later resolves its issues) (read-only)",
+        ["dataverse-assets issues", "dataverse-assets issues --entity contacts --all"])
+    issues.add_argument("--entity", help="only this entity (default: every entity)")
+    issues.add_argument("--all", action="store_true",
+                        help="include resolved issues (default: open ones only)")
+    issues.add_argument("--limit", type=int, default=100, help="issues shown")
+    _json_option(issues)
     issues.set_defaults(handler=cmd_issues)
-    dlq = commands.add_parser("dlq", help="dead letters: change sets that failed every retry")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
-    dlq_list = dlq_commands.add_parser("list")
-    dlq_list.add_argument("--all", action="store_true", help="include resolved and dropped")
-    dlq_list.add_argument("--json", action="store_true")
-    for name in ("show", "requeue", "drop"):
-        command = dlq_commands.add_parser(name)
-        command.add_argument("id", type=int)
+
+    dlq = _command(commands, "dlq", "dead letters: change sets that failed every retry",
+                   ["dataverse-assets dlq list", "dataverse-assets dlq requeue 3"])
+    dlq_commands = _subcommands(dlq, "dlq_command")
+    dlq_list = _command(dlq_commands, "list", "list open dead letters (read-only)",
+                        ["dataverse-assets dlq list", "dataverse-assets dlq list --all --json"])
+    dlq_list.add_argument("--all", action="store_true",
+                          help="include resolved and dropped ones (default: open ones only)")
+    _json_option(dlq_list)
+    for name, summary in (
+            ("show", "print one dead letter with its reason and retry history (read-only)"),
+            ("requeue", "publish its change set again now, through Dagster"),
+            ("drop", "give up on it: mark it dropped")):
+        command = _command(dlq_commands, name, summary, [f"dataverse-assets dlq {name} 3"])
+        command.add_argument("id", type=int, help="the dead letter's id (see dlq list)")
     dlq.set_defaults(handler=cmd_dlq)
-    plan = commands.add_parser("plan", help="publish plans")
-    plan_commands = plan.add_subparsers(dest="plan_command", required=True)
-    show = plan_commands.add_parser("show", help="print the plan of a change set")
-    show.add_argument("entity")
-    show.add_argument("change_set")
+
+    plan = _command(commands, "plan", "publish plans",
+                    ["dataverse-assets plan show accounts 20261122T101500Z"])
+    plan_commands = _subcommands(plan, "plan_command")
+    show = _command(plan_commands, "show", "print the plan of a change set: counts, then rows "
+                    "by kind with the changed fields (read-only)",
+                    ["dataverse-assets plan show accounts 20261122T101500Z --max-rows 10"])
+    show.add_argument("entity", help="the entity, e.g. accounts")
+    show.add_argument("change_set", help="the change-set key, e.g. 20261122T101500Z")
     show.add_argument("--max-rows", type=int, default=50, help="rows shown per kind")
     show.set_defaults(handler=cmd_plan_show)
-    simulator = commands.add_parser("simulator", help="serve the Dataverse simulator")
-    simulator.add_argument("--port", type=int, default=8765, help="0 picks a free port")
-    simulator.add_argument("--seed", type=int, default=42)
+
+    report = _command(commands, "report", "write a self-contained HTML status page "
+                      "(read-only)", ["dataverse-assets report --out status.html"])
+    report.add_argument("--out", default="status.html", help="the HTML file to write")
+    report.set_defaults(handler=cmd_report)
+
+
+def _add_diagnostics_commands(commands) -> None:
+    simulator = _command(
+        commands, "simulator", "serve the Dataverse simulator on loopback",
+        ["dataverse-assets simulator --port 8765",
+         "dataverse-assets simulator --rows accounts=1000000 --limits dataverse"])
+    simulator.add_argument("--port", type=int, default=8765, help="the port; 0 picks a free one")
+    simulator.add_argument("--seed", type=int, default=42, help="seed of the generated org")
     simulator.add_argument("--rows", action="append", metavar="ENTITY=COUNT",
-                           help="table size (repeatable); tables over 100,000 rows are "
-                           "generated on demand, e.g. --rows accounts=1000000")
+                           help="table size (repeatable; default: the simulator's sizes); "
+                           "tables over 100,000 rows are generated on demand, e.g. "
+                           "--rows accounts=1000000")
     simulator.add_argument("--control", action="store_true",
                            help="serve /_simulator/stats and /_simulator/mutate (benchmarks)")
     simulator.add_argument("--limits", choices=("off", "dataverse"), default="off",
@@ -761,18 +890,87 @@ def build_parser() -> argparse.ArgumentParser:
                            help="last_page: a read's delta token marks its last page, so an "
                            "edit of a row already served is in no delta")
     simulator.add_argument("--faults", metavar="SCENARIO",
-                           help="seeded random faults, e.g. "
+                           help="seeded random faults (default: none), e.g. "
                            "'seed=1,server_error=0.02,reset=0.01,slow=0.05,malformed=0.01'")
     simulator.set_defaults(handler=cmd_simulator)
-    _add_diagnostics_commands(commands)
-    _add_archive_commands(commands, change_set_commands)
-    return parser
+
+    doctor = _command(commands, "doctor",
+                      "read-only checks of the configuration against the org",
+                      ["dataverse-assets doctor", "dataverse-assets doctor --entity accounts"])
+    doctor.add_argument("--entity", action="append",
+                        help="only this entity (repeatable; default: every one)")
+    _json_option(doctor)
+    doctor.set_defaults(handler=cmd_doctor)
+
+    fixtures = _command(commands, "fixtures", "recorded responses for the fixture source",
+                        ["dataverse-assets fixtures record --out fixtures/"])
+    fixtures_commands = _subcommands(fixtures, "fixtures_command")
+    record = _command(
+        fixtures_commands, "record", "record a page or two of each entity, its metadata and "
+        "the records filtered entities ask for, into DIR",
+        ["dataverse-assets fixtures record --out fixtures/ --entity accounts --scrub "
+         "emailaddress1"])
+    record.add_argument("--out", required=True, metavar="DIR",
+                        help="the directory to write (required)")
+    record.add_argument("--entity", action="append",
+                        help="only this entity (repeatable; linking tables of filtered "
+                        "entities are added; default: every one)")
+    record.add_argument("--pages", type=int, default=2, help="pages per query")
+    record.add_argument("--page-size", type=int,
+                        help="rows per page (default: the entity's configured page size)")
+    record.add_argument("--scrub", action="append", metavar="COLUMN",
+                        help="replace this column's values with stable fakes (repeatable; "
+                        "default: none)")
+    record.add_argument("--salt", help="makes the fakes reproducible across recordings "
+                        "(default: random per recording)")
+    record.set_defaults(handler=cmd_fixtures_record)
+
+
+def _add_archive_commands(commands) -> None:
+    purge = _command(
+        commands, "purge", "erase a column the entity no longer selects from the mirror, its "
+        "history, staging, change log and archive (personal data)",
+        ["dataverse-assets purge --entity contacts --column emailaddress1",
+         "dataverse-assets purge --entity contacts --column emailaddress1 --yes"])
+    purge.add_argument("--entity", required=True, help="a configured entity (required)")
+    purge.add_argument("--column", required=True,
+                       help="the column (logical name) to erase (required)")
+    purge.add_argument("--yes", action="store_true",
+                       help="do it (default: only say what would be erased)")
+    purge.set_defaults(handler=cmd_purge)
+    rebuild = _command(
+        commands, "rebuild", "replay every archived change set into a new database",
+        ["dataverse-assets rebuild --into /tmp/rebuilt.db"])
+    rebuild.add_argument("--into", required=True, type=Path,
+                         help="the new database file (required)")
+    rebuild.add_argument("--force", action="store_true",
+                         help="replace an existing file (default: refuse)")
+    rebuild.add_argument("--skip-corrupt", action="store_true",
+                         help="leave out change sets with a damaged archive file (reported) "
+                         "instead of stopping at the first (default: stop)")
+    rebuild.set_defaults(handler=cmd_rebuild)
+    compact = _command(
+        commands, "compact", "what the maintenance job does: merge old page files into "
+        "Parquet, apply the archive, staging and bookkeeping retention, shrink the database "
+        "file", ["dataverse-assets compact --dry-run",
+                 "dataverse-assets compact --older-than-days 7"])
+    compact.add_argument("--older-than-days", type=float,
+                         help="compact change sets fetched longer ago than this "
+                         "(default: archive.compact_after_days of the entities file)")
+    compact.add_argument("--no-retention", action="store_true",
+                         help="delete nothing (default: apply the retention rules)")
+    compact.add_argument("--dry-run", action="store_true",
+                         help="report only (default: do it)")
+    compact.set_defaults(handler=cmd_compact)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
+    except UnknownNameError as exc:  # a typo on the command line, not in the configuration
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -23,12 +23,15 @@ from dataverse_assets.errors import (
     ConfigError,
     DataverseError,
     FetchConfigError,
+    UnreachableError,
 )
 from dataverse_assets.modes import Mode
+from dataverse_assets.names import unknown_name
 from dataverse_assets.redaction import redact
 from dataverse_assets.source.auth import ClientCredentials
 from dataverse_assets.source.client import DataverseClient, RetryPolicy
 from dataverse_assets.source.live import ClientSession, shared_ssl_context
+from dataverse_assets.source.network import connection_problem
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 from dataverse_assets.source.simulator import embedded_simulator
 from dataverse_assets.store.choices import parse_attribute_metadata
@@ -220,7 +223,7 @@ class Doctor:
         else:
             try:
                 tenant = await credentials.discover_tenant()
-            except (AuthenticationError, httpx.HTTPError) as exc:
+            except (AuthenticationError, UnreachableError, httpx.HTTPError) as exc:
                 self.add("tenant discovery", FAIL, _describe(exc, target.org_url),
                          fix="check DATAVERSE_URL: the org root such as "
                              "https://contoso.crm.dynamics.com (no /api/data path), reachable "
@@ -230,7 +233,7 @@ class Doctor:
                      f"tenant {tenant} (from the org's WWW-Authenticate challenge)")
         try:
             await credentials.token()
-        except (AuthenticationError, httpx.HTTPError) as exc:
+        except (AuthenticationError, UnreachableError, httpx.HTTPError) as exc:
             self.add("access token", FAIL, _describe(exc, target.authority),
                      fix="check DATAVERSE_CLIENT_ID and DATAVERSE_CLIENT_SECRET (the secret's "
                          "value, not its ID, and not expired) in the app registration, that "
@@ -536,6 +539,8 @@ class Doctor:
 
 
 def _describe(exc: BaseException, where: str) -> str:
+    if isinstance(exc, httpx.TransportError):
+        return f"cannot reach {where}: {connection_problem(exc, where).message}"
     if isinstance(exc, httpx.HTTPError):
         return f"cannot reach {where}: {type(exc).__name__}"
     return str(exc)
@@ -602,10 +607,11 @@ def run_doctor(environ: Mapping[str, str] | None = None,
         return checks
     entities = settings.entities.entities
     if only_entities:
-        unknown = sorted(set(only_entities) - {e.name for e in entities})
+        unknown = [name for name in only_entities if name not in {e.name for e in entities}]
         if unknown:
-            checks.append(Check("configuration", FAIL, f"not configured: {unknown}",
-                                fix="name entities listed in the entities file"))
+            checks.append(Check("configuration", FAIL, "; ".join(
+                unknown_name("entity", name, (e.name for e in entities)) for name in unknown),
+                fix="name entities listed in the entities file"))
             return checks
         entities = [e for e in entities if e.name in only_entities]
     target = org_target(settings)

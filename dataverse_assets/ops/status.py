@@ -1,15 +1,22 @@
-"""Per-entity operational status, from the database alone."""
+"""Per-entity operational status and the change sets' publish state, from the database alone
+(no credentials, no request to the source)."""
 
 from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime
 
+from dagster._utils.schedules import cron_string_iterator
+
 from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.modes import PUBLISHING_STATUSES, PublishStatus
 from dataverse_assets.source.query import parse_datetime
 from dataverse_assets.store import dead_letters
-from dataverse_assets.store.bookkeeping import INTERRUPTED, latest_publish_state, read_sync_state
+from dataverse_assets.store.bookkeeping import (
+    INTERRUPTED,
+    latest_publish_state,
+    read_sync_state,
+)
 from dataverse_assets.store.locks import is_held
 from dataverse_assets.store.tables import canonical_row_count
 
@@ -65,3 +72,36 @@ def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
                 (entity.name,)).fetchone()[0],
         })
     return rows
+
+
+def next_run(cron: str, now: datetime | None = None) -> datetime:
+    """The group schedule's next tick after `now` (schedules run in UTC), by Dagster's own
+    cron arithmetic, so it is the tick the schedule will take."""
+    now = now or datetime.now(UTC)
+    return next(cron_string_iterator(now.timestamp(), cron, "UTC"))
+
+
+def change_set_list(connection: sqlite3.Connection, entity: str | None = None,
+                    limit: int = 50, now: datetime | None = None) -> list[dict]:
+    """The newest `limit` change sets (of one entity, or of all), newest first, with where
+    their publish stands: status, mode, counts, when it finished and why it failed."""
+    now = now or datetime.now(UTC)
+    rows = connection.execute(
+        "SELECT p.entity, p.change_set, p.status, s.mode, p.created, p.updated, p.deleted,"
+        " p.unchanged, p.stale, p.finished_at, p.error FROM _publish_state p"
+        " LEFT JOIN _staged s ON s.entity = p.entity AND s.change_set = p.change_set"
+        " WHERE ? IS NULL OR p.entity = ? ORDER BY p.change_set DESC, p.entity LIMIT ?",
+        (entity, entity, limit)).fetchall()
+    listed = []
+    for (name, change_set, status, mode, created, updated, deleted, unchanged, stale,
+         finished_at, error) in rows:
+        if status in PUBLISHING_STATUSES and not is_held(connection, name):
+            status, error = str(PublishStatus.FAILED), INTERRUPTED
+        listed.append({
+            "entity": name, "change_set": change_set, "status": status, "mode": mode,
+            "created": created, "updated": updated, "deleted": deleted,
+            "unchanged": unchanged, "stale": stale,
+            "finished_age_seconds": _age_seconds(finished_at, now),
+            "error": error,
+        })
+    return listed

@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-from dataverse_assets.errors import AuthenticationError
+from dataverse_assets.errors import AuthenticationError, UnreachableError
 from dataverse_assets.redaction import REDACTOR
+from dataverse_assets.source.network import connection_problem
 
 API_PATH = "/api/data/v9.2/"
 # Refresh well before the hour a token lives, so a long page walk never meets an expiry.
@@ -141,7 +142,12 @@ class ClientCredentials:
 
     async def discover_tenant(self) -> str:
         """Ask the org (unauthenticated) which tenant it belongs to."""
-        response = await self._http.get(self._org_url + API_PATH)
+        try:
+            response = await self._http.get(self._org_url + API_PATH)
+        except httpx.TransportError as exc:
+            raise UnreachableError(
+                f"tenant discovery: GET {self._org_url}{API_PATH} failed: "
+                f"{connection_problem(exc, self._org_url).message}") from None
         challenge = response.headers.get("WWW-Authenticate", "")
         if response.status_code != 401 or not challenge:
             raise AuthenticationError(
@@ -210,6 +216,10 @@ class ClientCredentials:
                     "scope": f"{self._org_url}/.default",
                 },
             )
+        except httpx.TransportError as exc:
+            raise UnreachableError(
+                f"token request to {url} failed: {connection_problem(exc, url).message}"
+            ) from None
         except httpx.HTTPError as exc:
             raise AuthenticationError(
                 f"token request to {url} failed: {type(exc).__name__}"

@@ -26,11 +26,13 @@ from dataverse_assets.errors import (
     DataverseRequestError,
     PagingError,
     ResponseTooLargeError,
+    UnreachableError,
 )
 from dataverse_assets.names import is_guid
 from dataverse_assets.redaction import redact
 from dataverse_assets.source.auth import API_PATH, ClientCredentials
 from dataverse_assets.source.key_ranges import KeyRange, key_ranges, range_query
+from dataverse_assets.source.network import connection_problem
 from dataverse_assets.source.query import ANNOTATIONS, PageQuery
 
 ODATA_HEADERS = {
@@ -302,6 +304,13 @@ class DataverseClient:
                             " s deadline; raise DATAVERSE_RESPONSE_DEADLINE_SECONDS if the org "
                             "is really this slow", kind="timeout"
                         ) from None
+                    except httpx.ConnectError as exc:
+                        self._record(url, None, attempt, started, 0, waited, type(exc).__name__)
+                        problem = connection_problem(exc, url)
+                        if problem.permanent:  # no retry resolves the name or trusts the cert
+                            raise UnreachableError(
+                                f"{entity}: GET {url}: {problem.message}") from None
+                        raise _Transient(problem.message, kind="connection") from None
                     except (httpx.TransportError, httpx.DecodingError) as exc:
                         self._record(url, None, attempt, started, 0, waited, type(exc).__name__)
                         raise _Transient(

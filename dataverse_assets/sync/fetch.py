@@ -5,8 +5,9 @@ pages stream from the source straight into the archive, never a whole entity in 
 
 Modes:
 - change_tracking: follow the stored delta link (creates, updates, then `$deletedEntity`).
-- change_tracking_resync: the initial track-changes read (first sync, or after the delta token
-  expired): a full snapshot, diffed against canonical so vanished rows become deletes.
+- initial: the first track-changes read of a table (no delta token ever): a full snapshot.
+- change_tracking_resync: that read again after the delta token expired: a full snapshot,
+  diffed against canonical so vanished rows become deletes.
 - modifiedon: `modifiedon ge <watermark>` (the watermark's second is read again: Dataverse stamps
   in whole seconds); deletes come from a key-only reconciliation scan.
 - full: the whole table; vanished rows are deletes.
@@ -40,7 +41,7 @@ from dataverse_assets.errors import (
     PagingError,
     UnknownEntityError,
 )
-from dataverse_assets.modes import Mode
+from dataverse_assets.modes import TRACKING_READ_MODES, Mode
 from dataverse_assets.source.base import SourceSession
 from dataverse_assets.source.key_ranges import ranged_watermark
 from dataverse_assets.source.query import (
@@ -440,8 +441,7 @@ async def fetch_change_set(
         try:
             await _run_steps(session, archive, request, progress, on_progress, count_total,
                              divergence)
-            if progress.delta_link is None and request.mode in (
-                    Mode.CHANGE_TRACKING, Mode.CHANGE_TRACKING_RESYNC) \
+            if progress.delta_link is None and request.mode in TRACKING_READ_MODES \
                     and _tracking_read_ended(request, progress):
                 again = without_annotations_for_delta_link(request)
                 if again is not None:

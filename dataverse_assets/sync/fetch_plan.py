@@ -278,8 +278,13 @@ def _plan_fetch(
     if mode == Mode.CHANGE_TRACKING:
         tracking = PageQuery(page_size=page_size, track_changes=True)
         if delta_link is None:
-            return FetchRequest(entity.name, change_set, Mode.CHANGE_TRACKING_RESYNC, pk, watermark,
-                                None, [FetchStep("snapshot", tracking)], reason="first sync")
+            # Never a delta token: the first sync. With a watermark but no token (the entity
+            # synced by modifiedon before), the same read is a resync of a mirrored table.
+            first = watermark is None
+            return FetchRequest(entity.name, change_set,
+                                Mode.INITIAL if first else Mode.CHANGE_TRACKING_RESYNC, pk,
+                                watermark, None, [FetchStep("snapshot", tracking)],
+                                reason="first sync" if first else "no delta token stored")
         # A change the delta link never reports (see the simulator's delta_token_moment) stays
         # missed until the record changes again: the key-and-version scan finds it. It goes
         # first, so a record created after it arrives in the delta.

@@ -1,12 +1,14 @@
-"""Progress of long work (fetching a change set): pages, rows, rows/s and an ETA when the
-total is known, reported at a bounded rate.
+"""Progress of long work: pages, rows, rows/s and an ETA when the total is known, reported at
+a bounded rate, for every phase of a change set (fetch, staging, planning, publishing).
 
 A `ProgressReporter` is the callback `fetch.fetch_change_set` calls after every page. It
 forwards the numbers to its sinks (the Dagster log, the terminal of `dataverse-assets sync`),
 each throttled by time: a million-row table yields a line every few seconds, not one per page.
 
 The CLI runs its jobs in-process, so it follows progress by `listening` here; the asset's
-reporter hands every update to the listeners as well as to the run's log.
+reporter hands every update to the listeners as well as to the run's log. Staging, planning
+and publishing report to the listeners only (`phase_reporter`), each with its final line, so
+the terminal can say when an entity is done and how long each phase took.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class ProgressUpdate:
     total: int | None
     elapsed_seconds: float
     done: bool = False
+    phase: str = "fetch"  # fetch, staging, planning, publishing
+    note: str = ""  # the final line's summary, e.g. a publish's counts
 
     @property
     def rows_per_second(self) -> float | None:
@@ -53,19 +57,27 @@ class ProgressUpdate:
         return max(0.0, (self.total - self.records) / rate)
 
     def line(self) -> str:
-        """e.g. `accounts: 12 pages, 4,800 / 10,000 rows (48%), 960 rows/s, ETA 5s`."""
+        """e.g. `accounts: 12 pages, 4,800 / 10,000 rows (48%), 960 rows/s, ETA 5s`; other
+        phases than fetch are named: `accounts: staging 4,800 / 10,000 rows (48%), ...`."""
         rows = f"{self.records:,}"
         if self.total is not None:
             share = min(100, round(100 * self.records / self.total)) if self.total else 100
             rows += f" / {self.total:,} rows ({share}%)"
         else:
             rows += " rows"
-        parts = [f"{self.pages:,} page{'s' if self.pages != 1 else ''}", rows]
-        rate = self.rows_per_second
+        if self.phase == "fetch":
+            parts = [f"{self.pages:,} page{'s' if self.pages != 1 else ''}", rows]
+        elif self.records or self.total is not None:
+            parts = [f"{self.phase} {rows}"]
+        else:  # a phase without row counts (planning): its time only
+            parts = [self.phase]
+        rate = self.rows_per_second if self.records else None
         if rate is not None:
             parts.append(f"{rate:,.0f} rows/s")
         if self.done:
             parts.append(f"done in {format_duration(self.elapsed_seconds)}")
+            if self.note:
+                parts.append(self.note)
         elif (eta := self.eta_seconds) is not None:
             parts.append(f"ETA {format_duration(eta)}")
         return f"{self.entity}: " + ", ".join(parts)
@@ -104,9 +116,10 @@ class ProgressReporter:
     """The progress callback of one entity's fetch (see fetch.fetch_change_set)."""
 
     def __init__(self, entity: str, change_set: str, sinks: list[ProgressSink],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, phase: str = "fetch") -> None:
         self.entity = entity
         self.change_set = change_set
+        self.phase = phase
         self.sinks = sinks
         self._clock = clock
         self._started = clock()
@@ -114,9 +127,10 @@ class ProgressReporter:
         for sink in sinks:
             sink.last_emitted = None
 
-    def _update(self, progress: FetchProgress, done: bool) -> ProgressUpdate:
+    def _update(self, progress: FetchProgress, done: bool, note: str = "") -> ProgressUpdate:
         return ProgressUpdate(self.entity, self.change_set, progress.pages, progress.records,
-                              progress.total, self._clock() - self._started, done)
+                              progress.total, self._clock() - self._started, done, self.phase,
+                              note)
 
     def __call__(self, progress: FetchProgress) -> None:
         self._last = progress
@@ -129,12 +143,13 @@ class ProgressReporter:
                 sink.last_emitted = now
                 sink.emit(update)
 
-    def finish(self, pages: int | None = None, records: int | None = None) -> None:
+    def finish(self, pages: int | None = None, records: int | None = None,
+               note: str = "") -> None:
         """The final line (with the fetch's own totals when given)."""
         last = self._last
         final = FetchProgress(last.pages if pages is None else pages,
                               last.records if records is None else records, last.total)
-        update = self._update(final, done=True)
+        update = self._update(final, done=True, note=note)
         for sink in self.sinks:
             if sink.final_only_after_progress and sink.last_emitted is None:
                 continue
@@ -182,3 +197,12 @@ def fetch_reporter(entity: str, change_set: str, log: Callable[[str], None], *,
         ProgressSink(lambda update: log(update.line()), log_interval),
         ProgressSink(_to_listeners, terminal_interval, final_only_after_progress=True),
     ], clock=clock)
+
+
+def phase_reporter(entity: str, change_set: str, phase: str, *,
+                   interval: float = TERMINAL_INTERVAL_SECONDS,
+                   clock: Callable[[], float] = time.monotonic) -> ProgressReporter:
+    """Staging, planning or publishing of one change set, for in-process listeners: an update
+    every `interval` seconds while it runs and always the final one (with its time)."""
+    return ProgressReporter(entity, change_set, [ProgressSink(_to_listeners, interval)],
+                            clock=clock, phase=phase)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from dataverse_assets.errors import StorageError
 from dataverse_assets.modes import Mode, PublishStatus, SyncStatus
@@ -58,6 +59,15 @@ DEFAULT_CHUNK_ROWS = 50_000
 
 # -- results ------------------------------------------------------------------------------
 
+class PublishProgress(Protocol):
+    """Told where a publish is: the phase, rows written so far and the rows to write; then
+    the rows written and a one-line summary when it is done."""
+
+    def __call__(self, phase: str, rows: int, total: int | None = None) -> None: ...
+
+    def finish(self, rows: int, note: str) -> None: ...
+
+
 @dataclass
 class PublishResult:
     entity: str
@@ -82,10 +92,16 @@ def execute_plan(
     connection: sqlite3.Connection, schema: EntitySchema, change_set: str, *, mode: str,
     watermark_after: str | None, delta_token_after: str | None, counts: dict[str, int],
     reconciled_at: str | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    as_of: str | None = None,
+    as_of: str | None = None, on_progress: PublishProgress | None = None,
 ) -> PublishResult:
     """Apply the stored plan chunk by chunk; the last chunk also advances the watermark."""
     started = time.perf_counter()
+    to_write = sum(counts.get(kind, 0) for kind in ("create", "update", "delete"))
+
+    def progress(rows: int) -> None:
+        if on_progress is not None:
+            on_progress("publishing", rows, to_write)
+
     state = read_sync_state(connection, schema.entity)
     watermark_before = state.watermark if state else None
     with transaction(connection):
@@ -99,6 +115,7 @@ def execute_plan(
     if is_bulk_create(connection, schema.entity, change_set):
         applied = _execute_bulk_creates(connection, schema, change_set, chunk_rows,
                                         as_of or utc_now_iso(), multi_select)
+    progress(applied)
     after = ""  # chunks follow the plan's key order: each starts where the last one ended
     while True:
         if applied:
@@ -127,6 +144,7 @@ def execute_plan(
                 " AND pk IN (SELECT pk FROM temp._chunk)", (schema.entity, change_set))
             connection.execute("DROP TABLE temp._chunk")
             applied += size
+            progress(applied)
             last = size < chunk_rows
             if not last:
                 set_publish_state(connection, schema.entity, change_set,
@@ -144,6 +162,7 @@ def execute_plan(
                 connection, schema.entity,
                 # The entity's mode, not this change set's detour (a resync, a targeted refresh).
                 mode={Mode.TARGETED: state.mode if state else None,
+                      Mode.INITIAL: str(Mode.CHANGE_TRACKING),
                       Mode.CHANGE_TRACKING_RESYNC: str(Mode.CHANGE_TRACKING)}.get(mode, mode),
                 watermark=new_watermark,
                 delta_token=delta_token_after or (state.delta_token if state else None),
@@ -340,12 +359,15 @@ def publish_change_set(
     watermark_after: str | None, delta_token_after: str | None = None,
     key_scan: bool = False, reconciled_at: str | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS, as_of: str | None = None,
+    on_progress: PublishProgress | None = None,
 ) -> PublishResult:
     """Plan and execute one change set; a COMPLETE change set is not published twice.
 
     key_scan: the change set carries a key-only scan (absent keys are deletes);
     reconciled_at: when deletes were last fully established (stored with the watermark);
-    as_of: when the change set was fetched: sync_time, updated_at and valid_to of deletes.
+    as_of: when the change set was fetched: sync_time, updated_at and valid_to of deletes;
+    on_progress: told the phase (planning, publishing), the rows written and the total, after
+    each chunk, and the result at the end (see PublishProgress).
     """
     done = read_publish_state(connection, schema.entity, change_set)
     if done.get("status") == PublishStatus.COMPLETE:
@@ -358,13 +380,21 @@ def publish_change_set(
             set_publish_state(connection, schema.entity, change_set, PublishStatus.RETRYING)
     operation = "plan"
     try:
+        if on_progress is not None:
+            on_progress("planning", 0)
         counts = plan_change_set(connection, schema, change_set, mode, reconciled=key_scan)
         operation = "execute"
-        return execute_plan(
+        result = execute_plan(
             connection, schema, change_set, mode=mode, watermark_after=watermark_after,
             delta_token_after=delta_token_after, counts=counts, reconciled_at=reconciled_at,
-            chunk_rows=chunk_rows, as_of=as_of,
+            chunk_rows=chunk_rows, as_of=as_of, on_progress=on_progress,
         )
+        if on_progress is not None:
+            on_progress.finish(result.created + result.updated + result.deleted,
+                               f"{result.created:,} created, {result.updated:,} updated, "
+                               f"{result.deleted:,} deleted, {result.unchanged:,} unchanged, "
+                               f"{result.stale:,} stale")
+        return result
     except Exception as exc:
         if connection.in_transaction:
             connection.execute("ROLLBACK")

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
 
 import orjson
@@ -44,6 +44,7 @@ from dataverse_assets.sync.drift import schema_for_change_set
 from dataverse_assets.sync.faults import fault_point
 from dataverse_assets.sync.fetch import FetchSummary, ProgressCallback, fetch_change_set
 from dataverse_assets.sync.fetch_plan import plan_fetch, reconcile_due
+from dataverse_assets.sync.progress import FetchProgress, ProgressReporter, phase_reporter
 from dataverse_assets.sync.publish_execute import PublishResult, publish_change_set
 from dataverse_assets.sync.stage import (
     StagedRecords,
@@ -182,9 +183,30 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
 
 
 def stage(store: MirrorAccess, entity: EntityConfig, change_set: str) -> StagedRecords:
-    """Staging as the asset does it (rows are written by the SQLite IO manager)."""
+    """Staging as the asset does it (rows are written by the SQLite IO manager, whose
+    progress goes to in-process listeners: the CLI's terminal)."""
     with store.connection() as connection:
-        return staged_records(connection, store.archive(entity.name, change_set), entity)
+        archive = store.archive(entity.name, change_set)
+        staged = staged_records(connection, archive, entity)
+    total = archive.manifest()["summary"].get("records")
+    staged.batches = _reporting_batches(
+        staged.batches, phase_reporter(entity.name, change_set, "staging"),
+        total if isinstance(total, int) else None)
+    return staged
+
+
+def _reporting_batches(batches: Iterator[tuple[list[tuple], list[str]]],
+                       reporter: ProgressReporter, total: int | None,
+                       ) -> Iterator[tuple[list[tuple], list[str]]]:
+    """The batches as they are, counted for the reporter (it throttles: a call per batch is a
+    clock read, not a line)."""
+    count = batches_seen = 0
+    for batch in batches:
+        count += len(batch[0])
+        batches_seen += 1
+        reporter(FetchProgress(batches_seen, count, total))
+        yield batch
+    reporter.finish(batches_seen, count)
 
 
 def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
@@ -229,6 +251,7 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
                 delta_token_after=staged.delta_token_after,
                 key_scan=staged.reconciled, reconciled_at=staged.reconciled_at,
                 chunk_rows=entity.publish_chunk_rows, as_of=staged.fetched_at,
+                on_progress=_PublishProgress(entity.name, key),
             ))
             fault_point("publish.after_commit")  # committed with its watermark; run not done
             try:
@@ -247,6 +270,26 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
                     f"({database_path(connection)}; SQLite: {exc}). Nothing was half-written. "
                     f"To fix: {problem[1]}, then run the sync again.") from None
     return results
+
+
+class _PublishProgress:
+    """Planning, then publishing, of one change set for in-process listeners: the publish's
+    final line carries its counts (the terminal's "entity done" line)."""
+
+    def __init__(self, entity: str, change_set: str) -> None:
+        self.entity, self.change_set = entity, change_set
+        self.reporter: ProgressReporter | None = None
+
+    def __call__(self, phase: str, rows: int, total: int | None = None) -> None:
+        if self.reporter is None or self.reporter.phase != phase:
+            if self.reporter is not None:
+                self.reporter.finish()
+            self.reporter = phase_reporter(self.entity, self.change_set, phase)
+        self.reporter(FetchProgress(0, rows, total))
+
+    def finish(self, rows: int, note: str) -> None:
+        if self.reporter is not None:
+            self.reporter.finish(0, rows, note=note)
 
 
 def _unpublished_before(connection: sqlite3.Connection, store: MirrorAccess, entity: str,

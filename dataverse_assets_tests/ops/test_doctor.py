@@ -162,6 +162,8 @@ def test_a_bad_entities_file_fails_the_first_check(tmp_path, monkeypatch, doctor
     ("DATAVERSE_AUTHORITY", "http://login.example.com",
      "DATAVERSE_AUTHORITY: plain http:// to a host other than this machine"),
     ("DATAVERSE_CLIENT_SECRET", "Qz7#kp", "DATAVERSE_CLIENT_SECRET: shorter than 8 characters"),
+    ("DATAVERSE_URL", "contoso.crm.dynamics.com",
+     "DATAVERSE_URL: 'contoso.crm.dynamics.com' has no scheme; write https://"),
 ])
 def test_the_doctor_reports_an_unsafe_live_setting_as_the_sync_does(
         variable, value, expected, doctor_env, simulator_url, monkeypatch, capsys):

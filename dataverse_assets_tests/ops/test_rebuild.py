@@ -169,7 +169,7 @@ def test_the_scenario_covers_every_mode_and_kind_of_change(live):
             manifest = json.loads(
                 (live.settings.archive_dir / entity / key / "manifest.json").read_bytes())
             modes.setdefault(entity, set()).add(manifest["mode"])
-    assert modes["vin_candidates"] == {"change_tracking_resync", "change_tracking"}
+    assert modes["vin_candidates"] == {"initial", "change_tracking_resync", "change_tracking"}
     assert modes["vin_clinicaltrials"] == {"modifiedon"}
     assert modes["vin_vin_candidate_accountset"] == {"full"}
     assert modes["accounts"] == {"filtered"}

@@ -10,7 +10,12 @@ import httpx
 import orjson
 import pytest
 
-from dataverse_assets.errors import AuthenticationError, DataverseRequestError, PagingError
+from dataverse_assets.errors import (
+    AuthenticationError,
+    DataverseRequestError,
+    PagingError,
+    UnreachableError,
+)
 from dataverse_assets.source.auth import ClientCredentials
 from dataverse_assets.source.client import DataverseClient, RetryPolicy
 from dataverse_assets.source.live import shared_ssl_context
@@ -242,3 +247,63 @@ def test_fetch_sessions_share_one_verifying_tls_context(monkeypatch, tmp_path):
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
     other = shared_ssl_context()
     assert other is not first and other.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_an_unknown_host_is_a_dns_failure_in_one_line_and_not_retried():
+    steps = [httpx.ConnectError("[Errno -2] Name or service not known")]
+    with pytest.raises(UnreachableError) as failed:
+        run_client(steps, lambda c: collect(c))
+    message = str(failed.value)
+    assert "DNS failure: org.example.com could not be resolved" in message
+    assert "Name or service not known" in message and "\n" not in message
+
+
+def test_tenant_discovery_of_an_unknown_host_says_dns():
+    def unresolvable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno -2] Name or service not known", request=request)
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(unresolvable)) as http:
+            credentials = ClientCredentials(http, org_url=ORG, client_id="id",
+                                            client_secret=SECRET, authority="https://login.x",
+                                            tenant_id=None)
+            await credentials.token()
+
+    with pytest.raises(UnreachableError, match="tenant discovery: .*DNS failure: "
+                       "org.example.com could not be resolved"):
+        asyncio.run(main())
+
+
+def test_https_to_a_plain_http_server_is_a_tls_failure_that_says_so(simulator_url):
+    """A real TLS handshake against the loopback simulator, which speaks plain HTTP."""
+    from dataverse_assets.simulator import (
+        SIMULATOR_CLIENT_ID,
+        SIMULATOR_CLIENT_SECRET,
+        SIMULATOR_TENANT_ID,
+    )
+
+    _, url = simulator_url
+    https = url.replace("http://", "https://")
+    host = https.removeprefix("https://").rstrip("/")
+
+    async def main():
+        async with httpx.AsyncClient(verify=shared_ssl_context()) as http:
+            credentials = ClientCredentials(http, org_url=https, client_id=SIMULATOR_CLIENT_ID,
+                                            client_secret=SIMULATOR_CLIENT_SECRET,
+                                            authority=url, tenant_id=None)
+            with pytest.raises(UnreachableError) as discovery:
+                await credentials.token()
+            client = DataverseClient(http, ClientCredentials(
+                http, org_url=https, client_id=SIMULATOR_CLIENT_ID,
+                client_secret=SIMULATOR_CLIENT_SECRET, authority=url,
+                tenant_id=SIMULATOR_TENANT_ID),
+                org_url=https, retry_policy=RetryPolicy(max_attempts=2))
+            with pytest.raises(UnreachableError) as request:
+                await client.get(f"{https}/api/data/v9.2/accounts", entity="accounts")
+            return str(discovery.value), str(request.value), client.stats.requests
+
+    discovery, request, requests = asyncio.run(main())
+    assert f"TLS failure with {host}: the TLS handshake failed" in discovery, discovery
+    assert f"TLS failure with {host}: the TLS handshake failed" in request, request
+    assert f"does {host} serve https:// on that port?" in request
+    assert requests == 1  # not retried: the next handshake would fail the same way

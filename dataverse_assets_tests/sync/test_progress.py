@@ -21,6 +21,7 @@ from dataverse_assets.sync.progress import (
     fetch_reporter,
     format_duration,
     listening,
+    phase_reporter,
 )
 from dataverse_assets_tests.conftest import ENTITY_NAMES
 
@@ -167,3 +168,25 @@ def test_a_table_past_the_count_limit_is_sized_against_the_simulator():
     assert whole == 6100
     active = sum(r["statecode"] == 0 for r in sim.records("accounts"))
     assert filtered == (active if active <= 5000 else None)
+
+
+def test_staging_planning_and_publishing_report_to_the_terminal_with_their_final_line():
+    clock, terminal = FakeClock(), []
+    with listening(terminal.append):
+        staging = phase_reporter("accounts", "k", "staging", clock=clock)
+        for batch in range(1, 11):
+            clock.now += 0.5
+            staging(FetchProgress(batch, batch * 1000, 10_000))
+        staging.finish()
+        planning = phase_reporter("accounts", "k", "planning", clock=clock)
+        clock.now += 0.1
+        planning.finish()
+    lines = [u.line() for u in terminal]
+    # Every 2 s while it runs, and always the final line (short phases too: the CLI times them).
+    assert lines == [
+        "accounts: staging 4,000 / 10,000 rows (40%), 2,000 rows/s, ETA 3s",
+        "accounts: staging 8,000 / 10,000 rows (80%), 2,000 rows/s, ETA 1s",
+        "accounts: staging 10,000 / 10,000 rows (100%), 2,000 rows/s, done in 5s",
+        "accounts: planning, done in 0.1s",
+    ]
+    assert [u.phase for u in terminal] == ["staging"] * 3 + ["planning"]

@@ -55,7 +55,7 @@ def test_a_select_the_metadata_does_not_know_is_one_line_naming_it(select, messa
 
 def test_a_filter_goes_into_every_query_and_turns_change_tracking_into_modifiedon():
     plain = plan_fetch(entity(), "20260101T000000Z", DEFINITION, watermark=None)
-    assert plain.mode == Mode.CHANGE_TRACKING_RESYNC
+    assert plain.mode == Mode.INITIAL
     request = plan_fetch(entity(filter="statecode eq 0", reconcile_every_hours=1.0),
                          "20260102T000000Z", DEFINITION, watermark="2026-01-01T00:00:00Z",
                          reconcile=True)
