@@ -99,9 +99,9 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
         resources={
             "source": source or build_source(settings, config),
             "store": store,
-            "archive_io_manager": ArchiveIOManager(store=store),
-            "sqlite_io_manager": SQLiteIOManager(store=store),
-            "canonical_io_manager": CanonicalIOManager(store=store),
+            "archive_io_manager": ArchiveIOManager(store=store.location()),
+            "sqlite_io_manager": SQLiteIOManager(store=store.location()),
+            "canonical_io_manager": CanonicalIOManager(store=store.location()),
             **(resources or {}),
         },
     )
