@@ -119,7 +119,7 @@ class CanonicalIOManager(ConfigurableIOManager):
         with self.store.connection() as connection:
             rows = canonical_row_count(connection, name)
             state = read_publish_state(connection, name, result.change_set)
-            schema_metadata = canonical_metadata(connection, name)
+            schema_metadata = canonical_metadata(connection, name, self.store.db_path)
         timings = {k: state.get(k) or "" for k in (
             "source_timestamp", "staged_at", "plan_started_at", "started_at", "finished_at")}
         context.add_output_metadata({
