@@ -11,7 +11,7 @@ from pathlib import Path
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's console scripts: dg, dataverse-assets
+BIN = Path(sys.executable).parent  # the venv's console scripts: dg
 
 
 def _environment(tmp_path: Path) -> dict[str, str]:
@@ -40,8 +40,9 @@ def test_dg_check_defs_loads_the_definitions_from_the_project_root(tmp_path):
 
 def test_dg_launch_materializes_a_registered_change_set_into_dagster_home(tmp_path):
     env = _environment(tmp_path)
-    created = _run([str(BIN / "dataverse-assets"), "change-set", "create", "--group", "daily"],
-                   env)
+    # This checkout's `dataverse-assets` (its console script may belong to another checkout).
+    created = _run([sys.executable, "-m", "dataverse_assets.ops.cli", "change-set", "create",
+                    "--group", "daily"], env)
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
 
