@@ -3,6 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The project's venv counts as activated for `dg`, which otherwise warns that the active one
+# (none) is not the project's.
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 # Every dagster/dg command reads its instance (runs, event log, the change-set partitions)
 # from DAGSTER_HOME; without it a command gets a throwaway instance that knows no change set.
 # `make` targets use the project's own; by hand, `export DAGSTER_HOME=$PWD/.dagster_home` first.

@@ -146,6 +146,7 @@ def dagster_dev(tmp_path) -> Iterator[DagsterDev]:
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
+        "VIRTUAL_ENV": sys.prefix,  # as activated: `dg` warns when the project's is not
         "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
         "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
         "DATAVERSE_ENTITIES_CONFIG": str(DEFAULT_ENTITIES_CONFIG),
