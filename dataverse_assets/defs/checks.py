@@ -453,7 +453,8 @@ def freshness_result(connection: sqlite3.Connection, entity: str, group: str,
                   "grace": f"{group_config.freshness_grace_minutes:g} minutes",
                   "due_tick": status.due_tick.isoformat(),
                   "last_complete_publish": last.isoformat() if last else "",
-                  "age_minutes": age if age is not None else -1},
+                  # Plotted over time: only a real age (no -1 for "never").
+                  **({"age_minutes": age} if age is not None else {})},
     )
 
 

@@ -305,6 +305,8 @@ def test_freshness_warns_when_a_group_has_not_published_since_its_cron_tick(mirr
     assert fresh["systemusers"].passed
     assert not fresh["vin_candidates"].passed  # the hourly group never synced
     assert fresh["vin_candidates"].description == "Never published."
+    assert "age_minutes" not in fresh["vin_candidates"].metadata  # no -1 in the plotted series
+    assert meta(fresh["teams"], "age_minutes") > 0
 
 
 def test_canonical_materialization_carries_the_column_schema(mirror):
