@@ -3,7 +3,16 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The project's venv counts as activated for `dg`, which otherwise warns that the active one
+# (none) is not the project's.
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+# Every dagster/dg command reads its instance (runs, event log, the change-set partitions)
+# from DAGSTER_HOME; without it a command gets a throwaway instance that knows no change set.
+# `make` targets use the project's own; by hand, `export DAGSTER_HOME=$PWD/.dagster_home` first.
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
+# `make dev PORT=3001`: the UI's port (loopback only unless HOST says otherwise).
+PORT ?= 3000
+HOST ?= 127.0.0.1
 
 .PHONY: run test lint dev validate materialize-example bench clean
 
@@ -30,16 +39,19 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
+# The UI, the daemon (schedules, sensors) and the code server: Dagster's `dg dev`, reading
+# [tool.dg] in pyproject.toml.
 dev: $(BIN)/.installed $(DAGSTER_HOME)
-	$(BIN)/dagster dev
+	$(BIN)/dg dev --host $(HOST) --port $(PORT)
 
+# The definitions load as `dg dev` loads them.
 validate: $(BIN)/.installed $(DAGSTER_HOME)
-	$(BIN)/dagster definitions validate
+	$(BIN)/dg check defs
 
 # The documented CLI path: register a change set, then materialize one group for it.
 materialize-example: $(BIN)/.installed $(DAGSTER_HOME)
 	key=$$($(BIN)/dataverse-assets change-set create --group daily) && \
-	$(BIN)/dagster asset materialize -m dataverse_assets --select 'group:daily' --partition $$key
+	$(BIN)/dg launch --assets 'group:daily' --partition $$key
 
 # The performance suite (benchmarks/run_all.py): 1,000,000 and 100,000 rows, dlt included.
 $(BIN)/.bench-installed: $(BIN)/.installed

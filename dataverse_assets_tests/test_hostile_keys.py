@@ -228,7 +228,7 @@ def test_a_run_that_failed_for_its_key_is_not_queued_for_retry(tmp_path, simulat
     assert not result.success
     failure = next(e for e in result.all_events
                    if e.event_type == DagsterEventType.STEP_FAILURE)
-    sensor = mirror.defs.get_sensor_def("record_failed_change_sets")
+    sensor = mirror.defs.resolve_sensor_def("record_failed_change_sets")
     context = build_run_status_sensor_context(
         sensor_name=sensor.name, dagster_event=failure, dagster_instance=mirror.instance,
         dagster_run=result.dagster_run,

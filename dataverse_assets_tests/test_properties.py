@@ -335,7 +335,7 @@ def _hostile_values(path: tuple) -> st.SearchStrategy:
                 "orderby": st.sampled_from(["name; x", "1 asc", ""]),
                 "column": st.sampled_from(["", "x y", "a'b"]),
                 "primary_key": st.sampled_from(["", "x y", "a'b"])}.get(name)
-    return st.one_of(specific, HOSTILE_VALUES) if specific else HOSTILE_VALUES
+    return HOSTILE_VALUES if specific is None else st.one_of(specific, HOSTILE_VALUES)
 
 
 def _changes(paths: list[tuple], values, max_size: int) -> st.SearchStrategy:

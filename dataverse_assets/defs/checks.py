@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from dagster import (
     AssetCheckExecutionContext,
@@ -63,6 +64,7 @@ from dataverse_assets.store.bookkeeping import (
 )
 from dataverse_assets.store.db import quote_identifier, table_exists
 from dataverse_assets.store.key_check import KeyFindings, find_key_problems, record_key_check
+from dataverse_assets.store.readable import column_roles
 from dataverse_assets.store.schema import (
     ADDED,
     BREAKING,
@@ -149,26 +151,40 @@ def evaluate_canonical_checks(connection: sqlite3.Connection, entity: EntityConf
             mirror_matches_source_result(connection, entity, change_sets[-1])]
 
 
-def canonical_metadata(connection: sqlite3.Connection, entity: str) -> dict:
-    """What a canonical materialization shows of its table's schema: the columns (with their
-    Dataverse types), the schema's version and where it was decided from."""
+def canonical_metadata(connection: sqlite3.Connection, entity: str, db_path: str) -> dict:
+    """What a canonical materialization shows of its table, by Dagster's table conventions:
+    the columns (each with its Dataverse type and what it is), the table's name in the mirror,
+    the schema's version and where it was decided from."""
     schema = load_locked_schema(connection, entity)
     if schema is None:
         return {}
-    return {"dagster/column_schema": column_schema(schema),
+    return {"dagster/column_schema": column_schema(schema, column_roles(connection, entity)),
+            "dagster/relation_identifier": relation_identifier(db_path, entity),
             "schema_version": schema_version(connection, entity),
             "schema_from": schema.decided_from}
 
 
-def column_schema(schema: EntitySchema) -> TableSchema:
-    """The canonical table's columns for the UI: the locked schema, then the sync columns."""
+def relation_identifier(db_path: str, table: str) -> str:
+    """`<database>.main.<table>`: the database file's stem, SQLite's schema name, the table
+    (Dagster's database.schema.table form, which links the same table across tools)."""
+    return f"{Path(db_path).stem}.main.{table}"
+
+
+def column_schema(schema: EntitySchema, roles: dict[str, str] | None = None) -> TableSchema:
+    """The canonical table's columns for the UI: the locked schema (Dataverse's AttributeType,
+    and what the attribute metadata says the column is), then the sync columns."""
+    roles = roles or {}
+
+    def describe(c) -> str:
+        kind = (f"AttributeType {c.attribute_type}" if c.attribute_type
+                else "type inferred from records" if c.type_known
+                else "type unknown when locked (only nulls): TEXT")
+        parts = [kind, roles.get(c.name), "primary key" if c.name == schema.primary_key else None]
+        return "; ".join(p for p in parts if p)
+
     columns = [
         TableColumn(
-            c.name, c.sqlite_type,
-            description=(f"AttributeType {c.attribute_type}" if c.attribute_type
-                         else "type inferred from records" if c.type_known
-                         else "type unknown when locked (only nulls): TEXT")
-            + (" (primary key)" if c.name == schema.primary_key else ""),
+            c.name, c.sqlite_type, description=describe(c),
             constraints=(TableColumnConstraints(nullable=False, unique=True)
                          if c.name == schema.primary_key else None),
         )
@@ -432,10 +448,13 @@ def freshness_result(connection: sqlite3.Connection, entity: str, group: str,
         asset_key=canonical_key(entity), check_name=FRESHNESS, passed=status.fresh,
         severity=AssetCheckSeverity.WARN, description=description,
         metadata={"group": group, "cron": group_config.cron,
-                  "grace_minutes": group_config.freshness_grace_minutes,
+                  # Text, not a number: the UI plots numeric metadata over time, and a
+                  # constant from the config is no series worth a chart.
+                  "grace": f"{group_config.freshness_grace_minutes:g} minutes",
                   "due_tick": status.due_tick.isoformat(),
                   "last_complete_publish": last.isoformat() if last else "",
-                  "age_minutes": age if age is not None else -1},
+                  # Plotted over time: only a real age (no -1 for "never").
+                  **({"age_minutes": age} if age is not None else {})},
     )
 
 

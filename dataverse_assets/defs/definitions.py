@@ -16,6 +16,7 @@ from dagster import (
 )
 
 from dataverse_assets.config import EntitiesConfig, Settings
+from dataverse_assets.defs.alerts import AlertSettings, build_alert_sensors
 from dataverse_assets.defs.assets import build_all_assets
 from dataverse_assets.defs.checks import FRESHNESS_JOB, build_freshness_checks
 from dataverse_assets.defs.io_managers import (
@@ -63,9 +64,11 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
 
 
 def build_definitions(settings: Settings, source: DataverseSource | None = None,
-                      resources: dict | None = None) -> Definitions:
+                      resources: dict | None = None,
+                      alerts: AlertSettings | None = None) -> Definitions:
     """Definitions for given settings; tests pass their own paths and source, and may swap any
-    resource (an IO manager of their own: `resources` win over the built ones)."""
+    resource (an IO manager of their own: `resources` win over the built ones). `alerts`:
+    where the alert sensors send (none are defined without a channel)."""
     config = settings.entities
     store = MirrorStore(db_path=str(settings.db_path), archive_dir=str(settings.archive_dir),
                         lock_wait_seconds=settings.lock_wait_seconds)
@@ -90,7 +93,8 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
         asset_checks=freshness_checks,
         jobs=jobs,
         schedules=build_schedules(config),
-        sensors=build_sensors(config),
+        sensors=[*build_sensors(config),
+                 *build_alert_sensors(config, alerts or AlertSettings())],
         # Every job of the code location (the sync jobs, the asset job the UI and `dagster
         # asset materialize` use): steps in the run's own process unless DATAVERSE_EXECUTOR
         # says multiprocess (see Settings.executor).
@@ -99,9 +103,9 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
         resources={
             "source": source or build_source(settings, config),
             "store": store,
-            "archive_io_manager": ArchiveIOManager(store=store),
-            "sqlite_io_manager": SQLiteIOManager(store=store),
-            "canonical_io_manager": CanonicalIOManager(store=store),
+            "archive_io_manager": ArchiveIOManager(store=store.location()),
+            "sqlite_io_manager": SQLiteIOManager(store=store.location()),
+            "canonical_io_manager": CanonicalIOManager(store=store.location()),
             **(resources or {}),
         },
     )

@@ -8,6 +8,11 @@
   then execute); a downstream asset gets a `CanonicalTable` handle.
 
 Swapping one (a test's, another store's) changes no asset code.
+
+Each takes the mirror's location as config (`MirrorLocation`), not the `store` resource nested
+in it: Dagster 1.13 initialises a nested, fully configured resource through
+`InitResourceContext.replace_config`, which reads the deprecated `dagster_run` and warns once
+per IO manager per run.
 """
 
 from dataclasses import dataclass, field
@@ -21,7 +26,7 @@ from dagster import (
 
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.defs.checks import canonical_metadata
-from dataverse_assets.defs.resources import MirrorStore
+from dataverse_assets.defs.resources import MirrorLocation
 from dataverse_assets.names import check_change_set_key
 from dataverse_assets.store.bookkeeping import StagedChangeSet, read_publish_state, read_staged
 from dataverse_assets.store.tables import canonical_row_count
@@ -46,7 +51,7 @@ def _entity_and_partition(context: OutputContext | InputContext) -> tuple[str, s
 class ArchiveIOManager(ConfigurableIOManager):
     """raw/E: the archived change set is the asset's value."""
 
-    store: MirrorStore
+    store: MirrorLocation
 
     def handle_output(self, context: OutputContext, obj: RawChangeSet) -> None:
         archive = self.store.archive(obj.entity, obj.change_set)
@@ -62,7 +67,7 @@ class ArchiveIOManager(ConfigurableIOManager):
 class SQLiteIOManager(ConfigurableIOManager):
     """staging/E: rows go into `_staging__E` (one transaction per change set)."""
 
-    store: MirrorStore
+    store: MirrorLocation
 
     def handle_output(self, context: OutputContext, obj: StagedRecords) -> None:
         with self.store.entity_lock(obj.entity, owner=context.run_id, purpose="staging",
@@ -103,7 +108,7 @@ class CanonicalIOManager(ConfigurableIOManager):
     plan, then execute), holding the entity's lock; the materialization's metadata says what
     changed, and carries the table's column schema and row count."""
 
-    store: MirrorStore
+    store: MirrorLocation
 
     def handle_output(self, context: OutputContext, obj: PublishRequest) -> None:
         name = obj.entity.name
@@ -114,7 +119,7 @@ class CanonicalIOManager(ConfigurableIOManager):
         with self.store.connection() as connection:
             rows = canonical_row_count(connection, name)
             state = read_publish_state(connection, name, result.change_set)
-            schema_metadata = canonical_metadata(connection, name)
+            schema_metadata = canonical_metadata(connection, name, self.store.db_path)
         timings = {k: state.get(k) or "" for k in (
             "source_timestamp", "staged_at", "plan_started_at", "started_at", "finished_at")}
         context.add_output_metadata({

@@ -1,14 +1,14 @@
 """The store resource: where the mirror lives, as Dagster injects it into assets, sensors and
 IO managers (io_managers.py persists each layer through it)."""
 
-from dagster import ConfigurableResource
+from dagster import Config, ConfigurableResource
 from pydantic import Field
 
 from dataverse_assets.store import locks
 from dataverse_assets.store.mirror import MirrorAccess
 
 
-class MirrorStore(ConfigurableResource, MirrorAccess):
+class MirrorLocation(Config, MirrorAccess):
     """Where the mirror lives: the SQLite database and the raw archive (store.mirror's methods:
     a connection, an entity's lock, a change set's archive)."""
 
@@ -20,3 +20,12 @@ class MirrorStore(ConfigurableResource, MirrorAccess):
     lock_stale_after_seconds: float = Field(
         locks.DEFAULT_STALE_AFTER_SECONDS, gt=0,
         description="A lock older than this is taken over (a dead process's is at once).")
+
+
+class MirrorStore(ConfigurableResource, MirrorLocation):
+    """The mirror's location as the `store` resource of assets, checks and sensors."""
+
+    def location(self) -> MirrorLocation:
+        """The same location as plain config, for the IO managers (see io_managers)."""
+        return MirrorLocation(**{name: getattr(self, name)
+                                 for name in MirrorLocation.model_fields})

@@ -2,9 +2,11 @@
 
 Per entity: the last change set, its age against the group's cadence (fresh / late / failed),
 rows, open issues, dead letters; and plots over time, drawn here as inline SVG: rows changed
-per change set, sync duration, publish latency (source timestamp to publish), errors and
-retries. No scripts, no external assets, and a Content-Security-Policy that forbids loading
-anything, so the page can be mailed, archived or opened offline.
+per change set, sync duration, publish latency (from the fetch's start to the publish), errors
+and retries, each with its change sets named on the x axis and every line labelled at its end;
+and each cadence group's share of fresh tables over time. No scripts, no external assets, and
+a Content-Security-Policy that forbids loading anything, so the page can be mailed, archived
+or opened offline.
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ DURATION_TICKS = (0.01, 0.1, 1.0, 60.0, 3600.0, 86400.0, 30 * 86400.0, 365 * 864
 FRESH, LATE, FAILED, NEVER = "fresh", "late", "failed", "never synced"
 # Change sets plotted per entity: the page stays small for a mirror that runs for years.
 MAX_POINTS_PER_ENTITY = 200
-PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04",
-           "#db2777", "#4b5563", "#65a30d", "#7c3aed", "#0d9488")
+# Tableau 10 (chosen to stay apart, for colour-blind readers too), then two more; every line
+# also carries its name at its end, so no colour has to be matched to the legend.
+PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
+           "#ff9da7", "#9c755f", "#bab0ac", "#17becf", "#000000")
+# Moments at which each group's freshness is evaluated across the plotted span.
+FRESHNESS_SAMPLES = 96
 
 
 @dataclass
@@ -78,11 +84,22 @@ class ChangeSetPoint:
 
 
 @dataclass
+class FreshnessPoint:
+    """A cadence group at one moment: how many of its tables were fresh by its cron."""
+
+    group: str
+    at: datetime
+    fresh: int
+    tables: int
+
+
+@dataclass
 class StatusReport:
     generated_at: datetime
     database: str
     entities: list[EntityStatus]
     points: list[ChangeSetPoint] = field(default_factory=list)
+    freshness: list[FreshnessPoint] = field(default_factory=list)
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:
@@ -131,7 +148,39 @@ def collect_report(connection: sqlite3.Connection, config: EntitiesConfig,
             queued_retries=_count(connection, "_retry_queue", entity.name),
             last_error=last[2] if last and last[1] == PublishStatus.FAILED else None,
         ))
-    return StatusReport(now, database, statuses, _change_set_points(connection, config))
+    points = _change_set_points(connection, config)
+    return StatusReport(now, database, statuses, points,
+                        _freshness_over_time(connection, config, points, now))
+
+
+def _freshness_over_time(connection: sqlite3.Connection, config: EntitiesConfig,
+                         points: list[ChangeSetPoint], now: datetime) -> list[FreshnessPoint]:
+    """Each group's fresh tables at evenly spaced moments from the first plotted change set to
+    now, by the freshness check's rule applied to the publishes finished by then."""
+    if not points:
+        return []
+    start = min(p.at for p in points)
+    step = max((now - start) / FRESHNESS_SAMPLES, timedelta(seconds=1))
+    moments = [start + step * i for i in range(FRESHNESS_SAMPLES)] + [now]
+    finished: dict[str, list[datetime]] = {}
+    for entity in config.entities:
+        finished[entity.name] = sorted(
+            parse_datetime(row[3]) for row in publish_history(
+                connection, entity.name, MAX_POINTS_PER_ENTITY)
+            if row[1] == PublishStatus.COMPLETE and row[3])
+    samples = []
+    for group, group_config in config.groups.items():
+        entities = config.entities_in_group(group)
+        if not entities:
+            continue
+        grace = timedelta(minutes=group_config.freshness_grace_minutes)
+        for moment in moments:
+            fresh = sum(freshness_status(
+                group_config.cron,
+                max((t for t in finished[e.name] if t <= moment), default=None),
+                moment, grace).fresh for e in entities)
+            samples.append(FreshnessPoint(group, moment, fresh, len(entities)))
+    return samples
 
 
 def _count(connection: sqlite3.Connection, table: str, entity: str,
@@ -159,19 +208,22 @@ def _change_set_points(connection: sqlite3.Connection,
         # Change sets that failed before anything was staged have no publish state.
         rows += [(cs, str(PublishStatus.FAILED), None, None, 0, 0, 0, None, 0)
                  for (name, cs) in failures if name == entity.name and cs not in keys]
-        for (change_set, status, source_ts, finished, created, updated, deleted, seconds,
+        for (change_set, status, _source_ts, finished, created, updated, deleted, seconds,
              retry_count) in sorted(rows):
             if not is_change_set_key(change_set):
                 continue
             at = change_set_time(change_set)
             fetch = fetches.get((entity.name, change_set), {})
             fetch_seconds = fetch.get("seconds")
+            # From the fetch's start: how old the newest data can be once it is in the mirror
+            # (the source's own timestamps say when records changed, not when we read them).
+            fetched = fetch.get("fetch_started_at")
             work = [s for s in (fetch_seconds, seconds) if isinstance(s, int | float)]
             points.append(ChangeSetPoint(
                 entity=entity.name, change_set=change_set, at=at, status=status,
                 rows_changed=(created or 0) + (updated or 0) + (deleted or 0),
                 sync_seconds=sum(work) if work and status == PublishStatus.COMPLETE else None,
-                latency_seconds=(_seconds_between(source_ts, finished)
+                latency_seconds=(_seconds_between(fetched, finished)
                                  if status == PublishStatus.COMPLETE else None),
                 retries=int(fetch.get("retries") or 0),
                 errors=max(retry_count or 0, failures.get((entity.name, change_set), 0)),
@@ -254,19 +306,24 @@ class _Scale:
 
 
 def line_chart(title: str, series: list[Series], unit: str = "", *, log: bool = False,
-               integers: bool = False, width: int = 720, height: int = 250) -> str:
+               integers: bool = False, change_sets: dict[datetime, str] | None = None,
+               width: int = 900, height: int = 250) -> str:
     """An inline SVG line chart: time on x, values on y (from zero, or log-scaled), a point
-    per value with its tooltip, a legend that wraps. Drawn from the data alone (no library,
-    no script)."""
-    left, right, top = 84, 16, 28
+    per value with its tooltip, each line's name at its last point, a legend that wraps.
+    With `change_sets` (x -> key) the x axis names the change sets (as many as fit), else it
+    shows the first and last moment. Drawn from the data alone (no library, no script)."""
+    # The right margin holds the lines' names (bold 11px: about 7px a character).
+    left, top = 84, 28
+    right = 24 + 7 * max((len(s.name) for s in series), default=0)
     legend_rows, x_cursor = 1, left
     for s in series:  # lay the legend out first: its rows decide the bottom margin
         item = 22 + 7 * len(s.name)
-        if x_cursor + item > width - right and x_cursor > left:
+        if x_cursor + item > width - 16 and x_cursor > left:
             legend_rows, x_cursor = legend_rows + 1, left
         x_cursor += item
-    bottom = 30 + 16 * legend_rows
-    height += 16 * (legend_rows - 1)
+    axis_labels = 96 if change_sets else 16  # change-set keys are drawn slanted
+    bottom = 14 + axis_labels + 16 * legend_rows
+    height += axis_labels - 16 + 16 * (legend_rows - 1)
     plot_w, plot_h = width - left - right, height - top - bottom
     values = [(x, y) for s in series for x, y, _ in s.points]
     parts = [f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" '
@@ -291,15 +348,20 @@ def line_chart(title: str, series: list[Series], unit: str = "", *, log: bool = 
                      f'y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>')
         parts.append(f'<text class="tick" x="{left - 6}" y="{sy(y) + 4:.1f}" '
                      f'text-anchor="end">{html.escape(_format_value(y, unit))}</text>')
-    labels = [(x_min, "start")] if x_max == x_min else [(x_min, "start"), (x_max, "end")]
-    for x, anchor in labels:
-        parts.append(f'<text class="tick" x="{sx(x):.1f}" y="{top + plot_h + 16}" '
-                     f'text-anchor="{anchor}">{x:%Y-%m-%d %H:%M}</text>')
-    parts.append(f'<line class="axis" x1="{left}" x2="{left + plot_w}" y1="{top + plot_h}" '
-                 f'y2="{top + plot_h}"/>')
+    axis_y = top + plot_h
+    if change_sets:
+        parts += _change_set_ticks(change_sets, sx, axis_y)
+    else:
+        labels = [(x_min, "start")] if x_max == x_min else [(x_min, "start"), (x_max, "end")]
+        for x, anchor in labels:
+            parts.append(f'<text class="tick" x="{sx(x):.1f}" y="{axis_y + 16}" '
+                         f'text-anchor="{anchor}">{x:%Y-%m-%d %H:%M}</text>')
+    parts.append(f'<line class="axis" x1="{left}" x2="{left + plot_w}" y1="{axis_y}" '
+                 f'y2="{axis_y}"/>')
     if log:
         parts.append(f'<text class="tick" x="{left + plot_w}" y="18" text-anchor="end">'
                      "log scale</text>")
+    ends = []
     for s in series:
         ordered = sorted(s.points, key=lambda p: p[0])
         if len(ordered) > 1:
@@ -310,10 +372,12 @@ def line_chart(title: str, series: list[Series], unit: str = "", *, log: bool = 
             parts.append(f'<circle class="point" data-series="{html.escape(s.name)}" '
                          f'cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{s.color}">'
                          f'<title>{html.escape(tip)}</title></circle>')
-    x_cursor, y_cursor = left, top + plot_h + 34
+        ends.append((sy(ordered[-1][1]), sx(ordered[-1][0]), s))
+    parts += _direct_labels(ends, left + plot_w + 8, top, axis_y)
+    x_cursor, y_cursor = left, height - 16 * legend_rows + 8
     for s in series:
         item = 22 + 7 * len(s.name)
-        if x_cursor + item > width - right and x_cursor > left:
+        if x_cursor + item > width - 16 and x_cursor > left:
             x_cursor, y_cursor = left, y_cursor + 16
         parts.append(f'<rect x="{x_cursor}" y="{y_cursor - 9}" width="10" height="10" '
                      f'fill="{s.color}"/><text class="legend" x="{x_cursor + 14}" '
@@ -321,6 +385,53 @@ def line_chart(title: str, series: list[Series], unit: str = "", *, log: bool = 
         x_cursor += item
     parts.append("</svg>")
     return "".join(parts)
+
+
+# Change-set keys on the x axis: slanted, at least this far apart (pixels), the newest always
+# named.
+CHANGE_SET_LABEL_GAP = 18
+LABEL_LINE = 12  # the direct labels' line height
+
+
+def _change_set_ticks(change_sets: dict[datetime, str], sx, axis_y: float) -> list[str]:
+    moments = sorted(change_sets)
+    kept: list[datetime] = []
+    for moment in reversed(moments):  # from the newest, which is always named
+        if not kept or sx(kept[-1]) - sx(moment) >= CHANGE_SET_LABEL_GAP:
+            kept.append(moment)
+    parts = []
+    for moment in moments:  # a tick for every change set, a name where it fits
+        parts.append(f'<line class="axis" x1="{sx(moment):.1f}" x2="{sx(moment):.1f}" '
+                     f'y1="{axis_y}" y2="{axis_y + 4}"/>')
+    for moment in kept:
+        x, y = sx(moment), axis_y + 10
+        parts.append(f'<text class="tick change-set" x="{x:.1f}" y="{y:.1f}" '
+                     f'text-anchor="end" transform="rotate(-60 {x:.1f} {y:.1f})">'
+                     f'{html.escape(change_sets[moment])}</text>')
+    return parts
+
+
+def _direct_labels(ends: list[tuple[float, float, Series]], x: float, top: float,
+                   bottom: float) -> list[str]:
+    """Each line's name beside the plot, at the height of its last point, pushed apart so
+    none overlaps, with a thin leader to that point."""
+    ends = sorted(ends, key=lambda e: e[0])
+    placed: list[float] = []
+    for y, _, _ in ends:
+        placed.append(max(y, placed[-1] + LABEL_LINE) if placed else max(y, top))
+    overflow = (placed[-1] - bottom) if placed else 0
+    if overflow > 0:  # shift the stack up, keeping the gaps
+        placed = [max(top, p - overflow) for p in placed]
+        for i in range(1, len(placed)):
+            placed[i] = max(placed[i], placed[i - 1] + LABEL_LINE)
+    parts = []
+    for (y, last_x, s), label_y in zip(ends, placed, strict=True):
+        parts.append(f'<line class="leader" x1="{last_x:.1f}" y1="{y:.1f}" x2="{x - 2:.1f}" '
+                     f'y2="{label_y:.1f}" stroke="{s.color}"/>'
+                     f'<text class="direct-label" data-series="{html.escape(s.name)}" '
+                     f'x="{x:.1f}" y="{label_y + 4:.1f}" fill="{s.color}">'
+                     f'{html.escape(s.name)}</text>')
+    return parts
 
 
 def _entity_series(report: StatusReport, value, label: str, unit: str) -> list[Series]:
@@ -332,9 +443,24 @@ def _entity_series(report: StatusReport, value, label: str, unit: str) -> list[S
         shown = _format_value(y, unit)
         by_entity[point.entity].append(
             (point.at, float(y), f"{point.entity} {point.change_set}: {label} {shown}"))
-    names = [e.entity for e in report.entities if e.entity in by_entity]
-    return [Series(name, by_entity[name], PALETTE[i % len(PALETTE)])
-            for i, name in enumerate(names)]
+    # One colour per entity on every chart: its place in the table, not in this chart.
+    return [Series(e.entity, by_entity[e.entity], PALETTE[i % len(PALETTE)])
+            for i, e in enumerate(report.entities) if e.entity in by_entity]
+
+
+def _change_set_keys(report: StatusReport) -> dict[datetime, str]:
+    return {point.at: point.change_set for point in report.points}
+
+
+def _freshness_series(report: StatusReport) -> list[Series]:
+    by_group: dict[str, list[tuple[datetime, float, str]]] = defaultdict(list)
+    for sample in report.freshness:
+        by_group[sample.group].append((
+            sample.at, 100.0 * sample.fresh / sample.tables,
+            f"{sample.group} {sample.at:%Y-%m-%d %H:%M}: {sample.fresh} of {sample.tables} "
+            "tables fresh"))
+    colours = iter(PALETTE[::-1])  # not the first entities' colours
+    return [Series(group, points, next(colours)) for group, points in by_group.items()]
 
 
 def _errors_and_retries(report: StatusReport) -> list[Series]:
@@ -354,17 +480,21 @@ def _errors_and_retries(report: StatusReport) -> list[Series]:
 
 
 def charts(report: StatusReport) -> list[str]:
+    keys = _change_set_keys(report)
     return [
         line_chart("Rows changed per change set (created + updated + deleted)",
                    _entity_series(report, lambda p: p.rows_changed, "rows changed", ""),
-                   integers=True),
+                   integers=True, change_sets=keys),
         line_chart("Sync duration (fetch + publish)",
-                   _entity_series(report, lambda p: p.sync_seconds, "took", "s"), unit="s"),
-        line_chart("Publish latency (source timestamp to publish)",
+                   _entity_series(report, lambda p: p.sync_seconds, "took", "s"), unit="s",
+                   change_sets=keys),
+        line_chart("Publish latency (fetch start to publish)",
                    _entity_series(report, lambda p: p.latency_seconds, "latency", "s"),
-                   unit="s", log=True),
+                   unit="s", log=True, change_sets=keys),
         line_chart("Errors and retries per change set (all entities)",
-                   _errors_and_retries(report), integers=True),
+                   _errors_and_retries(report), integers=True, change_sets=keys),
+        line_chart("Fresh tables per cadence group (%, by its cron and grace)",
+                   _freshness_series(report), integers=True),
     ]
 
 
@@ -388,13 +518,14 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .state-failed { background: #fee2e2; color: #991b1b; }
 .state-never { background: #e5e7eb; color: #374151; }
 .error { color: #991b1b; font-size: 12px; max-width: 360px; overflow-wrap: anywhere; }
-.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(560px, 1fr));
+.charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(640px, 1fr));
           gap: 16px; }
 .chart { background: #fff; border: 1px solid #e5e7eb; width: 100%; height: auto; }
 .chart-title { font-weight: 600; font-size: 13px; fill: #111827; }
 .grid { stroke: #f3f4f6; } .axis { stroke: #9ca3af; }
 .tick, .legend { font-size: 11px; fill: #4b5563; } .empty { fill: #9ca3af; }
-.line { stroke-width: 1.5; }
+.line { stroke-width: 1.5; } .leader { stroke-width: 0.5; stroke-dasharray: 2 2; }
+.direct-label { font-size: 11px; font-weight: 600; }
 """
 
 

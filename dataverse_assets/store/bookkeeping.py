@@ -365,12 +365,15 @@ def step_details(connection: sqlite3.Connection, entity: str, change_set: str,
 
 
 def fetch_details(connection: sqlite3.Connection) -> dict[tuple[str, str], dict]:
-    """Every logged fetch's summary, by (entity, change set); the latest wins."""
+    """Every logged fetch's summary, by (entity, change set), with when the fetch started
+    (`fetch_started_at`); the latest wins."""
     details: dict[tuple[str, str], dict] = {}
-    for entity, change_set, text in connection.execute(
-            "SELECT entity, change_set, details FROM _sync_log WHERE layer = 'raw' ORDER BY id"):
+    for entity, change_set, started_at, text in connection.execute(
+            "SELECT entity, change_set, started_at, details FROM _sync_log"
+            " WHERE layer = 'raw' ORDER BY id"):
         try:
-            details[(entity, change_set)] = orjson.loads(text or "{}")
+            summary = orjson.loads(text or "{}")
         except orjson.JSONDecodeError:
-            continue
+            summary = {}
+        details[(entity, change_set)] = {**summary, "fetch_started_at": started_at}
     return details

@@ -175,3 +175,24 @@ def ensure_readable_view(connection: sqlite3.Connection, schema: EntitySchema) -
     connection.execute(f"DROP VIEW IF EXISTS {quote_identifier(name)}")
     connection.execute(sql)
     return True
+
+
+def column_roles(connection: sqlite3.Connection, entity: str) -> dict[str, str]:
+    """What the attribute metadata says a column is, for a person reading the table's schema:
+    choice columns (labels in `E__readable`), lookups (with their targets), calendar dates."""
+    metadata = stored_metadata(connection, entity)
+    if metadata is None:
+        return {}
+    view = readable_view(entity)
+    roles = {column: f"choice ({kind}): labels in {view}"
+             for column, kind in metadata["choice_columns"].items()}
+    targets: dict[str, list[str]] = {}
+    for attribute, target in connection.execute(
+            "SELECT attribute, COALESCE(target_entity, target_logical_name)"
+            " FROM _lookup_targets WHERE entity = ? ORDER BY 1, 2", (entity,)):
+        targets.setdefault(attribute, []).append(target)
+    for attribute, column in metadata["lookup_columns"].items():
+        roles[column] = f"lookup {attribute} to {', '.join(targets.get(attribute, [])) or '?'}"
+    for column in metadata["date_only_columns"]:
+        roles[column] = "calendar date (DateOnly, no time zone)"
+    return roles

@@ -31,6 +31,17 @@ def test_every_entity_has_three_assets_in_its_cadence_group():
     assert len(list(graph.get_all_asset_keys())) == 3 * len(CONFIG.entities)
 
 
+def test_each_node_names_its_layer_in_its_kinds():
+    """The graph labels a node by the key's last part (three `accounts`); the kinds drawn on
+    every node say which layer it is, and what it is made of."""
+    graph = asset_graph()
+    for entity in CONFIG.entities:
+        kinds = {layer: graph.get(AssetKey([layer, entity.name])).kinds
+                 for layer in ("raw", "staging", "canonical")}
+        assert kinds == {"raw": {"raw", "dataverse", "json"}, "staging": {"staging", "sqlite"},
+                         "canonical": {"canonical", "dataverse", "sqlite"}}, entity.name
+
+
 def test_layers_chain_and_filtered_entities_wait_for_their_linking_tables():
     graph = asset_graph()
     assert graph.get(AssetKey(["canonical", "vin_candidates"])).parent_keys == {

@@ -60,7 +60,7 @@ class Tick:
 
 def evaluate(mirror, sensor_name, cursor=None) -> Tick:
     """Evaluate a sensor as the daemon would, and apply its partition requests."""
-    sensor = mirror.defs.get_sensor_def(sensor_name)
+    sensor = mirror.defs.resolve_sensor_def(sensor_name)
     context = build_sensor_context(
         instance=mirror.instance, cursor=cursor, definitions=mirror.defs,
         resources={"store": store_of(mirror), "source": source_of(mirror)})
@@ -72,7 +72,7 @@ def evaluate(mirror, sensor_name, cursor=None) -> Tick:
 
 
 def test_schedule_tick_registers_its_change_set_and_requests_the_group(mirror):
-    schedule = mirror.defs.get_schedule_def("hourly_schedule")
+    schedule = mirror.defs.resolve_schedule_def("hourly_schedule")
     assert schedule.cron_schedule == "0 * * * *"
     moment = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
     context = build_schedule_context(instance=mirror.instance, scheduled_execution_time=moment,
@@ -166,7 +166,7 @@ def test_failed_change_sets_are_retried_later_then_dead_lettered(mirror):
     failure = next(e for e in result.all_events
                    if e.event_type == DagsterEventType.STEP_FAILURE
                    and e.step_key == "canonical__teams")
-    sensor = mirror.defs.get_sensor_def("record_failed_change_sets")
+    sensor = mirror.defs.resolve_sensor_def("record_failed_change_sets")
     context = build_run_status_sensor_context(
         sensor_name=sensor.name, dagster_event=failure, dagster_instance=mirror.instance,
         dagster_run=result.dagster_run, resources={"store": store_of(mirror)})

@@ -19,7 +19,7 @@ PRIORITIES = {"teams": {"priority": "high"}, "systemusers": {"priority": "low"},
 
 
 def schedule_request(mirror, group: str):
-    schedule = mirror.defs.get_schedule_def(f"{group}_schedule")
+    schedule = mirror.defs.resolve_schedule_def(f"{group}_schedule")
     context = build_schedule_context(
         instance=mirror.instance, scheduled_execution_time=datetime(2026, 11, 22, 10, 0,
                                                                     tzinfo=UTC),

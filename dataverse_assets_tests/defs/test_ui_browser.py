@@ -1,10 +1,13 @@
 """The Dagster UI, checked in a real browser.
 
-`dagster dev` runs on loopback against a temporary DAGSTER_HOME, database and archive; headless
-Chromium (Debian's /usr/bin/chromium, driven by Playwright; no browser download) opens the asset
-graph, checks every configured entity's three assets in its cadence group, materializes one
-entity from the UI for a registered change set, waits for the run to succeed and reads the
-canonical asset's metadata off its page. Screenshots and the server's log go to test-artifacts/.
+`dg dev` (what `make dev` runs) starts from the project root on loopback against a temporary
+DAGSTER_HOME, database and archive; headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright; no browser download) walks the README's path: the asset graph (every configured
+entity's three assets in its cadence group, each node naming its layer), an asset's page,
+a materialization of one entity launched from the UI for a registered change set, the run's
+page until it succeeds, the canonical asset's metadata and column schema; then the status page
+(`dataverse-assets report`) of the same mirror. Screenshots go to test-artifacts/screenshots/
+(CI keeps test-artifacts/), the server's log to test-artifacts/.
 
 Skipped where Chromium or Playwright is missing, except in CI (CI=true), where that fails.
 """
@@ -37,13 +40,16 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
+SCREENSHOTS = ARTIFACTS / "screenshots"
 CHROMIUM = Path(os.environ.get("DATAVERSE_TEST_CHROMIUM", "/usr/bin/chromium"))
 # As root on a closed network: no sandbox, and no background connections to Google's hosts.
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
-BIN = Path(sys.executable).parent  # the venv's console scripts: dagster, dataverse-assets
+BIN = Path(sys.executable).parent  # the venv's console scripts: dg
+# `dataverse-assets` of this checkout (the console script may belong to another editable one).
+CLI = [sys.executable, "-m", "dataverse_assets.ops.cli"]
 LOCATION = "dataverse_assets"  # `dagster dev -m dataverse_assets` names the code location so
 GROUP, ENTITY = "daily", "teams"  # a small entity: three assets, a dozen rows
 LAYERS = ("raw", "staging", "canonical")
@@ -140,6 +146,7 @@ def dagster_dev(tmp_path) -> Iterator[DagsterDev]:
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
+        "VIRTUAL_ENV": sys.prefix,  # as activated: `dg` warns when the project's is not
         "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
         "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
         "DATAVERSE_ENTITIES_CONFIG": str(DEFAULT_ENTITIES_CONFIG),
@@ -148,12 +155,14 @@ def dagster_dev(tmp_path) -> Iterator[DagsterDev]:
         "DATAVERSE_URL": "",
     }
     port = _free_port()
-    ARTIFACTS.mkdir(exist_ok=True)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     log_path = ARTIFACTS / "ui-dagster-dev.log"
     with log_path.open("w") as log:
+        # The README's command (`make dev`): `dg dev` from the project root, which finds the
+        # project through [tool.dg] in pyproject.toml; everything it writes goes to tmp_path.
         process = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", "-m", LOCATION, "-h", "127.0.0.1", "-p", str(port)],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [str(BIN / "dg"), "dev", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=_default_sigint,
         )
     server = DagsterDev(f"http://127.0.0.1:{port}", env, tmp_path / "mirror.db", process)
@@ -182,8 +191,8 @@ def browser_page(dagster_dev):
 
 def _register_change_set(server: DagsterDev, group: str) -> str:
     result = subprocess.run(
-        [str(BIN / "dataverse-assets"), "change-set", "create", "--group", group],
-        env=server.env, capture_output=True, text=True, timeout=120, check=False)
+        [*CLI, "change-set", "create", "--group", group], cwd=ROOT, env=server.env,
+        capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"\d{8}T\d{6}Z", key), result.stdout
@@ -217,7 +226,10 @@ def _check_groups(page, server: DagsterDev, config) -> None:
         for key in sorted(expected):  # auto-waits until the graph has drawn each node
             expect(page.locator(f'a[href^="/assets/{key}?"]').first).to_be_visible()
         assert _asset_links_shown(page) == expected, group
-        page.screenshot(path=ARTIFACTS / f"ui-graph-{group}.png")
+        # Every node is labelled with the entity alone; its kinds tag says the layer.
+        for layer in LAYERS:
+            expect(page.get_by_text(layer, exact=True)).to_have_count(len(entities))
+        page.screenshot(path=SCREENSHOTS / f"ui-graph-{group}.png")
 
 
 def _materialize_from_ui(page, server: DagsterDev, key: str) -> str:
@@ -263,11 +275,29 @@ def _wait_for_run(page, run_path: str) -> None:
         if success.count():
             return
         if failure.count():
-            page.screenshot(path=ARTIFACTS / "ui-run.png")
+            page.screenshot(path=SCREENSHOTS / "ui-run.png")
             pytest.fail(f"the run failed in the UI: {run_path}")
         page.wait_for_timeout(500)
-    page.screenshot(path=ARTIFACTS / "ui-run.png")
+    page.screenshot(path=SCREENSHOTS / "ui-run.png")
     pytest.fail(f"the run did not succeed within {RUN_TIMEOUT_S}s: {run_path}")
+
+
+def _check_status_page(page, server: DagsterDev, key: str) -> None:
+    """The status page of the mirror the UI just synced: the entity fresh, the change set
+    named on the charts' x axes, each line named at its end."""
+    from playwright.sync_api import expect
+
+    out = ARTIFACTS / "status.html"
+    result = subprocess.run([*CLI, "report", "--out", str(out)], cwd=ROOT, env=server.env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    page.goto(out.as_uri())
+    expect(page.locator(f'tr[data-entity="{ENTITY}"] .state')).to_have_text("fresh")
+    expect(page.locator("svg.chart")).to_have_count(5)
+    expect(page.locator("svg.chart text.change-set", has_text=key).first).to_be_visible()
+    expect(page.locator(f'svg.chart text.direct-label[data-series="{ENTITY}"]').first
+           ).to_be_visible()
+    page.screenshot(path=SCREENSHOTS / "status-page.png", full_page=True)
 
 
 def test_asset_graph_materialize_one_entity_and_its_metadata_in_chromium(browser_page, dagster_dev):
@@ -280,12 +310,18 @@ def test_asset_graph_materialize_one_entity_and_its_metadata_in_chromium(browser
     try:
         _check_groups(page, server, config)
 
+        page.goto(f"{server.url}/assets/canonical/{ENTITY}")  # an asset's page, before a run
+        expect(page.get_by_text("Kinds", exact=True)).to_be_visible()
+        for kind in ("canonical", "dataverse"):
+            expect(page.get_by_text(kind, exact=True).first).to_be_visible()
+        page.screenshot(path=SCREENSHOTS / "ui-asset.png")
+
         run_path = _materialize_from_ui(page, server, key)
         _wait_for_run(page, run_path)
         expect(page.get_by_text("Success", exact=True).first).to_be_visible()
         expect(page.get_by_text(f"partition: {key}").first).to_be_visible()
         expect(page.get_by_text("3 assets").first).to_be_visible()
-        page.screenshot(path=ARTIFACTS / "ui-run.png")
+        page.screenshot(path=SCREENSHOTS / "ui-run.png")
 
         with sqlite3.connect(server.db_path) as db:
             rows = db.execute(f'SELECT count(*) FROM "{ENTITY}"').fetchone()[0]
@@ -303,8 +339,16 @@ def test_asset_graph_materialize_one_entity_and_its_metadata_in_chromium(browser
         assert metadata == {"publish_status": "COMPLETE", "created": str(rows),
                             "rows_in_table": str(rows), "deleted": "0"}, metadata
         page.get_by_text("rows_in_table", exact=True).scroll_into_view_if_needed()
-        page.screenshot(path=ARTIFACTS / "ui-metadata.png")
+        page.screenshot(path=SCREENSHOTS / "ui-metadata.png")
+        # The column schema, each column with its Dataverse type and what it is.
+        described = page.get_by_text(
+            f"AttributeType Picklist; choice (Picklist): labels in {ENTITY}__readable").first
+        described.scroll_into_view_if_needed()
+        expect(described).to_be_visible()
+        page.screenshot(path=SCREENSHOTS / "ui-columns.png")
+
+        _check_status_page(page, server, key)
     except BaseException:
         with contextlib.suppress(Exception):
-            page.screenshot(path=ARTIFACTS / "ui-failure.png", full_page=True)
+            page.screenshot(path=SCREENSHOTS / "ui-failure.png", full_page=True)
         raise

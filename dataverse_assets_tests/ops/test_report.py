@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -98,15 +99,48 @@ def test_status_page_shows_every_entity_its_state_and_plots(history, tmp_path, m
     titles = [re.search(r'aria-label="([^"]+)"', c).group(1) for c in charts]
     assert titles == ["Rows changed per change set (created + updated + deleted)",
                       "Sync duration (fetch + publish)",
-                      "Publish latency (source timestamp to publish)",
-                      "Errors and retries per change set (all entities)"]
+                      "Publish latency (fetch start to publish)",
+                      "Errors and retries per change set (all entities)",
+                      "Fresh tables per cadence group (%, by its cron and grace)"]
     for chart in charts:
         assert chart.count('class="point"') >= 2
     rows_changed = charts[0]
-    # Two change sets per hourly entity: the candidate created in the second one.
-    assert rows_changed.count('data-series="vin_candidates"') == 2
+    # Two change sets per hourly entity: the candidate created in the second one (a point and
+    # the line's name at its end).
+    assert rows_changed.count('<circle class="point" data-series="vin_candidates"') == 2
     assert "vin_candidates" in rows_changed and "rows changed 1<" in rows_changed
     assert re.search(r"failed attempts [1-9]", charts[3])
+
+    with history.mirror.connection() as connection:
+        change_sets = sorted({row[0] for row in connection.execute(
+            "SELECT change_set FROM _publish_state")})
+    for chart in charts[:4]:
+        # The x axis names the change sets (the newest always), not just two moments.
+        named = re.findall(r'<text class="tick change-set"[^>]*>([^<]+)</text>', chart)
+        assert named and set(named) <= set(change_sets) and change_sets[-1] in named, named
+        # Every line is named at its end, each entity in its own colour on every chart.
+        labels = re.findall(r'<text class="direct-label" data-series="([^"]+)"[^>]*'
+                            r'fill="(#[0-9a-f]{6})"', chart)
+        assert sorted(n for n, _ in labels) == sorted(set(re.findall(
+            r'<circle class="point" data-series="([^"]+)"', chart)))
+        assert len({c for _, c in labels}) == len(labels)
+    colours = [dict(re.findall(r'class="direct-label" data-series="([^"]+)"[^>]*'
+                               r'fill="(#[0-9a-f]{6})"', chart)) for chart in charts[:3]]
+    assert len({c["vin_candidates"] for c in colours}) == 1
+
+    # Latency from the fetch's start: seconds here, not the age of the source's records.
+    latencies = [float(v) for v in re.findall(r": latency ([0-9.]+)s<", charts[2])]
+    assert latencies and max(latencies) < 120, latencies
+
+    # Freshness over time: each group's share of fresh tables, ending with today's states.
+    freshness = charts[4]
+    last = {group: re.findall(rf"{group} [0-9-]+ [0-9:]+: (\d+) of (\d+) tables fresh",
+                              freshness)[-1] for group in ("hourly", "daily")}
+    sizes = {g: str(len(history.mirror.settings.entities.entities_in_group(g)))
+             for g in ("hourly", "daily")}
+    assert last["hourly"] == (sizes["hourly"], sizes["hourly"])
+    # Its only change set failed on the tables that failed: those were never published.
+    assert last["daily"] == (str(int(sizes["daily"]) - len(failed)), sizes["daily"])
 
     # Self-contained: no script, no reference to anything outside the file.
     assert "<script" not in page
@@ -163,7 +197,7 @@ def test_status_page_opens_offline_in_a_browser(history, tmp_path, monkeypatch, 
             for entity in failed:
                 state = page.locator(f'tr[data-entity="{entity}"] .state').inner_text()
                 assert state == "failed"
-            assert page.locator("svg.chart").count() == 4
+            assert page.locator("svg.chart").count() == 5
             assert page.locator("svg.chart circle.point").count() > 20
             box = page.locator("svg.chart").first.bounding_box()
             assert box and box["width"] > 300 and box["height"] > 150  # drawn, not collapsed
@@ -173,3 +207,16 @@ def test_status_page_opens_offline_in_a_browser(history, tmp_path, monkeypatch, 
     assert requested == [out.as_uri()]  # the page itself, nothing else
     assert (artifacts / "status-page.png").stat().st_size > 10_000
     shutil.copy(out, artifacts / "status-page.html")
+
+
+def test_latency_runs_from_the_fetch_not_from_the_records_own_timestamps(history, tmp_path):
+    """A change set of records last modified years ago, fetched and published in seconds, is
+    seconds late, not years."""
+    copy = sqlite3.connect(tmp_path / "copy.db")
+    with history.mirror.connection() as connection:
+        connection.backup(copy)
+    copy.execute("UPDATE _publish_state SET source_timestamp = '2020-01-01T00:00:00Z'")
+    report = collect_report(copy, history.mirror.settings.entities)
+    copy.close()
+    latencies = [p.latency_seconds for p in report.points if p.latency_seconds is not None]
+    assert latencies and max(latencies) < 120, latencies

@@ -6,7 +6,7 @@ import asyncio
 
 import orjson
 import pytest
-from dagster import AssetCheckSeverity, DagsterInstance
+from dagster import AssetCheckSeverity, DagsterInstance, MetadataValue
 
 from dataverse_assets.config import Settings
 from dataverse_assets.defs.checks import FRESHNESS_JOB
@@ -16,7 +16,7 @@ from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.query import PageQuery
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store.db import quote_identifier, table_columns
+from dataverse_assets.store.db import connect, quote_identifier, table_columns
 from dataverse_assets.store.schema import infer_schema_from_records, schema_from_metadata
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
 from dataverse_assets_tests.truth import PRIMARY_KEYS, canonical_rows
@@ -299,9 +299,14 @@ def test_freshness_warns_when_a_group_has_not_published_since_its_cron_tick(mirr
     assert set(fresh) == set(ENTITY_NAMES)
     assert not fresh["teams"].passed and fresh["teams"].severity == AssetCheckSeverity.WARN
     assert meta(fresh["teams"], "last_complete_publish") == "2020-01-01T00:00:00+00:00"
+    # The grace period is the group's config: text, so the UI draws no constant series of it.
+    assert "grace_minutes" not in fresh["teams"].metadata
+    assert fresh["teams"].metadata["grace"] == MetadataValue.text("30 minutes")
     assert fresh["systemusers"].passed
     assert not fresh["vin_candidates"].passed  # the hourly group never synced
     assert fresh["vin_candidates"].description == "Never published."
+    assert "age_minutes" not in fresh["vin_candidates"].metadata  # no -1 in the plotted series
+    assert meta(fresh["teams"], "age_minutes") > 0
 
 
 def test_canonical_materialization_carries_the_column_schema(mirror):
@@ -313,6 +318,20 @@ def test_canonical_materialization_carries_the_column_schema(mirror):
     assert {"name", "_businessunitid_value", "json_response", "sync_time"} <= set(names)
     assert next(c for c in schema.columns if c.name == "teamtype").type == "INTEGER"
     assert materialization.metadata["schema_version"].value == 1
+    # Dagster's table conventions: each column's Dataverse type and what it is, the rows, the
+    # table's name in the mirror.
+    described = {c.name: c.description for c in schema.columns}
+    assert described["teamid"] == "AttributeType Uniqueidentifier; primary key"
+    assert described["teamtype"] == ("AttributeType Picklist; choice (Picklist): labels in "
+                                     "teams__readable")
+    assert described["_businessunitid_value"].startswith("AttributeType Lookup; lookup ")
+    assert described["_businessunitid_value"].endswith(" to businessunits")
+    assert all(described.values()), described
+    with connect(mirror.settings.db_path) as connection:
+        rows = connection.execute("SELECT count(*) FROM teams").fetchone()[0]
+    assert materialization.metadata["dagster/row_count"].value == rows > 0
+    assert materialization.metadata["dagster/relation_identifier"].value == (
+        f"{mirror.settings.db_path.stem}.main.teams")
 
 
 @pytest.fixture
