@@ -38,6 +38,7 @@ from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.defs.checks import freshness_status
 from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.defs.sensors import root_cause
+from dataverse_assets.errors import ConfigError
 from dataverse_assets.redaction import redact
 from dataverse_assets.store import dead_letters
 from dataverse_assets.store.bookkeeping import last_complete_publish
@@ -75,11 +76,24 @@ def load_alert_settings(environ: Mapping[str, str] | None = None) -> AlertSettin
     return AlertSettings(
         webhook_url=env.get("DATAVERSE_ALERT_WEBHOOK_URL") or None,
         smtp_host=env.get("DATAVERSE_ALERT_SMTP_HOST") or None,
-        smtp_port=int(env.get("DATAVERSE_ALERT_SMTP_PORT") or 25),
+        smtp_port=_port(env.get("DATAVERSE_ALERT_SMTP_PORT")),
         sender=env.get("DATAVERSE_ALERT_FROM") or AlertSettings.sender,
         recipients=recipients,
         ui_url=(env.get("DATAVERSE_ALERT_UI_URL") or "").rstrip("/") or None,
     )
+
+
+def _port(text: str | None) -> int:
+    if not text:
+        return 25
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"DATAVERSE_ALERT_SMTP_PORT={text!r}: expected a port number from 1 to "
+                          "65535 (25 when unset)")
+    return port
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,19 @@ EXTRA_VARIABLES = (
      "own process does it). 2 cut a 1M-row full sync by ~15-20% and make a rebuild 25-40% "
      "faster on 2 cores, for ~115 MB each (see [Performance](performance.md)). Read by "
      "`sync/stage.py` when a change set is staged."),
+    ("DATAVERSE_ALERT_WEBHOOK_URL", "unset", "an http(s) URL",
+     "Alerts (failed runs, new dead letters, late groups) are POSTed here as `{\"text\": ...}` "
+     "(a Slack-compatible incoming webhook). Unset, with no SMTP host: no alert sensor exists. "
+     "Read by `defs/alerts.py`."),
+    ("DATAVERSE_ALERT_SMTP_HOST", "unset", "a host name",
+     "Alerts by e-mail through this SMTP server (with DATAVERSE_ALERT_TO)."),
+    ("DATAVERSE_ALERT_SMTP_PORT", "25", "1 to 65535", "The SMTP server's port."),
+    ("DATAVERSE_ALERT_FROM", "dataverse-assets@localhost", "an address",
+     "The alert e-mails' sender."),
+    ("DATAVERSE_ALERT_TO", "unset", "comma-separated addresses",
+     "Who receives alert e-mails."),
+    ("DATAVERSE_ALERT_UI_URL", "unset", "a URL",
+     "The Dagster UI's address, for a link to the run in each alert."),
 )
 
 # The entities file's sections, in the order a reader meets them: (heading, model, path).

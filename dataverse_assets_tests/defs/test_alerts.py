@@ -21,6 +21,7 @@ from dataverse_assets.defs.alerts import (
     send_alert,
 )
 from dataverse_assets.defs.definitions import build_definitions
+from dataverse_assets.errors import ConfigError
 from dataverse_assets.redaction import REDACTOR
 from dataverse_assets.store import dead_letters
 from dataverse_assets.sync.faults import armed
@@ -219,3 +220,12 @@ def test_alerts_carry_no_secret_and_a_lost_alert_fails_loudly():
     nowhere = AlertSettings(webhook_url="http://127.0.0.1:9/closed")  # the discard port
     with pytest.raises(AlertDeliveryError, match="webhook: ConnectError"):
         send_alert(nowhere, alert)
+
+
+@pytest.mark.parametrize("port", ["smtp", "0", "70000"])
+def test_a_bad_smtp_port_is_one_line_naming_the_variable(port):
+    with pytest.raises(ConfigError) as caught:
+        load_alert_settings({"DATAVERSE_ALERT_SMTP_HOST": "127.0.0.1",
+                             "DATAVERSE_ALERT_SMTP_PORT": port, "DATAVERSE_ALERT_TO": "a@b.c"})
+    assert str(caught.value) == (f"DATAVERSE_ALERT_SMTP_PORT={port!r}: expected a port number "
+                                 "from 1 to 65535 (25 when unset)")

@@ -57,6 +57,20 @@ def test_every_environment_variable_is_in_env_example_and_the_reference():
     assert not set(example) - set(read), ".env.example names a variable nothing reads"
 
 
+# Read by the package but not for users: the tests' fault injection points.
+INTERNAL_VARIABLES = {"DATAVERSE_FAULT_POINTS"}
+
+
+def test_every_variable_the_package_names_is_documented():
+    """Any `"DATAVERSE_..."` the code reads (Settings, alerts, staging workers...) is in the
+    reference, so a new variable cannot go undocumented."""
+    named = set()
+    for path in (PROJECT_ROOT / "dataverse_assets").rglob("*.py"):
+        named |= set(re.findall(r'"(DATAVERSE_[A-Z0-9_]+)"', path.read_text(encoding="utf-8")))
+    undocumented = named - set(config_reference.environment_variables()) - INTERNAL_VARIABLES
+    assert not undocumented, f"not in docs/configuration.md or .env.example: {undocumented}"
+
+
 def test_env_example_filled_in_as_env_loads_into_settings(tmp_path, monkeypatch):
     """`cp .env.example .env`, fill in the org, uncomment every optional default: it loads,
     through python-dotenv as load_settings does, and each default it shows is the real one."""
