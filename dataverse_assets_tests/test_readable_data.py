@@ -272,6 +272,5 @@ def test_the_sync_says_where_to_read_the_labels(tmp_path, simulator_url, monkeyp
         monkeypatch.setenv(name, value)
     assert cli.main(["sync"]) == 0
     out = capsys.readouterr().out
-    assert ("readable views (choice labels, lookup names and tables): vin_candidates__readable"
-            " (4 choice columns), contacts__readable (2 choice columns),"
-            " vin_clinicaltrials__readable (3 choice columns)") in out
+    assert ("readable views: 3 (<entity>__readable: choice labels, lookup names and tables);"
+            " choice columns in vin_candidates (4), contacts (2), vin_clinicaltrials (3)") in out

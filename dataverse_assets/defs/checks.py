@@ -324,8 +324,8 @@ def source_count(connection: sqlite3.Connection, entity: EntityConfig,
     records = (f"SELECT _pk FROM {staging} WHERE _change_set = :cs AND _op = 'upsert'")
     if mode in SNAPSHOT_MODES or (mode == Mode.MODIFIEDON
                                   and published["watermark_before"] is None):
-        basis = ("full snapshot" if mode == Mode.FULL else "change-tracking resync"
-                 if mode != Mode.MODIFIEDON else "first full read")
+        basis = {Mode.FULL: "full snapshot", Mode.MODIFIEDON: "first full read",
+                 Mode.INITIAL: "first change-tracking read"}.get(mode, "change-tracking resync")
         # Counted when it was staged (a key is staged once per change set); a database
         # staged by an older version counts now.
         if upserts is None:

@@ -220,10 +220,10 @@ def _print_readable(settings, entities: list[str]) -> None:
     views = [e for e in entities if readable_view(e) in present]
     if not views:
         return
-    labelled = [f"{readable_view(e)} ({counts[e][0]} choice columns)" if e in counts
-                else readable_view(e) for e in views]
-    print(f"\nreadable views (choice labels, lookup names and tables): {', '.join(labelled)};"
-          " see 'Reading the mirror' in the README")
+    labelled = [f"{e} ({counts[e][0]})" for e in views if e in counts]
+    print(f"\nreadable views: {len(views)} (<entity>__readable: choice labels, lookup names and"
+          f" tables); choice columns in {', '.join(labelled) or 'none'};"
+          " see docs/reading-the-mirror.md")
 
 
 def cmd_change_set_create(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, load_entities_confi
 from dataverse_assets.definitions import defs
 from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
+from dataverse_assets_tests.helpers import mirror_of
 
 CONFIG = load_entities_config(DEFAULT_ENTITIES_CONFIG)
 
@@ -96,3 +97,14 @@ def test_dagster_asset_materialize_runs_an_entity_in_one_process(tmp_path):
     assert "Executing steps in process" in log and "Launching subprocess" not in log
     connection = sqlite3.connect(tmp_path / "mirror.db")
     assert connection.execute("SELECT count(*) FROM teams").fetchone()[0] > 0
+
+
+def test_the_row_count_check_names_a_first_change_tracking_read_as_such(tmp_path, simulator_url):
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
+    _, result = mirror.run("hourly")
+    assert result.success
+    (check,) = [e for e in result.get_asset_check_evaluations() if e.check_name == "row_count"]
+    assert check.passed
+    assert check.description == (
+        f"{len(mirror.simulator.records('teams'))} rows, as the source listed (first "
+        "change-tracking read: distinct records the source returned).")
