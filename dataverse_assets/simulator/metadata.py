@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
+from .choices import BASE_LANGUAGE, label_metadata
 from .model import SimAttribute, SimEntity
 from .odata import EDM_BY_TYPE, ODataQueryError, property_not_found
 
@@ -53,6 +54,8 @@ ATTRIBUTE_PROPERTIES = (
     "IsPrimaryName",
     "IsValidForRead",
     "IsCustomAttribute",
+    "DisplayName",
+    "Description",
 )
 ATTRIBUTE_PROPERTY_TYPES = {
     "MetadataId": "Uniqueidentifier",
@@ -161,6 +164,38 @@ def class_properties(cast: str) -> tuple[list[str], dict[str, str], tuple[str, .
     return selectable, filterable, _CLASS_NAVIGATION.get(cast, ())
 
 
+# What a maker wrote about some columns (Description); most columns have none, as in orgs.
+_DESCRIPTIONS = {
+    "statecode": "Status of the record: active or inactive.",
+    "statuscode": "Reason for the status of the record.",
+    "industrycode": "The account's primary industry, for market segmentation and reports.",
+    "vin_stage": "Where the candidate is in the screening process.",
+    "vin_phase": "The trial's clinical phase.",
+    "teamtype": "The kind of team: owner, access, security group or Office group.",
+    "vin_therapeuticareas": "The therapeutic areas the candidate may be enrolled in.",
+    "birthdate": "The contact's birthday, a calendar date.",
+    "parentcustomerid": "The account or contact the contact belongs to.",
+}
+
+
+def _display_name(logical_name: str) -> str:
+    words = logical_name[4:] if _is_custom(logical_name) else logical_name
+    return words.replace("_", " ").title()
+
+
+def attribute_labels(attribute: SimAttribute) -> dict[str, Any]:
+    """DisplayName and Description, Label objects in English (the org's base language)."""
+    managed = not _is_custom(attribute.logical_name)
+    description = _DESCRIPTIONS.get(attribute.logical_name)
+    return {
+        "DisplayName": label_metadata({BASE_LANGUAGE: _display_name(attribute.logical_name)},
+                                      BASE_LANGUAGE, managed, attribute.logical_name, "name"),
+        "Description": (label_metadata({BASE_LANGUAGE: description}, BASE_LANGUAGE, managed,
+                                       attribute.logical_name, "description")
+                        if description else {"LocalizedLabels": [], "UserLocalizedLabel": None}),
+    }
+
+
 def attribute_definition(spec: SimEntity, attribute: SimAttribute) -> dict[str, Any]:
     """The full AttributeMetadata object for one attribute (navigation properties aside)."""
     out: dict[str, Any] = {
@@ -176,6 +211,7 @@ def attribute_definition(spec: SimEntity, attribute: SimAttribute) -> dict[str, 
         "IsPrimaryName": attribute.logical_name == spec.primary_name_attribute,
         "IsValidForRead": True,
         "IsCustomAttribute": _is_custom(attribute.logical_name),
+        **attribute_labels(attribute),
     }
     if attribute.is_lookup:
         out["Targets"] = list(attribute.targets)

@@ -32,7 +32,7 @@ from dataverse_assets.source.query import PageQuery, string_literal
 METADATA_SELECT = "LogicalName,EntitySetName,PrimaryIdAttribute,ChangeTrackingEnabled"
 # AttributeTypeName too: a multi-select choice's AttributeType is "Virtual", only its type
 # name says what it is (an export that skips Virtual attributes drops them).
-ATTRIBUTE_SELECT = "LogicalName,AttributeType,AttributeTypeName"
+ATTRIBUTE_SELECT = "LogicalName,AttributeType,AttributeTypeName,DisplayName,Description"
 # Per kind of attribute the entity has: the typed-cast request and what it selects. Choices
 # expand their option set (a global set comes as GlobalOptionSet).
 ATTRIBUTE_DETAILS = {

@@ -57,6 +57,7 @@ CHOICE_DDL = (
         choice_columns TEXT NOT NULL,
         lookup_columns TEXT NOT NULL,
         date_only_columns TEXT NOT NULL,
+        column_descriptions TEXT,
         updated_at TEXT NOT NULL
     )""",
 )
@@ -189,6 +190,32 @@ def digest(raw: object) -> str:
 def ensure_choice_tables(connection: sqlite3.Connection) -> None:
     for statement in CHOICE_DDL:
         connection.execute(statement)
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(_attribute_metadata)")}
+    if "column_descriptions" not in columns:  # a table made before descriptions were kept
+        connection.execute("ALTER TABLE _attribute_metadata ADD COLUMN column_descriptions TEXT")
+
+
+def column_descriptions(definition: object) -> dict[str, str]:
+    """Row key -> what the org says of the column: its display name and, where a maker wrote
+    one, its description (the user's language's labels of EntityDefinitions/Attributes)."""
+    attributes = definition.get("Attributes") if isinstance(definition, dict) else None
+    found: dict[str, str] = {}
+    for attribute in attributes if isinstance(attributes, list) else ():
+        if not isinstance(attribute, dict) or not isinstance(attribute.get("LogicalName"), str):
+            continue
+        name, kind = attribute["LogicalName"], attribute.get("AttributeType")
+        text = [_label_text(attribute.get("DisplayName")),
+                _label_text(attribute.get("Description"))]
+        if any(text):
+            column = f"_{name}_value" if kind in ("Lookup", "Customer", "Owner") else name
+            found[column] = ": ".join(t for t in text if t)
+    return found
+
+
+def _label_text(label: object) -> str | None:
+    user = label.get("UserLocalizedLabel") if isinstance(label, dict) else None
+    text = user.get("Label") if isinstance(user, dict) else None
+    return text.strip() if isinstance(text, str) and text.strip() else None
 
 
 def stored_metadata(connection: sqlite3.Connection, entity: str) -> dict | None:
@@ -196,13 +223,14 @@ def stored_metadata(connection: sqlite3.Connection, entity: str) -> dict | None:
     ensure_choice_tables(connection)
     row = connection.execute(
         "SELECT digest, change_set, base_language_code, choice_columns, lookup_columns,"
-        " date_only_columns, view_language_code FROM _attribute_metadata WHERE entity = ?",
-        (entity,)).fetchone()
+        " date_only_columns, view_language_code, column_descriptions FROM _attribute_metadata"
+        " WHERE entity = ?", (entity,)).fetchone()
     if row is None:
         return None
     return {"digest": row[0], "change_set": row[1], "base_language_code": row[2],
             "choice_columns": orjson.loads(row[3]), "lookup_columns": orjson.loads(row[4]),
-            "date_only_columns": orjson.loads(row[5]), "view_language_code": row[6]}
+            "date_only_columns": orjson.loads(row[5]), "view_language_code": row[6],
+            "column_descriptions": orjson.loads(row[7] or "{}")}
 
 
 def set_view_language(connection: sqlite3.Connection, entity: str,
@@ -256,12 +284,14 @@ def option_changes(connection: sqlite3.Connection, entity: str,
 
 def store_attribute_metadata(connection: sqlite3.Connection, entity: str, change_set: str,
                              raw: object, parsed: AttributeMetadata,
-                             lookup_columns: dict[str, str]) -> bool:
+                             lookup_columns: dict[str, str],
+                             descriptions: dict[str, str] | None = None) -> bool:
     """Replace the entity's labels and lookup targets when the metadata changed (inside the
-    caller's transaction). `lookup_columns`: lookup attribute -> its row key (`_x_value`).
+    caller's transaction). `lookup_columns`: lookup attribute -> its row key (`_x_value`);
+    `descriptions`: row key -> what the org says of the column (see column_descriptions).
     Returns whether anything was written."""
     ensure_choice_tables(connection)
-    fingerprint = digest(raw)
+    fingerprint = digest([raw, descriptions or {}])
     row = connection.execute("SELECT digest FROM _attribute_metadata WHERE entity = ?",
                              (entity,)).fetchone()
     if row is not None and row[0] == fingerprint:
@@ -282,15 +312,17 @@ def store_attribute_metadata(connection: sqlite3.Connection, entity: str, change
          for attribute, targets in parsed.lookups.items() for target in targets])
     connection.execute(
         "INSERT INTO _attribute_metadata (entity, digest, change_set, base_language_code,"
-        " choice_columns, lookup_columns, date_only_columns, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (entity) DO UPDATE SET"
+        " choice_columns, lookup_columns, date_only_columns, column_descriptions, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (entity) DO UPDATE SET"
         " digest = excluded.digest, change_set = excluded.change_set,"
         " base_language_code = excluded.base_language_code,"
         " choice_columns = excluded.choice_columns, lookup_columns = excluded.lookup_columns,"
-        " date_only_columns = excluded.date_only_columns, updated_at = excluded.updated_at",
+        " date_only_columns = excluded.date_only_columns,"
+        " column_descriptions = excluded.column_descriptions, updated_at = excluded.updated_at",
         (entity, fingerprint, change_set, parsed.base_language_code,
          orjson.dumps(parsed.choice_columns).decode(), orjson.dumps(lookup_columns).decode(),
-         orjson.dumps(parsed.date_only).decode(), utc_now_iso()))
+         orjson.dumps(parsed.date_only).decode(), orjson.dumps(descriptions or {}).decode(),
+         utc_now_iso()))
     return True
 
 

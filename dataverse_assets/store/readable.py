@@ -178,8 +178,9 @@ def ensure_readable_view(connection: sqlite3.Connection, schema: EntitySchema) -
 
 
 def column_roles(connection: sqlite3.Connection, entity: str) -> dict[str, str]:
-    """What the attribute metadata says a column is, for a person reading the table's schema:
-    choice columns (labels in `E__readable`), lookups (with their targets), calendar dates."""
+    """What the metadata says a column is, for a person reading the table's schema: its
+    display name and description in the org, choice columns (labels in `E__readable`),
+    lookups (with their targets), calendar dates."""
     metadata = stored_metadata(connection, entity)
     if metadata is None:
         return {}
@@ -195,4 +196,6 @@ def column_roles(connection: sqlite3.Connection, entity: str) -> dict[str, str]:
         roles[column] = f"lookup {attribute} to {', '.join(targets.get(attribute, [])) or '?'}"
     for column in metadata["date_only_columns"]:
         roles[column] = "calendar date (DateOnly, no time zone)"
+    for column, text in metadata["column_descriptions"].items():
+        roles[column] = f"{text}; {roles[column]}" if column in roles else text
     return roles

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import sqlite3
 
-from dataverse_assets.archive.change_sets import ATTRIBUTE_METADATA, ChangeSetArchive
+from dataverse_assets.archive.change_sets import (
+    ATTRIBUTE_METADATA,
+    ENTITY_DEFINITION,
+    ChangeSetArchive,
+)
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.names import change_set_order
 from dataverse_assets.store.choices import (
     OptionChange,
+    column_descriptions,
     ensure_choice_tables,
     option_changes,
     parse_attribute_metadata,
@@ -56,8 +61,9 @@ def refresh_attribute_metadata(connection: sqlite3.Connection, archive: ChangeSe
         lookup_columns = {attribute: f"_{attribute}_value" for attribute in parsed.lookups
                           if attribute != schema.primary_key}
         changes = option_changes(connection, entity.name, parsed)
-        written = store_attribute_metadata(connection, entity.name, archive.change_set, raw,
-                                           parsed, lookup_columns)
+        written = store_attribute_metadata(
+            connection, entity.name, archive.change_set, raw, parsed, lookup_columns,
+            column_descriptions(archive.read_json(ENTITY_DEFINITION)))
         set_view_language(connection, entity.name, language)
         if not written:
             return []

@@ -320,11 +320,14 @@ def test_canonical_materialization_carries_the_column_schema(mirror):
     assert materialization.metadata["schema_version"].value == 1
     # Dagster's table conventions: each column's Dataverse type and what it is, the rows, the
     # table's name in the mirror.
+    # The org's display name and, where a maker wrote one, its description come first.
     described = {c.name: c.description for c in schema.columns}
-    assert described["teamid"] == "AttributeType Uniqueidentifier; primary key"
-    assert described["teamtype"] == ("AttributeType Picklist; choice (Picklist): labels in "
-                                     "teams__readable")
-    assert described["_businessunitid_value"].startswith("AttributeType Lookup; lookup ")
+    assert described["teamid"] == "AttributeType Uniqueidentifier; Teamid; primary key"
+    assert described["teamtype"] == (
+        "AttributeType Picklist; Teamtype: The kind of team: owner, access, security group or "
+        "Office group.; choice (Picklist): labels in teams__readable")
+    assert described["_businessunitid_value"].startswith(
+        "AttributeType Lookup; Businessunitid; lookup ")
     assert described["_businessunitid_value"].endswith(" to businessunits")
     assert all(described.values()), described
     with connect(mirror.settings.db_path) as connection:
