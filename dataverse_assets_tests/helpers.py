@@ -79,6 +79,18 @@ def reconfigured(mirror: Mirror, entities: list[dict]) -> Mirror:
                   mirror.instance, mirror.url)
 
 
+def duplicate_a_team_key(connection) -> str:
+    """Break the teams table's primary key: a second row whose key differs only in case (the
+    blocking primary-key check then fails the next run). Returns the key copied."""
+    key, json_response = connection.execute(
+        "SELECT teamid, json_response FROM teams ORDER BY teamid LIMIT 1").fetchone()
+    connection.execute(
+        "INSERT INTO teams (teamid, json_response, _content_hash, sync_time, updated_at,"
+        " _change_set) VALUES (?, ?, 'x', 'now', 'now', 'manual')",
+        (key.upper(), json_response))
+    return key
+
+
 def root_error(result) -> str:
     """The message of the exception that failed the run (the innermost cause)."""
     for event in result.all_events:

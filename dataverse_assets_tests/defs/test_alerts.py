@@ -25,7 +25,7 @@ from dataverse_assets.errors import ConfigError
 from dataverse_assets.redaction import REDACTOR
 from dataverse_assets.store import dead_letters
 from dataverse_assets.sync.faults import armed
-from dataverse_assets_tests.helpers import source_of, store_of
+from dataverse_assets_tests.helpers import duplicate_a_team_key, source_of, store_of
 
 ALERT_SENSORS = {"alert_on_run_failure", "alert_on_dead_letters", "alert_on_late_groups"}
 
@@ -156,12 +156,7 @@ def test_a_failed_run_reaches_the_webhook_and_the_mailbox(alerting, webhook, smt
 def test_a_blocking_check_that_failed_is_named_in_the_alert(alerting, webhook):
     alerting.sync("daily")
     with alerting.connection() as connection:  # two keys equal but for case: blocking check
-        key, json_response = connection.execute(
-            "SELECT teamid, json_response FROM teams ORDER BY teamid LIMIT 1").fetchone()
-        connection.execute(
-            "INSERT INTO teams (teamid, json_response, _content_hash, sync_time, updated_at,"
-            " _change_set) VALUES (?, ?, 'x', 'now', 'now', 'manual')",
-            (key.upper(), json_response))
+        duplicate_a_team_key(connection)
     change_set, result = alerting.run("daily")
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type == DagsterEventType.RUN_FAILURE)

@@ -19,6 +19,7 @@ from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.db import connect, quote_identifier, table_columns
 from dataverse_assets.store.schema import infer_schema_from_records, schema_from_metadata
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
+from dataverse_assets_tests.helpers import duplicate_a_team_key
 from dataverse_assets_tests.truth import PRIMARY_KEYS, canonical_rows
 
 TRIALS = "vin_clinicaltrials"
@@ -247,12 +248,7 @@ def test_hostile_column_names_from_metadata_are_added_or_reported(make_mirror):
 def test_a_broken_primary_key_fails_the_step_through_the_blocking_check(mirror):
     mirror.sync("daily")
     with mirror.connection() as connection:
-        key, json_response = connection.execute(
-            "SELECT teamid, json_response FROM teams ORDER BY teamid LIMIT 1").fetchone()
-        connection.execute(
-            "INSERT INTO teams (teamid, json_response, _content_hash, sync_time, updated_at,"
-            " _change_set) VALUES (?, ?, 'x', 'now', 'now', 'manual')",
-            (key.upper(), json_response))
+        key = duplicate_a_team_key(connection)
 
     _, result = mirror.run("daily")
 
