@@ -340,9 +340,11 @@ def test_asset_graph_materialize_one_entity_and_its_metadata_in_chromium(browser
                             "rows_in_table": str(rows), "deleted": "0"}, metadata
         page.get_by_text("rows_in_table", exact=True).scroll_into_view_if_needed()
         page.screenshot(path=SCREENSHOTS / "ui-metadata.png")
-        # The column schema, each column with its Dataverse type and what it is.
+        # The column schema, each column with its Dataverse type, what the org says of it and
+        # what it is to the mirror.
         described = page.get_by_text(
-            f"AttributeType Picklist; choice (Picklist): labels in {ENTITY}__readable").first
+            "AttributeType Picklist; Teamtype: The kind of team: owner, access, security group"
+            f" or Office group.; choice (Picklist): labels in {ENTITY}__readable").first
         described.scroll_into_view_if_needed()
         expect(described).to_be_visible()
         page.screenshot(path=SCREENSHOTS / "ui-columns.png")
