@@ -175,7 +175,7 @@ def dagster_dev(tmp_path) -> Iterator[DagsterDev]:
 
 @pytest.fixture
 def browser_page(dagster_dev):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -184,8 +184,12 @@ def browser_page(dagster_dev):
             context = browser.new_context(viewport={"width": 1600, "height": 1000})
             page = context.new_page()
             page.set_default_timeout(UI_TIMEOUT_MS)
+            # Assertions wait 5 s by default, not the page's timeout: on a loaded machine the
+            # graph's layout (a web worker) took longer than that to draw its nodes.
+            expect.set_options(timeout=UI_TIMEOUT_MS)
             yield page
         finally:
+            expect.set_options(timeout=5_000)
             browser.close()
 
 
