@@ -2,6 +2,7 @@
 beside the floor the service protection limits allow. Not part of the test suite.
 
     .venv/bin/python benchmarks/realistic.py                          # ~100,000 rows, ~1-2 min
+    .venv/bin/python benchmarks/realistic.py --incremental modifiedon --parallel-ranges 8
     .venv/bin/python benchmarks/realistic.py --realistic-scale 10     # ~1,000,000 rows
     .venv/bin/python benchmarks/realistic.py --realistic-scale 100    # ~10 M rows: the limits bind
 
@@ -47,8 +48,10 @@ def org_sizes(scale: float) -> dict[str, int]:
     return {name: max(1, round(rows * scale)) for name, rows in ORG.items()}
 
 
-def write_config(path: Path) -> Path:
-    entities = [{"name": name, "group": GROUP, "page_size": PAGE_SIZE} for name in ORG]
+def write_config(path: Path, parallel_ranges: int, incremental: str) -> Path:
+    entities = [{"name": name, "group": GROUP, "page_size": PAGE_SIZE,
+                 "parallel_ranges": parallel_ranges, "incremental": incremental}
+                for name in ORG]
     path.write_text(json.dumps({"groups": {GROUP: {"cron": "0 * * * *"}},
                                 "entities": entities}, indent=1))
     return path
@@ -127,6 +130,14 @@ def main() -> int:
                         help="org size as a multiple of ~100,000 rows (default 1)")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="max_concurrency of the first sync (the second uses 1)")
+    parser.add_argument("--parallel-ranges", type=int, default=1,
+                        help="each entity's parallel_ranges (default 1, the config's default; "
+                        "change tracking's first read is never split)")
+    parser.add_argument("--incremental", default="auto",
+                        choices=("auto", "modifiedon", "change_tracking", "full"),
+                        help="each entity's incremental mode (auto: change tracking for these "
+                        "tables, whose first read is one stream; modifiedon or full let "
+                        "--parallel-ranges split it)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--keep", type=Path, help="work folder to keep (default: temporary)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/realistic.json")
@@ -136,13 +147,15 @@ def main() -> int:
     home = work / "dagster_home"
     home.mkdir(parents=True)
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    config = write_config(work / "entities_config.json")
+    config = write_config(work / "entities_config.json", args.parallel_ranges,
+                          args.incremental)
     env = dict(os.environ, DAGSTER_HOME=str(home), DATAVERSE_ENTITIES_CONFIG=str(config))
     suite: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
-        "org": sizes, "page_size": PAGE_SIZE,
+        "org": sizes, "page_size": PAGE_SIZE, "parallel_ranges": args.parallel_ranges,
+        "incremental": args.incremental,
         "latency_model": "LatencyModel.dataverse(): 0.2 s per request + 0.16 ms per row",
         "limits": "ServiceProtectionLimits.dataverse(): 52 in flight, 6,000 requests and "
                   "1,200 s execution per 300 s",

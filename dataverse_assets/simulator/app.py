@@ -1114,7 +1114,8 @@ def _control_routes(sim: DataverseSimulator) -> list[Route]:
                 "rows_served": dict(s.rows_served), "token_requests": s.token_requests,
                 "metadata_requests": s.metadata_requests,
                 "status_counts": {str(k): v for k, v in s.status_counts.items()},
-                "throttled": s.throttled, "max_concurrency": s.max_concurrency,
+                "throttled": s.throttled, "throttled_by_code": dict(s.throttled_by_code),
+                "max_concurrency": s.max_concurrency,
             })
 
     async def mutate(request: Request) -> Response:
