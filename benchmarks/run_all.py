@@ -138,7 +138,7 @@ def worker_sync(args: dict) -> dict:
     from dagster import DagsterEventType, DagsterInstance
 
     from dataverse_assets.config import Settings
-    from dataverse_assets.defs import assets, resources
+    from dataverse_assets.defs import assets, io_managers
     from dataverse_assets.defs.definitions import build_definitions
     from dataverse_assets.defs.partitions import register_change_set
     from dataverse_assets.defs.schedules import sync_job_name
@@ -146,9 +146,11 @@ def worker_sync(args: dict) -> dict:
     from dataverse_assets.sync import steps
 
     timers = _Timers()
-    for module, name in ((steps, "fetch"), (resources, "write_staged"), (steps, "publish"),
+    # Wrapped where they are called from (the IO manager imports them by name).
+    for module, name in ((steps, "fetch"), (io_managers, "write_staged"), (steps, "publish"),
                          (assets, "evaluate_canonical_checks"), (steps, "stage"),
-                         (assets, "canonical_row_count"), (assets, "read_publish_state"),
+                         (io_managers, "canonical_row_count"),
+                         (io_managers, "read_publish_state"),
                          (locks, "_try_acquire")):
         timers.wrap(module, name)
     settings = Settings(

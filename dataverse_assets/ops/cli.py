@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from dagster import AssetKey, DagsterInstance
@@ -68,6 +69,9 @@ from dataverse_assets.sync.progress import (
     ProgressUpdate,
     listening,
 )
+
+if TYPE_CHECKING:
+    from dataverse_assets.simulator import DataverseSimulator
 
 
 def _instance():
@@ -488,12 +492,13 @@ def _row_counts(items: list[str]) -> dict[str, int]:
     return counts
 
 
-def cmd_simulator(args: argparse.Namespace) -> int:
+def build_simulator(args: argparse.Namespace) -> DataverseSimulator:
+    """The simulator `dataverse-assets simulator` serves, as its flags describe it."""
     from dataverse_assets.simulator import (
         DataverseSimulator,
         FaultPlan,
+        LatencyModel,
         ServiceProtectionLimits,
-        serve_on_loopback,
     )
 
     settings = load_settings()
@@ -503,13 +508,22 @@ def cmd_simulator(args: argparse.Namespace) -> int:
     simulator = DataverseSimulator(names, seed=args.seed, row_counts=row_counts,
                                    paging=args.paging,
                                    delta_token_moment=args.delta_token_moment)
-    if args.limits == "dataverse":
+    if args.limits == "dataverse" or args.realistic:
         simulator.limits = ServiceProtectionLimits.dataverse()
+    if args.realistic:
+        simulator.latency = LatencyModel.dataverse(seed=args.seed)
     if args.faults:
         try:
             simulator.fault_plan = FaultPlan.parse(args.faults)
         except ValueError as exc:
             raise ConfigError(f"--faults: {exc}") from None
+    return simulator
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from dataverse_assets.simulator import serve_on_loopback
+
+    simulator = build_simulator(args)
     with serve_on_loopback(simulator, port=args.port, control=args.control) as url:
         print(f"Dataverse simulator on {url} (DATAVERSE_URL={url} DATAVERSE_SOURCE=simulator)",
               flush=True)
@@ -870,7 +884,8 @@ def _add_diagnostics_commands(commands) -> None:
     simulator = _command(
         commands, "simulator", "serve the Dataverse simulator on loopback",
         ["dataverse-assets simulator --port 8765",
-         "dataverse-assets simulator --rows accounts=1000000 --limits dataverse"])
+         "dataverse-assets simulator --rows accounts=1000000 --limits dataverse",
+         "dataverse-assets simulator --realistic"])
     simulator.add_argument("--port", type=int, default=8765, help="the port; 0 picks a free one")
     simulator.add_argument("--seed", type=int, default=42, help="seed of the generated org")
     simulator.add_argument("--rows", action="append", metavar="ENTITY=COUNT",
@@ -882,6 +897,10 @@ def _add_diagnostics_commands(commands) -> None:
     simulator.add_argument("--limits", choices=("off", "dataverse"), default="off",
                            help="service protection limits: off, or Dataverse's per-user "
                            "6000 requests / 1200 s / 52 concurrent per 300 s")
+    simulator.add_argument("--realistic", action="store_true",
+                           help="serve at a real org's pace: ~1 s per 5,000-row page "
+                                "(LatencyModel.dataverse()) and Dataverse's service protection "
+                                "limits (implies --limits dataverse)")
     simulator.add_argument("--paging", choices=("cookie", "page_number"), default="cookie",
                            help="page_number: legacy paging, each page sliced from the result "
                            "as it is then (an edit between pages skips or repeats a row)")

@@ -14,6 +14,7 @@ _SUBMODULE_OF = {
     "Fault": "faults",
     "FaultPlan": "faults",
     "SimulatedConnectionReset": "faults",
+    "LatencyModel": "latency",
     "SIMULATOR_CLIENT_ID": "identity",
     "SIMULATOR_CLIENT_SECRET": "identity",
     "SIMULATOR_TENANT_ID": "identity",

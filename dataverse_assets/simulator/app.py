@@ -27,7 +27,7 @@ from starlette.routing import Route
 from . import engine
 from .annotations import Annotator
 from .choices import BASE_LANGUAGE, option_set_metadata, option_set_properties
-from .gateway import Gateway, bearer_token
+from .gateway import ROWS_SERVED_SCOPE_KEY, Gateway, bearer_token
 from .metadata import (
     ATTRIBUTE_CLASSES,
     ATTRIBUTE_PROPERTIES,
@@ -579,6 +579,7 @@ class _Api:
             **shaped,
         }
         self.sim.stats.rows_served[spec.entity_set_name] += 1
+        request.scope[ROWS_SERVED_SCOPE_KEY] = 1
         headers = {}
         if annotator is not None:
             headers["Preference-Applied"] = f'odata.include-annotations="{prefs.annotations}"'
@@ -627,7 +628,7 @@ class _Api:
             if prefs.track_changes:
                 applied.append("odata.track-changes")
             return self._delta(
-                base, table, pairs, options, delta_token, page_size, keys, annotator,
+                request, base, table, pairs, options, delta_token, page_size, keys, annotator,
                 select_part, prefs, applied,
             )
 
@@ -705,6 +706,7 @@ class _Api:
         if annotator is not None:
             applied.append(f'odata.include-annotations="{prefs.annotations}"')
         sim.stats.rows_served[spec.entity_set_name] += len(body["value"])
+        request.scope[ROWS_SERVED_SCOPE_KEY] = len(body["value"])
         headers = {"Preference-Applied": ",".join(applied)} if applied else None
         return _json(body, headers=headers)
 
@@ -740,6 +742,7 @@ class _Api:
 
     def _delta(
         self,
+        request: Request,
         base: str,
         table: EntityTable,
         pairs: list[tuple[str, str]],
@@ -805,6 +808,7 @@ class _Api:
         if annotator is not None:
             applied.append(f'odata.include-annotations="{prefs.annotations}"')
         sim.stats.rows_served[spec.entity_set_name] += len(value)
+        request.scope[ROWS_SERVED_SCOPE_KEY] = len(value)
         headers = {"Preference-Applied": ",".join(applied)} if applied else None
         return _json(body, headers=headers)
 
@@ -1110,7 +1114,8 @@ def _control_routes(sim: DataverseSimulator) -> list[Route]:
                 "rows_served": dict(s.rows_served), "token_requests": s.token_requests,
                 "metadata_requests": s.metadata_requests,
                 "status_counts": {str(k): v for k, v in s.status_counts.items()},
-                "throttled": s.throttled, "max_concurrency": s.max_concurrency,
+                "throttled": s.throttled, "throttled_by_code": dict(s.throttled_by_code),
+                "max_concurrency": s.max_concurrency,
             })
 
     async def mutate(request: Request) -> Response:

@@ -3,7 +3,9 @@
 Every request under the Web API path passes here: it is logged (arrival and finish times,
 status, injected fault), counted for concurrency, given its injected fault if one is due, and
 admitted (or refused with 429) by the service protection limits of the user its bearer token
-was issued to. The request handlers themselves know nothing of faults or limits.
+was issued to, and delayed by the latency model (if on) before its answer leaves: the delay is
+awaited, so requests in flight overlap, and counts as the request's execution time. The
+request handlers themselves know nothing of faults, limits or latency.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ _NOT_ODATA = {
     "array": b'[{"accountid": "not an OData collection"}]',
 }
 _JSON_TYPE = b"application/json; odata.metadata=minimal"
+# The app puts the number of rows a data request served under this key of the ASGI scope, so
+# the latency model can charge for them before the answer leaves.
+ROWS_SERVED_SCOPE_KEY = "dataverse_simulator.rows_served"
 
 
 class HideInjectedResets(logging.Filter):
@@ -134,9 +139,18 @@ class Gateway:
         admitted: tuple[Any, str] | None = None
         retry_after: float | None = None
         started = arrived
+        # [modelled delay, seconds the wait really took]: a fake sleep in a test takes none,
+        # and the execution time counted is still the modelled one.
+        latency = [0.0, 0.0]
 
         async def watched(message: Message) -> None:
             if message["type"] == "http.response.start":
+                rows = scope.get(ROWS_SERVED_SCOPE_KEY)
+                if rows is not None and sim.latency is not None:
+                    latency[0] = sim.latency_delay(rows)
+                    before = time.monotonic()
+                    await sim.latency_sleep(latency[0])
+                    latency[1] = time.monotonic() - before
                 status[0] = message["status"]
                 if admitted is not None:  # the budget left, as Dataverse reports it
                     with sim.lock:
@@ -196,14 +210,18 @@ class Gateway:
         finally:
             finished = time.monotonic()
             target = path + (f"?{query.decode('latin-1')}" if query else "")
+            execution = max(0.0, finished - started - latency[1]) + latency[0]
             with sim.lock:
                 sim.in_flight -= 1
                 if admitted is not None:
-                    admitted[0].finish(admitted[1], finished - started)
+                    admitted[0].finish(admitted[1], execution)
                 sim.stats.request_log.append(SimRequest(
                     arrived=arrived, finished=finished, method=scope.get("method", "GET"),
                     target=target, entity=entity, status=status[0],
                     fault=fault.kind if fault is not None else None, retry_after=retry_after,
+                    rows=scope.get(ROWS_SERVED_SCOPE_KEY),
+                    execution_seconds=execution if admitted is not None else None,
+                    latency_seconds=latency[0],
                 ))
 
     async def _server_error(self, send: Send, fault: Fault) -> None:

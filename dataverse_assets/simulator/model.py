@@ -7,6 +7,7 @@ never mutated in place: updates swap in a new dict, so a page being serialised i
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import random
 import secrets
@@ -16,7 +17,7 @@ import unicodedata
 import uuid
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -34,6 +35,7 @@ from .choices import (
 )
 from .faults import Fault, FaultBoard, FaultPlan
 from .identity import SIMULATOR_CLIENT_ID, SIMULATOR_CLIENT_SECRET, SIMULATOR_TENANT_ID
+from .latency import LatencyModel
 from .lazy import DerivedKeyMap, LazyKeyIndex, LazyRows, LazyRowSource
 from .odata import (
     CATEGORY_BY_TYPE,
@@ -616,6 +618,9 @@ class SimRequest:
     status: int
     fault: str | None = None
     retry_after: float | None = None  # the Retry-After of a 429
+    rows: int | None = None  # rows a data request served (None: not a data answer)
+    execution_seconds: float | None = None  # what the limits counted (admitted requests)
+    latency_seconds: float = 0.0  # the latency model's delay for this request
 
 
 # The request log keeps the most recent requests only, so a long-running simulator stays small.
@@ -732,6 +737,7 @@ class DataverseSimulator:
         strict_clock: bool = False,
         paging: str = "cookie",
         delta_token_moment: str = "first_page",
+        latency: LatencyModel | None = None,
     ) -> None:
         """An org with these entity sets.
 
@@ -747,6 +753,9 @@ class DataverseSimulator:
         `delta_token_moment="last_page"` issues a read's delta token for the moment its last
         page is served, so a row changed after an earlier page served it is in no delta; the
         default `"first_page"` pins the read's first moment.
+
+        `latency` (simulator/latency.py) makes each data request take time, awaited without
+        blocking the server; None (the default) answers at once.
         """
         if paging not in ("cookie", "page_number"):
             raise ValueError("paging is 'cookie' or 'page_number'")
@@ -773,6 +782,12 @@ class DataverseSimulator:
         self._read_denied: dict[str, set[str] | None] = {}  # entity set -> clients (None: all)
         self.in_flight = 0  # Web API requests being served right now (all apps of this org)
         self._protection = ServiceProtection(ServiceProtectionLimits())
+        self._latency: LatencyModel | None = None
+        self._latency_rng = random.Random(0)
+        # How the gateway waits out a latency delay; tests put a fake here (no timed tests).
+        self.latency_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        if latency is not None:
+            self.latency = latency
         self._fault_board = FaultBoard()
         self._fault_rng = random.Random(seed * 104_729 + 3)
         self._delta_min_version = 0
@@ -954,6 +969,24 @@ class DataverseSimulator:
     def limits(self, limits: ServiceProtectionLimits) -> None:
         with self.lock:
             self._protection = ServiceProtection(limits)
+
+    @property
+    def latency(self) -> LatencyModel | None:
+        """How long data requests take (default None: at once). See simulator/latency.py."""
+        return self._latency
+
+    @latency.setter
+    def latency(self, latency: LatencyModel | None) -> None:
+        with self.lock:
+            self._latency = latency
+            self._latency_rng = latency.rng() if latency is not None else random.Random(0)
+
+    def latency_delay(self, rows: int) -> float:
+        """The latency model's delay for a data request that served `rows` rows (0 if off)."""
+        with self.lock:
+            if self._latency is None:
+                return 0.0
+            return self._latency.delay(rows, self._latency_rng)
 
     @property
     def protection(self) -> ServiceProtection:
