@@ -36,16 +36,21 @@ def expected_records(simulator, entity: str) -> dict[str, dict]:
     return records
 
 
-def without_annotations(json_response: str) -> dict:
-    """A stored record minus its annotations (formatted values, lookup target names): they
-    say what the org showed when the record was read (a lookup's name follows the target's
-    renames, a label follows the option set), not the record's content."""
-    record = orjson.loads(json_response)
+def record_content(record: dict) -> dict:
+    """A record minus its annotations (formatted values, lookup target names): they say what
+    the org showed when the record was read (a lookup's name follows the target's renames, a
+    label follows the option set), not the record's content. The etag stays."""
     return {k: v for k, v in record.items() if "@" not in k or k == "@odata.etag"}
 
 
-def _content(json_response: str) -> bytes:
-    return orjson.dumps(without_annotations(json_response), option=orjson.OPT_SORT_KEYS)
+def without_annotations(json_response: str) -> dict:
+    """A stored record (its json_response) minus its annotations (see record_content)."""
+    return record_content(orjson.loads(json_response))
+
+
+def normalized(record: dict) -> bytes:
+    """A record's content in one comparable, sortable form."""
+    return orjson.dumps(record_content(record), option=orjson.OPT_SORT_KEYS)
 
 
 def canonical_rows(connection, entity: str) -> dict[str, dict]:
@@ -67,7 +72,7 @@ def assert_mirror_equals_simulator(mirror, entity: str) -> None:
             # Read with odata.include-annotations: kept verbatim in json_response.
             assert any(k.endswith("@Microsoft.Dynamics.CRM.lookuplogicalname")
                        for k in annotations), f"{entity} {key}: no lookup annotations"
-        assert {k: v for k, v in stored_record.items() if k not in annotations} == record, (
+        assert record_content(stored_record) == record, (
             f"{entity} {key}")
         for column, value in record.items():
             if "@" in column:
@@ -87,13 +92,14 @@ def mirror_contents(mirror, entities) -> dict:
         for entity in entities:
             pk = PRIMARY_KEYS[entity]
             contents[entity] = sorted(
-                (key, _content(body)) for key, body in connection.execute(
+                (key, normalized(orjson.loads(body))) for key, body in connection.execute(
                     f"SELECT {quote_identifier(pk)}, json_response"
                     f" FROM {quote_identifier(entity)}"))
+            history = connection.execute(
+                f"SELECT {quote_identifier(pk)}, json_response, change_kind"
+                f" FROM {quote_identifier(entity + '__history')}")
             contents[entity + "__history"] = sorted(
-                (key, _content(body), kind) for key, body, kind in connection.execute(
-                    f"SELECT {quote_identifier(pk)}, json_response, change_kind"
-                    f" FROM {quote_identifier(entity + '__history')}"))
+                (key, normalized(orjson.loads(body)), kind) for key, body, kind in history)
         contents["_defunct"] = sorted(connection.execute(
             "SELECT entity, id, reason FROM _defunct").fetchall())
         contents["_sync_state"] = sorted(connection.execute(

@@ -227,16 +227,11 @@ async def _client_session(
         yield ClientSession(client)
 
 
-class LiveDataverseSource(DataverseSource):
-    """A real Dataverse org over HTTPS with OAuth client credentials."""
+class HttpClientSource(DataverseSource):
+    """A source read through the project's HTTP client (live Dataverse, the simulator): the
+    client's limits, declared once."""
 
-    url: str = Field(description="Org URL, e.g. https://contoso.crm.dynamics.com")
-    client_id: str
-    client_secret: str = Field(description="Set through EnvVar so the UI never shows it.")
-    tenant_id: str | None = Field(None, description="Discovered from the org when not set.")
-    authority: str = "https://login.microsoftonline.com"
     max_concurrency: int = Field(8, ge=1, le=52)
-    timeout_seconds: float = 120.0
     max_response_mb: float = Field(
         DEFAULT_MAX_RESPONSE_BYTES / 2**20, gt=0,
         description="A response body larger than this (MB) is refused with a clear error "
@@ -247,6 +242,17 @@ class LiveDataverseSource(DataverseSource):
         description="One response (headers and whole body) taking longer than this is a "
         "timeout, retried like one (DATAVERSE_RESPONSE_DEADLINE_SECONDS).",
     )
+
+
+class LiveDataverseSource(HttpClientSource):
+    """A real Dataverse org over HTTPS with OAuth client credentials."""
+
+    url: str = Field(description="Org URL, e.g. https://contoso.crm.dynamics.com")
+    client_id: str
+    client_secret: str = Field(description="Set through EnvVar so the UI never shows it.")
+    tenant_id: str | None = Field(None, description="Discovered from the org when not set.")
+    authority: str = "https://login.microsoftonline.com"
+    timeout_seconds: float = 120.0
     token_refresh_after_seconds: float = Field(
         DEFAULT_REFRESH_AFTER_SECONDS, gt=0,
         description="Refresh the access token this long after getting it (tokens live about "

@@ -7,13 +7,9 @@ from contextlib import AbstractAsyncContextManager
 import httpx
 from pydantic import Field
 
-from dataverse_assets.source.base import DataverseSource, SourceSession
-from dataverse_assets.source.client import (
-    DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_RESPONSE_DEADLINE_SECONDS,
-    RetryPolicy,
-)
-from dataverse_assets.source.live import _client_session
+from dataverse_assets.source.base import SourceSession
+from dataverse_assets.source.client import RetryPolicy
+from dataverse_assets.source.live import HttpClientSource, _client_session
 
 _EMBEDDED_LOCK = threading.Lock()
 _EMBEDDED: dict[tuple[int, tuple[str, ...]], object] = {}
@@ -31,7 +27,7 @@ def embedded_simulator(seed: int, entity_names: Sequence[str]):
         return _EMBEDDED[key]
 
 
-class SimulatorSource(DataverseSource):
+class SimulatorSource(HttpClientSource):
     """The built-in Dataverse simulator behind the same HTTP client as live Dataverse.
 
     Without `base_url` it runs in-process (httpx's ASGI transport, no sockets); with one it
@@ -41,18 +37,7 @@ class SimulatorSource(DataverseSource):
     entity_names: list[str]
     seed: int = 42
     base_url: str | None = None
-    max_concurrency: int = Field(8, ge=1, le=52)
     timeout_seconds: float = 60.0
-    max_response_mb: float = Field(
-        DEFAULT_MAX_RESPONSE_BYTES / 2**20, gt=0,
-        description="A response body larger than this (MB) is refused with a clear error "
-        "instead of being held in memory (DATAVERSE_MAX_RESPONSE_MB).",
-    )
-    response_deadline_seconds: float = Field(
-        DEFAULT_RESPONSE_DEADLINE_SECONDS, gt=0,
-        description="One response (headers and whole body) taking longer than this is a "
-        "timeout, retried like one (DATAVERSE_RESPONSE_DEADLINE_SECONDS).",
-    )
     retry_backoff_seconds: list[float] | None = Field(
         None, description="Waits between retries (default: the client's 1, 2, 4, 8, 16 s); "
         "chaos tests shorten them.")

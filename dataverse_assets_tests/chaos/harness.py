@@ -24,6 +24,7 @@ from dataverse_assets_tests.truth import (
     canonical_rows,
     expected_records,
     mirror_contents,
+    normalized,
 )
 
 ALL_ENTITIES = list(PRIMARY_KEYS)
@@ -158,12 +159,6 @@ class VersionLog:
         if record is not None:
             key = record[PRIMARY_KEYS[entity]]
             self.versions.setdefault(entity, {}).setdefault(key, []).append(normalized(record))
-
-
-def normalized(record: dict) -> bytes:
-    """A record without annotations (kept verbatim when read with them), for comparison."""
-    return orjson.dumps({k: v for k, v in record.items() if "@" not in k or k == "@odata.etag"},
-                        option=orjson.OPT_SORT_KEYS)
 
 
 # -- invariants --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataverse_assets.store.db import connect, quote_identifier, table_columns
 from dataverse_assets.store.schema import infer_schema_from_records, schema_from_metadata
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
 from dataverse_assets_tests.helpers import duplicate_a_team_key
-from dataverse_assets_tests.truth import PRIMARY_KEYS, canonical_rows
+from dataverse_assets_tests.truth import PRIMARY_KEYS, canonical_rows, without_annotations
 
 TRIALS = "vin_clinicaltrials"
 
@@ -37,12 +37,6 @@ def meta(evaluation, name: str):
 
 def columns_of(entries: list[dict], *keys: str) -> list[tuple]:
     return sorted(tuple(entry[k] for k in keys) for entry in entries)
-
-
-def without_annotations(row: dict) -> dict:
-    """The stored record minus annotations (some entities are read with them)."""
-    record = orjson.loads(row["json_response"])
-    return {k: v for k, v in record.items() if "@" not in k or k == "@odata.etag"}
 
 
 def run_ok(mirror: Mirror, group: str):
@@ -156,7 +150,7 @@ def test_added_removed_and_retyped_columns_are_reported_exactly_and_data_lands(
         rows = canonical_rows(connection, TRIALS)
         assert "vin_site_count" not in table_columns(connection, TRIALS)
     for key in trials[:2]:
-        assert without_annotations(rows[key]) == simulator.record(TRIALS, key)
+        assert without_annotations(rows[key]["json_response"]) == simulator.record(TRIALS, key)
         assert rows[key]["vin_startdate"] is None
         # The column keeps its locked INTEGER affinity; json_response has the text as sent.
         phase = simulator.record(TRIALS, key)["vin_phase"]
@@ -240,7 +234,7 @@ def test_hostile_column_names_from_metadata_are_added_or_reported(make_mirror):
             # (which, not refetched, has no such field yet).
             assert rows[team][name] == (want if team == teams[0] else None), (team, name)
         new_fields = set() if team == teams[0] else {*hostile, "Name"}
-        assert without_annotations(rows[team]) == {
+        assert without_annotations(rows[team]["json_response"]) == {
             k: v for k, v in record.items() if k not in new_fields}
     assert orjson.loads(rows[teams[0]]["json_response"])["Name"] == "case twin"
 
