@@ -159,19 +159,25 @@ def plan_fetch(
                               mirrored_ids=mirrored_ids, defunct_ids=defunct_ids)
     request.select = resolve_select(entity, definition, request.primary_key)
     request.row_filter = entity.filter
-    for step in request.steps:
-        if step.kind != "keys":
-            step.query = replace(step.query, include_annotations=True,
-                                 select=tuple(request.select or ()))
-        if entity.filter is not None and step.start_url is None:
-            step.query = replace(step.query, filter=within_filter(entity.filter,
-                                                                  step.query.filter))
+    _scope_steps(request)
     if entity.parallel_ranges > 1:
         for step in request.steps:
             if _splittable(request, step):
                 step.ranges = entity.parallel_ranges
     request.max_pages = entity.max_pages
     return request
+
+
+def _scope_steps(request: FetchRequest) -> None:
+    """Every read of the entity's records asks for its selected columns with annotations, and
+    every query it starts (not a link it follows) stays inside its row filter."""
+    for step in request.steps:
+        if step.kind != "keys":
+            step.query = replace(step.query, include_annotations=True,
+                                 select=tuple(request.select or ()))
+        if request.row_filter is not None and step.start_url is None:
+            step.query = replace(step.query, filter=within_filter(request.row_filter,
+                                                                  step.query.filter))
 
 
 # A record asked for by id that exists but is outside the entity's `filter`: it leaves the
@@ -365,16 +371,16 @@ def without_annotations_for_delta_link(request: FetchRequest) -> FetchStep | Non
 
 
 def resync_request(request: FetchRequest, page_size: int) -> FetchRequest:
-    """The delta token expired: read the table again in full (deletes found by diff), with
-    the same columns and annotations as every other read of the entity."""
-    tracking = PageQuery(page_size=page_size, track_changes=True, include_annotations=True,
-                         select=tuple(request.select or ()))
+    """The delta token expired: read the table again in full (deletes found by diff), scoped
+    like every other read of the entity."""
+    tracking = PageQuery(page_size=page_size, track_changes=True)
     resync = FetchRequest(request.entity, request.change_set, Mode.CHANGE_TRACKING_RESYNC,
                           request.primary_key, request.watermark_before,
                           request.delta_link_before, [FetchStep("snapshot", tracking)],
                           reason="delta token expired (0x80044352): full resync",
                           max_pages=request.max_pages)
     resync.select, resync.row_filter = request.select, request.row_filter
+    _scope_steps(resync)
     return resync
 
 
