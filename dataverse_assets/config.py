@@ -622,8 +622,13 @@ class Settings(BaseModel):
     simulator_seed: int = ranged(42, 0, 2**32 - 1, "Seed of the simulator's generated org.")
     # Dataverse serves at most 52 concurrent requests per user.
     max_concurrency: int = ranged(
-        8, 1, 52, "Requests in flight at once per run (Dataverse allows 52 per application "
-        "user).")
+        8, 1, 52, "Requests in flight at once per application user, shared by every step, run "
+        "and process on this machine that uses the same org and client id (Dataverse allows "
+        "52 per application user; a lower x-ms-dop-hint from the org lowers it).")
+    budget_dir: Path | None = Field(
+        None, description="Where the shared request budget of each application user lives "
+        "(requests in flight, Retry-After pauses): one folder per org and client id. Unset: "
+        "the machine's temporary folder, so every project on this machine shares it.")
     # Below ~10 KB not even a metadata response fits; 16 GB is past any memory meant for one
     # response.
     max_response_mb: float = ranged(
@@ -694,6 +699,7 @@ _ENV_FIELDS = {
     "DATAVERSE_ENTITIES_CONFIG": "entities_config_path",
     "DATAVERSE_SIMULATOR_SEED": "simulator_seed",
     "DATAVERSE_MAX_CONCURRENCY": "max_concurrency",
+    "DATAVERSE_BUDGET_DIR": "budget_dir",
     "DATAVERSE_MAX_RESPONSE_MB": "max_response_mb",
     "DATAVERSE_RESPONSE_DEADLINE_SECONDS": "response_deadline_seconds",
     "DATAVERSE_LOCK_WAIT_SECONDS": "lock_wait_seconds",

@@ -48,6 +48,7 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
             max_concurrency=settings.max_concurrency,
             max_response_mb=settings.max_response_mb,
             response_deadline_seconds=settings.response_deadline_seconds,
+            budget_dir=_budget_dir(settings),
         )
     if settings.source == "fixture":
         return FixtureSource(directory=str(settings.fixtures_dir))
@@ -60,7 +61,12 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
         base_url=settings.url, max_concurrency=settings.max_concurrency,
         max_response_mb=settings.max_response_mb,
         response_deadline_seconds=settings.response_deadline_seconds,
+        budget_dir=_budget_dir(settings),
     )
+
+
+def _budget_dir(settings: Settings) -> str | None:
+    return str(settings.budget_dir) if settings.budget_dir else None
 
 
 def build_definitions(settings: Settings, source: DataverseSource | None = None,

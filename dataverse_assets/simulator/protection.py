@@ -38,6 +38,9 @@ class ServiceProtectionLimits:
     push_penalty_seconds: float = 1.0
     # The concurrency limit refuses at once and does not hold the user back afterwards.
     concurrency_retry_after: float = 1.0
+    # The degree of parallelism the server recommends (`x-ms-dop-hint` on every answered
+    # request); None: the header is not sent.
+    dop_hint: int | None = None
 
     @classmethod
     def dataverse(cls) -> ServiceProtectionLimits:
@@ -157,6 +160,8 @@ class ServiceProtection:
             return []
         self._prune(window, self._clock())
         headers = []
+        if limits.dop_hint is not None:
+            headers.append((b"x-ms-dop-hint", str(limits.dop_hint).encode()))
         if limits.max_requests is not None:
             left = max(0, limits.max_requests - len(window.started))
             headers.append((b"x-ms-ratelimit-burst-remaining-xrm-requests", str(left).encode()))

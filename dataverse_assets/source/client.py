@@ -9,6 +9,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
@@ -31,6 +32,7 @@ from dataverse_assets.errors import (
 from dataverse_assets.names import is_guid
 from dataverse_assets.redaction import redact
 from dataverse_assets.source.auth import API_PATH, ClientCredentials
+from dataverse_assets.source.budget import RequestBudget
 from dataverse_assets.source.key_ranges import KeyRange, key_ranges, range_query
 from dataverse_assets.source.network import connection_problem
 from dataverse_assets.source.query import ANNOTATIONS, PageQuery
@@ -203,8 +205,12 @@ class DataverseClient:
         rng: random.Random | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         response_deadline_seconds: float = DEFAULT_RESPONSE_DEADLINE_SECONDS,
+        budget: RequestBudget | None = None,
     ) -> None:
         self._http = http
+        # Shared with every other client of the same application user (threads, processes,
+        # runs): the total in flight and every Retry-After. None: this client's own limit.
+        self.budget = budget
         self.max_response_bytes = max_response_bytes
         self.response_deadline_seconds = response_deadline_seconds
         self._credentials = credentials
@@ -264,7 +270,10 @@ class DataverseClient:
         retry_number = state.attempt_number - 1
         if isinstance(exc, _Throttled):
             # The gate makes every worker wait; this attempt waits there too.
-            self.gate.pause(min(exc.retry_after, self.retry_policy.max_retry_after))
+            seconds = min(exc.retry_after, self.retry_policy.max_retry_after)
+            self.gate.pause(seconds)
+            if self.budget is not None:
+                self.budget.pause(seconds)  # every client of this application user waits
             return 0.0
         if isinstance(exc, _Transient) and exc.kind == "connection" and retry_number == 0:
             return 0.0  # a dropped connection is usually fixed by simply reconnecting
@@ -276,9 +285,9 @@ class DataverseClient:
         self.stats.throttle_wait += waited
         token = await self._credentials.token()
         refreshed = False
-        async with self._semaphore:
+        async with self._semaphore, self._budget_slot() as budget_wait:
             # A Retry-After may have arrived while this worker waited for a slot.
-            late_wait = await self.gate.wait(self._sleep)
+            late_wait = await self.gate.wait(self._sleep) + budget_wait
             waited += late_wait
             self.stats.throttle_wait += late_wait
             self._in_flight += 1
@@ -323,6 +332,7 @@ class DataverseClient:
                     self.stats.bytes += len(response.content)
                     self._record(url, response.status_code, attempt, started,
                                  len(response.content), waited, None)
+                    self._observe_dop_hint(response)
                     if response.status_code == 401 and not refreshed:
                         # Expired or revoked token: refresh once, then resend right away.
                         token = await self._credentials.refresh_after_unauthorized(token)
@@ -332,6 +342,18 @@ class DataverseClient:
             finally:
                 self._in_flight -= 1
         return self._classify(url, response, entity)
+
+    def _budget_slot(self) -> AbstractAsyncContextManager[float]:
+        if self.budget is None:
+            return nullcontext(0.0)
+        return self.budget.slot(self._sleep)
+
+    def _observe_dop_hint(self, response: httpx.Response) -> None:
+        """Dataverse recommends a degree of parallelism for the org (x-ms-dop-hint): the
+        budget sends no more than that at once."""
+        value = response.headers.get("x-ms-dop-hint", "").strip()
+        if self.budget is not None and value.isdigit() and int(value) > 0:
+            self.budget.observe_dop_hint(int(value))
 
     async def _read_capped(self, url: str, headers: dict[str, str]) -> httpx.Response:
         """GET and read the body, refusing one larger than `max_response_bytes` (checked as it

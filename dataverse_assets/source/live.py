@@ -20,6 +20,7 @@ from dataverse_assets.source.auth import (
     ClientCredentials,
 )
 from dataverse_assets.source.base import DataverseSource, SourceSession
+from dataverse_assets.source.budget import budget_key, file_budget, local_budget
 from dataverse_assets.source.client import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_RESPONSE_DEADLINE_SECONDS,
@@ -206,6 +207,7 @@ async def _client_session(
     refresh_after_seconds: float = DEFAULT_REFRESH_AFTER_SECONDS,
     max_response_mb: float = DEFAULT_MAX_RESPONSE_BYTES / 2**20,
     response_deadline_seconds: float = DEFAULT_RESPONSE_DEADLINE_SECONDS,
+    budget_dir: str | None = None, local_budget_scope: str | None = None,
 ) -> AsyncIterator[SourceSession]:
     limits = httpx.Limits(max_connections=max_concurrency + 2,
                           max_keepalive_connections=max_concurrency + 2)
@@ -220,18 +222,34 @@ async def _client_session(
             # is a different org each time and costs nothing to ask.
             shared=SHARED_TOKENS if transport is None else None,
         )
+        # One budget per application user: every session, thread, process and run with these
+        # credentials shares its requests in flight and its Retry-After pauses. An in-process
+        # simulator is an org of this process alone.
+        key = budget_key(org_url, client_id)
+        budget = (local_budget(f"{key}:{local_budget_scope}", max_concurrency)
+                  if local_budget_scope is not None
+                  else file_budget(budget_dir, key, max_concurrency))
         client = DataverseClient(http, credentials, org_url=org_url,
                                  max_concurrency=max_concurrency, retry_policy=retry_policy,
                                  max_response_bytes=int(max_response_mb * 2**20),
-                                 response_deadline_seconds=response_deadline_seconds)
-        yield ClientSession(client)
+                                 response_deadline_seconds=response_deadline_seconds,
+                                 budget=budget)
+        try:
+            yield ClientSession(client)
+        finally:
+            budget.close()
 
 
 class HttpClientSource(DataverseSource):
     """A source read through the project's HTTP client (live Dataverse, the simulator): the
     client's limits, declared once."""
 
-    max_concurrency: int = Field(8, ge=1, le=52)
+    max_concurrency: int = Field(
+        8, ge=1, le=52, description="Requests in flight at once for this application user, "
+        "across every session, run and process of this machine (DATAVERSE_MAX_CONCURRENCY).")
+    budget_dir: str | None = Field(
+        None, description="Where the application user's shared request budget lives "
+        "(DATAVERSE_BUDGET_DIR); unset: the machine's temporary folder.")
     max_response_mb: float = Field(
         DEFAULT_MAX_RESPONSE_BYTES / 2**20, gt=0,
         description="A response body larger than this (MB) is refused with a clear error "
@@ -267,6 +285,7 @@ class LiveDataverseSource(HttpClientSource):
             refresh_after_seconds=self.token_refresh_after_seconds,
             max_response_mb=self.max_response_mb,
             response_deadline_seconds=self.response_deadline_seconds,
+            budget_dir=self.budget_dir,
         )
 
 

@@ -50,18 +50,21 @@ class SimulatorSource(HttpClientSource):
 
         transport = None
         org_url = self.base_url
+        scope = None  # served on loopback: shared like a real org's budget
         if org_url is None:
             from dataverse_assets.simulator import create_app
 
             simulator = embedded_simulator(self.seed, self.entity_names)
             transport = httpx.ASGITransport(app=create_app(simulator))
             org_url = "http://simulator.invalid"
+            scope = str(id(simulator))  # this process's own org: an in-process budget
         return _client_session(
             org_url=org_url, client_id=SIMULATOR_CLIENT_ID, client_secret=SIMULATOR_CLIENT_SECRET,
             authority=org_url, tenant_id=None, max_concurrency=self.max_concurrency,
             timeout_seconds=self.timeout_seconds, transport=transport,
             max_response_mb=self.max_response_mb,
             response_deadline_seconds=self.response_deadline_seconds,
+            budget_dir=self.budget_dir, local_budget_scope=scope,
             retry_policy=RetryPolicy(backoff_seconds=tuple(self.retry_backoff_seconds))
             if self.retry_backoff_seconds else None,
         )
