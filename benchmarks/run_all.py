@@ -157,6 +157,8 @@ def worker_sync(args: dict) -> dict:
         url=args["url"], db_path=Path(args["db"]), archive_dir=Path(args["archive"]),
         entities_config_path=Path(args["config"]), source="simulator",
         max_concurrency=args["concurrency"],
+        parallel_entities=args.get("parallel_entities", 4),
+        budget_dir=Path(args["budget_dir"]) if args.get("budget_dir") else None,
     )
     defs = build_definitions(settings)
     job = defs.resolve_job_def(sync_job_name(args["group"]))

@@ -23,6 +23,7 @@ from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.defs.asset_keys import canonical_key, raw_key, staging_key
 from dataverse_assets.defs.checks import canonical_check_specs, evaluate_canonical_checks
 from dataverse_assets.defs.io_managers import PublishRequest, RawChangeSet
+from dataverse_assets.defs.parallel_fetch import fetch_in_parallel
 from dataverse_assets.defs.partitions import PARTITION_NOTE, change_sets_partitions
 from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.names import check_change_set_key
@@ -52,10 +53,11 @@ class RawConfig(Config):
     )
 
 
-def build_entity_assets(entity: EntityConfig, config: EntitiesConfig) -> list[AssetsDefinition]:
+def build_entity_assets(entity: EntityConfig, config: EntitiesConfig,
+                        parallel_entities: int = 1) -> list[AssetsDefinition]:
     """The three assets of one entity."""
     partitions_def = change_sets_partitions(entity.group)
-    return [build_raw_asset(entity, config, partitions_def),
+    return [build_raw_asset(entity, config, partitions_def, parallel_entities),
             build_staging_asset(entity, partitions_def),
             build_canonical_asset(entity, partitions_def)]
 
@@ -72,9 +74,13 @@ def _described(entity: EntityConfig) -> str:
 
 
 def build_raw_asset(entity: EntityConfig, config: EntitiesConfig,
-                    partitions_def: PartitionsDefinition) -> AssetsDefinition:
-    """raw/E: one change set fetched from the source, every response archived verbatim."""
+                    partitions_def: PartitionsDefinition,
+                    parallel_entities: int = 1) -> AssetsDefinition:
+    """raw/E: one change set fetched from the source, every response archived verbatim.
+    `parallel_entities` > 1: fetched at the same time as the run's other entities, that many
+    at once (defs.parallel_fetch)."""
     name = entity.name
+    entities = config
     # Ordering only: the ids are read from the store, from the linking table's staging when it
     # was staged in this change set and from its canonical table otherwise, so raw/E can also
     # run on its own (a targeted refresh, a sensor run of just the changed entities).
@@ -91,21 +97,31 @@ def build_raw_asset(entity: EntityConfig, config: EntitiesConfig,
             store: MirrorStore) -> Output[RawChangeSet]:
         # Checked before anything else: the key becomes the archive folder's name.
         change_set = check_change_set_key(context.partition_key)
-        # Pages, rows, rows/s and ETA to the run's log every few seconds (not every page).
-        progress = fetch_reporter(name, change_set, context.log.info)
-        # The archive directory and the sync state are the entity's: one run at a time.
-        with store.entity_lock(name, owner=context.run.run_id, purpose="fetch",
-                               warn=context.log.warning):
-            summary, reused = steps.fetch(store, source, entity, change_set,
-                                          targeted_ids=config.ids,
-                                          lookup_column=config.lookup_column,
-                                          reconcile=config.reconcile,
-                                          on_progress=progress)
+        if parallel_entities > 1 and not (config.ids or config.lookup_column
+                                          or config.reconcile):
+            # Started with the run's other entities (defs.parallel_fetch); its log lines
+            # come here, under this step.
+            fetched = fetch_in_parallel(context, entity, entities, store=store, source=source,
+                                        change_set=change_set, workers=parallel_entities)
+            for level, message in fetched.log:
+                (context.log.warning if level == "warning" else context.log.info)(message)
+            summary, reused = fetched.summary, fetched.reused
+        else:
+            # Pages, rows, rows/s and ETA to the run's log every few seconds (not every page).
+            progress = fetch_reporter(name, change_set, context.log.info)
+            # The archive directory and the sync state are the entity's: one run at a time.
+            with store.entity_lock(name, owner=context.run.run_id, purpose="fetch",
+                                   warn=context.log.warning):
+                summary, reused = steps.fetch(store, source, entity, change_set,
+                                              targeted_ids=config.ids,
+                                              lookup_column=config.lookup_column,
+                                              reconcile=config.reconcile,
+                                              on_progress=progress)
+            if not reused:
+                progress.finish(summary.pages, summary.records)
         if reused:
             # An archived change set is immutable: replaying it must stage the same rows.
             context.log.info(f"{name} {change_set}: already archived, not fetched again")
-        else:
-            progress.finish(summary.pages, summary.records)
         path = store.archive(name, change_set).path
         return Output(RawChangeSet(name, change_set, str(path)),
                       metadata=_fetch_metadata(summary, path, reused=reused))
@@ -188,8 +204,9 @@ def _fetch_metadata(summary: FetchSummary, path, *, reused: bool) -> dict:
     }
 
 
-def build_all_assets(config: EntitiesConfig) -> list[AssetsDefinition]:
+def build_all_assets(config: EntitiesConfig,
+                     parallel_entities: int = 1) -> list[AssetsDefinition]:
     assets: list[AssetsDefinition] = []
     for entity in config.entities:
-        assets.extend(build_entity_assets(entity, config))
+        assets.extend(build_entity_assets(entity, config, parallel_entities))
     return assets

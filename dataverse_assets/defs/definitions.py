@@ -95,7 +95,10 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
     ))
     jobs.append(build_maintenance_job(config))
     return Definitions(
-        assets=build_all_assets(config),
+        # In one process, the run's entities fetch in threads; with a process per step,
+        # Dagster's executor runs them in parallel itself.
+        assets=build_all_assets(config, settings.parallel_entities
+                                if settings.executor == "in_process" else 1),
         asset_checks=freshness_checks,
         jobs=jobs,
         schedules=build_schedules(config),

@@ -181,13 +181,19 @@ def _warn_stale(rows: list[dict], change_set: str) -> None:
                   file=sys.stderr)
 
 
+def _in_process(settings):
+    """The CLI runs a job in its own process (execute_in_process), whatever DATAVERSE_EXECUTOR
+    says for Dagster's runs: its entities then fetch in parallel threads."""
+    return settings.model_copy(update={"executor": "in_process"})
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     settings = load_settings()
     config = settings.entities
     groups = ([_configured_group(config, g) for g in args.group] if args.group
               else [g for g in config.groups if config.entities_in_group(g)])
     instance = _instance()
-    defs = build_definitions(settings)
+    defs = build_definitions(_in_process(settings))
     print(f"source: {settings.source}; database: {settings.db_path}")
     failed = False
     for group in groups:
@@ -281,7 +287,7 @@ def _run_entities(settings, instance, group: str, key: str, entities: list[str],
 
 
     add_change_sets(instance, group, [key])
-    defs = build_definitions(settings)
+    defs = build_definitions(_in_process(settings))
     job = defs.resolve_job_def(sync_job_name(group))
     selection = [AssetKey([layer, e]) for e in entities
                  for layer in ("raw", "staging", "canonical")]

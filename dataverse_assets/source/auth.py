@@ -12,7 +12,8 @@ import hashlib
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -68,6 +69,7 @@ class SharedTokens:
         self._lock = threading.Lock()
         self._tokens: dict[tuple[str, ...], _Token] = {}
         self._tenants: dict[str, str] = {}
+        self._asking: dict[tuple[str, ...], threading.Lock] = {}
 
     def token(self, key: tuple[str, ...], now: float) -> _Token | None:
         with self._lock:
@@ -90,6 +92,20 @@ class SharedTokens:
         with self._lock:
             self._tokens.clear()
             self._tenants.clear()
+
+    @asynccontextmanager
+    async def asking(self, key: tuple[str, ...]) -> AsyncIterator[None]:
+        """Held by the one session asking for a token for `key`: sessions of other threads
+        (the entities of a run fetched at once) wait here for it instead of asking too.
+        Polled, not blocking: a session of the same event loop may be the one asking."""
+        with self._lock:
+            lock = self._asking.setdefault(key, threading.Lock())
+        while not lock.acquire(blocking=False):
+            await asyncio.sleep(0.005)
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 # The process's shared tokens: used by the sources' sessions, not by `doctor`, whose point is
@@ -170,7 +186,12 @@ class ClientCredentials:
             if current is not None:
                 self._token = current
                 return current.value
-            self._token = await self._new_token()
+            if self._shared is None:
+                self._token = await self._new_token()
+                return self._token.value
+            async with self._shared.asking(self._shared_key):
+                # Another thread's session may have got one while this one waited.
+                self._token = self._shared_token() or await self._new_token()
             return self._token.value
 
     async def refresh_after_unauthorized(self, rejected: str) -> str:

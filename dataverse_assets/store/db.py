@@ -188,12 +188,19 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
         connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None,
                                      factory=MirrorConnection)
         try:
-            _prepare(connection)
+            # One connection of this process prepares a file at a time: on a new file (still
+            # in rollback-journal mode until WAL is set) two threads creating the bookkeeping
+            # tables at once can deadlock, and SQLite then answers "locked" without waiting.
+            with _PREPARING:
+                _prepare(connection)
         except BaseException:
             connection.close()
             raise
     connection.path = str(path.resolve())
     return connection
+
+
+_PREPARING = threading.Lock()
 
 
 def _prepare(connection: sqlite3.Connection) -> None:

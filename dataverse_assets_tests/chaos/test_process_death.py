@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from dataverse_assets.simulator import serve_on_loopback
+from dataverse_assets.simulator import DataverseSimulator, LatencyModel, serve_on_loopback
+from dataverse_assets.store.db import connect
 from dataverse_assets_tests.chaos.conftest import SOAK, seeds
 from dataverse_assets_tests.chaos.harness import (
     ALL_ENTITIES,
@@ -24,7 +26,12 @@ from dataverse_assets_tests.chaos.harness import (
     new_simulator,
     rows_lost,
 )
-from dataverse_assets_tests.truth import mirror_contents
+from dataverse_assets_tests.conftest import (
+    ENTITY_NAMES,
+    SMALL_ROW_COUNTS,
+    write_entities_config,
+)
+from dataverse_assets_tests.truth import assert_mirror_equals_simulator, mirror_contents
 
 REPO = Path(__file__).resolve().parents[2]
 # Where the issue asks for a kill: in the fetch, between staging and publish, inside the
@@ -132,3 +139,67 @@ def test_a_sync_killed_at_any_point_is_completed_by_the_next_run(tmp_path, seed,
                              report=chaos_report)
     failed = [line for line in lines if not line["passed"]]
     assert not failed, failed
+
+
+PARALLEL_HOURLY = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_accountset",
+                   "vin_vin_clinicaltrial_contactset", "vin_vin_candidate_clinicaltrialset",
+                   "accounts", "contacts"]
+
+
+def entities_in_flight_at_once(simulator, before: float) -> tuple[int, int]:
+    """(most entities, most key ranges of vin_clinicaltrials) with a request in flight at the
+    same moment, among the requests that arrived before `before`."""
+    events = []
+    for request in simulator.stats.request_log:
+        if request.entity in PARALLEL_HOURLY and request.arrived < before:
+            ranged = "vin_clinicaltrialid" in request.target and "filter" in request.target
+            events += [(request.arrived, 1, request.entity, ranged),
+                       (request.finished, -1, request.entity, ranged)]
+    open_by_entity: dict[str, int] = {}
+    ranges_open = most_entities = most_ranges = 0
+    for _, delta, entity, ranged in sorted(events, key=lambda e: (e[0], e[1])):
+        open_by_entity[entity] = open_by_entity.get(entity, 0) + delta
+        ranges_open += delta if ranged else 0
+        most_entities = max(most_entities, sum(1 for n in open_by_entity.values() if n > 0))
+        most_ranges = max(most_ranges, ranges_open)
+    return most_entities, most_ranges
+
+
+def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_completed(
+        tmp_path) -> None:
+    """`dataverse-assets sync` (Dagster in-process, the group's entities fetched at once, one
+    of them in four key ranges) SIGKILLed mid-fetch; the next sync leaves the mirror equal to
+    the source, with no duplicate and no lock left."""
+    simulator = DataverseSimulator(ENTITY_NAMES, seed=3,
+                                   row_counts={**SMALL_ROW_COUNTS, "vin_clinicaltrials": 200},
+                                   latency=LatencyModel(per_request_seconds=0.02))
+    config = write_entities_config(tmp_path / "entities.json", page_size=15,
+                          overrides={"vin_clinicaltrials": {"parallel_ranges": 4}})
+    (tmp_path / "home").mkdir()
+    with serve_on_loopback(simulator) as url:
+        env = {**os.environ, "PYTHONPATH": str(REPO),
+               "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+               "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+               "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_URL": url,
+               "DATAVERSE_SOURCE": "simulator", "DAGSTER_HOME": str(tmp_path / "home"),
+               "DATAVERSE_BUDGET_DIR": str(tmp_path / "budget"),
+               "DATAVERSE_PARALLEL_ENTITIES": "4"}
+        command = [str(Path(sys.executable).parent / "dataverse-assets"), "sync",
+                   "--group", "hourly"]
+        # The 25th page archived by any of the run's fetches.
+        killed = subprocess.run(command, env={**env, "DATAVERSE_FAULT_POINTS":
+                                              "fetch.after_page=kill@24"},
+                                capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        killed_at = max(r.finished for r in simulator.stats.request_log)
+        entities, ranges = entities_in_flight_at_once(simulator, killed_at + 1)
+        assert entities >= 3 and ranges >= 2, (entities, ranges)
+        recovered = subprocess.run(command, env=env, capture_output=True, text=True,
+                                   timeout=300)
+        assert recovered.returncode == 0, recovered.stderr[-2000:]
+    mirror = SimpleNamespace(simulator=simulator,
+                             connection=lambda: connect(tmp_path / "mirror.db"))
+    for entity in PARALLEL_HOURLY:
+        assert_mirror_equals_simulator(mirror, entity)
+    with connect(tmp_path / "mirror.db") as connection:
+        assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0

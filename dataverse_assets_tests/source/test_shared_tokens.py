@@ -2,6 +2,7 @@
 many entities asks the authority once, never with other credentials' token."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -49,6 +50,27 @@ def org():
 def test_sessions_of_one_process_ask_for_the_tenant_and_a_token_once(org) -> None:
     sim, base = org
     assert read_in_sessions(live(base), 3) == [5, 5, 5]
+    assert sim.stats.token_requests == 1
+    assert discoveries(sim) == 1
+
+
+def test_sessions_of_many_threads_starting_at_once_ask_once(org) -> None:
+    """A run's entities are fetched on threads whose sessions start at the same moment:
+    one of them asks, the others wait for its token."""
+    sim, base = org
+    start = threading.Barrier(8)
+    counts: list[list[int]] = []
+
+    def read() -> None:
+        start.wait()
+        counts.append(read_in_sessions(live(base), 1))
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counts == [[5]] * 8
     assert sim.stats.token_requests == 1
     assert discoveries(sim) == 1
 

@@ -57,3 +57,32 @@ def test_a_reader_opens_the_mirror_at_once_while_a_publish_holds_the_write_lock(
     finally:
         writer.rollback()
         writer.close()
+
+
+def test_threads_that_open_a_new_mirror_at_once_all_get_it(tmp_path) -> None:
+    """The entities of a run are fetched on threads that each open the mirror (and take their
+    entity's lock) at the same moment; on a new file that once deadlocked in SQLite ("database
+    is locked" at once, a few times in a hundred)."""
+    import threading
+
+    from dataverse_assets.store import locks
+
+    failures = []
+    for trial in range(100):
+        path = tmp_path / f"m{trial}.db"
+        start = threading.Barrier(12)
+
+        def take_a_lock(index: int, path=path, start=start) -> None:
+            start.wait()
+            try:
+                with locks.entity_lock(path, f"entity{index}", owner="run", purpose="fetch"):
+                    pass
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion
+                failures.append(str(exc))
+
+        threads = [threading.Thread(target=take_a_lock, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures[:3]

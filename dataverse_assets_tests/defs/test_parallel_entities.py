@@ -1,0 +1,111 @@
+"""A group's entities fetched at the same time within one Dagster run (defs.parallel_fetch),
+under the application user's one request budget, key ranges included: observed from the
+simulator's side (what was in flight when) and in the mirror (every entity exact)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from urllib.parse import unquote_plus
+
+import pytest
+from dagster import DagsterInstance
+
+from dataverse_assets.config import Settings
+from dataverse_assets.defs.definitions import build_definitions
+from dataverse_assets.defs.parallel_fetch import unclaimed_fetches
+from dataverse_assets.simulator import DataverseSimulator, LatencyModel, serve_on_loopback
+from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets_tests.conftest import (
+    ENTITY_NAMES,
+    SMALL_ROW_COUNTS,
+    Mirror,
+    failure_messages,
+    write_entities_config,
+)
+from dataverse_assets_tests.truth import assert_mirror_equals_simulator
+
+HOURLY_UNFILTERED = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_accountset",
+                     "vin_vin_clinicaltrial_contactset", "vin_vin_candidate_clinicaltrialset"]
+HOURLY = [*HOURLY_UNFILTERED, "accounts", "contacts"]
+RANGED = "vin_clinicaltrials"  # modifiedon: its first sync splits into key ranges
+LIMIT = 3
+RANGE_FILTER = re.compile(r"vin_clinicaltrialid (?:lt|ge) [0-9a-f-]{36}")
+
+
+@pytest.fixture
+def slow_org():
+    """An org that takes 30 ms per request, so fetches last long enough to overlap or not."""
+    sim = DataverseSimulator(ENTITY_NAMES, seed=11,
+                             row_counts={**SMALL_ROW_COUNTS, RANGED: 200},
+                             latency=LatencyModel(per_request_seconds=0.03))
+    with serve_on_loopback(sim) as url:
+        yield sim, url
+
+
+def mirror(tmp_path, sim, url, parallel_entities: int) -> Mirror:
+    config = write_entities_config(tmp_path / "entities.json", page_size=20,
+                                   overrides={RANGED: {"parallel_ranges": 4}})
+    settings = Settings(db_path=tmp_path / "mirror.db", archive_dir=tmp_path / "archive",
+                        entities_config_path=config, source="simulator",
+                        parallel_entities=parallel_entities)
+    source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url, max_concurrency=LIMIT,
+                             budget_dir=str(tmp_path / "budget"),
+                             retry_backoff_seconds=[0.01, 0.01, 0.01, 0.01, 0.01])
+    return Mirror(sim, settings, build_definitions(settings, source=source),
+                  DagsterInstance.ephemeral(), url)
+
+
+def in_flight_entities(sim) -> int:
+    """The most distinct entities that had a request in flight at the same moment."""
+    events = []
+    for request in sim.stats.request_log:
+        if request.entity in HOURLY_UNFILTERED and "EntityDefinitions" not in request.target:
+            events += [(request.arrived, 1, request.entity), (request.finished, -1,
+                                                               request.entity)]
+    open_by_entity: dict[str, int] = defaultdict(int)
+    most = 0
+    for _, delta, entity in sorted(events, key=lambda e: (e[0], e[1])):
+        open_by_entity[entity] += delta
+        most = max(most, sum(1 for n in open_by_entity.values() if n > 0))
+    return most
+
+
+def test_a_group_run_fetches_its_entities_at_once_within_the_budget(tmp_path, slow_org) -> None:
+    sim, url = slow_org
+    m = mirror(tmp_path, sim, url, parallel_entities=4)
+    key, result = m.run("hourly")
+    assert result.success, failure_messages(result)
+    for entity in HOURLY:
+        assert_mirror_equals_simulator(m, entity)
+    # Several entities were read at once, never more requests than the budget together.
+    assert in_flight_entities(sim) >= 2
+    assert 2 <= sim.stats.max_concurrency <= LIMIT
+    # The ranged entity's first sync went out as key ranges, in the same run.
+    ranges = {match.group(0) for r in sim.stats.request_log if r.entity == RANGED
+              for match in [RANGE_FILTER.search(unquote_plus(r.target))] if match}
+    assert len(ranges) == 4, ranges
+    assert unclaimed_fetches() == 0
+
+
+def test_one_entity_at_a_time_when_asked(tmp_path, slow_org) -> None:
+    sim, url = slow_org
+    m = mirror(tmp_path, sim, url, parallel_entities=1)
+    m.sync("hourly")
+    for entity in HOURLY:
+        assert_mirror_equals_simulator(m, entity)
+    assert in_flight_entities(sim) == 1
+
+
+def test_a_failing_entity_fails_alone_and_the_others_publish(tmp_path, slow_org) -> None:
+    sim, url = slow_org
+    m = mirror(tmp_path, sim, url, parallel_entities=4)
+    sim.inject("server_error", count=50, entity="vin_candidates", status=500, body="json")
+    _, result = m.run("hourly")
+    assert not result.success
+    failed = {e.step_key for e in result.all_events if e.is_step_failure}
+    assert failed == {"raw__vin_candidates"}
+    for entity in HOURLY_UNFILTERED:
+        if entity != "vin_candidates":
+            assert_mirror_equals_simulator(m, entity)
+    assert unclaimed_fetches() == 0
