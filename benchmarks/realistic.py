@@ -112,6 +112,10 @@ def sync_once(label: str, sizes: dict[str, int], concurrency: int, work: Path,
         "records_fetched": result["records_fetched"],
         "wall_seconds": result["seconds"], "process_seconds": round(process_seconds, 2),
         "fetch_seconds": result["our_code_seconds"].get("fetch"),
+        # Per step kind: seconds summed over steps (fetches overlap, so they add up to more
+        # than the wall time), and our code's time by function.
+        "layer_seconds": result["layer_seconds"],
+        "our_code_seconds": result["our_code_seconds"],
         "data_requests": len(data_requests), "pages": len(pages),
         "rows_served": sum(r.rows or 0 for r in pages),
         "throttled_by_code": throttled, "max_in_flight": max_in_flight,
