@@ -167,9 +167,11 @@ class EntityConfig(_EntitiesFileModel):
     )
     # Dataverse serves at most 52 concurrent requests per user.
     parallel_ranges: int = ranged(
-        1, 1, 52,
+        0, 0, 52,
         "Large reads (full snapshots, a modifiedon first sync) are split into this "
-        "many primary-key ranges paged in parallel, within the run's concurrency limit.",
+        "many primary-key ranges paged in parallel, within the application user's request "
+        "budget. 0 (auto): counted first, then one range per 10,000 records, at most 8 "
+        "(a read of fewer than 20,000 stays one stream); 1: never split.",
     )
     hash_ignore_annotations: bool = Field(
         True, description="Leave @odata.etag and annotations out of the content hash, so a "

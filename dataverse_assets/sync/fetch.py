@@ -240,10 +240,30 @@ def _reads_whole_table(request: FetchRequest, step: FetchStep) -> bool:
 async def _count_for_progress(session: SourceSession, request: FetchRequest,
                               step: FetchStep) -> int | None:
     """The step's record count (`$count`), or None: progress never fails a fetch."""
+    if step.counted is not None:
+        return step.counted
     try:
-        return await session.count(request.entity, step.query.filter, request.primary_key)
+        step.counted = await session.count(request.entity, step.query.filter,
+                                           request.primary_key)
     except DataverseError:
         return None
+    return step.counted
+
+
+# parallel_ranges 0 (auto): one key range per this many records of a splittable read, at most
+# AUTO_MAX_RANGES. Two full pages per range at least: a range of fewer pages costs a bounds
+# request and a page more than it saves. Every range's requests share the user's budget.
+AUTO_RANGE_RECORDS = 10_000
+AUTO_MAX_RANGES = 8
+
+
+async def _size_auto_ranges(session: SourceSession, request: FetchRequest) -> None:
+    """Split each large read whose ranges are `auto` by the records it counts (a read that
+    cannot be counted stays one stream)."""
+    for step in request.steps:
+        if step.auto_ranges:
+            count = await _count_for_progress(session, request, step)
+            step.ranges = max(1, min(AUTO_MAX_RANGES, (count or 0) // AUTO_RANGE_RECORDS))
 
 
 # The version of each mirrored record among some ids (ids the mirror lacks are left out).
@@ -427,6 +447,7 @@ async def fetch_change_set(
     requests_before, retries_before, log_before = stats.requests, stats.retries, len(stats.log)
     wait_before = stats.throttle_wait
     while True:
+        await _size_auto_ranges(session, request)
         archive.start()
         archive.write_json(REQUEST, request.as_dict())
         if definition is not None:

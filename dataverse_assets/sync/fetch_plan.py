@@ -83,6 +83,9 @@ class FetchStep:
     query: PageQuery
     start_url: str | None = None
     ranges: int = 1  # > 1: split into primary-key ranges paged in parallel
+    # parallel_ranges 0 (auto): the fetch counts the read first and sizes `ranges` from it.
+    auto_ranges: bool = False
+    counted: int | None = None  # the read's `$count`, once asked for
 
     def as_dict(self) -> dict:
         step = {"kind": self.kind, "params": self.query.params(), "prefer": self.query.prefer(),
@@ -160,10 +163,11 @@ def plan_fetch(
     request.select = resolve_select(entity, definition, request.primary_key)
     request.row_filter = entity.filter
     _scope_steps(request)
-    if entity.parallel_ranges > 1:
+    if entity.parallel_ranges != 1:
         for step in request.steps:
             if _splittable(request, step):
-                step.ranges = entity.parallel_ranges
+                step.ranges = max(1, entity.parallel_ranges)
+                step.auto_ranges = entity.parallel_ranges == 0
     request.max_pages = entity.max_pages
     return request
 

@@ -8,6 +8,7 @@ import re
 from collections import defaultdict
 from urllib.parse import unquote_plus
 
+import orjson
 import pytest
 from dagster import DagsterInstance
 
@@ -16,6 +17,7 @@ from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.defs.parallel_fetch import unclaimed_fetches
 from dataverse_assets.simulator import DataverseSimulator, LatencyModel, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets.sync import fetch
 from dataverse_assets_tests.conftest import (
     ENTITY_NAMES,
     SMALL_ROW_COUNTS,
@@ -43,9 +45,9 @@ def slow_org():
         yield sim, url
 
 
-def mirror(tmp_path, sim, url, parallel_entities: int) -> Mirror:
+def mirror(tmp_path, sim, url, parallel_entities: int, ranges: int = 4) -> Mirror:
     config = write_entities_config(tmp_path / "entities.json", page_size=20,
-                                   overrides={RANGED: {"parallel_ranges": 4}})
+                                   overrides={RANGED: {"parallel_ranges": ranges}})
     settings = Settings(db_path=tmp_path / "mirror.db", archive_dir=tmp_path / "archive",
                         entities_config_path=config, source="simulator",
                         parallel_entities=parallel_entities)
@@ -82,10 +84,35 @@ def test_a_group_run_fetches_its_entities_at_once_within_the_budget(tmp_path, sl
     assert in_flight_entities(sim) >= 2
     assert 2 <= sim.stats.max_concurrency <= LIMIT
     # The ranged entity's first sync went out as key ranges, in the same run.
-    ranges = {match.group(0) for r in sim.stats.request_log if r.entity == RANGED
-              for match in [RANGE_FILTER.search(unquote_plus(r.target))] if match}
-    assert len(ranges) == 4, ranges
+    assert len(range_filters(sim)) == 4
     assert unclaimed_fetches() == 0
+
+
+def range_filters(sim) -> set[str]:
+    """The key-range conditions the ranged entity's requests carried."""
+    return {match.group(0) for r in sim.stats.request_log if r.entity == RANGED
+            for match in [RANGE_FILTER.search(unquote_plus(r.target))] if match}
+
+
+def test_a_large_first_sync_is_split_by_the_records_it_counts(tmp_path, slow_org,
+                                                              monkeypatch) -> None:
+    """parallel_ranges 0 (the default): a first sync of 200 records at 50 per range (10,000
+    outside this test) goes out as 4 key ranges; the next change set is one stream."""
+    monkeypatch.setattr(fetch, "AUTO_RANGE_RECORDS", 50)
+    sim, url = slow_org
+    m = mirror(tmp_path, sim, url, parallel_entities=4, ranges=0)
+    key = m.sync("hourly")
+    assert_mirror_equals_simulator(m, RANGED)
+    assert len(range_filters(sim)) == 4
+    request = orjson.loads((m.settings.archive_dir / RANGED / key / "request.json").read_bytes())
+    assert [step.get("ranges") for step in request["steps"]][0] == 4
+    sim.stats.request_log.clear()
+    with sim.lock:
+        first = sim.records(RANGED)[0]
+    sim.update(RANGED, first["vin_clinicaltrialid"], {"vin_name": "changed"})
+    m.sync("hourly")
+    assert_mirror_equals_simulator(m, RANGED)
+    assert not range_filters(sim)
 
 
 def test_one_entity_at_a_time_when_asked(tmp_path, slow_org) -> None:
