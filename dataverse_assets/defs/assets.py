@@ -69,6 +69,14 @@ def _kinds(layer: str, *technologies: str) -> set[str]:
     return {layer, *technologies}
 
 
+# Steps of a run that are ready at the same moment run highest priority first (Dagster's
+# executors sort by the op tag `dagster/priority`). Staging and publishing an entity whose
+# fetch is done come before the next raw step, so in one process they run while the other
+# entities' fetches continue on their threads (defs.parallel_fetch), instead of every raw
+# step first and all the writing after.
+_STEP_ORDER = {"staging": {"dagster/priority": "1"}, "canonical": {"dagster/priority": "2"}}
+
+
 def _described(entity: EntityConfig) -> str:
     return entity.description or f"The Dataverse table {entity.name}."
 
@@ -138,6 +146,7 @@ def build_staging_asset(entity: EntityConfig,
         key=staging_key(name), group_name=entity.group, partitions_def=partitions_def,
         io_manager_key="sqlite_io_manager",
         ins={"raw_change_set": AssetIn(key=raw_key(name))}, kinds=_kinds("staging", "sqlite"),
+        op_tags=_STEP_ORDER["staging"],
         description=(f"{name} records of one change set, parsed into typed columns plus "
                      f"json_response, in the staging table.\n\n{PARTITION_NOTE}"),
     )
@@ -166,6 +175,7 @@ def build_canonical_asset(entity: EntityConfig,
         ins={"staged": AssetIn(key=staging_key(name))},
         kinds=_kinds("canonical", "dataverse", "sqlite"),
         check_specs=canonical_check_specs(entity, partitions_def),
+        op_tags=_STEP_ORDER["canonical"],
         description=(f"The mirror of {name}: one row per record with typed columns, "
                      "json_response, sync_time, valid_from and updated_at; old versions in "
                      f"{name}__history.\n\n{_described(entity)}\n\n{PARTITION_NOTE}"),

@@ -5,6 +5,7 @@ simulator's side (what was in flight when) and in the mirror (every entity exact
 from __future__ import annotations
 
 import re
+import time
 from collections import defaultdict
 from urllib.parse import unquote_plus
 
@@ -113,6 +114,24 @@ def test_a_large_first_sync_is_split_by_the_records_it_counts(tmp_path, slow_org
     m.sync("hourly")
     assert_mirror_equals_simulator(m, RANGED)
     assert not range_filters(sim)
+
+
+def test_an_entity_is_published_while_the_others_are_still_fetched(tmp_path) -> None:
+    """Depth first: once an entity's fetch is done its staging and publish run, while a
+    slower entity's pages are still arriving."""
+    slow = "vin_vin_candidate_clinicaltrialset"  # 600 rows, 30 pages one after another
+    sim = DataverseSimulator(ENTITY_NAMES, seed=11, row_counts={**SMALL_ROW_COUNTS, slow: 600},
+                             latency=LatencyModel(per_request_seconds=0.03))
+    with serve_on_loopback(sim) as url:
+        m = mirror(tmp_path, sim, url, parallel_entities=4)
+        _, result = m.run("hourly")
+    assert result.success, failure_messages(result)
+    clock = time.time() - time.monotonic()
+    last_page = clock + max(r.finished for r in sim.stats.request_log if r.entity == slow)
+    published = {e.step_key: e.timestamp for e in m.instance.all_logs(result.run_id)
+                 if e.dagster_event and e.dagster_event.event_type_value == "STEP_SUCCESS"}
+    assert published["canonical__vin_candidates"] < last_page
+    assert_mirror_equals_simulator(m, slow)
 
 
 def test_one_entity_at_a_time_when_asked(tmp_path, slow_org) -> None:
