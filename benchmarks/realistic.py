@@ -2,7 +2,7 @@
 beside the floor the service protection limits allow. Not part of the test suite.
 
     .venv/bin/python benchmarks/realistic.py                          # ~100,000 rows, ~1-2 min
-    .venv/bin/python benchmarks/realistic.py --incremental modifiedon --parallel-ranges 8
+    .venv/bin/python benchmarks/realistic.py --incremental modifiedon
     .venv/bin/python benchmarks/realistic.py --realistic-scale 10     # ~1,000,000 rows
     .venv/bin/python benchmarks/realistic.py --realistic-scale 100    # ~10 M rows: the limits bind
 
@@ -164,8 +164,9 @@ def main() -> int:
     parser.add_argument("--parallel-entities", type=int, default=4,
                         help="entities fetched at the same time in the first sync (the "
                         "second uses 1)")
-    parser.add_argument("--parallel-ranges", type=int, default=1,
-                        help="each entity's parallel_ranges (default 1, the config's default; "
+    parser.add_argument("--parallel-ranges", type=int, default=0,
+                        help="each entity's parallel_ranges (default 0, the config's default: "
+                        "auto, one range per 10,000 records of a splittable first sync; "
                         "change tracking's first read is never split)")
     parser.add_argument("--incremental", default="auto",
                         choices=("auto", "modifiedon", "change_tracking", "full"),

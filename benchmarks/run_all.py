@@ -43,15 +43,17 @@ sys.path.insert(0, str(ROOT))
 
 ENTITY = "vin_benchmarkrows"
 SMALL_ENTITIES = [f"vin_small{n:02d}s" for n in range(1, 21)]
+# The loopback targets of the performance issue (#24): one durable write per row puts the
+# floor of a full sync at about 30-35,000 rows/s on a 2-core machine.
 TARGETS = {
-    "full_sync_rows_per_second": 50_000,
-    "ratio_to_dlt": 3.0,
+    "full_sync_rows_per_second": 25_000,
+    "ratio_to_dlt": 5.0,
     "peak_rss_mb": 400,
     "rss_flatness": 1.2,
     "incremental_1pct_share_of_full": 0.05,
-    "incremental_0pct_seconds": 5.0,
+    "incremental_0pct_seconds": 3.0,
     "small_entities_seconds": 30.0,
-    "rebuild_rows_per_second": 100_000,
+    "rebuild_rows_per_second": 40_000,
 }
 
 
