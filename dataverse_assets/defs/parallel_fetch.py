@@ -33,7 +33,7 @@ from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.source.base import DataverseSource
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.fetch import FetchSummary
-from dataverse_assets.sync.progress import fetch_reporter
+from dataverse_assets.sync.progress import FetchProgress, fetch_reporter
 
 
 @dataclass
@@ -50,6 +50,13 @@ class _RunFetches:
     started: set[str] = field(default_factory=set)  # entities whose fetch this run started
     futures: dict[str, Future[Fetched]] = field(default_factory=dict)  # not yet claimed
     pool: ThreadPoolExecutor | None = None
+    # Set when the run is interrupted (terminated from the UI, Ctrl-C): the other fetches stop
+    # at their next page instead of holding the process until they are done.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class FetchStopped(Exception):
+    """The run this fetch belonged to was interrupted."""
 
 
 _RUNS: dict[str, _RunFetches] = {}
@@ -100,7 +107,7 @@ def fetch_in_parallel(context: AssetExecutionContext, entity: EntityConfig,
             run.started.add(candidate.name)
             run.futures[candidate.name] = run.pool.submit(
                 _fetch, candidate, store=store, source=source, change_set=change_set,
-                owner=run_id)
+                owner=run_id, stop=run.stop)
 
         for candidate in startable_entities(context, entity, config):
             if candidate.name not in run.started:
@@ -112,6 +119,12 @@ def fetch_in_parallel(context: AssetExecutionContext, entity: EntityConfig,
         future = run.futures.pop(entity.name)
     try:
         return future.result()
+    except BaseException as exc:
+        if not isinstance(exc, Exception):  # an interrupt of the run, not a failed fetch
+            run.stop.set()
+            for pending in run.futures.values():
+                pending.cancel()  # those not started yet never start
+        raise
     finally:
         with _RUNS_LOCK:
             if not run.futures and run.pool is not None:  # every fetch started was claimed
@@ -123,16 +136,23 @@ def fetch_in_parallel(context: AssetExecutionContext, entity: EntityConfig,
 
 
 def _fetch(entity: EntityConfig, *, store: MirrorStore, source: DataverseSource,
-           change_set: str, owner: str) -> Fetched:
+           change_set: str, owner: str, stop: threading.Event) -> Fetched:
     log: list[tuple[str, str]] = []
 
     def keep(level: str) -> Callable[[str], None]:
         return lambda message: log.append((level, message))
 
     progress = fetch_reporter(entity.name, change_set, keep("info"))
+
+    def each_page(update: FetchProgress) -> None:
+        if stop.is_set():
+            raise FetchStopped(f"{entity.name}: the run was interrupted; the change set is "
+                               "fetched again by the next run")
+        progress(update)
+
     # The archive directory and the sync state are the entity's: one run at a time.
     with store.entity_lock(entity.name, owner=owner, purpose="fetch", warn=keep("warning")):
-        summary, reused = steps.fetch(store, source, entity, change_set, on_progress=progress)
+        summary, reused = steps.fetch(store, source, entity, change_set, on_progress=each_page)
     if not reused:
         progress.finish(summary.pages, summary.records)
     return Fetched(summary, reused, log)

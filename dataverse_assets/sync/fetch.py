@@ -240,8 +240,9 @@ def _reads_whole_table(request: FetchRequest, step: FetchStep) -> bool:
 async def _count_for_progress(session: SourceSession, request: FetchRequest,
                               step: FetchStep) -> int | None:
     """The step's record count (`$count`), or None: progress never fails a fetch."""
-    if step.counted is not None:
+    if step.count_asked:  # asked once per read, answered or not
         return step.counted
+    step.count_asked = True
     try:
         step.counted = await session.count(request.entity, step.query.filter,
                                            request.primary_key)

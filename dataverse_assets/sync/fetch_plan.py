@@ -86,6 +86,7 @@ class FetchStep:
     # parallel_ranges 0 (auto): the fetch counts the read first and sizes `ranges` from it.
     auto_ranges: bool = False
     counted: int | None = None  # the read's `$count`, once asked for
+    count_asked: bool = False
 
     def as_dict(self) -> dict:
         step = {"kind": self.kind, "params": self.query.params(), "prefer": self.query.prefer(),

@@ -203,3 +203,54 @@ def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_
         assert_mirror_equals_simulator(mirror, entity)
     with connect(tmp_path / "mirror.db") as connection:
         assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
+
+
+def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
+    """Ctrl-C (or Terminate in the UI) during a run whose entities are fetched on threads:
+    the fetches stop at their next page instead of holding the process until they are done,
+    and the next sync completes the mirror."""
+    slow = "vin_candidates"  # 1,000 rows in pages of 10, 0.1 s each: ~10 s in one stream
+    simulator = DataverseSimulator(ENTITY_NAMES, seed=3,
+                                   row_counts={**SMALL_ROW_COUNTS, slow: 1000},
+                                   latency=LatencyModel(per_request_seconds=0.1))
+    config = write_entities_config(tmp_path / "entities.json", page_size=10)
+    (tmp_path / "home").mkdir()
+    with serve_on_loopback(simulator) as url:
+        env = {**os.environ, "PYTHONPATH": str(REPO),
+               "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+               "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+               "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_URL": url,
+               "DATAVERSE_SOURCE": "simulator", "DAGSTER_HOME": str(tmp_path / "home"),
+               "DATAVERSE_BUDGET_DIR": str(tmp_path / "budget")}
+        command = [str(Path(sys.executable).parent / "dataverse-assets"), "sync",
+                   "--group", "hourly"]
+
+        def pages_of_slow() -> int:
+            with simulator.lock:
+                return sum(1 for r in simulator.stats.request_log
+                           if r.entity == slow and r.rows is not None)
+
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while pages_of_slow() < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGINT)
+            interrupted_at = pages_of_slow()
+            process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        assert process.returncode != 0
+        # Stopped within a page or two of the interrupt, not after the ~100 pages.
+        assert pages_of_slow() <= interrupted_at + 3, (interrupted_at, pages_of_slow())
+        recovered = subprocess.run(command, env=env, capture_output=True, text=True,
+                                   timeout=300)
+        assert recovered.returncode == 0, recovered.stderr[-2000:]
+    mirror = SimpleNamespace(simulator=simulator,
+                             connection=lambda: connect(tmp_path / "mirror.db"))
+    assert_mirror_equals_simulator(mirror, slow)
+    with connect(tmp_path / "mirror.db") as connection:
+        assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
