@@ -146,6 +146,30 @@ PARALLEL_HOURLY = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_ac
                    "accounts", "contacts"]
 
 
+def cli_sync(tmp_path: Path, url: str, config: Path) -> tuple[dict[str, str], list[str]]:
+    """The environment and command of `dataverse-assets sync --group hourly` (Dagster
+    in-process, entities fetched on threads) for a mirror, archive and home in tmp_path."""
+    (tmp_path / "home").mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+           "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+           "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_URL": url,
+           "DATAVERSE_SOURCE": "simulator", "DAGSTER_HOME": str(tmp_path / "home"),
+           "DATAVERSE_BUDGET_DIR": str(tmp_path / "budget"), "DATAVERSE_PARALLEL_ENTITIES": "4"}
+    return env, [str(Path(sys.executable).parent / "dataverse-assets"), "sync",
+                 "--group", "hourly"]
+
+
+def assert_exact_and_unlocked(tmp_path: Path, simulator, entities: list[str]) -> None:
+    """The mirror in tmp_path holds exactly the simulator's records, and no lock is left."""
+    mirror = SimpleNamespace(simulator=simulator,
+                             connection=lambda: connect(tmp_path / "mirror.db"))
+    for entity in entities:
+        assert_mirror_equals_simulator(mirror, entity)
+    with connect(tmp_path / "mirror.db") as connection:
+        assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
+
+
 def entities_in_flight_at_once(simulator, before: float) -> tuple[int, int]:
     """(most entities, most key ranges of vin_clinicaltrials) with a request in flight at the
     same moment, among the requests that arrived before `before`."""
@@ -175,17 +199,8 @@ def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_
                                    latency=LatencyModel(per_request_seconds=0.02))
     config = write_entities_config(tmp_path / "entities.json", page_size=15,
                           overrides={"vin_clinicaltrials": {"parallel_ranges": 4}})
-    (tmp_path / "home").mkdir()
     with serve_on_loopback(simulator) as url:
-        env = {**os.environ, "PYTHONPATH": str(REPO),
-               "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
-               "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
-               "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_URL": url,
-               "DATAVERSE_SOURCE": "simulator", "DAGSTER_HOME": str(tmp_path / "home"),
-               "DATAVERSE_BUDGET_DIR": str(tmp_path / "budget"),
-               "DATAVERSE_PARALLEL_ENTITIES": "4"}
-        command = [str(Path(sys.executable).parent / "dataverse-assets"), "sync",
-                   "--group", "hourly"]
+        env, command = cli_sync(tmp_path, url, config)
         # The 25th page archived by any of the run's fetches.
         killed = subprocess.run(command, env={**env, "DATAVERSE_FAULT_POINTS":
                                               "fetch.after_page=kill@24"},
@@ -197,12 +212,7 @@ def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_
         recovered = subprocess.run(command, env=env, capture_output=True, text=True,
                                    timeout=300)
         assert recovered.returncode == 0, recovered.stderr[-2000:]
-    mirror = SimpleNamespace(simulator=simulator,
-                             connection=lambda: connect(tmp_path / "mirror.db"))
-    for entity in PARALLEL_HOURLY:
-        assert_mirror_equals_simulator(mirror, entity)
-    with connect(tmp_path / "mirror.db") as connection:
-        assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
+    assert_exact_and_unlocked(tmp_path, simulator, PARALLEL_HOURLY)
 
 
 def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
@@ -214,16 +224,8 @@ def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
                                    row_counts={**SMALL_ROW_COUNTS, slow: 1000},
                                    latency=LatencyModel(per_request_seconds=0.1))
     config = write_entities_config(tmp_path / "entities.json", page_size=10)
-    (tmp_path / "home").mkdir()
     with serve_on_loopback(simulator) as url:
-        env = {**os.environ, "PYTHONPATH": str(REPO),
-               "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
-               "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
-               "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_URL": url,
-               "DATAVERSE_SOURCE": "simulator", "DAGSTER_HOME": str(tmp_path / "home"),
-               "DATAVERSE_BUDGET_DIR": str(tmp_path / "budget")}
-        command = [str(Path(sys.executable).parent / "dataverse-assets"), "sync",
-                   "--group", "hourly"]
+        env, command = cli_sync(tmp_path, url, config)
 
         def pages_of_slow() -> int:
             with simulator.lock:
@@ -249,8 +251,4 @@ def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
         recovered = subprocess.run(command, env=env, capture_output=True, text=True,
                                    timeout=300)
         assert recovered.returncode == 0, recovered.stderr[-2000:]
-    mirror = SimpleNamespace(simulator=simulator,
-                             connection=lambda: connect(tmp_path / "mirror.db"))
-    assert_mirror_equals_simulator(mirror, slow)
-    with connect(tmp_path / "mirror.db") as connection:
-        assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
+    assert_exact_and_unlocked(tmp_path, simulator, [slow])
