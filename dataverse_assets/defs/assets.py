@@ -23,7 +23,7 @@ from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.defs.asset_keys import canonical_key, raw_key, staging_key
 from dataverse_assets.defs.checks import canonical_check_specs, evaluate_canonical_checks
 from dataverse_assets.defs.io_managers import PublishRequest, RawChangeSet
-from dataverse_assets.defs.parallel_fetch import fetch_in_parallel
+from dataverse_assets.defs.parallel_fetch import fetch_in_parallel, locked_fetch
 from dataverse_assets.defs.partitions import PARTITION_NOTE, change_sets_partitions
 from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.names import check_change_set_key
@@ -31,7 +31,6 @@ from dataverse_assets.source.base import DataverseSource
 from dataverse_assets.store.bookkeeping import StagedChangeSet
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.fetch import FetchSummary
-from dataverse_assets.sync.progress import fetch_reporter
 from dataverse_assets.sync.stage import StagedRecords
 
 
@@ -115,18 +114,12 @@ def build_raw_asset(entity: EntityConfig, config: EntitiesConfig,
                 (context.log.warning if level == "warning" else context.log.info)(message)
             summary, reused = fetched.summary, fetched.reused
         else:
-            # Pages, rows, rows/s and ETA to the run's log every few seconds (not every page).
-            progress = fetch_reporter(name, change_set, context.log.info)
-            # The archive directory and the sync state are the entity's: one run at a time.
-            with store.entity_lock(name, owner=context.run.run_id, purpose="fetch",
-                                   warn=context.log.warning):
-                summary, reused = steps.fetch(store, source, entity, change_set,
-                                              targeted_ids=config.ids,
-                                              lookup_column=config.lookup_column,
-                                              reconcile=config.reconcile,
-                                              on_progress=progress)
-            if not reused:
-                progress.finish(summary.pages, summary.records)
+            summary, reused = locked_fetch(store, source, entity, change_set,
+                                           owner=context.run.run_id, info=context.log.info,
+                                           warning=context.log.warning,
+                                           targeted_ids=config.ids,
+                                           lookup_column=config.lookup_column,
+                                           reconcile=config.reconcile)
         if reused:
             # An archived change set is immutable: replaying it must stage the same rows.
             context.log.info(f"{name} {change_set}: already archived, not fetched again")

@@ -135,6 +135,30 @@ def fetch_in_parallel(context: AssetExecutionContext, entity: EntityConfig,
                     del _RUNS[idle]
 
 
+def locked_fetch(store: MirrorStore, source: DataverseSource, entity: EntityConfig,
+                 change_set: str, *, owner: str, info: Callable[[str], None],
+                 warning: Callable[[str], None],
+                 before_page: Callable[[], None] | None = None,
+                 **options) -> tuple[FetchSummary, bool]:
+    """raw/E's fetch, wherever it runs (its step, or a thread of the run): the entity's lock
+    held (the archive directory and the sync state are the entity's: one run at a time),
+    pages, rows, rows/s and ETA to `info` every few seconds (not every page). `before_page`
+    runs as each page arrives (and may stop the fetch); `options` go to steps.fetch."""
+    progress = fetch_reporter(entity.name, change_set, info)
+
+    def each_page(update: FetchProgress) -> None:
+        if before_page is not None:
+            before_page()
+        progress(update)
+
+    with store.entity_lock(entity.name, owner=owner, purpose="fetch", warn=warning):
+        summary, reused = steps.fetch(store, source, entity, change_set,
+                                      on_progress=each_page, **options)
+    if not reused:
+        progress.finish(summary.pages, summary.records)
+    return summary, reused
+
+
 def _fetch(entity: EntityConfig, *, store: MirrorStore, source: DataverseSource,
            change_set: str, owner: str, stop: threading.Event) -> Fetched:
     log: list[tuple[str, str]] = []
@@ -142,19 +166,14 @@ def _fetch(entity: EntityConfig, *, store: MirrorStore, source: DataverseSource,
     def keep(level: str) -> Callable[[str], None]:
         return lambda message: log.append((level, message))
 
-    progress = fetch_reporter(entity.name, change_set, keep("info"))
-
-    def each_page(update: FetchProgress) -> None:
+    def unless_stopped() -> None:
         if stop.is_set():
             raise FetchStopped(f"{entity.name}: the run was interrupted; the change set is "
                                "fetched again by the next run")
-        progress(update)
 
-    # The archive directory and the sync state are the entity's: one run at a time.
-    with store.entity_lock(entity.name, owner=owner, purpose="fetch", warn=keep("warning")):
-        summary, reused = steps.fetch(store, source, entity, change_set, on_progress=each_page)
-    if not reused:
-        progress.finish(summary.pages, summary.records)
+    summary, reused = locked_fetch(store, source, entity, change_set, owner=owner,
+                                   info=keep("info"), warning=keep("warning"),
+                                   before_page=unless_stopped)
     return Fetched(summary, reused, log)
 
 

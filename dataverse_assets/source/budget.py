@@ -16,7 +16,7 @@ see it: a folder per application user (the org URL and client id, hashed) holdin
   it is below the configured limit, only that many slots are used.
 
 The embedded simulator is an org of its own in each process, so its clients share an
-in-process budget instead (`local_budget`).
+in-process budget instead (`LocalBudget`).
 """
 
 from __future__ import annotations
@@ -161,10 +161,6 @@ class LocalBudget(RequestBudget):
 
     def observe_dop_hint(self, hint: int) -> None:
         self._state.hint = hint
-
-
-def local_budget(key: str, limit: int) -> LocalBudget:
-    return LocalBudget(key, limit)
 
 
 class FileBudget(RequestBudget):

@@ -20,7 +20,7 @@ from dataverse_assets.source.auth import (
     ClientCredentials,
 )
 from dataverse_assets.source.base import DataverseSource, SourceSession
-from dataverse_assets.source.budget import budget_key, file_budget, local_budget
+from dataverse_assets.source.budget import LocalBudget, budget_key, file_budget
 from dataverse_assets.source.client import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_RESPONSE_DEADLINE_SECONDS,
@@ -226,7 +226,7 @@ async def _client_session(
         # credentials shares its requests in flight and its Retry-After pauses. An in-process
         # simulator is an org of this process alone.
         key = budget_key(org_url, client_id)
-        budget = (local_budget(f"{key}:{local_budget_scope}", max_concurrency)
+        budget = (LocalBudget(f"{key}:{local_budget_scope}", max_concurrency)
                   if local_budget_scope is not None
                   else file_budget(budget_dir, key, max_concurrency))
         client = DataverseClient(http, credentials, org_url=org_url,
