@@ -1,10 +1,14 @@
 """Helpers shared by tests in several folders: small archived change sets, mirrors of
 a few entities, what a failed run said, a folder's digest, the same source changes
-for every mirror of a test."""
+for every mirror of a test, what the simulator had in flight at once."""
 
 import hashlib
 import json
+import re
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 import orjson
 from dagster import DagsterInstance
@@ -136,3 +140,29 @@ def store_of(mirror) -> MirrorStore:
 
 def source_of(mirror) -> SimulatorSource:
     return SimulatorSource(entity_names=ENTITY_NAMES, base_url=mirror.url)
+
+
+# A primary-key range's condition, as the client writes it into $filter.
+_KEY_RANGE = re.compile(r"\w+ (?:lt|ge) [0-9a-f-]{36}")
+
+
+def key_range_of(request) -> str | None:
+    """The key-range condition a simulator request carried (its first), or None."""
+    match = _KEY_RANGE.search(unquote_plus(request.target))
+    return match.group(0) if match else None
+
+
+def most_at_once(requests: Iterable, key: Callable[[object], Hashable | None]) -> int:
+    """The most distinct `key(request)` values (None: not counted) that had a request in
+    flight at the same moment, from the simulator's request log."""
+    events = []
+    for request in requests:
+        value = key(request)
+        if value is not None:
+            events += [(request.arrived, 1, value), (request.finished, -1, value)]
+    open_by_value: Counter = Counter()
+    most = 0
+    for _, delta, value in sorted(events, key=lambda e: (e[0], e[1])):
+        open_by_value[value] += delta
+        most = max(most, sum(1 for n in open_by_value.values() if n > 0))
+    return most

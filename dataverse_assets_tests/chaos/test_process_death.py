@@ -31,6 +31,7 @@ from dataverse_assets_tests.conftest import (
     SMALL_ROW_COUNTS,
     write_entities_config,
 )
+from dataverse_assets_tests.helpers import key_range_of, most_at_once
 from dataverse_assets_tests.truth import assert_mirror_equals_simulator, mirror_contents
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,25 +171,6 @@ def assert_exact_and_unlocked(tmp_path: Path, simulator, entities: list[str]) ->
         assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
 
 
-def entities_in_flight_at_once(simulator, before: float) -> tuple[int, int]:
-    """(most entities, most key ranges of vin_clinicaltrials) with a request in flight at the
-    same moment, among the requests that arrived before `before`."""
-    events = []
-    for request in simulator.stats.request_log:
-        if request.entity in PARALLEL_HOURLY and request.arrived < before:
-            ranged = "vin_clinicaltrialid" in request.target and "filter" in request.target
-            events += [(request.arrived, 1, request.entity, ranged),
-                       (request.finished, -1, request.entity, ranged)]
-    open_by_entity: dict[str, int] = {}
-    ranges_open = most_entities = most_ranges = 0
-    for _, delta, entity, ranged in sorted(events, key=lambda e: (e[0], e[1])):
-        open_by_entity[entity] = open_by_entity.get(entity, 0) + delta
-        ranges_open += delta if ranged else 0
-        most_entities = max(most_entities, sum(1 for n in open_by_entity.values() if n > 0))
-        most_ranges = max(most_ranges, ranges_open)
-    return most_entities, most_ranges
-
-
 def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_completed(
         tmp_path) -> None:
     """`dataverse-assets sync` (Dagster in-process, the group's entities fetched at once, one
@@ -206,8 +188,11 @@ def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_
                                               "fetch.after_page=kill@24"},
                                 capture_output=True, text=True, timeout=300)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-        killed_at = max(r.finished for r in simulator.stats.request_log)
-        entities, ranges = entities_in_flight_at_once(simulator, killed_at + 1)
+        log = list(simulator.stats.request_log)  # up to the kill
+        entities = most_at_once(log, lambda r: r.entity if r.entity in PARALLEL_HOURLY
+                                else None)
+        ranges = most_at_once(log, lambda r: key_range_of(r)
+                              if r.entity == "vin_clinicaltrials" else None)
         assert entities >= 3 and ranges >= 2, (entities, ranges)
         recovered = subprocess.run(command, env=env, capture_output=True, text=True,
                                    timeout=300)

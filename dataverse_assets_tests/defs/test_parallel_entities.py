@@ -4,10 +4,7 @@ simulator's side (what was in flight when) and in the mirror (every entity exact
 
 from __future__ import annotations
 
-import re
 import time
-from collections import defaultdict
-from urllib.parse import unquote_plus
 
 import orjson
 import pytest
@@ -26,6 +23,7 @@ from dataverse_assets_tests.conftest import (
     failure_messages,
     write_entities_config,
 )
+from dataverse_assets_tests.helpers import key_range_of, most_at_once
 from dataverse_assets_tests.truth import assert_mirror_equals_simulator
 
 HOURLY_UNFILTERED = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_accountset",
@@ -33,7 +31,6 @@ HOURLY_UNFILTERED = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_
 HOURLY = [*HOURLY_UNFILTERED, "accounts", "contacts"]
 RANGED = "vin_clinicaltrials"  # modifiedon: its first sync splits into key ranges
 LIMIT = 3
-RANGE_FILTER = re.compile(r"vin_clinicaltrialid (?:lt|ge) [0-9a-f-]{36}")
 
 
 @pytest.fixture
@@ -60,18 +57,9 @@ def mirror(tmp_path, sim, url, parallel_entities: int, ranges: int = 4) -> Mirro
 
 
 def in_flight_entities(sim) -> int:
-    """The most distinct entities that had a request in flight at the same moment."""
-    events = []
-    for request in sim.stats.request_log:
-        if request.entity in HOURLY_UNFILTERED and "EntityDefinitions" not in request.target:
-            events += [(request.arrived, 1, request.entity), (request.finished, -1,
-                                                               request.entity)]
-    open_by_entity: dict[str, int] = defaultdict(int)
-    most = 0
-    for _, delta, entity in sorted(events, key=lambda e: (e[0], e[1])):
-        open_by_entity[entity] += delta
-        most = max(most, sum(1 for n in open_by_entity.values() if n > 0))
-    return most
+    """The most distinct entities that had a data request in flight at the same moment."""
+    return most_at_once(sim.stats.request_log, lambda r: r.entity if (
+        r.entity in HOURLY_UNFILTERED and "EntityDefinitions" not in r.target) else None)
 
 
 def test_a_group_run_fetches_its_entities_at_once_within_the_budget(tmp_path, slow_org) -> None:
@@ -91,8 +79,7 @@ def test_a_group_run_fetches_its_entities_at_once_within_the_budget(tmp_path, sl
 
 def range_filters(sim) -> set[str]:
     """The key-range conditions the ranged entity's requests carried."""
-    return {match.group(0) for r in sim.stats.request_log if r.entity == RANGED
-            for match in [RANGE_FILTER.search(unquote_plus(r.target))] if match}
+    return {key_range_of(r) for r in sim.stats.request_log if r.entity == RANGED} - {None}
 
 
 def test_a_large_first_sync_is_split_by_the_records_it_counts(tmp_path, slow_org,
