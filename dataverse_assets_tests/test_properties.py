@@ -34,8 +34,8 @@ from dataverse_assets.sync.publish_execute import publish_change_set
 from dataverse_assets.sync.stage import (
     STAGING_COUNTS,
     STAGING_META_COLUMNS,
+    PageContext,
     StagedRecords,
-    _PageContext,
     _stage_page,
     content_hash,
     write_staged,
@@ -236,7 +236,7 @@ def test_a_staged_row_has_each_columns_value_or_null_whatever_fields_a_record_la
         names, records):
 
     records = [{**record, "id": f"k{n}"} for n, record in enumerate(records)]
-    context = _PageContext(change_set="cs", pk="id", names=tuple(names),
+    context = PageContext(change_set="cs", pk="id", names=tuple(names),
                            hash_ignore_annotations=False, scope_ids=None)
     counts = dict.fromkeys(STAGING_COUNTS, 0)
     rows, _ = _stage_page(context, 1, {}, orjson.dumps({"value": records}), counts, [])

@@ -75,7 +75,10 @@ class SQLiteIOManager(ConfigurableIOManager):
                 self.store.connection() as connection:
             rows = write_staged(connection, obj)
         fault_point("staging.after_write")  # staged, not yet published
-        context.add_output_metadata({"rows_written": rows})
+        context.add_output_metadata({
+            "rows_written": rows,
+            # Staged by the fetch as its pages arrived (sync.prestage), not from the archive.
+            "staged_while_fetching": obj.adopted})
 
     def load_input(self, context: InputContext) -> StagedChangeSet:
         entity, change_set = _entity_and_partition(context)

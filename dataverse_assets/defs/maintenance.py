@@ -71,6 +71,8 @@ def build_maintenance_job(config: EntitiesConfig) -> JobDefinition:
             context.log.info("converted the database to incremental vacuum (one VACUUM)")
         yield Output(None, metadata={
             "file_bytes_before": shrink.bytes_before, "file_bytes_after": shrink.bytes_after,
+            "staging_file_bytes_before": shrink.staging_bytes_before,
+            "staging_file_bytes_after": shrink.staging_bytes_after,
             "bytes_freed": shrink.bytes_freed, "pages_freed": shrink.pages_freed,
             "converted_to_incremental_vacuum": shrink.converted,
         })

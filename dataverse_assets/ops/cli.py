@@ -669,6 +669,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
         print(f"database {settings.db_path}: {shrink.bytes_before:,} bytes -> "
               f"{shrink.bytes_after:,} bytes ({shrink.pages_freed:,} free pages given back"
               + (", converted to incremental vacuum" if shrink.converted else "") + ")")
+        print(f"staging file: {shrink.staging_bytes_before:,} bytes -> "
+              f"{shrink.staging_bytes_after:,} bytes")
     return 0
 
 

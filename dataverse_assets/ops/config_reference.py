@@ -32,16 +32,24 @@ from dataverse_assets.config import (
     MaintenanceConfig,
     Settings,
 )
+from dataverse_assets.sync.prestage import STAGE_WHILE_FETCHING_ENV
 from dataverse_assets.sync.stage import STAGING_WORKERS_ENV
 
 REGENERATE = "python -m dataverse_assets.ops.config_reference > docs/configuration.md"
 
 # Variables read outside Settings, with what the generated rows would say.
 EXTRA_VARIABLES = (
+    (STAGE_WHILE_FETCHING_ENV, "true", "true or false",
+     "A fetch stages each page on a thread as it archives it, so staging/E only takes the "
+     "rows (asset metadata `staged_while_fetching`); staging/E stages the archive itself when "
+     "the fetch's rows are not exactly its own (a schema that evolved, a filtered entity, a "
+     "targeted refresh). false: always from the archive. Read by `sync/prestage.py`."),
     (STAGING_WORKERS_ENV, "0", "0 or more",
-     "Processes that parse a change set of 20 or more page files (0 or 1: none, the step's "
-     "own process does it). 2 cut a 1M-row full sync by ~15-20% and make a rebuild 25-40% "
-     "faster on 2 cores, for ~115 MB each (see [Performance](performance.md)). Read by "
+     "Processes that parse a change set of 20 or more page files when it is staged from the "
+     "archive (a rebuild; staging/E when nothing was staged while fetching) (0 or 1: none, "
+     "the step's own process does it). 2 cut a 1M-row full sync by ~15-20% and make a "
+     "rebuild 25-40% faster on 2 cores, for ~115 MB each (see [Performance](performance.md)). "
+     "Read by "
      "`sync/stage.py` when a change set is staged."),
     ("DATAVERSE_ALERT_WEBHOOK_URL", "unset", "an http(s) URL",
      "Alerts (failed runs, new dead letters, late groups) are POSTed here as `{\"text\": ...}` "

@@ -29,6 +29,7 @@ from dataverse_assets.store.db import quote_identifier, table_columns, table_exi
 from dataverse_assets.store.mirror import MirrorAccess
 from dataverse_assets.store.readable import multi_select_table
 from dataverse_assets.store.schema_registry import load_locked_schema
+from dataverse_assets.store.staging_store import is_staging_table
 from dataverse_assets.store.tables import history_table, staging_table
 from dataverse_assets.sync.stage import content_hash
 
@@ -126,7 +127,7 @@ def _purge_table(connection: sqlite3.Connection, table: str, keys: tuple[str, ..
     present = [k for k in keys if k in columns]
     hashed = "_content_hash" in columns
     rewritten = 0
-    with transaction(connection):
+    with transaction(connection, staging=is_staging_table(table)):
         for key in present:
             connection.execute(f"UPDATE {quoted} SET {quote_identifier(key)} = NULL")
         # In rowid order, a batch at a time: never a cursor open on rows being rewritten.

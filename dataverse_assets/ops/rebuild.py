@@ -25,6 +25,7 @@ from dataverse_assets.defs.partitions import add_change_sets
 from dataverse_assets.errors import CorruptArchiveError, RebuildError
 from dataverse_assets.names import change_set_order
 from dataverse_assets.store.mirror import Mirror
+from dataverse_assets.store.staging_store import staging_files
 from dataverse_assets.store.tables import canonical_row_count
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.progress import FetchProgress, ProgressReporter
@@ -86,7 +87,9 @@ class RebuildReport:
 
 
 def _database_files(path: Path) -> list[Path]:
-    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+    """The mirror file, SQLite's files of it, and its staging file's (moved along with it)."""
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
+            *staging_files(path)]
 
 
 def _check_target(into: Path, *, force: bool, live_db_path: Path | None) -> None:

@@ -16,6 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dataverse_assets.errors import StorageError
+from dataverse_assets.store.staging_store import (
+    STAGING_SCHEMA,
+    attach_staging,
+    is_staging_table,
+    staging_path,
+)
 
 
 def quote_identifier(name: str) -> str:
@@ -193,10 +199,12 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
             # tables at once can deadlock, and SQLite then answers "locked" without waiting.
             with _PREPARING:
                 _prepare(connection)
+                attach_staging(connection, path)
         except BaseException:
             connection.close()
             raise
     connection.path = str(path.resolve())
+    connection.staging_path = str(staging_path(connection.path))
     return connection
 
 
@@ -289,10 +297,36 @@ def _add_missing_bookkeeping_columns(connection: sqlite3.Connection) -> None:
                                    f"{quote_identifier(name)} {declaration}")
 
 
+# Statements that write nothing but take a file's write lock (waiting for it as BEGIN
+# IMMEDIATE does): a transaction locks the files it writes, not every attached one.
+_LOCK_MIRROR = "UPDATE main._sync_state SET entity = entity WHERE 0"
+_LOCK_STAGING = f"UPDATE {STAGING_SCHEMA}._staged_here SET entity = entity WHERE 0"
+
+
 @contextmanager
-def transaction(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception."""
-    connection.execute("BEGIN IMMEDIATE")
+def transaction(connection: sqlite3.Connection, *, mirror: bool = True,
+                staging: bool = False) -> Iterator[sqlite3.Connection]:
+    """A write transaction, committed at the end and rolled back on any exception.
+
+    It holds the write lock of the mirror file (unless `mirror` is false) and, with `staging`,
+    the staging file's (store.staging_store): taken before anything is read, in that order, by
+    every transaction, so none has to give up (SQLite's BUSY_SNAPSHOT) and none waits in a
+    cycle. So a publish (the mirror file) and another entity's staged rows (the staging file)
+    are written side by side; BEGIN IMMEDIATE would lock every attached file. Anything that
+    writes a staging table passes `staging=True`."""
+    if getattr(connection, "staging_path", ""):
+        connection.execute("BEGIN")
+        try:
+            if mirror:
+                connection.execute(_LOCK_MIRROR)
+            if staging:
+                connection.execute(_LOCK_STAGING)
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+    else:
+        connection.execute("BEGIN IMMEDIATE")  # a connection without a staging file
     try:
         yield connection
     except BaseException:
@@ -345,6 +379,8 @@ class _Checkpointer:
             connection = sqlite3.connect(f"{Path(self.path).as_uri()}?mode=rw", uri=True,
                                          timeout=60, isolation_level=None)
             connection.execute("PRAGMA wal_autocheckpoint=0")
+            if self.path == str(staging_path(self.path.removesuffix("-staging"))):
+                connection.execute("PRAGMA synchronous=OFF")  # the staging file: never synced
             while True:
                 with self.condition:
                     if self.requested == self.done and not self.stopping:
@@ -412,14 +448,17 @@ class MirrorConnection(sqlite3.Connection):
     checkpoint thread (see above)."""
 
     path = ""
+    staging_path = ""  # its staging file (store.staging_store), checkpointed the same way
 
     def committed(self) -> None:
-        if self.path:
-            request_checkpoint(self.path)
+        for path in (self.path, self.staging_path):
+            if path:
+                request_checkpoint(path)
 
     def close(self) -> None:
-        if self.path:
-            request_checkpoint(self.path)  # first, so this close is not the last one
+        for path in (self.path, self.staging_path):
+            if path:
+                request_checkpoint(path)  # first, so this close is not the last one
         super().close()
 
 
@@ -487,9 +526,18 @@ def database_path(connection: sqlite3.Connection) -> str:
 
 
 def table_exists(connection: sqlite3.Connection, table: str) -> bool:
+    """Is there such a table: in the mirror file, or for a staging table also in the staging
+    file (store.staging_store) when the connection has it attached."""
     row = connection.execute(
         "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)
     ).fetchone()
+    if row is None and is_staging_table(table):
+        try:
+            row = connection.execute(
+                f"SELECT 1 FROM {STAGING_SCHEMA}.sqlite_master WHERE type='table' AND name=?",
+                (table,)).fetchone()
+        except sqlite3.OperationalError:  # not attached (a connection not made by connect)
+            return False
     return row is not None
 
 

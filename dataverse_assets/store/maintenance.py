@@ -35,6 +35,7 @@ from dataverse_assets.store.db import (
     transaction,
     wait_for_checkpoint,
 )
+from dataverse_assets.store.staging_store import STAGING_SCHEMA, staging_files
 from dataverse_assets.store.tables import history_table
 
 BATCH_ROWS = 20_000
@@ -102,19 +103,24 @@ def retain_bookkeeping(connection: sqlite3.Connection, config: EntitiesConfig,
 
 @dataclass
 class Shrink:
-    """What giving freed space back did: file bytes (database and WAL) before and after."""
+    """What giving freed space back did: the mirror file's bytes (with its WAL) before and
+    after, and its staging file's."""
 
     bytes_before: int
     bytes_after: int
     pages_freed: int
     converted: bool = False  # an older database was switched to incremental vacuum (VACUUM)
+    staging_bytes_before: int = 0
+    staging_bytes_after: int = 0
 
     @property
     def bytes_freed(self) -> int:
-        return max(0, self.bytes_before - self.bytes_after)
+        return (max(0, self.bytes_before - self.bytes_after)
+                + max(0, self.staging_bytes_before - self.staging_bytes_after))
 
 
 def _file_bytes(path: Path) -> int:
+    """A database's bytes on disk: its file and its WAL."""
     return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal"))
                if p.exists())
 
@@ -126,8 +132,10 @@ def shrink_database(db_path: str | os.PathLike[str], *,
     once by a VACUUM, which rewrites the whole file: `exclusive()` should hold every entity's
     lock for it, so syncs wait for their lock rather than for the file."""
     path = Path(db_path)
+    staging = staging_files(path)[0]
     wait_for_checkpoint(path)  # the WAL folded in first: sizes compare like with like
-    before = _file_bytes(path)
+    wait_for_checkpoint(staging)
+    before, staging_before = _file_bytes(path), _file_bytes(staging)
     converted = False
     freed = 0
     with closing(connect(path)) as connection:
@@ -136,11 +144,16 @@ def shrink_database(db_path: str | os.PathLike[str], *,
                 connection.execute("PRAGMA auto_vacuum=INCREMENTAL")
                 connection.execute("VACUUM")
             converted = True
-        while (free := connection.execute("PRAGMA freelist_count").fetchone()[0]) > 0:
-            # A script, not execute(): the pragma frees one page per step, and the sqlite3
-            # module steps a statement without result rows only once.
-            connection.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP});")
-            freed += min(free, VACUUM_PAGES_PER_STEP)
-        # The file shrinks when the WAL is checkpointed; TRUNCATE also empties the WAL file.
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    return Shrink(before, _file_bytes(path), freed, converted)
+        # The mirror file, then the staging file (made with incremental vacuum on).
+        for schema in ("main", STAGING_SCHEMA):
+            while (free := connection.execute(
+                    f"PRAGMA {schema}.freelist_count").fetchone()[0]) > 0:
+                # A script, not execute(): the pragma frees one page per step, and the sqlite3
+                # module steps a statement without result rows only once.
+                connection.executescript(
+                    f"PRAGMA {schema}.incremental_vacuum({VACUUM_PAGES_PER_STEP});")
+                freed += min(free, VACUUM_PAGES_PER_STEP)
+            # The file shrinks when the WAL is checkpointed; TRUNCATE also empties the WAL.
+            connection.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchall()
+    return Shrink(before, _file_bytes(path), freed, converted, staging_before,
+                  _file_bytes(staging))

@@ -38,6 +38,7 @@ from dataverse_assets.store.bookkeeping import (
     staged_with_status,
 )
 from dataverse_assets.store.db import quote_identifier, table_exists, transaction
+from dataverse_assets.store.staging_store import forget_staged_here
 from dataverse_assets.store.tables import staging_keys_table, staging_table
 
 
@@ -109,7 +110,7 @@ def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
 def prune_staged(connection: sqlite3.Connection, prune: StagingPrune) -> int:
     """Delete one change set's staged rows (and its key-scan keys) and mark it pruned, in one
     transaction. Returns the rows deleted."""
-    with transaction(connection):
+    with transaction(connection, staging=True):
         deleted = connection.execute(
             f"DELETE FROM {quote_identifier(staging_table(prune.entity))}"
             " WHERE _change_set = ?", (prune.change_set,)).rowcount
@@ -117,5 +118,6 @@ def prune_staged(connection: sqlite3.Connection, prune: StagingPrune) -> int:
         if table_exists(connection, keys):
             connection.execute(f"DELETE FROM {quote_identifier(keys)} WHERE _change_set = ?",
                                (prune.change_set,))
+        forget_staged_here(connection, prune.entity, prune.change_set)
         mark_pruned(connection, prune.entity, prune.change_set)
     return deleted

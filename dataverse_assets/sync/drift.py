@@ -137,7 +137,7 @@ def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArch
     live, live_from = live_schema(archive, locked.primary_key)
     changes = compare_schemas(locked, live) if live is not None else []
     changes = mark_deselected(changes, request.get("select"), _metadata_columns(archive))
-    with transaction(connection):
+    with transaction(connection, staging=True):  # evolve adds columns to the staging table
         if _checked(connection, entity.name, change_set):  # another run got here first
             return load_locked_schema(connection, entity.name) or locked
         locked = load_locked_schema(connection, entity.name) or locked

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import orjson
 
@@ -85,7 +86,8 @@ class FetchSummary:
 class _Progress:
     """Counters while a change set streams into the archive."""
 
-    def __init__(self, request: FetchRequest) -> None:
+    def __init__(self, request: FetchRequest, page_sink: PageSink | None = None) -> None:
+        self.page_sink = page_sink
         self.page_number = 0
         self.records = 0
         self.archived_bytes = 0
@@ -146,9 +148,20 @@ def _record_page(archive: ChangeSetArchive, progress: _Progress, step_index: int
         "url": url, "records": len(records), "bytes": len(body), "next_link": next_link,
         "delta_link": delta_link,
     })
+    if progress.page_sink is not None:
+        progress.page_sink.page(progress.page_number, progress.pages[-1], records)
 
 
 ProgressCallback = Callable[[FetchProgress], None]
+
+
+class PageSink(Protocol):
+    """Told of every page as it is archived (sync.prestage stages it meanwhile), and when the
+    fetch starts again from its first page."""
+
+    def page(self, number: int, meta: dict, records: list[dict]) -> None: ...
+
+    def abandon(self, reason: str) -> None: ...
 
 # A counted step stops past this many times its expected pages (plus a few). Rows written
 # while it reads, a RetrieveTotalRecordCount snapshot that lags the table, and pages shorter
@@ -433,6 +446,7 @@ async def fetch_change_set(
     definition: dict | None, *, attribute_metadata: dict | None = None,
     on_progress: ProgressCallback | None = None,
     count_total: bool = False, mirrored_versions: MirroredVersions | None = None,
+    page_sink: PageSink | None = None,
 ) -> FetchSummary:
     """Run the request's steps, archiving each page as it arrives; write the manifest last.
 
@@ -440,7 +454,7 @@ async def fetch_change_set(
     `count_total`, whole-table reads first ask the source for their `$count`, so progress
     can show an ETA. With `mirrored_versions`, a key scan is compared with the mirror by key
     and version, and what diverges is fetched again by id in the same change set (see
-    Divergence).
+    Divergence). `page_sink` is handed every archived page with its parsed records.
     """
     started = time.perf_counter()
     started_at = utc_now_iso()
@@ -455,7 +469,7 @@ async def fetch_change_set(
             archive.write_json(ENTITY_DEFINITION, definition)
         if attribute_metadata is not None:
             archive.write_json(ATTRIBUTE_METADATA, attribute_metadata)
-        progress = _Progress(request)
+        progress = _Progress(request, page_sink)
         divergence = (Divergence(mirrored_versions, request.primary_key,
                                  missing_too=request.mode != Mode.FILTERED)
                       if mirrored_versions is not None
@@ -478,6 +492,9 @@ async def fetch_change_set(
             progress.flush(quiet=True)
             if exc.code == EXPIRED_DELTA_TOKEN and request.mode == Mode.CHANGE_TRACKING:
                 request = resync_request(request, request.steps[0].query.page_size)
+                if page_sink is not None:  # the archive starts again from page 1
+                    page_sink.abandon("the change-tracking read started again")
+                    page_sink = None
                 continue
             if exc.status == 404 and definition is None and progress.page_number == 0:
                 raise await _unknown_entity(session, request.entity) from None

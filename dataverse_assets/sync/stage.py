@@ -43,6 +43,13 @@ from dataverse_assets.store.schema import (
     schema_from_metadata,
     to_sqlite_value,
 )
+from dataverse_assets.store.staging_store import (
+    STAGING_SCHEMA,
+    forget_prestaged,
+    mark_staged_here,
+    prestaged_exists,
+    take_prestaged,
+)
 from dataverse_assets.store.tables import staging_keys_table, staging_table
 from dataverse_assets.sync.fetch_plan import OUTSIDE_FILTER
 from dataverse_assets.sync.stage_workers import WorkerPool
@@ -146,6 +153,12 @@ class StagedRecords:
     issues: list[dict] = field(default_factory=list)
     # What its key-and-version scan found diverging: scanned, missing, stale (fetch.Divergence).
     divergence: dict[str, int] = field(default_factory=dict)
+    # staging_fingerprint of the rows (sync.prestage: rows staged during the fetch are taken
+    # only with the same one); "" never takes them.
+    fingerprint: str = ""
+    adopted: bool = False  # its rows were staged while the fetch ran (sync.prestage)
+    # Told the rows when they were taken as staged during the fetch (the batches never run).
+    on_adopted: Callable[[int], None] | None = None
 
 
 def _delete_row(change_set: str, key: str, names: list[str], marker: dict) -> tuple:
@@ -166,7 +179,7 @@ def _report_oversized(issues: list[dict], key: str, names: list[str], values: tu
 
 
 @dataclass(frozen=True)
-class _PageContext:
+class PageContext:
     """What staging one page needs besides its body (picklable: stage workers get it)."""
 
     change_set: str
@@ -195,10 +208,16 @@ def _values_of(names: tuple[str, ...]) -> Callable[[dict], tuple]:
     return values
 
 
-def _stage_page(context: _PageContext, page_number: int, page: dict, body: bytes,
+def _stage_page(context: PageContext, page_number: int, page: dict, body: bytes,
                 counts: dict[str, int], issues: list[dict]) -> tuple[list[tuple], list[str]]:
     """One archived page as staging rows, or as keys (a key-only scan's page)."""
     records = page_records(body, page.get("shape", "collection"), page_number)
+    return stage_records(context, page_number, page, records, counts, issues)
+
+
+def stage_records(context: PageContext, page_number: int, page: dict, records: list[dict],
+                  counts: dict[str, int], issues: list[dict]) -> tuple[list[tuple], list[str]]:
+    """A page's parsed records as staging rows, or as keys (a key-only scan's page)."""
     pk, names, change_set = context.pk, context.names, context.change_set
     if page.get("kind") == "keys":
         counts["keys"] += len(records)
@@ -240,7 +259,7 @@ def _page_meta(pages: list[dict], page_number: int) -> dict:
     return pages[page_number - 1] if page_number <= len(pages) else {}
 
 
-def _staged_bodies(context: _PageContext, pages: list[dict], bodies: Iterator[bytes],
+def _staged_bodies(context: PageContext, pages: list[dict], bodies: Iterator[bytes],
                    first_page: int, counts: dict[str, int],
                    issues: list[dict]) -> Iterator[tuple[list[tuple], list[str]]]:
     """Page bodies staged in this process, numbered from `first_page`."""
@@ -249,7 +268,7 @@ def _staged_bodies(context: _PageContext, pages: list[dict], bodies: Iterator[by
                           issues)
 
 
-def _stage_page_file(context: _PageContext, page_number: int, page: dict,
+def _stage_page_file(context: PageContext, page_number: int, page: dict,
                      path: str) -> tuple[list[tuple], list[str], dict[str, int], list[dict]]:
     """A stage worker's task: read, unzip and stage one page file."""
     counts: dict[str, int] = dict.fromkeys(STAGING_COUNTS, 0)
@@ -277,7 +296,7 @@ def staging_workers() -> int:
 
 
 def _staged_pages_in_workers(
-    archive: ChangeSetArchive, context: _PageContext, pages: list[dict], workers: int,
+    archive: ChangeSetArchive, context: PageContext, pages: list[dict], workers: int,
     counts: dict[str, int], issues: list[dict],
 ) -> Iterator[tuple[list[tuple], list[str]]]:
     """Pages staged by worker processes (stage_workers), handed back in page order (later
@@ -326,7 +345,7 @@ def iter_staged_batches(
     manifest = archive.manifest()
     request = archive.read_json(REQUEST) or {}
     scope = request.get("id_scope")
-    context = _PageContext(
+    context = PageContext(
         change_set=archive.change_set, pk=schema.primary_key, names=tuple(schema.column_names),
         hash_ignore_annotations=hash_ignore_annotations,
         scope_ids=frozenset(i.lower() for i in scope) if scope is not None else None)
@@ -370,87 +389,140 @@ def iter_staged_batches(
         yield batch, keys
 
 
-def _bindable_batch(batch: list[tuple], staged: StagedRecords,
-                    types: dict[str, str]) -> Iterator[tuple]:
+def _bindable_batch(batch: list[tuple], names: list[str], types: dict[str, str],
+                    issues: list[dict], change_set: str) -> Iterator[tuple]:
     """The rows with every value bindable; integers beyond 64 bits become issue rows."""
-    names = staged.schema.column_names
     first = len(STAGING_META_COLUMNS)
     for row in batch:
         row = tuple(map(to_sqlite_value, row))
         values = row[first:first + len(names)]
         if OversizedInteger in map(type, values):
-            _report_oversized(staged.issues, row[1], names, values, types,
-                              f"change set {staged.change_set}")
+            _report_oversized(issues, row[1], names, values, types, f"change set {change_set}")
         yield row
 
 
-def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
-    """Replace the change set's rows in the staging table, in one transaction."""
-    table = staging_table(staged.entity)
-    columns = [*STAGING_META_COLUMNS, *staged.schema.column_names, "json_response"]
-    types = {c.name: c.sqlite_type for c in staged.schema.columns}
-    rows = 0
-    with transaction(connection):
+def staging_fingerprint(schema: EntitySchema, hash_ignore_annotations: bool) -> str:
+    """What a change set's staged rows depend on besides its archived pages: the schema's
+    key, columns and types, and the hash rule. Rows staged with the same fingerprint from
+    the same pages are the same rows (sync.prestage relies on it)."""
+    return hashlib.blake2b(orjson.dumps([
+        schema.primary_key, [[c.name, c.sqlite_type] for c in schema.columns],
+        HASH_RULES[hash_ignore_annotations]]), digest_size=16).hexdigest()
+
+
+def _staging_prefix(connection: sqlite3.Connection) -> str:
+    """Where a new staging table goes: the attached staging file (a mirror connection), or
+    the connection's own file (a connection to the staging file itself: sync.prestage)."""
+    return f"{STAGING_SCHEMA}." if getattr(connection, "staging_path", "") else ""
+
+
+class StagingWriter:
+    """Writes one change set's rows into `_staging__E` and its key-scan keys into
+    `_staging_keys__E`, inside the caller's transaction(s): `start` (tables, columns, and the
+    change set's earlier rows deleted), `write` per batch, `finish` (a new table's key index).
+    """
+
+    def __init__(self, connection: sqlite3.Connection, entity: str, change_set: str,
+                 schema: EntitySchema, issues: list[dict]) -> None:
+        self.connection, self.change_set, self.issues = connection, change_set, issues
+        self.table = staging_table(entity)
+        self.names = schema.column_names
+        self.columns = [*STAGING_META_COLUMNS, *self.names, "json_response"]
+        self.types = {c.name: c.sqlite_type for c in schema.columns}
+        self.keys_table = quote_identifier(staging_keys_table(entity))
+        self.new_table = False
+        self.rows = 0
+        # A record seen twice in one change set (it changed while we paged) keeps its last
+        # version: later pages are newer.
+        self.statement = (
+            f"INSERT OR REPLACE INTO {quote_identifier(self.table)} "
+            f"({', '.join(quote_identifier(c) for c in self.columns)}) "
+            f"VALUES ({', '.join('?' for _ in self.columns)})")
+
+    def start(self) -> None:
+        connection, table, types = self.connection, self.table, self.types
         # A new table (an entity's first change set: its first sync, or a rebuild's) gets its
         # rows appended in page order and its (_change_set, _pk) key index built once, after
         # them: growing that index key by key in GUID order made staging a 1M-row first sync
         # ~17% slower (docs/performance.md). Later change sets go through the index.
-        new_table = not table_exists(connection, table)
-        if new_table:
+        exists = table_exists(connection, table)
+        # A table without its key index yet (a fetch that staged its first change set while
+        # it ran and did not finish) is finished like a new one.
+        self.new_table = not exists or not connection.execute(
+            "SELECT 1 FROM pragma_index_list(?) WHERE \"unique\" = 1", (table,)).fetchone()
+        if not exists:
             definitions = ", ".join(
-                f"{quote_identifier(c)} {types.get(c, 'TEXT')}" for c in columns
-            )
-            connection.execute(f"CREATE TABLE {quote_identifier(table)} ({definitions})")
+                f"{quote_identifier(c)} {types.get(c, 'TEXT')}" for c in self.columns)
+            connection.execute(f"CREATE TABLE {_staging_prefix(connection)}"
+                               f"{quote_identifier(table)} ({definitions})")
         else:
             existing = set(table_columns(connection, table))
-            for column in columns:
+            for column in self.columns:
                 if column not in existing:
                     connection.execute(
                         f"ALTER TABLE {quote_identifier(table)} ADD COLUMN "
-                        f"{quote_identifier(column)} {types.get(column, 'TEXT')}"
-                    )
+                        f"{quote_identifier(column)} {types.get(column, 'TEXT')}")
         # Counting a change set's upserts (publish, the row-count check) reads this small
         # index, not the wide rows; entries are appended in rowid order, so it costs little.
         connection.execute(
-            f"CREATE INDEX IF NOT EXISTS {quote_identifier(table + '__op')}"
-            f" ON {quote_identifier(table)} (_change_set, _op)"
-        )
+            f"CREATE INDEX IF NOT EXISTS {_schema_of(connection, table)}"
+            f"{quote_identifier(table + '__op')} ON {quote_identifier(table)} (_change_set, _op)")
+        connection.execute(f"DELETE FROM {quote_identifier(table)} WHERE _change_set = ?",
+                           (self.change_set,))
         connection.execute(
-            f"DELETE FROM {quote_identifier(table)} WHERE _change_set = ?", (staged.change_set,)
-        )
-        # A record seen twice in one change set (it changed while we paged) keeps its last
-        # version: later pages are newer.
-        statement = (
-            f"INSERT OR REPLACE INTO {quote_identifier(table)} "
-            f"({', '.join(quote_identifier(c) for c in columns)}) "
-            f"VALUES ({', '.join('?' for _ in columns)})"
-        )
-        keys_table = quote_identifier(staging_keys_table(staged.entity))
-        connection.execute(
-            f"CREATE TABLE IF NOT EXISTS {keys_table} (_change_set TEXT NOT NULL,"
-            " _pk TEXT NOT NULL, PRIMARY KEY (_change_set, _pk))"
-        )
-        connection.execute(f"DELETE FROM {keys_table} WHERE _change_set = ?",
-                           (staged.change_set,))
-        for batch, keys in staged.batches:
-            try:
-                connection.executemany(statement, batch)
-            except (sqlite3.ProgrammingError, OverflowError):
-                # A value SQLite cannot bind (an object, a list, an integer beyond 64 bits):
-                # the batch again, with every value as to_sqlite_value has it (INSERT OR
-                # REPLACE: rows already written are written again).
-                connection.executemany(statement, _bindable_batch(batch, staged, types))
-            connection.executemany(
-                f"INSERT OR IGNORE INTO {keys_table} (_change_set, _pk) VALUES (?, ?)",
-                ((staged.change_set, key) for key in keys),
-            )
-            rows += len(batch)
-        if new_table:
-            _create_key_index(connection, table, staged.change_set)
+            f"CREATE TABLE IF NOT EXISTS {_staging_prefix(connection)}{self.keys_table}"
+            " (_change_set TEXT NOT NULL, _pk TEXT NOT NULL, PRIMARY KEY (_change_set, _pk))")
+        connection.execute(f"DELETE FROM {self.keys_table} WHERE _change_set = ?",
+                           (self.change_set,))
+
+    def write(self, batch: list[tuple], keys: list[str]) -> None:
+        try:
+            self.connection.executemany(self.statement, batch)
+        except (sqlite3.ProgrammingError, OverflowError):
+            # A value SQLite cannot bind (an object, a list, an integer beyond 64 bits): the
+            # batch again, with every value as to_sqlite_value has it (INSERT OR REPLACE: rows
+            # already written are written again).
+            self.connection.executemany(self.statement, _bindable_batch(
+                batch, self.names, self.types, self.issues, self.change_set))
+        if keys:
+            self.connection.executemany(
+                f"INSERT OR IGNORE INTO {self.keys_table} (_change_set, _pk) VALUES (?, ?)",
+                ((self.change_set, key) for key in keys))
+        self.rows += len(batch)
+
+    def finish(self) -> None:
+        if self.new_table:
+            _create_key_index(self.connection, self.table, self.change_set)
+
+
+def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
+    """Replace the change set's rows in the staging table, then record it staged.
+
+    Two transactions: the rows (and the staging file's own marker) in the staging file, then
+    the mirror's record of it (`_staged`, its issues, its publish PENDING), so a publish of
+    another entity is not held up while rows are written. A crash between them leaves the
+    rows unrecorded: the step runs again and replaces them. Rows a fetch already staged while
+    its pages arrived (sync.prestage) are taken as they are when they are exactly these rows.
+    """
+    rows = adopt_prestaged(connection, staged)
+    if rows is None:
+        with transaction(connection, mirror=False, staging=True):
+            forget_prestaged(connection, staged.entity, staged.change_set)
+            writer = StagingWriter(connection, staged.entity, staged.change_set,
+                                   staged.schema, staged.issues)
+            writer.start()
+            for batch, keys in staged.batches:
+                writer.write(batch, keys)
+            writer.finish()
+            rows = writer.rows
+            mark_staged_here(connection, staged.entity, staged.change_set, rows,
+                             utc_now_iso())
+    with transaction(connection):
         for issue in staged.issues:
             record_issue(connection, entity=staged.entity, change_set=staged.change_set, **issue)
         # A record this change set staged without its earlier problem is fine now.
-        resolve_issues(connection, staged.entity, staged.change_set, table)
+        resolve_issues(connection, staged.entity, staged.change_set,
+                       staging_table(staged.entity))
         # The marker that this change set is fully staged: publishing refuses without it, so
         # a full snapshot can never be "published" from an empty, never-staged change set.
         record_staged(
@@ -464,6 +536,38 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
     return rows
 
 
+def adopt_prestaged(connection: sqlite3.Connection, staged: StagedRecords) -> int | None:
+    """The rows a fetch staged as its pages arrived (sync.prestage), when they are exactly
+    what staging the archive would write (the same fingerprint, the fetch complete): marked
+    staged here, their counts and issues taken over. None otherwise (stage from the archive).
+    """
+    if not staged.fingerprint or not prestaged_exists(connection, staged.entity,
+                                                      staged.change_set):
+        return None
+    with transaction(connection, mirror=False, staging=True):
+        found = take_prestaged(connection, staged.entity, staged.change_set,
+                               staged.fingerprint)
+        if found is None:
+            return None
+        rows, counts, issues = found
+        staged.counts.update(counts)
+        staged.issues.extend(issues)
+        mark_staged_here(connection, staged.entity, staged.change_set, rows, utc_now_iso())
+    staged.adopted = True
+    if staged.on_adopted is not None:
+        staged.on_adopted(rows)
+    return rows
+
+
+def _schema_of(connection: sqlite3.Connection, table: str) -> str:
+    """Where the table is, for naming an index of it (SQLite makes an index in its table's
+    file, and wants that file named on the index): nothing for a table in the connection's
+    own file, else `staging.`."""
+    in_main = connection.execute("SELECT 1 FROM main.sqlite_master WHERE type = 'table'"
+                                 " AND name = ?", (table,)).fetchone()
+    return "" if in_main else _staging_prefix(connection)
+
+
 def staging_key_index(table: str) -> str:
     """The unique (_change_set, _pk) index of a staging table made by this version (older
     tables have the same key as their PRIMARY KEY)."""
@@ -474,15 +578,16 @@ def _create_key_index(connection: sqlite3.Connection, table: str, change_set: st
     """The key index of a new staging table, built over its first change set's rows. A key
     staged twice (the record changed while we paged) keeps its last version, as INSERT OR
     REPLACE does through the index: rows went in in page order, so the highest rowid."""
-    statement = (f"CREATE UNIQUE INDEX {quote_identifier(staging_key_index(table))}"
+    statement = (f"CREATE UNIQUE INDEX {_schema_of(connection, table)}"
+                 f"{quote_identifier(staging_key_index(table))}"
                  f" ON {quote_identifier(table)} (_change_set, _pk)")
     try:
         connection.execute(statement)
     except sqlite3.IntegrityError:
+        # (Every change set: rows a killed fetch staged may share the table.)
         connection.execute(
-            f"DELETE FROM {quote_identifier(table)} WHERE _change_set = :cs AND rowid NOT IN"
-            f" (SELECT max(rowid) FROM {quote_identifier(table)} WHERE _change_set = :cs"
-            " GROUP BY _pk)", {"cs": change_set})
+            f"DELETE FROM {quote_identifier(table)} WHERE rowid NOT IN"
+            f" (SELECT max(rowid) FROM {quote_identifier(table)} GROUP BY _change_set, _pk)")
         connection.execute(statement)
 
 

@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 
 import orjson
 
-from dataverse_assets.archive.change_sets import ChangeSetArchive, list_change_sets
+from dataverse_assets.archive.change_sets import REQUEST, ChangeSetArchive, list_change_sets
 from dataverse_assets.config import EntityConfig
-from dataverse_assets.errors import ArchiveError, StorageError
+from dataverse_assets.errors import ArchiveError, NotStagedError, StorageError
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus, SyncStatus
 from dataverse_assets.names import change_set_order, check_change_set_key, is_change_set_key
 from dataverse_assets.source.base import DataverseSource
@@ -38,12 +38,14 @@ from dataverse_assets.store.bookkeeping import (
 from dataverse_assets.store.db import database_path, storage_problem, utc_now_iso
 from dataverse_assets.store.mirror import MirrorAccess
 from dataverse_assets.store.schema_registry import load_locked_schema
+from dataverse_assets.store.staging_store import staged_here
 from dataverse_assets.store.tables import mirrored_etags, staging_table
 from dataverse_assets.sync.choices import refresh_attribute_metadata
 from dataverse_assets.sync.drift import schema_for_change_set
 from dataverse_assets.sync.faults import fault_point
 from dataverse_assets.sync.fetch import FetchSummary, ProgressCallback, fetch_change_set
 from dataverse_assets.sync.fetch_plan import plan_fetch, reconcile_due
+from dataverse_assets.sync.prestage import PageStager
 from dataverse_assets.sync.progress import FetchProgress, ProgressReporter, phase_reporter
 from dataverse_assets.sync.publish_execute import PublishResult, publish_change_set
 from dataverse_assets.sync.stage import (
@@ -51,6 +53,7 @@ from dataverse_assets.sync.stage import (
     align_canonical_hashes,
     column_values,
     iter_staged_batches,
+    staging_fingerprint,
     write_staged,
 )
 
@@ -69,6 +72,13 @@ def linked_and_mirrored_ids(connection: sqlite3.Connection, entity: EntityConfig
         if staged is not None:
             refuse_if_pruned(connection, link.entity, change_set,
                              f"{entity.name}'s fetch (the ids {link.entity} links)")
+            if not staged_here(connection, link.entity, change_set):
+                raise NotStagedError(
+                    f"{link.entity}: the staged rows of change set {change_set} are not in the"
+                    " staging file (made anew after a crash or a restart of the machine), and"
+                    f" {entity.name}'s fetch needs the ids it links. Materialize"
+                    f" staging/{link.entity} for partition {change_set} to stage it again from"
+                    " the archive, then retry.")
             linked |= column_values(connection, staging_table(link.entity), link.column,
                                     change_set=change_set, lookup_target=link.lookup_target)
         if staged is None or staged["mode"] not in SNAPSHOT_MODES:
@@ -110,6 +120,7 @@ def fetch(store: MirrorAccess, source: DataverseSource, entity: EntityConfig,
             if entity.filtered and not targeted_ids else (set(), set(), set())
         )
         mark_sync_status(connection, entity.name, SyncStatus.IN_PROGRESS)
+        locked = load_locked_schema(connection, entity.name)
     started_at = utc_now_iso()
     reconcile = reconcile or reconcile_due(entity, state.reconciled_at if state else None,
                                            datetime.now(UTC))
@@ -127,13 +138,24 @@ def fetch(store: MirrorAccess, source: DataverseSource, entity: EntityConfig,
                 targeted_ids=targeted_ids or (),
                 lookup_column=lookup_column,
             )
-            return await fetch_change_set(
-                session, archive, request, definition, attribute_metadata=attributes,
-                on_progress=on_progress,
-                count_total=on_progress is not None,
-                # A key scan is compared with the mirror's versions as its pages arrive.
-                mirrored_versions=lambda ids: mirrored_etags(mirror, entity.name,
-                                                             request.primary_key, ids))
+            # Staged while the pages arrive (staging/E takes the rows when they are its own).
+            stager = PageStager.for_request(store.db_path, entity, archive, request, locked)
+            try:
+                summary = await fetch_change_set(
+                    session, archive, request, definition, attribute_metadata=attributes,
+                    on_progress=on_progress,
+                    count_total=on_progress is not None,
+                    # A key scan is compared with the mirror's versions as its pages arrive.
+                    mirrored_versions=lambda ids: mirrored_etags(mirror, entity.name,
+                                                                 request.primary_key, ids),
+                    page_sink=stager)
+            except BaseException:
+                if stager is not None:
+                    stager.abandon()
+                raise
+            if stager is not None:
+                stager.finish()
+            return summary
 
     try:
         with store.connection() as mirror:
@@ -166,6 +188,11 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
     )
     counts: dict[str, int] = {}
     issues: list[dict] = []
+    request = archive.read_json(REQUEST) or {}
+    # Rows staged while the fetch ran are taken only for a change set staged from its pages
+    # alone (no linked ids in scope, none resolved one by one) with this schema and rule.
+    fingerprint = ("" if request.get("id_scope") is not None or manifest.get("missing")
+                   else staging_fingerprint(schema, entity.hash_ignore_annotations))
     return StagedRecords(
         entity=entity.name, change_set=archive.change_set, schema=schema,
         mode=manifest["mode"], watermark_after=summary.get("watermark_after"),
@@ -179,6 +206,7 @@ def staged_records(connection: sqlite3.Connection, archive: ChangeSetArchive,
         counts=counts,
         issues=issues,
         divergence=manifest.get("reconcile") or {},
+        fingerprint=fingerprint,
     )
 
 
@@ -189,9 +217,10 @@ def stage(store: MirrorAccess, entity: EntityConfig, change_set: str) -> StagedR
         archive = store.archive(entity.name, change_set)
         staged = staged_records(connection, archive, entity)
     total = archive.manifest()["summary"].get("records")
-    staged.batches = _reporting_batches(
-        staged.batches, phase_reporter(entity.name, change_set, "staging"),
-        total if isinstance(total, int) else None)
+    reporter = phase_reporter(entity.name, change_set, "staging")
+    staged.batches = _reporting_batches(staged.batches, reporter,
+                                        total if isinstance(total, int) else None)
+    staged.on_adopted = lambda rows: reporter.finish(0, rows, note="staged while fetching")
     return staged
 
 
@@ -229,7 +258,8 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
         for key in [*older, change_set]:
             operation = "stage"
             try:
-                if key != change_set and staged_row(connection, entity.name, key) is None:
+                if _staging_lost(connection, entity.name, key) or (
+                        key != change_set and staged_row(connection, entity.name, key) is None):
                     write_staged(connection, staged_records(
                         connection, store.archive(entity.name, key), entity))
                 operation = "prepare"
@@ -290,6 +320,14 @@ class _PublishProgress:
     def finish(self, rows: int, note: str) -> None:
         if self.reporter is not None:
             self.reporter.finish(0, rows, note=note)
+
+
+def _staging_lost(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
+    """Was the change set staged (and not pruned since) but its rows are not in the staging
+    file: a new staging file after a crash (store.staging_store)? Then it is staged again."""
+    staged = staged_row(connection, entity, change_set)
+    return (staged is not None and staged["pruned_at"] is None
+            and not staged_here(connection, entity, change_set))
 
 
 def _unpublished_before(connection: sqlite3.Connection, store: MirrorAccess, entity: str,

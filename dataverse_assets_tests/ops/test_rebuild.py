@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import sqlite3
+from contextlib import closing
 
 import pytest
 from dagster import AssetKey, DagsterInstance
@@ -22,7 +23,7 @@ from dataverse_assets.ops.rebuild import archived_change_sets, rebuild, register
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.archive_retention import compact_archive
-from dataverse_assets.store.db import quote_identifier, wait_for_checkpoint
+from dataverse_assets.store.db import connect, quote_identifier, wait_for_checkpoint
 from dataverse_assets.store.maintenance import retain_bookkeeping
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.progress import ProgressReporter, ProgressSink, ProgressUpdate
@@ -72,8 +73,9 @@ def records_without_annotations(connection, entity: str) -> list[dict]:
 
 
 def data_tables(db_path) -> dict[str, list[tuple]]:
-    """Canonical, history and staging tables of every entity, every column."""
-    with sqlite3.connect(db_path) as connection:
+    """Canonical, history and staging tables of every entity, every column (the staging
+    file attached, as every connection of the mirror has it)."""
+    with closing(connect(db_path)) as connection:
         return {table: table_rows(connection, table)
                 for name in ENTITY_NAMES
                 for table in (name, f"{name}__history", f"_staging__{name}")}

@@ -92,6 +92,8 @@ def test_the_maintenance_job_compacts_retains_and_shrinks_with_its_numbers_in_th
     assert retained["rows_deleted"] >= plan_rows > 0
     shrunk = numbers["shrink_mirror_file"]
     assert shrunk["bytes_freed"] > 0 and shrunk["file_bytes_after"] < size_before
+    # The staged rows retention deleted were given back by the staging file too.
+    assert shrunk["staging_file_bytes_after"] < shrunk["staging_file_bytes_before"]
     with mirror.connection() as connection:
         assert connection.execute("PRAGMA freelist_count").fetchone() == (0,)
         assert {e: canonical_rows(connection, e) for e in ENTITIES} == before
