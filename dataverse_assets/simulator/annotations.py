@@ -74,6 +74,10 @@ class Annotator:
         self.attributes = {
             a.column: a for a in table.spec.attributes if not a.is_virtual
         }
+        self.pk = table.spec.primary_id_attribute
+        self.entity_set = table.spec.entity_set_name
+        self._plan_keys: Sequence[str] | None = None
+        self._plan: list[tuple[str, object, SimAttribute | None, Any]] = []
 
     def _formatted(self, attribute: SimAttribute, row: dict[str, Any], value: Any) -> str | None:
         if attribute.is_choice:
@@ -86,30 +90,65 @@ class Annotator:
 
     def __call__(self, row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
         """A copy of row restricted to keys, each value preceded by its annotations."""
+        if keys is not self._plan_keys:  # the same keys for every row of a response
+            self._plan = [self._step(key) for key in keys]
+            self._plan_keys = keys
         out: dict[str, Any] = {}
-        pk = row[self.table.spec.primary_id_attribute]
-        for key in keys:
+        pk = row[self.pk]
+        for key, kind, attribute, extra in self._plan:
             value = row[key]
-            attribute = self.attributes.get(key)
-            if value is not None and attribute is not None:
-                if attribute.is_lookup:
-                    target = self.sim.lookup_target(self.table.spec.entity_set_name, pk, key)
-                    target = target or "systemuser"
-                    if self.formatted:
-                        name = self.sim.primary_name(target, value)
-                        if name is not None:
-                            out[f"{key}@{FORMATTED}"] = name
-                    if self.navigation:
-                        navigation = attribute.logical_name
-                        if attribute.attribute_type != "Owner" and len(attribute.targets) > 1:
-                            # A polymorphic lookup has one navigation property per target.
-                            navigation = f"{navigation}_{target}"
-                        out[f"{key}@{NAVIGATION_PROPERTY}"] = navigation
-                    if self.logical:
-                        out[f"{key}@{LOOKUP_LOGICAL_NAME}"] = target
-                elif self.formatted:
-                    text = self._formatted(attribute, row, value)
-                    if text is not None:
-                        out[f"{key}@{FORMATTED}"] = text
+            if kind is _PLAIN or value is None:
+                out[key] = value
+                continue
+            if kind is _LOOKUP:
+                target = (self.sim.lookup_target(self.entity_set, pk, key, attribute)
+                          or "systemuser")
+                if self.formatted:
+                    name = self.sim.primary_name(target, value)
+                    if name is not None:
+                        out[extra[0]] = name
+                if self.navigation:
+                    # A polymorphic lookup has one navigation property per target.
+                    out[extra[1]] = (f"{attribute.logical_name}_{target}" if extra[3]
+                                     else attribute.logical_name)
+                if self.logical:
+                    out[extra[2]] = target
+            else:
+                if kind is _CHOICE:
+                    text = self.sim.formatted_choice(self.table.spec, attribute, value)
+                elif kind is _MONEY:
+                    symbol = self.sim.currency(row.get("_transactioncurrencyid_value")).symbol
+                    text = f"{symbol}{value:,.2f}"
+                else:
+                    text = formatted_value(attribute.value_type, value,
+                                           symbol=BASE_CURRENCY.symbol, decimals=extra)
+                if text is not None:
+                    out[f"{key}@{FORMATTED}"] = text
             out[key] = value
         return out
+
+    def _step(self, key: str) -> tuple[str, object, SimAttribute | None, Any]:
+        """How a column is annotated, worked out once per response: (key, kind, attribute,
+        what the kind needs)."""
+        attribute = self.attributes.get(key)
+        if attribute is None:
+            return key, _PLAIN, None, None
+        if attribute.is_lookup:
+            polymorphic = attribute.attribute_type != "Owner" and len(attribute.targets) > 1
+            return key, _LOOKUP, attribute, (f"{key}@{FORMATTED}", f"{key}@{NAVIGATION_PROPERTY}",
+                                             f"{key}@{LOOKUP_LOGICAL_NAME}", polymorphic)
+        if not self.formatted:
+            return key, _PLAIN, attribute, None
+        if attribute.is_choice:
+            return key, _CHOICE, attribute, None
+        if attribute.attribute_type == "Money" and not attribute.is_base_currency:
+            return key, _MONEY, attribute, None
+        if attribute.value_type not in _FORMATTED_TYPES:
+            return key, _PLAIN, attribute, None  # no formatted value (text, GUIDs, ...)
+        return key, _OTHER, attribute, _DECIMALS.get(attribute.logical_name, 2)
+
+
+# What a column's annotation step is (Annotator._step).
+_PLAIN, _LOOKUP, _CHOICE, _MONEY, _OTHER = (object() for _ in range(5))
+_FORMATTED_TYPES = frozenset(("Money", "Integer", "BigInt", "Decimal", "Double", "DateTime",
+                              "Date"))

@@ -1759,10 +1759,12 @@ class DataverseSimulator:
             row = self._tables[entity_set].rows.get(pk.lower())
             return dict(row) if row is not None else None
 
-    def lookup_target(self, entity_set: str, pk: str, column: str) -> str | None:
-        """Logical name of the table a lookup value points at (for annotations)."""
+    def lookup_target(self, entity_set: str, pk: str, column: str,
+                      attribute: SimAttribute | None = None) -> str | None:
+        """Logical name of the table a lookup value points at (for annotations). `attribute`:
+        the column's, when the caller has it (annotating a page: not looked up per row)."""
         table = self._tables[entity_set]
-        attribute = table.spec.attribute(column)
+        attribute = attribute or table.spec.attribute(column)
         if attribute is None or not attribute.is_lookup:
             return None
         found = table.lookup_targets.get(pk, {}).get(column)

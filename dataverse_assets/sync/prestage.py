@@ -37,7 +37,7 @@ from contextlib import contextmanager, suppress
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.modes import Mode
-from dataverse_assets.store.db import BUSY_TIMEOUT_SECONDS, quote_identifier
+from dataverse_assets.store.db import quote_identifier
 from dataverse_assets.store.schema import EntitySchema
 from dataverse_assets.store.staging_store import (
     forget_prestaged,
@@ -150,8 +150,9 @@ class PageStager:
     def _run(self) -> None:
         connection = writer = None
         try:
+            # A write lock not had within PRESTAGE_WAIT_SECONDS: give up, not hold the fetch.
             connection = sqlite3.connect(staging_path(self.db_path),
-                                         timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+                                         timeout=PRESTAGE_WAIT_SECONDS, isolation_level=None)
             connection.execute("PRAGMA synchronous=OFF")
             context = None
             while (item := self.queue.get()) is not _END:

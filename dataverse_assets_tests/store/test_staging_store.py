@@ -135,3 +135,22 @@ def test_a_staging_table_a_killed_fetch_left_without_its_key_index_gets_it(store
                                   ).fetchall() == [("id-1", "a again"), ("id-2", "b")]
     publish(store, ENTITY, FIRST)
     assert _mirror(store) == [("id-1", "a again"), ("id-2", "b")]
+
+
+def test_a_publish_and_staged_rows_are_written_side_by_side(store):
+    """A transaction locks the files it writes: one holding the mirror file (a publish) does
+    not keep another from writing the staging file (staged rows), nor the other way round."""
+    stage_and_publish(store, FIRST, [thing(1, "a")])
+    with store.connection() as publishing, store.connection() as staging:
+        for connection in (publishing, staging):
+            connection.execute("PRAGMA busy_timeout=300")  # a refusal, not a minute's wait
+        with transaction(publishing):
+            publishing.execute("UPDATE things SET name = 'publishing'")
+            with transaction(staging, mirror=False, staging=True):
+                staging.execute("DELETE FROM _staging__things WHERE _change_set = ?",
+                                (FIRST,))
+        with transaction(staging, mirror=False, staging=True):
+            staging.execute("DELETE FROM _staging__things")
+            with transaction(publishing):
+                publishing.execute("UPDATE things SET name = 'published'")
+    assert _mirror(store) == [("id-1", "published")]
