@@ -31,13 +31,12 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.modes import Mode
-from dataverse_assets.store.db import quote_identifier
+from dataverse_assets.store.db import quote_identifier, transaction
 from dataverse_assets.store.schema import EntitySchema
 from dataverse_assets.store.staging_store import (
     forget_prestaged,
@@ -173,16 +172,16 @@ class PageStager:
                                                       self.entity.hash_ignore_annotations)
                     writer = StagingWriter(connection, self.entity.name,
                                            self.archive.change_set, schema, self.issues)
-                    with _writing(connection):
+                    with transaction(connection):
                         forget_prestaged(connection, self.entity.name,
                                          self.archive.change_set, schema="main")
                         writer.start()
                 rows, keys = stage_records(context, number, meta, records, self.counts,
                                            self.issues)
-                with _writing(connection):
+                with transaction(connection):
                     writer.write(rows, keys)
             if self._finishing and self.given_up is None and writer is not None:
-                with _writing(connection):
+                with transaction(connection):
                     writer.finish()
                     record_prestaged(connection, self.entity.name, self.archive.change_set,
                                      fingerprint, writer.rows, self.counts, self.issues,
@@ -202,21 +201,8 @@ class PageStager:
     def _delete_written(self, connection: sqlite3.Connection) -> None:
         """What the thread wrote, deleted (best effort: staging/E deletes it anyway)."""
         with suppress(sqlite3.Error):
-            with _writing(connection):
+            with transaction(connection):
                 for table in (staging_table(self.entity.name),
                               staging_keys_table(self.entity.name)):
                     connection.execute(f"DELETE FROM {quote_identifier(table)}"
                                        " WHERE _change_set = ?", (self.archive.change_set,))
-
-
-@contextmanager
-def _writing(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """A write transaction on the stager's own connection to the staging file."""
-    connection.execute("BEGIN IMMEDIATE")
-    try:
-        yield connection
-    except BaseException:
-        if connection.in_transaction:
-            connection.execute("ROLLBACK")
-        raise
-    connection.execute("COMMIT")
