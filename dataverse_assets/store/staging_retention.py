@@ -14,6 +14,10 @@ A change set's rows are deleted only when:
   retry queued or dead letter for it (a filtered entity's fetch reads the linking tables'
   staged rows of the same change set).
 
+Rows of a change set that was never staged nor recorded (a fetch that staged its pages as they
+arrived and was killed: sync.prestage) are deleted too, once the entity has published a newer
+change set.
+
 The `_staged` row stays, with `pruned_at` set, so the publish records keep their context and
 anything that would read the rows fails with a message instead of finding nothing: publishing
 the change set again, or a filtered entity's fetch of it. Materializing `staging/E` for that
@@ -38,7 +42,11 @@ from dataverse_assets.store.bookkeeping import (
     staged_with_status,
 )
 from dataverse_assets.store.db import quote_identifier, table_exists, transaction
-from dataverse_assets.store.staging_store import forget_staged_here
+from dataverse_assets.store.staging_store import (
+    forget_prestaged,
+    forget_staged_here,
+    prestaged_change_sets,
+)
 from dataverse_assets.store.tables import staging_keys_table, staging_table
 
 
@@ -104,7 +112,25 @@ def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
                 continue
             if all(_done_with(connection, archive_dir, r.name, change_set) for r in readers):
                 plan.append(StagingPrune(entity.name, change_set, rows))
+        plan += _orphans(connection, entity.name, {row[0] for row in staged})
     return plan
+
+
+def _orphans(connection: sqlite3.Connection, entity: str,
+             staged: set[str]) -> list[StagingPrune]:
+    """Rows of change sets never staged or recorded: a fetch that staged its pages as they
+    arrived (sync.prestage) and was killed. Only change sets older than the entity's last
+    published one, so a fetch still running is never touched (its key is newer)."""
+    state = read_sync_state(connection, entity)
+    if state is None or state.last_change_set is None:
+        return []
+    newest = change_set_order(state.last_change_set)
+    known = staged | prestaged_change_sets(connection, entity)
+    table = quote_identifier(staging_table(entity))
+    return [StagingPrune(entity, change_set, rows) for change_set, rows in connection.execute(
+                f"SELECT _change_set, count(*) FROM {table} GROUP BY _change_set")
+            if change_set not in known and is_change_set_key(change_set)
+            and change_set_order(change_set) < newest]
 
 
 def prune_staged(connection: sqlite3.Connection, prune: StagingPrune) -> int:
@@ -114,6 +140,7 @@ def prune_staged(connection: sqlite3.Connection, prune: StagingPrune) -> int:
         deleted = connection.execute(
             f"DELETE FROM {quote_identifier(staging_table(prune.entity))}"
             " WHERE _change_set = ?", (prune.change_set,)).rowcount
+        forget_prestaged(connection, prune.entity, prune.change_set)
         keys = staging_keys_table(prune.entity)
         if table_exists(connection, keys):
             connection.execute(f"DELETE FROM {quote_identifier(keys)} WHERE _change_set = ?",

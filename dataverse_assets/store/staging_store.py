@@ -144,8 +144,8 @@ def _make(connection: sqlite3.Connection, path: Path) -> None:
                        " NOT NULL, staged_at TEXT NOT NULL, PRIMARY KEY (entity, change_set))")
     connection.execute(f"CREATE TABLE IF NOT EXISTS {STAGING_SCHEMA}.{_PRESTAGED}"
                        " (entity TEXT NOT NULL, change_set TEXT NOT NULL, fingerprint TEXT"
-                       " NOT NULL, rows INTEGER NOT NULL, counts TEXT NOT NULL, issues TEXT"
-                       " NOT NULL, PRIMARY KEY (entity, change_set))")
+                       " NOT NULL, rows INTEGER NOT NULL, present INTEGER NOT NULL, counts TEXT"
+                       " NOT NULL, issues TEXT NOT NULL, PRIMARY KEY (entity, change_set))")
     connection.execute("COMMIT")
 
 
@@ -242,10 +242,30 @@ def staged_here(connection: sqlite3.Connection, entity: str, change_set: str) ->
 def record_prestaged(connection: sqlite3.Connection, entity: str, change_set: str,
                      fingerprint: str, rows: int, counts: dict, issues: list[dict], *,
                      schema: str = STAGING_SCHEMA) -> None:
-    """The fetch of the change set completed and its pages are staged, with `fingerprint`."""
+    """The fetch of the change set completed and its pages are staged, with `fingerprint`:
+    `rows` written, and the rows and keys present now (checked again when they are taken)."""
     connection.execute(
-        f"INSERT OR REPLACE INTO {schema}.{_PRESTAGED} VALUES (?, ?, ?, ?, ?, ?)",
-        (entity, change_set, fingerprint, rows, json.dumps(counts), json.dumps(issues)))
+        f"INSERT OR REPLACE INTO {schema}.{_PRESTAGED} VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (entity, change_set, fingerprint, rows, present_rows(connection, entity, change_set),
+         json.dumps(counts), json.dumps(issues)))
+
+
+def present_rows(connection: sqlite3.Connection, entity: str, change_set: str) -> int:
+    """The change set's rows and key-scan keys in the staging tables (their indexes count)."""
+    total = 0
+    for prefix in STAGING_TABLE_PREFIXES:
+        quoted = '"' + (prefix + entity).replace('"', '""') + '"'
+        try:
+            total += connection.execute(f"SELECT count(*) FROM {quoted} WHERE _change_set = ?",
+                                        (change_set,)).fetchone()[0]
+        except sqlite3.OperationalError:  # no such table (no key scan yet)
+            pass
+    return total
+
+
+def prestaged_change_sets(connection: sqlite3.Connection, entity: str) -> set[str]:
+    return {row[0] for row in connection.execute(
+        f"SELECT change_set FROM {STAGING_SCHEMA}.{_PRESTAGED} WHERE entity = ?", (entity,))}
 
 
 def prestaged_exists(connection: sqlite3.Connection, entity: str, change_set: str) -> bool:
@@ -257,14 +277,17 @@ def prestaged_exists(connection: sqlite3.Connection, entity: str, change_set: st
 def take_prestaged(connection: sqlite3.Connection, entity: str, change_set: str,
                    fingerprint: str) -> tuple[int, dict, list[dict]] | None:
     """(rows, counts, issues) of the change set's rows staged during its fetch if they were
-    staged with `fingerprint` (None otherwise); the record of them is gone either way."""
+    staged with `fingerprint` and are all still there (None otherwise); the record of them is
+    gone either way."""
     row = connection.execute(
-        f"SELECT fingerprint, rows, counts, issues FROM {STAGING_SCHEMA}.{_PRESTAGED}"
+        f"SELECT fingerprint, rows, present, counts, issues FROM {STAGING_SCHEMA}.{_PRESTAGED}"
         " WHERE entity = ? AND change_set = ?", (entity, change_set)).fetchone()
     forget_prestaged(connection, entity, change_set)
     if row is None or row[0] != fingerprint:
         return None
-    return row[1], json.loads(row[2]), json.loads(row[3])
+    if present_rows(connection, entity, change_set) != row[2]:
+        return None  # rows went missing since (retention took them for orphans): not these
+    return row[1], json.loads(row[3]), json.loads(row[4])
 
 
 def forget_prestaged(connection: sqlite3.Connection, entity: str, change_set: str, *,

@@ -18,7 +18,8 @@ Nothing here can change what is staged, only when:
 - Anything that goes wrong here (a full queue for longer than PRESTAGE_WAIT_SECONDS, a locked
   file, an error) makes the thread give up and delete what it wrote; the fetch goes on, and
   `staging/E` stages the archive. A killed process leaves rows without a record of them:
-  `staging/E` deletes them before it writes the change set.
+  `staging/E` deletes them before it writes the change set, and staging retention once the
+  entity has published a newer one. Recorded rows are taken only if all are still there.
 
 Filtered entities and targeted refreshes (whose staging depends on ids resolved at the end of
 the fetch) and a change-tracking read that had to start again are staged from the archive.

@@ -6,8 +6,15 @@ import sqlite3
 
 import pytest
 
+from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.store.db import transaction
-from dataverse_assets.store.staging_store import staged_here, staging_files, staging_path
+from dataverse_assets.store.staging_retention import plan_staging_prune, prune_staged
+from dataverse_assets.store.staging_store import (
+    record_prestaged,
+    staged_here,
+    staging_files,
+    staging_path,
+)
 from dataverse_assets.sync.stage import StagingWriter, staging_key_index, write_staged
 from dataverse_assets.sync.steps import publish, staged_records
 from dataverse_assets_tests.helpers import ENTITY, archive_change_set, stage_and_publish, thing
@@ -154,3 +161,55 @@ def test_a_publish_and_staged_rows_are_written_side_by_side(store):
             with transaction(publishing):
                 publishing.execute("UPDATE things SET name = 'published'")
     assert _mirror(store) == [("id-1", "published")]
+
+
+def _stage_unrecorded(store, change_set: str, records: list[dict]) -> None:
+    """Rows of a change set as a fetch that staged its pages while they arrived and was killed
+    leaves them: written, recorded nowhere."""
+    archive = archive_change_set(store.archive_dir, change_set, records)
+    with store.connection() as connection:
+        staged = staged_records(connection, archive, ENTITY)
+        with transaction(connection, mirror=False, staging=True):
+            writer = StagingWriter(connection, "things", change_set, staged.schema, [])
+            writer.start()
+            for batch, keys in staged.batches:
+                writer.write(batch, keys)
+
+
+def test_rows_a_killed_fetch_staged_are_deleted_by_retention_once_a_newer_change_set_published(
+        store):
+    older, newer = "20251231T000000Z", "20260105T000000Z"
+    stage_and_publish(store, FIRST, [thing(1, "a")])
+    _stage_unrecorded(store, older, [thing(7, "killed")])
+    _stage_unrecorded(store, newer, [thing(8, "still fetching")])
+    config = EntitiesConfig.model_validate({"groups": {"daily": {"cron": "0 0 * * *"}},
+                                            "entities": [ENTITY.model_dump()]})
+    with store.connection() as connection:
+        plan = plan_staging_prune(connection, config, store.archive_dir, keep=24)
+        assert [(p.change_set, p.rows) for p in plan] == [(older, 1)]
+        for prune in plan:
+            prune_staged(connection, prune)
+        assert connection.execute(
+            "SELECT _change_set, _pk FROM _staging__things ORDER BY 1").fetchall() == [
+            (FIRST, "id-1"), (newer, "id-8")]
+
+
+def test_rows_staged_during_the_fetch_are_not_taken_when_some_went_missing(store):
+    """Rows recorded as staged during the fetch are taken only if all are still there."""
+    archive = archive_change_set(store.archive_dir, FIRST, [thing(1, "a"), thing(2, "b")])
+    with store.connection() as connection:
+        staged = staged_records(connection, archive, ENTITY)
+        with transaction(connection, mirror=False, staging=True):
+            writer = StagingWriter(connection, "things", FIRST, staged.schema, [])
+            writer.start()
+            for batch, keys in staged.batches:
+                writer.write(batch, keys)
+            writer.finish()
+            record_prestaged(connection, "things", FIRST, staged.fingerprint, writer.rows,
+                             {}, [])
+            connection.execute("DELETE FROM _staging__things WHERE _pk = 'id-2'")
+        staged = staged_records(connection, archive, ENTITY)
+        write_staged(connection, staged)
+        assert not staged.adopted  # staged again from the archive
+    publish(store, ENTITY, FIRST)
+    assert _mirror(store) == [("id-1", "a"), ("id-2", "b")]
