@@ -122,18 +122,33 @@ def test_a_mirror_from_before_the_staging_file_has_its_staged_rows_moved_there_o
 
 
 
+def _write_unrecorded(connection, archive, *, finish: bool = False):
+    """The change set's rows written as the thread that stages a fetch's pages writes them,
+    recorded nowhere (a killed fetch leaves them so); its StagedRecords and the writer."""
+    staged = staged_records(connection, archive, ENTITY)
+    with transaction(connection, mirror=False, staging=True):
+        writer = StagingWriter(connection, "things", archive.change_set, staged.schema, [])
+        writer.start()
+        for batch, keys in staged.batches:
+            writer.write(batch, keys)
+        if finish:
+            writer.finish()
+    return staged, writer
+
+
+def _stage_unrecorded(store, change_set: str, records: list[dict]):
+    archive = archive_change_set(store.archive_dir, change_set, records)
+    with store.connection() as connection:
+        _write_unrecorded(connection, archive)
+    return archive
+
+
 def test_a_staging_table_a_killed_fetch_left_without_its_key_index_gets_it(store):
     """A fetch that staged its entity's first pages while it ran, and died before it finished,
     leaves a new staging table without its key index; staging the change set builds it."""
     records = [thing(1, "a"), thing(2, "b"), thing(1, "a again")]  # id-1 changed while paging
-    archive = archive_change_set(store.archive_dir, FIRST, records)
+    archive = _stage_unrecorded(store, FIRST, records)
     with store.connection() as connection:
-        staged = staged_records(connection, archive, ENTITY)
-        with transaction(connection, mirror=False, staging=True):  # as the killed thread did
-            writer = StagingWriter(connection, "things", FIRST, staged.schema, [])
-            writer.start()
-            for batch, keys in staged.batches:
-                writer.write(batch, keys)
         write_staged(connection, staged_records(connection, archive, ENTITY))
         indexes = {row[0] for row in connection.execute(
             "SELECT name FROM pragma_index_list('_staging__things') WHERE \"unique\" = 1")}
@@ -163,17 +178,6 @@ def test_a_publish_and_staged_rows_are_written_side_by_side(store):
     assert _mirror(store) == [("id-1", "published")]
 
 
-def _stage_unrecorded(store, change_set: str, records: list[dict]) -> None:
-    """Rows of a change set as a fetch that staged its pages while they arrived and was killed
-    leaves them: written, recorded nowhere."""
-    archive = archive_change_set(store.archive_dir, change_set, records)
-    with store.connection() as connection:
-        staged = staged_records(connection, archive, ENTITY)
-        with transaction(connection, mirror=False, staging=True):
-            writer = StagingWriter(connection, "things", change_set, staged.schema, [])
-            writer.start()
-            for batch, keys in staged.batches:
-                writer.write(batch, keys)
 
 
 def test_rows_a_killed_fetch_staged_are_deleted_by_retention_once_a_newer_change_set_published(
@@ -198,13 +202,8 @@ def test_rows_staged_during_the_fetch_are_not_taken_when_some_went_missing(store
     """Rows recorded as staged during the fetch are taken only if all are still there."""
     archive = archive_change_set(store.archive_dir, FIRST, [thing(1, "a"), thing(2, "b")])
     with store.connection() as connection:
-        staged = staged_records(connection, archive, ENTITY)
+        staged, writer = _write_unrecorded(connection, archive, finish=True)
         with transaction(connection, mirror=False, staging=True):
-            writer = StagingWriter(connection, "things", FIRST, staged.schema, [])
-            writer.start()
-            for batch, keys in staged.batches:
-                writer.write(batch, keys)
-            writer.finish()
             record_prestaged(connection, "things", FIRST, staged.fingerprint, writer.rows,
                              {}, [])
             connection.execute("DELETE FROM _staging__things WHERE _pk = 'id-2'")
