@@ -49,8 +49,7 @@ EXTRA_VARIABLES = (
      "archive (a rebuild; staging/E when nothing was staged while fetching) (0 or 1: none, "
      "the step's own process does it). 2 cut a 1M-row full sync by ~15-20% and make a "
      "rebuild 25-40% faster on 2 cores, for ~115 MB each (see [Performance](performance.md)). "
-     "Read by "
-     "`sync/stage.py` when a change set is staged."),
+     "Read by `sync/stage.py` when a change set is staged."),
     ("DATAVERSE_ALERT_WEBHOOK_URL", "unset", "an http(s) URL",
      "Alerts (failed runs, new dead letters, late groups) are POSTed here as `{\"text\": ...}` "
      "(a Slack-compatible incoming webhook). Unset, with no SMTP host: no alert sensor exists. "

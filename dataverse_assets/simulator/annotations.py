@@ -79,15 +79,6 @@ class Annotator:
         self._plan_keys: Sequence[str] | None = None
         self._plan: list[tuple[str, object, SimAttribute | None, Any]] = []
 
-    def _formatted(self, attribute: SimAttribute, row: dict[str, Any], value: Any) -> str | None:
-        if attribute.is_choice:
-            return self.sim.formatted_choice(self.table.spec, attribute, value)
-        symbol = BASE_CURRENCY.symbol
-        if attribute.attribute_type == "Money" and not attribute.is_base_currency:
-            symbol = self.sim.currency(row.get("_transactioncurrencyid_value")).symbol
-        return formatted_value(attribute.value_type, value, symbol=symbol,
-                               decimals=_DECIMALS.get(attribute.logical_name, 2))
-
     def __call__(self, row: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
         """A copy of row restricted to keys, each value preceded by its annotations."""
         if keys is not self._plan_keys:  # the same keys for every row of a response
@@ -117,8 +108,8 @@ class Annotator:
                 if kind is _CHOICE:
                     text = self.sim.formatted_choice(self.table.spec, attribute, value)
                 elif kind is _MONEY:
-                    symbol = self.sim.currency(row.get("_transactioncurrencyid_value")).symbol
-                    text = f"{symbol}{value:,.2f}"
+                    text = formatted_value("Money", value, symbol=self.sim.currency(
+                        row.get("_transactioncurrencyid_value")).symbol)
                 else:
                     text = formatted_value(attribute.value_type, value,
                                            symbol=BASE_CURRENCY.symbol, decimals=extra)

@@ -16,19 +16,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dataverse_assets.errors import StorageError
+from dataverse_assets.store.identifiers import quote_identifier
 from dataverse_assets.store.staging_store import (
     STAGING_SCHEMA,
     attach_staging,
+    is_staging_file,
     is_staging_table,
     staging_path,
 )
-
-
-def quote_identifier(name: str) -> str:
-    """Quote any string as a SQLite identifier: hostile names never break a statement."""
-    if "\x00" in name:
-        raise ValueError(f"identifier contains a NUL character: {name!r}")
-    return '"' + name.replace('"', '""') + '"'
 
 
 def utc_now_iso() -> str:
@@ -379,7 +374,7 @@ class _Checkpointer:
             connection = sqlite3.connect(f"{Path(self.path).as_uri()}?mode=rw", uri=True,
                                          timeout=60, isolation_level=None)
             connection.execute("PRAGMA wal_autocheckpoint=0")
-            if self.path == str(staging_path(self.path.removesuffix("-staging"))):
+            if is_staging_file(self.path):
                 connection.execute("PRAGMA synchronous=OFF")  # the staging file: never synced
             while True:
                 with self.condition:

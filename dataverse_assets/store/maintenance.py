@@ -35,7 +35,7 @@ from dataverse_assets.store.db import (
     transaction,
     wait_for_checkpoint,
 )
-from dataverse_assets.store.staging_store import STAGING_SCHEMA, staging_files
+from dataverse_assets.store.staging_store import STAGING_SCHEMA, staging_path
 from dataverse_assets.store.tables import history_table
 
 BATCH_ROWS = 20_000
@@ -132,7 +132,7 @@ def shrink_database(db_path: str | os.PathLike[str], *,
     once by a VACUUM, which rewrites the whole file: `exclusive()` should hold every entity's
     lock for it, so syncs wait for their lock rather than for the file."""
     path = Path(db_path)
-    staging = staging_files(path)[0]
+    staging = staging_path(path)
     wait_for_checkpoint(path)  # the WAL folded in first: sizes compare like with like
     wait_for_checkpoint(staging)
     before, staging_before = _file_bytes(path), _file_bytes(staging)

@@ -47,7 +47,7 @@ from dataverse_assets.store.staging_store import (
     forget_staged_here,
     prestaged_change_sets,
 )
-from dataverse_assets.store.tables import staging_keys_table, staging_table
+from dataverse_assets.store.tables import delete_staged_rows, staging_table
 
 
 @dataclass(frozen=True)
@@ -137,14 +137,8 @@ def prune_staged(connection: sqlite3.Connection, prune: StagingPrune) -> int:
     """Delete one change set's staged rows (and its key-scan keys) and mark it pruned, in one
     transaction. Returns the rows deleted."""
     with transaction(connection, staging=True):
-        deleted = connection.execute(
-            f"DELETE FROM {quote_identifier(staging_table(prune.entity))}"
-            " WHERE _change_set = ?", (prune.change_set,)).rowcount
+        deleted = delete_staged_rows(connection, prune.entity, prune.change_set)
         forget_prestaged(connection, prune.entity, prune.change_set)
-        keys = staging_keys_table(prune.entity)
-        if table_exists(connection, keys):
-            connection.execute(f"DELETE FROM {quote_identifier(keys)} WHERE _change_set = ?",
-                               (prune.change_set,))
         forget_staged_here(connection, prune.entity, prune.change_set)
         mark_pruned(connection, prune.entity, prune.change_set)
     return deleted

@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dataverse_assets.store.identifiers import quote_identifier
+
 STAGING_SCHEMA = "staging"
 STAGING_TABLE_PREFIXES = ("_staging__", "_staging_keys__")
 _MARKERS = "_staged_here"
@@ -44,10 +46,17 @@ _META = "_staging_meta"
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
+_SUFFIX = "-staging"
+
+
 def staging_path(db_path: str | Path) -> Path:
     """The staging file of the mirror at `db_path`: beside it, named like its -wal file."""
     path = Path(db_path)
-    return path.with_name(path.name + "-staging")
+    return path.with_name(path.name + _SUFFIX)
+
+
+def is_staging_file(path: str | Path) -> bool:
+    return str(path).endswith(_SUFFIX)
 
 
 def staging_files(db_path: str | Path) -> list[Path]:
@@ -159,8 +168,8 @@ def attach_staging(connection: sqlite3.Connection, db_path: str | Path) -> None:
             # Again: another process may have made it meanwhile.
             if not _attached_and_usable(connection, path):
                 _make(connection, path)
-    connection.execute(f"PRAGMA {STAGING_SCHEMA}.journal_mode=WAL")
-    # Nothing here is synced: see the module for why that is safe.
+    # (WAL is the file's own, set by _make.) Nothing here is synced: see the module for why
+    # that is safe.
     connection.execute(f"PRAGMA {STAGING_SCHEMA}.synchronous=OFF")
     connection.execute(f"PRAGMA {STAGING_SCHEMA}.cache_size=-32768")
     if _tables_in_main(connection):
@@ -186,7 +195,7 @@ def _move_from_main(connection: sqlite3.Connection) -> None:
             objects = connection.execute(
                 "SELECT type, sql FROM main.sqlite_master WHERE tbl_name = ? AND sql IS NOT"
                 " NULL ORDER BY type = 'index'", (table,)).fetchall()
-            quoted = '"' + table.replace('"', '""') + '"'
+            quoted = quote_identifier(table)
             connection.execute(f"DROP TABLE IF EXISTS {STAGING_SCHEMA}.{quoted}")
             for kind, sql in objects:
                 connection.execute(_CREATE.sub(
@@ -254,7 +263,7 @@ def present_rows(connection: sqlite3.Connection, entity: str, change_set: str) -
     """The change set's rows and key-scan keys in the staging tables (their indexes count)."""
     total = 0
     for prefix in STAGING_TABLE_PREFIXES:
-        quoted = '"' + (prefix + entity).replace('"', '""') + '"'
+        quoted = quote_identifier(prefix + entity)
         try:
             total += connection.execute(f"SELECT count(*) FROM {quoted} WHERE _change_set = ?",
                                         (change_set,)).fetchone()[0]

@@ -25,6 +25,16 @@ def staging_keys_table(entity: str) -> str:
     return f"_staging_keys__{entity}"
 
 
+def delete_staged_rows(connection: sqlite3.Connection, entity: str, change_set: str) -> int:
+    """Delete a change set's staged rows and key-scan keys (inside the caller's transaction;
+    tables not made yet have none). Returns the staged rows deleted."""
+    deleted = {table: connection.execute(
+        f"DELETE FROM {quote_identifier(table)} WHERE _change_set = ?", (change_set,)).rowcount
+        for table in (staging_table(entity), staging_keys_table(entity))
+        if table_exists(connection, table)}
+    return deleted.get(staging_table(entity), 0)
+
+
 # Ids per lookup: far below SQLite's bound-parameter limit (32,766), a page's worth at once.
 _IDS_PER_LOOKUP = 5000
 

@@ -163,6 +163,7 @@ class PageSink(Protocol):
 
     def abandon(self, reason: str) -> None: ...
 
+
 # A counted step stops past this many times its expected pages (plus a few). Rows written
 # while it reads, a RetrieveTotalRecordCount snapshot that lags the table, and pages shorter
 # than page_size all give more pages than the count says, but not ten times as many.

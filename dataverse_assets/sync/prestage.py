@@ -37,14 +37,14 @@ from contextlib import suppress
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.modes import Mode
-from dataverse_assets.store.db import quote_identifier, transaction
+from dataverse_assets.store.db import transaction
 from dataverse_assets.store.schema import EntitySchema
 from dataverse_assets.store.staging_store import (
     forget_prestaged,
     record_prestaged,
     staging_path,
 )
-from dataverse_assets.store.tables import staging_keys_table, staging_table
+from dataverse_assets.store.tables import delete_staged_rows
 from dataverse_assets.sync.fetch_plan import FetchRequest
 from dataverse_assets.sync.stage import (
     STAGING_COUNTS,
@@ -201,9 +201,5 @@ class PageStager:
 
     def _delete_written(self, connection: sqlite3.Connection) -> None:
         """What the thread wrote, deleted (best effort: staging/E deletes it anyway)."""
-        with suppress(sqlite3.Error):
-            with transaction(connection):
-                for table in (staging_table(self.entity.name),
-                              staging_keys_table(self.entity.name)):
-                    connection.execute(f"DELETE FROM {quote_identifier(table)}"
-                                       " WHERE _change_set = ?", (self.archive.change_set,))
+        with suppress(sqlite3.Error), transaction(connection):
+            delete_staged_rows(connection, self.entity.name, self.archive.change_set)

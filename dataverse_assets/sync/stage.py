@@ -50,7 +50,11 @@ from dataverse_assets.store.staging_store import (
     prestaged_exists,
     take_prestaged,
 )
-from dataverse_assets.store.tables import staging_keys_table, staging_table
+from dataverse_assets.store.tables import (
+    delete_staged_rows,
+    staging_keys_table,
+    staging_table,
+)
 from dataverse_assets.sync.fetch_plan import OUTSIDE_FILTER
 from dataverse_assets.sync.stage_workers import WorkerPool
 
@@ -425,6 +429,7 @@ class StagingWriter:
     def __init__(self, connection: sqlite3.Connection, entity: str, change_set: str,
                  schema: EntitySchema, issues: list[dict]) -> None:
         self.connection, self.change_set, self.issues = connection, change_set, issues
+        self.entity = entity
         self.table = staging_table(entity)
         self.names = schema.column_names
         self.columns = [*STAGING_META_COLUMNS, *self.names, "json_response"]
@@ -467,13 +472,10 @@ class StagingWriter:
         connection.execute(
             f"CREATE INDEX IF NOT EXISTS {_schema_of(connection, table)}"
             f"{quote_identifier(table + '__op')} ON {quote_identifier(table)} (_change_set, _op)")
-        connection.execute(f"DELETE FROM {quote_identifier(table)} WHERE _change_set = ?",
-                           (self.change_set,))
         connection.execute(
             f"CREATE TABLE IF NOT EXISTS {_staging_prefix(connection)}{self.keys_table}"
             " (_change_set TEXT NOT NULL, _pk TEXT NOT NULL, PRIMARY KEY (_change_set, _pk))")
-        connection.execute(f"DELETE FROM {self.keys_table} WHERE _change_set = ?",
-                           (self.change_set,))
+        delete_staged_rows(connection, self.entity, self.change_set)
 
     def write(self, batch: list[tuple], keys: list[str]) -> None:
         try:
@@ -492,7 +494,7 @@ class StagingWriter:
 
     def finish(self) -> None:
         if self.new_table:
-            _create_key_index(self.connection, self.table, self.change_set)
+            _create_key_index(self.connection, self.table)
 
 
 def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
@@ -574,7 +576,7 @@ def staging_key_index(table: str) -> str:
     return f"{table}__key"
 
 
-def _create_key_index(connection: sqlite3.Connection, table: str, change_set: str) -> None:
+def _create_key_index(connection: sqlite3.Connection, table: str) -> None:
     """The key index of a new staging table, built over its first change set's rows. A key
     staged twice (the record changed while we paged) keeps its last version, as INSERT OR
     REPLACE does through the index: rows went in in page order, so the highest rowid."""
