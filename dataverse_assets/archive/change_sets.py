@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import orjson
+from isal import igzip, isal_zlib
 
 from dataverse_assets.archive.compacted import iter_compacted_bodies
 from dataverse_assets.errors import ArchiveError, ArchivePathError, CorruptArchiveError
@@ -50,7 +51,14 @@ class DamagedPage(ValueError):
 
 # What reading a damaged gzip file raises (a missing file is not damage: FileNotFoundError
 # passes, a compaction may have replaced the page files meanwhile).
-_DAMAGED_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)
+_DAMAGED_GZIP = (gzip.BadGzipFile, EOFError, zlib.error, isal_zlib.error)
+
+
+def gzip_page(body: bytes) -> bytes:
+    """A page body as a gzip file, level 1, no timestamp: written by ISA-L (`isal`), standard
+    gzip that any reader takes, ~4x faster than the standard library's zlib at its own level 1
+    and a little smaller (docs/performance.md)."""
+    return igzip.compress(body, compresslevel=1, mtime=0)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -102,13 +110,13 @@ class ChangeSetArchive:
 
     def write_page(self, number: int, body: bytes) -> int:
         """Store one response body verbatim (gzip level 1: cheap, ~8x smaller). Returns bytes."""
-        data = gzip.compress(body, compresslevel=1, mtime=0)
+        data = gzip_page(body)
         (self.path / f"page-{number:05d}.json.gz").write_bytes(data)
         return len(data)
 
     def replace_page(self, number: int, body: bytes) -> int:
         """Replace an archived page's body (a purge erasing data), atomically."""
-        data = gzip.compress(body, compresslevel=1, mtime=0)
+        data = gzip_page(body)
         _write_atomically(self.path / f"page-{number:05d}.json.gz", data)
         return len(data)
 
@@ -215,7 +223,8 @@ class ChangeSetArchive:
 
 
 def read_gzip(path: Path) -> bytes:
-    return gzip.decompress(path.read_bytes())
+    """A gzip file's content (ISA-L: about twice as fast as zlib; any gzip file)."""
+    return igzip.decompress(path.read_bytes())
 
 
 def read_page_file(path: Path, number: int) -> bytes:

@@ -246,6 +246,14 @@ def _flip_crc(path):
     path.write_bytes(bytes(data))
 
 
+def _spoil_deflate(path):
+    """Bytes inside the compressed stream overwritten: the header and trailer are intact, the
+    deflate data is not (a disk error mid-file)."""
+    data = bytearray(path.read_bytes())
+    data[20:60] = b"\xff" * 40
+    path.write_bytes(bytes(data))
+
+
 def _truncate(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
@@ -254,6 +262,7 @@ def _truncate(path):
 DAMAGE = {
     "bad CRC": ("page-00001.json.gz", _flip_crc, "CRC check failed"),
     "truncated gzip": ("page-00001.json.gz", _truncate, "cannot be read (EOFError"),
+    "damaged deflate data": ("page-00001.json.gz", _spoil_deflate, "cannot be read"),
     "gzip of invalid JSON": ("page-00001.json.gz",
                              lambda path: path.write_bytes(gzip.compress(b'{"value": [{')),
                              "is not valid JSON"),
