@@ -792,6 +792,11 @@ class DataverseSimulator:
         self._fault_rng = random.Random(seed * 104_729 + 3)
         self._delta_min_version = 0
         self._version = 1000
+        # Data responses already rendered, for the realistic benchmark (off: None): a real org
+        # renders its pages on its own servers, this one on the client's cores, one at a time.
+        # A GET is answered again from here while nothing in the org changed (the key holds
+        # the org's version); faults, limits, latency and the request log apply as ever.
+        self.response_cache: dict[tuple, tuple[Any, bytes, int | None]] | None = None
         self._last_issued = _SEED_START
         self.strict_clock = strict_clock
         self._mutation_rng = random.Random(seed * 7919 + 17)

@@ -84,6 +84,36 @@ def test_the_simulator_waits_each_data_page_and_counts_it_as_execution_time() ->
             f"{1200 - logged.execution_seconds:,.2f}".encode()) in window
 
 
+def test_a_rendered_page_is_served_again_from_the_cache_until_the_org_changes() -> None:
+    """The realistic benchmark's pre-rendering: the same GET answered from memory, with its
+    latency and execution time counted as before; a change in the org renders afresh."""
+    sim = DataverseSimulator(["teams"], row_counts={"teams": 20},
+                             latency=LatencyModel(per_request_seconds=0.5, per_row_seconds=0.01))
+    sim.limits = DATAVERSE
+    sim.response_cache = {}
+    sleep = sim.latency_sleep = RecordedSleep()
+    [first] = _get_all(sim, [f"{API}/teams"], page_size=7)
+    [(key, (start, body, rows))] = sim.response_cache.items()
+    assert body == first.content and rows == 7
+    # Served from the cache, not rendered again: a marked copy of the body comes back.
+    marked = body.replace(b'"value"', b'"value" ', 1)
+    sim.response_cache[key] = (start, marked, rows)
+    [again] = _get_all(sim, [f"{API}/teams"], page_size=7)
+    assert again.content == marked
+    assert sim.stats.rows_served["teams"] == 14
+    assert sleep.delays == [pytest.approx(0.57)] * 2
+    logged = [r for r in sim.stats.request_log if r.entity == "teams"]
+    assert [r.rows for r in logged] == [7, 7]
+    assert all(r.execution_seconds >= 0.57 for r in logged)
+    # Another page size is another request; an edited row is another org.
+    [other] = _get_all(sim, [f"{API}/teams"], page_size=5)
+    assert len(other.json()["value"]) == 5
+    pk = first.json()["value"][0]["teamid"]
+    sim.update("teams", pk, {"name": "Renamed by the test"})
+    [changed] = _get_all(sim, [f"{API}/teams"], page_size=7)
+    assert changed.json()["value"][0]["name"] == "Renamed by the test"
+
+
 def test_latency_is_off_by_default() -> None:
     sim = DataverseSimulator(["teams"], row_counts={"teams": 5})
     sleep = sim.latency_sleep = RecordedSleep()
