@@ -342,6 +342,35 @@ def test_a_lookup_column_in_run_config_cannot_rewrite_the_filter(tmp_path, simul
         assert mirror_rows(mirror, "contacts") == before
 
 
+def test_record_ids_in_run_config_must_be_guids(tmp_path, simulator_url):
+    """The UI launchpad's `ids` of a targeted refresh go into the `$filter` as literals: an id
+    that is not a GUID fails the step in one line naming it, before any record is asked
+    for."""
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "accounts"}])
+    sim = mirror.simulator
+    mirror.sync("hourly")
+    account = sim.records("accounts")[0]["accountid"]
+    before = mirror_rows(mirror, "accounts")
+    archive = tree(Path(mirror.settings.archive_dir))
+    for ids, named in (([account, "not-a-guid"], "'not-a-guid'"),
+                       (["' or accountid ne null or name eq '"],
+                        "\"' or accountid ne null or name eq '\"")):
+        sent = len(sim.stats.request_log)
+        result = mirror.defs.resolve_job_def("sync_hourly").execute_in_process(
+            instance=mirror.instance, raise_on_error=False,
+            partition_key=register_change_set(mirror.instance, "hourly"),
+            asset_selection=entity_asset_keys("accounts"),
+            run_config={"ops": {"raw__accounts": {"config": {"ids": ids}}}})
+        assert not result.success
+        message = root_error(result)
+        assert named in message and "GUID" in message and "\n" not in message, message
+        # Only metadata was read: no request for a record.
+        assert [r.target for r in list(sim.stats.request_log)[sent:]
+                if r.entity == "accounts"] == []
+    assert mirror_rows(mirror, "accounts") == before
+    assert tree(Path(mirror.settings.archive_dir)) == archive
+
+
 def test_a_run_that_failed_for_its_key_is_not_queued_for_retry(tmp_path, simulator_url):
     mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
     mirror.instance.add_dynamic_partitions("change_sets_hourly", ["my-first-run"])
