@@ -5,6 +5,7 @@ on the real code."""
 
 import asyncio
 import json
+import math
 import re
 import sqlite3
 import tempfile
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from dataverse_assets.config import (
+    _ENV_FIELDS,
     ArchiveConfig,
     EntityConfig,
     GroupConfig,
@@ -28,6 +30,7 @@ from dataverse_assets.config import (
     LinkSource,
     MaintenanceConfig,
     Settings,
+    load_settings,
 )
 from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
@@ -481,3 +484,41 @@ def test_a_config_either_names_the_field_it_gets_wrong_or_syncs(usable, hostile,
         # And the bookkeeping retention, with the maintenance section's days.
         with closing(connect(mirror_settings.db_path)) as connection:
             retain_bookkeeping(connection, config, now=later)
+
+
+# -- the environment: a numeric variable either names itself or loads in its range -------------
+
+ENV_NUMBERS = {variable: name for variable, name in _ENV_FIELDS.items()
+               if (set(get_args(Settings.model_fields[name].annotation))
+                   or {Settings.model_fields[name].annotation}) & {int, float}}
+ENV_TEXT = st.one_of(
+    st.integers().map(str), st.floats().map(str), st.floats().map(repr),
+    st.decimals(allow_nan=True).map(str), st.text(max_size=12),
+    st.text("0123456789.eE+-_ ,xX", max_size=12),
+    st.sampled_from(["inf", "-inf", "Infinity", "nan", "NaN", "1e308", "-0", "0x10", "0b1",
+                     "1_000", " 5", "5 ", "+5", "1,000", "true", "false", "1e3", "5.0",
+                     "\u0665", "\uff15", "5\n", "\t5", "None", "null", "[]", "{}"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(variable=st.sampled_from(sorted(ENV_NUMBERS)), text=ENV_TEXT)
+def test_a_numeric_environment_variable_either_names_itself_or_loads_in_range(variable, text):
+    """Whatever text a numeric DATAVERSE_* variable holds: one line naming the variable, or
+    settings holding a finite number of the field's kind within its documented range."""
+    name = ENV_NUMBERS[variable]
+    try:
+        loaded = load_settings({variable: text})
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(f"{variable}: ") and "\n" not in message, (text, message)
+        event("refused")
+        return
+    event("loaded")
+    value = getattr(loaded, name)
+    info = Settings.model_fields[name]
+    bounds = {type(m).__name__: m for m in info.metadata}
+    kinds = set(get_args(info.annotation)) or {info.annotation}
+    assert not isinstance(value, bool) and isinstance(value, int | float), (text, value)
+    assert math.isfinite(value) and bounds["Ge"].ge <= value <= bounds["Le"].le, (text, value)
+    if float not in kinds:
+        assert isinstance(value, int), (text, value)
