@@ -9,6 +9,8 @@ from dataverse_assets.config import (
     ArchiveConfig,
     EntityConfig,
     GroupConfig,
+    LabelsConfig,
+    MaintenanceConfig,
     Settings,
     load_entities_config,
     load_settings,
@@ -136,7 +138,8 @@ def test_bad_environment_value_names_the_variable():
 
 # -- numbers: every numeric field has a documented range, enforced at load --------------------
 
-NUMERIC_MODELS = (GroupConfig, EntityConfig, ArchiveConfig, Settings)
+NUMERIC_MODELS = (GroupConfig, EntityConfig, ArchiveConfig, MaintenanceConfig, LabelsConfig,
+                  Settings)
 
 
 def numeric_fields() -> list[tuple[type, str]]:
@@ -160,7 +163,9 @@ def field_range(model: type, name: str) -> tuple[float, float]:
 
 
 def test_every_numeric_field_has_its_range_in_its_description():
-    assert len(numeric_fields()) == 16  # a new numeric field needs a range too
+    # A new numeric field needs a range too: 1 group, 5 entity, 4 archive, 6 maintenance,
+    # 1 labels field and 6 environment variables.
+    assert len(numeric_fields()) == 23
     for model, name in numeric_fields():
         info = model.model_fields[name]
         low, high = field_range(model, name)
@@ -175,10 +180,15 @@ FIELD_PATHS = {
         "reconcile_every_hours")},
     **{(ArchiveConfig, name): ("archive",) for name in (
         "compact_after_days", "retention_days", "zstd_level", "staging_keep_change_sets")},
+    **{(MaintenanceConfig, name): ("maintenance",) for name in (
+        "publish_plan_days", "change_history_days", "sync_log_days", "resolved_issues_days",
+        "closed_dead_letters_days", "history_days")},
+    (LabelsConfig, "language_code"): ("labels",),
 }
 WHERE = {"groups": "group 'daily', field '{}'",
          "entities": "entity 'vin_vin_candidate_accountset' (entities[2]), field '{}'",
-         "archive": "field 'archive.{}'"}
+         "archive": "field 'archive.{}'", "maintenance": "field 'maintenance.{}'",
+         "labels": "field 'labels.{}'"}
 
 
 def config_with(path: tuple, name: str, value: object) -> dict:
@@ -226,7 +236,7 @@ def test_a_number_outside_its_range_or_not_a_number_names_the_field(field):
 def _section(config, path: tuple):
     if path[0] == "groups":
         return config.groups[path[1]]
-    return config.entities[path[1]] if path[0] == "entities" else config.archive
+    return config.entities[path[1]] if path[0] == "entities" else getattr(config, path[0])
 
 
 def test_the_reported_cases_are_refused_at_load():

@@ -3,14 +3,24 @@ command line) never become a path outside the archive or a term of a query: a ba
 one line naming it and the format, and touches nothing; keys order by the time they encode."""
 
 import os
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 import pytest
-from dagster import AssetKey, DagsterEventType, build_run_status_sensor_context
+from dagster import (
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    SensorResult,
+    build_run_status_sensor_context,
+    build_schedule_context,
+    build_sensor_context,
+)
 
 from dataverse_assets.archive.change_sets import MANIFEST, ChangeSetArchive, list_change_sets
+from dataverse_assets.defs import partitions, schedules, sensors
 from dataverse_assets.defs.asset_keys import entity_asset_keys
 from dataverse_assets.defs.partitions import register_change_set
 from dataverse_assets.defs.resources import MirrorStore
@@ -21,9 +31,17 @@ from dataverse_assets.names import (
     change_set_order,
     check_change_set_key,
 )
+from dataverse_assets.ops import cli, rebuild
 from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.store import dead_letters
-from dataverse_assets_tests.helpers import mirror_of, mirror_rows, root_error, tree
+from dataverse_assets_tests.helpers import (
+    mirror_of,
+    mirror_rows,
+    root_error,
+    source_of,
+    store_of,
+    tree,
+)
 
 FORMAT_WORDS = "YYYYMMDDTHHMMSSZ"
 
@@ -66,6 +84,109 @@ def test_a_partition_key_that_is_not_a_change_set_key_fails_and_touches_nothing(
     assert mirror_rows(mirror, "_publish_state") == before_state
     # The mirror goes on as before.
     mirror.sync("hourly")
+
+
+def _cli_create(mirror, monkeypatch, capsys) -> str:
+    """`change-set create`: its key from the clock."""
+    monkeypatch.setattr(partitions, "change_set_key", lambda moment: "20261399T250000Z")
+    assert cli_main(["change-set", "create", "--group", "hourly"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def _cli_register_archived(mirror, monkeypatch, capsys) -> str:
+    """`change-set register-archived`: keys from the archive's folders, listed without the
+    folder check (as a version before it did); a good key with the bad one."""
+    monkeypatch.setattr(rebuild, "list_change_sets", lambda root, entity: [KEY_EXAMPLE, "../.."])
+    assert cli_main(["change-set", "register-archived", "--group", "hourly"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+def _refusal(evaluate) -> str:
+    """The one-line refusal an evaluation raised (under the errors Dagster wraps it in)."""
+    with pytest.raises(Exception) as refused:
+        evaluate()
+    error = refused.value
+    while error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, InvalidNameError), repr(error)
+    assert "\n" not in str(error), str(error)
+    return str(error)
+
+
+def _schedule(mirror, monkeypatch, capsys) -> str:
+    """The group's schedule: its key from the scheduled time."""
+    monkeypatch.setattr(schedules, "change_set_key", lambda moment: "my-first-run")
+    schedule = mirror.defs.resolve_schedule_def("hourly_schedule")
+    context = build_schedule_context(
+        instance=mirror.instance, scheduled_execution_time=datetime(2026, 11, 22, 10, 0,
+                                                                    tzinfo=UTC),
+        repository_def=mirror.defs.get_repository_def())
+    return _refusal(lambda: schedule.evaluate_tick(context))
+
+
+def _tick(mirror, sensor_name: str) -> None:
+    """Evaluate a sensor as the daemon would: then register the partitions it requests."""
+    sensor = mirror.defs.resolve_sensor_def(sensor_name)
+    context = build_sensor_context(
+        instance=mirror.instance, definitions=mirror.defs,
+        resources={"store": store_of(mirror), "source": source_of(mirror)})
+    result = sensor(context)
+    for request in (result.dynamic_partitions_requests or []
+                    if isinstance(result, SensorResult) else []):
+        mirror.instance.add_dynamic_partitions(request.partitions_def_name,
+                                               list(request.partition_keys))
+
+
+def _changes_sensor(mirror, monkeypatch, capsys) -> str:
+    """The changes sensor: its key from the clock."""
+    monkeypatch.setattr(sensors, "change_set_key", lambda moment: f"{KEY_EXAMPLE}/..")
+    return _refusal(lambda: _tick(mirror, "hourly_changes_sensor"))
+
+
+def _archive_sensor(mirror, monkeypatch, capsys) -> str:
+    """The archive sensor: keys from the archive's folders (a good one with the bad one)."""
+    monkeypatch.setattr(sensors, "list_change_sets", lambda root, entity: [KEY_EXAMPLE, "../.."])
+    return _refusal(lambda: _tick(mirror, "archive_change_sets_sensor"))
+
+
+REGISTRATIONS = {
+    "change-set create": (_cli_create, "20261399T250000Z"),
+    "change-set register-archived": (_cli_register_archived, "../.."),
+    "schedule": (_schedule, "my-first-run"),
+    "changes sensor": (_changes_sensor, f"{KEY_EXAMPLE}/.."),
+    "archive sensor": (_archive_sensor, "../.."),
+}
+
+
+@pytest.mark.parametrize("path", REGISTRATIONS)
+def test_every_registration_path_refuses_a_bad_key_and_registers_nothing(
+        tmp_path, simulator_url, monkeypatch, capsys, path):
+    """The CLI, the sensors and the schedule register keys they derive (the clock, the
+    archive's folders, the scheduled time). Whatever key one of them came to hold, it is
+    refused in one line naming it and the format, and nothing of its request is registered
+    (a good key asked for with it neither)."""
+    register, key = REGISTRATIONS[path]
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams"}])
+    (tmp_path / "home").mkdir()
+    # A real (temporary) instance: schedules and sensors need an instance reference.
+    with DagsterInstance.local_temp(tempdir=str(tmp_path / "home")) as instance:
+        mirror = replace(mirror, instance=instance)
+        for name, value in mirror.cli_environment(tmp_path / "home").items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(cli, "_instance", lambda: instance)
+        with monkeypatch.context() as patch:
+            message = register(mirror, patch, capsys)
+        assert f"change set key {key!r} is not a change-set key" in message, message
+        assert FORMAT_WORDS in message, message
+        assert instance.get_dynamic_partitions("change_sets_hourly") == []
+        # Keys that are keys are registered as before.
+        assert cli_main(["change-set", "create", "--group", "hourly"]) == 0
+        assert instance.get_dynamic_partitions("change_sets_hourly") == [
+            capsys.readouterr().out.strip()]
 
 
 def test_an_archive_folder_that_links_outside_the_archive_is_never_written(
@@ -219,6 +340,35 @@ def test_a_lookup_column_in_run_config_cannot_rewrite_the_filter(tmp_path, simul
         assert not [r.target for r in list(sim.stats.request_log)[sent:]
                     if "filter" in r.target and r.entity == "contacts"]
         assert mirror_rows(mirror, "contacts") == before
+
+
+def test_record_ids_in_run_config_must_be_guids(tmp_path, simulator_url):
+    """The UI launchpad's `ids` of a targeted refresh go into the `$filter` as literals: an id
+    that is not a GUID fails the step in one line naming it, before any record is asked
+    for."""
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "accounts"}])
+    sim = mirror.simulator
+    mirror.sync("hourly")
+    account = sim.records("accounts")[0]["accountid"]
+    before = mirror_rows(mirror, "accounts")
+    archive = tree(Path(mirror.settings.archive_dir))
+    for ids, named in (([account, "not-a-guid"], "'not-a-guid'"),
+                       (["' or accountid ne null or name eq '"],
+                        "\"' or accountid ne null or name eq '\"")):
+        sent = len(sim.stats.request_log)
+        result = mirror.defs.resolve_job_def("sync_hourly").execute_in_process(
+            instance=mirror.instance, raise_on_error=False,
+            partition_key=register_change_set(mirror.instance, "hourly"),
+            asset_selection=entity_asset_keys("accounts"),
+            run_config={"ops": {"raw__accounts": {"config": {"ids": ids}}}})
+        assert not result.success
+        message = root_error(result)
+        assert named in message and "GUID" in message and "\n" not in message, message
+        # Only metadata was read: no request for a record.
+        assert [r.target for r in list(sim.stats.request_log)[sent:]
+                if r.entity == "accounts"] == []
+    assert mirror_rows(mirror, "accounts") == before
+    assert tree(Path(mirror.settings.archive_dir)) == archive
 
 
 def test_a_run_that_failed_for_its_key_is_not_queued_for_retry(tmp_path, simulator_url):

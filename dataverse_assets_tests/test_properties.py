@@ -5,6 +5,7 @@ on the real code."""
 
 import asyncio
 import json
+import math
 import re
 import sqlite3
 import tempfile
@@ -20,7 +21,17 @@ from dagster import DagsterInstance
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from dataverse_assets.config import ArchiveConfig, EntityConfig, GroupConfig, LinkSource, Settings
+from dataverse_assets.config import (
+    _ENV_FIELDS,
+    ArchiveConfig,
+    EntityConfig,
+    GroupConfig,
+    LabelsConfig,
+    LinkSource,
+    MaintenanceConfig,
+    Settings,
+    load_settings,
+)
 from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.simulator.odata import BoolOp, Comparison, parse_filter
@@ -28,6 +39,7 @@ from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 from dataverse_assets.source.simulator import SimulatorSource, embedded_simulator
 from dataverse_assets.store.archive_retention import compact_archive
 from dataverse_assets.store.db import connect, quote_identifier
+from dataverse_assets.store.maintenance import retain_bookkeeping
 from dataverse_assets.store.schema import Column, EntitySchema, detect_primary_key, sqlite_fold
 from dataverse_assets.store.schema_registry import lock_schema
 from dataverse_assets.sync.publish_execute import publish_change_set
@@ -261,7 +273,9 @@ def _base_config() -> dict:
                          linked_from=[{"entity": "teams", "column": "_businessunitid_value"}])
     return {"groups": {"hourly": GroupConfig(cron="0 * * * *").model_dump()},
             "entities": [teams.model_dump(), units.model_dump()],
-            "archive": ArchiveConfig().model_dump()}
+            "archive": ArchiveConfig().model_dump(),
+            "maintenance": MaintenanceConfig().model_dump(),
+            "labels": LabelsConfig().model_dump()}
 
 
 def _children(value: object) -> list[tuple[int | str, object]]:
@@ -284,7 +298,7 @@ def _objects(value: object, path: tuple = ()) -> list[tuple]:
 
 CONFIG_PATHS = _paths(_base_config())
 MODELS = {"groups": GroupConfig, "entities": EntityConfig, "archive": ArchiveConfig,
-          "linked_from": LinkSource}
+          "maintenance": MaintenanceConfig, "labels": LabelsConfig, "linked_from": LinkSource}
 NOT_NUMBERS = st.sampled_from([
     float("nan"), float("inf"), float("-inf"), True, False, None, "", "5000", "NaN", [], [1],
     {}, {"a": 1}, 1e308, -1e308, 1e-308, 2**63, 2**64, 10**30, -(10**30), 0.5, 2.5, 100.0])
@@ -384,21 +398,26 @@ def _both(field: str, value: object) -> list[tuple[tuple, object]]:
     return [(("entities", n, field), value) for n in (0, 1)]
 
 
+MAINTENANCE_DAYS = [name for name in MaintenanceConfig.model_fields if name.endswith("_days")]
 MAXIMA = [(("groups", "hourly", "freshness_grace_minutes"), 527_040),
           (("groups", "hourly", "cron"), "0 0 29 2 *"),
           *_both("page_size", 5000), *_both("parallel_ranges", 52),
           *_both("publish_chunk_rows", 100_000_000), *_both("reconcile_every_hours", 8760),
           (("archive", "compact_after_days"), 36_500), (("archive", "retention_days"), 36_500),
-          (("archive", "zstd_level"), 22), (("archive", "staging_keep_change_sets"), 1_000_000)]
+          (("archive", "zstd_level"), 22), (("archive", "staging_keep_change_sets"), 1_000_000),
+          *[(("maintenance", field), 36_500) for field in MAINTENANCE_DAYS],
+          (("labels", "language_code"), 65_535)]
 MINIMA = [(("groups", "hourly", "freshness_grace_minutes"), 0),
           *_both("page_size", 1), *_both("parallel_ranges", 1), *_both("publish_chunk_rows", 1),
           *_both("reconcile_every_hours", 0),
           (("archive", "compact_after_days"), 0), (("archive", "retention_days"), 0),
           (("archive", "zstd_level"), 1), (("archive", "staging_keep_change_sets"), 1),
-          (("archive", "retention_mode"), "rebase")]
+          (("archive", "retention_mode"), "rebase"),
+          *[(("maintenance", field), 0) for field in MAINTENANCE_DAYS],
+          (("labels", "language_code"), 1)]
 
 
-# 60 generated configs (a third to a half of them sync) and the 10 examples: ~40 s.
+# 60 generated configs (a third to a half of them sync) and the 11 examples: ~45 s.
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(usable=USABLE_CHANGES, hostile=st.one_of(st.just([]), HOSTILE_CHANGES),
        repeat=st.one_of(st.just(None), st.just(None), st.integers(0, 40)))
@@ -409,6 +428,7 @@ MINIMA = [(("groups", "hourly", "freshness_grace_minutes"), 0),
 @example(usable=[], hostile=[(("groups", "hourly", "freshness_grace_minutes"), 1e300)],
          repeat=None)
 @example(usable=[], hostile=[(("archive", "compact_after_days"), 1e308)], repeat=None)
+@example(usable=[], hostile=[(("maintenance", "sync_log_days"), 1e308)], repeat=None)
 @example(usable=[], hostile=[(("entities", 1, "publish_chunk_rows"), 1e30)], repeat=None)
 @example(usable=[], hostile=[(("entities", 0, "page_size"), True)], repeat=None)
 @example(usable=[], hostile=[(("entities", 0, "name"), "sqlite_master")], repeat=None)
@@ -416,8 +436,8 @@ MINIMA = [(("groups", "hourly", "freshness_grace_minutes"), 0),
 def test_a_config_either_names_the_field_it_gets_wrong_or_syncs(usable, hostile, repeat):
     """Usable and hostile values in the fields of a small valid config: either a one-line
     error naming where, or two syncs (the second reads the first's reconcile clock) with their
-    freshness checks, then a compaction as if far in the future, all complete with rows in the
-    mirror."""
+    freshness checks, then a compaction and the bookkeeping retention as if far in the future,
+    all complete with rows in the mirror."""
     raw = _apply(_base_config(), usable + hostile)
     objects = _objects(raw)
     repeat_at = objects[repeat % len(objects)] if repeat is not None else None
@@ -458,5 +478,47 @@ def test_a_config_either_names_the_field_it_gets_wrong_or_syncs(usable, hostile,
         # Another lookup_target (any text is allowed) links no team to a business unit.
         target = config.entity("businessunits").linked_from[0].lookup_target
         assert units == (linked if target in (None, "businessunit") else set())
+        later = datetime.now(UTC) + timedelta(days=36_501)
         compact_archive(mirror_settings.archive_dir, config, db_path=mirror_settings.db_path,
-                        now=datetime.now(UTC) + timedelta(days=36_501))
+                        now=later)
+        # And the bookkeeping retention, with the maintenance section's days.
+        with closing(connect(mirror_settings.db_path)) as connection:
+            retain_bookkeeping(connection, config, now=later)
+
+
+# -- the environment: a numeric variable either names itself or loads in its range -------------
+
+ENV_NUMBERS = {variable: name for variable, name in _ENV_FIELDS.items()
+               if (set(get_args(Settings.model_fields[name].annotation))
+                   or {Settings.model_fields[name].annotation}) & {int, float}}
+ENV_TEXT = st.one_of(
+    st.integers().map(str), st.floats().map(str), st.floats().map(repr),
+    st.decimals(allow_nan=True).map(str), st.text(max_size=12),
+    st.text("0123456789.eE+-_ ,xX", max_size=12),
+    st.sampled_from(["inf", "-inf", "Infinity", "nan", "NaN", "1e308", "-0", "0x10", "0b1",
+                     "1_000", " 5", "5 ", "+5", "1,000", "true", "false", "1e3", "5.0",
+                     "\u0665", "\uff15", "5\n", "\t5", "None", "null", "[]", "{}"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(variable=st.sampled_from(sorted(ENV_NUMBERS)), text=ENV_TEXT)
+def test_a_numeric_environment_variable_either_names_itself_or_loads_in_range(variable, text):
+    """Whatever text a numeric DATAVERSE_* variable holds: one line naming the variable, or
+    settings holding a finite number of the field's kind within its documented range."""
+    name = ENV_NUMBERS[variable]
+    try:
+        loaded = load_settings({variable: text})
+    except ConfigError as exc:
+        message = str(exc)
+        assert message.startswith(f"{variable}: ") and "\n" not in message, (text, message)
+        event("refused")
+        return
+    event("loaded")
+    value = getattr(loaded, name)
+    info = Settings.model_fields[name]
+    bounds = {type(m).__name__: m for m in info.metadata}
+    kinds = set(get_args(info.annotation)) or {info.annotation}
+    assert not isinstance(value, bool) and isinstance(value, int | float), (text, value)
+    assert math.isfinite(value) and bounds["Ge"].ge <= value <= bounds["Le"].le, (text, value)
+    if float not in kinds:
+        assert isinstance(value, int), (text, value)

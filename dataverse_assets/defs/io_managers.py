@@ -117,7 +117,8 @@ class CanonicalIOManager(ConfigurableIOManager):
         name = obj.entity.name
         with self.store.entity_lock(name, owner=context.run_id, purpose="publish",
                                     warn=context.log.warning if context.log else None):
-            obj.results = steps.publish(self.store, obj.entity, obj.change_set)
+            obj.results = steps.publish(self.store, obj.entity, obj.change_set,
+                                        warn=context.log.warning if context.log else None)
         result = obj.results[-1]
         with self.store.connection() as connection:
             rows = canonical_row_count(connection, name)

@@ -6,6 +6,8 @@ import sqlite3
 
 import orjson
 
+from dataverse_assets.modes import PublishStatus
+from dataverse_assets.ops.status import shown_publish_status
 from dataverse_assets.store.bookkeeping import (
     is_bulk_create,
     pruned_at,
@@ -39,10 +41,13 @@ def render_plan(connection: sqlite3.Connection, entity: str, change_set: str,
     state = read_publish_state(connection, entity, change_set)
     if not state or not table_exists(connection, "_publish_plan"):
         raise LookupError(f"no plan for {entity} change set {change_set}")
-    status, created, updated, deleted, unchanged, stale = (
-        state[k] for k in ("status", "created", "updated", "deleted", "unchanged", "stale"))
+    created, updated, deleted, unchanged, stale = (
+        state[k] for k in ("created", "updated", "deleted", "unchanged", "stale"))
+    # As `status` shows it: a publish cut off is FAILED (interrupted), not under way.
+    status, error = shown_publish_status(connection, entity, state["status"], state["error"])
     lines = [
-        f"Plan for {entity}, change set {change_set} ({status})",
+        f"Plan for {entity}, change set {change_set} ({status})"
+        + (f": {error}" if status == PublishStatus.FAILED and error else ""),
         f"{created:,} to create, {updated:,} to update, {deleted:,} to delete, "
         f"{unchanged:,} unchanged" + (f", {stale:,} stale" if stale else ""),
     ]

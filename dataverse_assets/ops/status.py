@@ -30,6 +30,16 @@ def _age_seconds(timestamp: str | None, now: datetime) -> float | None:
         return None
 
 
+def shown_publish_status(connection: sqlite3.Connection, entity: str, status: str | None,
+                         error: str | None) -> tuple[str | None, str | None]:
+    """A publish's status and error as the commands show them: one marked as under way while
+    no run holds the entity was cut off (the next publish records that), so FAILED
+    (interrupted), never "EXECUTING"."""
+    if status in PUBLISHING_STATUSES and not is_held(connection, entity):
+        return str(PublishStatus.FAILED), INTERRUPTED
+    return status, error
+
+
 def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
                   now: datetime | None = None) -> list[dict]:
     """One dict per configured entity: last change set, publish status, watermark / delta
@@ -40,11 +50,10 @@ def entity_status(connection: sqlite3.Connection, config: EntitiesConfig,
     for entity in config.entities:
         state = read_sync_state(connection, entity.name)
         last = latest_publish_state(connection, entity.name)
-        if last and last["status"] in PUBLISHING_STATUSES and not is_held(connection,
-                                                                           entity.name):
-            # Marked as under way, but no run holds the entity: it was cut off (the next
-            # publish records that); say so instead of "EXECUTING".
-            last = {**last, "status": str(PublishStatus.FAILED), "error": INTERRUPTED}
+        if last:
+            status, error = shown_publish_status(connection, entity.name, last["status"],
+                                                 last["error"])
+            last = {**last, "status": status, "error": error}
         delta_issued = (latest_publish_state(connection, entity.name, PublishStatus.COMPLETE)
                         if state and state.delta_token else None)
         rows.append({
@@ -95,8 +104,7 @@ def change_set_list(connection: sqlite3.Connection, entity: str | None = None,
     listed = []
     for (name, change_set, status, mode, created, updated, deleted, unchanged, stale,
          finished_at, error) in rows:
-        if status in PUBLISHING_STATUSES and not is_held(connection, name):
-            status, error = str(PublishStatus.FAILED), INTERRUPTED
+        status, error = shown_publish_status(connection, name, status, error)
         listed.append({
             "entity": name, "change_set": change_set, "status": status, "mode": mode,
             "created": created, "updated": updated, "deleted": deleted,

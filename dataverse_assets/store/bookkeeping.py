@@ -161,7 +161,10 @@ def is_bulk_create(connection: sqlite3.Connection, entity: str, change_set: str)
 def record_publish_failure(connection: sqlite3.Connection, entity: str, change_set: str,
                            operation: str, exc: BaseException) -> None:
     """FAILED, with the operation that failed, the error and one more retry counted; the
-    entity's sync state says failed."""
+    entity's sync state says failed. `exc` may be a run being stopped (not an Exception)."""
+    error = f"{type(exc).__name__}: {exc}" if str(exc) else (
+        f"{type(exc).__name__}: the run was stopped" if not isinstance(exc, Exception)
+        else type(exc).__name__)
     with transaction(connection):
         retries = connection.execute(
             "SELECT retry_count FROM _publish_state WHERE entity = ? AND change_set = ?",
@@ -169,7 +172,7 @@ def record_publish_failure(connection: sqlite3.Connection, entity: str, change_s
         set_publish_state(
             connection, entity, change_set, PublishStatus.FAILED, failed_operation=operation,
             error_code=getattr(exc, "code", None) or type(exc).__name__,
-            error=f"{type(exc).__name__}: {exc}", finished_at=utc_now_iso(),
+            error=error, finished_at=utc_now_iso(),
             retry_count=(retries[0] or 0) + 1 if retries else 1,
         )
         connection.execute(

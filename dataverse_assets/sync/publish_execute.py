@@ -395,17 +395,21 @@ def publish_change_set(
                                f"{result.deleted:,} deleted, {result.unchanged:,} unchanged, "
                                f"{result.stale:,} stale")
         return result
-    except Exception as exc:
+    except BaseException as exc:
+        # Also a run stopped mid-publish (Dagster's termination, Ctrl-C: not Exceptions): the
+        # database can still be written, so the state says FAILED, not EXECUTING.
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         problem = storage_problem(exc)
         try:
             record_publish_failure(connection, schema.entity, change_set, operation, exc)
         except sqlite3.Error:
-            if problem is None:
+            if problem is None and isinstance(exc, Exception):
                 raise
             # The same full disk or read-only file refuses the FAILED record too; the error
             # below must still say what happened (not "disk full while recording a failure").
+            # The next publish of the entity records it (interrupted), and until then `status`
+            # and `plan show` say so.
         if problem is not None:
             raise _storage_error(connection, schema.entity, change_set, problem, exc) from None
         raise

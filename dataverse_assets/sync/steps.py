@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
 
 import orjson
@@ -56,6 +57,8 @@ from dataverse_assets.sync.stage import (
     staging_fingerprint,
     write_staged,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _json(value: object) -> str:
@@ -239,11 +242,13 @@ def _reporting_batches(batches: Iterator[tuple[list[tuple], list[str]]],
 
 
 def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
-            skip: Collection[str] = ()) -> list[PublishResult]:
+            skip: Collection[str] = (),
+            warn: Callable[[str], None] | None = None) -> list[PublishResult]:
     """Publish change set K of an entity, after its older unpublished change sets, in order.
 
     An older change set that was archived but never staged is staged from the archive first;
-    those in `skip` (a rebuild's damaged ones) are left out.
+    those in `skip` (a rebuild's damaged ones) are left out. `warn` (default: this module's
+    logger) is told of a publish found cut off.
     """
     check_change_set_key(change_set)
     started = time.perf_counter()
@@ -251,7 +256,11 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
     results: list[PublishResult] = []
     with store.connection() as connection:
         # The caller holds the entity's lock: a publish still marked as under way was cut off.
-        record_interrupted_publishes(connection, entity.name)
+        for key in record_interrupted_publishes(connection, entity.name):
+            (warn or logger.warning)(
+                f"{entity.name}: the publish of change set {key} stopped without recording "
+                "why (its process ended, or the database refused the failure record); "
+                "recorded FAILED (interrupted), it is planned again from the start")
         refuse_if_pruned(connection, entity.name, change_set, "publishing it again")
         older = [key for key in _unpublished_before(connection, store, entity.name, change_set)
                  if key not in skip]
@@ -268,8 +277,9 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
                 schema = load_locked_schema(connection, entity.name)
                 assert schema is not None, "staging locks the schema before publishing"
                 fault_point("publish.before_plan")
-            except Exception as exc:
-                # Failed before its plan: FAILED with the reason, not left PENDING.
+            except BaseException as exc:
+                # Failed (or the run was stopped) before its plan: FAILED with the reason,
+                # not left PENDING.
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
                 with contextlib.suppress(sqlite3.Error):  # a refusing database: exc says why

@@ -12,6 +12,7 @@ from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, load_entities_confi
 from dataverse_assets.definitions import defs
 from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError
+from dataverse_assets.names import KEY_EXAMPLE
 from dataverse_assets_tests.helpers import mirror_of
 
 CONFIG = load_entities_config(DEFAULT_ENTITIES_CONFIG)
@@ -30,6 +31,18 @@ def test_every_entity_has_three_assets_in_its_cadence_group():
             assert node.description and len(node.description) > 20
             assert node.partitions_def.name == f"change_sets_{entity.group}"
     assert len(list(graph.get_all_asset_keys())) == 3 * len(CONFIG.entities)
+
+
+def test_every_partitioned_asset_states_the_change_set_key_format():
+    """Dagster's dynamic partitions carry no description: each asset's own says what a key
+    looks like, so a key typed into the UI's "Add a partition" box can be right."""
+    graph = asset_graph()
+    for entity in CONFIG.entities:
+        for layer in ("raw", "staging", "canonical"):
+            description = graph.get(AssetKey([layer, entity.name])).description
+            assert "YYYYMMDDTHHMMSSZ" in description and KEY_EXAMPLE in description, (
+                layer, entity.name, description)
+            assert "change-set create --group" in description, (layer, entity.name)
 
 
 def test_each_node_names_its_layer_in_its_kinds():
