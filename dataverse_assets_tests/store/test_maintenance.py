@@ -135,12 +135,18 @@ def test_bookkeeping_retention_keeps_what_it_must(store, tmp_path):
             [("open", old, old), ("dropped", old, old), ("resolved", recent, recent)])
         connection.executemany("INSERT INTO things__history VALUES (?, ?)",
                                [("a", old), ("b", recent)])
+        connection.executemany(  # a finished step, and one that started and never finished
+            "INSERT INTO _sync_log (entity, change_set, layer, status, started_at, finished_at)"
+            " VALUES ('things', ?, 'canonical', 'ok', ?, ?)",
+            [("old", old, old), ("old-unfinished", old, None), ("recent", old, recent),
+             ("recent-unfinished", recent, None)])
         config = load_entities_config(write_entities_config(
             tmp_path / "e.json", page_size=40))
         raw = json.loads((tmp_path / "e.json").read_text())
         raw["entities"].append({"name": "things", "group": "hourly", "incremental": "full"})
         raw["maintenance"] = {"publish_plan_days": 7, "change_history_days": 7,
-                              "resolved_issues_days": 7, "closed_dead_letters_days": 7}
+                              "sync_log_days": 7, "resolved_issues_days": 7,
+                              "closed_dead_letters_days": 7}
         (tmp_path / "e.json").write_text(json.dumps(raw))
         config = load_entities_config(tmp_path / "e.json")
 
@@ -152,14 +158,18 @@ def test_bookkeeping_retention_keeps_what_it_must(store, tmp_path):
 
         # Only the old plan whose counts are complete; the old change-history rows the last
         # key check has read (ids 1 and 2, not 3); resolved issues and closed dead letters
-        # past the horizon; history is kept without history_days.
+        # past the horizon; sync log lines that ended (or began, if never ended) before it;
+        # history is kept without history_days.
         assert rows("SELECT change_set FROM _publish_plan ORDER BY 1") == [("b",), ("c",)]
         assert rows("SELECT id FROM _change_history ORDER BY 1") == [(3,), (4,)]
         assert rows("SELECT record_id FROM _issues ORDER BY 1") == [("open",),
                                                                    ("resolved-new",)]
         assert rows("SELECT status FROM _dead_letter ORDER BY 1") == [("open",), ("resolved",)]
+        assert rows("SELECT change_set FROM _sync_log ORDER BY 1") == [
+            ("recent",), ("recent-unfinished",)]
         assert rows("SELECT count(*) FROM things__history") == [(2,)]
         assert deleted["_publish_plan"] == 1 and deleted["_change_history"] == 2
+        assert deleted["_sync_log"] == 2
         raw["maintenance"]["history_days"] = 7
         (tmp_path / "e.json").write_text(json.dumps(raw))
         retain_bookkeeping(connection, load_entities_config(tmp_path / "e.json"), now)
@@ -236,9 +246,11 @@ def test_an_issue_counts_once_per_record_and_resolves_when_the_record_stages_cle
     assert capsys.readouterr().out.count("[resolved ") == 1
 
 
-def test_the_same_problem_seen_again_is_one_issue_with_a_count(store):
+def test_the_same_problem_seen_again_is_one_issue_with_a_count(store, monkeypatch):
+    clock = iter(f"2026-12-0{day}T00:00:00.000000Z" for day in range(1, 10))
+    monkeypatch.setattr("dataverse_assets.store.issues.utc_now_iso", lambda: next(clock))
     with store.connection() as connection:
-        for change_set in ("a", "a", "b", "c"):
+        for change_set in ("a", "a", "b", "c"):  # seen on the 1st, 2nd, 3rd and 4th
             record_issue(connection, entity="things", change_set=change_set, record_id="id-1",
                          field="x", problem="bad value", context=f"seen in {change_set}")
         record_issue(connection, entity="things", change_set="c", record_id=None,
@@ -246,10 +258,16 @@ def test_the_same_problem_seen_again_is_one_issue_with_a_count(store):
         record_issue(connection, entity="things", change_set="c", record_id=None,
                      field="thingid", problem="record without primary key", context="page 2")
         rows = connection.execute(
-            "SELECT record_id, change_set, last_change_set, occurrences, context FROM _issues"
-            " ORDER BY id").fetchall()
-    assert rows == [("id-1", "a", "c", 3, "seen in c"),
-                    (None, "c", "c", 1, "page 1"), (None, "c", "c", 1, "page 2")]
+            "SELECT record_id, change_set, last_change_set, occurrences, context, recorded_at,"
+            " last_seen_at FROM _issues ORDER BY id").fetchall()
+    # First seen on the 1st, last seen on the 4th.
+    assert rows == [
+        ("id-1", "a", "c", 3, "seen in c", "2026-12-01T00:00:00.000000Z",
+         "2026-12-04T00:00:00.000000Z"),
+        (None, "c", "c", 1, "page 1", "2026-12-05T00:00:00.000000Z",
+         "2026-12-05T00:00:00.000000Z"),
+        (None, "c", "c", 1, "page 2", "2026-12-06T00:00:00.000000Z",
+         "2026-12-06T00:00:00.000000Z")]
 
 
 def test_issues_an_older_version_recorded_once_per_sighting_are_folded(tmp_path):
