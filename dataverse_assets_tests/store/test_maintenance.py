@@ -17,10 +17,11 @@ from dataverse_assets.defs.schedules import build_schedules
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.simulator import SimAttribute
-from dataverse_assets.store import dead_letters
-from dataverse_assets.store.db import connect, wait_for_checkpoint
+from dataverse_assets.store import dead_letters, maintenance
+from dataverse_assets.store.db import MirrorConnection, connect, transaction, wait_for_checkpoint
 from dataverse_assets.store.issues import record_issue
 from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
+from dataverse_assets.store.staging_store import STAGING_SCHEMA, staging_path
 from dataverse_assets_tests.conftest import write_entities_config
 from dataverse_assets_tests.helpers import mutate
 from dataverse_assets_tests.truth import canonical_rows
@@ -100,6 +101,94 @@ def test_the_maintenance_job_compacts_retains_and_shrinks_with_its_numbers_in_th
     # The mirror goes on: the next changes are published as before.
     mutate(mirror.simulator)
     mirror.sync("hourly")
+
+
+def test_with_shrink_file_false_retention_runs_and_the_files_keep_their_size(
+        make_mirror, tmp_path):
+    mirror = make_mirror()
+    for _ in range(3):
+        mirror.sync("hourly")
+        mutate(mirror.simulator)
+    mirror.sync("hourly")
+    db = mirror.settings.db_path
+    staging = staging_path(db)
+
+    def sizes() -> tuple[int, int]:
+        wait_for_checkpoint(db)
+        wait_for_checkpoint(staging)
+        return db.stat().st_size, staging.stat().st_size
+
+    before = sizes()
+    with_maintenance(mirror, tmp_path, **EVERYTHING_OLD, shrink_file=False,
+                     archive={"staging_keep_change_sets": 1})
+    defs = build_definitions(mirror.settings, source=mirror.defs.resources["source"])
+    result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(
+        instance=mirror.instance, raise_on_error=False)
+    assert result.success
+    numbers = output_metadata(result)
+    assert numbers["compact_archive_and_staging"]["staged_rows_pruned"] > 0
+    assert numbers["retain_bookkeeping_rows"]["rows_deleted"] > 0
+    assert numbers["shrink_mirror_file"] == {"skipped": "maintenance.shrink_file is false"}
+    # The space retention freed stays in the files, free for later writes.
+    assert sizes() == before
+    with mirror.connection() as connection:
+        assert connection.execute("SELECT count(*) FROM _publish_plan").fetchone() == (0,)
+        assert connection.execute("PRAGMA main.freelist_count").fetchone()[0] > 0
+        assert connection.execute(f"PRAGMA {STAGING_SCHEMA}.freelist_count").fetchone()[0] > 0
+
+
+def test_the_shrink_gives_the_write_lock_back_between_its_steps(tmp_path, monkeypatch):
+    """A publish (the mirror file) or a fetch staging rows (the staging file) while the
+    maintenance shrinks the files gets its write lock between two steps, without waiting:
+    the writer below does not wait at all (busy timeout 0), after every step."""
+    path = tmp_path / "m.db"
+    with closing(connect(path)) as connection:
+        connection.execute(f"CREATE TABLE {STAGING_SCHEMA}.filler (x TEXT)")
+        connection.execute("CREATE TABLE filler (x TEXT)")
+        connection.execute("CREATE TABLE written (file TEXT, free_pages_left INTEGER)")
+        with transaction(connection, staging=True):
+            for schema in ("main", STAGING_SCHEMA):  # ~200 pages of 16 KB in each file
+                connection.executemany(f"INSERT INTO {schema}.filler VALUES (?)",
+                                       [("x" * 4000,)] * 800)
+        with transaction(connection, staging=True):
+            for schema in ("main", STAGING_SCHEMA):
+                connection.execute(f"DELETE FROM {schema}.filler")
+    monkeypatch.setattr(maintenance, "VACUUM_PAGES_PER_STEP", 16)
+    writer = connect(path)
+    writer.execute("PRAGMA busy_timeout = 0")  # "database is locked" at once if it is held
+    steps: list[str] = []
+    vacuum_step = MirrorConnection.executescript
+
+    def step_then_write(connection, script):
+        result = vacuum_step(connection, script)
+        if "incremental_vacuum" in script:
+            schema = script.split("PRAGMA ")[1].split(".")[0]
+            steps.append(schema)
+            with transaction(writer, staging=True):  # as a publish, or staging, takes it
+                left = writer.execute(f"PRAGMA {schema}.freelist_count").fetchone()[0]
+                writer.execute("INSERT INTO written VALUES (?, ?)", (schema, left))
+        return result
+
+    monkeypatch.setattr(MirrorConnection, "executescript", step_then_write)
+    files = (path, staging_path(path))
+    for file in files:
+        wait_for_checkpoint(file)
+    sizes_before = [file.stat().st_size for file in files]
+    shrink_database(path)
+    writer.close()
+
+    with closing(connect(path)) as connection:
+        written = connection.execute("SELECT file, free_pages_left FROM written").fetchall()
+        assert connection.execute("PRAGMA main.freelist_count").fetchone() == (0,)
+        assert connection.execute(f"PRAGMA {STAGING_SCHEMA}.freelist_count").fetchone() == (0,)
+    # A write after every step, all but the last while pages were still to be given back.
+    assert [file for file, _ in written] == steps
+    for schema in ("main", STAGING_SCHEMA):
+        left = [free for file, free in written if file == schema]
+        assert len(left) >= 10 and all(free > 0 for free in left[:-1])
+    # And both files gave their free pages back (their WAL may still hold the writes).
+    for file, before in zip(files, sizes_before, strict=True):
+        assert file.stat().st_size < before / 2
 
 
 def test_bookkeeping_retention_keeps_what_it_must(store, tmp_path):
