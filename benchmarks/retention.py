@@ -6,13 +6,16 @@
 A 100,000-row change-tracked table (`vin_candidates` of the built-in simulator, on loopback)
 gets 1% of its rows edited before each of 720 hourly change sets (30 days), each synced by the
 same step functions the assets use (fetch, stage, publish), with the reconcile scan on its
-default daily cadence; after each simulated day the maintenance steps run (compaction and
-retention, bookkeeping retention, incremental vacuum), as the `maintenance` job would.
+default daily cadence (the first change set of each simulated day); after each simulated day
+the maintenance steps run (compaction and retention, bookkeeping retention, incremental
+vacuum), as the `maintenance` job would.
 
-Time is compressed: a simulated day passes in 10-18 s on the 2-core machine, so every setting
-in days or hours (retention, compaction, the reconcile cadence) is scaled by the same factor
-(`--day-seconds`, default 13: the real seconds a simulated day stands for); the retained
-bookkeeping is then about what it would be after a real month with these settings.
+Time is simulated: each change set is an hour. A simulated day passes in 10-30 s, depending on
+the machine and its load, and what the settings in days compare with is real time (the rows'
+and the archive's timestamps). So before each maintenance run every window in days (the
+bookkeeping retention, the history horizon, `compact_after_days`) is turned into the real
+time its simulated days took, from when each change set started: a 7-day window keeps the
+last 168 change sets' rows, however fast the machine ran them.
 
 The staged rows live in their own file beside the mirror (`<mirror>-staging`); both files are
 measured. After every simulated day it records each file's size on disk and what its content
@@ -55,20 +58,52 @@ BOOKKEEPING_DAYS = {"publish_plan_days": 30, "change_history_days": 90, "sync_lo
 BOOKKEEPING_TABLES = ("_publish_plan", "_change_history", "_sync_log")
 
 
-def write_config(path: Path, scale: float, bookkeeping_days: float | None = None,
+def write_config(path: Path, bookkeeping_days: float | None = None,
                  history_days: float | None = None) -> Path:
-    """One hourly group with the table; retention settings in days, scaled to real time."""
+    """One hourly group with the table; settings in simulated days (see SimulatedClock). The
+    reconcile scan is asked for by the benchmark itself, on the first change set of a day."""
     days = {name: bookkeeping_days if bookkeeping_days is not None else value
             for name, value in BOOKKEEPING_DAYS.items()}
     if history_days is not None:
         days["history_days"] = history_days
     path.write_text(json.dumps({
         "groups": {"hourly": {"cron": "0 * * * *"}},
-        "entities": [{"name": ENTITY, "group": "hourly", "reconcile_every_hours": 24 * scale}],
-        "archive": {"compact_after_days": 7 * scale, "staging_keep_change_sets": 24},
-        "maintenance": {name: value * scale for name, value in days.items()},
+        "entities": [{"name": ENTITY, "group": "hourly", "reconcile_every_hours": 0}],
+        "archive": {"compact_after_days": 7, "staging_keep_change_sets": 24},
+        "maintenance": days,
     }))
     return path
+
+
+class SimulatedClock:
+    """Each change set is a simulated hour; the real time each one started turns a window of
+    simulated days into the real time those days took."""
+
+    def __init__(self) -> None:
+        self.hours: list[datetime] = []  # the real start of each change set
+
+    def tick(self) -> None:
+        self.hours.append(datetime.now(UTC))
+
+    def real_days(self, days: float | None, now: datetime) -> float | None:
+        """`days` simulated days back from now, in real days: back to the start of the oldest
+        change set within them (everything so far when the run is younger)."""
+        if days is None:
+            return None
+        first_kept = len(self.hours) - round(days * 24)
+        since = (self.hours[first_kept] if first_kept > 0
+                 else self.hours[0] - timedelta(seconds=1))
+        return (now - since).total_seconds() / 86_400
+
+    def in_real_time(self, config, now: datetime):
+        """`config` with every window in days as the real time its simulated days took."""
+        maintenance = config.maintenance
+        windows = {name: self.real_days(getattr(maintenance, name), now)
+                   for name in (*BOOKKEEPING_DAYS, "history_days")}
+        return config.model_copy(update={
+            "maintenance": maintenance.model_copy(update=windows),
+            "archive": config.archive.model_copy(update={"compact_after_days": self.real_days(
+                config.archive.compact_after_days, now)})})
 
 
 def mb(size: float) -> float:
@@ -111,8 +146,6 @@ def main() -> int:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--changed", type=float, default=0.01, help="share edited per hour")
-    parser.add_argument("--day-seconds", type=float, default=13.0,
-                        help="real seconds one simulated day stands for (retention scale)")
     parser.add_argument("--without-maintenance", action="store_true",
                         help="the same month with no maintenance run (for comparison)")
     parser.add_argument("--bookkeeping-days", type=float, default=None,
@@ -131,10 +164,9 @@ def main() -> int:
     from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
     from dataverse_assets.source.simulator import SimulatorSource
 
-    scale = args.day_seconds / 86_400
     work = Path(tempfile.mkdtemp(prefix="dataverse-retention-"))
-    config = load_entities_config(write_config(work / "entities.json", scale,
-                                               args.bookkeeping_days, args.history_days))
+    config = load_entities_config(write_config(work / "entities.json", args.bookkeeping_days,
+                                               args.history_days))
     entity = config.entity(ENTITY)
     store = MirrorStore(db_path=str(work / "mirror.db"), archive_dir=str(work / "archive"))
     simulator = DataverseSimulator([ENTITY], seed=11, row_counts={ENTITY: args.rows})
@@ -165,15 +197,17 @@ def simulate(args, config, entity, store, source, simulator) -> dict:
 
     rng = random.Random(5)
     db = Path(store.db_path)
+    clock = SimulatedClock()
     moment = datetime.now(UTC).replace(microsecond=0)
     daily: list[dict] = []
     started = time.perf_counter()
     for day in range(args.days):
         day_started = time.perf_counter()
-        for _ in range(24):
+        for hour in range(24):
+            clock.tick()
             moment = max(moment + timedelta(seconds=1), datetime.now(UTC).replace(microsecond=0))
             key = change_set_key(moment)
-            steps.fetch(store, source, entity, key)
+            steps.fetch(store, source, entity, key, reconcile=hour == 0)
             with store.connection() as connection:
                 write_staged(connection, steps.staged_records(
                     connection, store.archive(ENTITY, key), entity))
@@ -184,9 +218,11 @@ def simulate(args, config, entity, store, source, simulator) -> dict:
         record: dict = {"day": day + 1}
         if not args.without_maintenance:
             # The end of a simulated day: what the maintenance job does.
-            compact_archive(store.archive_dir, config, db_path=store.db_path)
+            now = datetime.now(UTC)
+            today = clock.in_real_time(config, now)
+            compact_archive(store.archive_dir, today, db_path=store.db_path, now=now)
             with closing(connect(db)) as connection:
-                deleted = retain_bookkeeping(connection, config)
+                deleted = retain_bookkeeping(connection, today, now)
             shrink = shrink_database(db)
             record.update(freed_mb=mb(shrink.bytes_freed), rows_deleted=sum(deleted.values()))
         record["seconds"] = round(time.perf_counter() - day_started, 1)
@@ -217,7 +253,7 @@ def simulate(args, config, entity, store, source, simulator) -> dict:
         "days": args.days, "rows": args.rows, "changed_per_hour": args.changed,
         "maintenance": not args.without_maintenance,
         "bookkeeping_days": args.bookkeeping_days, "history_days": args.history_days,
-        "change_sets": args.days * 24, "day_seconds": args.day_seconds,
+        "change_sets": args.days * 24,
         "files_mb": mb(files), "must_hold_mb": mb(held),
         "ratio": round(files / held, 3), "target_ratio": TARGET_RATIO,
         "met": files <= TARGET_RATIO * held,
