@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dataverse_assets.ops import cli
 from dataverse_assets.simulator import (
     SIMULATOR_CLIENT_ID,
     SIMULATOR_CLIENT_SECRET,
@@ -989,6 +990,47 @@ def test_page_number_paging_skips_a_row_when_an_earlier_one_moves() -> None:
     served = [r["contactid"] for r in rows]
     assert ids[40] not in served and served.count(ids[0]) == 2  # skipped / served twice
     assert set(served) | {ids[40]} == set(ids)
+
+
+def _what_a_read_loses(sim: DataverseSimulator) -> dict[str, bool]:
+    """Over loopback: is a row skipped when an earlier one is edited between pages (a read by
+    modifiedon), and is an edit of a row already served in no delta (a tracked read)?"""
+    order = {"$orderby": "modifiedon asc,contactid asc"}
+    with serve_on_loopback(sim) as base, api_client(base, fetch_token(base)) as client:
+        ids = [r["contactid"] for r in follow(client, f"{API}/contacts", params=order)[0]]
+
+        def touch(page: int) -> None:
+            if page == 1:
+                sim.update("contacts", ids[0], {"jobtitle": f"Edited {uuid.uuid4()}"})
+
+        rows, _ = follow(client, f"{API}/contacts", params=order,
+                         prefer="odata.maxpagesize=40", between_pages=touch)
+        _, responses = follow(client, f"{API}/contacts", prefer="odata.track-changes,"
+                              "odata.maxpagesize=40", between_pages=touch)
+        changes, _ = follow(client, responses[-1].json()["@odata.deltaLink"])
+    return {"row skipped": {r["contactid"] for r in rows} != set(ids),
+            "edit in no delta": changes == []}
+
+
+def test_the_simulator_command_serves_unsafe_paging_when_asked(capsys) -> None:
+    """`dataverse-assets simulator --paging page_number --delta-token-moment last_page` serves
+    a table whose paging loses rows and whose delta misses edits; by default it does neither;
+    a value it does not know is one error line."""
+    def simulator(*flags: str) -> DataverseSimulator:
+        return cli.build_simulator(cli.build_parser().parse_args(
+            ["simulator", "--port", "0", "--rows", "contacts=120", *flags]))
+
+    assert _what_a_read_loses(simulator()) == {"row skipped": False, "edit in no delta": False}
+    assert _what_a_read_loses(simulator("--paging", "page_number")) == {
+        "row skipped": True, "edit in no delta": False}
+    assert _what_a_read_loses(simulator("--delta-token-moment", "last_page")) == {
+        "row skipped": False, "edit in no delta": True}
+    for flag, bad in (("--paging", "cursor"), ("--delta-token-moment", "middle")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["simulator", flag, bad])
+        assert exit_.value.code == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and f"argument {flag}: invalid choice: '{bad}'" in errors[0]
 
 
 def test_delta_paging_is_pinned_to_its_window(

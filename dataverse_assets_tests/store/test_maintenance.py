@@ -17,10 +17,11 @@ from dataverse_assets.defs.schedules import build_schedules
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.simulator import SimAttribute
-from dataverse_assets.store import dead_letters
-from dataverse_assets.store.db import connect, wait_for_checkpoint
+from dataverse_assets.store import dead_letters, maintenance
+from dataverse_assets.store.db import MirrorConnection, connect, transaction, wait_for_checkpoint
 from dataverse_assets.store.issues import record_issue
 from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
+from dataverse_assets.store.staging_store import STAGING_SCHEMA, staging_path
 from dataverse_assets_tests.conftest import write_entities_config
 from dataverse_assets_tests.helpers import mutate
 from dataverse_assets_tests.truth import canonical_rows
@@ -102,6 +103,94 @@ def test_the_maintenance_job_compacts_retains_and_shrinks_with_its_numbers_in_th
     mirror.sync("hourly")
 
 
+def test_with_shrink_file_false_retention_runs_and_the_files_keep_their_size(
+        make_mirror, tmp_path):
+    mirror = make_mirror()
+    for _ in range(3):
+        mirror.sync("hourly")
+        mutate(mirror.simulator)
+    mirror.sync("hourly")
+    db = mirror.settings.db_path
+    staging = staging_path(db)
+
+    def sizes() -> tuple[int, int]:
+        wait_for_checkpoint(db)
+        wait_for_checkpoint(staging)
+        return db.stat().st_size, staging.stat().st_size
+
+    before = sizes()
+    with_maintenance(mirror, tmp_path, **EVERYTHING_OLD, shrink_file=False,
+                     archive={"staging_keep_change_sets": 1})
+    defs = build_definitions(mirror.settings, source=mirror.defs.resources["source"])
+    result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(
+        instance=mirror.instance, raise_on_error=False)
+    assert result.success
+    numbers = output_metadata(result)
+    assert numbers["compact_archive_and_staging"]["staged_rows_pruned"] > 0
+    assert numbers["retain_bookkeeping_rows"]["rows_deleted"] > 0
+    assert numbers["shrink_mirror_file"] == {"skipped": "maintenance.shrink_file is false"}
+    # The space retention freed stays in the files, free for later writes.
+    assert sizes() == before
+    with mirror.connection() as connection:
+        assert connection.execute("SELECT count(*) FROM _publish_plan").fetchone() == (0,)
+        assert connection.execute("PRAGMA main.freelist_count").fetchone()[0] > 0
+        assert connection.execute(f"PRAGMA {STAGING_SCHEMA}.freelist_count").fetchone()[0] > 0
+
+
+def test_the_shrink_gives_the_write_lock_back_between_its_steps(tmp_path, monkeypatch):
+    """A publish (the mirror file) or a fetch staging rows (the staging file) while the
+    maintenance shrinks the files gets its write lock between two steps, without waiting:
+    the writer below does not wait at all (busy timeout 0), after every step."""
+    path = tmp_path / "m.db"
+    with closing(connect(path)) as connection:
+        connection.execute(f"CREATE TABLE {STAGING_SCHEMA}.filler (x TEXT)")
+        connection.execute("CREATE TABLE filler (x TEXT)")
+        connection.execute("CREATE TABLE written (file TEXT, free_pages_left INTEGER)")
+        with transaction(connection, staging=True):
+            for schema in ("main", STAGING_SCHEMA):  # ~200 pages of 16 KB in each file
+                connection.executemany(f"INSERT INTO {schema}.filler VALUES (?)",
+                                       [("x" * 4000,)] * 800)
+        with transaction(connection, staging=True):
+            for schema in ("main", STAGING_SCHEMA):
+                connection.execute(f"DELETE FROM {schema}.filler")
+    monkeypatch.setattr(maintenance, "VACUUM_PAGES_PER_STEP", 16)
+    writer = connect(path)
+    writer.execute("PRAGMA busy_timeout = 0")  # "database is locked" at once if it is held
+    steps: list[str] = []
+    vacuum_step = MirrorConnection.executescript
+
+    def step_then_write(connection, script):
+        result = vacuum_step(connection, script)
+        if "incremental_vacuum" in script:
+            schema = script.split("PRAGMA ")[1].split(".")[0]
+            steps.append(schema)
+            with transaction(writer, staging=True):  # as a publish, or staging, takes it
+                left = writer.execute(f"PRAGMA {schema}.freelist_count").fetchone()[0]
+                writer.execute("INSERT INTO written VALUES (?, ?)", (schema, left))
+        return result
+
+    monkeypatch.setattr(MirrorConnection, "executescript", step_then_write)
+    files = (path, staging_path(path))
+    for file in files:
+        wait_for_checkpoint(file)
+    sizes_before = [file.stat().st_size for file in files]
+    shrink_database(path)
+    writer.close()
+
+    with closing(connect(path)) as connection:
+        written = connection.execute("SELECT file, free_pages_left FROM written").fetchall()
+        assert connection.execute("PRAGMA main.freelist_count").fetchone() == (0,)
+        assert connection.execute(f"PRAGMA {STAGING_SCHEMA}.freelist_count").fetchone() == (0,)
+    # A write after every step, all but the last while pages were still to be given back.
+    assert [file for file, _ in written] == steps
+    for schema in ("main", STAGING_SCHEMA):
+        left = [free for file, free in written if file == schema]
+        assert len(left) >= 10 and all(free > 0 for free in left[:-1])
+    # And both files gave their free pages back (their WAL may still hold the writes).
+    for file, before in zip(files, sizes_before, strict=True):
+        assert file.stat().st_size < before / 2
+
+
 def test_bookkeeping_retention_keeps_what_it_must(store, tmp_path):
     now = datetime(2026, 12, 6, tzinfo=UTC)
     old, recent = "2026-01-01T00:00:00.000000Z", "2026-12-05T00:00:00.000000Z"
@@ -135,12 +224,18 @@ def test_bookkeeping_retention_keeps_what_it_must(store, tmp_path):
             [("open", old, old), ("dropped", old, old), ("resolved", recent, recent)])
         connection.executemany("INSERT INTO things__history VALUES (?, ?)",
                                [("a", old), ("b", recent)])
+        connection.executemany(  # a finished step, and one that started and never finished
+            "INSERT INTO _sync_log (entity, change_set, layer, status, started_at, finished_at)"
+            " VALUES ('things', ?, 'canonical', 'ok', ?, ?)",
+            [("old", old, old), ("old-unfinished", old, None), ("recent", old, recent),
+             ("recent-unfinished", recent, None)])
         config = load_entities_config(write_entities_config(
             tmp_path / "e.json", page_size=40))
         raw = json.loads((tmp_path / "e.json").read_text())
         raw["entities"].append({"name": "things", "group": "hourly", "incremental": "full"})
         raw["maintenance"] = {"publish_plan_days": 7, "change_history_days": 7,
-                              "resolved_issues_days": 7, "closed_dead_letters_days": 7}
+                              "sync_log_days": 7, "resolved_issues_days": 7,
+                              "closed_dead_letters_days": 7}
         (tmp_path / "e.json").write_text(json.dumps(raw))
         config = load_entities_config(tmp_path / "e.json")
 
@@ -152,14 +247,18 @@ def test_bookkeeping_retention_keeps_what_it_must(store, tmp_path):
 
         # Only the old plan whose counts are complete; the old change-history rows the last
         # key check has read (ids 1 and 2, not 3); resolved issues and closed dead letters
-        # past the horizon; history is kept without history_days.
+        # past the horizon; sync log lines that ended (or began, if never ended) before it;
+        # history is kept without history_days.
         assert rows("SELECT change_set FROM _publish_plan ORDER BY 1") == [("b",), ("c",)]
         assert rows("SELECT id FROM _change_history ORDER BY 1") == [(3,), (4,)]
         assert rows("SELECT record_id FROM _issues ORDER BY 1") == [("open",),
                                                                    ("resolved-new",)]
         assert rows("SELECT status FROM _dead_letter ORDER BY 1") == [("open",), ("resolved",)]
+        assert rows("SELECT change_set FROM _sync_log ORDER BY 1") == [
+            ("recent",), ("recent-unfinished",)]
         assert rows("SELECT count(*) FROM things__history") == [(2,)]
         assert deleted["_publish_plan"] == 1 and deleted["_change_history"] == 2
+        assert deleted["_sync_log"] == 2
         raw["maintenance"]["history_days"] = 7
         (tmp_path / "e.json").write_text(json.dumps(raw))
         retain_bookkeeping(connection, load_entities_config(tmp_path / "e.json"), now)
@@ -236,9 +335,11 @@ def test_an_issue_counts_once_per_record_and_resolves_when_the_record_stages_cle
     assert capsys.readouterr().out.count("[resolved ") == 1
 
 
-def test_the_same_problem_seen_again_is_one_issue_with_a_count(store):
+def test_the_same_problem_seen_again_is_one_issue_with_a_count(store, monkeypatch):
+    clock = iter(f"2026-12-0{day}T00:00:00.000000Z" for day in range(1, 10))
+    monkeypatch.setattr("dataverse_assets.store.issues.utc_now_iso", lambda: next(clock))
     with store.connection() as connection:
-        for change_set in ("a", "a", "b", "c"):
+        for change_set in ("a", "a", "b", "c"):  # seen on the 1st, 2nd, 3rd and 4th
             record_issue(connection, entity="things", change_set=change_set, record_id="id-1",
                          field="x", problem="bad value", context=f"seen in {change_set}")
         record_issue(connection, entity="things", change_set="c", record_id=None,
@@ -246,10 +347,16 @@ def test_the_same_problem_seen_again_is_one_issue_with_a_count(store):
         record_issue(connection, entity="things", change_set="c", record_id=None,
                      field="thingid", problem="record without primary key", context="page 2")
         rows = connection.execute(
-            "SELECT record_id, change_set, last_change_set, occurrences, context FROM _issues"
-            " ORDER BY id").fetchall()
-    assert rows == [("id-1", "a", "c", 3, "seen in c"),
-                    (None, "c", "c", 1, "page 1"), (None, "c", "c", 1, "page 2")]
+            "SELECT record_id, change_set, last_change_set, occurrences, context, recorded_at,"
+            " last_seen_at FROM _issues ORDER BY id").fetchall()
+    # First seen on the 1st, last seen on the 4th.
+    assert rows == [
+        ("id-1", "a", "c", 3, "seen in c", "2026-12-01T00:00:00.000000Z",
+         "2026-12-04T00:00:00.000000Z"),
+        (None, "c", "c", 1, "page 1", "2026-12-05T00:00:00.000000Z",
+         "2026-12-05T00:00:00.000000Z"),
+        (None, "c", "c", 1, "page 2", "2026-12-06T00:00:00.000000Z",
+         "2026-12-06T00:00:00.000000Z")]
 
 
 def test_issues_an_older_version_recorded_once_per_sighting_are_folded(tmp_path):
