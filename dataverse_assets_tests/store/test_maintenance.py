@@ -40,6 +40,26 @@ def with_maintenance(mirror, tmp_path, **settings) -> None:
     mirror.settings.__dict__.pop("entities", None)  # the cached parse
 
 
+def synced_four_times(make_mirror):
+    """A mirror of four change sets of the hourly group, with edits between them: old change
+    sets, staged rows and bookkeeping for the maintenance job to work on."""
+    mirror = make_mirror()
+    for _ in range(3):
+        mirror.sync("hourly")
+        mutate(mirror.simulator)
+    mirror.sync("hourly")
+    return mirror
+
+
+def run_maintenance_job(mirror) -> dict[str, dict]:
+    """The maintenance job run as its schedule runs it; its ops' output metadata."""
+    defs = build_definitions(mirror.settings, source=mirror.defs.resources["source"])
+    result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(
+        instance=mirror.instance, raise_on_error=False)
+    assert result.success
+    return output_metadata(result)
+
+
 def output_metadata(result) -> dict[str, dict]:
     return {e.step_key: {k: v.value for k, v in e.event_specific_data.metadata.items()}
             for e in result.all_events if e.event_type_value == "STEP_OUTPUT"}
@@ -67,11 +87,7 @@ def test_the_schedule_runs_daily_by_default_or_as_configured_or_not_at_all(tmp_p
 
 def test_the_maintenance_job_compacts_retains_and_shrinks_with_its_numbers_in_the_run(
         make_mirror, tmp_path):
-    mirror = make_mirror()
-    for _ in range(3):
-        mirror.sync("hourly")
-        mutate(mirror.simulator)
-    mirror.sync("hourly")
+    mirror = synced_four_times(make_mirror)
     with mirror.connection() as connection:
         before = {e: canonical_rows(connection, e) for e in ENTITIES}
         plan_rows = connection.execute("SELECT count(*) FROM _publish_plan").fetchone()[0]
@@ -81,11 +97,7 @@ def test_the_maintenance_job_compacts_retains_and_shrinks_with_its_numbers_in_th
     with_maintenance(mirror, tmp_path, **EVERYTHING_OLD,
                      archive={"compact_after_days": 0, "staging_keep_change_sets": 1})
 
-    defs = build_definitions(mirror.settings, source=mirror.defs.resources["source"])
-    result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-        instance=mirror.instance, raise_on_error=False)
-    assert result.success
-    numbers = output_metadata(result)
+    numbers = run_maintenance_job(mirror)
     compacted = numbers["compact_archive_and_staging"]
     assert compacted["change_sets_compacted"] > 0 and compacted["staged_rows_pruned"] > 0
     assert compacted["bytes_freed"] > 0
@@ -105,11 +117,7 @@ def test_the_maintenance_job_compacts_retains_and_shrinks_with_its_numbers_in_th
 
 def test_with_shrink_file_false_retention_runs_and_the_files_keep_their_size(
         make_mirror, tmp_path):
-    mirror = make_mirror()
-    for _ in range(3):
-        mirror.sync("hourly")
-        mutate(mirror.simulator)
-    mirror.sync("hourly")
+    mirror = synced_four_times(make_mirror)
     db = mirror.settings.db_path
     staging = staging_path(db)
 
@@ -121,11 +129,7 @@ def test_with_shrink_file_false_retention_runs_and_the_files_keep_their_size(
     before = sizes()
     with_maintenance(mirror, tmp_path, **EVERYTHING_OLD, shrink_file=False,
                      archive={"staging_keep_change_sets": 1})
-    defs = build_definitions(mirror.settings, source=mirror.defs.resources["source"])
-    result = defs.resolve_job_def(MAINTENANCE_JOB).execute_in_process(
-        instance=mirror.instance, raise_on_error=False)
-    assert result.success
-    numbers = output_metadata(result)
+    numbers = run_maintenance_job(mirror)
     assert numbers["compact_archive_and_staging"]["staged_rows_pruned"] > 0
     assert numbers["retain_bookkeeping_rows"]["rows_deleted"] > 0
     assert numbers["shrink_mirror_file"] == {"skipped": "maintenance.shrink_file is false"}
