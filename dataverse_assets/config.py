@@ -546,7 +546,7 @@ def load_entities_config(path: str | os.PathLike[str]) -> EntitiesConfig:
 
 
 SourceKind = Literal["live", "archive", "fixture", "simulator"]
-ExecutorKind = Literal["in_process", "multiprocess"]
+ExecutorKind = Literal["in_process", "multiprocess", "celery"]
 
 
 # Client secrets are redacted from every message by value; a very short one would redact
@@ -652,8 +652,11 @@ class Settings(BaseModel):
     executor: ExecutorKind = Field(
         "in_process", description="How runs launched by Dagster (UI, dagster asset "
         "materialize, schedules, sensors) execute their steps: in_process (one after another "
-        "in the run's process) or multiprocess (Dagster's executor: a process per step, in "
-        "parallel; its launchpad config applies). The CLI always runs in-process.")
+        "in the run's process), multiprocess (Dagster's executor: a process per step, in "
+        "parallel; its launchpad config applies) or celery (dagster-celery: each step a task "
+        "on the broker of DAGSTER_CELERY_BROKER_URL, run by whichever worker takes it, on "
+        "this machine or another; needs the '.[deploy]' extra and a shared Dagster instance, "
+        "see deploy/). The CLI always runs in-process.")
 
     @field_validator("url", "authority")
     @classmethod

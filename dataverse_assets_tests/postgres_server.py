@@ -78,7 +78,7 @@ def require_server_binaries() -> Path:
     return found
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -94,7 +94,7 @@ def throwaway_postgres() -> Iterator[PostgresServer]:
     run_as = ["runuser", "-u", SERVER_USER, "--"] if as_root else []
     if as_root:
         shutil.chown(folder, SERVER_USER)
-    port = _free_port()
+    port = free_port()
 
     def run(*command: str) -> None:
         completed = subprocess.run([*run_as, *command], capture_output=True, text=True,

@@ -121,11 +121,13 @@ def _schedule(mirror, monkeypatch, capsys) -> str:
     """The group's schedule: its key from the scheduled time."""
     monkeypatch.setattr(schedules, "change_set_key", lambda moment: "my-first-run")
     schedule = mirror.defs.resolve_schedule_def("hourly_schedule")
-    context = build_schedule_context(
-        instance=mirror.instance, scheduled_execution_time=datetime(2026, 11, 22, 10, 0,
-                                                                    tzinfo=UTC),
-        repository_def=mirror.defs.get_repository_def())
-    return _refusal(lambda: schedule.evaluate_tick(context))
+    # Exited when done: the context opens an instance of its own from the reference, which
+    # would otherwise stay Dagster's current definitions-state storage for every later test.
+    with build_schedule_context(
+            instance=mirror.instance, scheduled_execution_time=datetime(2026, 11, 22, 10, 0,
+                                                                        tzinfo=UTC),
+            repository_def=mirror.defs.get_repository_def()) as context:
+        return _refusal(lambda: schedule.evaluate_tick(context))
 
 
 def _tick(mirror, sensor_name: str) -> None:

@@ -10,6 +10,7 @@ from dagster import (
     AssetSelection,
     Definitions,
     EnvVar,
+    ExecutorDefinition,
     define_asset_job,
     in_process_executor,
     multiprocess_executor,
@@ -28,6 +29,7 @@ from dataverse_assets.defs.maintenance import build_maintenance_job
 from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.defs.schedules import build_schedules, sync_job_name
 from dataverse_assets.defs.sensors import build_sensors
+from dataverse_assets.errors import ConfigError
 from dataverse_assets.source.base import DataverseSource
 from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.live import LiveDataverseSource
@@ -107,8 +109,7 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
         # Every job of the code location (the sync jobs, the asset job the UI and `dagster
         # asset materialize` use): steps in the run's own process unless DATAVERSE_EXECUTOR
         # says multiprocess (see Settings.executor).
-        executor=in_process_executor if settings.executor == "in_process"
-        else multiprocess_executor,
+        executor=_executor(settings.executor),
         resources={
             "source": source or build_source(settings, config),
             "store": store,
@@ -119,3 +120,24 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
         },
     )
 
+
+# The broker and result backend of the celery executor, read by the run and by every worker
+# from the environment: a URL with a password never enters a run's stored config.
+CELERY_BROKER_ENV = "DAGSTER_CELERY_BROKER_URL"
+CELERY_BACKEND_ENV = "DAGSTER_CELERY_BACKEND_URL"
+
+
+def _executor(kind: str) -> ExecutorDefinition:
+    """The executor of every job for DATAVERSE_EXECUTOR."""
+    if kind == "in_process":
+        return in_process_executor
+    if kind == "multiprocess":
+        return multiprocess_executor
+    try:
+        from dagster_celery import celery_executor
+    except ImportError:
+        raise ConfigError("DATAVERSE_EXECUTOR=celery needs dagster-celery: pip install -e "
+                          "'.[deploy]'") from None
+    return celery_executor.configured(
+        {"broker": {"env": CELERY_BROKER_ENV}, "backend": {"env": CELERY_BACKEND_ENV}},
+        name="celery")

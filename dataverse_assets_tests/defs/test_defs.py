@@ -84,7 +84,8 @@ def test_runs_launched_by_dagster_execute_their_steps_in_one_process_by_default(
 
 
 def test_an_unknown_executor_is_a_clear_error():
-    with pytest.raises(ConfigError, match="DATAVERSE_EXECUTOR: .*'in_process' or 'multiprocess'"):
+    with pytest.raises(ConfigError,
+                       match="DATAVERSE_EXECUTOR: .*'in_process', 'multiprocess' or 'celery'"):
         load_settings({"DATAVERSE_EXECUTOR": "threads"}, dotenv=False)
 
 

@@ -3,20 +3,30 @@ the test starts itself (dataverse_assets_tests/postgres_server.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from dataverse_assets.config import PROJECT_ROOT
+from dataverse_assets.config import PROJECT_ROOT, load_entities_config
 from dataverse_assets.defs.asset_keys import canonical_key
 from dataverse_assets.defs.partitions import change_sets_partitions
-from dataverse_assets_tests.conftest import Mirror
-from dataverse_assets_tests.postgres_server import connect, throwaway_postgres
+from dataverse_assets.store.db import connect as connect_mirror
+from dataverse_assets_tests.conftest import Mirror, write_entities_config
+from dataverse_assets_tests.postgres_server import connect, free_port, throwaway_postgres
 from dataverse_assets_tests.truth import assert_mirror_equals_simulator
 
 DEPLOY = PROJECT_ROOT / "deploy" / "dagster.yaml"
 PASSWORD = "not-checked-by-trust-auth"
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +85,99 @@ def test_a_sync_runs_with_dagster_s_instance_in_postgresql(postgres, make_mirror
         connection.close()
     assert runs == 1 and events >= len(hourly)
     assert PASSWORD not in (home / "dagster.yaml").read_text()
+
+
+# -- the celery executor: steps as tasks on a Redis broker, run by worker processes ------------
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = shutil.which("redis-server")
+    if server is None:
+        reason = "redis-server is not installed: apt-get install redis-server"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}; CI must run the celery tests (.ci/run installs it)")
+        pytest.skip(reason)
+    port = free_port()
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _start_worker(name: str, env: dict[str, str], config_dir: Path,
+                  log: Path) -> subprocess.Popen:
+    """A dagster-celery worker, as `dagster-celery worker start` runs one (celery with the
+    broker settings in a dagster_celery_config module), one step at a time; its log to a file
+    (a pipe nobody reads fills up and stops it)."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [str(BIN / "celery"), "-A", "dagster_celery.app", "worker",
+             "--prefetch-multiplier=1", "--concurrency", "1", "-n", f"{name}@%h",
+             "--loglevel", "INFO"],
+            cwd=PROJECT_ROOT, env={**env, "PYTHONPATH": str(config_dir)},
+            start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+
+
+def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_workers(
+        postgres, redis_url, simulator_url, tmp_path, monkeypatch):
+    """`dagster asset materialize` with DATAVERSE_EXECUTOR=celery, Dagster's instance in
+    PostgreSQL (deploy/dagster.yaml) and two workers started here: every step is executed by a
+    worker, and the mirror equals the simulator's data."""
+    simulator, url = simulator_url
+    home = _instance_home(tmp_path, postgres, monkeypatch, "dagster_celery_runs")
+    config = write_entities_config(tmp_path / "entities_config.json", page_size=40)
+    config_dir = tmp_path / "celery_config"
+    config_dir.mkdir()
+    broker, backend = f"{redis_url}/0", f"{redis_url}/1"
+    (config_dir / "dagster_celery_config.py").write_text(
+        f"broker_url = {broker!r}\nresult_backend = {backend!r}\n")
+    env = {**os.environ, "DAGSTER_HOME": str(home), "DATAVERSE_SOURCE": "simulator",
+           "DATAVERSE_URL": url, "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+           "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+           "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_EXECUTOR": "celery",
+           "DAGSTER_CELERY_BROKER_URL": broker, "DAGSTER_CELERY_BACKEND_URL": backend}
+    logs = [tmp_path / f"worker{n}.log" for n in (1, 2)]
+    workers = [_start_worker(f"worker{n}", env, config_dir, log)
+               for n, log in enumerate(logs, start=1)]
+    try:
+        key = subprocess.run([str(BIN / "dataverse-assets"), "change-set", "create", "--group",
+                              "hourly"], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                             text=True, check=True, timeout=120).stdout.strip()
+        completed = subprocess.run(
+            [str(BIN / "dagster"), "asset", "materialize", "-m", "dataverse_assets",
+             "--select", "group:hourly", "--partition", key],
+            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        output = completed.stdout + completed.stderr
+        assert completed.returncode == 0 and "RUN_SUCCESS" in output, output[-4000:]
+    finally:
+        for worker in workers:
+            _stop(worker)
+    # Each step was a task a worker received and ran.
+    hourly = load_entities_config(config).entities_in_group("hourly")
+    received = "".join(log.read_text() for log in logs)
+    for entity in hourly:
+        for layer in ("raw", "staging", "canonical"):
+            assert f"{layer}__{entity.name}" in received, (layer, entity.name, received[-3000:])
+    mirror = SimpleNamespace(simulator=simulator,
+                             connection=lambda: connect_mirror(tmp_path / "mirror.db"))
+    for entity in hourly:
+        assert_mirror_equals_simulator(mirror, entity.name)
