@@ -89,6 +89,15 @@ def test_an_unknown_executor_is_a_clear_error():
         load_settings({"DATAVERSE_EXECUTOR": "threads"}, dotenv=False)
 
 
+def test_the_celery_executor_without_dagster_celery_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dagster_celery", None)  # as if not installed
+    settings = load_settings({"DATAVERSE_EXECUTOR": "celery",
+                              "DATAVERSE_DB_PATH": str(tmp_path / "m.db")}, dotenv=False)
+    with pytest.raises(ConfigError, match=r"DATAVERSE_EXECUTOR=celery needs dagster-celery: "
+                                          r"pip install -e '\.\[deploy\]'"):
+        build_definitions(settings)
+
+
 def test_dagster_asset_materialize_runs_an_entity_in_one_process(tmp_path):
     """What CI and a user run: `dagster asset materialize` on the embedded simulator."""
     home = tmp_path / "dagster_home"
