@@ -145,11 +145,9 @@ def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_
     simulator, url = simulator_url
     home = _instance_home(tmp_path, postgres, monkeypatch, "dagster_celery_runs")
     config = write_entities_config(tmp_path / "entities_config.json", page_size=40)
-    config_dir = tmp_path / "celery_config"
-    config_dir.mkdir()
+    # The workers take their broker from deploy/dagster_celery_config.py, as shipped.
+    config_dir = PROJECT_ROOT / "deploy"
     broker, backend = f"{redis_url}/0", f"{redis_url}/1"
-    (config_dir / "dagster_celery_config.py").write_text(
-        f"broker_url = {broker!r}\nresult_backend = {backend!r}\n")
     env = {**os.environ, "DAGSTER_HOME": str(home), "DATAVERSE_SOURCE": "simulator",
            "DATAVERSE_URL": url, "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
            "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
@@ -181,3 +179,48 @@ def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_
                              connection=lambda: connect_mirror(tmp_path / "mirror.db"))
     for entity in hourly:
         assert_mirror_equals_simulator(mirror, entity.name)
+
+
+def test_the_compose_file_wires_the_tested_pieces_together():
+    """deploy/docker-compose.yaml cannot run here (no Docker daemon): this checks that it sets
+    exactly the variables the tested pieces read, points the webserver and daemon at the code
+    location it starts, and runs the workers with the shipped celery settings."""
+    import re
+
+    import yaml
+
+    from dataverse_assets.defs.definitions import CELERY_BACKEND_ENV, CELERY_BROKER_ENV
+
+    compose = yaml.safe_load((PROJECT_ROOT / "deploy" / "docker-compose.yaml").read_text())
+    services = compose["services"]
+    dagster_services = {"codelocation", "webserver", "daemon", "worker"}
+    assert dagster_services | {"postgres", "redis"} == set(services)
+    instance_variables = set(re.findall(r"env: (\w+)", DEPLOY.read_text()))
+    assert instance_variables == {"DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USER",
+                                  "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"}
+    for name in dagster_services:
+        service = services[name]
+        assert service["image"] == "dataverse-assets" and service["env_file"] == ".env"
+        environment = service["environment"]
+        # The password comes from .env, never from this file.
+        assert instance_variables - set(environment) == {"DAGSTER_PG_PASSWORD"}, name
+        assert {CELERY_BROKER_ENV, CELERY_BACKEND_ENV} <= set(environment), name
+        assert environment["DATAVERSE_EXECUTOR"] == "celery"
+        assert environment["DAGSTER_PG_HOST"] == "postgres"
+        assert environment[CELERY_BROKER_ENV].startswith("redis://redis:")
+        assert service["volumes"] == ["data:/data"]
+        assert environment["DATAVERSE_DB_PATH"].startswith("/data/")
+    workspace = yaml.safe_load((PROJECT_ROOT / "deploy" / "workspace.yaml").read_text())
+    [server] = [entry["grpc_server"] for entry in workspace["load_from"]]
+    code_server = services["codelocation"]["command"]
+    assert server["host"] == "codelocation" and f"-p {server['port']}" in code_server
+    assert "-m dataverse_assets.definitions" in code_server
+    for name in ("webserver", "daemon"):
+        assert "-w deploy/workspace.yaml" in services[name]["command"]
+    assert services["worker"]["command"].startswith("celery -A dagster_celery.app worker")
+    dockerfile = (PROJECT_ROOT / "deploy" / "Dockerfile").read_text()
+    # The workers find deploy/dagster_celery_config.py; every process the instance file.
+    assert "PYTHONPATH=/opt/dataverse-assets/deploy" in dockerfile
+    assert 'cp deploy/dagster.yaml "$DAGSTER_HOME/dagster.yaml"' in dockerfile
+    assert services["postgres"]["environment"]["POSTGRES_DB"] == (
+        services["codelocation"]["environment"]["DAGSTER_PG_DB"])
