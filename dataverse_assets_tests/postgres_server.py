@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from dataverse_assets_tests.servers import free_port, missing
 
 SERVER_USER = "postgres"  # the system user to run as when we are root
 ROLE = "dataverse"  # the cluster's superuser role (trust authentication on loopback only)
@@ -70,18 +69,10 @@ def require_server_binaries() -> Path:
     """The binaries, or the test is skipped (failed in CI) with what to install."""
     found = server_binaries()
     if found is None:
-        reason = ("PostgreSQL's server binaries (initdb, pg_ctl) are not installed: "
-                  "apt-get install postgresql")
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI must run the PostgreSQL tests (.ci/run installs it)")
-        pytest.skip(reason)
+        missing("PostgreSQL's server binaries (initdb, pg_ctl) are not installed: "
+                "apt-get install postgresql",
+                "CI must run the PostgreSQL tests (.ci/run installs it)")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextmanager

@@ -108,7 +108,7 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
                  *build_alert_sensors(config, alerts or AlertSettings())],
         # Every job of the code location (the sync jobs, the asset job the UI and `dagster
         # asset materialize` use): steps in the run's own process unless DATAVERSE_EXECUTOR
-        # says multiprocess (see Settings.executor).
+        # says multiprocess or celery (see Settings.executor).
         executor=_executor(settings.executor),
         resources={
             "source": source or build_source(settings, config),

@@ -115,10 +115,9 @@ class CanonicalIOManager(ConfigurableIOManager):
 
     def handle_output(self, context: OutputContext, obj: PublishRequest) -> None:
         name = obj.entity.name
-        with self.store.entity_lock(name, owner=context.run_id, purpose="publish",
-                                    warn=context.log.warning if context.log else None):
-            obj.results = steps.publish(self.store, obj.entity, obj.change_set,
-                                        warn=context.log.warning if context.log else None)
+        warn = context.log.warning if context.log else None
+        with self.store.entity_lock(name, owner=context.run_id, purpose="publish", warn=warn):
+            obj.results = steps.publish(self.store, obj.entity, obj.change_set, warn=warn)
         result = obj.results[-1]
         with self.store.connection() as connection:
             rows = canonical_row_count(connection, name)

@@ -21,7 +21,8 @@ from dataverse_assets.defs.asset_keys import canonical_key
 from dataverse_assets.defs.partitions import change_sets_partitions
 from dataverse_assets.store.db import connect as connect_mirror
 from dataverse_assets_tests.conftest import Mirror, write_entities_config
-from dataverse_assets_tests.postgres_server import connect, free_port, throwaway_postgres
+from dataverse_assets_tests.postgres_server import connect, throwaway_postgres
+from dataverse_assets_tests.servers import free_port, missing
 from dataverse_assets_tests.truth import assert_mirror_equals_simulator
 
 DEPLOY = PROJECT_ROOT / "deploy" / "dagster.yaml"
@@ -93,10 +94,8 @@ def test_a_sync_runs_with_dagster_s_instance_in_postgresql(postgres, make_mirror
 def redis_url():
     server = shutil.which("redis-server")
     if server is None:
-        reason = "redis-server is not installed: apt-get install redis-server"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{reason}; CI must run the celery tests (.ci/run installs it)")
-        pytest.skip(reason)
+        missing("redis-server is not installed: apt-get install redis-server",
+                "CI must run the celery tests (.ci/run installs it)")
     port = free_port()
     process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no"], stdout=subprocess.DEVNULL,

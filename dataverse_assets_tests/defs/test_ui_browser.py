@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from urllib.parse import urlparse
 import pytest
 
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, load_entities_config
+from dataverse_assets_tests.servers import free_port, missing
 
 pytestmark = pytest.mark.browser
 
@@ -59,23 +59,15 @@ UI_TIMEOUT_MS = 30_000
 
 
 def _require_browser() -> None:
-    missing = []
+    absent = []
     if not CHROMIUM.exists():
-        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+        absent.append(f"{CHROMIUM} (apt-get install chromium)")
     if importlib.util.find_spec("playwright") is None:
-        missing.append("the playwright package (pip install -e '.[dev]')")
-    if not missing:
+        absent.append("the playwright package (pip install -e '.[dev]')")
+    if not absent:
         return
-    reason = "browser test needs " + " and ".join(missing)
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason}; CI must check the UI in a browser (.ci/run installs chromium)")
-    pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    missing("browser test needs " + " and ".join(absent),
+            "CI must check the UI in a browser (.ci/run installs chromium)")
 
 
 def _graphql(url: str, query: str) -> dict:
@@ -154,7 +146,7 @@ def dagster_dev(tmp_path) -> Iterator[DagsterDev]:
         "DATAVERSE_SOURCE": "simulator",
         "DATAVERSE_URL": "",
     }
-    port = _free_port()
+    port = free_port()
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     log_path = ARTIFACTS / "ui-dagster-dev.log"
     with log_path.open("w") as log:
