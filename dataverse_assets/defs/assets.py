@@ -20,7 +20,13 @@ from dagster import (
 from pydantic import Field
 
 from dataverse_assets.config import EntitiesConfig, EntityConfig
-from dataverse_assets.defs.asset_keys import canonical_key, raw_key, staging_key
+from dataverse_assets.defs.asset_keys import (
+    API_POOL,
+    canonical_key,
+    entity_pool,
+    raw_key,
+    staging_key,
+)
 from dataverse_assets.defs.checks import canonical_check_specs, evaluate_canonical_checks
 from dataverse_assets.defs.io_managers import PublishRequest, RawChangeSet
 from dataverse_assets.defs.parallel_fetch import fetch_in_parallel, locked_fetch
@@ -95,7 +101,7 @@ def build_raw_asset(entity: EntityConfig, config: EntitiesConfig,
 
     @asset(
         key=raw_key(name), group_name=entity.group, partitions_def=partitions_def,
-        io_manager_key="archive_io_manager", deps=linking_tables,
+        io_manager_key="archive_io_manager", deps=linking_tables, pool=API_POOL,
         kinds=_kinds("raw", "dataverse", "json"),
         description=(f"Raw API responses of {name} for one change set, archived verbatim.\n\n"
                      f"{_described(entity)}\n\n{PARTITION_NOTE}"),
@@ -137,7 +143,7 @@ def build_staging_asset(entity: EntityConfig,
 
     @asset(
         key=staging_key(name), group_name=entity.group, partitions_def=partitions_def,
-        io_manager_key="sqlite_io_manager",
+        io_manager_key="sqlite_io_manager", pool=entity_pool(name),
         ins={"raw_change_set": AssetIn(key=raw_key(name))}, kinds=_kinds("staging", "sqlite"),
         op_tags=_STEP_ORDER["staging"],
         description=(f"{name} records of one change set, parsed into typed columns plus "
@@ -164,7 +170,7 @@ def build_canonical_asset(entity: EntityConfig,
 
     @asset(
         key=canonical_key(name), group_name=entity.group, partitions_def=partitions_def,
-        io_manager_key="canonical_io_manager",
+        io_manager_key="canonical_io_manager", pool=entity_pool(name),
         ins={"staged": AssetIn(key=staging_key(name))},
         kinds=_kinds("canonical", "dataverse", "sqlite"),
         check_specs=canonical_check_specs(entity, partitions_def),

@@ -60,7 +60,7 @@ def test_a_sync_runs_with_dagster_s_instance_in_postgresql(postgres, make_mirror
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         assert type(instance.event_log_storage).__name__ == "PostgresEventLogStorage"
         assert type(instance.schedule_storage).__name__ == "PostgresScheduleStorage"
-        assert instance.run_coordinator.get_run_queue_config().max_concurrent_runs == 2
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 4
         mirror = Mirror(built.simulator, built.settings, built.defs, instance, built.url)
         key = mirror.sync("hourly")
         hourly = mirror.settings.entities.entities_in_group("hourly")
@@ -86,6 +86,75 @@ def test_a_sync_runs_with_dagster_s_instance_in_postgresql(postgres, make_mirror
         connection.close()
     assert runs == 1 and events >= len(hourly)
     assert PASSWORD not in (home / "dagster.yaml").read_text()
+
+
+# -- the run queue's limits: one run per entity, a pool of runs for the API budget -----------
+
+def test_the_run_queue_starts_one_run_per_entity_and_two_api_runs_at_a_time(
+        postgres, make_mirror, tmp_path, monkeypatch):
+    """The shipped queue settings with Dagster's own queue daemon (one pass at a time; a
+    launcher that only records what it was asked to start), the API pool's limit set as the
+    docs say: a second run of an entity waits while the first is in progress, a third run that
+    calls Dataverse waits while two are, a run that calls nothing (maintenance) starts beside
+    them, and the waiting runs start, in order, as the others finish."""
+    from dagster._core.remote_origin import (
+        RegisteredCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.test_utils import create_test_daemon_workspace_context
+    from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+    from dagster._daemon.run_coordinator.queued_run_coordinator_daemon import (
+        QueuedRunCoordinatorDaemon,
+    )
+
+    from dataverse_assets.defs.asset_keys import API_POOL, entity_asset_keys
+    from dataverse_assets.defs.maintenance import MAINTENANCE_JOB
+    from dataverse_assets.defs.schedules import sync_job_name
+
+    home = _instance_home(tmp_path, postgres, monkeypatch, "dagster_queue")
+    subprocess.run([str(BIN / "dagster"), "instance", "concurrency", "set", API_POOL, "2"],
+                   env={**os.environ, "DAGSTER_HOME": str(home)}, check=True,
+                   capture_output=True)
+    with open(home / "dagster.yaml", "a") as handle:
+        handle.write("run_launcher:\n  module: dagster._core.test_utils\n"
+                     "  class: MockedRunLauncher\n")
+    mirror = make_mirror()
+
+    def queue(instance, job_name: str, entity: str | None) -> str:
+        job = mirror.defs.resolve_job_def(job_name)
+        if entity is not None:
+            job = job.get_subset(asset_selection=set(entity_asset_keys(entity)))
+        origin = RemoteJobOrigin(RemoteRepositoryOrigin(
+            RegisteredCodeLocationOrigin("dataverse_assets"), "__repository__"), job_name)
+        return instance.create_run_for_job(job_def=job, status=DagsterRunStatus.QUEUED,
+                                           remote_job_origin=origin).run_id
+
+    with DagsterInstance.from_config(str(home)) as instance, \
+            create_test_daemon_workspace_context(EmptyWorkspaceTarget(), instance) as workspace:
+        daemon = QueuedRunCoordinatorDaemon(interval_seconds=1)
+
+        def in_progress() -> set[str]:
+            list(daemon.run_iteration(workspace))
+            return {r.run_id for r in instance.get_runs(
+                RunsFilter(statuses=[DagsterRunStatus.STARTING]))}
+
+        # Dagster sets an entity pool's limit the first time its queue sees the pool, and
+        # applies it from the next pass: here the first run of accounts started alone.
+        accounts_1 = queue(instance, sync_job_name("hourly"), "accounts")
+        assert in_progress() == {accounts_1}
+        accounts_2 = queue(instance, sync_job_name("hourly"), "accounts")
+        contacts = queue(instance, sync_job_name("hourly"), "contacts")
+        teams = queue(instance, sync_job_name("daily"), "teams")
+        maintenance = queue(instance, MAINTENANCE_JOB, None)
+        # accounts_2 waits for accounts' pool; teams for the API pool (2 in progress).
+        assert in_progress() == {accounts_1, contacts, maintenance}
+        assert in_progress() == {accounts_1, contacts, maintenance}  # nothing changed
+        instance.report_run_failed(instance.get_run_by_id(accounts_1))
+        # accounts is free and one API slot: the older of the two queued runs goes first.
+        assert in_progress() == {contacts, maintenance, accounts_2}
+        instance.report_run_failed(instance.get_run_by_id(contacts))
+        assert in_progress() == {maintenance, accounts_2, teams}
 
 
 # -- the celery executor: steps as tasks on a Redis broker, run by worker processes ------------
@@ -216,6 +285,8 @@ def test_the_compose_file_wires_the_tested_pieces_together():
     assert "-m dataverse_assets.definitions" in code_server
     for name in ("webserver", "daemon"):
         assert "-w deploy/workspace.yaml" in services[name]["command"]
+    from dataverse_assets.defs.asset_keys import API_POOL
+    assert f"dagster instance concurrency set {API_POOL} 2" in services["daemon"]["command"]
     assert services["worker"]["command"].startswith("celery -A dagster_celery.app worker")
     dockerfile = (PROJECT_ROOT / "deploy" / "Dockerfile").read_text()
     # The workers find deploy/dagster_celery_config.py; every process the instance file.
