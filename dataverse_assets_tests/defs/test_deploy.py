@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -205,33 +206,56 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(30)
 
 
+def _celery_env(postgres, redis_url, url: str, tmp_path: Path, monkeypatch,
+                database: str) -> tuple[dict[str, str], Path]:
+    """What every process of a celery deployment reads: Dagster's instance in PostgreSQL
+    (deploy/dagster.yaml), the broker and backend, the mirror's settings."""
+    home = _instance_home(tmp_path, postgres, monkeypatch, database)
+    config = write_entities_config(tmp_path / "entities_config.json", page_size=40)
+    env = {**os.environ, "DAGSTER_HOME": str(home), "DATAVERSE_SOURCE": "simulator",
+           "DATAVERSE_URL": url, "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+           "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+           "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_EXECUTOR": "celery",
+           "DAGSTER_CELERY_BROKER_URL": f"{redis_url}/0",
+           "DAGSTER_CELERY_BACKEND_URL": f"{redis_url}/1"}
+    return env, config
+
+
+def _new_change_set(env: dict[str, str]) -> str:
+    return subprocess.run([str(BIN / "dataverse-assets"), "change-set", "create", "--group",
+                           "hourly"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          check=True, timeout=120).stdout.strip()
+
+
+def _materialize_command(key: str) -> list[str]:
+    return [str(BIN / "dagster"), "asset", "materialize", "-m", "dataverse_assets",
+            "--select", "group:hourly", "--partition", key]
+
+
+def _assert_hourly_mirror_exact(simulator, config: Path, tmp_path: Path) -> None:
+    mirror = SimpleNamespace(simulator=simulator,
+                             connection=lambda: connect_mirror(tmp_path / "mirror.db"))
+    for entity in load_entities_config(config).entities_in_group("hourly"):
+        assert_mirror_equals_simulator(mirror, entity.name)
+
+
 def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_workers(
         postgres, redis_url, simulator_url, tmp_path, monkeypatch):
     """`dagster asset materialize` with DATAVERSE_EXECUTOR=celery, Dagster's instance in
     PostgreSQL (deploy/dagster.yaml) and two workers started here: every step is executed by a
     worker, and the mirror equals the simulator's data."""
     simulator, url = simulator_url
-    home = _instance_home(tmp_path, postgres, monkeypatch, "dagster_celery_runs")
-    config = write_entities_config(tmp_path / "entities_config.json", page_size=40)
+    env, config = _celery_env(postgres, redis_url, url, tmp_path, monkeypatch,
+                              "dagster_celery_runs")
     # The workers take their broker from deploy/dagster_celery_config.py, as shipped.
     config_dir = PROJECT_ROOT / "deploy"
-    broker, backend = f"{redis_url}/0", f"{redis_url}/1"
-    env = {**os.environ, "DAGSTER_HOME": str(home), "DATAVERSE_SOURCE": "simulator",
-           "DATAVERSE_URL": url, "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
-           "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
-           "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_EXECUTOR": "celery",
-           "DAGSTER_CELERY_BROKER_URL": broker, "DAGSTER_CELERY_BACKEND_URL": backend}
     logs = [tmp_path / f"worker{n}.log" for n in (1, 2)]
     workers = [_start_worker(f"worker{n}", env, config_dir, log)
                for n, log in enumerate(logs, start=1)]
     try:
-        key = subprocess.run([str(BIN / "dataverse-assets"), "change-set", "create", "--group",
-                              "hourly"], cwd=PROJECT_ROOT, env=env, capture_output=True,
-                             text=True, check=True, timeout=120).stdout.strip()
-        completed = subprocess.run(
-            [str(BIN / "dagster"), "asset", "materialize", "-m", "dataverse_assets",
-             "--select", "group:hourly", "--partition", key],
-            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        key = _new_change_set(env)
+        completed = subprocess.run(_materialize_command(key), cwd=PROJECT_ROOT, env=env,
+                                   capture_output=True, text=True, timeout=300)
         output = completed.stdout + completed.stderr
         assert completed.returncode == 0 and "RUN_SUCCESS" in output, output[-4000:]
     finally:
@@ -243,10 +267,94 @@ def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_
     for entity in hourly:
         for layer in ("raw", "staging", "canonical"):
             assert f"{layer}__{entity.name}" in received, (layer, entity.name, received[-3000:])
-    mirror = SimpleNamespace(simulator=simulator,
-                             connection=lambda: connect_mirror(tmp_path / "mirror.db"))
-    for entity in hourly:
-        assert_mirror_equals_simulator(mirror, entity.name)
+    _assert_hourly_mirror_exact(simulator, config, tmp_path)
+
+
+def _lock_held_by(worker: subprocess.Popen, db_path: Path) -> str | None:
+    """The entity a process of `worker` (its session) holds the mirror's lock on, if any."""
+    if not db_path.exists():
+        return None
+    connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = connection.execute("SELECT entity, pid FROM _locks").fetchall()
+    except sqlite3.OperationalError:  # the tables are not created yet
+        return None
+    finally:
+        connection.close()
+    for entity, pid in rows:
+        try:
+            if os.getpgid(pid) == worker.pid:
+                return entity
+        except ProcessLookupError:
+            continue
+    return None
+
+
+def test_a_worker_killed_mid_run_loses_nothing_and_a_rerun_completes_the_mirror(
+        postgres, redis_url, simulator_url, tmp_path, monkeypatch):
+    """A celery worker is killed (SIGKILL to all its processes, as when its machine goes)
+    while one of its steps holds an entity and fetches from a slow Dataverse. Its step never
+    reports back, so the run cannot finish; the operator stops the run and runs the change set
+    again on the worker that is left: the rerun takes over the dead worker's lock, starts its
+    unfinished fetch over, and the mirror equals the simulator's data, every row once."""
+    from dataverse_assets.simulator.latency import LatencyModel
+
+    simulator, url = simulator_url
+    env, config = _celery_env(postgres, redis_url, url, tmp_path, monkeypatch,
+                              "dagster_celery_kill")
+    env["DATAVERSE_LOCK_WAIT_SECONDS"] = "30"  # a lock never taken over fails in 30 s
+    config_dir = PROJECT_ROOT / "deploy"
+    logs = [tmp_path / f"worker{n}.log" for n in (1, 2)]
+    workers = [_start_worker(f"worker{n}", env, config_dir, log)
+               for n, log in enumerate(logs, start=1)]
+    simulator.latency = LatencyModel(per_request_seconds=0.5)
+    first = None
+    try:
+        key = _new_change_set(env)
+        with (tmp_path / "first_run.log").open("w") as out:
+            first = subprocess.Popen(_materialize_command(key), cwd=PROJECT_ROOT, env=env,
+                                     stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 180
+        killed = None
+        while killed is None:
+            assert time.monotonic() < deadline, "no worker ever held an entity"
+            assert first.poll() is None, (tmp_path / "first_run.log").read_text()[-3000:]
+            for worker in workers:
+                entity = _lock_held_by(worker, tmp_path / "mirror.db")
+                if entity is not None:
+                    _stop(worker)
+                    killed = (worker, entity)
+                    break
+            time.sleep(0.05)
+        dead, entity = killed
+        survivor = workers[1 - workers.index(dead)]
+        # The dead worker's step never reports back: the run is still waiting on it.
+        time.sleep(10)
+        assert first.poll() is None
+        assert _lock_held_by(dead, tmp_path / "mirror.db") is None  # its pid is gone
+        os.killpg(first.pid, signal.SIGINT)  # the operator stops the run
+        first.wait(120)
+        simulator.latency = None
+        rerun = subprocess.run(_materialize_command(key), cwd=PROJECT_ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+        output = rerun.stdout + rerun.stderr
+        assert rerun.returncode == 0 and "RUN_SUCCESS" in output, output[-4000:]
+        assert survivor.poll() is None
+    finally:
+        simulator.latency = None
+        if first is not None and first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        for worker in workers:
+            _stop(worker)
+    with DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        rerun_record, first_record = instance.get_runs(  # newest first
+            RunsFilter(tags={"dagster/partition": key}))
+        assert rerun_record.status == DagsterRunStatus.SUCCESS
+        assert first_record.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
+    _assert_hourly_mirror_exact(simulator, config, tmp_path)
+    # The dead worker's entity was fetched again from the start: its change set is complete.
+    assert (tmp_path / "archive" / entity / key / "manifest.json").exists()
 
 
 def test_the_compose_file_wires_the_tested_pieces_together():
