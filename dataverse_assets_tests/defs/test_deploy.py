@@ -402,3 +402,32 @@ def test_the_compose_file_wires_the_tested_pieces_together():
     assert 'cp deploy/dagster.yaml "$DAGSTER_HOME/dagster.yaml"' in dockerfile
     assert services["postgres"]["environment"]["POSTGRES_DB"] == (
         services["codelocation"]["environment"]["DAGSTER_PG_DB"])
+
+
+def test_the_helm_values_agree_with_the_tested_instance_file():
+    """deploy/helm/values.yaml cannot run here (no Kubernetes): this checks that the chart's
+    instance gets the queue limits of deploy/dagster.yaml as tested above, serves the same code
+    location, sets the API pool as documented, and holds no secret."""
+    import yaml
+
+    from dataverse_assets.defs.asset_keys import API_POOL
+
+    text = (PROJECT_ROOT / "deploy" / "helm" / "values.yaml").read_text()
+    values = yaml.safe_load(text)
+    instance = yaml.safe_load(DEPLOY.read_text())
+    assert values["additionalInstanceConfig"]["concurrency"] == instance["concurrency"]
+    assert values["dagsterDaemon"]["runCoordinator"]["type"] == (
+        instance["run_coordinator"]["class"])
+    assert values["postgresql"]["postgresqlScheme"] == (
+        instance["storage"]["postgres"]["postgres_db"]["scheme"])
+    [deployment] = values["dagster-user-deployments"]["deployments"]
+    assert deployment["dagsterApiGrpcArgs"] == ["-m", "dataverse_assets.definitions"]
+    assert f"dagster instance concurrency set {API_POOL} 2" in text
+    # Secrets come from Kubernetes Secrets, never from this file.
+    secret_names = {s["name"] for s in deployment["envSecrets"]}
+    assert secret_names == {s["name"] for s in
+                            values["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"]}
+    for variable in deployment["env"]:
+        assert not any(word in variable for word in ("SECRET", "PASSWORD", "KEY")), variable
+    assert "postgresqlPassword" not in values["postgresql"]
+    assert values["generatePostgresqlPasswordSecret"] is False
