@@ -17,6 +17,7 @@ from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.auth import SHARED_TOKENS
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.db import connect
+from dataverse_assets_tests.s3_server import S3Server, moto_s3_server, use_server
 
 SMALL_ROW_COUNTS = {
     "accounts": 90, "contacts": 120, "systemusers": 12, "businessunits": 4, "teams": 6,
@@ -94,6 +95,20 @@ def _no_tokens_from_earlier_tests() -> None:
     does the redactor (an earlier test's one-letter secret would mask that letter)."""
     SHARED_TOKENS.clear()
     REDACTOR.clear()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One S3-compatible server (moto) for the session; each test takes a bucket of its own."""
+    with moto_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path) -> S3Server:
+    """The server, with its credentials in this process's environment (AWS_*)."""
+    use_server(monkeypatch, s3_server, tmp_path)
+    return s3_server
 
 
 @pytest.fixture
