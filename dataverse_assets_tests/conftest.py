@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, Definitions
 
+from dataverse_assets.archive.storage import ArchiveStorage, LocalStorage, S3Storage
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, Settings
 from dataverse_assets.defs.definitions import build_definitions, sync_job_name
 from dataverse_assets.defs.resources import MirrorStore
@@ -109,6 +110,16 @@ def s3(s3_server, monkeypatch, tmp_path) -> S3Server:
     """The server, with its credentials in this process's environment (AWS_*)."""
     use_server(monkeypatch, s3_server, tmp_path)
     return s3_server
+
+
+@pytest.fixture(params=["folder", "s3"])
+def archive_root(request, tmp_path) -> ArchiveStorage:
+    """An empty archive, in a folder and (a second run of the test) under a prefix of a bucket
+    of its own on the S3 server."""
+    if request.param == "folder":
+        return LocalStorage(tmp_path / "archive")
+    server = request.getfixturevalue("s3")
+    return S3Storage(server.new_bucket(), "some/prefix", endpoint_url=server.endpoint)
 
 
 @pytest.fixture

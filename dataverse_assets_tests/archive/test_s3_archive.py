@@ -23,7 +23,7 @@ from dataverse_assets.archive.change_sets import (
     list_change_sets,
 )
 from dataverse_assets.archive.compacted import compact_change_set, rewrite_pages
-from dataverse_assets.archive.storage import LocalStorage, S3Storage, open_storage, storage_of
+from dataverse_assets.archive.storage import S3Storage, open_storage, storage_of
 from dataverse_assets.config import PROJECT_ROOT, Settings, load_settings
 from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ArchiveError, ConfigError
@@ -304,12 +304,9 @@ def page_bodies(pages: int) -> list[bytes]:
                                     for n in range(200)]}) for page in range(1, pages + 1)]
 
 
-@pytest.fixture(params=["folder", "s3"])
-def storage(request, tmp_path):
-    if request.param == "folder":
-        return LocalStorage(tmp_path / "archive")
-    server = request.getfixturevalue("s3")
-    return S3Storage(server.new_bucket(), "some/prefix", endpoint_url=server.endpoint)
+@pytest.fixture
+def storage(archive_root):
+    return archive_root
 
 
 def test_pages_manifest_and_listing_behave_the_same_on_both(storage):
