@@ -585,6 +585,80 @@ def _insecure_url_problem(variable: str, url: str, allow_http: bool) -> str | No
     return None
 
 
+# S3's bucket naming rules (general purpose buckets): 3-63 lowercase letters, digits, dots
+# and hyphens, a letter or digit at each end, no "..", not an IP address.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def split_archive_url(url: str) -> tuple[str, str, str]:
+    """("s3", bucket, prefix) or ("file", folder, "") of an archive URL that
+    `archive_url_problem` accepted."""
+    parts = urlsplit(url)
+    if parts.scheme == "s3":
+        return "s3", parts.netloc, parts.path.strip("/")
+    return "file", parts.path, ""
+
+
+def archive_url_problem(url: str) -> str | None:
+    """Why DATAVERSE_ARCHIVE_URL cannot be used, or None. A folder path (no scheme) is fine.
+    The value is not echoed: it may carry user:password."""
+    if "://" not in url:
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "not a URL; write s3://bucket/prefix or a folder path"
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            return ("a file:// URL names a folder on this machine: file:///absolute/path "
+                    "(or write the path itself)")
+        return None
+    if parts.scheme != "s3":
+        return (f"scheme {parts.scheme}:// is not supported; write s3://bucket/prefix for "
+                "object storage or a folder path")
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        return ("credentials, ?query or #fragment do not belong in the URL; write "
+                "s3://bucket/prefix and give credentials as AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    bucket = parts.netloc
+    if not bucket:
+        return "no bucket; write s3://bucket/prefix"
+    if (not _BUCKET.fullmatch(bucket) or ".." in bucket or bucket.startswith("xn--")
+            or _is_ip_address(bucket)):
+        return ("the bucket name is not one S3 accepts (3-63 lowercase letters, digits, "
+                "dots and hyphens, starting and ending with a letter or digit, not an IP "
+                "address); write s3://bucket/prefix")
+    segments = parts.path.strip("/").split("/") if parts.path.strip("/") else []
+    if any(s in ("", ".", "..") for s in segments) or "\\" in parts.path:
+        return "the prefix has an empty, '.' or '..' segment; write s3://bucket/a/b"
+    return None
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _s3_endpoint_problem(url: str, allow_http: bool) -> str | None:
+    """Why DATAVERSE_S3_ENDPOINT_URL cannot be used, or None (the value is not echoed)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "DATAVERSE_S3_ENDPOINT_URL: not a URL (e.g. https://minio.example.com:9000)"
+    if parts.scheme not in ("https", "http") or not host or "@" in parts.netloc:
+        return ("DATAVERSE_S3_ENDPOINT_URL: must be an https:// URL with a host and no "
+                "user:password (e.g. https://minio.example.com:9000)")
+    if parts.scheme == "http" and not allow_http and not is_loopback_host(host):
+        return ("DATAVERSE_S3_ENDPOINT_URL: plain http:// to a host other than this machine "
+                "sends the archive (every response of the org) unencrypted; use https://, or "
+                f"set {INSECURE_HTTP_VARIABLE}=true if that network is trusted")
+    return None
+
+
 class Settings(BaseModel):
     """Endpoints, secrets and paths, from the environment (and `.env`)."""
 
@@ -611,7 +685,21 @@ class Settings(BaseModel):
     db_path: Path = Field(PROJECT_ROOT / "data" / "dataverse.db",
                           description="The SQLite mirror.")
     archive_dir: Path = Field(PROJECT_ROOT / "data" / "archive",
-                              description="The raw archive of every response.")
+                              description="The raw archive of every response, as a folder on "
+                              "this machine (see DATAVERSE_ARCHIVE_URL for object storage).")
+    archive_url: str | None = Field(
+        None, description="Where the archive lives: a folder (a path, or file:///path: the "
+        "same as DATAVERSE_ARCHIVE_DIR) or s3://bucket/prefix on any S3-compatible object "
+        "store (credentials from AWS's standard chain: AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE; never in this URL). Unset: "
+        "DATAVERSE_ARCHIVE_DIR.")
+    s3_endpoint_url: str | None = Field(
+        None, description="The S3 API endpoint of a store other than AWS (MinIO, Ceph, a "
+        "test server), e.g. https://minio.example.com:9000; http:// only to this machine. "
+        "Unset: AWS's own endpoint for the region.")
+    s3_region: str | None = Field(
+        None, description="The bucket's region (e.g. eu-west-1). Unset: boto3's own "
+        "(AWS_REGION, AWS_DEFAULT_REGION or ~/.aws/config).")
     fixtures_dir: Path | None = Field(
         None, description="Saved pages for the fixture source (`<dir>/<entity>/page-*.json`); "
         "required with DATAVERSE_SOURCE=fixture.")
@@ -669,6 +757,39 @@ class Settings(BaseModel):
             raise ValueError(f"{shown}has no scheme; write {fix}")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_archive(cls, values: Any) -> Any:
+        # DATAVERSE_ARCHIVE_URL naming a folder is that folder: archive_dir is set from it,
+        # so code reading archive_dir finds the same archive. Both set and different: which
+        # one was meant is not ours to guess.
+        if not isinstance(values, dict) or not values.get("archive_url"):
+            return values
+        url = str(values["archive_url"])
+        if archive_url_problem(url):
+            return values  # the field's own check says what is wrong
+        scheme, where, _ = split_archive_url(url) if "://" in url else ("file", url, "")
+        given = values.get("archive_dir")
+        if scheme == "file":
+            folder = Path(where)
+            if given not in (None, "") and Path(given).resolve() != folder.resolve():
+                raise ValueError("DATAVERSE_ARCHIVE_URL and DATAVERSE_ARCHIVE_DIR name "
+                                 "different folders; set only one of them")
+            return {**values, "archive_dir": folder}
+        if given not in (None, ""):
+            raise ValueError("DATAVERSE_ARCHIVE_URL (s3://) and DATAVERSE_ARCHIVE_DIR are both "
+                             "set and name different archives; unset DATAVERSE_ARCHIVE_DIR")
+        return values
+
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url_is_usable(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = archive_url_problem(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
     @field_validator("client_secret")
     @classmethod
     def _secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -686,7 +807,20 @@ class Settings(BaseModel):
                 problem = url and _insecure_url_problem(variable, url, self.allow_insecure_http)
                 if problem:
                     raise ValueError(problem)
+        if self.s3_endpoint_url:
+            problem = _s3_endpoint_problem(self.s3_endpoint_url, self.allow_insecure_http)
+            if problem:
+                raise ValueError(problem)
         return self
+
+    @property
+    def archive_is_s3(self) -> bool:
+        return bool(self.archive_url) and self.archive_url.startswith("s3://")
+
+    @property
+    def archive_location(self) -> str:
+        """The archive: s3://bucket/prefix, or its folder (archive.storage opens either)."""
+        return self.archive_url.rstrip("/") if self.archive_is_s3 else str(self.archive_dir)
 
     @cached_property
     def entities(self) -> EntitiesConfig:
@@ -702,6 +836,9 @@ _ENV_FIELDS = {
     INSECURE_HTTP_VARIABLE: "allow_insecure_http",
     "DATAVERSE_DB_PATH": "db_path",
     "DATAVERSE_ARCHIVE_DIR": "archive_dir",
+    "DATAVERSE_ARCHIVE_URL": "archive_url",
+    "DATAVERSE_S3_ENDPOINT_URL": "s3_endpoint_url",
+    "DATAVERSE_S3_REGION": "s3_region",
     "DATAVERSE_FIXTURES_DIR": "fixtures_dir",
     "DATAVERSE_SOURCE": "source",
     "DATAVERSE_ENTITIES_CONFIG": "entities_config_path",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterInstance, Definitions
 
+from dataverse_assets.archive.storage import ArchiveStorage, LocalStorage, S3Storage
 from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG, Settings
 from dataverse_assets.defs.definitions import build_definitions, sync_job_name
 from dataverse_assets.defs.resources import MirrorStore
@@ -17,6 +18,7 @@ from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.auth import SHARED_TOKENS
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.db import connect
+from dataverse_assets_tests.s3_server import S3Server, moto_s3_server, use_server
 
 SMALL_ROW_COUNTS = {
     "accounts": 90, "contacts": 120, "systemusers": 12, "businessunits": 4, "teams": 6,
@@ -94,6 +96,30 @@ def _no_tokens_from_earlier_tests() -> None:
     does the redactor (an earlier test's one-letter secret would mask that letter)."""
     SHARED_TOKENS.clear()
     REDACTOR.clear()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One S3-compatible server (moto) for the session; each test takes a bucket of its own."""
+    with moto_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, tmp_path) -> S3Server:
+    """The server, with its credentials in this process's environment (AWS_*)."""
+    use_server(monkeypatch, s3_server, tmp_path)
+    return s3_server
+
+
+@pytest.fixture(params=["folder", "s3"])
+def archive_root(request, tmp_path) -> ArchiveStorage:
+    """An empty archive, in a folder and (a second run of the test) under a prefix of a bucket
+    of its own on the S3 server."""
+    if request.param == "folder":
+        return LocalStorage(tmp_path / "archive")
+    server = request.getfixturevalue("s3")
+    return S3Storage(server.new_bucket(), "some/prefix", endpoint_url=server.endpoint)
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """The raw archive: every response body verbatim, per entity and change set, with a manifest.
 
-Layout: `<archive>/<entity>/<change_set>/page-00001.json.gz ... manifest.json`. A change set is
-complete once its manifest is written (atomically, last); a folder without one is a fetch that
-died and is started over.
+Layout: `<archive>/<entity>/<change_set>/page-00001.json.gz ... manifest.json`, in a folder or
+under an S3 prefix (archive.storage). A change set is complete once its manifest is written
+(atomically, last); a folder without one is a fetch that died and is started over.
 
 `dataverse-assets compact` later merges the page files of old change sets into zstd Parquet
 (archive.compacted: `pages-0001-of-0001.parquet`: page_number, kind, shape, body, the bodies
@@ -11,9 +11,9 @@ byte for byte); `iter_page_bodies()` reads either form.
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import os
-import shutil
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +23,7 @@ import orjson
 from isal import igzip, isal_zlib
 
 from dataverse_assets.archive.compacted import iter_compacted_bodies
+from dataverse_assets.archive.storage import ArchiveStorage, LocalStorage, open_storage
 from dataverse_assets.errors import ArchiveError, ArchivePathError, CorruptArchiveError
 from dataverse_assets.names import (
     change_set_order,
@@ -37,6 +38,7 @@ ENTITY_DEFINITION = "entity_definition.json"
 # The attribute metadata responses (choices, lookup targets, date behaviours), verbatim.
 ATTRIBUTE_METADATA = "attribute_metadata.json"
 COMPACTED_PARTS = "pages-*-of-*.parquet"
+PAGE_FILES = "page-*.json.gz"
 
 
 class DamagedPage(ValueError):
@@ -61,85 +63,102 @@ def gzip_page(body: bytes) -> bytes:
     return igzip.compress(body, compresslevel=1, mtime=0)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 class ChangeSetArchive:
-    """One entity's change set in the archive."""
+    """One entity's change set in the archive (a local folder or S3: archive.storage)."""
 
-    def __init__(self, root: str | os.PathLike[str], entity: str, change_set: str) -> None:
-        # Both become path segments: `../..` as a key once made a fetch delete the folder
+    def __init__(self, root: ArchiveStorage | str | os.PathLike[str], entity: str,
+                 change_set: str) -> None:
+        # Both become key segments: `../..` as a key once made a fetch delete the folder
         # above the archive. Only the documented formats are taken.
-        self.root = Path(root)
+        self.storage = open_storage(root)
         self.entity = check_entity_name(entity)
         self.change_set = check_change_set_key(change_set)
-        self.path = self.root / entity / change_set
+        self.folder = f"{self.entity}/{self.change_set}"
 
-    def checked_path(self) -> Path:
-        """The folder, after checking that it resolves inside the archive root (a symlinked
-        entity or change-set folder could point anywhere): called before any write or
-        delete."""
-        root = self.root.resolve()
-        resolved = self.path.resolve()
-        if resolved != root / self.entity / self.change_set:
-            raise ArchivePathError(
-                f"{self.entity}: change set {self.change_set}: its archive folder {self.path} "
-                f"resolves to {resolved}, outside the archive root {root} (a symbolic link?); "
-                "refusing to write or delete there. Replace the link with a real folder")
-        return resolved
+    def key(self, name: str) -> str:
+        """The storage key of one of the change set's files."""
+        return f"{self.folder}/{name}"
+
+    @property
+    def location(self) -> str:
+        """Where the change set is, for messages and the UI: its folder or s3:// URL."""
+        return self.storage.describe(self.folder)
+
+    @property
+    def path(self) -> Path:
+        """The change set's folder, in a local archive only (tests and benchmarks look into
+        it; the code goes through the storage)."""
+        if not isinstance(self.storage, LocalStorage):
+            raise ArchiveError(f"{self.location} is not a folder on this machine")
+        return self.storage.path(self.folder)
 
     @property
     def manifest_path(self) -> Path:
         return self.path / MANIFEST
 
+    def check_inside(self) -> None:
+        """Refuse to write or delete when the folder would resolve outside the archive root
+        (a symlinked entity or change-set folder could point anywhere): called before any
+        write or delete."""
+        problem = self.storage.outside_root(self.folder)
+        if problem:
+            raise ArchivePathError(
+                f"{self.entity}: change set {self.change_set}: {problem}; refusing to write "
+                "or delete there. Replace the link with a real folder")
+
+    def checked_path(self) -> Path:
+        """The local folder, after check_inside (tests)."""
+        self.check_inside()
+        return self.path.resolve()
+
     def is_complete(self) -> bool:
-        return self.manifest_path.exists()
+        return self.storage.exists(self.key(MANIFEST))
+
+    def exists(self) -> bool:
+        """Anything of the change set is stored (complete or not)."""
+        return self.storage.holds_anything(self.folder)
 
     def start(self) -> None:
         """Begin writing: a partial folder from a failed fetch is discarded."""
-        path = self.checked_path()
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
+        self.check_inside()
+        self.storage.clear(self.folder, keep_folder=True)
 
     def write_page(self, number: int, body: bytes) -> int:
-        """Store one response body verbatim (gzip level 1: cheap, ~8x smaller). Returns bytes."""
+        """Store one response body verbatim (gzip level 1: cheap, ~8x smaller). Returns bytes.
+        Not fsynced: until the manifest (which is) exists, no page of it is read."""
         data = gzip_page(body)
-        (self.path / f"page-{number:05d}.json.gz").write_bytes(data)
+        self.storage.put(self.key(page_name(number)), data, durable=False)
         return len(data)
 
     def replace_page(self, number: int, body: bytes) -> int:
         """Replace an archived page's body (a purge erasing data), atomically."""
         data = gzip_page(body)
-        _write_atomically(self.path / f"page-{number:05d}.json.gz", data)
+        self.storage.put(self.key(page_name(number)), data)
         return len(data)
 
     def write_json(self, name: str, value: object) -> None:
-        _write_atomically(self.path / name, orjson.dumps(value, option=orjson.OPT_INDENT_2))
+        self.storage.put(self.key(name), orjson.dumps(value, option=orjson.OPT_INDENT_2))
 
     def read_json(self, name: str) -> object | None:
-        path = self.path / name
-        if not path.exists():
+        try:
+            return orjson.loads(self.storage.get(self.key(name)))
+        except FileNotFoundError:
             return None
-        return orjson.loads(path.read_bytes())
 
     def finish(self, manifest: dict) -> None:
-        _write_atomically(self.manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        """Write the manifest, last and atomically: the change set is complete from now."""
+        self.storage.put(self.key(MANIFEST), orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
 
     def manifest(self) -> dict:
-        if not self.is_complete():
+        try:
+            data = self.storage.get(self.key(MANIFEST))
+        except FileNotFoundError:
             raise ArchiveError(
                 f"{self.entity}: change set {self.change_set} has no complete archive at "
-                f"{self.path}; materialize raw/{self.entity} for it first"
-            )
+                f"{self.location}; materialize raw/{self.entity} for it first"
+            ) from None
         try:
-            manifest = orjson.loads(self.manifest_path.read_bytes())
+            manifest = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise self.corrupt(MANIFEST, f"is not valid JSON ({exc})") from None
         if not (isinstance(manifest, dict) and isinstance(manifest.get("mode"), str)
@@ -154,9 +173,9 @@ class ChangeSetArchive:
         file, what is wrong, what to do)."""
         problem = " ".join(problem.split())  # one line, whatever the reader said
         return CorruptArchiveError(
-            f"{self.entity}: change set {self.change_set}: {self.path / file} {problem}; "
-            "restore the file from a backup, or leave the change set out (`dataverse-assets "
-            "rebuild --skip-corrupt` replays the others and reports it)")
+            f"{self.entity}: change set {self.change_set}: {self.storage.describe(self.key(file))}"
+            f" {problem}; restore the file from a backup, or leave the change set out "
+            "(`dataverse-assets rebuild --skip-corrupt` replays the others and reports it)")
 
     def iter_page_records(self) -> Iterator[tuple[dict, list[dict]]]:
         """(the manifest's entry for the page, its records) for each page, in order."""
@@ -172,21 +191,27 @@ class ChangeSetArchive:
     def page_file(self, number: int) -> str:
         """The name of the file that holds page `number` (a page file, or a Parquet part)."""
         if not self.is_compacted():
-            return f"page-{number:05d}.json.gz"
+            return page_name(number)
         parts = self.compacted_parts()
-        return f"{parts[0].name}..{parts[-1].name} (page {number})"
+        return f"{parts[0]}..{parts[-1]} (page {number})"
+
+    def page_names(self) -> list[str]:
+        """The change set's page files, in page order."""
+        return fnmatch.filter(self.storage.names(self.folder), PAGE_FILES)
 
     def page_paths(self) -> list[Path]:
-        return sorted(self.path.glob("page-*.json.gz"))
+        """The page files of a local archive (tests and benchmarks)."""
+        return [self.path / name for name in self.page_names()]
 
-    def compacted_parts(self) -> list[Path]:
-        """The Parquet parts of a compacted change set, in order; [] unless every part is
-        there (parts are renamed into place only after all of them were written and checked)."""
-        parts = sorted(self.path.glob(COMPACTED_PARTS))
-        expected = parts[-1].stem.rpartition("-of-")[2] if parts else None
-        if not parts or [p.name for p in parts] != [
+    def compacted_parts(self) -> list[str]:
+        """The names of the Parquet parts of a compacted change set, in order; [] unless
+        every part is there (parts are put in place only after all of them were written
+        and checked)."""
+        parts = fnmatch.filter(self.storage.names(self.folder), COMPACTED_PARTS)
+        expected = parts[-1].removesuffix(".parquet").rpartition("-of-")[2] if parts else None
+        if not parts or parts != [
             f"pages-{n:04d}-of-{expected}.parquet" for n in range(1, len(parts) + 1)
-        ] or int(expected) != len(parts):
+        ] or not expected.isdigit() or int(expected) != len(parts):
             return []
         return parts
 
@@ -198,11 +223,12 @@ class ChangeSetArchive:
         page files or, once compacted, from the Parquet parts (DuckDB)."""
         read = 0
         if not self.is_compacted():
-            paths = self.page_paths()
+            paths = self.page_names()
             # The next page is read and unzipped on a thread (zlib releases the GIL) while the
             # caller parses this one: two bodies in memory at most.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-read") as pool:
-                ahead = pool.submit(read_page_file, paths[0], 1) if paths else None
+                ahead = (pool.submit(read_page, self.storage, self.key(paths[0]), 1)
+                         if paths else None)
                 for number in range(len(paths)):
                     try:
                         body = ahead.result()
@@ -211,8 +237,9 @@ class ChangeSetArchive:
                             raise
                         break  # compacted while we read: go on from the Parquet parts
                     except DamagedPage as exc:
-                        raise self.corrupt(paths[number].name, exc.problem) from None
-                    ahead = (pool.submit(read_page_file, paths[number + 1], number + 2)
+                        raise self.corrupt(paths[number], exc.problem) from None
+                    ahead = (pool.submit(read_page, self.storage, self.key(paths[number + 1]),
+                                         number + 2)
                              if number + 1 < len(paths) else None)
                     read += 1
                     yield body
@@ -222,18 +249,23 @@ class ChangeSetArchive:
         yield from iter_compacted_bodies(self, first_page=read + 1)
 
 
-def read_gzip(path: Path) -> bytes:
-    """A gzip file's content (ISA-L: about twice as fast as zlib; any gzip file)."""
-    return igzip.decompress(path.read_bytes())
+def page_name(number: int) -> str:
+    return f"page-{number:05d}.json.gz"
 
 
-def read_page_file(path: Path, number: int) -> bytes:
-    """A page file's body; DamagedPage when the file is damaged (a missing file raises
-    FileNotFoundError: compaction may have replaced it)."""
+def gunzip_page(data: bytes, number: int) -> bytes:
+    """A page file's content unzipped (ISA-L: about twice as fast as zlib; any gzip file);
+    DamagedPage when it is damaged."""
     try:
-        return read_gzip(path)
+        return igzip.decompress(data)
     except _DAMAGED_GZIP as exc:
         raise DamagedPage(number, f"cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def read_page(storage: ArchiveStorage, key: str, number: int) -> bytes:
+    """A page file's body; DamagedPage when the file is damaged (a missing file raises
+    FileNotFoundError: compaction may have replaced it)."""
+    return gunzip_page(storage.get(key), number)
 
 
 def page_records(body: bytes, shape: str, number: int) -> list[dict]:
@@ -250,12 +282,9 @@ def page_records(body: bytes, shape: str, number: int) -> list[dict]:
     return records
 
 
-def list_change_sets(root: str | os.PathLike[str], entity: str) -> list[str]:
+def list_change_sets(root: ArchiveStorage | str | os.PathLike[str], entity: str) -> list[str]:
     """Complete change sets of an entity, oldest first (by the time their keys encode).
-    A folder whose name is not a change-set key is not a change set: it is left alone."""
-    folder = Path(root) / check_entity_name(entity)
-    if not folder.exists():
-        return []
-    return sorted((p.name for p in folder.iterdir()
-                   if is_change_set_key(p.name) and (p / MANIFEST).exists()),
-                  key=change_set_order)
+    A folder whose name is not a change-set key is not a change set: it is left alone, and
+    so is one without a manifest (a fetch that died: the next fetch of that key restarts it)."""
+    folders = open_storage(root).folders_holding(check_entity_name(entity), MANIFEST)
+    return sorted((name for name in folders if is_change_set_key(name)), key=change_set_order)

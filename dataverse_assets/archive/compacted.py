@@ -9,19 +9,26 @@ written under a temporary name and read back page by page (md5) before the parts
 into place; only then are the page files deleted, so a crash leaves either the page files or a
 checked compacted change set. A change set whose Parquet would not be smaller (a page or two of
 a few hundred bytes: Parquet's footer is ~1.5 KB) keeps its page files.
+
+On S3 (archive.storage) the parts are written and checked in a local temporary folder, then
+uploaded under their final names, one atomic upload each; a crash between two uploads leaves
+an incomplete set of parts, which readers ignore (every `-of-n` part must be there) and the
+next compaction deletes, while the page files are still there. Reading a part downloads it to
+a temporary file first (DuckDB's httpfs would fetch an extension from the network): one part on
+local disk at a time.
 """
 
 from __future__ import annotations
 
-import gzip
+import fnmatch
 import hashlib
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
+from isal import igzip
 
 from dataverse_assets.errors import ArchiveError
 
@@ -29,6 +36,7 @@ if TYPE_CHECKING:  # change_sets reads compacted change sets through this module
     from dataverse_assets.archive.change_sets import ChangeSetArchive
 
 PART_BYTES = 128 * 1024 * 1024
+MANIFEST_NAME = "manifest.json"  # change_sets.MANIFEST (which imports this module)
 
 
 def _duckdb() -> duckdb.DuckDBPyConnection:
@@ -36,38 +44,34 @@ def _duckdb() -> duckdb.DuckDBPyConnection:
     return duckdb.connect(config={"threads": 1})
 
 
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files under a folder (what the archive occupies)."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def iter_compacted_bodies(archive: ChangeSetArchive, first_page: int = 1) -> Iterator[bytes]:
     """The page bodies of a compacted change set, in order, one part in memory at a time."""
     expected = first_page
     with _duckdb() as connection:
         for part in archive.compacted_parts():
-            try:
-                connection.execute(
-                    "SELECT page_number, body FROM read_parquet(?) WHERE page_number >= ?",
-                    [str(part), first_page])
-            except duckdb.Error as exc:
-                raise archive.corrupt(part.name, f"cannot be read ({exc})") from None
-            while rows := _next_rows(connection, archive, part):
-                for number, body in rows:
-                    if number != expected:
-                        raise ArchiveError(
-                            f"{archive.entity}: change set {archive.change_set}: {part.name} "
-                            f"has page {number} where page {expected} belongs")
-                    expected += 1
-                    yield body
+            with archive.storage.local_copy(archive.key(part)) as path:
+                try:
+                    connection.execute(
+                        "SELECT page_number, body FROM read_parquet(?) WHERE page_number >= ?",
+                        [str(path), first_page])
+                except duckdb.Error as exc:
+                    raise archive.corrupt(part, f"cannot be read ({exc})") from None
+                while rows := _next_rows(connection, archive, part):
+                    for number, body in rows:
+                        if number != expected:
+                            raise ArchiveError(
+                                f"{archive.entity}: change set {archive.change_set}: {part} "
+                                f"has page {number} where page {expected} belongs")
+                        expected += 1
+                        yield body
 
 
 def _next_rows(connection: duckdb.DuckDBPyConnection, archive: ChangeSetArchive,
-               part: Path) -> list[tuple]:
+               part: str) -> list[tuple]:
     try:
         return connection.fetchmany(16)
     except duckdb.Error as exc:  # a part damaged past its footer
-        raise archive.corrupt(part.name, f"cannot be read ({exc})") from None
+        raise archive.corrupt(part, f"cannot be read ({exc})") from None
 
 
 @dataclass
@@ -96,17 +100,17 @@ def _write_part(connection: duckdb.DuckDBPyConnection, rows: list[tuple], path: 
 
 
 def _verify_part(connection: duckdb.DuckDBPyConnection, path: Path,
-                 digests: dict[int, str]) -> None:
+                 digests: dict[int, str], archive: ChangeSetArchive) -> None:
     found = dict(connection.execute(
         "SELECT page_number, md5(body) FROM read_parquet(?)", [str(path)]).fetchall())
     if found != digests:
-        raise ArchiveError(f"{path}: the compacted pages do not match the page files; "
-                           "the page files are kept")
+        raise ArchiveError(f"{archive.storage.describe(archive.key(path.name))}: the compacted "
+                           "pages do not match the page files; the page files are kept")
 
 
 def _remove_parts(archive: ChangeSetArchive) -> None:
-    for stray in archive.path.glob("pages-*.parquet*"):
-        stray.unlink()
+    for stray in fnmatch.filter(archive.storage.names(archive.folder), "pages-*.parquet*"):
+        archive.storage.delete(archive.key(stray))
 
 
 def compact_change_set(archive: ChangeSetArchive, *, zstd_level: int = 9,
@@ -114,51 +118,54 @@ def compact_change_set(archive: ChangeSetArchive, *, zstd_level: int = 9,
     """Merge a complete change set's page files into checked Parquet parts, then delete the
     page files. None when there is nothing to do (no pages, or compacted already)."""
     manifest = archive.manifest()
-    archive.checked_path()  # it writes parts there and deletes page files
+    archive.check_inside()  # it writes parts there and deletes page files
+    storage = archive.storage
     if archive.is_compacted():
-        for leftover in archive.page_paths():  # a run that stopped before deleting them
-            leftover.unlink()
+        for leftover in archive.page_names():  # a run that stopped before deleting them
+            storage.delete(archive.key(leftover))
         return None
     _remove_parts(archive)  # from a run that stopped before every part was in place
-    paths = archive.page_paths()
-    if not paths:
+    names = archive.page_names()
+    if not names:
         return None
     pages = manifest.get("pages", [])
-    if [p.name for p in paths] != [f"page-{n:05d}.json.gz" for n in range(1, len(paths) + 1)] \
-            or len(pages) != len(paths):
+    if names != [f"page-{n:05d}.json.gz" for n in range(1, len(names) + 1)] \
+            or len(pages) != len(names):
         raise ArchiveError(f"{archive.entity}: change set {archive.change_set} has "
-                           f"{len(paths)} page files but its manifest lists {len(pages)}; "
+                           f"{len(names)} page files but its manifest lists {len(pages)}; "
                            "not compacted")
-    bytes_before = sum(p.stat().st_size for p in paths)
-    written: list[Path] = []
-    with _duckdb() as connection:
+    sizes = storage.sizes(archive.folder)
+    bytes_before = sum(sizes[archive.key(name)] for name in names)
+    with storage.scratch(archive.folder) as scratch, _duckdb() as connection:
+        written: list[Path] = []
         rows: list[tuple] = []
         digests: dict[int, str] = {}
         body_bytes = 0
-        for number, path in enumerate(paths, start=1):
-            with gzip.open(path, "rb") as handle:
-                body = handle.read()
+        for number, name in enumerate(names, start=1):
+            body = igzip.decompress(storage.get(archive.key(name)))
             page = pages[number - 1]
             rows.append((number, page.get("kind"), page.get("shape", "collection"), body))
             digests[number] = hashlib.md5(body).hexdigest()
             body_bytes += len(body)
-            if body_bytes >= part_bytes or number == len(paths):
-                part = archive.path / f"pages-{len(written) + 1:04d}.parquet.tmp"
+            if body_bytes >= part_bytes or number == len(names):
+                part = scratch / f"pages-{len(written) + 1:04d}.parquet.tmp"
                 _write_part(connection, rows, part, zstd_level)
-                _verify_part(connection, part, digests)
+                _verify_part(connection, part, digests, archive)
                 written.append(part)
                 rows, digests, body_bytes = [], {}, 0
-    bytes_after = sum(p.stat().st_size for p in written)
-    if bytes_after >= bytes_before:
-        # Parquet's footer (~1.5 KB) outweighs a tiny change set: it stays as it is.
-        _remove_parts(archive)
-        return CompactedChangeSet(archive.entity, archive.change_set, len(paths),
-                                  bytes_before, bytes_before, kept_pages=True)
-    for number, part in enumerate(written, start=1):
-        part.replace(archive.path / f"pages-{number:04d}-of-{len(written):04d}.parquet")
-    for path in paths:  # the parts are complete and checked: the Parquet form is the archive
-        path.unlink()
-    return CompactedChangeSet(archive.entity, archive.change_set, len(paths), bytes_before,
+        bytes_after = sum(p.stat().st_size for p in written)
+        if bytes_after >= bytes_before:
+            # Parquet's footer (~1.5 KB) outweighs a tiny change set: it stays as it is.
+            for part in written:
+                part.unlink()
+            return CompactedChangeSet(archive.entity, archive.change_set, len(names),
+                                      bytes_before, bytes_before, kept_pages=True)
+        for number, part in enumerate(written, start=1):
+            storage.put_file(part, archive.key(
+                f"pages-{number:04d}-of-{len(written):04d}.parquet"))
+    for name in names:  # the parts are complete and checked: the Parquet form is the archive
+        storage.delete(archive.key(name))
+    return CompactedChangeSet(archive.entity, archive.change_set, len(names), bytes_before,
                               bytes_after)
 
 
@@ -171,15 +178,15 @@ def rewrite_pages(archive: ChangeSetArchive, rewrite: PageRewrite, *,
     """Rewrite a complete change set's page bodies (erasing data, `dataverse-assets purge`), in
     whichever form it is in; returns the pages changed. Each page file is replaced atomically;
     a compacted part is written under a temporary name, read back (md5 of every body) and
-    only then renamed over the old one, so a crash leaves each part either old or new."""
+    only then put over the old one, so a crash leaves each part either old or new."""
     manifest = archive.manifest()
-    archive.checked_path()
+    archive.check_inside()
+    storage = archive.storage
     shapes = [page.get("shape", "collection") for page in manifest.get("pages", [])]
     changed = 0
     if not archive.is_compacted():
-        for number, path in enumerate(archive.page_paths(), start=1):
-            with gzip.open(path, "rb") as handle:
-                body = handle.read()
+        for number, name in enumerate(archive.page_names(), start=1):
+            body = igzip.decompress(storage.get(archive.key(name)))
             new = rewrite(body, shapes[number - 1] if number <= len(shapes) else "collection")
             if new is not None and new != body:
                 archive.replace_page(number, new)
@@ -187,9 +194,10 @@ def rewrite_pages(archive: ChangeSetArchive, rewrite: PageRewrite, *,
         return changed
     with _duckdb() as connection:
         for part in archive.compacted_parts():
-            rows = connection.execute(
-                "SELECT page_number, kind, shape, body FROM read_parquet(?)"
-                " ORDER BY page_number", [str(part)]).fetchall()
+            with storage.local_copy(archive.key(part)) as path:
+                rows = connection.execute(
+                    "SELECT page_number, kind, shape, body FROM read_parquet(?)"
+                    " ORDER BY page_number", [str(path)]).fetchall()
             new_rows, digests, part_changed = [], {}, 0
             for number, kind, shape, body in rows:
                 new = rewrite(bytes(body), shape or "collection")
@@ -199,20 +207,20 @@ def rewrite_pages(archive: ChangeSetArchive, rewrite: PageRewrite, *,
                 digests[number] = hashlib.md5(bytes(body)).hexdigest()
             if not part_changed:
                 continue
-            tmp = part.with_name(part.name + ".tmp")
-            _write_part(connection, new_rows, tmp, zstd_level)
-            _verify_part(connection, tmp, digests)
-            tmp.replace(part)
+            with storage.scratch(archive.folder) as scratch:
+                tmp = scratch / (part + ".tmp")
+                _write_part(connection, new_rows, tmp, zstd_level)
+                _verify_part(connection, tmp, digests, archive)
+                storage.put_file(tmp, archive.key(part))
             changed += part_changed
     return changed
 
 
 def delete_change_set(archive: ChangeSetArchive) -> int:
-    """Remove a change set from the archive (manifest first: never a half-complete one)."""
-    path = archive.checked_path()
-    size = folder_bytes(path)
-    archive.manifest_path.unlink()
-    shutil.rmtree(path)
+    """Remove a change set from the archive (manifest first: never a half-complete one).
+    Returns the bytes it occupied."""
+    archive.check_inside()
+    size = sum(archive.storage.sizes(archive.folder).values())
+    archive.storage.delete(archive.key(MANIFEST_NAME))
+    archive.storage.clear(archive.folder, keep_folder=False)
     return size
-
-

@@ -129,9 +129,9 @@ def build_raw_asset(entity: EntityConfig, config: EntitiesConfig,
         if reused:
             # An archived change set is immutable: replaying it must stage the same rows.
             context.log.info(f"{name} {change_set}: already archived, not fetched again")
-        path = store.archive(name, change_set).path
-        return Output(RawChangeSet(name, change_set, str(path)),
-                      metadata=_fetch_metadata(summary, path, reused=reused))
+        location = store.archive(name, change_set).location
+        return Output(RawChangeSet(name, change_set, location),
+                      metadata=_fetch_metadata(summary, location, reused=reused))
 
     return raw
 
@@ -194,7 +194,7 @@ def build_canonical_asset(entity: EntityConfig,
     return canonical
 
 
-def _fetch_metadata(summary: FetchSummary, path, *, reused: bool) -> dict:
+def _fetch_metadata(summary: FetchSummary, location: str, *, reused: bool) -> dict:
     return {
         "mode": summary.mode,
         "pages": summary.pages,
@@ -208,7 +208,7 @@ def _fetch_metadata(summary: FetchSummary, path, *, reused: bool) -> dict:
         "watermark_before": summary.watermark_before or "",
         "watermark_after": summary.watermark_after or "",
         "reason": summary.reason,
-        "archive": MetadataValue.path(str(path)),
+        "archive": MetadataValue.path(location),
         "reused_archive": reused,
     }
 

@@ -57,7 +57,9 @@ def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
     if settings.source == "archive":
         # Replays DATAVERSE_ARCHIVE_DIR into DATAVERSE_DB_PATH: raw/E reuses each archived
         # change set; nothing is fetched.
-        return ArchiveSource(archive_dir=str(settings.archive_dir))
+        return ArchiveSource(archive_dir=settings.archive_location,
+                             s3_endpoint_url=settings.s3_endpoint_url,
+                             s3_region=settings.s3_region)
     return SimulatorSource(
         entity_names=[e.name for e in config.entities], seed=settings.simulator_seed,
         base_url=settings.url, max_concurrency=settings.max_concurrency,
@@ -78,7 +80,8 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
     resource (an IO manager of their own: `resources` win over the built ones). `alerts`:
     where the alert sensors send (none are defined without a channel)."""
     config = settings.entities
-    store = MirrorStore(db_path=str(settings.db_path), archive_dir=str(settings.archive_dir),
+    store = MirrorStore(db_path=str(settings.db_path), archive_dir=settings.archive_location,
+                        s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region,
                         lock_wait_seconds=settings.lock_wait_seconds)
     jobs = [
         define_asset_job(

@@ -40,7 +40,7 @@ from dataverse_assets.sync.stage import StagedRecords, write_staged
 class RawChangeSet:
     entity: str
     change_set: str
-    path: str
+    path: str  # where the change set is archived: its folder or s3:// URL
 
 
 def _entity_and_partition(context: OutputContext | InputContext) -> tuple[str, str]:
@@ -61,7 +61,7 @@ class ArchiveIOManager(ConfigurableIOManager):
         entity, change_set = _entity_and_partition(context)
         archive = self.store.archive(entity, change_set)
         archive.manifest()
-        return RawChangeSet(entity, change_set, str(archive.path))
+        return RawChangeSet(entity, change_set, archive.location)
 
 
 class SQLiteIOManager(ConfigurableIOManager):

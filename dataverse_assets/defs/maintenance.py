@@ -34,7 +34,7 @@ def build_maintenance_job(config: EntitiesConfig) -> JobDefinition:
     @op(out=Out(Nothing), description="Compacts old change sets into Parquet, applies archive "
         "retention and deletes the staged rows of old published change sets.")
     def compact_archive_and_staging(context: OpExecutionContext, store: MirrorStore):
-        report = compact_archive(store.archive_dir, config, db_path=store.db_path)
+        report = compact_archive(store.archive_storage(), config, db_path=store.db_path)
         for note in report.notes:
             context.log.warning(note)
         yield Output(None, metadata={

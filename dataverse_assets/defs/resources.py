@@ -13,7 +13,10 @@ class MirrorLocation(Config, MirrorAccess):
     a connection, an entity's lock, a change set's archive)."""
 
     db_path: str
-    archive_dir: str
+    archive_dir: str = Field(description="The archive: a folder or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = Field(
+        None, description="The S3 endpoint of a store other than AWS (DATAVERSE_S3_ENDPOINT_URL).")
+    s3_region: str | None = Field(None, description="The bucket's region (DATAVERSE_S3_REGION).")
     lock_wait_seconds: float = Field(
         locks.DEFAULT_WAIT_SECONDS, ge=0,
         description="How long a step waits for another run's lock on the same entity.")

@@ -206,10 +206,11 @@ def build_archive_sensor(config: EntitiesConfig) -> SensorDefinition:
         with store.connection() as connection:
             published = every_complete_change_set(connection)
         found = []
+        storage = store.archive_storage()
         for entity in config.entities:
             materialized = context.instance.get_materialized_partitions(
                 AssetKey(["raw", entity.name]))
-            for key in list_change_sets(store.archive_dir, entity.name):
+            for key in list_change_sets(storage, entity.name):
                 if key not in materialized and (entity.name, key) not in published:
                     found.append((key, entity))
         for key, entity in sorted(found, key=lambda item: (change_set_order(item[0]),

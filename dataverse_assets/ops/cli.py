@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import orjson
 from dagster import AssetKey, DagsterInstance
 
+from dataverse_assets.archive.change_sets import ChangeSetArchive
+from dataverse_assets.archive.storage import storage_of
 from dataverse_assets.config import PROJECT_ROOT, environment_variables, load_settings
 from dataverse_assets.defs.checks import divergence
 from dataverse_assets.defs.definitions import build_definitions, build_source
@@ -134,9 +136,10 @@ def new_change_set_key(instance, group: str, now: datetime | None = None,
     used = None
     if settings is not None:
         entities = [e.name for e in settings.entities.entities_in_group(group)]
+        archive = storage_of(settings)
 
         def used(key: str) -> bool:
-            if any((Path(settings.archive_dir) / entity / key).exists() for entity in entities):
+            if any(ChangeSetArchive(archive, entity, key).exists() for entity in entities):
                 return True
             with _connection(settings) as connection:
                 return change_set_used(connection, key, entities)
@@ -602,10 +605,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     settings = load_settings()
-    print(f"rebuilding {args.into} from {settings.archive_dir}")
+    print(f"rebuilding {args.into} from {settings.archive_location}")
     try:
         report = rebuild(
-            settings.entities, settings.archive_dir, args.into, force=args.force,
+            settings.entities, storage_of(settings), args.into, force=args.force,
             live_db_path=settings.db_path,
             on_entity=lambda e: print(
                 f"  {e.entity}: {e.change_sets} change sets, {e.rows:,} rows, "
@@ -634,7 +637,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     settings = load_settings()
     report = compact_archive(
-        settings.archive_dir, settings.entities, db_path=settings.db_path,
+        storage_of(settings), settings.entities, db_path=settings.db_path,
         older_than_days=args.older_than_days, retention=not args.no_retention,
         dry_run=args.dry_run,
     )
@@ -649,7 +652,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"  {note}", file=sys.stderr)
     before, after = report.bytes_before, report.bytes_after
-    print(f"archive {settings.archive_dir}: {before:,} bytes -> {after:,} bytes"
+    print(f"archive {settings.archive_location}: {before:,} bytes -> {after:,} bytes"
           + (f" ({after / before:.0%})" if before else "")
           + (" (dry run: nothing changed)" if args.dry_run else ""))
     if args.no_retention or not settings.db_path.exists():
@@ -678,7 +681,7 @@ def cmd_register_archived(args: argparse.Namespace) -> int:
     settings = load_settings()
     config = settings.entities
     _configured_group(config, args.group)
-    archived = archived_change_sets(config, settings.archive_dir, args.group)
+    archived = archived_change_sets(config, storage_of(settings), args.group)
     register_archived(_instance(), args.group, list(archived))
     group_entities = {e.name for e in config.entities_in_group(args.group)}
     for key, entities in archived.items():
@@ -696,11 +699,10 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if not args.yes:
         print(f"would erase {args.column!r} of {entity.name} from the mirror ({settings.db_path}:"
               f" {entity.name}, its history and staging, the change log) and from every "
-              f"archived change set in {settings.archive_dir}; this cannot be undone. Run "
+              f"archived change set in {settings.archive_location}; this cannot be undone. Run "
               "again with --yes to do it.")
         return 0
-    mirror = Mirror(db_path=str(settings.db_path), archive_dir=str(settings.archive_dir),
-                    lock_wait_seconds=settings.lock_wait_seconds)
+    mirror = Mirror.of(settings)
     with mirror.entity_lock(entity.name, owner=f"dataverse-assets purge ({os.getpid()})",
                             purpose="purge"):
         result = purge_column(mirror, entity, args.column)

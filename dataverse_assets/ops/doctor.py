@@ -555,7 +555,7 @@ def _configuration(environ: Mapping[str, str] | None) -> tuple[Settings | None, 
                            fix="fix the environment variable or entities file named above "
                                "(README: Configuration)")
     where = {"live": settings.url, "simulator": settings.url or "embedded",
-             "fixture": str(settings.fixtures_dir), "archive": str(settings.archive_dir)}
+             "fixture": str(settings.fixtures_dir), "archive": settings.archive_location}
     problems = []
     if settings.source == "live" and settings.url and "/api/data" in settings.url:
         problems.append("DATAVERSE_URL must be the org root (e.g. "

@@ -111,8 +111,9 @@ def purge_column(mirror: MirrorAccess, entity: EntityConfig, column: str) -> Pur
                 child = multi_select_table(entity.name, key)
                 if child is not None and schema is not None:
                     connection.execute(f"DROP TABLE IF EXISTS {quote_identifier(child)}")
-    for change_set in list_change_sets(mirror.archive_dir, entity.name):
-        archive = ChangeSetArchive(mirror.archive_dir, entity.name, change_set)
+    storage = mirror.archive_storage()
+    for change_set in list_change_sets(storage, entity.name):
+        archive = ChangeSetArchive(storage, entity.name, change_set)
         pages = rewrite_pages(archive, lambda body, shape: strip_page(body, shape, keys))
         result.archive_pages += pages
         result.change_sets += bool(pages)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataverse_assets.archive.change_sets import list_change_sets
+from dataverse_assets.archive.storage import ArchiveStorage, LocalStorage, open_storage
 from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.defs.partitions import add_change_sets
 from dataverse_assets.errors import CorruptArchiveError, RebuildError
@@ -58,7 +59,7 @@ class SkippedChangeSet:
 @dataclass
 class RebuildReport:
     into: Path
-    archive_dir: Path
+    archive_dir: str  # the folder or s3://bucket/prefix replayed
     entities: list[EntityRebuild] = field(default_factory=list)
     skipped: list[SkippedChangeSet] = field(default_factory=list)
     seconds: float = 0.0
@@ -104,7 +105,7 @@ def _check_target(into: Path, *, force: bool, live_db_path: Path | None) -> None
 
 
 def rebuild(
-    config: EntitiesConfig, archive_dir: str | os.PathLike[str],
+    config: EntitiesConfig, archive_dir: ArchiveStorage | str | os.PathLike[str],
     into_db_path: str | os.PathLike[str], *, force: bool = False,
     live_db_path: str | os.PathLike[str] | None = None,
     on_entity: Callable[[EntityRebuild], None] | None = None,
@@ -121,22 +122,23 @@ def rebuild(
     A damaged archive file (CorruptArchiveError) stops the rebuild with that one line and
     nothing written, unless `skip_corrupt`: then its change set is left out (nothing of it is
     staged or published; the report lists it) and the rebuild goes on."""
-    archive_dir = Path(archive_dir)
+    storage = open_storage(archive_dir)
     into = Path(into_db_path)
-    if not archive_dir.is_dir():
-        raise RebuildError(f"no archive at {archive_dir} (set DATAVERSE_ARCHIVE_DIR)")
+    if isinstance(storage, LocalStorage) and not storage.root.is_dir():
+        raise RebuildError(f"no archive at {storage.location} (set DATAVERSE_ARCHIVE_DIR or "
+                           "DATAVERSE_ARCHIVE_URL)")
     _check_target(into, force=force, live_db_path=Path(live_db_path) if live_db_path else None)
     building = into.with_name(into.name + ".rebuilding")
     for leftover in _database_files(building):
         leftover.unlink(missing_ok=True)
-    store = Mirror(db_path=str(building), archive_dir=str(archive_dir))
-    report = RebuildReport(into=into, archive_dir=archive_dir)
+    store = _Replaying(db_path=str(building), archive_dir=storage.location, storage=storage)
+    report = RebuildReport(into=into, archive_dir=storage.location)
     started = time.perf_counter()
     try:
         for entity in config.entities:
             progress = EntityRebuild(entity.name)
             entity_started = time.perf_counter()
-            change_sets = list_change_sets(archive_dir, entity.name)
+            change_sets = list_change_sets(storage, entity.name)
             reporter = progress_for(entity.name) if progress_for is not None else None
             summaries = ({key: _summary(store, entity.name, key) for key in change_sets}
                          if reporter is not None else {})
@@ -191,6 +193,17 @@ def rebuild(
     return report
 
 
+@dataclass(frozen=True)
+class _Replaying(Mirror):
+    """The database being built, reading the archive through the storage it was given (an
+    S3 one keeps its endpoint and region)."""
+
+    storage: ArchiveStorage | None = None
+
+    def archive_storage(self) -> ArchiveStorage:
+        return self.storage if self.storage is not None else super().archive_storage()
+
+
 def _summary(store: Mirror, entity: str, change_set: str) -> dict:
     """A change set's fetch summary for progress ({} when its manifest is damaged: the replay
     itself reports that)."""
@@ -211,13 +224,15 @@ def _reporting(batches, counts: dict[str, int], reporter: ProgressReporter, page
 
 # -- the same through Dagster: archived change sets as partitions -----------------------------
 
-def archived_change_sets(config: EntitiesConfig, archive_dir: str | os.PathLike[str],
+def archived_change_sets(config: EntitiesConfig,
+                         archive_dir: ArchiveStorage | str | os.PathLike[str],
                          group: str) -> dict[str, list[str]]:
     """Archived change-set keys of a group, oldest first, with the entities archived for each
     (a targeted refresh archives only some)."""
     keys: dict[str, list[str]] = {}
+    storage = open_storage(archive_dir)
     for entity in config.entities_in_group(group):
-        for change_set in list_change_sets(archive_dir, entity.name):
+        for change_set in list_change_sets(storage, entity.name):
             keys.setdefault(change_set, []).append(entity.name)
     return dict(sorted(keys.items(), key=lambda item: change_set_order(item[0])))
 

@@ -2,7 +2,6 @@
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from pathlib import Path
 
 from pydantic import Field
 
@@ -12,6 +11,7 @@ from dataverse_assets.archive.change_sets import (
     ChangeSetArchive,
     list_change_sets,
 )
+from dataverse_assets.archive.storage import ArchiveStorage, open_storage
 from dataverse_assets.errors import (
     ChangeSetNotArchivedError,
 )
@@ -27,7 +27,7 @@ class ArchiveSession(SourceSession):
     """Serves only what is archived: the newest archived metadata of an entity; any request
     for pages or records is refused (raw/E reuses archived change sets before asking)."""
 
-    def __init__(self, archive_dir: Path) -> None:
+    def __init__(self, archive_dir: ArchiveStorage) -> None:
         self.archive_dir = archive_dir
         self.stats = FetchStats()
 
@@ -50,7 +50,7 @@ class ArchiveSession(SourceSession):
     def _refuse(self, entity_set: str, what: str) -> ChangeSetNotArchivedError:
         return ChangeSetNotArchivedError(
             f"{entity_set}: the archive source (DATAVERSE_SOURCE=archive) cannot fetch {what}; "
-            f"it replays only change sets archived in {self.archive_dir}"
+            f"it replays only change sets archived in {self.archive_dir.location}"
         )
 
     def iter_pages(self, entity_set: str, query: PageQuery,
@@ -67,7 +67,10 @@ class ArchiveSource(DataverseSource):
     Dagster. raw/E finds each change set already archived and reuses it; a change set that is
     not archived is an error naming the entity and the change set."""
 
-    archive_dir: str = Field(description="The archive to replay (DATAVERSE_ARCHIVE_DIR).")
+    archive_dir: str = Field(description="The archive to replay: a folder or "
+                             "s3://bucket/prefix (DATAVERSE_ARCHIVE_URL or DATAVERSE_ARCHIVE_DIR).")
+    s3_endpoint_url: str | None = Field(None, description="DATAVERSE_S3_ENDPOINT_URL.")
+    s3_region: str | None = Field(None, description="DATAVERSE_S3_REGION.")
 
     def check_fetchable(self, entity_set: str, change_set: str) -> None:
         raise ChangeSetNotArchivedError(
@@ -80,6 +83,8 @@ class ArchiveSource(DataverseSource):
     def open_session(self) -> AbstractAsyncContextManager[SourceSession]:
         @asynccontextmanager
         async def session() -> AsyncIterator[SourceSession]:
-            yield ArchiveSession(Path(self.archive_dir))
+            yield ArchiveSession(open_storage(self.archive_dir,
+                                              endpoint_url=self.s3_endpoint_url,
+                                              region=self.s3_region))
 
         return session()

@@ -30,8 +30,8 @@ from dataverse_assets.archive.compacted import (
     CompactedChangeSet,
     compact_change_set,
     delete_change_set,
-    folder_bytes,
 )
+from dataverse_assets.archive.storage import ArchiveStorage, open_storage
 from dataverse_assets.config import ArchiveConfig, EntitiesConfig
 from dataverse_assets.modes import SNAPSHOT_MODES
 from dataverse_assets.source.query import parse_datetime
@@ -73,13 +73,14 @@ def _mirror_facts(connection: sqlite3.Connection | None, entity: str):
     return complete, planned, schema_changing
 
 
-def plan_retention(archive_dir: Path, entity: str, policy: ArchiveConfig,
+def plan_retention(archive_dir: ArchiveStorage | str | Path, entity: str, policy: ArchiveConfig,
                    connection: sqlite3.Connection | None, now: datetime) -> list[RetentionDecision]:
     """The change sets of one entity that retention deletes (a pure decision over the archive
     and the mirror's publish records; nothing is deleted here)."""
     if policy.retention_days is None or connection is None:
         return []
     horizon = now - timedelta(days=policy.retention_days)
+    archive_dir = open_storage(archive_dir)
     keys = list_change_sets(archive_dir, entity)
     complete, planned, schema_changing = _mirror_facts(connection, entity)
     old = [k for k in keys if _finished_at(ChangeSetArchive(archive_dir, entity, k)) < horizon]
@@ -137,14 +138,14 @@ class CompactionReport:
 
 
 def compact_archive(
-    archive_dir: str | Path, config: EntitiesConfig, *, db_path: str | Path | None = None,
-    older_than_days: float | None = None, retention: bool = True, dry_run: bool = False,
-    now: datetime | None = None,
+    archive_dir: ArchiveStorage | str | Path, config: EntitiesConfig, *,
+    db_path: str | Path | None = None, older_than_days: float | None = None,
+    retention: bool = True, dry_run: bool = False, now: datetime | None = None,
 ) -> CompactionReport:
     """Apply retention (with the mirror database's publish records), then compact every
     complete change set older than the threshold, entity by entity; then delete the staged
     rows of old published change sets (`staging_keep_change_sets`, see staging_retention)."""
-    archive_dir = Path(archive_dir)
+    archive_dir = open_storage(archive_dir)
     policy = config.archive
     now = now or datetime.now(UTC)
     threshold = policy.compact_after_days if older_than_days is None else older_than_days
@@ -159,12 +160,11 @@ def compact_archive(
                 "sets were published")
     try:
         for entity in config.entities:
-            folder = archive_dir / entity.name
             summary = EntityCompaction(entity.name)
             report.entities.append(summary)
-            if not folder.exists():
+            if not archive_dir.holds_anything(entity.name):
                 continue
-            summary.bytes_before = folder_bytes(folder)
+            summary.bytes_before = sum(archive_dir.sizes(entity.name).values())
             decisions = plan_retention(archive_dir, entity.name, policy,
                                        connection if retention else None, now)
             report.deleted.extend(decisions)
@@ -182,13 +182,13 @@ def compact_archive(
                     if _finished_at(archive) > horizon:
                         continue
                     if dry_run:
-                        summary.compacted += bool(archive.page_paths())
+                        summary.compacted += bool(archive.page_names())
                         continue
                     done = compact_change_set(archive, zstd_level=policy.zstd_level)
                     if done is not None and not done.kept_pages:
                         report.compacted.append(done)
                         summary.compacted += 1
-            summary.bytes_after = folder_bytes(folder)
+            summary.bytes_after = sum(archive_dir.sizes(entity.name).values())
     finally:
         if connection is not None:
             connection.close()
@@ -198,7 +198,7 @@ def compact_archive(
     return report
 
 
-def _prune_staging(report: CompactionReport, archive_dir: Path, config: EntitiesConfig,
+def _prune_staging(report: CompactionReport, archive_dir: ArchiveStorage, config: EntitiesConfig,
                    db_path: str | Path | None, keep: int, *, dry_run: bool) -> None:
     if db_path is None or not Path(db_path).exists():
         report.notes.append(f"staging retention skipped: no mirror database at {db_path}")

@@ -12,19 +12,23 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
+from dataverse_assets.archive.storage import ArchiveStorage, open_storage
+from dataverse_assets.config import Settings
 from dataverse_assets.store import locks
 from dataverse_assets.store.db import connect, storage_errors
 
 
 class MirrorAccess:
-    """The methods of a mirror's handle. Whoever inherits them holds `db_path`, `archive_dir`,
+    """The methods of a mirror's handle. Whoever inherits them holds `db_path`, `archive_dir`
+    (a folder or s3://bucket/prefix, with `s3_endpoint_url` and `s3_region`),
     `lock_wait_seconds` and `lock_stale_after_seconds` (a dataclass or a Dagster resource)."""
 
     db_path: str
     archive_dir: str
+    s3_endpoint_url: str | None
+    s3_region: str | None
     lock_wait_seconds: float
     lock_stale_after_seconds: float
 
@@ -50,8 +54,13 @@ class MirrorAccess:
                                warn=warn) as holder:
             yield holder
 
+    def archive_storage(self) -> ArchiveStorage:
+        """The archive (archive.storage): a folder, or objects on S3."""
+        return open_storage(self.archive_dir, endpoint_url=self.s3_endpoint_url,
+                            region=self.s3_region)
+
     def archive(self, entity: str, change_set: str) -> ChangeSetArchive:
-        return ChangeSetArchive(Path(self.archive_dir), entity, change_set)
+        return ChangeSetArchive(self.archive_storage(), entity, change_set)
 
 
 @dataclass(frozen=True)
@@ -62,3 +71,16 @@ class Mirror(MirrorAccess):
     archive_dir: str
     lock_wait_seconds: float = locks.DEFAULT_WAIT_SECONDS
     lock_stale_after_seconds: float = locks.DEFAULT_STALE_AFTER_SECONDS
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    @classmethod
+    def of(cls, settings: Settings, **overrides: object) -> Mirror:
+        """The mirror and archive the settings name (DATAVERSE_DB_PATH, DATAVERSE_ARCHIVE_URL
+        or DATAVERSE_ARCHIVE_DIR, DATAVERSE_S3_*)."""
+        values: dict = {"db_path": str(settings.db_path),
+                        "archive_dir": settings.archive_location,
+                        "lock_wait_seconds": settings.lock_wait_seconds,
+                        "s3_endpoint_url": settings.s3_endpoint_url,
+                        "s3_region": settings.s3_region}
+        return cls(**{**values, **overrides})

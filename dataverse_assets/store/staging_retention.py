@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
+from dataverse_assets.archive.storage import ArchiveStorage, open_storage
 from dataverse_assets.config import EntitiesConfig, EntityConfig
 from dataverse_assets.modes import PublishStatus
 from dataverse_assets.names import change_set_order, is_change_set_key
@@ -70,7 +71,7 @@ def _has_row(connection: sqlite3.Connection, table: str, entity: str, change_set
         (entity, change_set)).fetchone() is not None
 
 
-def _done_with(connection: sqlite3.Connection, archive_dir: Path, reader: str,
+def _done_with(connection: sqlite3.Connection, archive_dir: ArchiveStorage, reader: str,
                change_set: str) -> bool:
     """Can the filtered entity `reader` no longer need its linking tables' staging of it?"""
     status = publish_status(connection, reader, change_set)
@@ -79,7 +80,7 @@ def _done_with(connection: sqlite3.Connection, archive_dir: Path, reader: str,
     archive = ChangeSetArchive(archive_dir, reader, change_set)
     if archive.is_complete():
         return True  # its fetch is done: staging and publish read the archive, not the links
-    if status is not None or archive.path.exists():
+    if status is not None or archive.exists():
         return False  # begun and not finished
     if any(_has_row(connection, table, reader, change_set)
            for table in ("_retry_queue", "_dead_letter")):
@@ -90,11 +91,12 @@ def _done_with(connection: sqlite3.Connection, archive_dir: Path, reader: str,
 
 
 def plan_staging_prune(connection: sqlite3.Connection, config: EntitiesConfig,
-                       archive_dir: str | Path, keep: int) -> list[StagingPrune]:
+                       archive_dir: ArchiveStorage | str | Path,
+                       keep: int) -> list[StagingPrune]:
     """The change sets whose staged rows may be deleted now, oldest first per entity."""
     if keep < 1:
         raise ValueError("staging retention keeps at least the newest change set")
-    archive_dir = Path(archive_dir)
+    archive_dir = open_storage(archive_dir)
     if not table_exists(connection, "_staged") or not table_exists(connection, "_publish_state"):
         return []
     plan: list[StagingPrune] = []

@@ -12,7 +12,6 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
-from pathlib import Path
 
 import orjson
 
@@ -22,9 +21,10 @@ from dataverse_assets.archive.change_sets import (
     ChangeSetArchive,
     DamagedPage,
     page_records,
-    read_page_file,
+    read_page,
 )
 from dataverse_assets.archive.compacted import iter_compacted_bodies
+from dataverse_assets.archive.storage import ArchiveStorage
 from dataverse_assets.store.bookkeeping import record_staged
 from dataverse_assets.store.db import (
     quote_identifier,
@@ -273,13 +273,14 @@ def _staged_bodies(context: PageContext, pages: list[dict], bodies: Iterator[byt
 
 
 def _stage_page_file(context: PageContext, page_number: int, page: dict,
-                     path: str) -> tuple[list[tuple], list[str], dict[str, int], list[dict]]:
-    """A stage worker's task: read, unzip and stage one page file."""
+                     storage: ArchiveStorage, key: str
+                     ) -> tuple[list[tuple], list[str], dict[str, int], list[dict]]:
+    """A stage worker's task: read, unzip and stage one page file (`storage` is pickled to
+    the worker, which opens its own connection to S3)."""
     counts: dict[str, int] = dict.fromkeys(STAGING_COUNTS, 0)
     issues: list[dict] = []
-    rows, keys = _stage_page(context, page_number, page, read_page_file(Path(path), page_number),
-                             counts,
-                             issues)
+    rows, keys = _stage_page(context, page_number, page, read_page(storage, key, page_number),
+                             counts, issues)
     return rows, keys, counts, issues
 
 
@@ -305,9 +306,9 @@ def _staged_pages_in_workers(
 ) -> Iterator[tuple[list[tuple], list[str]]]:
     """Pages staged by worker processes (stage_workers), handed back in page order (later
     pages win for a key seen twice), a few pages ahead at most."""
-    paths = archive.page_paths()
-    tasks = ((context, number, _page_meta(pages, number), str(path))
-             for number, path in enumerate(paths, start=1))
+    paths = archive.page_names()
+    tasks = ((context, number, _page_meta(pages, number), archive.storage, archive.key(name))
+             for number, name in enumerate(paths, start=1))
     with WorkerPool(_stage_page_file, workers) as pool:
         page_number = 1
         try:
@@ -361,7 +362,7 @@ def iter_staged_batches(
     pages = manifest.get("pages", [])
     workers = staging_workers()
     if (workers > 1 and not archive.is_compacted()
-            and len(archive.page_paths()) >= PARALLEL_STAGING_MIN_PAGES):
+            and len(archive.page_names()) >= PARALLEL_STAGING_MIN_PAGES):
         staged_pages = _staged_pages_in_workers(archive, context, pages, workers, counts,
                                                 issues)
     else:

@@ -345,7 +345,7 @@ def _unpublished_before(connection: sqlite3.Connection, store: MirrorAccess, ent
     """Older change sets of the entity, staged or archived, that are not COMPLETE."""
     complete = complete_change_sets(connection, entity)
     staged = staged_change_sets(connection, entity)
-    archived = set(list_change_sets(store.archive_dir, entity))
+    archived = set(list_change_sets(store.archive_storage(), entity))
     # Ordered by the time the keys encode. A key that is not one (stored by an older version
     # that took any partition key) has no archive and is never published: it is left out.
     before = change_set_order(change_set)

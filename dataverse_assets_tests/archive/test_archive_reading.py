@@ -1,5 +1,6 @@
 """Reading an archived change set page by page: order, early stops, and a compaction that
-happens while the pages are being read (the next page is read ahead on a thread)."""
+happens while the pages are being read (the next page is read ahead on a thread); in a folder
+and on S3."""
 
 import orjson
 
@@ -19,8 +20,8 @@ def archive_with_pages(root, pages: int) -> tuple[ChangeSetArchive, list[bytes]]
     return archive, bodies
 
 
-def test_pages_come_in_order_and_a_reader_may_stop_early(tmp_path):
-    archive, bodies = archive_with_pages(tmp_path, 7)
+def test_pages_come_in_order_and_a_reader_may_stop_early(archive_root):
+    archive, bodies = archive_with_pages(archive_root, 7)
     assert list(archive.iter_page_bodies()) == bodies
     reader = archive.iter_page_bodies()
     assert [next(reader), next(reader)] == bodies[:2]
@@ -28,10 +29,10 @@ def test_pages_come_in_order_and_a_reader_may_stop_early(tmp_path):
     assert list(archive.iter_page_bodies()) == bodies
 
 
-def test_a_compaction_during_the_read_is_picked_up_from_the_parquet_parts(tmp_path):
-    archive, bodies = archive_with_pages(tmp_path, 6)
+def test_a_compaction_during_the_read_is_picked_up_from_the_parquet_parts(archive_root):
+    archive, bodies = archive_with_pages(archive_root, 6)
     reader = archive.iter_page_bodies()
     first = [next(reader), next(reader)]
     compact_change_set(archive)  # deletes the page files, the third included
-    assert not archive.page_paths() and archive.is_compacted()
+    assert not archive.page_names() and archive.is_compacted()
     assert first + list(reader) == bodies

@@ -21,7 +21,7 @@ ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
-ASSIGNMENT = re.compile(r"^(#\s*)?(DATAVERSE_[A-Z_]+)=(.*)$")
+ASSIGNMENT = re.compile(r"^(#\s*)?(DATAVERSE_[A-Z0-9_]+)=(.*)$")
 
 
 def _pages() -> list[Path]:
