@@ -206,19 +206,29 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(30)
 
 
-def _celery_env(postgres, redis_url, url: str, tmp_path: Path, monkeypatch,
-                database: str) -> tuple[dict[str, str], Path]:
+def _celery_env(postgres, redis_url, s3, url: str, tmp_path: Path, monkeypatch,
+                database: str) -> tuple[dict[str, str], Path, str]:
     """What every process of a celery deployment reads: Dagster's instance in PostgreSQL
-    (deploy/dagster.yaml), the broker and backend, the mirror's settings."""
+    (deploy/dagster.yaml), the broker and backend, the mirror's settings, and the archive in a
+    bucket of the S3 server (its credentials from AWS's standard variables)."""
     home = _instance_home(tmp_path, postgres, monkeypatch, database)
     config = write_entities_config(tmp_path / "entities_config.json", page_size=40)
+    bucket = s3.new_bucket()
+    monkeypatch.delenv("DATAVERSE_ARCHIVE_DIR", raising=False)
     env = {**os.environ, "DAGSTER_HOME": str(home), "DATAVERSE_SOURCE": "simulator",
            "DATAVERSE_URL": url, "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
-           "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
+           "DATAVERSE_ARCHIVE_URL": f"s3://{bucket}/archive",
+           "DATAVERSE_S3_ENDPOINT_URL": s3.endpoint,
            "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_EXECUTOR": "celery",
            "DAGSTER_CELERY_BROKER_URL": f"{redis_url}/0",
            "DAGSTER_CELERY_BACKEND_URL": f"{redis_url}/1"}
-    return env, config
+    return env, config, bucket
+
+
+def _archived_manifests(s3, bucket: str, key: str) -> set[str]:
+    """The entities whose change set `key` is complete (its manifest stored) in the bucket."""
+    return {name.split("/")[1] for name in s3.objects(bucket)
+            if name.startswith("archive/") and name.endswith(f"/{key}/manifest.json")}
 
 
 def _new_change_set(env: dict[str, str]) -> str:
@@ -240,13 +250,14 @@ def _assert_hourly_mirror_exact(simulator, config: Path, tmp_path: Path) -> None
 
 
 def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_workers(
-        postgres, redis_url, simulator_url, tmp_path, monkeypatch):
+        postgres, redis_url, s3, simulator_url, tmp_path, monkeypatch):
     """`dagster asset materialize` with DATAVERSE_EXECUTOR=celery, Dagster's instance in
-    PostgreSQL (deploy/dagster.yaml) and two workers started here: every step is executed by a
-    worker, and the mirror equals the simulator's data."""
+    PostgreSQL (deploy/dagster.yaml), the archive on the S3 server and two workers started
+    here: every step is executed by a worker, every entity's change set is archived in the
+    bucket, and the mirror equals the simulator's data."""
     simulator, url = simulator_url
-    env, config = _celery_env(postgres, redis_url, url, tmp_path, monkeypatch,
-                              "dagster_celery_runs")
+    env, config, bucket = _celery_env(postgres, redis_url, s3, url, tmp_path, monkeypatch,
+                                      "dagster_celery_runs")
     # The workers take their broker from deploy/dagster_celery_config.py, as shipped.
     config_dir = PROJECT_ROOT / "deploy"
     logs = [tmp_path / f"worker{n}.log" for n in (1, 2)]
@@ -267,6 +278,8 @@ def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_
     for entity in hourly:
         for layer in ("raw", "staging", "canonical"):
             assert f"{layer}__{entity.name}" in received, (layer, entity.name, received[-3000:])
+    assert _archived_manifests(s3, bucket, key) == {e.name for e in hourly}
+    assert not (tmp_path / "archive").exists()
     _assert_hourly_mirror_exact(simulator, config, tmp_path)
 
 
@@ -291,17 +304,18 @@ def _lock_held_by(worker: subprocess.Popen, db_path: Path) -> str | None:
 
 
 def test_a_worker_killed_mid_run_loses_nothing_and_a_rerun_completes_the_mirror(
-        postgres, redis_url, simulator_url, tmp_path, monkeypatch):
+        postgres, redis_url, s3, simulator_url, tmp_path, monkeypatch):
     """A celery worker is killed (SIGKILL to all its processes, as when its machine goes)
     while one of its steps holds an entity and fetches from a slow Dataverse. Its step never
     reports back, so the run cannot finish; the operator stops the run and runs the change set
     again on the worker that is left: the rerun takes over the dead worker's lock, starts its
-    unfinished fetch over, and the mirror equals the simulator's data, every row once."""
+    unfinished fetch over, and the mirror equals the simulator's data, every row once (the
+    archive on the S3 server, Dagster's instance in PostgreSQL)."""
     from dataverse_assets.simulator.latency import LatencyModel
 
     simulator, url = simulator_url
-    env, config = _celery_env(postgres, redis_url, url, tmp_path, monkeypatch,
-                              "dagster_celery_kill")
+    env, config, bucket = _celery_env(postgres, redis_url, s3, url, tmp_path, monkeypatch,
+                                      "dagster_celery_kill")
     env["DATAVERSE_LOCK_WAIT_SECONDS"] = "30"  # a lock never taken over fails in 30 s
     config_dir = PROJECT_ROOT / "deploy"
     logs = [tmp_path / f"worker{n}.log" for n in (1, 2)]
@@ -354,7 +368,9 @@ def test_a_worker_killed_mid_run_loses_nothing_and_a_rerun_completes_the_mirror(
         assert first_record.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
     _assert_hourly_mirror_exact(simulator, config, tmp_path)
     # The dead worker's entity was fetched again from the start: its change set is complete.
-    assert (tmp_path / "archive" / entity / key / "manifest.json").exists()
+    hourly = load_entities_config(config).entities_in_group("hourly")
+    archived = _archived_manifests(s3, bucket, key)
+    assert entity in archived and archived == {e.name for e in hourly}
 
 
 def test_the_compose_file_wires_the_tested_pieces_together():
