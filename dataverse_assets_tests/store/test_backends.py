@@ -21,8 +21,19 @@ from dataverse_assets.errors import ConfigError, EntityLockedError, StorageError
 from dataverse_assets.modes import PublishStatus
 from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.store import bookkeeping, staging_store
-from dataverse_assets.store.backend import ALLOW_UNFINISHED_ENV, postgres_query
-from dataverse_assets.store.db import connect, table_columns, table_exists, transaction
+from dataverse_assets.store.backend import (
+    ALLOW_UNFINISHED_ENV,
+    bulk_insert,
+    dialect_of,
+    postgres_query,
+)
+from dataverse_assets.store.db import (
+    connect,
+    quote_identifier,
+    table_columns,
+    table_exists,
+    transaction,
+)
 from dataverse_assets.store.locks import entity_lock, is_held, read_lock
 
 KEY_1, KEY_2 = "20260101T000000Z", "20260102T000000Z"
@@ -262,5 +273,62 @@ def test_staging_markers_and_prestaged_records_on_both_stores(store_address):
                 2, {"created": 2}, [{"problem": "x"}])
             staging_store.forget_staged_here(connection, "things")
         assert not staging_store.staged_here(connection, "things", KEY_1)
+    finally:
+        connection.close()
+
+
+# -- what each dialect writes --------------------------------------------------------------------
+
+HOSTILE_COLUMNS = ["order", 'a"b', "a'b", "with space", "ünï", "pct%s"]
+
+
+def test_bulk_insert_and_upserts_keep_every_value_exactly(store_address):
+    connection = connect(store_address)
+    dialect = dialect_of(connection)
+    table = quote_identifier("hostile table")
+    columns = ["pk", *HOSTILE_COLUMNS, "n", "x"]
+    rows = [("k1", "O'Neil", 'say "hi"', "50%", "tab\there", "مرحبا", "%(x)s", 2**62, 1.5),
+            ("k2", None, "", "?", ":name", "::", "\\N", -1, None)]
+    try:
+        with transaction(connection):
+            connection.execute(dialect.render_ddl(
+                f"CREATE TABLE {table} (pk TEXT PRIMARY KEY, "
+                + ", ".join(f"{quote_identifier(c)} TEXT" for c in HOSTILE_COLUMNS)
+                + ", n INTEGER, x REAL)"))
+            bulk_insert(connection, table, columns, iter(rows))
+        assert connection.execute(f"SELECT * FROM {table} ORDER BY pk").fetchall() == rows
+        with transaction(connection):
+            connection.execute(dialect.upsert(table, columns, ["pk"]),
+                               ("k1", *[None] * len(HOSTILE_COLUMNS), 7, 0.25))
+            connection.execute(dialect.insert_ignore(table, ["pk", "n"]), ("k2", 99))
+        assert connection.execute(f"SELECT * FROM {table} ORDER BY pk").fetchall() == [
+            ("k1", *[None] * len(HOSTILE_COLUMNS), 7, 0.25), rows[1]]
+    finally:
+        connection.close()
+
+
+def test_json_text_nocase_and_key_patterns_mean_the_same_on_both(store_address):
+    connection = connect(store_address)
+    dialect = dialect_of(connection)
+    try:
+        with transaction(connection):
+            connection.execute(dialect.render_ddl("CREATE TABLE t (k TEXT, body TEXT)"))
+            connection.executemany("INSERT INTO t VALUES (?, ?)", [
+                ("Abc", '{"@odata.etag": "W/\\"1\\"", "reason": "deleted", "n": 5}'),
+                ("aBC", '{"reason": null}'), (KEY_1, "{}"), ("2026-01-01", "{}")])
+        # Text sorts by code point on both (PostgreSQL's columns are COLLATE "C").
+        assert [k for (k,) in connection.execute("SELECT k FROM t ORDER BY k")] == [
+            "2026-01-01", KEY_1, "Abc", "aBC"]
+        assert connection.execute(
+            f"SELECT k, {dialect.json_text('body', '@odata.etag')},"
+            f" {dialect.json_text('body', 'reason')} FROM t ORDER BY k").fetchall() == [
+            ("2026-01-01", None, None), (KEY_1, None, None), ("Abc", 'W/"1"', "deleted"),
+            ("aBC", None, None)]
+        assert connection.execute(
+            f"SELECT count(*) FROM t WHERE {dialect.nocase('k')} = {dialect.nocase('?')}",
+            ("ABC",)).fetchone() == (2,)
+        assert connection.execute(
+            f"SELECT k FROM t WHERE k {dialect.key_match} ?", (dialect.key_pattern,)
+        ).fetchall() == [(KEY_1,)]
     finally:
         connection.close()
