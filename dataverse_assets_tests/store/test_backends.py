@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError, EntityLockedError, StorageError
 from dataverse_assets.modes import PublishStatus
 from dataverse_assets.ops.cli import main as cli_main
-from dataverse_assets.store import bookkeeping, staging_store
+from dataverse_assets.store import bookkeeping, dead_letters, issues, staging_store
 from dataverse_assets.store.backend import (
     ALLOW_UNFINISHED_ENV,
     bulk_insert,
@@ -330,5 +331,54 @@ def test_json_text_nocase_and_key_patterns_mean_the_same_on_both(store_address):
         assert connection.execute(
             f"SELECT k FROM t WHERE k {dialect.key_match} ?", (dialect.key_pattern,)
         ).fetchall() == [(KEY_1,)]
+    finally:
+        connection.close()
+
+
+# -- issues and dead letters -------------------------------------------------------------------
+
+def test_an_issue_seen_again_is_counted_once_per_change_set_and_resolved(store_address):
+    connection = connect(store_address)
+    problem = {"entity": "things", "record_id": "k1", "field": "size", "problem": "not a number"}
+    try:
+        with transaction(connection):
+            for change_set in (KEY_1, KEY_1, KEY_2):
+                issues.record_issue(connection, change_set=change_set, context=change_set,
+                                    **problem)
+            issues.record_issue(connection, change_set=KEY_1, **{**problem, "field": None})
+        listed = {(i["field"], i["occurrences"], i["last_change_set"])
+                  for i in issues.list_issues(connection, "things")}
+        assert listed == {("size", 2, KEY_2), (None, 1, KEY_1)}
+        with transaction(connection, staging=True):
+            connection.execute(dialect_of(connection).render_ddl(
+                'CREATE TABLE staging."_staging__things" (_change_set TEXT, _pk TEXT)'))
+            connection.execute("INSERT INTO \"_staging__things\" VALUES (?, ?)", (
+                "20260103T000000Z", "k1"))
+        with transaction(connection):
+            assert issues.resolve_issues(connection, "things", "20260103T000000Z",
+                                         "_staging__things") == 2
+        assert issues.list_issues(connection, "things") == []
+        assert len(issues.list_issues(connection, "things", include_resolved=True)) == 2
+    finally:
+        connection.close()
+
+
+def test_a_change_set_failing_every_retry_becomes_a_dead_letter(store_address):
+    connection = connect(store_address)
+    delays = (timedelta(minutes=5),)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    try:
+        assert dead_letters.record_failure(connection, "things", KEY_1, "boom", now=start,
+                                           delays=delays) == "scheduled"
+        assert dead_letters.due_retries(connection, start) == []
+        assert dead_letters.due_retries(connection, start + timedelta(minutes=6)) == [
+            dead_letters.DueRetry("things", KEY_1, 1)]
+        assert dead_letters.record_failure(connection, "things", KEY_1, "boom again",
+                                           now=start, delays=delays) == "dead_letter"
+        [letter] = dead_letters.list_dead_letters(connection)
+        shown = dead_letters.get_dead_letter(connection, letter["id"])
+        assert (shown["reason"], len(shown["retry_history"])) == ("boom again", 2)
+        dead_letters.mark_succeeded(connection, "things", KEY_1)
+        assert dead_letters.list_dead_letters(connection) == []
     finally:
         connection.close()
