@@ -12,11 +12,12 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from dagster._utils.schedules import get_latest_completed_cron_tick, is_valid_cron_string
 from dotenv import load_dotenv
@@ -659,6 +660,57 @@ def _s3_endpoint_problem(url: str, allow_http: bool) -> str | None:
     return None
 
 
+STORE_URL_VARIABLE = "DATAVERSE_STORE_URL"
+STORE_URL_FORMS = "sqlite:///path/to/mirror.db or postgresql://user@host:5432/database"
+
+
+@dataclass(frozen=True)
+class StoreUrl:
+    """Where the mirror lives (DATAVERSE_STORE_URL, parsed): a SQLite file, or a PostgreSQL
+    database named by a libpq URL that carries no password."""
+
+    kind: Literal["sqlite", "postgresql"]
+    url: str
+    path: Path | None = None  # SQLite's file
+
+    @property
+    def address(self) -> str:
+        """What the store layer opens (store.db.connect): the file's path or the URL."""
+        return str(self.path) if self.path is not None else self.url
+
+
+def parse_store_url(text: str) -> StoreUrl:
+    """Parse and check a store URL. Messages never echo the URL: it may carry a password."""
+    if text.startswith("sqlite:"):
+        if not text.startswith("sqlite:///"):
+            raise ValueError("a sqlite URL names a file and no host: sqlite:///relative/path.db "
+                             "or sqlite:////absolute/path.db")
+        rest = text.removeprefix("sqlite:///")
+        if not rest or rest.endswith("/"):
+            raise ValueError("the sqlite URL names no file (e.g. sqlite:///data/dataverse.db)")
+        if "?" in rest or "#" in rest:
+            raise ValueError("a sqlite URL takes no ?parameters or #fragment")
+        return StoreUrl("sqlite", text, Path(rest))
+    scheme = text.partition("://")[0].lower()
+    if scheme not in ("postgresql", "postgres") or "://" not in text:
+        raise ValueError(f"must be {STORE_URL_FORMS}")
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        raise ValueError(f"not a valid URL; write {STORE_URL_FORMS}") from None
+    userinfo = parts.netloc.rpartition("@")[0]
+    if ":" in userinfo or "password" in parse_qs(parts.query):
+        # The URL is shown in logs, run metadata and status: a password in it would be too.
+        raise ValueError("the URL embeds a password; remove it and give the password in "
+                         "PGPASSWORD (or ~/.pgpass), which is never logged")
+    if not parts.path.strip("/"):
+        raise ValueError("the URL names no database (postgresql://user@host:5432/database)")
+    if parts.fragment:
+        raise ValueError("a postgresql URL takes no #fragment")
+    return StoreUrl("postgresql", text)
+
+
 class Settings(BaseModel):
     """Endpoints, secrets and paths, from the environment (and `.env`)."""
 
@@ -683,7 +735,12 @@ class Settings(BaseModel):
         "http:// to a host other than loopback (secrets then cross the network unencrypted).",
     )
     db_path: Path = Field(PROJECT_ROOT / "data" / "dataverse.db",
-                          description="The SQLite mirror.")
+                          description="The SQLite mirror (when DATAVERSE_STORE_URL is unset).")
+    store_url: str | None = Field(
+        None, description="Where the mirror lives: sqlite:///path/to/mirror.db (SQLite; wins "
+        "over DATAVERSE_DB_PATH) or postgresql://user@host:5432/database (PostgreSQL, not "
+        "finished yet: refused at startup, see docs/store-backends.md). A URL with a password "
+        "is refused: give it in PGPASSWORD or ~/.pgpass. Unset: SQLite at DATAVERSE_DB_PATH.")
     archive_dir: Path = Field(PROJECT_ROOT / "data" / "archive",
                               description="The raw archive of every response, as a folder on "
                               "this machine (see DATAVERSE_ARCHIVE_URL for object storage).")
@@ -790,6 +847,36 @@ class Settings(BaseModel):
                 raise ValueError(problem)
         return value
 
+    def _sqlite_store_url_sets_the_path(cls, values: Any) -> Any:
+        # One place says where the SQLite file is: db_path, also when the URL names it.
+        if isinstance(values, dict) and isinstance(values.get("store_url"), str):
+            try:
+                store = parse_store_url(values["store_url"])
+            except ValueError:
+                return values  # _store_url_parses says what is wrong, naming the variable
+            if store.path is not None:
+                given = values.get("db_path")
+                if given is not None and Path(given) != store.path:
+                    raise ValueError(f"{STORE_URL_VARIABLE} and DATAVERSE_DB_PATH name "
+                                     "different SQLite files; set only one of them")
+                values = {**values, "db_path": store.path}
+        return values
+
+    @field_validator("store_url")
+    @classmethod
+    def _store_url_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_store_url(value)
+        return value
+
+    @cached_property
+    def store(self) -> StoreUrl:
+        """The mirror's store: DATAVERSE_STORE_URL parsed, else SQLite at db_path."""
+        if self.store_url is None:
+            return StoreUrl("sqlite", f"sqlite:///{self.db_path}", self.db_path)
+        store = parse_store_url(self.store_url)
+        return StoreUrl("sqlite", store.url, self.db_path) if store.kind == "sqlite" else store
+
     @field_validator("client_secret")
     @classmethod
     def _secret_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -835,6 +922,7 @@ _ENV_FIELDS = {
     "DATAVERSE_AUTHORITY": "authority",
     INSECURE_HTTP_VARIABLE: "allow_insecure_http",
     "DATAVERSE_DB_PATH": "db_path",
+    STORE_URL_VARIABLE: "store_url",
     "DATAVERSE_ARCHIVE_DIR": "archive_dir",
     "DATAVERSE_ARCHIVE_URL": "archive_url",
     "DATAVERSE_S3_ENDPOINT_URL": "s3_endpoint_url",

@@ -1,5 +1,6 @@
 """Shared fixtures: a simulator served on loopback, and a mirror wired to it through Dagster."""
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from dataverse_assets.redaction import REDACTOR
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.auth import SHARED_TOKENS
 from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets.store.backend import ALLOW_UNFINISHED_ENV
 from dataverse_assets.store.db import connect
+from dataverse_assets_tests.postgres_server import PostgresServer, throwaway_postgres
 from dataverse_assets_tests.s3_server import S3Server, moto_s3_server, use_server
 
 SMALL_ROW_COUNTS = {
@@ -120,6 +123,34 @@ def archive_root(request, tmp_path) -> ArchiveStorage:
         return LocalStorage(tmp_path / "archive")
     server = request.getfixturevalue("s3")
     return S3Storage(server.new_bucket(), "some/prefix", endpoint_url=server.endpoint)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL cluster for the whole test run (skipped where PostgreSQL is not
+    installed, failed in CI)."""
+    with throwaway_postgres() as server:
+        yield server
+
+
+_DATABASES = itertools.count(1)
+
+
+@pytest.fixture
+def postgres_store_url(postgres_cluster, monkeypatch) -> str:
+    """A new, empty database of the session's cluster, as a store URL; the unfinished
+    PostgreSQL store is allowed for the test (docs/store-backends.md)."""
+    monkeypatch.setenv(ALLOW_UNFINISHED_ENV, "1")
+    return postgres_cluster.create_database(f"mirror_{next(_DATABASES)}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_address(request, tmp_path) -> str:
+    """The address of an empty mirror store of each kind: a SQLite file, a PostgreSQL
+    database (tests that take it run against both stores)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "mirror.db")
+    return request.getfixturevalue("postgres_store_url")
 
 
 @pytest.fixture

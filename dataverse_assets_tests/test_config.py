@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -15,6 +16,7 @@ from dataverse_assets.config import (
     load_entities_config,
     load_settings,
     parse_entities_config,
+    parse_store_url,
 )
 from dataverse_assets.errors import ConfigError
 
@@ -129,6 +131,51 @@ def test_live_settings_need_credentials_and_never_echo_the_secret():
     })
     assert settings.source == "live"
     assert "s3cr3t-value" not in repr(settings)
+
+
+def test_the_store_defaults_to_sqlite_at_the_db_path(tmp_path):
+    assert load_settings({}).store.kind == "sqlite"
+    settings = load_settings({"DATAVERSE_DB_PATH": str(tmp_path / "m.db")})
+    assert (settings.store.kind, settings.store.address) == ("sqlite", str(tmp_path / "m.db"))
+
+
+def test_a_sqlite_store_url_is_the_db_path(tmp_path):
+    settings = load_settings({"DATAVERSE_STORE_URL": f"sqlite:///{tmp_path}/m.db"})
+    assert settings.db_path == tmp_path / "m.db"
+    assert settings.store.address == str(tmp_path / "m.db")
+    assert load_settings({"DATAVERSE_STORE_URL": "sqlite:///data/m.db"}).db_path == Path(
+        "data/m.db")
+    with pytest.raises(ConfigError, match="different SQLite files; set only one"):
+        load_settings({"DATAVERSE_STORE_URL": f"sqlite:///{tmp_path}/m.db",
+                       "DATAVERSE_DB_PATH": str(tmp_path / "other.db")})
+
+
+def test_a_postgresql_store_url_is_parsed():
+    url = "postgresql://mirror@db.internal:5432/dataverse?sslmode=require"
+    store = load_settings({"DATAVERSE_STORE_URL": url}).store
+    assert (store.kind, store.address, store.path) == ("postgresql", url, None)
+    assert parse_store_url("postgres://mirror@localhost/dv").kind == "postgresql"
+
+
+@pytest.mark.parametrize("url", ["postgresql://mirror:hunter22@db:5432/dv",
+                                 "postgresql://mirror:@db/dv",
+                                 "postgresql://mirror@db/dv?password=hunter22"])
+def test_a_store_url_with_a_password_is_refused_without_echoing_it(url):
+    with pytest.raises(ConfigError) as refused:
+        load_settings({"DATAVERSE_STORE_URL": url})
+    message = str(refused.value)
+    assert message.startswith("DATAVERSE_STORE_URL: ") and "PGPASSWORD" in message
+    assert "hunter22" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("mysql://u@h/db", "must be sqlite:///"), ("sqlite://host/m.db", "no host"),
+    ("sqlite:///", "names no file"), ("postgresql://u@h:5432", "names no database"),
+    ("postgresql://u@h:port/db", "not a valid URL"), ("data/dataverse.db", "must be sqlite"),
+])
+def test_a_bad_store_url_names_the_variable_and_the_forms(url, says):
+    with pytest.raises(ConfigError, match=f"^DATAVERSE_STORE_URL: .*{says}"):
+        load_settings({"DATAVERSE_STORE_URL": url})
 
 
 def test_bad_environment_value_names_the_variable():

@@ -35,6 +35,7 @@ from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.live import LiveDataverseSource
 from dataverse_assets.source.replay import ArchiveSource
 from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets.store.backend import refuse_unfinished
 
 
 def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
@@ -79,8 +80,9 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
     """Definitions for given settings; tests pass their own paths and source, and may swap any
     resource (an IO manager of their own: `resources` win over the built ones). `alerts`:
     where the alert sensors send (none are defined without a channel)."""
+    refuse_unfinished(settings.store.address)
     config = settings.entities
-    store = MirrorStore(db_path=str(settings.db_path), archive_dir=settings.archive_location,
+    store = MirrorStore(db_path=settings.store.address, archive_dir=settings.archive_location,
                         s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region,
                         lock_wait_seconds=settings.lock_wait_seconds)
     jobs = [

@@ -25,7 +25,8 @@ from dagster import AssetKey, DagsterInstance
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.archive.storage import storage_of
-from dataverse_assets.config import PROJECT_ROOT, environment_variables, load_settings
+from dataverse_assets.config import PROJECT_ROOT, Settings, environment_variables
+from dataverse_assets.config import load_settings as load_environment_settings
 from dataverse_assets.defs.checks import divergence
 from dataverse_assets.defs.definitions import build_definitions, build_source
 from dataverse_assets.defs.partitions import add_change_sets, register_change_set
@@ -56,6 +57,7 @@ from dataverse_assets.ops.status import change_set_list, entity_status, next_run
 from dataverse_assets.ops.terminal import SyncProgress, ago, print_table, until, wall_time_line
 from dataverse_assets.store import dead_letters
 from dataverse_assets.store.archive_retention import compact_archive
+from dataverse_assets.store.backend import refuse_unfinished
 from dataverse_assets.store.bookkeeping import change_set_used, step_details
 from dataverse_assets.store.choices import label_counts
 from dataverse_assets.store.db import connect
@@ -991,6 +993,14 @@ def _add_archive_commands(commands) -> None:
     compact.add_argument("--dry-run", action="store_true",
                          help="report only (default: do it)")
     compact.set_defaults(handler=cmd_compact)
+
+
+def load_settings(*args, **kwargs) -> Settings:
+    """config.load_settings, refusing a store that cannot be used yet (a PostgreSQL one while
+    it is unfinished: every command would otherwise read and write SQLite behind its back)."""
+    settings = load_environment_settings(*args, **kwargs)
+    refuse_unfinished(settings.store.address)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from dataverse_assets.modes import (
     PUBLISHING_STATUSES,
     PublishStatus,
 )
-from dataverse_assets.names import KEY_GLOB
+from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.db import table_exists, transaction, utc_now_iso
 
 
@@ -56,7 +56,7 @@ def write_sync_state(
         " UPDATE SET mode=excluded.mode, watermark=excluded.watermark,"
         " delta_token=excluded.delta_token, status=excluded.status,"
         " last_change_set=excluded.last_change_set,"
-        " reconciled_at=COALESCE(excluded.reconciled_at, reconciled_at),"
+        " reconciled_at=COALESCE(excluded.reconciled_at, _sync_state.reconciled_at),"
         " updated_at=excluded.updated_at",
         (entity, mode, watermark, delta_token, status, change_set, reconciled_at,
          utc_now_iso()),
@@ -95,10 +95,11 @@ def latest_publish_state(connection: sqlite3.Connection, entity: str,
     """The `_publish_state` row of the entity's newest change set (of one status), newest by
     the time its key encodes; rows an older version stored under a key that is not a
     change-set key (any partition key was taken then) are never the newest."""
+    dialect = dialect_of(connection)
     cursor = connection.execute(
-        "SELECT * FROM _publish_state WHERE entity = ? AND change_set GLOB ?"
+        f"SELECT * FROM _publish_state WHERE entity = ? AND change_set {dialect.key_match} ?"
         + (" AND status = ?" if status else "") + " ORDER BY change_set DESC LIMIT 1",
-        (entity, KEY_GLOB, status) if status else (entity, KEY_GLOB))
+        (entity, dialect.key_pattern, status) if status else (entity, dialect.key_pattern))
     row = cursor.fetchone()
     return dict(zip([d[0] for d in cursor.description], row, strict=True)) if row else None
 
@@ -251,11 +252,12 @@ def last_complete_publish(connection: sqlite3.Connection, entity: str) -> dateti
 def publish_history(connection: sqlite3.Connection, entity: str, limit: int) -> list[tuple]:
     """The entity's newest `limit` change sets' publish records, newest first: change set,
     status, source timestamp, finished at, created, updated, deleted, seconds, retries."""
+    dialect = dialect_of(connection)
     return connection.execute(
         "SELECT change_set, status, source_timestamp, finished_at, created, updated,"
-        " deleted, seconds, retry_count FROM _publish_state WHERE entity = ?"
-        " AND change_set GLOB ? ORDER BY change_set DESC LIMIT ?",
-        (entity, KEY_GLOB, limit)).fetchall()
+        f" deleted, seconds, retry_count FROM _publish_state WHERE entity = ?"
+        f" AND change_set {dialect.key_match} ? ORDER BY change_set DESC LIMIT ?",
+        (entity, dialect.key_pattern, limit)).fetchall()
 
 
 def change_set_used(connection: sqlite3.Connection, change_set: str,
@@ -321,6 +323,11 @@ def staged_with_status(connection: sqlite3.Connection, entity: str) -> list[tupl
         " WHERE s.entity = ?", (entity,)).fetchall()
 
 
+_STAGED_COLUMNS = ("entity", "change_set", "mode", "rows", "upserts", "watermark_after",
+                   "delta_token_after", "reconciled", "reconciled_at", "fetched_at", "staged_at",
+                   "reconcile_scanned", "reconcile_missing", "reconcile_stale", "pruned_at")
+
+
 def record_staged(connection: sqlite3.Connection, *, entity: str, change_set: str, mode: str,
                   rows: int, upserts: int, watermark_after: str | None,
                   delta_token_after: str | None, reconciled: bool,
@@ -331,18 +338,16 @@ def record_staged(connection: sqlite3.Connection, *, entity: str, change_set: st
     rows, cannot have changed). Inside the caller's transaction."""
     now = utc_now_iso()
     connection.execute(
-        "INSERT OR REPLACE INTO _staged (entity, change_set, mode, rows, upserts,"
-        " watermark_after, delta_token_after, reconciled, reconciled_at, fetched_at,"
-        " staged_at, reconcile_scanned, reconcile_missing, reconcile_stale)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        dialect_of(connection).upsert("_staged", _STAGED_COLUMNS, ("entity", "change_set")),
         (entity, change_set, mode, rows, upserts, watermark_after, delta_token_after,
          int(reconciled), reconciled_at, fetched_at, now, divergence.get("scanned"),
-         divergence.get("missing"), divergence.get("stale")),
+         divergence.get("missing"), divergence.get("stale"), None),
     )
     connection.execute(
         "INSERT INTO _publish_state (entity, change_set, status, staged_at, source_timestamp)"
         " VALUES (:entity, :cs, :pending, :now, :source) ON CONFLICT(entity, change_set) DO"
-        " UPDATE SET status = CASE WHEN status = :complete THEN status ELSE :pending END,"
+        " UPDATE SET status = CASE WHEN _publish_state.status = :complete"
+        " THEN _publish_state.status ELSE :pending END,"
         " staged_at = excluded.staged_at, source_timestamp = excluded.source_timestamp",
         {"entity": entity, "cs": change_set, "pending": PublishStatus.PENDING, "now": now,
          "source": source_timestamp, "complete": PublishStatus.COMPLETE},

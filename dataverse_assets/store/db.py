@@ -16,12 +16,24 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dataverse_assets.errors import StorageError
+from dataverse_assets.store.backend import (
+    MIRROR_WRITE_LOCK,
+    POSTGRES,
+    STAGING_WRITE_LOCK,
+    PostgresConnection,
+    dialect_of,
+    is_postgres_address,
+    postgres_problem,
+    refuse_unfinished,
+)
 from dataverse_assets.store.identifiers import quote_identifier
 from dataverse_assets.store.staging_store import (
     STAGING_SCHEMA,
     attach_staging,
     is_staging_file,
     is_staging_table,
+    postgres_staging_prepared,
+    prepare_postgres_staging,
     staging_path,
 )
 
@@ -176,8 +188,12 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
 
     The one place a connection is made, so pragmas and bookkeeping tables are always in place.
     A file that cannot be opened or used (read-only, corrupt, not a database, locked, a full
-    disk) is a StorageError naming the file and what to do.
+    disk) is a StorageError naming the file and what to do. `db_path` is a store address
+    (store.backend): a SQLite file, or a `postgresql://` URL, for which this returns a
+    PostgresConnection with the same surface.
     """
+    if is_postgres_address(db_path):
+        return connect_postgres(str(db_path))  # type: ignore[return-value]
     path = Path(db_path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +220,45 @@ def connect(db_path: str | Path) -> sqlite3.Connection:
 
 
 _PREPARING = threading.Lock()
+
+
+def connect_postgres(url: str) -> PostgresConnection:
+    """A connection to the PostgreSQL store, its bookkeeping tables in place (see
+    store.backend; refused while that store is not finished)."""
+    refuse_unfinished(url)
+    connection = PostgresConnection(url)
+    try:
+        with storage_errors(url, "opening the mirror database", "nothing was read or written"):
+            # Staging tables are found by name, as in SQLite's attached file.
+            connection.execute(f"SET search_path TO public, {STAGING_SCHEMA}")
+            if not (_postgres_prepared(connection) and postgres_staging_prepared(connection)):
+                with transaction(connection):  # one connection prepares at a time
+                    prepare_postgres_staging(connection)
+                    connection.executescript(POSTGRES.render_ddl(BOOKKEEPING_DDL))
+                    connection.execute(OPEN_ISSUES_INDEX)
+                    _add_missing_postgres_columns(connection)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _postgres_prepared(connection: PostgresConnection) -> bool:
+    """Are every bookkeeping table and column there (the usual case: one query, no lock)?"""
+    wanted = _bookkeeping_columns()
+    found = connection.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'public'"
+        " AND table_name = ANY(?)", (list(wanted),)).fetchone()[0]
+    return found == sum(len(columns) for columns in wanted.values())
+
+
+def _add_missing_postgres_columns(connection: PostgresConnection) -> None:
+    """A store made by an older version gains the columns added since (never loses any)."""
+    for table, columns in _bookkeeping_columns().items():
+        for name, declaration in columns:
+            connection.execute(
+                f"ALTER TABLE {quote_identifier(table)} ADD COLUMN IF NOT EXISTS"
+                f" {quote_identifier(name)} {POSTGRES.render_ddl(declaration)}")
 
 
 def _prepare(connection: sqlite3.Connection) -> None:
@@ -308,8 +363,21 @@ def transaction(connection: sqlite3.Connection, *, mirror: bool = True,
     every transaction, so none has to give up (SQLite's BUSY_SNAPSHOT) and none waits in a
     cycle. So a publish (the mirror file) and another entity's staged rows (the staging file)
     are written side by side; BEGIN IMMEDIATE would lock every attached file. Anything that
-    writes a staging table passes `staging=True`."""
-    if getattr(connection, "staging_path", ""):
+    writes a staging table passes `staging=True`.
+
+    In PostgreSQL the same two locks are transaction-level advisory locks, taken in the same
+    order: one writer at a time, as in SQLite, until each module is reviewed for concurrent
+    writers (docs/store-backends.md)."""
+    if dialect_of(connection) is POSTGRES:
+        connection.execute("BEGIN")
+        try:
+            for wanted, key in ((mirror, MIRROR_WRITE_LOCK), (staging, STAGING_WRITE_LOCK)):
+                if wanted:
+                    connection.execute("SELECT pg_advisory_xact_lock(?, ?)", key)
+        except BaseException:
+            connection.rollback()
+            raise
+    elif getattr(connection, "staging_path", ""):
         connection.execute("BEGIN")
         try:
             if mirror:
@@ -479,9 +547,10 @@ _STORAGE_PROBLEMS = (
 
 
 def storage_problem(exc: BaseException) -> tuple[str, str] | None:
-    """(what is wrong, what to do) when a SQLite error means the database cannot be written."""
+    """(what is wrong, what to do) when a SQLite error means the database cannot be written
+    (or a PostgreSQL error that the store cannot be used)."""
     if not isinstance(exc, sqlite3.Error):
-        return None
+        return postgres_problem(exc)
     text = str(exc).lower()
     for needle, problem, remedy in _STORAGE_PROBLEMS:
         if needle in text:
@@ -498,7 +567,9 @@ def storage_error(exc: BaseException, path: str | Path, doing: str,
     if problem is None:
         return None
     what, remedy = problem
-    return StorageError(f"{path}: {what} while {doing} (SQLite: {exc}). {state[:1].upper()}"
+    database = "SQLite" if isinstance(exc, sqlite3.Error) else "PostgreSQL"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StorageError(f"{path}: {what} while {doing} ({database}: {text}). {state[:1].upper()}"
                         f"{state[1:]}. To fix: {remedy}.")
 
 
@@ -509,7 +580,7 @@ def storage_errors(path: str | Path, doing: str,
     StorageError (see storage_error); other errors pass as they are."""
     try:
         yield
-    except sqlite3.Error as exc:
+    except Exception as exc:  # SQLite's or psycopg's; storage_error tells which matter
         error = storage_error(exc, path, doing, state)
         if error is None:
             raise
@@ -517,12 +588,17 @@ def storage_errors(path: str | Path, doing: str,
 
 
 def database_path(connection: sqlite3.Connection) -> str:
+    if dialect_of(connection) is POSTGRES:
+        return connection.path
     return connection.execute("PRAGMA database_list").fetchone()[2]
 
 
 def table_exists(connection: sqlite3.Connection, table: str) -> bool:
     """Is there such a table: in the mirror file, or for a staging table also in the staging
     file (store.staging_store) when the connection has it attached."""
+    if dialect_of(connection) is POSTGRES:  # the search path has the staging schema
+        return connection.execute("SELECT to_regclass(?) IS NOT NULL",
+                                  (quote_identifier(table),)).fetchone()[0]
     row = connection.execute(
         "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)
     ).fetchone()
@@ -537,4 +613,8 @@ def table_exists(connection: sqlite3.Connection, table: str) -> bool:
 
 
 def table_columns(connection: sqlite3.Connection, table: str) -> list[str]:
+    if dialect_of(connection) is POSTGRES:
+        return [row[0] for row in connection.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(?) AND attnum > 0"
+            " AND NOT attisdropped ORDER BY attnum", (quote_identifier(table),))]
     return [row[1] for row in connection.execute(f"PRAGMA table_info({quote_identifier(table)})")]

@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 
 import orjson
 
+from dataverse_assets.store.backend import POSTGRES, dialect_of
 from dataverse_assets.store.bookkeeping import read_publish_state, read_sync_state
-from dataverse_assets.store.db import transaction, utc_now_iso
+from dataverse_assets.store.db import table_exists, transaction, utc_now_iso
 
 # Delays before scheduled retries 1, 2, 3; then the change set is dead-lettered.
 SCHEDULED_RETRY_DELAYS = (timedelta(minutes=5), timedelta(minutes=30), timedelta(hours=2))
@@ -53,7 +54,13 @@ def _iso(moment: datetime) -> str:
 
 
 def ensure_tables(connection: sqlite3.Connection) -> None:
-    connection.executescript(DDL)
+    if dialect_of(connection) is not POSTGRES:
+        connection.executescript(DDL)
+    elif not (table_exists(connection, "_retry_queue") and table_exists(connection,
+                                                                         "_dead_letter")):
+        # (Two sessions creating one table at once: one fails. One writer at a time does it.)
+        with transaction(connection):
+            connection.executescript(POSTGRES.render_ddl(DDL))
 
 
 @dataclass(frozen=True)

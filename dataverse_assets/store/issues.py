@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.db import (
     OPEN_ISSUE,
     OPEN_ISSUE_KEY,
@@ -27,11 +28,13 @@ def record_issue(
     """An issue, or one more sighting of the same open one (its count, last sighting, last
     change set and context move; `change_set` and `recorded_at` stay the first)."""
     now = utc_now_iso()
+    differs = dialect_of(connection).is_distinct
     connection.execute(
         "INSERT INTO _issues (entity, change_set, record_id, field, problem, context,"
         " recorded_at, last_seen_at, last_change_set) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         f" ON CONFLICT ({OPEN_ISSUE_KEY}) WHERE {OPEN_ISSUE} DO UPDATE SET"
-        " occurrences = occurrences + (last_change_set IS NOT excluded.last_change_set),"
+        " occurrences = _issues.occurrences + CASE WHEN _issues.last_change_set"
+        f" {differs} excluded.last_change_set THEN 1 ELSE 0 END,"
         " last_seen_at = excluded.last_seen_at, last_change_set = excluded.last_change_set,"
         " context = excluded.context",
         (entity, change_set, record_id, field, problem, context, now, now, change_set),
@@ -42,9 +45,10 @@ def resolve_issues(connection: sqlite3.Connection, entity: str, change_set: str,
                    staged_table: str) -> int:
     """Open issues of records this change set staged without that issue: resolved (the record
     now stages cleanly). Issues without a record stay open. Returns how many."""
+    differs = dialect_of(connection).is_distinct
     return connection.execute(
         f"UPDATE _issues SET resolved_at = ? WHERE entity = ? AND resolved_at IS NULL"
-        f" AND record_id IS NOT NULL AND last_change_set IS NOT ?"
+        f" AND record_id IS NOT NULL AND last_change_set {differs} ?"
         f" AND record_id IN (SELECT _pk FROM {quote_identifier(staged_table)}"
         f"  WHERE _change_set = ?)",
         (utc_now_iso(), entity, change_set, change_set)).rowcount

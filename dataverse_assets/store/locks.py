@@ -9,6 +9,12 @@ this host, as after a SIGKILL), or one held from another host for longer than
 
 The database is the lock's home because it is the one thing every run of the mirror shares,
 whatever runs it (the CLI, `dagster dev`, a multiprocess executor, another orchestrator).
+
+In PostgreSQL the lock itself is a session-level advisory lock on the connection this holds
+for the block: the server releases it when that session ends (the process killed, the
+machine gone), on any host, so no pid or age decides a takeover there. The `_locks` row is
+still written, so whoever waits (and `status`) can name the holder; a row whose advisory lock
+is free is a dead holder's and is overwritten, with the same warning.
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dataverse_assets.errors import EntityLockedError
+from dataverse_assets.store.backend import (
+    ENTITY_LOCK_NAMESPACE,
+    POSTGRES,
+    dialect_of,
+    entity_lock_key,
+)
 from dataverse_assets.store.db import connect, storage_errors, transaction, utc_now_iso
 
 DEFAULT_WAIT_SECONDS = 600.0
@@ -83,6 +95,12 @@ def stale_reason(holder: LockHolder, stale_after_seconds: float) -> str | None:
 def is_held(connection: sqlite3.Connection, entity: str,
             stale_after_seconds: float = DEFAULT_STALE_AFTER_SECONDS) -> bool:
     """Whether a live run holds the entity's lock (a step of it is working on the entity)."""
+    if dialect_of(connection) is POSTGRES:
+        return connection.execute(
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 2"
+            " AND classid::bigint = ? AND objid::bigint = ? AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())",
+            (ENTITY_LOCK_NAMESPACE, entity_lock_key(entity) & 0xFFFFFFFF)).fetchone() is not None
     holder = read_lock(connection, entity)
     return holder is not None and stale_reason(holder, stale_after_seconds) is None
 
@@ -111,6 +129,37 @@ def _try_acquire(connection: sqlite3.Connection, me: LockHolder, stale_after_sec
     return None
 
 
+def _try_acquire_postgres(connection, me: LockHolder, stale_after_seconds: float,
+                          warn: Callable[[str], None]) -> LockHolder | None:
+    """Take the entity's advisory lock for this session (returns None) or return its holder."""
+    if not connection.execute("SELECT pg_try_advisory_lock(?::integer, ?::integer)",
+                              (ENTITY_LOCK_NAMESPACE, entity_lock_key(me.entity))).fetchone()[0]:
+        # Its row is written just after the lock is taken (or the key is another entity's).
+        return read_lock(connection, me.entity) or LockHolder(
+            me.entity, "unknown", 0, "unknown", "a step", "just now")
+    try:
+        with transaction(connection):
+            holder = read_lock(connection, me.entity)
+            if holder is not None:  # its session ended without deleting it
+                warn(f"{me.entity}: taking over the lock of {holder.describe()}: its database "
+                     "session ended")
+            connection.execute(
+                "INSERT INTO _locks (entity, owner, pid, host, purpose, acquired_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (entity) DO UPDATE SET"
+                " owner = excluded.owner, pid = excluded.pid, host = excluded.host,"
+                " purpose = excluded.purpose, acquired_at = excluded.acquired_at",
+                (me.entity, me.owner, me.pid, me.host, me.purpose, me.acquired_at))
+    except BaseException:
+        _release_postgres(connection, me.entity)
+        raise
+    return None
+
+
+def _release_postgres(connection, entity: str) -> None:
+    connection.execute("SELECT pg_advisory_unlock(?::integer, ?::integer)",
+                       (ENTITY_LOCK_NAMESPACE, entity_lock_key(entity)))
+
+
 @contextmanager
 def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
                 wait_seconds: float = DEFAULT_WAIT_SECONDS,
@@ -119,6 +168,8 @@ def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
     """Hold the entity's lock for the block; wait up to `wait_seconds` for another holder."""
     warn = warn or logger.warning
     connection = connect(db_path)
+    postgres = dialect_of(connection) is POSTGRES
+    try_acquire = _try_acquire_postgres if postgres else _try_acquire
     try:
         deadline = time.monotonic() + wait_seconds
         waited_for: LockHolder | None = None
@@ -126,7 +177,7 @@ def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
             me = LockHolder(entity, owner, os.getpid(), socket.gethostname(), purpose,
                             utc_now_iso())
             with storage_errors(db_path, f"taking the lock of {entity} for its {purpose}"):
-                holder = _try_acquire(connection, me, stale_after_seconds, warn)
+                holder = try_acquire(connection, me, stale_after_seconds, warn)
             if holder is None:
                 break
             if waited_for is None:
@@ -150,6 +201,8 @@ def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
                                 "then takes it over"), transaction(connection):
                 connection.execute("DELETE FROM _locks WHERE entity = ? AND owner = ? AND pid = ?",
                                    (entity, me.owner, me.pid))
+            if postgres:
+                _release_postgres(connection, entity)  # (closing the session would too)
     finally:
         connection.close()
 

@@ -23,6 +23,11 @@ What a crash can cost, and how it heals:
 
 A mirror made before this file existed has its staging tables moved here the first time it is
 opened (once; their change sets stay staged).
+
+In PostgreSQL (store.backend) `staging` is a schema of the mirror's own database, its tables
+UNLOGGED (not written to the server's WAL: cheap, and emptied by a server crash, which the
+`_staged_here` rule above heals the same way). There is no boot to outlive and no file to
+attach; the functions below that take a connection work on either.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from dataverse_assets.store.backend import POSTGRES, dialect_of
 from dataverse_assets.store.identifiers import quote_identifier
 
 STAGING_SCHEMA = "staging"
@@ -130,6 +136,34 @@ def _attached_and_usable(connection: sqlite3.Connection, path: Path) -> bool:
     return _usable(connection)
 
 
+_MARKER_COLUMNS = ("entity", "change_set", "rows", "staged_at")
+_PRESTAGED_COLUMNS = ("entity", "change_set", "fingerprint", "rows", "present", "counts",
+                      "issues")
+_STAGING_TABLES_DDL = (
+    f"CREATE {{unlogged}}TABLE IF NOT EXISTS {STAGING_SCHEMA}.{_MARKERS}"
+    " (entity TEXT NOT NULL, change_set TEXT NOT NULL, rows INTEGER"
+    " NOT NULL, staged_at TEXT NOT NULL, PRIMARY KEY (entity, change_set))",
+    f"CREATE {{unlogged}}TABLE IF NOT EXISTS {STAGING_SCHEMA}.{_PRESTAGED}"
+    " (entity TEXT NOT NULL, change_set TEXT NOT NULL, fingerprint TEXT"
+    " NOT NULL, rows INTEGER NOT NULL, present INTEGER NOT NULL, counts TEXT"
+    " NOT NULL, issues TEXT NOT NULL, PRIMARY KEY (entity, change_set))",
+)
+
+
+def prepare_postgres_staging(connection) -> None:
+    """The `staging` schema and its bookkeeping tables in a PostgreSQL store (inside the
+    transaction of db.connect that prepares the store)."""
+    connection.execute(f"CREATE SCHEMA IF NOT EXISTS {STAGING_SCHEMA}")
+    for statement in _STAGING_TABLES_DDL:
+        connection.execute(POSTGRES.render_ddl(statement.format(unlogged="UNLOGGED ")))
+
+
+def postgres_staging_prepared(connection) -> bool:
+    return connection.execute(
+        "SELECT to_regclass(?) IS NOT NULL AND to_regclass(?) IS NOT NULL",
+        (f"{STAGING_SCHEMA}.{_MARKERS}", f"{STAGING_SCHEMA}.{_PRESTAGED}")).fetchone()[0]
+
+
 def _make(connection: sqlite3.Connection, path: Path) -> None:
     """Discard whatever is at `path` (an unreadable file, one of an earlier boot) and make a
     new staging file there, attached. Called holding _exclusively(path)."""
@@ -148,13 +182,8 @@ def _make(connection: sqlite3.Connection, path: Path) -> None:
                        " (name TEXT PRIMARY KEY, value TEXT)")
     connection.execute(f"INSERT OR REPLACE INTO {STAGING_SCHEMA}.{_META} VALUES"
                        " ('boot_id', ?)", (this_boot() or "",))
-    connection.execute(f"CREATE TABLE IF NOT EXISTS {STAGING_SCHEMA}.{_MARKERS}"
-                       " (entity TEXT NOT NULL, change_set TEXT NOT NULL, rows INTEGER"
-                       " NOT NULL, staged_at TEXT NOT NULL, PRIMARY KEY (entity, change_set))")
-    connection.execute(f"CREATE TABLE IF NOT EXISTS {STAGING_SCHEMA}.{_PRESTAGED}"
-                       " (entity TEXT NOT NULL, change_set TEXT NOT NULL, fingerprint TEXT"
-                       " NOT NULL, rows INTEGER NOT NULL, present INTEGER NOT NULL, counts TEXT"
-                       " NOT NULL, issues TEXT NOT NULL, PRIMARY KEY (entity, change_set))")
+    for statement in _STAGING_TABLES_DDL:
+        connection.execute(statement.format(unlogged=""))
     connection.execute("COMMIT")
 
 
@@ -222,7 +251,8 @@ def mark_staged_here(connection: sqlite3.Connection, entity: str, change_set: st
                      rows: int, staged_at: str) -> None:
     """The change set's rows are in the staging file (inside the transaction that wrote them)."""
     connection.execute(
-        f"INSERT OR REPLACE INTO {STAGING_SCHEMA}.{_MARKERS} VALUES (?, ?, ?, ?)",
+        dialect_of(connection).upsert(f"{STAGING_SCHEMA}.{_MARKERS}", _MARKER_COLUMNS,
+                                      ("entity", "change_set")),
         (entity, change_set, rows, staged_at))
 
 
@@ -254,7 +284,8 @@ def record_prestaged(connection: sqlite3.Connection, entity: str, change_set: st
     """The fetch of the change set completed and its pages are staged, with `fingerprint`:
     `rows` written, and the rows and keys present now (checked again when they are taken)."""
     connection.execute(
-        f"INSERT OR REPLACE INTO {schema}.{_PRESTAGED} VALUES (?, ?, ?, ?, ?, ?, ?)",
+        dialect_of(connection).upsert(f"{schema}.{_PRESTAGED}", _PRESTAGED_COLUMNS,
+                                      ("entity", "change_set")),
         (entity, change_set, fingerprint, rows, present_rows(connection, entity, change_set),
          json.dumps(counts), json.dumps(issues)))
 
@@ -262,8 +293,16 @@ def record_prestaged(connection: sqlite3.Connection, entity: str, change_set: st
 def present_rows(connection: sqlite3.Connection, entity: str, change_set: str) -> int:
     """The change set's rows and key-scan keys in the staging tables (their indexes count)."""
     total = 0
+    postgres = dialect_of(connection) is POSTGRES
     for prefix in STAGING_TABLE_PREFIXES:
         quoted = quote_identifier(prefix + entity)
+        if postgres:  # (a failed statement would abort the caller's transaction)
+            if connection.execute("SELECT to_regclass(?) IS NOT NULL",
+                                  (f"{STAGING_SCHEMA}.{quoted}",)).fetchone()[0]:
+                total += connection.execute(
+                    f"SELECT count(*) FROM {STAGING_SCHEMA}.{quoted} WHERE _change_set = ?",
+                    (change_set,)).fetchone()[0]
+            continue
         try:
             total += connection.execute(f"SELECT count(*) FROM {quoted} WHERE _change_set = ?",
                                         (change_set,)).fetchone()[0]
