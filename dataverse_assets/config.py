@@ -847,6 +847,8 @@ class Settings(BaseModel):
                 raise ValueError(problem)
         return value
 
+    @model_validator(mode="before")
+    @classmethod
     def _sqlite_store_url_sets_the_path(cls, values: Any) -> Any:
         # One place says where the SQLite file is: db_path, also when the URL names it.
         if isinstance(values, dict) and isinstance(values.get("store_url"), str):
