@@ -445,5 +445,10 @@ def test_the_helm_values_agree_with_the_tested_instance_file():
                             values["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"]}
     for variable in deployment["env"]:
         assert not any(word in variable for word in ("SECRET", "PASSWORD", "KEY")), variable
+    # The archive setting is one the settings accept, and names a bucket.
+    from dataverse_assets.config import load_settings
+    archive = deployment["env"]["DATAVERSE_ARCHIVE_URL"]
+    assert archive.startswith("s3://")
+    assert load_settings({"DATAVERSE_ARCHIVE_URL": archive}).archive_location == archive
     assert "postgresqlPassword" not in values["postgresql"]
     assert values["generatePostgresqlPasswordSecret"] is False
