@@ -587,6 +587,22 @@ def storage_errors(path: str | Path, doing: str,
         raise error from None  # its message carries SQLite's own words
 
 
+def connect_staging_writer(db_path: str | Path, lock_wait_seconds: float
+                           ) -> tuple[sqlite3.Connection | PostgresConnection, str]:
+    """A connection that writes staged rows beside the step's own (sync.prestage), and the
+    schema its staging bookkeeping tables are in there: SQLite, the staging file itself (its
+    tables in `main`), never synced; PostgreSQL, another connection to the store (`staging`).
+    A write lock not had within `lock_wait_seconds` is an error."""
+    if is_postgres_address(db_path):
+        connection = connect_postgres(str(db_path))
+        connection.execute(f"SET lock_timeout = '{int(lock_wait_seconds * 1000)}ms'")
+        return connection, STAGING_SCHEMA
+    connection = sqlite3.connect(staging_path(db_path), timeout=lock_wait_seconds,
+                                 isolation_level=None)
+    connection.execute("PRAGMA synchronous=OFF")
+    return connection, "main"
+
+
 def database_path(connection: sqlite3.Connection) -> str:
     if dialect_of(connection) is POSTGRES:
         return connection.path

@@ -5,6 +5,7 @@ Pure functions; every decision carries its reason so it can be stored and shown.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -353,6 +354,63 @@ def to_sqlite_value(value: object) -> object:
     if isinstance(value, dict | list):
         return json_bytes(value).decode()
     return value
+
+
+def to_postgres_value(value: object, sqlite_type: str) -> tuple[object, str | None]:
+    """A JSON value as its PostgreSQL column (of the schema's `sqlite_type`) holds it, or
+    (None, why) when it does not fit: PostgreSQL refuses a row with such a value, where SQLite
+    stores it as it comes. The caller keeps the record exact in json_response and reports the
+    reason as an issue (docs/store-backends.md, "Values that do not fit their column")."""
+    if value is None:
+        return None, None
+    kind = sqlite_type.upper()
+    if isinstance(value, bool):
+        value = int(value)  # as SQLite binds it
+    if kind == "INTEGER":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # SQLite's INTEGER affinity does the same
+        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+            value = int(value)
+        if isinstance(value, int):
+            if value in SQLITE_INTEGER_RANGE:
+                return value, None
+            return None, f"integer {value} does not fit PostgreSQL's 64-bit bigint"
+        return None, f"{_describe(value)} is not an integer"
+    if kind == "REAL":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return None, f"{_describe(value)} is not a number"
+        if isinstance(value, int | float):
+            try:
+                number = float(value)
+            except OverflowError:
+                return None, f"number {value} does not fit PostgreSQL's double precision"
+            if number in (float("inf"), float("-inf")):
+                return None, f"number {value} does not fit PostgreSQL's double precision"
+            return number, None
+        return None, f"{_describe(value)} is not a number"
+    if kind == "BLOB":
+        if isinstance(value, bytes):
+            return value, None
+        return None, f"{_describe(value)} is not binary data"
+    if isinstance(value, dict | list):
+        value = json_bytes(value).decode()
+    elif isinstance(value, float):
+        value = repr(value)
+    elif not isinstance(value, str):
+        value = str(value)
+    if "\x00" in value:
+        return None, "text with a NUL character (U+0000), which PostgreSQL's text cannot hold"
+    return value, None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict | list):
+        return "a JSON " + ("object" if isinstance(value, dict) else "array")
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # -- drift: the live schema of a change set against the locked one --------------------------

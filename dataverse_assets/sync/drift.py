@@ -24,6 +24,7 @@ import orjson
 
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
+from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.db import (
     quote_identifier,
     table_columns,
@@ -52,7 +53,7 @@ from dataverse_assets.store.schema import (
     sqlite_fold,
 )
 from dataverse_assets.store.schema_registry import load_locked_schema, lock_schema, schema_version
-from dataverse_assets.store.tables import history_table, staging_table
+from dataverse_assets.store.tables import fill_column_from_json, history_table, staging_table
 from dataverse_assets.sync.stage import decide_schema, is_deleted_entity
 
 DRIFT_DDL = (
@@ -81,6 +82,12 @@ DRIFT_DDL = (
         PRIMARY KEY (entity, change_set, kind, column_name)
     )""",
 )
+
+
+DRIFT_COLUMNS = ("entity", "change_set", "kind", "column_name", "severity", "locked_type",
+                 "live_type", "locked_attribute_type", "live_attribute_type", "action",
+                 "detail", "recorded_at")
+DRIFT_KEY = ("entity", "change_set", "kind", "column_name")
 
 
 def ensure_drift_tables(connection: sqlite3.Connection) -> None:
@@ -175,13 +182,7 @@ def evolve(connection: sqlite3.Connection, locked: EntitySchema, additions: list
                 f"ALTER TABLE {quote_identifier(table)} ADD COLUMN"
                 f" {quote_identifier(column.name)} {column.sqlite_type}"
             )
-            # json_each, not json_extract: a JSON path cannot address every key ('a"b').
-            connection.execute(
-                f"UPDATE {quote_identifier(table)} SET {quote_identifier(column.name)} ="
-                f" (SELECT j.value FROM json_each({quote_identifier(table)}.json_response) j"
-                f" WHERE j.key = ?)",
-                (column.name,),
-            )
+            fill_column_from_json(connection, table, column.name, column.sqlite_type)
     names = ", ".join(f"{c.name} {c.sqlite_type}" for c in new_columns)
     schema = EntitySchema(
         locked.entity, locked.primary_key, (*locked.columns, *new_columns), locked.decided_from,
@@ -261,17 +262,17 @@ def _record(connection: sqlite3.Connection, entity: str, change_set: str, versio
             live_from: str, outcome: str, changes: list[SchemaChange], action,
             row_filter: str | None) -> None:
     now = utc_now_iso()
+    dialect = dialect_of(connection)
     connection.execute(
-        "INSERT OR REPLACE INTO _schema_check (entity, change_set, schema_version, live_from,"
-        " outcome, checked_at, row_filter) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        dialect.upsert("_schema_check", ("entity", "change_set", "schema_version", "live_from",
+                                         "outcome", "checked_at", "row_filter"),
+                       ("entity", "change_set")),
         (entity, change_set, version, live_from, outcome, now, row_filter),
     )
     connection.execute("DELETE FROM _schema_drift WHERE entity = ? AND change_set = ?",
                        (entity, change_set))
     connection.executemany(
-        "INSERT OR REPLACE INTO _schema_drift (entity, change_set, kind, column_name, severity,"
-        " locked_type, live_type, locked_attribute_type, live_attribute_type, action, detail,"
-        " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        dialect.upsert("_schema_drift", DRIFT_COLUMNS, DRIFT_KEY),
         [(entity, change_set, c.kind, c.column, c.severity, c.locked_type, c.live_type,
           c.locked_attribute_type, c.live_attribute_type, action(c), c.detail or None, now)
          for c in changes],
