@@ -29,7 +29,6 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # What is not migrated yet (docs/store-backends.md, "Order of the migration"). While this is
 # not empty a PostgreSQL store is refused, except where the tests opt in (ALLOW_UNFINISHED_ENV).
 UNFINISHED = (
-    "the publish (sync/publish_plan.py, sync/publish_execute.py, store/readable.py)",
     "the sync through Dagster (sync/steps.py, sync/fetch.py, tested end to end)",
     "checks, retention and maintenance (defs/checks.py, defs/io_managers.py,"
     " store/key_check.py, store/staging_retention.py, store/archive_retention.py,"
