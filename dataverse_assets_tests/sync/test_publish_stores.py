@@ -3,14 +3,14 @@ ids, the changed fields, the watermark; the same tables either way."""
 
 import pytest
 
-from dataverse_assets.defs.resources import MirrorStore
+from dataverse_assets.defs.checks import relation_identifier
 from dataverse_assets.store.db import quote_identifier
 from dataverse_assets_tests.helpers import stage_and_publish, thing
 
 
 @pytest.fixture
-def any_store(store_address, tmp_path) -> MirrorStore:
-    return MirrorStore(db_path=store_address, archive_dir=str(tmp_path / "archive"))
+def any_store(each_store):
+    return each_store
 
 
 def rows(store, sql, params=()):
@@ -60,3 +60,9 @@ def test_a_publish_in_chunks_on_both_stores(any_store):
     assert rows(any_store, "SELECT thingid, name FROM things ORDER BY thingid") == [
         (f"id-{n}", f"m{n}") for n in range(1, 9)]
     assert rows(any_store, "SELECT count(*) FROM things__history") == [(7,)]
+
+
+def test_the_relation_identifier_names_the_database_and_its_schema():
+    assert relation_identifier("/data/dataverse.db", "accounts") == "dataverse.main.accounts"
+    assert relation_identifier("postgresql://sync@db.example:5432/mirror",
+                               "accounts") == "mirror.public.accounts"

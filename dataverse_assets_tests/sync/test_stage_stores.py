@@ -7,7 +7,6 @@ import json
 import orjson
 import pytest
 
-from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.store.backend import is_postgres_address
 from dataverse_assets.store.issues import list_issues
 from dataverse_assets.store.schema import to_postgres_value
@@ -19,8 +18,8 @@ from dataverse_assets_tests.helpers import ENTITY, archive_change_set, thing
 
 
 @pytest.fixture
-def any_store(store_address, tmp_path) -> MirrorStore:
-    return MirrorStore(db_path=store_address, archive_dir=str(tmp_path / "archive"))
+def any_store(each_store):
+    return each_store
 
 
 def stage(store, change_set, records) -> int:
