@@ -169,6 +169,19 @@ def each_mirror(request, make_mirror) -> Mirror:
     return make_mirror(store_url=request.getfixturevalue("postgres_store_url"))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_each_mirror(request, make_mirror):
+    """make_mirror, with each kind of store in turn."""
+    if request.param == "sqlite":
+        return make_mirror
+    url = request.getfixturevalue("postgres_store_url")
+
+    def make(name: str = "mirror", overrides: dict[str, dict] | None = None) -> Mirror:
+        return make_mirror(name, overrides, store_url=url)
+
+    return make
+
+
 @pytest.fixture
 def store(tmp_path) -> MirrorStore:
     """An empty mirror database and archive of the test's own (publish-level tests)."""

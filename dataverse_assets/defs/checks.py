@@ -339,7 +339,7 @@ def source_count(connection: sqlite3.Connection, entity: EntityConfig,
         keys = quote_identifier(staging_keys_table(entity.name))
         count = connection.execute(
             f"SELECT count(*) FROM (SELECT _pk FROM {keys} WHERE _change_set = :cs"
-            f" UNION {records})", {"cs": change_set}).fetchone()[0]
+            f" UNION {records}) AS listed", {"cs": change_set}).fetchone()[0]
         return count, "key-only scan: keys the source listed, plus records created after it"
     if mode == Mode.FILTERED:
         return None, "filtered entity: only linked records are mirrored, not the whole table"

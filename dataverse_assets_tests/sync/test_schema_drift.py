@@ -9,20 +9,26 @@ import pytest
 from dagster import AssetCheckSeverity, DagsterInstance, MetadataValue
 
 from dataverse_assets.config import Settings
-from dataverse_assets.defs.checks import FRESHNESS_JOB
+from dataverse_assets.defs.checks import FRESHNESS_JOB, relation_identifier
 from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.ops.cli import new_change_set_key
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.query import PageQuery
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store.db import connect, quote_identifier, table_columns
+from dataverse_assets.store.db import quote_identifier, table_columns
 from dataverse_assets.store.schema import infer_schema_from_records, schema_from_metadata
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
 from dataverse_assets_tests.helpers import duplicate_a_team_key
 from dataverse_assets_tests.truth import PRIMARY_KEYS, canonical_rows, without_annotations
 
 TRIALS = "vin_clinicaltrials"
+
+
+@pytest.fixture
+def mirror(each_mirror):
+    """The tests that take `mirror` run in each kind of store (docs/store-backends.md)."""
+    return each_mirror
 
 
 def evaluations(result, check_name: str) -> dict:
@@ -257,8 +263,8 @@ def test_a_broken_primary_key_fails_the_step_through_the_blocking_check(mirror):
 
 
 def test_a_key_scan_that_lists_a_record_the_mirror_lacks_brings_it_in_and_says_so(
-        make_mirror):
-    mirror = make_mirror(overrides={"systemusers": {"reconcile_every_hours": 1e-9}})
+        make_each_mirror):
+    mirror = make_each_mirror(overrides={"systemusers": {"reconcile_every_hours": 1e-9}})
     mirror.sync("daily")
     # Created with an old modifiedon: the incremental query never sees it, the key scan does,
     # and the record is fetched by id in the same change set.
@@ -320,11 +326,13 @@ def test_canonical_materialization_carries_the_column_schema(mirror):
         "AttributeType Lookup; Businessunitid; lookup ")
     assert described["_businessunitid_value"].endswith(" to businessunits")
     assert all(described.values()), described
-    with connect(mirror.settings.db_path) as connection:
+    with mirror.connection() as connection:
         rows = connection.execute("SELECT count(*) FROM teams").fetchone()[0]
     assert materialization.metadata["dagster/row_count"].value == rows > 0
     assert materialization.metadata["dagster/relation_identifier"].value == (
-        f"{mirror.settings.db_path.stem}.main.teams")
+        relation_identifier(mirror.settings.store.address, "teams"))
+    assert materialization.metadata["dagster/relation_identifier"].value.endswith(
+        ".main.teams" if mirror.settings.store.kind == "sqlite" else ".public.teams")
 
 
 @pytest.fixture
