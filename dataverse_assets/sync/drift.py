@@ -99,13 +99,15 @@ def ensure_drift_tables(connection: sqlite3.Connection) -> None:
         connection.execute("ALTER TABLE _schema_check ADD COLUMN row_filter TEXT")
 
 
-def live_schema(archive: ChangeSetArchive, primary_key: str) -> tuple[EntitySchema | None, str]:
+def live_schema(archive: ChangeSetArchive, primary_key: str,
+                name_limit: int | None = None) -> tuple[EntitySchema | None, str]:
     """The change set's own schema and where it came from ("metadata" or "records"); (None,
     "none") when it holds no metadata and no records, so there is nothing to compare."""
     definition = archive.read_json(ENTITY_DEFINITION)
     if isinstance(definition, dict) and definition.get("Attributes"):
         request = archive.read_json(REQUEST) or {}
-        return only_selected(schema_from_metadata(archive.entity, definition, primary_key),
+        return only_selected(schema_from_metadata(archive.entity, definition, primary_key,
+                                                  name_limit),
                              request.get("select")), "metadata"
     types: dict[str, str | None] = {}
     records_seen = 0
@@ -117,7 +119,8 @@ def live_schema(archive: ChangeSetArchive, primary_key: str) -> tuple[EntitySche
         observed_types(records, types)
     if not records_seen:
         return None, "none"
-    return schema_from_observed_types(archive.entity, types, primary_key), "records"
+    return schema_from_observed_types(archive.entity, types, primary_key,
+                                      name_limit), "records"
 
 
 def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArchive,
@@ -129,8 +132,9 @@ def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArch
     request = archive.read_json(REQUEST) or {}
     row_filter = request.get("row_filter")
     locked = load_locked_schema(connection, entity.name)
+    name_limit = dialect_of(connection).max_identifier_bytes
     if locked is None:
-        decided = decide_schema(archive, entity.primary_key)
+        decided = decide_schema(archive, entity.primary_key, name_limit)
         with transaction(connection):
             locked = lock_schema(connection, decided)
             if locked is decided:  # this change set locked it
@@ -141,8 +145,8 @@ def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArch
         return locked
     if _checked(connection, entity.name, change_set):
         return locked
-    live, live_from = live_schema(archive, locked.primary_key)
-    changes = compare_schemas(locked, live) if live is not None else []
+    live, live_from = live_schema(archive, locked.primary_key, name_limit)
+    changes = compare_schemas(locked, live, name_limit) if live is not None else []
     changes = mark_deselected(changes, request.get("select"), _metadata_columns(archive))
     with transaction(connection, staging=True):  # evolve adds columns to the staging table
         if _checked(connection, entity.name, change_set):  # another run got here first

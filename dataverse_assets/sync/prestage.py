@@ -37,6 +37,7 @@ from contextlib import suppress
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.modes import Mode
+from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.db import connect_staging_writer, transaction
 from dataverse_assets.store.schema import EntitySchema
 from dataverse_assets.store.staging_store import (
@@ -73,7 +74,7 @@ def stage_while_fetching() -> bool:
 
 
 def _schema_now(archive: ChangeSetArchive, entity: EntityConfig,
-                locked: EntitySchema | None) -> EntitySchema | None:
+                locked: EntitySchema | None, name_limit: int | None) -> EntitySchema | None:
     """The schema staging/E will most likely use: the locked one, or for a first change set
     the one its archived metadata decides (None without metadata: a first sync that infers
     its schema from records is staged from the archive)."""
@@ -81,7 +82,7 @@ def _schema_now(archive: ChangeSetArchive, entity: EntityConfig,
         return locked
     definition = archive.read_json(ENTITY_DEFINITION)
     if isinstance(definition, dict) and definition.get("Attributes"):
-        return decide_schema(archive, entity.primary_key)
+        return decide_schema(archive, entity.primary_key, name_limit)
     return None
 
 
@@ -157,7 +158,8 @@ class PageStager:
                     continue  # drain: the fetch must never wait for a thread that gave up
                 number, meta, records = item
                 if writer is None:
-                    schema = _schema_now(self.archive, self.entity, self.locked)
+                    schema = _schema_now(self.archive, self.entity, self.locked,
+                                         dialect_of(connection).max_identifier_bytes)
                     if schema is None:
                         self.given_up = "no schema before staging/E decides it"
                         continue

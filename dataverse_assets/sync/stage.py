@@ -126,14 +126,17 @@ def align_canonical_hashes(connection: sqlite3.Connection, entity: str,
     return rehashed
 
 
-def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None) -> EntitySchema:
-    """Schema for a first change set: from archived metadata, else from the first page."""
+def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None,
+                  name_limit: int | None = None) -> EntitySchema:
+    """Schema for a first change set: from archived metadata, else from the first page
+    (`name_limit`: the store's longest column name, Dialect.max_identifier_bytes)."""
     definition = archive.read_json(ENTITY_DEFINITION)
     request = archive.read_json(REQUEST) or {}
     if isinstance(definition, dict) and definition.get("Attributes"):
         # Only the columns the entity's `select` asked for (all without one).
         return only_selected(schema_from_metadata(archive.entity, definition,
-                                                  primary_key_override), request.get("select"))
+                                                  primary_key_override, name_limit),
+                             request.get("select"))
     override = primary_key_override or request.get("primary_key")
     sample: list[dict] = []
     for page, records in archive.iter_page_records():
@@ -141,7 +144,7 @@ def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None) -
             sample.extend(records)
         if len(sample) >= 1000:
             break
-    return infer_schema_from_records(archive.entity, sample, override)
+    return infer_schema_from_records(archive.entity, sample, override, name_limit)
 
 
 @dataclass
