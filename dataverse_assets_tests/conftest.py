@@ -174,9 +174,12 @@ def make_each_mirror(request, make_mirror):
     """make_mirror, with each kind of store in turn."""
     if request.param == "sqlite":
         return make_mirror
-    url = request.getfixturevalue("postgres_store_url")
+    urls = iter([request.getfixturevalue("postgres_store_url")])
+    cluster = request.getfixturevalue("postgres_cluster")
 
     def make(name: str = "mirror", overrides: dict[str, dict] | None = None) -> Mirror:
+        # Each mirror its own database, as each SQLite mirror has its own folder.
+        url = next(urls, None) or cluster.create_database(f"mirror_{next(_DATABASES)}")
         return make_mirror(name, overrides, store_url=url)
 
     return make
