@@ -31,7 +31,7 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 UNFINISHED = (
     "the sync's tests beyond those already on both stores (chaos/, the rest of"
     " test_hostile_input.py, sync/test_reconcile.py, sync/test_publish_bulk.py,"
-    " sync/test_staging_key.py, sync/test_prestage.py, sync/test_select_filter.py,"
+    " sync/test_staging_key.py, sync/test_select_filter.py,"
     " defs/test_parallel_entities.py)",
     "the maintenance job on a PostgreSQL store (defs/maintenance.py: store/maintenance.py,"
     " store/archive_retention.py and store/staging_retention.py are migrated)",
