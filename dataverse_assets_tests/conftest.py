@@ -68,7 +68,8 @@ class Mirror:
         return [self.sync(group) for group in ("hourly", "daily")]
 
     def connection(self):
-        return connect(self.settings.db_path)
+        """A connection to the mirror's store (a SQLite file or a PostgreSQL database)."""
+        return connect(self.settings.store.address)
 
 
 def failure_messages(result) -> str:
@@ -154,6 +155,37 @@ def store_address(request, tmp_path) -> str:
 
 
 @pytest.fixture
+def each_store(store_address, tmp_path) -> MirrorStore:
+    """An empty mirror store of each kind (store_address) and an archive: a module runs its
+    store-level tests against both with `store = each_store` as its `store` fixture."""
+    return MirrorStore(db_path=store_address, archive_dir=str(tmp_path / "archive"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def each_mirror(request, make_mirror) -> Mirror:
+    """A mirror (make_mirror) in each kind of store: the same syncs, the same data."""
+    if request.param == "sqlite":
+        return make_mirror()
+    return make_mirror(store_url=request.getfixturevalue("postgres_store_url"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_each_mirror(request, make_mirror):
+    """make_mirror, with each kind of store in turn."""
+    if request.param == "sqlite":
+        return make_mirror
+    urls = iter([request.getfixturevalue("postgres_store_url")])
+    cluster = request.getfixturevalue("postgres_cluster")
+
+    def make(name: str = "mirror", overrides: dict[str, dict] | None = None) -> Mirror:
+        # Each mirror its own database, as each SQLite mirror has its own folder.
+        url = next(urls, None) or cluster.create_database(f"mirror_{next(_DATABASES)}")
+        return make_mirror(name, overrides, store_url=url)
+
+    return make
+
+
+@pytest.fixture
 def store(tmp_path) -> MirrorStore:
     """An empty mirror database and archive of the test's own (publish-level tests)."""
     return MirrorStore(db_path=str(tmp_path / "m.db"), archive_dir=str(tmp_path / "archive"))
@@ -173,14 +205,16 @@ def make_mirror(tmp_path, simulator_url):
     simulator, url = simulator_url
     instances = []
 
-    def make(name: str = "mirror", overrides: dict[str, dict] | None = None) -> Mirror:
+    def make(name: str = "mirror", overrides: dict[str, dict] | None = None,
+             store_url: str | None = None) -> Mirror:
+        """`store_url`: a PostgreSQL store (postgres_store_url); SQLite in the folder without."""
         folder = tmp_path / name
         folder.mkdir()
         config_path = write_entities_config(folder / "entities_config.json", page_size=40,
                                             overrides=overrides)
         settings = Settings(
             db_path=folder / "mirror.db", archive_dir=folder / "archive",
-            entities_config_path=config_path, source="simulator",
+            entities_config_path=config_path, source="simulator", store_url=store_url,
         )
         source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url)
         # A real (temporary) instance: schedules and sensors need an instance reference.

@@ -55,8 +55,9 @@ def stage_and_publish(store, change_set, records, entity: EntityConfig = ENTITY,
 
 
 def mirror_of(tmp_path, simulator_url, entities: list[dict], name: str = "m",
-              **source_options) -> Mirror:
-    """A mirror of just `entities` (all in one hourly group) from the loopback simulator."""
+              store_url: str | None = None, **source_options) -> Mirror:
+    """A mirror of just `entities` (all in one hourly group) from the loopback simulator
+    (`store_url`: a PostgreSQL store, postgres_store_url; SQLite in its folder without)."""
     simulator, url = simulator_url
     folder = tmp_path / name
     folder.mkdir()
@@ -64,7 +65,7 @@ def mirror_of(tmp_path, simulator_url, entities: list[dict], name: str = "m",
     config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}},
                                   "entities": [{"group": "hourly", **e} for e in entities]}))
     settings = Settings(db_path=folder / "mirror.db", archive_dir=folder / "archive",
-                        entities_config_path=config, source="simulator")
+                        entities_config_path=config, source="simulator", store_url=store_url)
     source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url, **source_options)
     return Mirror(simulator, settings, build_definitions(settings, source=source),
                   DagsterInstance.ephemeral(), url)
@@ -77,7 +78,8 @@ def reconfigured(mirror: Mirror, entities: list[dict]) -> Mirror:
     config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}},
                                   "entities": [{"group": "hourly", **e} for e in entities]}))
     settings = Settings(db_path=mirror.settings.db_path, archive_dir=mirror.settings.archive_dir,
-                        entities_config_path=config, source="simulator")
+                        entities_config_path=config, source="simulator",
+                        store_url=mirror.settings.store_url)
     source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=mirror.url)
     return Mirror(mirror.simulator, settings, build_definitions(settings, source=source),
                   mirror.instance, mirror.url)

@@ -1,6 +1,7 @@
 """Whole syncs through Dagster against the simulator over loopback HTTP."""
 
 import orjson
+import pytest
 
 from dataverse_assets.store.db import quote_identifier
 from dataverse_assets_tests.truth import (
@@ -10,6 +11,12 @@ from dataverse_assets_tests.truth import (
     canonical_rows,
     expected_records,
 )
+
+
+@pytest.fixture
+def mirror(each_mirror):
+    """Every test here runs in each kind of store (docs/store-backends.md)."""
+    return each_mirror
 
 
 def test_first_sync_mirrors_every_configured_entity(mirror):

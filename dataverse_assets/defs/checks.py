@@ -56,6 +56,7 @@ from dataverse_assets.config import EntitiesConfig, EntityConfig, GroupConfig
 from dataverse_assets.defs.asset_keys import canonical_key
 from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.modes import SNAPSHOT_MODES, Mode, PublishStatus
+from dataverse_assets.store.backend import is_postgres_address, postgres_database_name
 from dataverse_assets.store.bookkeeping import (
     last_complete_publish,
     read_publish_state,
@@ -166,7 +167,10 @@ def canonical_metadata(connection: sqlite3.Connection, entity: str, db_path: str
 
 def relation_identifier(db_path: str, table: str) -> str:
     """`<database>.main.<table>`: the database file's stem, SQLite's schema name, the table
-    (Dagster's database.schema.table form, which links the same table across tools)."""
+    (Dagster's database.schema.table form, which links the same table across tools); for a
+    PostgreSQL store `<database>.public.<table>`."""
+    if is_postgres_address(db_path):
+        return f"{postgres_database_name(db_path)}.public.{table}"
     return f"{Path(db_path).stem}.main.{table}"
 
 
@@ -335,7 +339,7 @@ def source_count(connection: sqlite3.Connection, entity: EntityConfig,
         keys = quote_identifier(staging_keys_table(entity.name))
         count = connection.execute(
             f"SELECT count(*) FROM (SELECT _pk FROM {keys} WHERE _change_set = :cs"
-            f" UNION {records})", {"cs": change_set}).fetchone()[0]
+            f" UNION {records}) AS listed", {"cs": change_set}).fetchone()[0]
         return count, "key-only scan: keys the source listed, plus records created after it"
     if mode == Mode.FILTERED:
         return None, "filtered entity: only linked records are mirrored, not the whole table"

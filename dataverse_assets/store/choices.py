@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from dataverse_assets.store.db import utc_now_iso
+from dataverse_assets.store.backend import dialect_of
+from dataverse_assets.store.db import table_columns, utc_now_iso
 
 # The attribute metadata types a choice column can have, and the AttributeTypeName values
 # (AttributeType alone says "Virtual" for a multi-select choice).
@@ -190,7 +191,7 @@ def digest(raw: object) -> str:
 def ensure_choice_tables(connection: sqlite3.Connection) -> None:
     for statement in CHOICE_DDL:
         connection.execute(statement)
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(_attribute_metadata)")}
+    columns = set(table_columns(connection, "_attribute_metadata"))
     if "column_descriptions" not in columns:  # a table made before descriptions were kept
         connection.execute("ALTER TABLE _attribute_metadata ADD COLUMN column_descriptions TEXT")
 
@@ -239,7 +240,8 @@ def set_view_language(connection: sqlite3.Connection, entity: str,
     whether it changed."""
     changed = connection.execute(
         "UPDATE _attribute_metadata SET view_language_code = ? WHERE entity = ?"
-        " AND view_language_code IS NOT ?", (language_code, entity, language_code))
+        f" AND view_language_code {dialect_of(connection).is_distinct} ?",
+        (language_code, entity, language_code))
     return changed.rowcount > 0
 
 
@@ -298,16 +300,18 @@ def store_attribute_metadata(connection: sqlite3.Connection, entity: str, change
         return False
     connection.execute("DELETE FROM _choice_labels WHERE entity = ?", (entity,))
     connection.executemany(
-        "INSERT OR REPLACE INTO _choice_labels (entity, attribute, option_value, label,"
-        " language_code, is_global, option_set_name, state_value, option_order, kind)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        dialect_of(connection).upsert(
+            "_choice_labels", ("entity", "attribute", "option_value", "label", "language_code",
+                               "is_global", "option_set_name", "state_value", "option_order",
+                               "kind"),
+            ("entity", "attribute", "option_value", "language_code")),
         [(entity, o.attribute, o.value, text, code, int(o.is_global), o.option_set_name,
           o.state_value, o.order, o.kind)
          for o in parsed.options for code, text in o.labels])
     connection.execute("DELETE FROM _lookup_targets WHERE entity = ?", (entity,))
     connection.executemany(
-        "INSERT OR IGNORE INTO _lookup_targets (entity, attribute, target_entity,"
-        " target_logical_name) VALUES (?, ?, ?, ?)",
+        dialect_of(connection).insert_ignore(
+            "_lookup_targets", ("entity", "attribute", "target_entity", "target_logical_name")),
         [(entity, attribute, parsed.entity_sets.get(target), target)
          for attribute, targets in parsed.lookups.items() for target in targets])
     connection.execute(

@@ -176,6 +176,17 @@ OPEN_ISSUE_KEY = "entity, record_id, coalesce(field, ''), problem"
 OPEN_ISSUE = "resolved_at IS NULL AND record_id IS NOT NULL"
 OPEN_ISSUES_INDEX = (f"CREATE UNIQUE INDEX IF NOT EXISTS _issues__open ON _issues"
                       f" ({OPEN_ISSUE_KEY}) WHERE {OPEN_ISSUE}")
+# PostgreSQL's B-tree refuses an entry past ~8 KB (a record id or problem can be a megabyte of
+# hostile text): the key there is the digests of the long parts (record_issue's ON CONFLICT
+# names the same expressions).
+POSTGRES_OPEN_ISSUE_KEY = ("entity, md5(record_id), md5(coalesce(field, '')), md5(problem)")
+POSTGRES_OPEN_ISSUES_INDEX = (f"CREATE UNIQUE INDEX IF NOT EXISTS _issues__open ON _issues"
+                              f" ({POSTGRES_OPEN_ISSUE_KEY}) WHERE {OPEN_ISSUE}")
+
+
+def open_issue_key(connection) -> str:
+    """The open-issue key's expressions, as the store's unique index has them."""
+    return POSTGRES_OPEN_ISSUE_KEY if dialect_of(connection) is POSTGRES else OPEN_ISSUE_KEY
 
 
 # How long a statement waits for another process's write lock on the file before SQLite
@@ -235,7 +246,7 @@ def connect_postgres(url: str) -> PostgresConnection:
                 with transaction(connection):  # one connection prepares at a time
                     prepare_postgres_staging(connection)
                     connection.executescript(POSTGRES.render_ddl(BOOKKEEPING_DDL))
-                    connection.execute(OPEN_ISSUES_INDEX)
+                    connection.execute(POSTGRES_OPEN_ISSUES_INDEX)
                     _add_missing_postgres_columns(connection)
     except BaseException:
         connection.close()
@@ -585,6 +596,22 @@ def storage_errors(path: str | Path, doing: str,
         if error is None:
             raise
         raise error from None  # its message carries SQLite's own words
+
+
+def connect_staging_writer(db_path: str | Path, lock_wait_seconds: float
+                           ) -> tuple[sqlite3.Connection | PostgresConnection, str]:
+    """A connection that writes staged rows beside the step's own (sync.prestage), and the
+    schema its staging bookkeeping tables are in there: SQLite, the staging file itself (its
+    tables in `main`), never synced; PostgreSQL, another connection to the store (`staging`).
+    A write lock not had within `lock_wait_seconds` is an error."""
+    if is_postgres_address(db_path):
+        connection = connect_postgres(str(db_path))
+        connection.execute(f"SET lock_timeout = '{int(lock_wait_seconds * 1000)}ms'")
+        return connection, STAGING_SCHEMA
+    connection = sqlite3.connect(staging_path(db_path), timeout=lock_wait_seconds,
+                                 isolation_level=None)
+    connection.execute("PRAGMA synchronous=OFF")
+    return connection, "main"
 
 
 def database_path(connection: sqlite3.Connection) -> str:

@@ -8,7 +8,7 @@ import sqlite3
 from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.db import (
     OPEN_ISSUE,
-    OPEN_ISSUE_KEY,
+    open_issue_key,
     quote_identifier,
     table_exists,
     utc_now_iso,
@@ -32,7 +32,7 @@ def record_issue(
     connection.execute(
         "INSERT INTO _issues (entity, change_set, record_id, field, problem, context,"
         " recorded_at, last_seen_at, last_change_set) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        f" ON CONFLICT ({OPEN_ISSUE_KEY}) WHERE {OPEN_ISSUE} DO UPDATE SET"
+        f" ON CONFLICT ({open_issue_key(connection)}) WHERE {OPEN_ISSUE} DO UPDATE SET"
         " occurrences = _issues.occurrences + CASE WHEN _issues.last_change_set"
         f" {differs} excluded.last_change_set THEN 1 ELSE 0 END,"
         " last_seen_at = excluded.last_seen_at, last_change_set = excluded.last_change_set,"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from dataverse_assets.store.backend import POSTGRES, dialect_of
 from dataverse_assets.store.db import quote_identifier, transaction, utc_now_iso
 from dataverse_assets.store.tables import canonical_row_count
 
@@ -59,7 +60,12 @@ def find_key_problems(connection: sqlite3.Connection, entity: str,
     """NULL or empty keys and case-insensitive duplicates in `entity`'s canonical table, read
     in one snapshot (no write lock held while reading)."""
     table, pk = quote_identifier(entity), quote_identifier(primary_key)
-    connection.execute("BEGIN")
+    postgres = dialect_of(connection) is POSTGRES
+    # (PostgreSQL: one snapshot for the transaction, not one per statement; `+entity` keeps
+    # SQLite off an index, PostgreSQL has no unary plus for text.)
+    connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if postgres
+                       else "BEGIN")
+    by_entity = "entity" if postgres else "+entity"
     try:
         missing = connection.execute(
             f"SELECT count(*) FROM {table} WHERE {pk} IS NULL OR {pk} = ''").fetchone()[0]
@@ -74,24 +80,35 @@ def find_key_problems(connection: sqlite3.Connection, entity: str,
             new_keys, deleted = connection.execute(
                 "SELECT count(*) FILTER (WHERE kind = 'create'),"
                 " count(*) FILTER (WHERE kind = 'delete') FROM _change_history"
-                " WHERE id > ? AND id <= ? AND +entity = ?",
+                f" WHERE id > ? AND id <= ? AND {by_entity} = ?",
                 (last.checked_through, through, entity),
             ).fetchone()
         if scoped_check_allowed(last, rows, new_keys, deleted):
             scope = f"{new_keys} keys created since the last check"
+            if postgres:  # the NOCASE index is on lower(key) there (store.tables)
+                query = (
+                    f"SELECT key, n FROM (SELECT key, (SELECT count(*) FROM {table} c"
+                    f"  WHERE lower(c.{pk}) = key) AS n"
+                    f" FROM (SELECT DISTINCT lower(record_id) AS key FROM _change_history"
+                    f"  WHERE id > ? AND id <= ? AND entity = ? AND kind = 'create') k) counted"
+                    f" WHERE n > 1 ORDER BY 1")
+            else:
+                query = (
+                    f"SELECT key, (SELECT count(*) FROM {table} c"
+                    f"  WHERE c.{pk} = key COLLATE NOCASE) AS n"
+                    f" FROM (SELECT DISTINCT lower(record_id) AS key FROM _change_history"
+                    f"  WHERE id > ? AND id <= ? AND +entity = ? AND kind = 'create')"
+                    f" WHERE n > 1 ORDER BY 1")
             duplicates = connection.execute(
-                f"SELECT key, (SELECT count(*) FROM {table} c"
-                f"  WHERE c.{pk} = key COLLATE NOCASE) AS n"
-                f" FROM (SELECT DISTINCT lower(record_id) AS key FROM _change_history"
-                f"  WHERE id > ? AND id <= ? AND +entity = ? AND kind = 'create')"
-                f" WHERE n > 1 ORDER BY 1", (last.checked_through, through, entity)).fetchall()
+                query, (last.checked_through, through, entity)).fetchall()
         else:
             scope = ALL_KEYS
             # Grouped without case: NOCASE folds ASCII as lower() does, and the canonical
             # table's NOCASE index on the key (store.tables) gives the groups in order.
+            group = f"lower({pk})" if postgres else f"{pk} COLLATE NOCASE"
             duplicates = connection.execute(
                 f"SELECT lower({pk}), count(*) FROM {table} WHERE {pk} IS NOT NULL"
-                f" GROUP BY {pk} COLLATE NOCASE HAVING count(*) > 1 ORDER BY 1").fetchall()
+                f" GROUP BY {group} HAVING count(*) > 1 ORDER BY 1").fetchall()
     finally:
         connection.execute("COMMIT")
     return KeyFindings(missing, [(k, n) for k, n in duplicates], scope, through, rows)

@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from dataverse_assets.config import EntitiesConfig
+from dataverse_assets.store.backend import POSTGRES, dialect_of, is_postgres_address
 from dataverse_assets.store.db import (
     connect,
     quote_identifier,
@@ -57,10 +58,11 @@ def _delete_in_batches(connection: sqlite3.Connection, table: str, condition: st
         return connection.execute(f"SELECT count(*) FROM {quoted} WHERE {condition}",
                                   params).fetchone()[0]
     deleted = 0
+    row_id = "ctid" if dialect_of(connection) is POSTGRES else "rowid"
     while True:
         with transaction(connection):
             count = connection.execute(
-                f"DELETE FROM {quoted} WHERE rowid IN (SELECT rowid FROM {quoted}"
+                f"DELETE FROM {quoted} WHERE {row_id} IN (SELECT {row_id} FROM {quoted}"
                 f" WHERE {condition} LIMIT {BATCH_ROWS})", params).rowcount
         deleted += count
         if count < BATCH_ROWS:
@@ -130,7 +132,13 @@ def shrink_database(db_path: str | os.PathLike[str], *,
     """Give the free pages back to the file system, a step at a time (incremental vacuum),
     then truncate the WAL. A database made before incremental vacuum was on is converted
     once by a VACUUM, which rewrites the whole file: `exclusive()` should hold every entity's
-    lock for it, so syncs wait for their lock rather than for the file."""
+    lock for it, so syncs wait for their lock rather than for the file.
+
+    A PostgreSQL store has no file to shrink: its tables are vacuumed (the server's own
+    autovacuum does the same in time), and the sizes are the database's
+    (`pg_database_size`); nothing is converted, no page counted."""
+    if is_postgres_address(db_path):
+        return _vacuum_postgres(str(db_path))
     path = Path(db_path)
     staging = staging_path(path)
     wait_for_checkpoint(path)  # the WAL folded in first: sizes compare like with like
@@ -157,3 +165,12 @@ def shrink_database(db_path: str | os.PathLike[str], *,
             connection.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchall()
     return Shrink(before, _file_bytes(path), freed, converted, staging_before,
                   _file_bytes(staging))
+
+
+def _vacuum_postgres(url: str) -> Shrink:
+    with closing(connect(url)) as connection:
+        size = "SELECT pg_database_size(current_database())"
+        before = connection.execute(size).fetchone()[0]
+        connection.execute("VACUUM (ANALYZE)")  # (autocommit: VACUUM cannot be in a transaction)
+        after = connection.execute(size).fetchone()[0]
+    return Shrink(before, after, 0)

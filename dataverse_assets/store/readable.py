@@ -15,9 +15,13 @@ view of each entity (`E__readable`).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sqlite3
 
+import orjson
+
+from dataverse_assets.store.backend import POSTGRES, SQLITE, Dialect, dialect_of
 from dataverse_assets.store.choices import MULTI_SELECT, stored_metadata
 from dataverse_assets.store.db import quote_identifier, table_columns, table_exists
 from dataverse_assets.store.schema import EntitySchema, sqlite_fold
@@ -47,17 +51,27 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def codes_are_plain(column_sql: str) -> str:
-    """SQL: the column holds a comma-separated list of integers (what json_each may read)."""
+def codes_are_plain(column_sql: str, dialect: Dialect = SQLITE) -> str:
+    """SQL: the column holds a comma-separated list of integers (what json_each may read;
+    in PostgreSQL, what string_to_array and a bigint cast may read)."""
+    if dialect is POSTGRES:
+        return f"{column_sql} ~ '^-?[0-9]+(,-?[0-9]+)*$'"
     return (f"{column_sql} IS NOT NULL AND {column_sql} <> ''"
             f" AND {column_sql} NOT GLOB '*[^0-9,-]*'")
 
 
-def child_rows_sql(entity: str, primary_key: str, column: str, where: str) -> str:
+def child_rows_sql(entity: str, primary_key: str, column: str, where: str,
+                   dialect: Dialect = SQLITE) -> str:
     """INSERT the child rows of the records of `entity` matching `where` (SQL over `c`)."""
     table = multi_select_table(entity, column)
     assert table is not None
     col = f"c.{quote_identifier(column)}"
+    if dialect is POSTGRES:
+        return (f"INSERT INTO {quote_identifier(table)} (record_id, option_value)"
+                f" SELECT c.{quote_identifier(primary_key)}, j::bigint"
+                f" FROM {quote_identifier(entity)} c,"
+                f" unnest(string_to_array({col}, ',')) j"
+                f" WHERE ({where}) AND {codes_are_plain(col, dialect)} ON CONFLICT DO NOTHING")
     return (f"INSERT OR IGNORE INTO {quote_identifier(table)} (record_id, option_value)"
             f" SELECT c.{quote_identifier(primary_key)}, j.value"
             f" FROM {quote_identifier(entity)} c, json_each('[' || {col} || ']') j"
@@ -80,13 +94,14 @@ def ensure_multi_select_tables(connection: sqlite3.Connection, schema: EntitySch
             if table_columns(connection, table) != _CHILD_COLUMNS:
                 continue  # someone else's table under that name: not ours to write
         else:
+            dialect = dialect_of(connection)
             connection.execute(
                 f"CREATE TABLE {quote_identifier(table)} (record_id TEXT NOT NULL,"
                 f" option_value INTEGER NOT NULL, PRIMARY KEY (record_id, option_value))"
-                " WITHOUT ROWID")
+                + (" WITHOUT ROWID" if dialect is SQLITE else ""))
             if table_exists(connection, schema.entity):
                 connection.execute(child_rows_sql(schema.entity, schema.primary_key, column,
-                                                  "1"))
+                                                  "TRUE", dialect))
         kept.append(column)
     return kept
 
@@ -97,6 +112,7 @@ def readable_view_sql(connection: sqlite3.Connection, schema: EntitySchema) -> s
     metadata = stored_metadata(connection, schema.entity)
     if metadata is None or not table_exists(connection, schema.entity):
         return None
+    dialect = dialect_of(connection)
     base = metadata["base_language_code"] or 1033
     language = metadata.get("view_language_code") or base
     entity, entity_literal = schema.entity, _literal(schema.entity)
@@ -128,12 +144,13 @@ def readable_view_sql(connection: sqlite3.Connection, schema: EntitySchema) -> s
             if table is None or not table_exists(connection, table):
                 continue
             add(f"{column}_labels",
-                f"(SELECT group_concat(label, '; ') FROM (SELECT l.label FROM"
+                f"(SELECT {dialect.string_agg('label', '; ', 'option_order')} FROM"
+                f" (SELECT l.label, l.option_order FROM"
                 f" {quote_identifier(table)} m JOIN _choice_labels l ON l.entity = "
                 f"{entity_literal} AND l.attribute = {attribute} AND l.option_value ="
                 f" m.option_value AND l.language_code = {_language_of('m.option_value')}"
                 f" WHERE m.record_id = t.{quote_identifier(schema.primary_key)}"
-                f" ORDER BY l.option_order))")
+                f" ORDER BY l.option_order){' AS m' if dialect is POSTGRES else ''})")
         else:
             value = f"t.{quote_identifier(column)}"
             add(f"{column}_label",
@@ -144,9 +161,8 @@ def readable_view_sql(connection: sqlite3.Connection, schema: EntitySchema) -> s
         if column not in schema.column_names or not _PLAIN_NAME.match(column) \
                 or not _PLAIN_NAME.match(attribute):
             continue
-        annotation = f"json_extract(t.json_response, '$.\"{column}{LOOKUP_LOGICAL_NAME}\"')"
-        add(f"{attribute}_name",
-            f"json_extract(t.json_response, '$.\"{column}{FORMATTED}\"')")
+        annotation = dialect.json_text("t.json_response", column + LOOKUP_LOGICAL_NAME)
+        add(f"{attribute}_name", dialect.json_text("t.json_response", column + FORMATTED))
         add(f"{attribute}_table",
             f"CASE WHEN t.{quote_identifier(column)} IS NULL THEN NULL ELSE"
             f" (SELECT coalesce(lt.target_entity, lt.target_logical_name) FROM _lookup_targets lt"
@@ -166,6 +182,8 @@ def ensure_readable_view(connection: sqlite3.Connection, schema: EntitySchema) -
     if sql is None:
         return False
     name = readable_view(schema.entity)
+    if dialect_of(connection) is POSTGRES:
+        return _ensure_postgres_view(connection, name, sql, schema.entity)
     row = connection.execute("SELECT type, sql FROM sqlite_master WHERE name = ? COLLATE NOCASE",
                              (name,)).fetchone()
     if row is not None and row[0] == "view" and row[1] == sql:
@@ -174,6 +192,25 @@ def ensure_readable_view(connection: sqlite3.Connection, schema: EntitySchema) -
         return False  # a table of that name is not ours to drop
     connection.execute(f"DROP VIEW IF EXISTS {quote_identifier(name)}")
     connection.execute(sql)
+    return True
+
+
+def _ensure_postgres_view(connection, name: str, sql: str, entity: str) -> bool:
+    """As ensure_readable_view, in PostgreSQL: the server keeps a view's text rewritten, and
+    expands `t.*` when the view is made, so the view carries (as its comment) a digest of the
+    statement and of the table's columns, and is made again when either differs."""
+    digest = hashlib.blake2b(
+        orjson.dumps([sql, table_columns(connection, entity)]), digest_size=16).hexdigest()
+    row = connection.execute(
+        "SELECT c.relkind, obj_description(c.oid, 'pg_class') FROM pg_class c"
+        " WHERE c.oid = to_regclass(?)", (quote_identifier(name),)).fetchone()
+    if row is not None and row[0] != "v":
+        return False  # a table of that name is not ours to drop
+    if row is not None and row[1] == digest:
+        return False
+    connection.execute(f"DROP VIEW IF EXISTS {quote_identifier(name)}")
+    connection.execute(sql)
+    connection.execute(f"COMMENT ON VIEW {quote_identifier(name)} IS '{digest}'")
     return True
 
 

@@ -5,6 +5,7 @@ Pure functions; every decision carries its reason so it can be stored and shown.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -167,13 +168,19 @@ def _is_data_key(key: str) -> bool:
     return "@" not in key
 
 
-def column_name_problem(name: str, taken: dict[str, str]) -> str | None:
+def column_name_problem(name: str, taken: dict[str, str],
+                        name_limit: int | None = None) -> str | None:
     """Why a field name cannot become a column next to `taken` (folded name -> name), or
-    None. Everything else, however hostile, is stored under its quoted name."""
+    None. Everything else, however hostile, is stored under its quoted name. `name_limit`:
+    the store's longest identifier in bytes (PostgreSQL's 63; SQLite has none), past which a
+    name would be cut short."""
     if name == "":
         return "empty name"
     if "\x00" in name:
         return "contains a NUL character, which no SQLite identifier can hold"
+    if name_limit is not None and len(name.encode()) > name_limit:
+        return (f"longer than {name_limit} bytes, which a PostgreSQL identifier cannot be "
+                "(it would be cut short)")
     folded = sqlite_fold(name)
     if folded in _RESERVED_FOLDED:
         return (f"collides with the sync column {_RESERVED_FOLDED[folded]!r} (SQLite column "
@@ -184,13 +191,15 @@ def column_name_problem(name: str, taken: dict[str, str]) -> str | None:
     return None
 
 
-def split_usable_columns(columns: Iterable[Column]) -> tuple[list[Column], list[ExcludedColumn]]:
-    """Columns that can be SQLite columns (first come first served) and the rest, with why."""
+def split_usable_columns(columns: Iterable[Column], name_limit: int | None = None
+                         ) -> tuple[list[Column], list[ExcludedColumn]]:
+    """Columns that can be SQLite columns (first come first served) and the rest, with why
+    (`name_limit`: see column_name_problem)."""
     kept: list[Column] = []
     excluded: list[ExcludedColumn] = []
     taken: dict[str, str] = {}
     for column in columns:
-        problem = column_name_problem(column.name, taken)
+        problem = column_name_problem(column.name, taken, name_limit)
         if problem is None:
             kept.append(column)
             taken[sqlite_fold(column.name)] = column.name
@@ -206,7 +215,8 @@ def _exclusion_reasons(excluded: list[ExcludedColumn]) -> list[str]:
 
 
 def schema_from_metadata(
-    entity_set: str, definition: dict, primary_key_override: str | None = None
+    entity_set: str, definition: dict, primary_key_override: str | None = None,
+    name_limit: int | None = None,
 ) -> EntitySchema:
     """Columns from an EntityDefinitions entry with its Attributes expanded."""
     columns: list[Column] = []
@@ -223,7 +233,8 @@ def schema_from_metadata(
         entity_set, [c.name for c in columns], primary_key_override,
         definition.get("PrimaryIdAttribute"),
     )
-    columns, excluded = split_usable_columns(_primary_key_first(columns, primary_key))
+    columns, excluded = split_usable_columns(_primary_key_first(columns, primary_key),
+                                             name_limit)
     return EntitySchema(
         entity=entity_set, primary_key=primary_key, columns=tuple(columns),
         decided_from="metadata", reasons=(f"primary key {primary_key!r}: {why}",
@@ -266,14 +277,16 @@ def observed_types(records: Iterable[dict], types: dict[str, str | None] | None 
 
 
 def schema_from_observed_types(entity_set: str, types: dict[str, str | None],
-                               primary_key_override: str | None = None) -> EntitySchema:
+                               primary_key_override: str | None = None,
+                               name_limit: int | None = None) -> EntitySchema:
     """Columns from observed types; a field only ever null is TEXT with `type_known` False."""
     primary_key, why = detect_primary_key(entity_set, types, primary_key_override)
     columns = [Column(name, sqlite_type or "TEXT", None, sqlite_type is not None)
                for name, sqlite_type in types.items()]
     if primary_key not in types:
         columns.insert(0, Column(primary_key, "TEXT"))
-    columns, excluded = split_usable_columns(_primary_key_first(columns, primary_key))
+    columns, excluded = split_usable_columns(_primary_key_first(columns, primary_key),
+                                             name_limit)
     return EntitySchema(
         entity=entity_set, primary_key=primary_key, columns=tuple(columns),
         decided_from="sample", reasons=(f"primary key {primary_key!r}: {why}",
@@ -284,10 +297,12 @@ def schema_from_observed_types(entity_set: str, types: dict[str, str | None],
 
 
 def infer_schema_from_records(
-    entity_set: str, records: Iterable[dict], primary_key_override: str | None = None
+    entity_set: str, records: Iterable[dict], primary_key_override: str | None = None,
+    name_limit: int | None = None,
 ) -> EntitySchema:
     """Columns from sampled records: types from every non-null value seen, TEXT if never seen."""
-    return schema_from_observed_types(entity_set, observed_types(records), primary_key_override)
+    return schema_from_observed_types(entity_set, observed_types(records), primary_key_override,
+                                      name_limit)
 
 
 def _primary_key_first(columns: list[Column], primary_key: str) -> list[Column]:
@@ -355,6 +370,63 @@ def to_sqlite_value(value: object) -> object:
     return value
 
 
+def to_postgres_value(value: object, sqlite_type: str) -> tuple[object, str | None]:
+    """A JSON value as its PostgreSQL column (of the schema's `sqlite_type`) holds it, or
+    (None, why) when it does not fit: PostgreSQL refuses a row with such a value, where SQLite
+    stores it as it comes. The caller keeps the record exact in json_response and reports the
+    reason as an issue (docs/store-backends.md, "Values that do not fit their column")."""
+    if value is None:
+        return None, None
+    kind = sqlite_type.upper()
+    if isinstance(value, bool):
+        value = int(value)  # as SQLite binds it
+    if kind == "INTEGER":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # SQLite's INTEGER affinity does the same
+        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+            value = int(value)
+        if isinstance(value, int):
+            if value in SQLITE_INTEGER_RANGE:
+                return value, None
+            return None, f"integer {value} does not fit PostgreSQL's 64-bit bigint"
+        return None, f"{_describe(value)} is not an integer"
+    if kind == "REAL":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                return None, f"{_describe(value)} is not a number"
+        if isinstance(value, int | float):
+            try:
+                number = float(value)
+            except OverflowError:
+                return None, f"number {value} does not fit PostgreSQL's double precision"
+            if number in (float("inf"), float("-inf")):
+                return None, f"number {value} does not fit PostgreSQL's double precision"
+            return number, None
+        return None, f"{_describe(value)} is not a number"
+    if kind == "BLOB":
+        if isinstance(value, bytes):
+            return value, None
+        return None, f"{_describe(value)} is not binary data"
+    if isinstance(value, dict | list):
+        value = json_bytes(value).decode()
+    elif isinstance(value, float):
+        value = repr(value)
+    elif not isinstance(value, str):
+        value = str(value)
+    if "\x00" in value:
+        return None, "text with a NUL character (U+0000), which PostgreSQL's text cannot hold"
+    return value, None
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, dict | list):
+        return "a JSON " + ("object" if isinstance(value, dict) else "array")
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 # -- drift: the live schema of a change set against the locked one --------------------------
 
 ADDED, REMOVED, TYPE_CHANGED, EXCLUDED = "added", "removed", "type_changed", "excluded"
@@ -400,7 +472,8 @@ def _type_change(locked: Column, live: Column, from_records: bool) -> SchemaChan
     return replace(change, detail=f"{locked.sqlite_type} -> {live.sqlite_type}")
 
 
-def compare_schemas(locked: EntitySchema, live: EntitySchema) -> list[SchemaChange]:
+def compare_schemas(locked: EntitySchema, live: EntitySchema,
+                    name_limit: int | None = None) -> list[SchemaChange]:
     """Added columns (info), removed columns and type changes (breaking), and fields that
     cannot be columns (excluded: info). `live` comes from a change set's metadata, or from
     its records (then a field only ever null says nothing about its type)."""
@@ -423,7 +496,7 @@ def compare_schemas(locked: EntitySchema, live: EntitySchema) -> list[SchemaChan
                 changes.append(change)
             continue
         live_type = column.sqlite_type if column.type_known else None
-        problem = column_name_problem(column.name, taken)
+        problem = column_name_problem(column.name, taken, name_limit)
         if problem is None:
             taken[sqlite_fold(column.name)] = column.name
             changes.append(SchemaChange(ADDED, column.name, INFO, None, live_type, None,

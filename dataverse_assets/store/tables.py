@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import sqlite3
 
+import orjson
+
+from dataverse_assets.store.backend import POSTGRES, dialect_of
 from dataverse_assets.store.db import (
     quote_identifier,
     table_exists,
 )
-from dataverse_assets.store.schema import EntitySchema
+from dataverse_assets.store.schema import EntitySchema, to_postgres_value
 
 
 def history_table(entity: str) -> str:
@@ -50,7 +53,7 @@ def mirrored_etags(connection: sqlite3.Connection, entity: str, primary_key: str
     for start in range(0, len(ids), _IDS_PER_LOOKUP):
         batch = ids[start:start + _IDS_PER_LOOKUP]
         found.update(connection.execute(
-            f"SELECT {column}, json_extract(json_response, '$.\"@odata.etag\"')"
+            f"SELECT {column}, {dialect_of(connection).json_text('json_response', '@odata.etag')}"
             f" FROM {quote_identifier(entity)} WHERE {column} IN ({', '.join('?' * len(batch))})",
             batch))
     return found
@@ -94,22 +97,23 @@ def ensure_canonical_tables(connection: sqlite3.Connection, schema: EntitySchema
         f"CREATE INDEX IF NOT EXISTS {quote_identifier(history + '__pk')} "
         f"ON {quote_identifier(history)} ({quote_identifier(pk)})"
     )
-    for name, column in secondary_indexes(schema).items():
+    for name, column in secondary_indexes(schema, dialect_of(connection)).items():
         connection.execute(f"CREATE INDEX IF NOT EXISTS {quote_identifier(name)} "
                            f"ON {entity} ({column})")
 
 
-def secondary_indexes(schema: EntitySchema) -> dict[str, str]:
+def secondary_indexes(schema: EntitySchema, dialect=None) -> dict[str, str]:
     """The canonical table's indexes besides its primary key: {index name: indexed column}.
 
     On modifiedon and createdon, and on the primary key without case (NOCASE folds ASCII,
     as SQLite's lower() does): the primary-key check reads that index in order instead of
     sorting every key (0.7 s at 1M rows). Updates never change a key, so it costs creates only.
     """
+    dialect = dialect or dialect_of(None)
     indexes = {f"{schema.entity}__{column}": quote_identifier(column)
                for column in INDEXED_COLUMNS if column in schema.column_names}
     indexes[f"{schema.entity}{NOCASE_SUFFIX}"] = (
-        f"{quote_identifier(schema.primary_key)} COLLATE NOCASE")
+        dialect.nocase(quote_identifier(schema.primary_key)))
     return indexes
 
 
@@ -119,3 +123,47 @@ def canonical_row_count(connection: sqlite3.Connection, entity: str) -> int:
     return connection.execute(f"SELECT count(*) FROM {quote_identifier(entity)}").fetchone()[0]
 
 
+
+
+def fill_column_from_json(connection: sqlite3.Connection, table: str, column: str,
+                          sqlite_type: str) -> None:
+    """A column added to `table` filled from each row's json_response (inside the caller's
+    transaction). SQLite: json_each, not json_extract (a JSON path cannot address every key,
+    'a"b'); PostgreSQL: each value converted to the column's type (one that does not fit stays
+    NULL, as staging has it: docs/store-backends.md)."""
+    quoted, name = quote_identifier(table), quote_identifier(column)
+    if dialect_of(connection) is not POSTGRES:
+        connection.execute(
+            f"UPDATE {quoted} SET {name} = (SELECT j.value FROM json_each({quoted}.json_response)"
+            f" j WHERE j.key = ?)", (column,))
+        return
+    updates = []
+    for row_id, body in connection.execute(f"SELECT ctid::text, json_response FROM {quoted}"
+                                           ).fetchall():
+        value, _ = to_postgres_value(orjson.loads(body).get(column), sqlite_type)
+        if value is not None:
+            updates.append((value, row_id))
+    connection.executemany(f"UPDATE {quoted} SET {name} = ? WHERE ctid = ?::tid", updates)
+
+
+def row_id_column(connection: sqlite3.Connection) -> str:
+    """What names a row of a table for an update of it read a moment before: SQLite's
+    rowid, PostgreSQL's ctid (as text; valid until the row is updated)."""
+    return "ctid::text" if dialect_of(connection) is POSTGRES else "rowid"
+
+
+def row_id_match(connection: sqlite3.Connection) -> str:
+    """`WHERE` condition for one `row_id_column` value bound as `?`."""
+    return "ctid = ?::tid" if dialect_of(connection) is POSTGRES else "rowid = ?"
+
+
+def set_plan_changes(connection, entity: str, change_set: str, changes) -> None:
+    """`_publish_plan.changes` of the given (pk, changes) rows, through a temporary table
+    filled by COPY (PostgreSQL: sync.publish_plan computes changes in Python there)."""
+    connection.execute("DROP TABLE IF EXISTS pg_temp._plan_changes")
+    connection.execute("CREATE TEMP TABLE _plan_changes (pk TEXT PRIMARY KEY, changes TEXT)"
+                       " ON COMMIT DROP")
+    connection.copy_rows("pg_temp._plan_changes", ("pk", "changes"), changes)
+    connection.execute(
+        "UPDATE _publish_plan p SET changes = n.changes FROM pg_temp._plan_changes n"
+        " WHERE p.entity = ? AND p.change_set = ? AND p.pk = n.pk", (entity, change_set))

@@ -19,6 +19,7 @@ from dataverse_assets.archive.change_sets import (
 )
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.names import change_set_order
+from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.choices import (
     OptionChange,
     column_descriptions,
@@ -31,6 +32,7 @@ from dataverse_assets.store.choices import (
 )
 from dataverse_assets.store.db import transaction, utc_now_iso
 from dataverse_assets.store.schema import EntitySchema
+from dataverse_assets.sync.drift import DRIFT_COLUMNS, DRIFT_KEY
 
 OPTION_SEVERITY = {"option_added": "info", "option_relabelled": "info",
                    "option_removed": "warning"}
@@ -69,12 +71,10 @@ def refresh_attribute_metadata(connection: sqlite3.Connection, archive: ChangeSe
             return []
         now = utc_now_iso()
         connection.executemany(
-            "INSERT OR REPLACE INTO _schema_drift (entity, change_set, kind, column_name,"
-            " severity, locked_type, live_type, locked_attribute_type, live_attribute_type,"
-            " action, detail, recorded_at) VALUES (?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, ?,"
-            " ?, ?)",
+            dialect_of(connection).upsert("_schema_drift", DRIFT_COLUMNS, DRIFT_KEY),
             [(entity.name, archive.change_set, c.kind, f"{c.attribute}={c.value}",
-              OPTION_SEVERITY[c.kind], _ACTION[c.kind], _detail(c), now) for c in changes])
+              OPTION_SEVERITY[c.kind], None, None, None, None, _ACTION[c.kind], _detail(c),
+              now) for c in changes])
     return changes
 
 

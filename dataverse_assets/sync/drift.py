@@ -24,6 +24,7 @@ import orjson
 
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, REQUEST, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
+from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.db import (
     quote_identifier,
     table_columns,
@@ -52,7 +53,7 @@ from dataverse_assets.store.schema import (
     sqlite_fold,
 )
 from dataverse_assets.store.schema_registry import load_locked_schema, lock_schema, schema_version
-from dataverse_assets.store.tables import history_table, staging_table
+from dataverse_assets.store.tables import fill_column_from_json, history_table, staging_table
 from dataverse_assets.sync.stage import decide_schema, is_deleted_entity
 
 DRIFT_DDL = (
@@ -83,6 +84,12 @@ DRIFT_DDL = (
 )
 
 
+DRIFT_COLUMNS = ("entity", "change_set", "kind", "column_name", "severity", "locked_type",
+                 "live_type", "locked_attribute_type", "live_attribute_type", "action",
+                 "detail", "recorded_at")
+DRIFT_KEY = ("entity", "change_set", "kind", "column_name")
+
+
 def ensure_drift_tables(connection: sqlite3.Connection) -> None:
     # Plain statements, not executescript: that would commit an open transaction.
     for statement in DRIFT_DDL:
@@ -92,13 +99,15 @@ def ensure_drift_tables(connection: sqlite3.Connection) -> None:
         connection.execute("ALTER TABLE _schema_check ADD COLUMN row_filter TEXT")
 
 
-def live_schema(archive: ChangeSetArchive, primary_key: str) -> tuple[EntitySchema | None, str]:
+def live_schema(archive: ChangeSetArchive, primary_key: str,
+                name_limit: int | None = None) -> tuple[EntitySchema | None, str]:
     """The change set's own schema and where it came from ("metadata" or "records"); (None,
     "none") when it holds no metadata and no records, so there is nothing to compare."""
     definition = archive.read_json(ENTITY_DEFINITION)
     if isinstance(definition, dict) and definition.get("Attributes"):
         request = archive.read_json(REQUEST) or {}
-        return only_selected(schema_from_metadata(archive.entity, definition, primary_key),
+        return only_selected(schema_from_metadata(archive.entity, definition, primary_key,
+                                                  name_limit),
                              request.get("select")), "metadata"
     types: dict[str, str | None] = {}
     records_seen = 0
@@ -110,7 +119,8 @@ def live_schema(archive: ChangeSetArchive, primary_key: str) -> tuple[EntitySche
         observed_types(records, types)
     if not records_seen:
         return None, "none"
-    return schema_from_observed_types(archive.entity, types, primary_key), "records"
+    return schema_from_observed_types(archive.entity, types, primary_key,
+                                      name_limit), "records"
 
 
 def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArchive,
@@ -122,8 +132,9 @@ def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArch
     request = archive.read_json(REQUEST) or {}
     row_filter = request.get("row_filter")
     locked = load_locked_schema(connection, entity.name)
+    name_limit = dialect_of(connection).max_identifier_bytes
     if locked is None:
-        decided = decide_schema(archive, entity.primary_key)
+        decided = decide_schema(archive, entity.primary_key, name_limit)
         with transaction(connection):
             locked = lock_schema(connection, decided)
             if locked is decided:  # this change set locked it
@@ -134,8 +145,8 @@ def schema_for_change_set(connection: sqlite3.Connection, archive: ChangeSetArch
         return locked
     if _checked(connection, entity.name, change_set):
         return locked
-    live, live_from = live_schema(archive, locked.primary_key)
-    changes = compare_schemas(locked, live) if live is not None else []
+    live, live_from = live_schema(archive, locked.primary_key, name_limit)
+    changes = compare_schemas(locked, live, name_limit) if live is not None else []
     changes = mark_deselected(changes, request.get("select"), _metadata_columns(archive))
     with transaction(connection, staging=True):  # evolve adds columns to the staging table
         if _checked(connection, entity.name, change_set):  # another run got here first
@@ -175,13 +186,7 @@ def evolve(connection: sqlite3.Connection, locked: EntitySchema, additions: list
                 f"ALTER TABLE {quote_identifier(table)} ADD COLUMN"
                 f" {quote_identifier(column.name)} {column.sqlite_type}"
             )
-            # json_each, not json_extract: a JSON path cannot address every key ('a"b').
-            connection.execute(
-                f"UPDATE {quote_identifier(table)} SET {quote_identifier(column.name)} ="
-                f" (SELECT j.value FROM json_each({quote_identifier(table)}.json_response) j"
-                f" WHERE j.key = ?)",
-                (column.name,),
-            )
+            fill_column_from_json(connection, table, column.name, column.sqlite_type)
     names = ", ".join(f"{c.name} {c.sqlite_type}" for c in new_columns)
     schema = EntitySchema(
         locked.entity, locked.primary_key, (*locked.columns, *new_columns), locked.decided_from,
@@ -261,17 +266,17 @@ def _record(connection: sqlite3.Connection, entity: str, change_set: str, versio
             live_from: str, outcome: str, changes: list[SchemaChange], action,
             row_filter: str | None) -> None:
     now = utc_now_iso()
+    dialect = dialect_of(connection)
     connection.execute(
-        "INSERT OR REPLACE INTO _schema_check (entity, change_set, schema_version, live_from,"
-        " outcome, checked_at, row_filter) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        dialect.upsert("_schema_check", ("entity", "change_set", "schema_version", "live_from",
+                                         "outcome", "checked_at", "row_filter"),
+                       ("entity", "change_set")),
         (entity, change_set, version, live_from, outcome, now, row_filter),
     )
     connection.execute("DELETE FROM _schema_drift WHERE entity = ? AND change_set = ?",
                        (entity, change_set))
     connection.executemany(
-        "INSERT OR REPLACE INTO _schema_drift (entity, change_set, kind, column_name, severity,"
-        " locked_type, live_type, locked_attribute_type, live_attribute_type, action, detail,"
-        " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        dialect.upsert("_schema_drift", DRIFT_COLUMNS, DRIFT_KEY),
         [(entity, change_set, c.kind, c.column, c.severity, c.locked_type, c.live_type,
           c.locked_attribute_type, c.live_attribute_type, action(c), c.detail or None, now)
          for c in changes],

@@ -37,12 +37,12 @@ from contextlib import suppress
 from dataverse_assets.archive.change_sets import ENTITY_DEFINITION, ChangeSetArchive
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.modes import Mode
-from dataverse_assets.store.db import transaction
+from dataverse_assets.store.backend import dialect_of
+from dataverse_assets.store.db import connect_staging_writer, transaction
 from dataverse_assets.store.schema import EntitySchema
 from dataverse_assets.store.staging_store import (
     forget_prestaged,
     record_prestaged,
-    staging_path,
 )
 from dataverse_assets.store.tables import delete_staged_rows
 from dataverse_assets.sync.fetch_plan import FetchRequest
@@ -74,7 +74,7 @@ def stage_while_fetching() -> bool:
 
 
 def _schema_now(archive: ChangeSetArchive, entity: EntityConfig,
-                locked: EntitySchema | None) -> EntitySchema | None:
+                locked: EntitySchema | None, name_limit: int | None) -> EntitySchema | None:
     """The schema staging/E will most likely use: the locked one, or for a first change set
     the one its archived metadata decides (None without metadata: a first sync that infers
     its schema from records is staged from the archive)."""
@@ -82,7 +82,7 @@ def _schema_now(archive: ChangeSetArchive, entity: EntityConfig,
         return locked
     definition = archive.read_json(ENTITY_DEFINITION)
     if isinstance(definition, dict) and definition.get("Attributes"):
-        return decide_schema(archive, entity.primary_key)
+        return decide_schema(archive, entity.primary_key, name_limit)
     return None
 
 
@@ -151,16 +151,15 @@ class PageStager:
         connection = writer = None
         try:
             # A write lock not had within PRESTAGE_WAIT_SECONDS: give up, not hold the fetch.
-            connection = sqlite3.connect(staging_path(self.db_path),
-                                         timeout=PRESTAGE_WAIT_SECONDS, isolation_level=None)
-            connection.execute("PRAGMA synchronous=OFF")
+            connection, markers = connect_staging_writer(self.db_path, PRESTAGE_WAIT_SECONDS)
             context = None
             while (item := self.queue.get()) is not _END:
                 if self.given_up is not None:
                     continue  # drain: the fetch must never wait for a thread that gave up
                 number, meta, records = item
                 if writer is None:
-                    schema = _schema_now(self.archive, self.entity, self.locked)
+                    schema = _schema_now(self.archive, self.entity, self.locked,
+                                         dialect_of(connection).max_identifier_bytes)
                     if schema is None:
                         self.given_up = "no schema before staging/E decides it"
                         continue
@@ -173,20 +172,20 @@ class PageStager:
                                                       self.entity.hash_ignore_annotations)
                     writer = StagingWriter(connection, self.entity.name,
                                            self.archive.change_set, schema, self.issues)
-                    with transaction(connection):
+                    with transaction(connection, mirror=False, staging=True):
                         forget_prestaged(connection, self.entity.name,
-                                         self.archive.change_set, schema="main")
+                                         self.archive.change_set, schema=markers)
                         writer.start()
                 rows, keys = stage_records(context, number, meta, records, self.counts,
                                            self.issues)
-                with transaction(connection):
+                with transaction(connection, mirror=False, staging=True):
                     writer.write(rows, keys)
             if self._finishing and self.given_up is None and writer is not None:
-                with transaction(connection):
+                with transaction(connection, mirror=False, staging=True):
                     writer.finish()
                     record_prestaged(connection, self.entity.name, self.archive.change_set,
                                      fingerprint, writer.rows, self.counts, self.issues,
-                                     schema="main")
+                                     schema=markers)
                 self.recorded = True
         except Exception as exc:  # noqa: BLE001 - staging/E stages the archive instead
             self.given_up = f"{type(exc).__name__}: {exc}"
@@ -201,5 +200,5 @@ class PageStager:
 
     def _delete_written(self, connection: sqlite3.Connection) -> None:
         """What the thread wrote, deleted (best effort: staging/E deletes it anyway)."""
-        with suppress(sqlite3.Error), transaction(connection):
+        with suppress(Exception), transaction(connection, mirror=False, staging=True):
             delete_staged_rows(connection, self.entity.name, self.archive.change_set)

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from dataverse_assets.errors import StorageError
 from dataverse_assets.modes import Mode, PublishStatus, SyncStatus
+from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.bookkeeping import (
     is_bulk_create,
     publish_status,
@@ -108,6 +109,8 @@ def execute_plan(
         set_publish_state(connection, schema.entity, change_set, PublishStatus.EXECUTING,
                           started_at=utc_now_iso())
     applied = 0
+    dialect = dialect_of(connection)
+    chunk = dialect.temp_table("_chunk")
     with transaction(connection):
         # Multi-select child tables: made (and filled from E) before the first chunk, kept by
         # every chunk in its own transaction.
@@ -121,28 +124,29 @@ def execute_plan(
         if applied:
             fault_point("publish.after_chunk_commit")  # a chunk committed, watermark not yet
         with transaction(connection):
-            connection.execute("DROP TABLE IF EXISTS temp._chunk")
+            connection.execute(f"DROP TABLE IF EXISTS {chunk}")
             # Keyed, so every join on the chunk is an index lookup (unkeyed, SQLite may scan it
             # once per plan row: quadratic in the change set's size).
             connection.execute("CREATE TEMP TABLE _chunk (pk TEXT PRIMARY KEY, kind TEXT)")
             # pk > after: the plan's primary key index starts each chunk where the previous one
             # ended, instead of stepping over every applied row again (quadratic).
             connection.execute(
-                "INSERT INTO temp._chunk (pk, kind) SELECT pk, kind FROM _publish_plan"
+                f"INSERT INTO {chunk} (pk, kind) SELECT pk, kind FROM _publish_plan"
                 " WHERE entity = ? AND change_set = ? AND pk > ? AND applied = 0"
                 " AND kind IN ('create', 'update', 'delete', 'delete_unknown')"
                 " ORDER BY pk LIMIT ?",
                 (schema.entity, change_set, after, chunk_rows),
             )
             size, last_pk = connection.execute(
-                "SELECT count(*), max(pk) FROM temp._chunk").fetchone()
+                f"SELECT count(*), max(pk) FROM {chunk}").fetchone()
             after = last_pk if last_pk is not None else after
             _apply_chunk(connection, schema, change_set, as_of or utc_now_iso(), multi_select)
             fault_point("publish.mid_execute")
             connection.execute(
-                "UPDATE OR FAIL _publish_plan SET applied = 1 WHERE entity = ? AND change_set = ?"
-                " AND pk IN (SELECT pk FROM temp._chunk)", (schema.entity, change_set))
-            connection.execute("DROP TABLE temp._chunk")
+                f"{dialect.or_fail('UPDATE')} _publish_plan SET applied = 1 WHERE entity = ?"
+                f" AND change_set = ? AND pk IN (SELECT pk FROM {chunk})",
+                (schema.entity, change_set))
+            connection.execute(f"DROP TABLE {chunk}")
             applied += size
             progress(applied)
             last = size < chunk_rows
@@ -212,7 +216,8 @@ def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
     # The modifiedon/createdon indexes are built once at the end instead of being grown row by
     # row in random order (3 s less at 1M rows; a crash before then: the next plan creates
     # them). The NOCASE key index grows in key order, as the rows go in: it stays.
-    indexes = [n for n in secondary_indexes(schema) if not n.endswith(NOCASE_SUFFIX)]
+    indexes = [n for n in secondary_indexes(schema, dialect_of(connection))
+               if not n.endswith(NOCASE_SUFFIX)]
     with transaction(connection):
         for name in indexes:
             connection.execute(f"DROP INDEX IF EXISTS {quote_identifier(name)}")
@@ -247,7 +252,7 @@ def _execute_bulk_creates(connection: sqlite3.Connection, schema: EntitySchema,
             in_chunk = f"c.{pk} > :after{'' if last is None else f' AND c.{pk} <= :last'}"
             for column in multi_select:
                 connection.execute(child_rows_sql(schema.entity, schema.primary_key, column,
-                                                  in_chunk), params)
+                                                  in_chunk, dialect_of(connection)), params)
             applied += size
             if last is None:
                 ensure_canonical_tables(connection, schema)
@@ -277,13 +282,16 @@ def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_se
     data = [quote_identifier(c) for c in schema.column_names]
     sync = [quote_identifier(n) for n, _ in SYNC_COLUMNS]
     params = {"now": now, "cs": change_set}
+    dialect = dialect_of(connection)
+    chunk = dialect.temp_table("_chunk")
+    insert, update = dialect.or_fail("INSERT"), dialect.or_fail("UPDATE")
     # Superseded and deleted versions move to history before canonical changes.
     connection.execute(
-        f"INSERT OR FAIL INTO {history} ({', '.join(data + sync)}, valid_to, change_kind,"
+        f"{insert} INTO {history} ({', '.join(data + sync)}, valid_to, change_kind,"
         f" superseded_in)"
         f" SELECT {', '.join('c.' + c for c in data + sync)},"
         f" COALESCE(s._modifiedon, :now), p.kind, :cs"
-        f" FROM {entity} c JOIN temp._chunk p ON p.pk = c.{pk}"
+        f" FROM {entity} c JOIN {chunk} p ON p.pk = c.{pk}"
         f" LEFT JOIN {staging} s ON s._pk = c.{pk} AND s._change_set = :cs"
         f" WHERE p.kind IN ('update', 'delete')",
         params,
@@ -302,51 +310,54 @@ def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_se
         return (f"(SELECT {', '.join(values[c] for c in columns)} FROM {staging} s"
                 f" WHERE s._change_set = :cs AND s._pk = {entity}.{pk})")
 
-    updates = f" WHERE {pk} IN (SELECT pk FROM temp._chunk WHERE kind = 'update')"
+    updates = f" WHERE {pk} IN (SELECT pk FROM {chunk} WHERE kind = 'update')"
     connection.execute(
-        f"UPDATE OR FAIL {entity} SET ({', '.join(updated)}) = {staged(updated)}{updates}",
+        f"{update} {entity} SET ({', '.join(updated)}) = {staged(updated)}{updates}",
         params)
     for name in stable:
         column = quote_identifier(name)
         connection.execute(
-            f"UPDATE OR FAIL {entity} SET {column} = {staged([column])}"
-            f" WHERE {pk} IN (SELECT c.pk FROM temp._chunk c JOIN _publish_plan p"
+            f"{update} {entity} SET {column} = {staged([column])}"
+            f" WHERE {pk} IN (SELECT c.pk FROM {chunk} c JOIN _publish_plan p"
             "  ON p.entity = :entity AND p.change_set = :cs AND p.pk = c.pk"
             "  WHERE c.kind = 'update'"
-            "  AND (p.changes IS NULL OR json_extract(p.changes, :path) IS NOT NULL))",
-            {**params, "entity": schema.entity, "path": f'$."{name}"'})
+            f"  AND (p.changes IS NULL OR {dialect.json_text('p.changes', name)} IS NOT NULL))",
+            {**params, "entity": schema.entity})
     connection.execute(
-        f"INSERT OR FAIL INTO {entity} ({', '.join(data + sync)})"
+        f"{insert} INTO {entity} ({', '.join(data + sync)})"
         f" SELECT {_canonical_values(data)}"
-        f" FROM {staging} s JOIN temp._chunk p ON p.pk = s._pk"
+        f" FROM {staging} s JOIN {chunk} p ON p.pk = s._pk"
         f" WHERE s._change_set = :cs AND p.kind = 'create'",
         params,
     )
     connection.execute(
-        f"DELETE FROM {entity} WHERE {pk} IN (SELECT pk FROM temp._chunk WHERE kind = 'delete')"
+        f"DELETE FROM {entity} WHERE {pk} IN (SELECT pk FROM {chunk} WHERE kind = 'delete')"
     )
     # Each multi-select child table follows its column: the chunk's records' rows replaced.
     for column in multi_select:
         table = quote_identifier(multi_select_table(schema.entity, column))
-        connection.execute(f"DELETE FROM {table} WHERE record_id IN (SELECT pk FROM temp._chunk)")
-        chunk = f"c.{pk} IN (SELECT pk FROM temp._chunk WHERE kind IN ('create', 'update'))"
-        connection.execute(child_rows_sql(schema.entity, schema.primary_key, column, chunk))
+        connection.execute(f"DELETE FROM {table} WHERE record_id IN (SELECT pk FROM {chunk})")
+        written = f"c.{pk} IN (SELECT pk FROM {chunk} WHERE kind IN ('create', 'update'))"
+        connection.execute(child_rows_sql(schema.entity, schema.primary_key, column, written,
+                                          dialect))
+    reason = dialect.json_text("s.json_response", "reason")
     connection.execute(
-        "INSERT OR REPLACE INTO _defunct (entity, id, change_set, reason, recorded_at)"
-        " SELECT ?, p.pk, ?, CASE"
-        "  WHEN s._op = 'delete' AND json_extract(s.json_response, '$.reason') = 'deleted'"
-        "   THEN 'deleted in source'"
-        "  WHEN s._op = 'delete' THEN json_extract(s.json_response, '$.reason')"
-        "  ELSE 'no longer in the source' END, ?"
-        f" FROM temp._chunk p LEFT JOIN {staging} s ON s._pk = p.pk AND s._change_set = ?"
-        " WHERE p.kind IN ('delete', 'delete_unknown')",
+        dialect.upsert_select(
+            "_defunct", ("entity", "id", "change_set", "reason", "recorded_at"),
+            ("entity", "id"),
+            "SELECT ?, p.pk, ?, CASE"
+            f"  WHEN s._op = 'delete' AND {reason} = 'deleted' THEN 'deleted in source'"
+            f"  WHEN s._op = 'delete' THEN {reason}"
+            "  ELSE 'no longer in the source' END, ?"
+            f" FROM {chunk} p LEFT JOIN {staging} s ON s._pk = p.pk AND s._change_set = ?"
+            " WHERE p.kind IN ('delete', 'delete_unknown')"),
         (schema.entity, change_set, now, change_set),
     )
     # One row per applied change, with the changed fields: what happened to a record, when.
     connection.execute(
-        "INSERT OR FAIL INTO _change_history (entity, change_set, record_id, kind, changes,"
+        f"{insert} INTO _change_history (entity, change_set, record_id, kind, changes,"
         " applied_at)"
-        " SELECT ?, ?, c.pk, c.kind, p.changes, ? FROM temp._chunk c JOIN _publish_plan p"
+        f" SELECT ?, ?, c.pk, c.kind, p.changes, ? FROM {chunk} c JOIN _publish_plan p"
         " ON p.entity = ? AND p.change_set = ? AND p.pk = c.pk",
         (schema.entity, change_set, now, schema.entity, change_set),
     )
@@ -403,7 +414,7 @@ def publish_change_set(
         problem = storage_problem(exc)
         try:
             record_publish_failure(connection, schema.entity, change_set, operation, exc)
-        except sqlite3.Error:
+        except Exception:  # SQLite's or psycopg's
             if problem is None and isinstance(exc, Exception):
                 raise
             # The same full disk or read-only file refuses the FAILED record too; the error
@@ -414,7 +425,8 @@ def publish_change_set(
             raise _storage_error(connection, schema.entity, change_set, problem, exc) from None
         raise
     finally:
-        connection.execute("DROP TABLE IF EXISTS temp._chunk")
+        connection.execute(
+            f"DROP TABLE IF EXISTS {dialect_of(connection).temp_table('_chunk')}")
 
 
 def _storage_error(connection: sqlite3.Connection, entity: str, change_set: str,

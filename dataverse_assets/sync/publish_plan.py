@@ -11,12 +11,13 @@ import orjson
 
 from dataverse_assets.errors import PlanValidationError
 from dataverse_assets.modes import SNAPSHOT_MODES, PublishStatus
-from dataverse_assets.names import KEY_GLOB
+from dataverse_assets.store.backend import POSTGRES, dialect_of
 from dataverse_assets.store.bookkeeping import set_publish_state
 from dataverse_assets.store.db import quote_identifier, transaction, utc_now_iso
 from dataverse_assets.store.schema import EntitySchema, json_bytes
 from dataverse_assets.store.tables import (
     ensure_canonical_tables,
+    set_plan_changes,
     staging_keys_table,
     staging_table,
 )
@@ -27,7 +28,8 @@ PLAN_KINDS = ("create", "update", "delete", "unchanged", "stale", "delete_unknow
 # A canonical row `c` written by a change set newer than :cs. Keys have one fixed width, so
 # their text order is their time order; a row an older version wrote under a key that is not
 # one (any partition key was taken then) is never newer.
-_WRITTEN_IN_NEWER = "c._change_set > :cs AND c._change_set GLOB :key_glob"
+def _written_in_newer(dialect) -> str:
+    return f"c._change_set > :cs AND c._change_set {dialect.key_match} :key_glob"
 
 PLAN_DDL = """
 CREATE TABLE IF NOT EXISTS _publish_plan (
@@ -53,6 +55,10 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
     pk = quote_identifier(schema.primary_key)
     keys = quote_identifier(staging_keys_table(schema.entity))
     full_snapshot = mode in SNAPSHOT_MODES
+    dialect = dialect_of(connection)
+    postgres = dialect is POSTGRES
+    newer = _written_in_newer(dialect)
+    key_glob = dialect.key_pattern
     connection.executescript(PLAN_DDL)
     with transaction(connection):
         ensure_canonical_tables(connection, schema)
@@ -65,17 +71,21 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
         # Newer data is never overwritten by an older change set: modifiedon decides where
         # both have one, the change set order decides otherwise.
         newer_in_canonical = (
-            f"(({_WRITTEN_IN_NEWER}) OR (s._modifiedon IS NOT NULL AND c.valid_from IS NOT NULL"
+            f"(({newer}) OR (s._modifiedon IS NOT NULL AND c.valid_from IS NOT NULL"
             " AND s._modifiedon < c.valid_from))"
         )
         # Each update's changed fields are computed in the same pass (a SQL function over
         # both versions' JSON), streaming: no second read of the rows, nothing held in memory.
-        connection.create_function(CHANGED_FIELDS_FUNCTION, 2, changed_fields,
-                                   deterministic=True)
+        # PostgreSQL runs no Python in SQL: there they are computed after (_plan_changes).
+        if not postgres:
+            connection.create_function(CHANGED_FIELDS_FUNCTION, 2, changed_fields,
+                                       deterministic=True)
+        changes = "NULL" if postgres else f"{CHANGED_FIELDS_FUNCTION}(old, new)"
         connection.execute(
-            f"INSERT OR FAIL INTO _publish_plan (entity, change_set, pk, kind, changes)"
+            f"{dialect.or_fail('INSERT')} INTO _publish_plan (entity, change_set, pk, kind,"
+            f" changes)"
             f" SELECT :entity, :cs, pk, kind,"
-            f"  CASE WHEN kind = 'update' THEN {CHANGED_FIELDS_FUNCTION}(old, new) END"
+            f"  CASE WHEN kind = 'update' THEN {changes} END"
             f" FROM (SELECT s._pk AS pk, CASE"
             f"  WHEN s._op = 'delete' AND c.{pk} IS NULL THEN 'delete_unknown'"
             f"  WHEN c.{pk} IS NULL THEN 'create'"
@@ -84,18 +94,20 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             f"  WHEN c._content_hash = s._content_hash THEN 'unchanged'"
             f"  ELSE 'update' END AS kind, c.json_response AS old, s.json_response AS new"
             f" FROM {staging} s LEFT JOIN {entity} c ON c.{pk} = s._pk"
-            f" WHERE s._change_set = :cs)",
-            {"entity": schema.entity, "cs": change_set, "key_glob": KEY_GLOB},
+            f" WHERE s._change_set = :cs) AS plan",
+            {"entity": schema.entity, "cs": change_set, "key_glob": key_glob},
         )
+        if postgres:
+            _plan_changes(connection, schema, change_set)
         fault_point("publish.mid_plan")
         if full_snapshot:
             # Rows the snapshot no longer has are deletes (unless a newer change set wrote them).
             connection.execute(
                 f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
                 f" SELECT :entity, :cs, c.{pk}, 'delete' FROM {entity} c"
-                f" WHERE NOT ({_WRITTEN_IN_NEWER}) AND NOT EXISTS (SELECT 1 FROM {staging} s"
+                f" WHERE NOT ({newer}) AND NOT EXISTS (SELECT 1 FROM {staging} s"
                 f"  WHERE s._change_set = :cs AND s._pk = c.{pk})",
-                {"entity": schema.entity, "cs": change_set, "key_glob": KEY_GLOB},
+                {"entity": schema.entity, "cs": change_set, "key_glob": key_glob},
             )
         elif reconciled:
             # Key-only scan: a mirrored row whose key the source no longer lists is deleted,
@@ -103,12 +115,12 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             connection.execute(
                 f"INSERT INTO _publish_plan (entity, change_set, pk, kind)"
                 f" SELECT :entity, :cs, c.{pk}, 'delete' FROM {entity} c"
-                f" WHERE NOT ({_WRITTEN_IN_NEWER})"
+                f" WHERE NOT ({newer})"
                 f" AND NOT EXISTS (SELECT 1 FROM {keys} k WHERE k._change_set = :cs"
                 f"  AND k._pk = c.{pk})"
                 f" AND NOT EXISTS (SELECT 1 FROM {staging} s WHERE s._change_set = :cs"
                 f"  AND s._pk = c.{pk})",
-                {"entity": schema.entity, "cs": change_set, "key_glob": KEY_GLOB},
+                {"entity": schema.entity, "cs": change_set, "key_glob": key_glob},
             )
         counts = {kind: 0 for kind in PLAN_KINDS}
         counts.update(connection.execute(
@@ -132,6 +144,22 @@ def plan_change_set(connection: sqlite3.Connection, schema: EntitySchema, change
             delete_unknown=counts["delete_unknown"], bulk_create=0,
         )
     return counts
+
+
+def _plan_changes(connection, schema: EntitySchema, change_set: str) -> None:
+    """Each planned update's changed fields (PostgreSQL: computed here from both versions,
+    where SQLite computes them in the plan's statement). Inside the plan's transaction."""
+    entity = quote_identifier(schema.entity)
+    staging = quote_identifier(staging_table(schema.entity))
+    pk = quote_identifier(schema.primary_key)
+    rows = connection.execute(
+        f"SELECT p.pk, c.json_response, s.json_response FROM _publish_plan p"
+        f" JOIN {entity} c ON c.{pk} = p.pk"
+        f" JOIN {staging} s ON s._change_set = p.change_set AND s._pk = p.pk"
+        f" WHERE p.entity = ? AND p.change_set = ? AND p.kind = 'update'",
+        (schema.entity, change_set))
+    set_plan_changes(connection, schema.entity, change_set,
+                     ((key, changed_fields(old, new)) for key, old, new in rows))
 
 
 def _check_plan_covers_staging(connection: sqlite3.Connection, entity: str, change_set: str,

@@ -25,6 +25,8 @@ from dataverse_assets.archive.change_sets import (
 )
 from dataverse_assets.archive.compacted import iter_compacted_bodies
 from dataverse_assets.archive.storage import ArchiveStorage
+from dataverse_assets.store import postgres_staging
+from dataverse_assets.store.backend import POSTGRES, dialect_of
 from dataverse_assets.store.bookkeeping import record_staged
 from dataverse_assets.store.db import (
     quote_identifier,
@@ -52,6 +54,8 @@ from dataverse_assets.store.staging_store import (
 )
 from dataverse_assets.store.tables import (
     delete_staged_rows,
+    row_id_column,
+    row_id_match,
     staging_keys_table,
     staging_table,
 )
@@ -106,12 +110,14 @@ def align_canonical_hashes(connection: sqlite3.Connection, entity: str,
     rehashed = 0
     with transaction(connection):
         if table_exists(connection, entity):
-            cursor = connection.execute(f"SELECT rowid, json_response FROM {table}")
+            row_id = row_id_column(connection)
+            cursor = connection.execute(f"SELECT {row_id}, json_response FROM {table}")
             while batch := cursor.fetchmany(_REHASH_BATCH):
                 updates = [(content_hash(orjson.loads(body), ignore_annotations), rowid)
                            for rowid, body in batch]
                 connection.executemany(
-                    f"UPDATE {table} SET _content_hash = ? WHERE rowid = ?", updates)
+                    f"UPDATE {table} SET _content_hash = ? WHERE {row_id_match(connection)}",
+                    updates)
                 rehashed += len(updates)
         connection.execute(
             "INSERT INTO _hash_rule (entity, rule, set_at) VALUES (?, ?, ?)"
@@ -120,14 +126,17 @@ def align_canonical_hashes(connection: sqlite3.Connection, entity: str,
     return rehashed
 
 
-def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None) -> EntitySchema:
-    """Schema for a first change set: from archived metadata, else from the first page."""
+def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None,
+                  name_limit: int | None = None) -> EntitySchema:
+    """Schema for a first change set: from archived metadata, else from the first page
+    (`name_limit`: the store's longest column name, Dialect.max_identifier_bytes)."""
     definition = archive.read_json(ENTITY_DEFINITION)
     request = archive.read_json(REQUEST) or {}
     if isinstance(definition, dict) and definition.get("Attributes"):
         # Only the columns the entity's `select` asked for (all without one).
         return only_selected(schema_from_metadata(archive.entity, definition,
-                                                  primary_key_override), request.get("select"))
+                                                  primary_key_override, name_limit),
+                             request.get("select"))
     override = primary_key_override or request.get("primary_key")
     sample: list[dict] = []
     for page, records in archive.iter_page_records():
@@ -135,7 +144,7 @@ def decide_schema(archive: ChangeSetArchive, primary_key_override: str | None) -
             sample.extend(records)
         if len(sample) >= 1000:
             break
-    return infer_schema_from_records(archive.entity, sample, override)
+    return infer_schema_from_records(archive.entity, sample, override, name_limit)
 
 
 @dataclass
@@ -436,6 +445,7 @@ class StagingWriter:
         self.columns = [*STAGING_META_COLUMNS, *self.names, "json_response"]
         self.types = {c.name: c.sqlite_type for c in schema.columns}
         self.keys_table = quote_identifier(staging_keys_table(entity))
+        self.postgres = dialect_of(connection) is POSTGRES
         self.new_table = False
         self.rows = 0
         # A record seen twice in one change set (it changed while we paged) keeps its last
@@ -447,6 +457,9 @@ class StagingWriter:
 
     def start(self) -> None:
         connection, table, types = self.connection, self.table, self.types
+        if self.postgres:
+            self._start_postgres()
+            return
         # A new table (an entity's first change set: its first sync, or a rebuild's) gets its
         # rows appended in page order and its (_change_set, _pk) key index built once, after
         # them: growing that index key by key in GUID order made staging a 1M-row first sync
@@ -478,7 +491,37 @@ class StagingWriter:
             " (_change_set TEXT NOT NULL, _pk TEXT NOT NULL, PRIMARY KEY (_change_set, _pk))")
         delete_staged_rows(connection, self.entity, self.change_set)
 
+    def _start_postgres(self) -> None:
+        """As `start`, in PostgreSQL (store.postgres_staging): the key index is made with the
+        table, and rows are upserted through it from the start."""
+        connection, table = self.connection, self.table
+        if not table_exists(connection, table):
+            postgres_staging.create_staging_table(connection, table, self.columns, self.types)
+        else:
+            existing = set(table_columns(connection, table))
+            for column in self.columns:
+                if column not in existing:
+                    postgres_staging.add_staging_column(connection, table, column,
+                                                        self.types.get(column, "TEXT"))
+        postgres_staging.create_indexes(connection, table, staging_key_index(table))
+        postgres_staging.create_keys_table(connection, staging_keys_table(self.entity))
+        delete_staged_rows(connection, self.entity, self.change_set)
+
+    def _write_postgres(self, batch: list[tuple], keys: list[str]) -> None:
+        if batch:
+            postgres_staging.write_rows(
+                self.connection, self.table, self.columns, postgres_staging.typed_rows(
+                    batch, self.columns, self.types, len(STAGING_META_COLUMNS),
+                    len(self.names), self.issues, self.change_set, self.entity, self.rows))
+        if keys:
+            postgres_staging.write_keys(self.connection, staging_keys_table(self.entity),
+                                        self.change_set, keys)
+        self.rows += len(batch)
+
     def write(self, batch: list[tuple], keys: list[str]) -> None:
+        if self.postgres:
+            self._write_postgres(batch, keys)
+            return
         try:
             self.connection.executemany(self.statement, batch)
         except (sqlite3.ProgrammingError, OverflowError):
@@ -494,7 +537,7 @@ class StagingWriter:
         self.rows += len(batch)
 
     def finish(self) -> None:
-        if self.new_table:
+        if self.new_table and not self.postgres:
             _create_key_index(self.connection, self.table)
 
 
@@ -625,8 +668,10 @@ def column_values(connection: sqlite3.Connection, table: str, column: str, *,
         conditions.append("_change_set = ?")
         params.append(change_set)
     if lookup_target is not None:
-        conditions.append("json_extract(json_response, ?) = ?")
-        params += ['$."' + column + LOOKUP_TARGET_ANNOTATION + '"', lookup_target]
+        target = dialect_of(connection).json_text("json_response",
+                                                  column + LOOKUP_TARGET_ANNOTATION)
+        conditions.append(f"{target} = ?")
+        params.append(lookup_target)
     return {
         str(row[0]) for row in connection.execute(
             f"SELECT DISTINCT {quote_identifier(column)} FROM {quote_identifier(table)}"

@@ -282,7 +282,8 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
                 # not left PENDING.
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
-                with contextlib.suppress(sqlite3.Error):  # a refusing database: exc says why
+                # A refusing database (SQLite's or PostgreSQL's error): exc says why.
+                with contextlib.suppress(Exception):
                     record_publish_failure(connection, entity.name, key, operation, exc)
                 raise
             results.append(publish_change_set(
@@ -300,14 +301,14 @@ def publish(store: MirrorAccess, entity: EntityConfig, change_set: str, *,
                          status=SyncStatus.COMPLETED, started_at=started_at,
                          seconds=time.perf_counter() - started,
                          details=_json(results[-1].as_dict()))
-            except sqlite3.Error as exc:
+            except Exception as exc:  # SQLite's or psycopg's; storage_problem tells
                 problem = storage_problem(exc)
                 if problem is None:
                     raise
                 raise StorageError(
                     f"{entity.name}: change set {key} was published (COMPLETE, watermark "
                     f"moved) but its step log could not be written: {problem[0]} "
-                    f"({database_path(connection)}; SQLite: {exc}). Nothing was half-written. "
+                    f"({database_path(connection)}: {exc}). Nothing was half-written. "
                     f"To fix: {problem[1]}, then run the sync again.") from None
     return results
 

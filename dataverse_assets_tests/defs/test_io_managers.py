@@ -3,6 +3,7 @@ output side without touching asset code."""
 
 import warnings
 
+import pytest
 from dagster import ConfigurableIOManager, InputContext, OutputContext
 
 from dataverse_assets.defs.definitions import build_definitions
@@ -10,9 +11,16 @@ from dataverse_assets.defs.io_managers import PublishRequest
 from dataverse_assets.defs.partitions import add_change_sets
 from dataverse_assets.defs.schedules import sync_job_name
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store.db import connect, table_exists
+from dataverse_assets.store.db import table_exists
 from dataverse_assets.store.tables import staging_table
 from dataverse_assets_tests.conftest import ENTITY_NAMES, failure_messages
+
+
+@pytest.fixture
+def mirror(each_mirror):
+    """Every test here runs in each kind of store (docs/store-backends.md)."""
+    return each_mirror
+
 
 REQUESTS: list[tuple[str, str]] = []
 
@@ -44,7 +52,7 @@ def test_canonical_output_side_is_swappable_without_changing_asset_code(mirror):
     daily = sorted(e.name for e in mirror.settings.entities.entities_in_group("daily"))
     # Every entity's change set reached the swapped manager, staged but never published.
     assert sorted(REQUESTS) == [(name, key) for name in daily]
-    with connect(mirror.settings.db_path) as connection:
+    with mirror.connection() as connection:
         for name in daily:
             assert not table_exists(connection, name)
             assert connection.execute(

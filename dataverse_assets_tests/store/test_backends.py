@@ -59,7 +59,8 @@ URL = "postgresql://mirror@127.0.0.1:1/dataverse"
 def test_a_postgresql_store_is_refused_at_startup_while_unfinished(tmp_path, monkeypatch,
                                                                     capsys):
     monkeypatch.delenv(ALLOW_UNFINISHED_ENV, raising=False)
-    with pytest.raises(ConfigError, match="^the PostgreSQL store is not finished: staging "):
+    with pytest.raises(ConfigError,
+                       match="^the PostgreSQL store is not finished: the sync's tests "):
         connect(URL)
     settings = Settings(store_url=URL, archive_dir=tmp_path / "archive")
     with pytest.raises(ConfigError, match="^the PostgreSQL store is not finished") as refused:

@@ -9,6 +9,12 @@ from dataverse_assets.store.schema_registry import load_locked_schema
 from dataverse_assets_tests.helpers import stage_and_publish, thing
 
 
+@pytest.fixture
+def store(each_store):
+    """Every test here runs in each kind of store (docs/store-backends.md)."""
+    return each_store
+
+
 def check(store):
     with store.connection() as connection:
         result = primary_key_result(connection, "things",

@@ -31,6 +31,12 @@ EVERYTHING_OLD = {"publish_plan_days": 0, "change_history_days": 0, "sync_log_da
                   "resolved_issues_days": 0, "closed_dead_letters_days": 0}
 
 
+@pytest.fixture
+def store(each_store):
+    """The tests that take `store` run in each kind of store (docs/store-backends.md)."""
+    return each_store
+
+
 def with_maintenance(mirror, tmp_path, **settings) -> None:
     """Rewrite the mirror's entities file with these maintenance (and archive) settings."""
     raw = json.loads(mirror.settings.entities_config_path.read_text())
@@ -375,3 +381,13 @@ def test_issues_an_older_version_recorded_once_per_sighting_are_folded(tmp_path)
         assert connection.execute(
             "SELECT change_set, last_change_set, occurrences, last_seen_at FROM _issues"
         ).fetchall() == [("a", "c", 3, "2026-01-03")]
+
+
+def test_a_postgresql_store_is_vacuumed_not_shrunk(postgres_store_url):
+    with closing(connect(postgres_store_url)) as connection:
+        connection.execute("CREATE TABLE things (thingid TEXT)")
+        connection.execute("INSERT INTO things SELECT 'id-' || n FROM generate_series(1, 500) n")
+        connection.execute("DELETE FROM things")
+    shrink = shrink_database(postgres_store_url)
+    assert shrink.bytes_before > 0 and shrink.bytes_after > 0
+    assert (shrink.pages_freed, shrink.converted) == (0, False)

@@ -181,7 +181,8 @@ def test_a_publish_and_staged_rows_are_written_side_by_side(store):
 
 
 def test_rows_a_killed_fetch_staged_are_deleted_by_retention_once_a_newer_change_set_published(
-        store):
+        each_store):
+    store = each_store  # (both stores: docs/store-backends.md)
     older, newer = "20251231T000000Z", "20260105T000000Z"
     stage_and_publish(store, FIRST, [thing(1, "a")])
     _stage_unrecorded(store, older, [thing(7, "killed")])
@@ -198,8 +199,9 @@ def test_rows_a_killed_fetch_staged_are_deleted_by_retention_once_a_newer_change
             (FIRST, "id-1"), (newer, "id-8")]
 
 
-def test_rows_staged_during_the_fetch_are_not_taken_when_some_went_missing(store):
+def test_rows_staged_during_the_fetch_are_not_taken_when_some_went_missing(each_store):
     """Rows recorded as staged during the fetch are taken only if all are still there."""
+    store = each_store  # (both stores: docs/store-backends.md)
     archive = archive_change_set(store.archive_dir, FIRST, [thing(1, "a"), thing(2, "b")])
     with store.connection() as connection:
         staged, writer = _write_unrecorded(connection, archive, finish=True)

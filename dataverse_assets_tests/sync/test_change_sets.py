@@ -24,6 +24,12 @@ HOURLY = [
 RECONCILE_EVERY_TIME = {"reconcile_every_hours": 1e-9}
 
 
+@pytest.fixture
+def mirror(each_mirror):
+    """Every test here runs in each kind of store (docs/store-backends.md)."""
+    return each_mirror
+
+
 def manifest(mirror, entity, key):
     path = mirror.settings.archive_dir / entity / key / "manifest.json"
     return orjson.loads(path.read_bytes())
@@ -111,8 +117,8 @@ def test_expired_delta_token_falls_back_to_a_full_resync_with_deletes(mirror):
     assert simulator.stats.rows_served["vin_candidates"] == 0
 
 
-def test_modifiedon_entities_find_deletes_with_a_key_only_scan(make_mirror):
-    mirror = make_mirror(overrides={"vin_clinicaltrials": RECONCILE_EVERY_TIME})
+def test_modifiedon_entities_find_deletes_with_a_key_only_scan(make_each_mirror):
+    mirror = make_each_mirror(overrides={"vin_clinicaltrials": RECONCILE_EVERY_TIME})
     simulator = mirror.simulator
     mirror.sync("hourly")
     keys = sorted(canonical_rows(mirror.connection(), "vin_clinicaltrials"))
@@ -171,8 +177,8 @@ def test_key_scans_follow_their_own_cadence(mirror):
     assert gone in canonical_rows(mirror.connection(), "vin_clinicaltrials")
 
 
-def test_filtered_entities_drop_deleted_records_and_mark_dangling_links_defunct(make_mirror):
-    mirror = make_mirror(overrides={"accounts": RECONCILE_EVERY_TIME})
+def test_filtered_entities_drop_deleted_records_and_mark_dangling_links_defunct(make_each_mirror):
+    mirror = make_each_mirror(overrides={"accounts": RECONCILE_EVERY_TIME})
     simulator = mirror.simulator
     mirror.sync("hourly")
     linked = sorted(canonical_rows(mirror.connection(), "accounts"))
@@ -198,13 +204,13 @@ def test_filtered_entities_drop_deleted_records_and_mark_dangling_links_defunct(
     assert manifest(mirror, "accounts", key)["missing"] == []
 
 
-def test_lookup_links_follow_the_annotated_target_table(make_mirror):
+def test_lookup_links_follow_the_annotated_target_table(make_each_mirror):
     links = [{"entity": "vin_vin_candidate_accountset", "column": "accountid"},
              {"entity": "vin_clinicaltrials", "column": "_vin_sponsorid_value",
               "lookup_target": "account"}]
-    right = make_mirror("right", overrides={"accounts": {"linked_from": links}})
+    right = make_each_mirror("right", overrides={"accounts": {"linked_from": links}})
     links[1]["lookup_target"] = "contact"
-    wrong = make_mirror("wrong", overrides={"accounts": {"linked_from": links}})
+    wrong = make_each_mirror("wrong", overrides={"accounts": {"linked_from": links}})
     simulator = right.simulator
     through_junction = {r["accountid"] for r in simulator.records("vin_vin_candidate_accountset")}
     only_sponsors = {r["_vin_sponsorid_value"] for r in simulator.records("vin_clinicaltrials")
@@ -232,9 +238,9 @@ def test_rerunning_a_published_change_set_changes_nothing(mirror):
     "fetch.after_page", "fetch.after_archive", "publish.before_plan", "publish.mid_plan",
     "publish.mid_execute", "publish.before_watermark",
 ])
-def test_a_failure_at_any_step_loses_nothing_and_applies_nothing_twice(make_mirror, point):
-    clean = make_mirror("clean")
-    faulty = make_mirror("faulty", overrides={"vin_candidates": {"publish_chunk_rows": 2}})
+def test_a_failure_at_any_step_loses_nothing_and_applies_nothing_twice(make_each_mirror, point):
+    clean = make_each_mirror("clean")
+    faulty = make_each_mirror("faulty", overrides={"vin_candidates": {"publish_chunk_rows": 2}})
     clean.sync("hourly")
     faulty.sync("hourly")
     mutate(clean.simulator)

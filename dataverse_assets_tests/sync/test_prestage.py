@@ -15,6 +15,12 @@ from dataverse_assets_tests.helpers import mutate
 TRIALS = "vin_clinicaltrials"
 
 
+@pytest.fixture
+def mirror(each_mirror):
+    """Every test here runs in each kind of store (docs/store-backends.md)."""
+    return each_mirror
+
+
 def staged_while_fetching(mirror, entity: str) -> bool:
     event = mirror.instance.get_latest_materialization_event(AssetKey(["staging", entity]))
     assert event is not None, entity
@@ -48,10 +54,10 @@ def sync_both(on, off, monkeypatch) -> None:
 
 
 def test_rows_staged_while_fetching_are_the_rows_staging_the_archive_gives(
-        make_mirror, monkeypatch):
+        make_each_mirror, monkeypatch):
     # vin_candidates scans its keys and versions every change set (key pages staged too).
     scanning = {"vin_candidates": {"reconcile_every_hours": 0.0001}}
-    on, off = make_mirror("on", scanning), make_mirror("off", scanning)
+    on, off = make_each_mirror("on", scanning), make_each_mirror("off", scanning)
     filtered = {e.name for e in on.settings.entities.entities if e.filtered}
     sync_both(on, off, monkeypatch)  # first syncs: every mode's first read
     for entity in ENTITY_NAMES:
@@ -68,10 +74,10 @@ def test_rows_staged_while_fetching_are_the_rows_staging_the_archive_gives(
     assert scanned and scanned == staged_rows(off, "vin_candidates", staging_keys_table)
 
 
-def test_a_change_set_whose_schema_evolves_is_staged_from_the_archive(make_mirror,
+def test_a_change_set_whose_schema_evolves_is_staged_from_the_archive(make_each_mirror,
                                                                       monkeypatch):
     monkeypatch.setenv(prestage.STAGE_WHILE_FETCHING_ENV, "true")
-    mirror = make_mirror("evolving", overrides={TRIALS: {"schema_evolution": "evolve"}})
+    mirror = make_each_mirror("evolving", overrides={TRIALS: {"schema_evolution": "evolve"}})
     mirror.sync("hourly")
     mirror.simulator.add_column(TRIALS, SimAttribute("vin_site_count", "Integer"),
                                 default=lambda row: len(row["vin_name"]))

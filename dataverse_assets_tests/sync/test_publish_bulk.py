@@ -12,7 +12,7 @@ import pytest
 
 from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.ops.plan_view import render_plan
-from dataverse_assets.store.db import wait_for_checkpoint
+from dataverse_assets.store.db import table_columns, wait_for_checkpoint
 from dataverse_assets.sync import publish_execute as publish_module
 from dataverse_assets.sync.stage import write_staged
 from dataverse_assets.sync.steps import publish, staged_records
@@ -23,13 +23,13 @@ DELETED = {"@odata.context": "things/$deletedEntity", "id": "id-99", "reason": "
 
 def rows(store, table="things", skip=()):
     with store.connection() as connection:
-        columns = [r[1] for r in connection.execute(f"PRAGMA table_info({table})")
-                   if r[1] not in skip]
+        columns = [c for c in table_columns(connection, table) if c not in skip]
         return connection.execute(
             f"SELECT {', '.join(columns)} FROM {table} ORDER BY thingid").fetchall()
 
 
-def test_a_first_publish_stores_one_rule_and_creates_every_record(store):
+def test_a_first_publish_stores_one_rule_and_creates_every_record(each_store):
+    store = each_store  # (both stores: docs/store-backends.md)
     records = [thing(n, f"Thing {n}", size=n) for n in range(1, 8)]
     result = stage_and_publish(store, "20260101T000000Z", [*records, DELETED])
     assert (result.created, result.updated, result.deleted, result.unchanged) == (7, 0, 0, 0)
@@ -89,7 +89,8 @@ def test_the_rule_writes_what_the_row_by_row_plan_writes(tmp_path):
                                   " WHERE change_set = '20260102T000000Z'").fetchone() == (0,)
 
 
-def test_a_failure_between_chunks_resumes_without_duplicates(store, monkeypatch):
+def test_a_failure_between_chunks_resumes_without_duplicates(each_store, monkeypatch):
+    store = each_store  # (both stores: docs/store-backends.md)
     entity = ENTITY.model_copy(update={"publish_chunk_rows": 3})
     records = [thing(n, f"Thing {n}") for n in range(1, 9)]
     archive_change_set(store.archive_dir, "20260101T000000Z", records)

@@ -3,6 +3,8 @@ view, multi-select child tables exact through updates and deletes, lookup names 
 calendar dates unshifted, the label language chosen in the config."""
 
 
+import pytest
+
 from dataverse_assets.archive.change_sets import (
     ATTRIBUTE_METADATA,
     ENTITY_DEFINITION,
@@ -10,6 +12,12 @@ from dataverse_assets.archive.change_sets import (
 from dataverse_assets.config import EntityConfig, LabelsConfig
 from dataverse_assets_tests.helpers import stage_and_publish
 from dataverse_assets_tests.store.test_choices import option
+
+
+@pytest.fixture
+def store(each_store):
+    """Every test here runs in each kind of store (docs/store-backends.md)."""
+    return each_store
 
 DEFINITION = {
     "LogicalName": "thing", "EntitySetName": "things", "PrimaryIdAttribute": "thingid",

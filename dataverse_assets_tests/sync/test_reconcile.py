@@ -30,6 +30,19 @@ CHANGE_TRACKED, BY_MODIFIEDON = "vin_candidates", "vin_clinicaltrials"
 EQUAL = {"missing": set(), "extra": set(), "stale": set()}
 
 
+# The store of the mirror the test running makes (one mirror a test): set by `_each_store`.
+_STORE: dict[str, str | None] = {"url": None}
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
+def _each_store(request):
+    """Every test here runs in each kind of store (docs/store-backends.md)."""
+    _STORE["url"] = (None if request.param == "sqlite"
+                     else request.getfixturevalue("postgres_store_url"))
+    yield
+    _STORE["url"] = None
+
+
 @pytest.fixture
 def unsafe_source():
     """A simulator whose paging can lose rows, served on loopback."""
@@ -49,7 +62,8 @@ def unsafe_mirror(tmp_path, unsafe_source, entities: dict[str, int] | None = Non
         {"name": name, "group": "hourly", "page_size": page_size, **entity_options}
         for name, page_size in entities.items()]}))
     settings = Settings(db_path=tmp_path / "mirror.db", archive_dir=tmp_path / "archive",
-                        entities_config_path=config, source="simulator")
+                        entities_config_path=config, source="simulator",
+                        store_url=_STORE["url"])
     source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url)
     return Mirror(simulator, settings, build_definitions(settings, source=source),
                   DagsterInstance.ephemeral(), url)
@@ -103,6 +117,9 @@ def check_result(result, entity: str):
 
 def test_paging_that_is_not_a_snapshot_diverges_and_a_reconcile_repairs_it(
         tmp_path, unsafe_source, monkeypatch, capsys):
+    if _STORE["url"] is not None:
+        pytest.skip("the `reconcile` command (ops/) does not open a PostgreSQL store yet:"
+                    " store.backend.UNFINISHED")
     mirror = unsafe_mirror(tmp_path, unsafe_source)
     lost = lose_rows_while_paging(mirror.simulator)
     mirror.sync("hourly")
