@@ -32,7 +32,7 @@ run: $(BIN)/.installed $(DAGSTER_HOME)
 test: $(BIN)/.installed $(DAGSTER_HOME)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 # Style and the layer contract (pyproject's [tool.importlinter]): `make test` runs both first.
 lint: $(BIN)/.installed
