@@ -109,15 +109,8 @@ class Dialect:
     def upsert(self, table: str, columns: Sequence[str], key: Sequence[str]) -> str:
         """INSERT of `columns` (`?` each) that replaces the row with the same `key`. Name every
         column: SQLite's REPLACE gives the others their defaults, PostgreSQL's keeps them."""
-        names = ", ".join(quote_identifier(c) for c in columns)
         values = ", ".join("?" for _ in columns)
-        if self.name == "sqlite":
-            return f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({values})"
-        others = [c for c in columns if c not in key] or list(key)
-        assignments = ", ".join(f"{quote_identifier(c)} = excluded.{quote_identifier(c)}"
-                                for c in others)
-        return (f"INSERT INTO {table} ({names}) VALUES ({values}) ON CONFLICT"
-                f" ({', '.join(quote_identifier(c) for c in key)}) DO UPDATE SET {assignments}")
+        return self.upsert_select(table, columns, key, f"VALUES ({values})")
 
     def upsert_select(self, table: str, columns: Sequence[str], key: Sequence[str],
                       select: str) -> str:
