@@ -69,6 +69,10 @@ def build_maintenance_job(config: EntitiesConfig) -> JobDefinition:
             warn=context.log.warning))
         if shrink.converted:
             context.log.info("converted the database to incremental vacuum (one VACUUM)")
+        for file in shrink.not_truncated:
+            context.log.warning(f"{file}: its write-ahead log could not be checkpointed (other"
+                                " connections kept it busy); the freed pages leave the file at"
+                                " its next checkpoint")
         yield Output(None, metadata={
             "file_bytes_before": shrink.bytes_before, "file_bytes_after": shrink.bytes_after,
             "staging_file_bytes_before": shrink.staging_bytes_before,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ from dataverse_assets.store.tables import history_table
 BATCH_ROWS = 20_000
 # Pages given back per transaction: 2,048 pages of 16 KB, 32 MB.
 VACUUM_PAGES_PER_STEP = 2048
+# How long the final checkpoint tries again while another one holds SQLite's checkpoint lock
+# (this process's checkpoint thread, store/db.py, runs one after every commit).
+CHECKPOINT_WAIT_SECONDS = 30.0
 
 
 def _cutoff(now: datetime, days: float) -> str:
@@ -114,6 +118,10 @@ class Shrink:
     converted: bool = False  # an older database was switched to incremental vacuum (VACUUM)
     staging_bytes_before: int = 0
     staging_bytes_after: int = 0
+    # Files whose WAL could not be checkpointed within CHECKPOINT_WAIT_SECONDS (another
+    # connection kept checkpointing, or a reader kept an old snapshot): their freed pages
+    # leave the file at the next checkpoint instead.
+    not_truncated: tuple[str, ...] = ()
 
     @property
     def bytes_freed(self) -> int:
@@ -146,6 +154,7 @@ def shrink_database(db_path: str | os.PathLike[str], *,
     before, staging_before = _file_bytes(path), _file_bytes(staging)
     converted = False
     freed = 0
+    not_truncated: list[str] = []
     with closing(connect(path)) as connection:
         if connection.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: incremental
             with exclusive() if exclusive is not None else ExitStack():
@@ -162,9 +171,25 @@ def shrink_database(db_path: str | os.PathLike[str], *,
                     f"PRAGMA {schema}.incremental_vacuum({VACUUM_PAGES_PER_STEP});")
                 freed += min(free, VACUUM_PAGES_PER_STEP)
             # The file shrinks when the WAL is checkpointed; TRUNCATE also empties the WAL.
-            connection.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchall()
+            if not _checkpoint_truncate(connection, schema):
+                not_truncated.append(str(path if schema == "main" else staging))
     return Shrink(before, _file_bytes(path), freed, converted, staging_before,
-                  _file_bytes(staging))
+                  _file_bytes(staging), tuple(not_truncated))
+
+
+def _checkpoint_truncate(connection: sqlite3.Connection, schema: str) -> bool:
+    """Checkpoint the whole WAL of `schema` into its file and empty the WAL. SQLite answers
+    "busy" at once, without its busy handler, while another connection checkpoints (the
+    checkpoint thread does after every commit of a sync): try again until it is done, for
+    CHECKPOINT_WAIT_SECONDS at most. False if it never was."""
+    deadline = time.monotonic() + CHECKPOINT_WAIT_SECONDS
+    while True:
+        busy = connection.execute(f"PRAGMA {schema}.wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if not busy:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _vacuum_postgres(url: str) -> Shrink:

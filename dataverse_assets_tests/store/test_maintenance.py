@@ -4,6 +4,8 @@ retention keeps what it must; issues count once per record and problem and resol
 
 import json
 import sqlite3
+import threading
+import time
 from contextlib import closing
 from datetime import UTC, datetime
 
@@ -200,6 +202,62 @@ def test_the_shrink_gives_the_write_lock_back_between_its_steps(tmp_path, monkey
     for file, before in zip(files, sizes_before, strict=True):
         assert file.stat().st_size < before / 2
 
+
+
+def test_the_shrink_waits_for_a_checkpoint_that_another_connection_is_running(tmp_path,
+                                                                                monkeypatch):
+    """SQLite answers "busy" at once, without waiting, to a checkpoint while another connection
+    checkpoints (a sync's commits start one in the checkpoint thread). The shrink's last
+    checkpoint, which is what makes the file smaller, waits for it instead of giving up
+    quietly: here another connection's checkpoint holds the lock for a second (it waits for an
+    old reader) just as the shrink's last checkpoint starts."""
+    path = tmp_path / "m.db"
+    with closing(connect(path)) as connection:
+        connection.execute("CREATE TABLE filler (x TEXT)")
+        with transaction(connection):
+            connection.executemany("INSERT INTO filler VALUES (?)", [("x" * 4000,)] * 800)
+        with transaction(connection):
+            connection.execute("DELETE FROM filler")
+    wait_for_checkpoint(path)
+    size_before = path.stat().st_size
+    reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    checkpointing: list[threading.Thread] = []
+    real_execute = MirrorConnection.execute
+
+    def other_checkpoint_first(connection, sql, *args):
+        if "wal_checkpoint(TRUNCATE)" in sql and not checkpointing:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM filler").fetchall()  # an old snapshot...
+            with closing(sqlite3.connect(path, isolation_level=None)) as other:
+                other.execute("INSERT INTO filler VALUES ('newer')")  # ...once this commits
+            # A FULL checkpoint takes the checkpoint lock, then waits for the reader. (A
+            # probe's checkpoint that takes the lock first makes it give up: start it again.)
+            with closing(sqlite3.connect(path, isolation_level=None)) as probe:
+                for _ in range(50):
+                    checkpointing[:] = [threading.Thread(target=closing_checkpoint, args=(path,))]
+                    checkpointing[0].start()
+                    time.sleep(0.2)
+                    if probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 1:
+                        break
+                    checkpointing[0].join()
+                else:
+                    raise AssertionError("the other checkpoint never held the lock")
+            threading.Timer(1.0, lambda: reader.execute("COMMIT")).start()
+        return real_execute(connection, sql, *args)
+
+    monkeypatch.setattr(MirrorConnection, "execute", other_checkpoint_first)
+    shrink = shrink_database(path)
+    assert checkpointing, "the shrink never ran its last checkpoint"
+    # Measured as the shrink returns, before anyone else checkpoints again.
+    assert shrink.bytes_after < size_before / 2
+    assert shrink.not_truncated == ()
+    checkpointing[0].join(30)
+    reader.close()
+
+
+def closing_checkpoint(path) -> None:
+    with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as connection:
+        connection.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
 
 def test_bookkeeping_retention_keeps_what_it_must(store, tmp_path):
     now = datetime(2026, 12, 6, tzinfo=UTC)
