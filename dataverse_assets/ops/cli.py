@@ -66,6 +66,7 @@ from dataverse_assets.store.locks import every_entity_lock
 from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
 from dataverse_assets.store.mirror import Mirror
 from dataverse_assets.store.readable import readable_view
+from dataverse_assets.store.tables import refuse_long_entity_names
 from dataverse_assets.sync.progress import (
     TERMINAL_INTERVAL_SECONDS,
     ProgressReporter,
@@ -1004,6 +1005,8 @@ def load_settings(*args, **kwargs) -> Settings:
     it is unfinished: every command would otherwise read and write SQLite behind its back)."""
     settings = load_environment_settings(*args, **kwargs)
     refuse_unfinished(settings.store.address)
+    refuse_long_entity_names(settings.store.address,
+                             [e.name for e in settings.entities.entities])
     return settings
 
 

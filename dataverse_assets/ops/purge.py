@@ -25,6 +25,7 @@ from dataverse_assets.archive.compacted import rewrite_pages
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.names import check_column_name
+from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.db import quote_identifier, table_columns, table_exists, transaction
 from dataverse_assets.store.mirror import MirrorAccess
 from dataverse_assets.store.readable import multi_select_table
@@ -108,7 +109,7 @@ def purge_column(mirror: MirrorAccess, entity: EntityConfig, column: str) -> Pur
                 f" ({', '.join('?' * len(keys))}) AND context IS NOT NULL",
                 (entity.name, *keys)).rowcount if table_exists(connection, "_issues") else 0
             for key in keys:
-                child = multi_select_table(entity.name, key)
+                child = multi_select_table(entity.name, key, dialect_of(connection))
                 if child is not None and schema is not None:
                     connection.execute(f"DROP TABLE IF EXISTS {quote_identifier(child)}")
     storage = mirror.archive_storage()

@@ -85,6 +85,11 @@ class Dialect:
     def column_type(self, sqlite_type: str) -> str:
         return self.types.get(sqlite_type.upper(), sqlite_type)
 
+    def fits(self, name: str) -> bool:
+        """Whether `name` can name a table, view, index or column without being cut short."""
+        limit = self.max_identifier_bytes
+        return limit is None or len(name.encode()) <= limit
+
     def render_ddl(self, ddl: str) -> str:
         """DDL written with SQLite's type names, in this database's."""
         if self.name == "sqlite":
@@ -176,6 +181,11 @@ POSTGRES = Dialect(
 
 def dialect_of(connection: object) -> Dialect:
     return getattr(connection, "dialect", SQLITE)
+
+
+def dialect_for_address(address: object) -> Dialect:
+    """The dialect of the store at `address` (a SQLite path or a PostgreSQL URL)."""
+    return POSTGRES if is_postgres_address(address) else SQLITE
 
 
 def bulk_insert(connection: Any, table: str, columns: Sequence[str],

@@ -40,11 +40,14 @@ def readable_view(entity: str) -> str:
     return f"{entity}{READABLE_SUFFIX}"
 
 
-def multi_select_table(entity: str, column: str) -> str | None:
-    """The child table of a multi-select column, or None when its name is taken."""
+def multi_select_table(entity: str, column: str, dialect: Dialect = SQLITE) -> str | None:
+    """The child table of a multi-select column, or None when its name is taken or too long
+    for the database (PostgreSQL would cut it to 63 bytes, and two columns' tables could then
+    be one: the column keeps its codes in `E`, without a child table or labels column)."""
     if sqlite_fold(column) in _TAKEN_SUFFIXES or not _PLAIN_NAME.match(column):
         return None
-    return f"{entity}__{column}"
+    table = f"{entity}__{column}"
+    return table if dialect.fits(table) else None
 
 
 def _literal(text: str) -> str:
@@ -63,7 +66,7 @@ def codes_are_plain(column_sql: str, dialect: Dialect = SQLITE) -> str:
 def child_rows_sql(entity: str, primary_key: str, column: str, where: str,
                    dialect: Dialect = SQLITE) -> str:
     """INSERT the child rows of the records of `entity` matching `where` (SQL over `c`)."""
-    table = multi_select_table(entity, column)
+    table = multi_select_table(entity, column, dialect)
     assert table is not None
     col = f"c.{quote_identifier(column)}"
     if dialect is POSTGRES:
@@ -87,7 +90,7 @@ def ensure_multi_select_tables(connection: sqlite3.Connection, schema: EntitySch
         return []
     kept = []
     for column, kind in metadata["choice_columns"].items():
-        table = multi_select_table(schema.entity, column)
+        table = multi_select_table(schema.entity, column, dialect_of(connection))
         if kind != MULTI_SELECT or table is None or column not in schema.column_names:
             continue
         if table_exists(connection, table):
@@ -122,6 +125,8 @@ def readable_view_sql(connection: sqlite3.Connection, schema: EntitySchema) -> s
     def add(name: str, expression: str) -> None:
         if sqlite_fold(name) in existing:
             return  # a real column of that name wins
+        if not dialect.fits(name):
+            return  # cut short, it could be another column's name: left out
         existing.add(sqlite_fold(name))
         derived.append(f"{expression} AS {quote_identifier(name)}")
 
@@ -140,7 +145,7 @@ def readable_view_sql(connection: sqlite3.Connection, schema: EntitySchema) -> s
             continue
         attribute = _literal(column)
         if kind == MULTI_SELECT:
-            table = multi_select_table(entity, column)
+            table = multi_select_table(entity, column, dialect)
             if table is None or not table_exists(connection, table):
                 continue
             add(f"{column}_labels",

@@ -7,7 +7,8 @@ import sqlite3
 
 import orjson
 
-from dataverse_assets.store.backend import POSTGRES, dialect_of
+from dataverse_assets.errors import ConfigError
+from dataverse_assets.store.backend import POSTGRES, dialect_for_address, dialect_of
 from dataverse_assets.store.db import (
     quote_identifier,
     table_exists,
@@ -26,6 +27,34 @@ def staging_table(entity: str) -> str:
 def staging_keys_table(entity: str) -> str:
     """Keys seen by a change set's key-only reconciliation scan."""
     return f"_staging_keys__{entity}"
+
+
+def entity_identifiers(entity: str) -> list[str]:
+    """Every table, view and index name the mirror derives from an entity's name (besides the
+    child tables of multi-select columns, which readable.multi_select_table leaves out when
+    their names are too long). A test checks it against a PostgreSQL mirror's catalog."""
+    history, staging = history_table(entity), staging_table(entity)
+    keys = staging_keys_table(entity)
+    return [entity, history, f"{history}__pk", f"{entity}__modifiedon", f"{entity}__createdon",
+            f"{entity}{NOCASE_SUFFIX}", f"{entity}__readable",
+            staging, f"{staging}__key", f"{staging}__op", keys]
+
+
+def refuse_long_entity_names(address: object, entities: list[str]) -> None:
+    """A store that cuts long names short (PostgreSQL: 63 bytes) cannot hold an entity whose
+    derived names do not fit: two entities' tables could become one. One line names the
+    entity and what fits."""
+    dialect = dialect_for_address(address)
+    for entity in entities:
+        too_long = [n for n in entity_identifiers(entity) if not dialect.fits(n)]
+        if too_long:
+            longest = max(entity_identifiers("x"), key=len)
+            room = dialect.max_identifier_bytes - (len(longest) - 1)
+            raise ConfigError(
+                f"entity {entity!r} ({len(entity.encode())} bytes): a PostgreSQL store"
+                f" names tables after it ({too_long[-1]!r}) and allows"
+                f" {dialect.max_identifier_bytes} bytes in a name, so entity names of at most"
+                f" {room} bytes; mirror it into a SQLite store (leave DATAVERSE_STORE_URL unset)")
 
 
 def delete_staged_rows(connection: sqlite3.Connection, entity: str, change_set: str) -> int:

@@ -335,7 +335,7 @@ def _apply_chunk(connection: sqlite3.Connection, schema: EntitySchema, change_se
     )
     # Each multi-select child table follows its column: the chunk's records' rows replaced.
     for column in multi_select:
-        table = quote_identifier(multi_select_table(schema.entity, column))
+        table = quote_identifier(multi_select_table(schema.entity, column, dialect))
         connection.execute(f"DELETE FROM {table} WHERE record_id IN (SELECT pk FROM {chunk})")
         written = f"c.{pk} IN (SELECT pk FROM {chunk} WHERE kind IN ('create', 'update'))"
         connection.execute(child_rows_sql(schema.entity, schema.primary_key, column, written,

@@ -21,6 +21,7 @@ from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.errors import ConfigError, EntityLockedError, StorageError
 from dataverse_assets.modes import PublishStatus
 from dataverse_assets.ops.cli import main as cli_main
+from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.store import bookkeeping, dead_letters, issues, staging_store
 from dataverse_assets.store.backend import (
     ALLOW_UNFINISHED_ENV,
@@ -36,6 +37,8 @@ from dataverse_assets.store.db import (
     transaction,
 )
 from dataverse_assets.store.locks import entity_lock, is_held, read_lock
+from dataverse_assets.store.tables import entity_identifiers
+from dataverse_assets_tests.conftest import write_entities_config
 
 KEY_1, KEY_2 = "20260101T000000Z", "20260102T000000Z"
 
@@ -383,3 +386,81 @@ def test_a_change_set_failing_every_retry_becomes_a_dead_letter(store_address):
         assert dead_letters.list_dead_letters(connection) == []
     finally:
         connection.close()
+
+
+# -- names PostgreSQL would cut short -----------------------------------------------------------
+
+LONG_MULTI_SELECT = "vin_" + "therapeutic_area_choices_of_the_candidate_x" + "yz"  # 50 bytes
+LONG_CHOICE = "vin_" + "stage_of_the_candidate_in_the_selection_process_of_today"  # 60 bytes
+
+
+def test_every_name_the_mirror_derives_from_an_entity_fits_and_is_known(make_mirror,
+                                                                         postgres_store_url):
+    """PostgreSQL cuts names past 63 bytes short, silently: two long names could then name one
+    table. Every table, view and index of a synced PostgreSQL mirror is a bookkeeping table, a
+    name `entity_identifiers` lists (what the entity-name limit is computed from), a
+    multi-select child table, or one PostgreSQL named itself; and a multi-select column whose
+    child table's name would not fit keeps its codes in `E` without one."""
+    mirror = make_mirror(store_url=postgres_store_url)
+    mirror.simulator.add_column(
+        "vin_candidates", SimAttribute(LONG_MULTI_SELECT, "MultiSelectPicklist",
+                                       option_set="vin_therapeuticarea"),
+        default=lambda row: row["vin_therapeuticareas"])
+    mirror.simulator.add_column("vin_candidates", SimAttribute(LONG_CHOICE, "Picklist"),
+                                default=lambda row: row["vin_stage"])
+    mirror.sync_all()
+    config = mirror.settings.entities
+    known = {name for e in config.entities for name in entity_identifiers(e.name)}
+    with mirror.connection() as connection:
+        names = [name for (name,) in connection.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname IN ('public', 'staging')")]
+        children = {f"{e.name}__{column}" for e in config.entities
+                    for (column,) in connection.execute(
+                        "SELECT column_name FROM information_schema.columns"
+                        " WHERE table_name = ?", (e.name,))}
+        view = [column for (column,) in connection.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+            ("vin_candidates__readable",))]
+        long_codes = connection.execute(
+            f"SELECT count(*) FROM vin_candidates WHERE {quote_identifier(LONG_MULTI_SELECT)}"
+            " IS NOT DISTINCT FROM vin_therapeuticareas").fetchone()[0]
+    unknown = [n for n in names if n not in known and n not in children
+               and not n.endswith(("_pkey", "_seq"))
+               and not (n.startswith("_") and not n.startswith("_staging"))]
+    assert unknown == []
+    assert "vin_candidates__vin_therapeuticareas" in names  # a child table that fits is made
+    assert not any(n.startswith(f"vin_candidates__{LONG_MULTI_SELECT[:20]}") for n in names)
+    assert long_codes == len(mirror.simulator.records("vin_candidates"))  # the codes are in E
+    # The readable view's labels column of a choice whose name leaves no room for "_label"
+    # is left out, not cut short (a cut name could be another column's).
+    assert "vin_stage_label" in view and LONG_CHOICE in view
+    assert [c for c in view if c.startswith(LONG_CHOICE) and c != LONG_CHOICE] == []
+
+
+def test_an_entity_name_too_long_for_postgresql_is_refused_in_one_line(tmp_path, monkeypatch,
+                                                                        capsys):
+    monkeypatch.setenv(ALLOW_UNFINISHED_ENV, "1")
+    longest = max(entity_identifiers("x"), key=len)
+    fits = "t" * (63 - len(longest) + 1)  # the longest derived name is exactly 63 bytes
+    for name, refused in ((fits, False), (fits + "s", True)):
+        config = write_entities_config(tmp_path / f"{len(name)}.json", page_size=40,
+                                       overrides={"teams": {"name": name}})
+        for store_url, kind in ((URL, "postgresql"), (None, "sqlite")):
+            settings = Settings(store_url=store_url, db_path=tmp_path / "m.db",
+                                archive_dir=tmp_path / "archive", entities_config_path=config)
+            if refused and kind == "postgresql":
+                with pytest.raises(ConfigError) as error:
+                    build_definitions(settings)
+                message = str(error.value)
+                assert message.startswith(f"entity {name!r} ({len(name)} bytes): a PostgreSQL"
+                                          f" store names tables after it")
+                assert f"entity names of at most {len(fits)} bytes" in message
+                assert "\n" not in message and "SQLite" in message
+            else:
+                build_definitions(settings)  # SQLite has no such limit
+    monkeypatch.setenv("DATAVERSE_STORE_URL", URL)
+    monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(config))
+    assert cli_main(["status"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"configuration error: entity {fits + 's'!r}") and err.count("\n") == 1
