@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from dataverse_assets.config import PROJECT_ROOT, load_entities_config
 from dataverse_assets.defs.asset_keys import canonical_key
 from dataverse_assets.defs.partitions import change_sets_partitions
+from dataverse_assets.store.backend import ALLOW_UNFINISHED_ENV
 from dataverse_assets.store.db import connect as connect_mirror
 from dataverse_assets_tests.conftest import Mirror, write_entities_config
 from dataverse_assets_tests.postgres_server import connect, throwaway_postgres
@@ -207,10 +207,12 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _celery_env(postgres, redis_url, s3, url: str, tmp_path: Path, monkeypatch,
-                database: str) -> tuple[dict[str, str], Path, str]:
+                database: str, store: str) -> tuple[dict[str, str], Path, str, str]:
     """What every process of a celery deployment reads: Dagster's instance in PostgreSQL
-    (deploy/dagster.yaml), the broker and backend, the mirror's settings, and the archive in a
-    bucket of the S3 server (its credentials from AWS's standard variables)."""
+    (deploy/dagster.yaml), the broker and backend, the mirror's settings (a database of the
+    same server, or a SQLite file on a disk the workers share: `store`), and the archive in a
+    bucket of the S3 server (its credentials from AWS's standard variables). Also returns the
+    mirror's address."""
     home = _instance_home(tmp_path, postgres, monkeypatch, database)
     config = write_entities_config(tmp_path / "entities_config.json", page_size=40)
     bucket = s3.new_bucket()
@@ -222,7 +224,12 @@ def _celery_env(postgres, redis_url, s3, url: str, tmp_path: Path, monkeypatch,
            "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_EXECUTOR": "celery",
            "DAGSTER_CELERY_BROKER_URL": f"{redis_url}/0",
            "DAGSTER_CELERY_BACKEND_URL": f"{redis_url}/1"}
-    return env, config, bucket
+    address = str(tmp_path / "mirror.db")
+    if store == "postgresql":
+        address = postgres.create_database(f"{database}_mirror")
+        env.update({"DATAVERSE_STORE_URL": address, ALLOW_UNFINISHED_ENV: "1"})
+        monkeypatch.setenv(ALLOW_UNFINISHED_ENV, "1")  # this process reads the mirror too
+    return env, config, bucket, address
 
 
 def _archived_manifests(s3, bucket: str, key: str) -> set[str]:
@@ -242,22 +249,23 @@ def _materialize_command(key: str) -> list[str]:
             "--select", "group:hourly", "--partition", key]
 
 
-def _assert_hourly_mirror_exact(simulator, config: Path, tmp_path: Path) -> None:
-    mirror = SimpleNamespace(simulator=simulator,
-                             connection=lambda: connect_mirror(tmp_path / "mirror.db"))
+def _assert_hourly_mirror_exact(simulator, config: Path, address: str) -> None:
+    mirror = SimpleNamespace(simulator=simulator, connection=lambda: connect_mirror(address))
     for entity in load_entities_config(config).entities_in_group("hourly"):
         assert_mirror_equals_simulator(mirror, entity.name)
 
 
+@pytest.mark.parametrize("store", ["postgresql", "sqlite"])
 def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_workers(
-        postgres, redis_url, s3, simulator_url, tmp_path, monkeypatch):
+        postgres, redis_url, s3, simulator_url, tmp_path, monkeypatch, store):
     """`dagster asset materialize` with DATAVERSE_EXECUTOR=celery, Dagster's instance in
     PostgreSQL (deploy/dagster.yaml), the archive on the S3 server and two workers started
     here: every step is executed by a worker, every entity's change set is archived in the
-    bucket, and the mirror equals the simulator's data."""
+    bucket, and the mirror (in PostgreSQL, or a SQLite file the workers share) equals the
+    simulator's data."""
     simulator, url = simulator_url
-    env, config, bucket = _celery_env(postgres, redis_url, s3, url, tmp_path, monkeypatch,
-                                      "dagster_celery_runs")
+    env, config, bucket, address = _celery_env(postgres, redis_url, s3, url, tmp_path,
+                                               monkeypatch, f"dagster_celery_{store}", store)
     # The workers take their broker from deploy/dagster_celery_config.py, as shipped.
     config_dir = PROJECT_ROOT / "deploy"
     logs = [tmp_path / f"worker{n}.log" for n in (1, 2)]
@@ -280,18 +288,16 @@ def test_a_group_materialized_through_the_celery_executor_runs_its_steps_on_the_
             assert f"{layer}__{entity.name}" in received, (layer, entity.name, received[-3000:])
     assert _archived_manifests(s3, bucket, key) == {e.name for e in hourly}
     assert not (tmp_path / "archive").exists()
-    _assert_hourly_mirror_exact(simulator, config, tmp_path)
+    assert (tmp_path / "mirror.db").exists() == (store == "sqlite")
+    _assert_hourly_mirror_exact(simulator, config, address)
 
 
-def _lock_held_by(worker: subprocess.Popen, db_path: Path) -> str | None:
-    """The entity a process of `worker` (its session) holds the mirror's lock on, if any."""
-    if not db_path.exists():
-        return None
-    connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)
+def _lock_held_by(worker: subprocess.Popen, address: str) -> str | None:
+    """The entity a process of `worker` (its session) holds the mirror's lock on, if any (the
+    `_locks` row names the holder's pid in both stores)."""
+    connection = connect_mirror(address)
     try:
         rows = connection.execute("SELECT entity, pid FROM _locks").fetchall()
-    except sqlite3.OperationalError:  # the tables are not created yet
-        return None
     finally:
         connection.close()
     for entity, pid in rows:
@@ -310,12 +316,14 @@ def test_a_worker_killed_mid_run_loses_nothing_and_a_rerun_completes_the_mirror(
     reports back, so the run cannot finish; the operator stops the run and runs the change set
     again on the worker that is left: the rerun takes over the dead worker's lock, starts its
     unfinished fetch over, and the mirror equals the simulator's data, every row once (the
-    archive on the S3 server, Dagster's instance in PostgreSQL)."""
+    mirror in PostgreSQL, whose server frees the dead worker's advisory lock; the archive on
+    the S3 server; Dagster's instance in PostgreSQL). (A dead process's lock in a SQLite
+    mirror is taken over by its pid: chaos/test_process_death.py.)"""
     from dataverse_assets.simulator.latency import LatencyModel
 
     simulator, url = simulator_url
-    env, config, bucket = _celery_env(postgres, redis_url, s3, url, tmp_path, monkeypatch,
-                                      "dagster_celery_kill")
+    env, config, bucket, address = _celery_env(postgres, redis_url, s3, url, tmp_path,
+                                               monkeypatch, "dagster_celery_kill", "postgresql")
     env["DATAVERSE_LOCK_WAIT_SECONDS"] = "30"  # a lock never taken over fails in 30 s
     config_dir = PROJECT_ROOT / "deploy"
     logs = [tmp_path / f"worker{n}.log" for n in (1, 2)]
@@ -335,7 +343,7 @@ def test_a_worker_killed_mid_run_loses_nothing_and_a_rerun_completes_the_mirror(
             assert time.monotonic() < deadline, "no worker ever held an entity"
             assert first.poll() is None, (tmp_path / "first_run.log").read_text()[-3000:]
             for worker in workers:
-                entity = _lock_held_by(worker, tmp_path / "mirror.db")
+                entity = _lock_held_by(worker, address)
                 if entity is not None:
                     _stop(worker)
                     killed = (worker, entity)
@@ -346,7 +354,7 @@ def test_a_worker_killed_mid_run_loses_nothing_and_a_rerun_completes_the_mirror(
         # The dead worker's step never reports back: the run is still waiting on it.
         time.sleep(10)
         assert first.poll() is None
-        assert _lock_held_by(dead, tmp_path / "mirror.db") is None  # its pid is gone
+        assert _lock_held_by(dead, address) is None  # its pid is gone
         os.killpg(first.pid, signal.SIGINT)  # the operator stops the run
         first.wait(120)
         simulator.latency = None
@@ -366,7 +374,7 @@ def test_a_worker_killed_mid_run_loses_nothing_and_a_rerun_completes_the_mirror(
             RunsFilter(tags={"dagster/partition": key}))
         assert rerun_record.status == DagsterRunStatus.SUCCESS
         assert first_record.status in (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
-    _assert_hourly_mirror_exact(simulator, config, tmp_path)
+    _assert_hourly_mirror_exact(simulator, config, address)
     # The dead worker's entity was fetched again from the start: its change set is complete.
     hourly = load_entities_config(config).entities_in_group("hourly")
     archived = _archived_manifests(s3, bucket, key)
