@@ -64,6 +64,9 @@ def refuse_unfinished(address: object) -> None:
 
 # -- dialects ----------------------------------------------------------------------------------
 
+_DDL_TYPE = re.compile(r'"(?:[^"]|"")*"|\'(?:[^\']|\'\')*\'|\b(TEXT|INTEGER|REAL|BLOB)\b')
+
+
 @dataclass(frozen=True)
 class Dialect:
     """What differs in SQL text between the two databases."""
@@ -95,7 +98,8 @@ class Dialect:
         if self.name == "sqlite":
             return ddl
         ddl = ddl.replace("INTEGER PRIMARY KEY AUTOINCREMENT", self.autoincrement_key)
-        return re.sub(r"\b(TEXT|INTEGER|REAL|BLOB)\b", lambda m: self.types[m[1]], ddl)
+        # Type names only: a quoted name or a string literal (a column called "TEXT") stays.
+        return _DDL_TYPE.sub(lambda m: self.types[m[1]] if m[1] else m[0], ddl)
 
     def json_text(self, column: str, key: str) -> str:
         """The text of the top-level member `key` of the JSON text in `column`."""

@@ -216,7 +216,9 @@ def test_hostile_column_names_from_metadata_are_added_or_reported(make_each_mirr
     mirror.sync("daily")
     hostile = {"order": ("Integer", 7), 'a"b c': ("String", "dq \" and ' sq"),
                "a'b": ("String", "it's"), "ünïcödé 名前": ("String", "ü"),
-               "x" * 200: ("Decimal", 2.5), "select": ("Boolean", True)}
+               "x" * 200: ("Decimal", 2.5), "select": ("Boolean", True),
+               # SQLite's type names, which the PostgreSQL store renders in its DDL
+               "TEXT": ("String", "a TEXT value"), "REAL": ("Integer", 3)}
     for name, (kind, value) in hostile.items():
         simulator.add_column("teams", SimAttribute(name, kind), default=value)
     simulator.add_column("teams", SimAttribute("Name", "String"), default="case twin")
