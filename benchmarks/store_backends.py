@@ -18,10 +18,13 @@ part in the comparison:
    is taken as it is, as `DATAVERSE_SOURCE=archive` does), stage (`staging/E`: the archive's
    pages parsed and written to staging), publish (`canonical/E`: plan, then canonical and
    E__history), each under the entity's lock, as the assets run them (no Dagster: its
-   overhead is the same for both stores). Wall time per phase, rows/s, the worker's CPU and
-   peak RSS, and the store's size on disk after it: SQLite's mirror file and staging file
-   (each with its WAL); PostgreSQL's `pg_database_size` (staging is a schema of the same
-   database; the cluster's WAL folder is reported apart). For PostgreSQL the server's CPU
+   overhead is the same for both stores). Then, timed apart and not in rows/s (as in
+   run_all.py, where it ends with the process), a checkpoint: what was committed is written
+   to the store's files (SQLite's checkpoint thread folds the WALs in; PostgreSQL's
+   CHECKPOINT). Wall time and CPU per phase, rows/s (rows / (stage + publish)), the worker's
+   peak RSS, and the store's size on disk after it: SQLite's mirror file and staging file,
+   and their WALs apart; PostgreSQL's `pg_database_size` (staging is a schema of the same
+   database), and the cluster's WAL folder apart. For PostgreSQL the server's CPU
    (the postmaster's and its children's, the exited backends included) and its peak memory
    (PSS summed over its processes, sampled every 0.2 s) too: the client's numbers alone
    would hide the work the server does on the same cores.
@@ -51,6 +54,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -157,6 +161,11 @@ def worker_replay(args: dict) -> dict:
     with phase("publish"), store.entity_lock(ENTITY, owner="store-benchmark",
                                              purpose="publishing"):
         results = steps.publish(store, entity, change_set)
+    # Apart from the sync's time (as in run_all.py, where it ends with the process): what is
+    # committed is written to the store's files. SQLite: its checkpoint thread folds the WALs
+    # into the files; PostgreSQL: CHECKPOINT writes the dirty shared buffers.
+    with phase("checkpoint"):
+        checkpoint(args["store"])
     published = results[-1]
     with store.connection() as connection:
         canonical_rows = connection.execute(f'SELECT count(*) FROM "{ENTITY}"').fetchone()[0]
@@ -166,25 +175,47 @@ def worker_replay(args: dict) -> dict:
         "created": published.created, "updated": published.updated,
         "unchanged": published.unchanged, "deleted": published.deleted,
         "canonical_rows": canonical_rows,
-        "phase_seconds": seconds, "seconds": round(sum(seconds.values()), 3),
+        "phase_seconds": seconds,
+        "seconds": round(sum(v for k, v in seconds.items() if k != "checkpoint"), 3),
         "rows_per_second": round(summary.records / total) if total else None,
         # This process's CPU per phase (its threads included); PostgreSQL's server apart.
-        "phase_cpu_seconds": cpu, "cpu_seconds": round(sum(cpu.values()), 2),
+        "phase_cpu_seconds": cpu,
         **({"phase_server_cpu_seconds": server_cpu} if server else {}),
         "peak_rss_mb": proc_status_mb("VmHWM"),
         "store_bytes": store_bytes(args["store"]),
     }
 
 
-WORKERS = {"record": worker_record, "replay": worker_replay}
+def worker_content(args: dict) -> dict:
+    return mirror_content(args["store"])
+
+
+WORKERS = {"record": worker_record, "replay": worker_replay, "content": worker_content}
 
 
 # -- what a store holds -----------------------------------------------------------------------
 
+def checkpoint(address: str) -> None:
+    from dataverse_assets.store.backend import is_postgres_address
+    from dataverse_assets.store.db import connect, wait_for_checkpoint
+    from dataverse_assets.store.staging_store import staging_path
+
+    if is_postgres_address(address):
+        connection = connect(address)
+        try:
+            connection.execute("CHECKPOINT")
+        finally:
+            connection.close()
+        return
+    for path in (Path(address), staging_path(Path(address))):
+        wait_for_checkpoint(str(path))
+
+
 def store_bytes(address: str) -> dict[str, int]:
-    """The store's size on disk. SQLite: the mirror file and the staging file (`data`) and
-    their WALs (`wal`). PostgreSQL: `pg_database_size` (`data`: its staging schema included);
-    the cluster's WAL folder is measured by the orchestrator (`cluster_wal_bytes`)."""
+    """The store's size on disk, after `checkpoint`. SQLite: the mirror file and the staging
+    file (`data`) and their WALs (`wal`: as large as they grew; a checkpoint does not shrink
+    them, the maintenance job does). PostgreSQL: `pg_database_size` (`data`: its staging
+    schema included); the cluster's WAL folder (`wal`) is measured by the orchestrator."""
     from dataverse_assets.store.backend import is_postgres_address
     from dataverse_assets.store.db import connect
     from dataverse_assets.store.staging_store import staging_path
@@ -428,7 +459,8 @@ def replay(store: str, address: str, args: argparse.Namespace, work: Path, confi
         out[label] = result
         phases = result["phase_seconds"]
         print(f"    {result['seconds']} s (fetch {phases['fetch']}, stage {phases['stage']}, "
-              f"publish {phases['publish']}), {result['rows_per_second'] or 0:,} rows/s, "
+              f"publish {phases['publish']}; then checkpoint {phases['checkpoint']}), "
+              f"{result['rows_per_second'] or 0:,} rows/s, "
               f"peak RSS {result['peak_rss_mb']} MB"
               + (f", server CPU {result['server_cpu_seconds']} s, server PSS "
                  f"{result['server_peak_pss_mb']} MB" if server else "")
@@ -466,6 +498,7 @@ def main() -> int:
     suite: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "processor": platform.machine()},
+        "commit": git_commit(),
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "entity": ENTITY, "rows": args.rows, "page_size": args.page_size,
         "change_sets": {"first_sync": FIRST, "incremental_1pct": INCREMENTAL},
@@ -492,7 +525,11 @@ def main() -> int:
                                for store in STORES}
             print("comparing the two mirrors ...", flush=True)
             compared = time.perf_counter()
-            contents = {store: mirror_content(addresses[store]) for store in STORES}
+            # Both read at once, each in a process of its own (two cores: half the wait).
+            with ThreadPoolExecutor(len(STORES)) as pool:
+                contents = dict(zip(STORES, pool.map(
+                    lambda store: run_worker("content", {"store": addresses[store]}, env,
+                                             script=__file__), STORES), strict=True))
             suite["mirror"] = contents["sqlite"]
             suite["compare_seconds"] = round(time.perf_counter() - compared, 1)
             problems = assert_same_mirror(contents) + expected_counts(suite)
@@ -515,6 +552,18 @@ def main() -> int:
     return 0
 
 
+def git_commit() -> str | None:
+    """The code measured: HEAD, "+" when the work tree differs from it."""
+    import subprocess
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("+" if git("status", "--porcelain", "--untracked-files=no") else "") or None
+
+
 def server_connection(url: str):
     import psycopg
 
@@ -533,7 +582,7 @@ def print_summary(suite: dict) -> None:
           f"{record['incremental']['seconds']} s; archive "
           f"{record['archive_bytes'] / 1e6:,.1f} MB")
     print("CPU: this process's seconds, + the PostgreSQL server's")
-    print(f"{'run':<30}{'fetch':>7}{'stage':>8}{'publish':>9}{'rows/s':>8}"
+    print(f"{'run':<30}{'fetch':>7}{'stage':>8}{'publish':>9}{'ckpt':>7}{'rows/s':>8}"
           f"{'stage CPU':>12}{'publish CPU':>13}{'RSS MB':>8}{'srv MB':>8}{'data MB':>9}"
           f"{'WAL MB':>8}")
     for store in STORES:
@@ -542,6 +591,7 @@ def print_summary(suite: dict) -> None:
             server = r.get("phase_server_cpu_seconds")
             cpus = [f"{c[k]}" + (f"+{server[k]}" if server else "") for k in ("stage", "publish")]
             print(f"{store + ' ' + label:<30}{p['fetch']:>7}{p['stage']:>8}{p['publish']:>9}"
+                  f"{p['checkpoint']:>7}"
                   f"{r['rows_per_second'] or 0:>8,}{cpus[0]:>12}{cpus[1]:>13}"
                   f"{r['peak_rss_mb']:>8}{r.get('server_peak_pss_mb', '')!s:>8}"
                   f"{r['store_bytes']['data'] / 1e6:>9,.1f}"
