@@ -49,6 +49,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -487,6 +488,15 @@ def main() -> int:
         print(json.dumps(WORKERS[kind](json.loads(worker_args))), flush=True)
         return 0
 
+    bad = [setting for setting in args.pg_setting
+           if not re.fullmatch(r"[a-z_.]+=[^\s'\"]+", setting)]
+    if bad:
+        parser.error(f"--pg-setting {bad[0]!r}: expected name=value, the value without spaces "
+                     "or quotes (e.g. shared_buffers=1GB)")
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep {args.keep}: the folder is not empty; name a new one")
+    if args.rows < 100:
+        parser.error("--rows: at least 100 (1% of them are edited for the incremental)")
     from dataverse_assets_tests.postgres_server import server_binaries, throwaway_postgres
 
     binaries = server_binaries()
