@@ -392,10 +392,12 @@ class Simulator:
         self.process.wait(10)
 
 
-def run_worker(kind: str, args: dict, env: dict[str, str]) -> dict:
+def run_worker(kind: str, args: dict, env: dict[str, str], script: str = __file__) -> dict:
+    """`script --worker kind args` in a process of its own (this suite's workers by default;
+    another benchmark's that takes the same `--worker`); the JSON line it prints last."""
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, __file__, "--worker", kind, json.dumps(args)], cwd=ROOT, env=env,
+        [sys.executable, script, "--worker", kind, json.dumps(args)], cwd=ROOT, env=env,
         capture_output=True, text=True)
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:

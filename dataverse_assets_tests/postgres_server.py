@@ -5,6 +5,10 @@ tests that need them are skipped, except in CI (CI=true), where that fails.
 
 PostgreSQL refuses to run as root, so as root (CI's containers) the cluster runs as the
 `postgres` user the package creates.
+
+benchmarks/store_backends.py starts its cluster here too (`durable=True`: the server's own
+defaults, fsync on), so there is one way to start a throwaway PostgreSQL; this module and
+servers.py import nothing of pytest until a test is skipped.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +34,7 @@ class PostgresServer:
     port: int
     user: str
     log: Path
+    data: Path  # the cluster's folder (postmaster.pid names the server's process)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
@@ -76,9 +81,13 @@ def require_server_binaries() -> Path:
 
 
 @contextmanager
-def throwaway_postgres() -> Iterator[PostgresServer]:
-    """Start a cluster of our own; stop it and delete its files afterwards."""
-    binaries = require_server_binaries()
+def throwaway_postgres(*, binaries: Path | None = None, durable: bool = False,
+                       settings: Mapping[str, str] | None = None) -> Iterator[PostgresServer]:
+    """Start a cluster of our own; stop it and delete its files afterwards. The tests' cluster
+    does not fsync (a test's data); `durable` keeps the server's defaults (fsync, full page
+    writes), as a benchmark wants. `settings`: more server settings (`-c name=value`).
+    `binaries`: initdb's folder (default: found, or the test skipped)."""
+    binaries = binaries or require_server_binaries()
     as_root = os.geteuid() == 0
     folder = Path(tempfile.mkdtemp(prefix="dataverse-pg-"))
     data, log = folder / "data", folder / "server.log"
@@ -97,11 +106,17 @@ def throwaway_postgres() -> Iterator[PostgresServer]:
     try:
         run(str(binaries / "initdb"), "-D", str(data), "-U", ROLE, "--auth=trust",
             "-E", "UTF8", "--no-instructions")
-        # Loopback only, sockets in the cluster's own folder; no fsync (a test's data).
+        # Loopback only, sockets in the cluster's own folder; no fsync (a test's data) unless
+        # durable.
+        options = {"listen_addresses": "127.0.0.1", "max_connections": "200"}
+        if not durable:
+            options |= {"fsync": "off", "full_page_writes": "off"}
+        options |= dict(settings or {})
         run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-            "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-                  " -c full_page_writes=off -c max_connections=200", "start")
-        yield PostgresServer("127.0.0.1", port, ROLE, log)
+            "-o", f"-p {port} -k {folder} "
+                  + " ".join(f"-c {name}={value}" for name, value in options.items()),
+            "start")
+        yield PostgresServer("127.0.0.1", port, ROLE, log, data)
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run([*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-m",

@@ -1,12 +1,11 @@
 """What the tests that start a server of their own share (a browser, PostgreSQL, Redis): a
-free loopback port, and skipping a test whose server is not installed, except in CI."""
+free loopback port, and skipping a test whose server is not installed, except in CI. Importable
+without pytest: benchmarks/store_backends.py starts PostgreSQL through postgres_server.py."""
 
 from __future__ import annotations
 
 import os
 import socket
-
-import pytest
 
 
 def free_port() -> int:
@@ -18,6 +17,8 @@ def free_port() -> int:
 def missing(reason: str, in_ci: str) -> None:
     """Skip the test for `reason` (what to install); with CI=true fail it, adding `in_ci`
     (why CI must run it), since .ci/run installs what the tests need."""
+    import pytest
+
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason}; {in_ci}")
     pytest.skip(reason)
