@@ -63,7 +63,7 @@ def build_mirror(workdir: Path, scale: float):
     simulator = DataverseSimulator(names, seed=11, row_counts=counts)
     source = SimulatorSource(entity_names=names, seed=11)
     # The in-process source looks its simulator up by (seed, names): hand it ours.
-    from dataverse_assets.source import base as sources
+    from dataverse_assets.source import simulator as sources
 
     sources._EMBEDDED[(11, tuple(sorted(names)))] = simulator
     store = MirrorStore(db_path=str(workdir / "live.db"), archive_dir=str(workdir / "archive"))
