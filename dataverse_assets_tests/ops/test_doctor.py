@@ -49,10 +49,12 @@ def test_doctor_passes_every_check_against_the_simulator(doctor_env, capsys):
     code, report = run_doctor_json(capsys)
     assert code == 0 and report["ok"]
     general = by_entity(report, None)
-    assert [c["name"] for c in report["checks"][:4]] == [
-        "configuration", "tenant discovery", "access token", "org access"]
+    assert [c["name"] for c in report["checks"][:5]] == [
+        "configuration", "store", "tenant discovery", "access token", "org access"]
     assert all(general[name]["status"] == PASS for name in
-               ("configuration", "tenant discovery", "access token", "org access"))
+               ("configuration", "store", "tenant discovery", "access token", "org access"))
+    assert general["store"]["detail"].endswith(
+        "mirror.db does not exist yet: the first sync creates it")
     candidates = by_entity(report, "vin_candidates")
     assert list(candidates) == ["reachable", "primary key, modifiedon", "change tracking",
                                 "choices", "paging", "$filter on the key"]
