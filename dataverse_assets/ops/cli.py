@@ -35,6 +35,7 @@ from dataverse_assets.defs.sensors import root_cause
 from dataverse_assets.errors import (
     ArchiveError,
     ConfigError,
+    EntityLockedError,
     InvalidNameError,
     RebuildError,
     StorageError,
@@ -1046,6 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (StorageError, ArchiveError) as exc:  # the database or archive cannot be used
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except EntityLockedError as exc:  # a run holds the entity longer than the command waits
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -28,6 +28,7 @@ from dataverse_assets.store.lifecycle import (
     building_address,
     discard,
     move_into_place,
+    nothing_written,
     same_store,
     target_problem,
 )
@@ -158,7 +159,7 @@ def rebuild(
                     steps.publish(store, entity, change_set, skip=skipped)
                 except CorruptArchiveError as exc:
                     if not skip_corrupt:
-                        raise RebuildError(f"{exc}. Nothing was written to {into}") from None
+                        raise RebuildError(f"{exc}. {nothing_written(into)}") from None
                     skipped.add(change_set)
                     report.skipped.append(SkippedChangeSet(entity.name, change_set, str(exc)))
                     continue

@@ -152,6 +152,14 @@ def move_into_place(building: str, into: str | os.PathLike[str]) -> None:
             built.replace(target)
 
 
+def nothing_written(into: str | os.PathLike[str]) -> str:
+    """What a rebuild that stopped says of `into` once its work is discarded."""
+    if is_postgres_address(into):
+        return (f"Nothing was written to {into}: what the rebuild wrote was dropped, and the "
+                "database holds no table or view in its public and staging schemas")
+    return f"Nothing was written to {into}"
+
+
 def same_store(first: str | os.PathLike[str], second: str | os.PathLike[str]) -> bool:
     """Do two addresses name the same store? SQLite: the same file. PostgreSQL: the same
     database of the same running server, as the servers say (so `localhost` and `127.0.0.1`,

@@ -4,6 +4,7 @@ credentials, and tells what a sync did and how long it took."""
 import argparse
 import json
 import re
+from contextlib import closing
 
 import orjson
 import pytest
@@ -12,6 +13,7 @@ from dataverse_assets.config import _ENV_FIELDS
 from dataverse_assets.ops import cli
 from dataverse_assets.ops.terminal import ago
 from dataverse_assets_tests.helpers import mirror_of
+from dataverse_assets_tests.postgres_server import connect as postgres_connect
 
 ENTITIES = [{"name": "vin_candidates"}, {"name": "teams"}, {"name": "accounts"},
             {"name": "vin_vin_candidate_accountset"}]
@@ -95,6 +97,29 @@ def test_the_doctor_names_the_closest_entity_too(configured, capsys):
     assert cli.main(["doctor", "--entity", "acounts", "--json"]) == 1
     checks = orjson.loads(capsys.readouterr().out)["checks"]
     assert checks[-1]["detail"] == "unknown entity 'acounts'; did you mean 'accounts'?"
+
+
+def test_compact_of_a_mirror_not_made_yet_makes_none(configured, capsys, monkeypatch,
+                                                      store_url):
+    """No mirror yet (no SQLite file; a PostgreSQL database without the mirror's tables):
+    compact says retention was skipped and creates nothing."""
+    raw = json.loads((configured / "entities.json").read_text())
+    raw["archive"] = {"retention_days": 30, "staging_keep_change_sets": 2}
+    (configured / "entities.json").write_text(json.dumps(raw))
+    if store_url:
+        monkeypatch.setenv("DATAVERSE_STORE_URL", store_url)
+    address = store_url or str(configured / "m.db")
+    assert cli.main(["compact"]) == 0
+    captured = capsys.readouterr()
+    assert f"retention skipped: no mirror database at {address} " in captured.err
+    assert f"staging retention skipped: no mirror database at {address}\n" in captured.err
+    assert "database " not in captured.out  # nothing to shrink
+    assert not (configured / "m.db").exists()
+    if store_url:
+        with closing(postgres_connect(store_url)) as connection, \
+                connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            assert cursor.fetchone() == (0,)
 
 
 @pytest.mark.parametrize("argv", [

@@ -17,7 +17,7 @@ from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.ops.purge import purge_column
-from dataverse_assets_tests.helpers import stage_and_publish
+from dataverse_assets_tests.helpers import stage_and_publish, store_environment
 
 DEFINITION = {
     "LogicalName": "contact", "EntitySetName": "contacts", "PrimaryIdAttribute": "contactid",
@@ -28,6 +28,12 @@ DEFINITION = {
 EVERYTHING = EntityConfig(name="contacts", group="daily", incremental="full")
 NO_EMAIL = EntityConfig(name="contacts", group="daily", incremental="full",
                         select=["fullname"])
+
+
+@pytest.fixture
+def store(each_store):
+    """Every test here runs on each kind of store (conftest.each_store)."""
+    return each_store
 
 
 def contact(n, email=True, name=None):
@@ -109,11 +115,21 @@ def test_the_cli_says_what_it_would_erase_and_only_erases_with_yes(store, monkey
         "groups": {"daily": {"cron": "0 3 * * *"}},
         "entities": [{"name": "contacts", "group": "daily", "incremental": "full",
                       "select": ["fullname"]}]}).decode())
-    monkeypatch.setenv("DATAVERSE_DB_PATH", store.db_path)
+    for name, value in store_environment(store.db_path).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("DATAVERSE_ARCHIVE_DIR", store.archive_dir)
     monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(config))
     assert cli_main(["purge", "--entity", "contacts", "--column", "emailaddress1"]) == 0
     assert "Run again with --yes" in capsys.readouterr().out
+    assert everything_mentioning_email(store)
+    # A run holding the entity (its lock in this store) makes purge wait, then give up.
+    monkeypatch.setenv("DATAVERSE_LOCK_WAIT_SECONDS", "0.3")
+    with store.entity_lock("contacts", owner="sync-run-1", purpose="publish"):
+        assert cli_main(["purge", "--entity", "contacts", "--column", "emailaddress1",
+                         "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: contacts is locked by run sync-run-1 (pid ") and err.count(
+        "\n") == 1, err
     assert everything_mentioning_email(store)
     assert cli_main(["purge", "--entity", "contacts", "--column", "emailaddress1",
                      "--yes"]) == 0
