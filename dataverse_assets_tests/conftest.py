@@ -41,8 +41,11 @@ class Mirror:
     url: str = ""
 
     def cli_environment(self, dagster_home: Path) -> dict[str, str]:
-        """Environment for running `dataverse-assets` against this mirror."""
+        """Environment for running `dataverse-assets` against this mirror (its store: the
+        SQLite file, or the PostgreSQL URL)."""
         return {
+            **({"DATAVERSE_STORE_URL": self.settings.store_url} if self.settings.store_url
+               else {}),
             "DATAVERSE_DB_PATH": str(self.settings.db_path),
             "DATAVERSE_ARCHIVE_DIR": str(self.settings.archive_dir),
             "DATAVERSE_ENTITIES_CONFIG": str(self.settings.entities_config_path),

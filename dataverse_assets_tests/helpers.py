@@ -54,6 +54,14 @@ def stage_and_publish(store, change_set, records, entity: EntityConfig = ENTITY,
     return publish(store, entity, change_set)[-1]
 
 
+def store_environment(address: str) -> dict[str, str]:
+    """The variable that points `dataverse-assets` at a store address: DATAVERSE_STORE_URL
+    for a PostgreSQL store, DATAVERSE_DB_PATH for a SQLite file."""
+    if address.startswith(("postgresql://", "postgres://")):
+        return {"DATAVERSE_STORE_URL": address}
+    return {"DATAVERSE_DB_PATH": address}
+
+
 def mirror_of(tmp_path, simulator_url, entities: list[dict], name: str = "m",
               store_url: str | None = None, **source_options) -> Mirror:
     """A mirror of just `entities` (all in one hourly group) from the loopback simulator

@@ -25,7 +25,7 @@ from dagster import AssetKey, DagsterInstance
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive
 from dataverse_assets.archive.storage import storage_of
-from dataverse_assets.config import PROJECT_ROOT, Settings, environment_variables
+from dataverse_assets.config import PROJECT_ROOT, Settings, environment_variables, parse_store_url
 from dataverse_assets.config import load_settings as load_environment_settings
 from dataverse_assets.defs.checks import divergence
 from dataverse_assets.defs.definitions import build_definitions, build_source
@@ -35,6 +35,7 @@ from dataverse_assets.defs.sensors import root_cause
 from dataverse_assets.errors import (
     ArchiveError,
     ConfigError,
+    EntityLockedError,
     InvalidNameError,
     RebuildError,
     StorageError,
@@ -60,8 +61,9 @@ from dataverse_assets.store.archive_retention import compact_archive
 from dataverse_assets.store.backend import refuse_unfinished
 from dataverse_assets.store.bookkeeping import change_set_used, step_details
 from dataverse_assets.store.choices import label_counts
-from dataverse_assets.store.db import connect
+from dataverse_assets.store.db import connect, view_names
 from dataverse_assets.store.issues import list_issues
+from dataverse_assets.store.lifecycle import store_exists
 from dataverse_assets.store.locks import every_entity_lock
 from dataverse_assets.store.maintenance import retain_bookkeeping, shrink_database
 from dataverse_assets.store.mirror import Mirror
@@ -92,9 +94,10 @@ def _instance():
 
 
 def _connection(settings):
-    """The mirror database, closed when the block ends."""
+    """The mirror's store (a SQLite file or a PostgreSQL database), closed when the block
+    ends."""
 
-    return closing(connect(settings.db_path))
+    return closing(connect(settings.store.address))
 
 
 def _unknown(kind: str, name: str, names: Iterable[str]) -> UnknownNameError:
@@ -200,7 +203,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
               else [g for g in config.groups if config.entities_in_group(g)])
     instance = _instance()
     defs = build_definitions(_in_process(settings))
-    print(f"source: {settings.source}; database: {settings.db_path}")
+    print(f"source: {settings.source}; database: {settings.store.address}")
     failed = False
     for group in groups:
         key = new_change_set_key(instance, group, settings=settings)
@@ -229,10 +232,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def _print_readable(settings, entities: list[str]) -> None:
     """Where to read the mirror with labels: the readable views the sync keeps."""
-    with connect(settings.db_path) as connection:
+    with _connection(settings) as connection:
         counts = label_counts(connection)
-        present = {name for (name,) in connection.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'view'")}
+        present = view_names(connection)
     views = [e for e in entities if readable_view(e) in present]
     if not views:
         return
@@ -274,13 +276,13 @@ def cmd_change_set_list(args: argparse.Namespace) -> int:
 def cmd_plan_show(args: argparse.Namespace) -> int:
     settings = load_settings(credentials=False)
     check_change_set_key(args.change_set)
-    connection = connect(settings.db_path)
+    connection = connect(settings.store.address)
     try:
         # The database's plans, also of entities no longer configured.
         _known_entity(settings, connection, args.entity)
         print(render_plan(connection, args.entity, args.change_set, args.max_rows))
     except LookupError as exc:
-        print(f"{exc} in {settings.db_path}", file=sys.stderr)
+        print(f"{exc} in {settings.store.address}", file=sys.stderr)
         return 1
     finally:
         connection.close()
@@ -387,7 +389,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     settings = load_settings(credentials=False)
-    connection = connect(settings.db_path)
+    connection = connect(settings.store.address)
     try:
         entity = _known_entity(settings, connection, args.entity) if args.entity else None
         rows = entity_status(connection, settings.entities)
@@ -421,7 +423,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_issues(args: argparse.Namespace) -> int:
     settings = load_settings(credentials=False)
-    connection = connect(settings.db_path)
+    connection = connect(settings.store.address)
     try:
         if args.entity is not None:
             _known_entity(settings, connection, args.entity)
@@ -447,7 +449,7 @@ def cmd_issues(args: argparse.Namespace) -> int:
 def cmd_dlq(args: argparse.Namespace) -> int:
     # Only a requeue talks to the source; listing, showing and dropping read the database.
     settings = load_settings(credentials=args.dlq_command == "requeue")
-    connection = connect(settings.db_path)
+    connection = connect(settings.store.address)
     try:
         if args.dlq_command == "list":
             letters = dead_letters.list_dead_letters(connection, include_closed=args.all)
@@ -482,7 +484,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                            [entity.name])
     if not result.success:
         _print_failures(result)
-        connection = connect(settings.db_path)
+        connection = connect(settings.store.address)
         try:
             dead_letters.set_dead_letter_status(connection, args.id, "open")
         finally:
@@ -593,10 +595,10 @@ def cmd_fixtures_record(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     settings = load_settings(credentials=False)
-    connection = connect(settings.db_path)
+    connection = connect(settings.store.address)
     try:
         report = write_report(connection, settings.entities, Path(args.out),
-                              database=str(settings.db_path))
+                              database=settings.store.address)
     finally:
         connection.close()
     states = ", ".join(f"{e.entity} {e.state}" for e in report.entities)
@@ -606,13 +608,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # -- the archive: rebuild, compact, archived keys as partitions ------------------------------
 
+def _rebuild_target(into: str) -> str:
+    """`rebuild --into`'s store address: a SQLite path, or a store URL (parsed as
+    DATAVERSE_STORE_URL is: a URL with a password is refused, without echoing it)."""
+    if "://" not in into and not into.startswith("sqlite:"):
+        return into
+    try:
+        target = parse_store_url(into)
+    except ValueError as exc:
+        raise ConfigError(f"--into: {exc}") from None
+    refuse_unfinished(target.address)
+    return target.address
+
+
 def cmd_rebuild(args: argparse.Namespace) -> int:
     settings = load_settings()
-    print(f"rebuilding {args.into} from {settings.archive_location}")
+    into = _rebuild_target(args.into)
+    print(f"rebuilding {into} from {settings.archive_location}")
     try:
         report = rebuild(
-            settings.entities, storage_of(settings), args.into, force=args.force,
-            live_db_path=settings.db_path,
+            settings.entities, storage_of(settings), into, force=args.force,
+            live_db_path=settings.store.address,
             on_entity=lambda e: print(
                 f"  {e.entity}: {e.change_sets} change sets, {e.rows:,} rows, "
                 f"{e.seconds:.2f} s", flush=True),
@@ -631,7 +647,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         print(f"skipped {skipped.entity} {skipped.change_set} (damaged, --skip-corrupt): "
               f"{skipped.reason}", file=sys.stderr)
     if report.skipped:
-        print(f"warning: {len(report.skipped)} change set(s) left out: {args.into} holds "
+        print(f"warning: {len(report.skipped)} change set(s) left out: {into} holds "
               "everything else; it differs from the mirror where they made changes",
               file=sys.stderr)
     return 0
@@ -640,7 +656,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 def cmd_compact(args: argparse.Namespace) -> int:
     settings = load_settings()
     report = compact_archive(
-        storage_of(settings), settings.entities, db_path=settings.db_path,
+        storage_of(settings), settings.entities, db_path=settings.store.address,
         older_than_days=args.older_than_days, retention=not args.no_retention,
         dry_run=args.dry_run,
     )
@@ -658,8 +674,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
     print(f"archive {settings.archive_location}: {before:,} bytes -> {after:,} bytes"
           + (f" ({after / before:.0%})" if before else "")
           + (" (dry run: nothing changed)" if args.dry_run else ""))
-    if args.no_retention or not settings.db_path.exists():
-        return 0
+    if args.no_retention or not store_exists(settings.store.address):
+        return 0  # no mirror yet: nothing to retain or shrink (and none is made)
 
     with _connection(settings) as connection:
         deleted = retain_bookkeeping(connection, settings.entities, dry_run=args.dry_run)
@@ -668,15 +684,20 @@ def cmd_compact(args: argparse.Namespace) -> int:
         if rows:
             print(f"  {verb} {rows:,} rows of {table} (retention: maintenance settings)")
     if not args.dry_run and settings.entities.maintenance.shrink_file:
-        shrink = shrink_database(settings.db_path, exclusive=lambda: every_entity_lock(
-            settings.db_path, [e.name for e in settings.entities.entities],
+        address = settings.store.address
+        shrink = shrink_database(address, exclusive=lambda: every_entity_lock(
+            address, [e.name for e in settings.entities.entities],
             owner=f"dataverse-assets compact ({os.getpid()})", purpose="maintenance",
             wait_seconds=settings.lock_wait_seconds))
-        print(f"database {settings.db_path}: {shrink.bytes_before:,} bytes -> "
-              f"{shrink.bytes_after:,} bytes ({shrink.pages_freed:,} free pages given back"
-              + (", converted to incremental vacuum" if shrink.converted else "") + ")")
-        print(f"staging file: {shrink.staging_bytes_before:,} bytes -> "
-              f"{shrink.staging_bytes_after:,} bytes")
+        if shrink.vacuumed:
+            print(f"database {address}: {shrink.bytes_before:,} bytes -> "
+                  f"{shrink.bytes_after:,} bytes (vacuumed and analyzed)")
+        else:
+            print(f"database {address}: {shrink.bytes_before:,} bytes -> "
+                  f"{shrink.bytes_after:,} bytes ({shrink.pages_freed:,} free pages given back"
+                  + (", converted to incremental vacuum" if shrink.converted else "") + ")")
+            print(f"staging file: {shrink.staging_bytes_before:,} bytes -> "
+                  f"{shrink.staging_bytes_after:,} bytes")
         for file in shrink.not_truncated:
             print(f"warning: {file}: its write-ahead log could not be checkpointed (other"
                   " connections kept it busy); the freed pages leave the file at its next"
@@ -704,7 +725,8 @@ def cmd_purge(args: argparse.Namespace) -> int:
     entity = _configured_entity(settings.entities, args.entity)
     check_purgeable(entity, args.column)
     if not args.yes:
-        print(f"would erase {args.column!r} of {entity.name} from the mirror ({settings.db_path}:"
+        print(f"would erase {args.column!r} of {entity.name} from the mirror "
+              f"({settings.store.address}:"
               f" {entity.name}, its history and staging, the change log) and from every "
               f"archived change set in {settings.archive_location}; this cannot be undone. Run "
               "again with --yes to do it.")
@@ -976,11 +998,15 @@ def _add_archive_commands(commands) -> None:
     purge.set_defaults(handler=cmd_purge)
     rebuild = _command(
         commands, "rebuild", "replay every archived change set into a new database",
-        ["dataverse-assets rebuild --into /tmp/rebuilt.db"])
-    rebuild.add_argument("--into", required=True, type=Path,
-                         help="the new database file (required)")
+        ["dataverse-assets rebuild --into /tmp/rebuilt.db",
+         "dataverse-assets rebuild --into postgresql://mirror@dbhost/rebuilt"])
+    rebuild.add_argument("--into", required=True,
+                         help="the new database: a SQLite file, or the URL of an empty "
+                         "PostgreSQL database (postgresql://user@host:5432/database, no "
+                         "password) (required)")
     rebuild.add_argument("--force", action="store_true",
-                         help="replace an existing file (default: refuse)")
+                         help="replace an existing file, or drop the tables and views a "
+                         "PostgreSQL database holds (default: refuse)")
     rebuild.add_argument("--skip-corrupt", action="store_true",
                          help="leave out change sets with a damaged archive file (reported) "
                          "instead of stopping at the first (default: stop)")
@@ -1024,6 +1050,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (StorageError, ArchiveError) as exc:  # the database or archive cannot be used
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except EntityLockedError as exc:  # a run holds the entity longer than the command waits
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -35,6 +35,7 @@ from dataverse_assets.source.network import connection_problem
 from dataverse_assets.source.query import PageQuery, id_filter, string_literal
 from dataverse_assets.source.simulator import embedded_simulator
 from dataverse_assets.store.choices import parse_attribute_metadata
+from dataverse_assets.store.lifecycle import inspect_store
 from dataverse_assets.store.schema import detect_primary_key
 from dataverse_assets.sync.fetch_plan import attribute_names, choose_mode, resolve_select
 
@@ -567,7 +568,18 @@ def _configuration(environ: Mapping[str, str] | None) -> tuple[Settings | None, 
         "configuration", PASS,
         f"{Path(settings.entities_config_path).name}: {len(config.entities)} entities in "
         f"{len(config.groups)} groups; source {settings.source} ({where[settings.source]}); "
-        f"database {settings.db_path}")
+        f"database {settings.store.address}")
+
+
+def _store_check(settings: Settings) -> Check:
+    """Can the mirror's store be used: the SQLite file (or its folder), the PostgreSQL server
+    and the user's rights there. Read only: nothing is created."""
+    try:
+        report = inspect_store(settings.store.address,
+                               [e.name for e in settings.entities.entities])
+    except ConfigError as exc:  # a PostgreSQL store while it is unfinished, psycopg missing
+        return Check("store", FAIL, str(exc), fix="see the message")
+    return Check("store", PASS if report.ok else FAIL, report.detail, report.fix)
 
 
 def _fixture_checks(settings: Settings, entities: list[EntityConfig]) -> list[Check]:
@@ -605,6 +617,7 @@ def run_doctor(environ: Mapping[str, str] | None = None,
     checks = [configuration]
     if settings is None:
         return checks
+    checks.append(_store_check(settings))
     entities = settings.entities.entities
     if only_entities:
         unknown = [name for name in only_entities if name not in {e.name for e in entities}]

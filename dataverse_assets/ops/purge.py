@@ -25,13 +25,12 @@ from dataverse_assets.archive.compacted import rewrite_pages
 from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.names import check_column_name
-from dataverse_assets.store.backend import dialect_of
 from dataverse_assets.store.db import quote_identifier, table_columns, table_exists, transaction
 from dataverse_assets.store.mirror import MirrorAccess
-from dataverse_assets.store.readable import multi_select_table
+from dataverse_assets.store.readable import drop_multi_select_table
 from dataverse_assets.store.schema_registry import load_locked_schema
 from dataverse_assets.store.staging_store import is_staging_table
-from dataverse_assets.store.tables import history_table, staging_table
+from dataverse_assets.store.tables import history_table, rewrite_matching_rows, staging_table
 from dataverse_assets.sync.stage import content_hash
 
 _BATCH = 2000
@@ -109,9 +108,8 @@ def purge_column(mirror: MirrorAccess, entity: EntityConfig, column: str) -> Pur
                 f" ({', '.join('?' * len(keys))}) AND context IS NOT NULL",
                 (entity.name, *keys)).rowcount if table_exists(connection, "_issues") else 0
             for key in keys:
-                child = multi_select_table(entity.name, key, dialect_of(connection))
-                if child is not None and schema is not None:
-                    connection.execute(f"DROP TABLE IF EXISTS {quote_identifier(child)}")
+                if schema is not None:
+                    drop_multi_select_table(connection, schema, key)
     storage = mirror.archive_storage()
     for change_set in list_change_sets(storage, entity.name):
         archive = ChangeSetArchive(storage, entity.name, change_set)
@@ -121,6 +119,11 @@ def purge_column(mirror: MirrorAccess, entity: EntityConfig, column: str) -> Pur
     return result
 
 
+def _needles(keys: tuple[str, ...]) -> list[str]:
+    """Text a JSON document holding one of the keys contains: the key after its quote."""
+    return [f'"{key}' for key in keys]
+
+
 def _purge_table(connection: sqlite3.Connection, table: str, keys: tuple[str, ...],
                  ignore_annotations: bool) -> int:
     """NULL the column, strip the field from json_response and hash again, in batches."""
@@ -128,56 +131,38 @@ def _purge_table(connection: sqlite3.Connection, table: str, keys: tuple[str, ..
     columns = table_columns(connection, table)
     present = [k for k in keys if k in columns]
     hashed = "_content_hash" in columns
-    rewritten = 0
+
+    def rewrite(body: str) -> tuple | None:
+        record = orjson.loads(body)
+        if not _strip(record, keys):
+            return None
+        text = orjson.dumps(record).decode()
+        return (text, content_hash(record, ignore_annotations)) if hashed else (text,)
+
     with transaction(connection, staging=is_staging_table(table)):
         for key in present:
             connection.execute(f"UPDATE {quoted} SET {quote_identifier(key)} = NULL")
-        # In rowid order, a batch at a time: never a cursor open on rows being rewritten.
-        where = " OR ".join("instr(json_response, ?) > 0" for _ in keys)
-        after = -(2**63)
-        while batch := connection.execute(
-                f"SELECT rowid, json_response FROM {quoted} WHERE rowid > ? AND ({where})"
-                f" ORDER BY rowid LIMIT {_BATCH}",
-                [after, *[f'"{key}' for key in keys]]).fetchall():
-            after = batch[-1][0]
-            updates = []
-            for rowid, body in batch:
-                record = orjson.loads(body)
-                if _strip(record, keys):
-                    text = orjson.dumps(record).decode()
-                    updates.append((text, content_hash(record, ignore_annotations), rowid)
-                                   if hashed else (text, rowid))
-            if updates:
-                connection.executemany(
-                    f"UPDATE {quoted} SET json_response = ?"
-                    + (", _content_hash = ?" if hashed else "") + " WHERE rowid = ?", updates)
-                rewritten += len(updates)
-    return rewritten
+        return rewrite_matching_rows(
+            connection, table, "json_response", _needles(keys),
+            ("json_response", "_content_hash") if hashed else ("json_response",), rewrite,
+            batch=_BATCH)
 
 
 def _purge_change_log(connection: sqlite3.Connection, entity: str,
                       keys: tuple[str, ...]) -> int:
     """The changed fields kept per change ({field: [old, new]}) lose the column's."""
+
+    def rewrite(changes: str) -> tuple | None:
+        value = orjson.loads(changes)
+        if not _strip(value, keys):
+            return None
+        return (orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode() if value else None,)
+
     rewritten = 0
     with transaction(connection):
-        for table, key_column in (("_change_history", "id"), ("_publish_plan", "rowid")):
-            if not table_exists(connection, table):
-                continue
-            where = " OR ".join("instr(changes, ?) > 0" for _ in keys)
-            after = -(2**63)
-            while batch := connection.execute(
-                    f"SELECT {key_column}, changes FROM {table} WHERE {key_column} > ? AND"
-                    f" entity = ? AND changes IS NOT NULL AND ({where})"
-                    f" ORDER BY {key_column} LIMIT {_BATCH}",
-                    (after, entity, *[f'"{key}' for key in keys])).fetchall():
-                after = batch[-1][0]
-                updates = []
-                for row_id, changes in batch:
-                    value = orjson.loads(changes)
-                    if _strip(value, keys):
-                        updates.append((orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-                                        .decode() if value else None, row_id))
-                connection.executemany(
-                    f"UPDATE {table} SET changes = ? WHERE {key_column} = ?", updates)
-                rewritten += len(updates)
+        for table in ("_change_history", "_publish_plan"):
+            if table_exists(connection, table):
+                rewritten += rewrite_matching_rows(
+                    connection, table, "changes", _needles(keys), ("changes",), rewrite,
+                    condition="entity = ?", parameters=(entity,), batch=_BATCH)
     return rewritten

@@ -17,7 +17,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from dataverse_assets.archive.change_sets import list_change_sets
 from dataverse_assets.archive.storage import ArchiveStorage, LocalStorage, open_storage
@@ -25,8 +24,15 @@ from dataverse_assets.config import EntitiesConfig
 from dataverse_assets.defs.partitions import add_change_sets
 from dataverse_assets.errors import CorruptArchiveError, RebuildError
 from dataverse_assets.names import change_set_order
+from dataverse_assets.store.lifecycle import (
+    building_address,
+    discard,
+    move_into_place,
+    nothing_written,
+    same_store,
+    target_problem,
+)
 from dataverse_assets.store.mirror import Mirror
-from dataverse_assets.store.staging_store import staging_files
 from dataverse_assets.store.tables import canonical_row_count
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.progress import FetchProgress, ProgressReporter
@@ -58,7 +64,7 @@ class SkippedChangeSet:
 
 @dataclass
 class RebuildReport:
-    into: Path
+    into: str  # the store address rebuilt
     archive_dir: str  # the folder or s3://bucket/prefix replayed
     entities: list[EntityRebuild] = field(default_factory=list)
     skipped: list[SkippedChangeSet] = field(default_factory=list)
@@ -87,21 +93,14 @@ class RebuildReport:
             f"{self.seconds:.2f} s, {rows_per_second:,.0f} rows/s"]
 
 
-def _database_files(path: Path) -> list[Path]:
-    """The mirror file, SQLite's files of it, and its staging file's (moved along with it)."""
-    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
-            *staging_files(path)]
-
-
-def _check_target(into: Path, *, force: bool, live_db_path: Path | None) -> None:
-    if live_db_path is not None and into.resolve() == Path(live_db_path).resolve():
-        raise RebuildError(f"{into} is the live mirror (DATAVERSE_DB_PATH); rebuild into a new "
-                           "file and swap it in once you have compared them")
-    if into.exists() and into.is_dir():
-        raise RebuildError(f"{into} is a directory; give the path of the new database file")
-    if into.exists() and into.stat().st_size > 0 and not force:
-        raise RebuildError(f"{into} already exists and is not empty; rebuild writes a fresh "
-                           "database: choose a new path, or pass --force to replace it")
+def _check_target(into: str, *, force: bool, live_db_path: str | None) -> None:
+    if live_db_path is not None and same_store(into, live_db_path):
+        raise RebuildError(f"{into} is the live mirror (DATAVERSE_STORE_URL or "
+                           "DATAVERSE_DB_PATH); rebuild into a new store and swap it in once "
+                           "you have compared them")
+    problem = target_problem(into, force=force)
+    if problem is not None:
+        raise RebuildError(f"{into} {problem}")
 
 
 def rebuild(
@@ -113,7 +112,9 @@ def rebuild(
     skip_corrupt: bool = False,
 ) -> RebuildReport:
     """Replay every complete archived change set of every configured entity, oldest first,
-    into a fresh database at `into_db_path` (built beside it, moved into place at the end).
+    into a fresh mirror at the store address `into_db_path` (SQLite: built beside it, moved
+    into place at the end; PostgreSQL: written into that database, emptied first:
+    store.lifecycle.building_address).
 
     `progress_for(entity)` gives the reporter that follows that entity's replay: it is told
     the pages and records replayed after each change set, against the total the manifests
@@ -123,15 +124,14 @@ def rebuild(
     nothing written, unless `skip_corrupt`: then its change set is left out (nothing of it is
     staged or published; the report lists it) and the rebuild goes on."""
     storage = open_storage(archive_dir)
-    into = Path(into_db_path)
+    into = os.fspath(into_db_path)
     if isinstance(storage, LocalStorage) and not storage.root.is_dir():
         raise RebuildError(f"no archive at {storage.location} (set DATAVERSE_ARCHIVE_DIR or "
                            "DATAVERSE_ARCHIVE_URL)")
-    _check_target(into, force=force, live_db_path=Path(live_db_path) if live_db_path else None)
-    building = into.with_name(into.name + ".rebuilding")
-    for leftover in _database_files(building):
-        leftover.unlink(missing_ok=True)
-    store = _Replaying(db_path=str(building), archive_dir=storage.location, storage=storage)
+    _check_target(into, force=force,
+                  live_db_path=os.fspath(live_db_path) if live_db_path else None)
+    building = building_address(into)
+    store = _Replaying(db_path=building, archive_dir=storage.location, storage=storage)
     report = RebuildReport(into=into, archive_dir=storage.location)
     started = time.perf_counter()
     try:
@@ -159,7 +159,7 @@ def rebuild(
                     steps.publish(store, entity, change_set, skip=skipped)
                 except CorruptArchiveError as exc:
                     if not skip_corrupt:
-                        raise RebuildError(f"{exc}. Nothing was written to {into}") from None
+                        raise RebuildError(f"{exc}. {nothing_written(into)}") from None
                     skipped.add(change_set)
                     report.skipped.append(SkippedChangeSet(entity.name, change_set, str(exc)))
                     continue
@@ -179,16 +179,9 @@ def rebuild(
             if on_entity is not None:
                 on_entity(progress)
     except BaseException:
-        for leftover in _database_files(building):
-            leftover.unlink(missing_ok=True)
+        discard(building)
         raise
-    # Every connection is closed: SQLite has folded the WAL into the file, which can move.
-    for old in _database_files(into):
-        old.unlink(missing_ok=True)
-    for suffix_file, target in zip(_database_files(building), _database_files(into),
-                                   strict=True):
-        if suffix_file.exists():
-            suffix_file.replace(target)
+    move_into_place(building, into)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -99,8 +99,9 @@ def change_set_list(connection: sqlite3.Connection, entity: str | None = None,
         "SELECT p.entity, p.change_set, p.status, s.mode, p.created, p.updated, p.deleted,"
         " p.unchanged, p.stale, p.finished_at, p.error FROM _publish_state p"
         " LEFT JOIN _staged s ON s.entity = p.entity AND s.change_set = p.change_set"
-        " WHERE ? IS NULL OR p.entity = ? ORDER BY p.change_set DESC, p.entity LIMIT ?",
-        (entity, entity, limit)).fetchall()
+        + (" WHERE p.entity = ?" if entity is not None else "")
+        + " ORDER BY p.change_set DESC, p.entity LIMIT ?",
+        (*([entity] if entity is not None else []), limit)).fetchall()
     listed = []
     for (name, change_set, status, mode, created, updated, deleted, unchanged, stale,
          finished_at, error) in rows:

@@ -38,6 +38,7 @@ from dataverse_assets.source.query import parse_datetime
 from dataverse_assets.store.backend import is_postgres_address
 from dataverse_assets.store.bookkeeping import change_sets_that_wrote, complete_change_sets
 from dataverse_assets.store.db import connect, table_exists
+from dataverse_assets.store.lifecycle import store_exists
 from dataverse_assets.store.staging_retention import StagingPrune, plan_staging_prune, prune_staged
 
 # -- reading --------------------------------------------------------------------------------
@@ -153,11 +154,13 @@ def compact_archive(
     report = CompactionReport(dry_run=dry_run)
     connection = None
     if retention and policy.retention_days is not None:
-        if db_path is not None and is_postgres_address(db_path):
+        if db_path is None or not store_exists(db_path):
+            connection = None  # no mirror yet (none is made): the note below
+        elif is_postgres_address(db_path):
             connection = connect(str(db_path))  # (read only by what it does: it only reads)
-        elif db_path is not None and Path(db_path).exists():
-            connection = sqlite3.connect(f"file:{Path(db_path)}?mode=ro", uri=True)
         else:
+            connection = sqlite3.connect(f"file:{Path(db_path)}?mode=ro", uri=True)
+        if connection is None:
             report.notes.append(
                 f"retention skipped: no mirror database at {db_path} to tell which change "
                 "sets were published")
@@ -203,7 +206,7 @@ def compact_archive(
 
 def _prune_staging(report: CompactionReport, archive_dir: ArchiveStorage, config: EntitiesConfig,
                    db_path: str | Path | None, keep: int, *, dry_run: bool) -> None:
-    if db_path is None or not (is_postgres_address(db_path) or Path(db_path).exists()):
+    if db_path is None or not store_exists(db_path):
         report.notes.append(f"staging retention skipped: no mirror database at {db_path}")
         return
     connection = connect(db_path)

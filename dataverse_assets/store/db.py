@@ -645,3 +645,12 @@ def table_columns(connection: sqlite3.Connection, table: str) -> list[str]:
             "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(?) AND attnum > 0"
             " AND NOT attisdropped ORDER BY attnum", (quote_identifier(table),))]
     return [row[1] for row in connection.execute(f"PRAGMA table_info({quote_identifier(table)})")]
+
+
+def view_names(connection: sqlite3.Connection) -> set[str]:
+    """The views of the mirror (the readable views, store.readable)."""
+    if dialect_of(connection) is POSTGRES:
+        return {name for (name,) in connection.execute(
+            "SELECT viewname FROM pg_views WHERE schemaname = 'public'")}
+    return {name for (name,) in connection.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'view'")}

@@ -122,6 +122,9 @@ class Shrink:
     # connection kept checkpointing, or a reader kept an old snapshot): their freed pages
     # leave the file at the next checkpoint instead.
     not_truncated: tuple[str, ...] = ()
+    # A PostgreSQL store: its tables were vacuumed (no pages, no file: sizes are the
+    # database's).
+    vacuumed: bool = False
 
     @property
     def bytes_freed(self) -> int:
@@ -198,4 +201,4 @@ def _vacuum_postgres(url: str) -> Shrink:
         before = connection.execute(size).fetchone()[0]
         connection.execute("VACUUM (ANALYZE)")  # (autocommit: VACUUM cannot be in a transaction)
         after = connection.execute(size).fetchone()[0]
-    return Shrink(before, after, 0)
+    return Shrink(before, after, 0, vacuumed=True)

@@ -76,9 +76,9 @@ class Mirror(MirrorAccess):
 
     @classmethod
     def of(cls, settings: Settings, **overrides: object) -> Mirror:
-        """The mirror and archive the settings name (DATAVERSE_DB_PATH, DATAVERSE_ARCHIVE_URL
-        or DATAVERSE_ARCHIVE_DIR, DATAVERSE_S3_*)."""
-        values: dict = {"db_path": str(settings.db_path),
+        """The mirror and archive the settings name (DATAVERSE_STORE_URL or DATAVERSE_DB_PATH,
+        DATAVERSE_ARCHIVE_URL or DATAVERSE_ARCHIVE_DIR, DATAVERSE_S3_*)."""
+        values: dict = {"db_path": settings.store.address,
                         "archive_dir": settings.archive_location,
                         "lock_wait_seconds": settings.lock_wait_seconds,
                         "s3_endpoint_url": settings.s3_endpoint_url,

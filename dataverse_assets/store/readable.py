@@ -23,7 +23,7 @@ import orjson
 
 from dataverse_assets.store.backend import POSTGRES, SQLITE, Dialect, dialect_of
 from dataverse_assets.store.choices import MULTI_SELECT, stored_metadata
-from dataverse_assets.store.db import quote_identifier, table_columns, table_exists
+from dataverse_assets.store.db import quote_identifier, table_columns, table_exists, view_names
 from dataverse_assets.store.schema import EntitySchema, sqlite_fold
 
 READABLE_SUFFIX = "__readable"
@@ -216,6 +216,24 @@ def _ensure_postgres_view(connection, name: str, sql: str, entity: str) -> bool:
     connection.execute(f"DROP VIEW IF EXISTS {quote_identifier(name)}")
     connection.execute(sql)
     connection.execute(f"COMMENT ON VIEW {quote_identifier(name)} IS '{digest}'")
+    return True
+
+
+def drop_multi_select_table(connection: sqlite3.Connection, schema: EntitySchema,
+                            column: str) -> bool:
+    """Drop the child table of a multi-select column (purge: the column is erased), and make
+    the readable view again without its labels (inside the caller's transaction): PostgreSQL
+    refuses to drop a table a view reads, and SQLite's view would name a table that is gone.
+    The next publish makes the child table again from `E` if the column is still mirrored.
+    Returns whether there was one."""
+    table = multi_select_table(schema.entity, column, dialect_of(connection))
+    if table is None or not table_exists(connection, table):
+        return False
+    view = readable_view(schema.entity)
+    if view in view_names(connection):
+        connection.execute(f"DROP VIEW {quote_identifier(view)}")
+    connection.execute(f"DROP TABLE {quote_identifier(table)}")
+    ensure_readable_view(connection, schema)
     return True
 
 

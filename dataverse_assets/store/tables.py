@@ -4,6 +4,7 @@ and what is read from them by key."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Sequence
 
 import orjson
 
@@ -185,6 +186,44 @@ def row_id_column(connection: sqlite3.Connection) -> str:
 def row_id_match(connection: sqlite3.Connection) -> str:
     """`WHERE` condition for one `row_id_column` value bound as `?`."""
     return "ctid = ?::tid" if dialect_of(connection) is POSTGRES else "rowid = ?"
+
+
+def rewrite_matching_rows(connection: sqlite3.Connection, table: str, column: str,
+                          needles: Sequence[str], columns: Sequence[str],
+                          rewrite: Callable[[str], Sequence[object] | None], *,
+                          condition: str = "TRUE", parameters: Sequence[object] = (),
+                          batch: int = 2000) -> int:
+    """Rewrite the rows of `table` whose text `column` contains any of `needles` (and that
+    match `condition`, SQL with `?` bound to `parameters`): `rewrite(value of column)` gives
+    the new values of `columns`, or None to leave the row. A batch at a time in row order,
+    inside the caller's transaction (never a cursor open on rows being rewritten). A row a
+    rewrite moved further on (PostgreSQL writes a new row version) is read again, and left
+    when it no longer matches or `rewrite` gives None. Returns the rows rewritten."""
+    postgres = dialect_of(connection) is POSTGRES
+    quoted, text = quote_identifier(table), quote_identifier(column)
+    row_id, cast, start = (("ctid", "?::tid", "(0,0)") if postgres
+                           else ("rowid", "?", -(2**63)))
+    contains = " OR ".join((f"strpos({text}, ?) > 0" if postgres else f"instr({text}, ?) > 0")
+                           for _ in needles)
+    assignments = ", ".join(f"{quote_identifier(c)} = ?" for c in columns)
+    after: object = start
+    rewritten = 0
+    while rows := connection.execute(
+            f"SELECT {row_id}{'::text' if postgres else ''}, {text} FROM {quoted}"
+            f" WHERE {row_id} > {cast} AND ({condition}) AND ({contains})"
+            f" ORDER BY {row_id} LIMIT {int(batch)}",
+            [after, *parameters, *needles]).fetchall():
+        after = rows[-1][0]
+        updates = []
+        for found, value in rows:
+            values = rewrite(value)
+            if values is not None:
+                updates.append((*values, found))
+        if updates:
+            connection.executemany(
+                f"UPDATE {quoted} SET {assignments} WHERE {row_id} = {cast}", updates)
+            rewritten += len(updates)
+    return rewritten
 
 
 def set_plan_changes(connection, entity: str, change_set: str, changes) -> None:

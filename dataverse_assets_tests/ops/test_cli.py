@@ -3,6 +3,8 @@ credentials, and tells what a sync did and how long it took."""
 
 import argparse
 import json
+import re
+from contextlib import closing
 
 import orjson
 import pytest
@@ -11,6 +13,7 @@ from dataverse_assets.config import _ENV_FIELDS
 from dataverse_assets.ops import cli
 from dataverse_assets.ops.terminal import ago
 from dataverse_assets_tests.helpers import mirror_of
+from dataverse_assets_tests.postgres_server import connect as postgres_connect
 
 ENTITIES = [{"name": "vin_candidates"}, {"name": "teams"}, {"name": "accounts"},
             {"name": "vin_vin_candidate_accountset"}]
@@ -96,6 +99,29 @@ def test_the_doctor_names_the_closest_entity_too(configured, capsys):
     assert checks[-1]["detail"] == "unknown entity 'acounts'; did you mean 'accounts'?"
 
 
+def test_compact_of_a_mirror_not_made_yet_makes_none(configured, capsys, monkeypatch,
+                                                      store_url):
+    """No mirror yet (no SQLite file; a PostgreSQL database without the mirror's tables):
+    compact says retention was skipped and creates nothing."""
+    raw = json.loads((configured / "entities.json").read_text())
+    raw["archive"] = {"retention_days": 30, "staging_keep_change_sets": 2}
+    (configured / "entities.json").write_text(json.dumps(raw))
+    if store_url:
+        monkeypatch.setenv("DATAVERSE_STORE_URL", store_url)
+    address = store_url or str(configured / "m.db")
+    assert cli.main(["compact"]) == 0
+    captured = capsys.readouterr()
+    assert f"retention skipped: no mirror database at {address} " in captured.err
+    assert f"staging retention skipped: no mirror database at {address}\n" in captured.err
+    assert "database " not in captured.out  # nothing to shrink
+    assert not (configured / "m.db").exists()
+    if store_url:
+        with closing(postgres_connect(store_url)) as connection, \
+                connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            assert cursor.fetchone() == (0,)
+
+
 @pytest.mark.parametrize("argv", [
     ["sync", "--group", "hourli"],
     ["change-set", "create", "--group", "hourli"],
@@ -114,9 +140,16 @@ def test_a_record_id_that_is_not_a_guid_is_refused_before_any_run(configured, ca
     assert not (configured / "home").exists()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request) -> str | None:
+    """None (a SQLite mirror), or the URL of a PostgreSQL store: the commands run on each."""
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres_store_url")
+
+
 def test_sync_says_what_each_entity_did_and_where_the_time_went_and_read_only_commands_need_no_credentials(  # noqa: E501
-        tmp_path, simulator_url, monkeypatch, capsys):
-    mirror = mirror_of(tmp_path, simulator_url, ENTITIES)
+        tmp_path, simulator_url, monkeypatch, capsys, store_url):
+    mirror = mirror_of(tmp_path, simulator_url, ENTITIES, store_url=store_url)
+    address = mirror.settings.store.address
     (tmp_path / "home").mkdir()
     for name, value in mirror.cli_environment(tmp_path / "home").items():
         monkeypatch.setenv(name, value)
@@ -129,11 +162,15 @@ def test_sync_says_what_each_entity_did_and_where_the_time_went_and_read_only_co
             if line.split() and line.split()[0] in {e["name"] for e in ENTITIES}}
     # The first read of a change-tracked table is called what it is.
     assert rows["vin_candidates"]["mode"] == "initial"
+    assert f"database: {address}\n" in out  # the file, or the URL (never with a password)
     assert "hourly: 4 entities in " in out and "Dagster overhead" in out
     # One line per entity when it is done, with its counts.
     for entity in rows:
         done = next(line for line in err.splitlines() if line.startswith(f"  done {entity}: "))
         assert "created" in done and "stale" in done and "(staging " in done, done
+
+    # The readable views are where the sync says they are.
+    assert "readable views: 4 (<entity>__readable" in out
 
     # The read-only commands, for a live org, with no credentials at all.
     monkeypatch.setenv("DATAVERSE_URL", "https://contoso.crm.dynamics.com")
@@ -151,13 +188,22 @@ def test_sync_says_what_each_entity_did_and_where_the_time_went_and_read_only_co
         assert cli.main(argv) == 0, (argv, capsys.readouterr().err)
         assert "configuration error" not in capsys.readouterr().err
 
+    # What the read-only commands said, from this store.
+    assert cli.main(["issues"]) == 0
+    assert capsys.readouterr().out == "no open issues\n"
+    assert cli.main(["plan", "show", "teams", key]) == 0
+    assert f"Plan for teams, change set {key} (COMPLETE)" in capsys.readouterr().out
+    page = (tmp_path / "s.html").read_text()
+    assert f"from {address}</div>" in page and 'data-entity="teams"' in page
+
     # status is for people: ages, the group, the next scheduled run.
     assert cli.main(["status"]) == 0
     status = capsys.readouterr().out
     assert status.splitlines()[0].split()[:6] == [
         "entity", "group", "mode", "last_change_set", "publish_status", "published"]
     teams = next(line for line in status.splitlines() if line.startswith("teams"))
-    assert "hourly" in teams and "just now" in teams and ":00 UTC (in " in teams
+    assert "hourly" in teams and ":00 UTC (in " in teams
+    assert re.search(r" (just now|\d+ s ago) ", teams), teams  # (seconds on a busy machine)
     # --json is for machines: one entity, its numbers.
     assert cli.main(["status", "teams", "--json"]) == 0
     (row,) = orjson.loads(capsys.readouterr().out)
@@ -172,6 +218,24 @@ def test_sync_says_what_each_entity_did_and_where_the_time_went_and_read_only_co
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["entity", "change_set", "status", "mode"]
     assert len(lines) == 1 + len(ENTITIES)
+
+    # A targeted refresh fetches that record again, as its own change set.
+    for name, value in mirror.cli_environment(tmp_path / "home").items():
+        monkeypatch.setenv(name, value)
+    simulator = mirror.simulator
+    team = simulator.records("teams")[0]["teamid"]
+    simulator.update("teams", team, {"name": "Renamed team"})
+    assert cli.main(["refresh", "teams", "--id", team]) == 0
+    out = capsys.readouterr().out
+    assert "targeted refresh as change set" in out and "teams" in out
+    with mirror.connection() as connection:
+        assert connection.execute("SELECT name FROM teams WHERE teamid = ?",
+                                  (team,)).fetchone() == ("Renamed team",)
+
+    # compact: retention, then the database given back its free space.
+    assert cli.main(["compact"]) == 0
+    out = capsys.readouterr().out
+    assert f"database {address}: " in out and " bytes -> " in out, out
 
 
 def test_ages_read_like_a_person_says_them():

@@ -2,6 +2,8 @@
 the secret never shows."""
 
 import json
+import re
+from contextlib import closing
 
 import orjson
 import pytest
@@ -10,6 +12,8 @@ from dataverse_assets.config import DEFAULT_ENTITIES_CONFIG
 from dataverse_assets.ops import cli
 from dataverse_assets.ops.doctor import FAIL, INFO, PASS, WARN, ratelimit_headroom
 from dataverse_assets.simulator import SIMULATOR_CLIENT_ID, ServiceProtectionLimits
+from dataverse_assets_tests.postgres_server import connect as postgres_connect
+from dataverse_assets_tests.servers import free_port
 
 WRONG_SECRET = "not-the-secret-7Q~xYz"
 
@@ -49,10 +53,12 @@ def test_doctor_passes_every_check_against_the_simulator(doctor_env, capsys):
     code, report = run_doctor_json(capsys)
     assert code == 0 and report["ok"]
     general = by_entity(report, None)
-    assert [c["name"] for c in report["checks"][:4]] == [
-        "configuration", "tenant discovery", "access token", "org access"]
+    assert [c["name"] for c in report["checks"][:5]] == [
+        "configuration", "store", "tenant discovery", "access token", "org access"]
     assert all(general[name]["status"] == PASS for name in
-               ("configuration", "tenant discovery", "access token", "org access"))
+               ("configuration", "store", "tenant discovery", "access token", "org access"))
+    assert general["store"]["detail"].endswith(
+        "mirror.db does not exist yet: the first sync creates it")
     candidates = by_entity(report, "vin_candidates")
     assert list(candidates) == ["reachable", "primary key, modifiedon", "change tracking",
                                 "choices", "paging", "$filter on the key"]
@@ -85,6 +91,39 @@ def test_tables_without_change_tracking_are_info_with_the_mode_used(doctor_env, 
     assert "no modifiedon column" in junction["primary key, modifiedon"]["detail"]
     assert {c["entity"] for c in report["checks"]} == {
         None, "systemusers", "vin_vin_candidate_accountset"}
+
+
+def test_the_doctor_checks_a_postgresql_store_without_writing_to_it(
+        doctor_env, monkeypatch, capsys, postgres_store_url, postgres_cluster):
+    url = postgres_store_url
+    monkeypatch.setenv("DATAVERSE_STORE_URL", url)
+    code, report = run_doctor_json(capsys)
+    store = by_entity(report, None)["store"]
+    assert code == 0 and store["status"] == PASS, store
+    database = url.rsplit("/", 1)[1]
+    assert re.fullmatch(rf"PostgreSQL [0-9.]+.*, database {database} as {postgres_cluster.user}:"
+                        r" no entity mirrored yet \(the first sync creates the tables\)",
+                        store["detail"]), store
+    with closing(postgres_connect(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        assert cursor.fetchone() == (0,)  # read only: not even the bookkeeping tables
+        # A user who may not create tables (PostgreSQL 15 grants CREATE on public to no one).
+        cursor.execute(f"CREATE ROLE reader_{database} LOGIN")
+        connection.commit()
+    monkeypatch.setenv("DATAVERSE_STORE_URL", url.replace(
+        f"{postgres_cluster.user}@", f"reader_{database}@"))
+    code, report = run_doctor_json(capsys)
+    store = by_entity(report, None)["store"]
+    assert code == 1 and store["status"] == FAIL
+    assert store["detail"].endswith("the user may not create tables in schema public")
+    assert store["fix"].startswith(f"GRANT CREATE ON SCHEMA public TO reader_{database} ")
+    # A server that does not answer: said in one line, with what to check.
+    monkeypatch.setenv("DATAVERSE_STORE_URL", f"postgresql://someone@127.0.0.1:{free_port()}/x")
+    assert cli.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("FAIL  store"))
+    assert "cannot connect to the PostgreSQL store" in line, out
+    assert "-> check that the server runs and DATAVERSE_STORE_URL names it" in out
 
 
 def test_wrong_secret_fails_at_the_token_and_never_shows_the_secret(tmp_path, monkeypatch,

@@ -13,7 +13,19 @@ from dataverse_assets.sync.publish_execute import publish_change_set
 from dataverse_assets.sync.publish_plan import changed_fields
 from dataverse_assets.sync.stage import write_staged
 from dataverse_assets.sync.steps import staged_records
-from dataverse_assets_tests.helpers import ENTITY, archive_change_set, stage_and_publish, thing
+from dataverse_assets_tests.helpers import (
+    ENTITY,
+    archive_change_set,
+    stage_and_publish,
+    store_environment,
+    thing,
+)
+
+
+@pytest.fixture
+def store(each_store):
+    """Every test here runs on each kind of store (conftest.each_store)."""
+    return each_store
 
 
 def test_plan_view_shows_counts_first_then_changed_fields_only(store):
@@ -91,7 +103,8 @@ def test_a_plan_that_does_not_add_up_is_refused_before_any_write(store, monkeypa
 
 def test_plan_show_command_prints_the_plan(store, monkeypatch, capsys):
     stage_and_publish(store, "20260101T000000Z", [thing(1, "Alpha")])
-    monkeypatch.setenv("DATAVERSE_DB_PATH", store.db_path)
+    for name, value in store_environment(store.db_path).items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["plan", "show", "things", "20260101T000000Z"]) == 0
     assert "1 to create, 0 to update, 0 to delete, 0 unchanged" in capsys.readouterr().out
     assert cli.main(["plan", "show", "things", "19990101T000000Z"]) == 1

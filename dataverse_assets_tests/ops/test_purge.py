@@ -17,7 +17,9 @@ from dataverse_assets.config import EntityConfig
 from dataverse_assets.errors import ConfigError
 from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.ops.purge import purge_column
-from dataverse_assets_tests.helpers import stage_and_publish
+from dataverse_assets.store.db import table_exists
+from dataverse_assets_tests.helpers import stage_and_publish, store_environment
+from dataverse_assets_tests.sync.test_readable import publish_records, record, view
 
 DEFINITION = {
     "LogicalName": "contact", "EntitySetName": "contacts", "PrimaryIdAttribute": "contactid",
@@ -28,6 +30,12 @@ DEFINITION = {
 EVERYTHING = EntityConfig(name="contacts", group="daily", incremental="full")
 NO_EMAIL = EntityConfig(name="contacts", group="daily", incremental="full",
                         select=["fullname"])
+
+
+@pytest.fixture
+def store(each_store):
+    """Every test here runs on each kind of store (conftest.each_store)."""
+    return each_store
 
 
 def contact(n, email=True, name=None):
@@ -109,11 +117,21 @@ def test_the_cli_says_what_it_would_erase_and_only_erases_with_yes(store, monkey
         "groups": {"daily": {"cron": "0 3 * * *"}},
         "entities": [{"name": "contacts", "group": "daily", "incremental": "full",
                       "select": ["fullname"]}]}).decode())
-    monkeypatch.setenv("DATAVERSE_DB_PATH", store.db_path)
+    for name, value in store_environment(store.db_path).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("DATAVERSE_ARCHIVE_DIR", store.archive_dir)
     monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(config))
     assert cli_main(["purge", "--entity", "contacts", "--column", "emailaddress1"]) == 0
     assert "Run again with --yes" in capsys.readouterr().out
+    assert everything_mentioning_email(store)
+    # A run holding the entity (its lock in this store) makes purge wait, then give up.
+    monkeypatch.setenv("DATAVERSE_LOCK_WAIT_SECONDS", "0.3")
+    with store.entity_lock("contacts", owner="sync-run-1", purpose="publish"):
+        assert cli_main(["purge", "--entity", "contacts", "--column", "emailaddress1",
+                         "--yes"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: contacts is locked by run sync-run-1 (pid ") and err.count(
+        "\n") == 1, err
     assert everything_mentioning_email(store)
     assert cli_main(["purge", "--entity", "contacts", "--column", "emailaddress1",
                      "--yes"]) == 0
@@ -121,3 +139,26 @@ def test_the_cli_says_what_it_would_erase_and_only_erases_with_yes(store, monkey
     assert everything_mentioning_email(store) == []
     assert cli_main(["purge", "--entity", "contact", "--column", "emailaddress1"]) == 2
     assert "unknown entity 'contact'; did you mean 'contacts'?" in capsys.readouterr().err
+
+
+def test_purging_a_multi_select_column_drops_its_child_table_and_the_view_reads_on(store):
+    """The child table `E__<column>` goes; the readable view, which read it, is made again
+    without its labels (PostgreSQL refuses to drop a table a view reads; SQLite's view would
+    name a table that is gone)."""
+    publish_records(store, "20260101T000000Z", [record(1, "10,30"), record(2, "20")])
+    assert view(store, "areas_labels") == [("id-1", "Oncology; Cardiology"),
+                                           ("id-2", "Neurology")]
+    without = EntityConfig(name="things", group="daily", incremental="full",
+                           select=["thingid", "name", "statuscode"])
+
+    purge_column(store, without, "areas")
+
+    with store.connection() as connection:
+        assert not table_exists(connection, "things__areas")
+        assert connection.execute(
+            "SELECT count(*) FROM things WHERE areas IS NOT NULL").fetchone() == (0,)
+        columns = [d[0] for d in connection.execute(
+            "SELECT * FROM things__readable").description]
+    assert "areas_labels" not in columns
+    assert view(store, "statuscode_label, ownerid_name") == [("id-1", "Active", "Owner 1"),
+                                                             ("id-2", "Active", "Owner 2")]

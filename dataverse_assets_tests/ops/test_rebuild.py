@@ -23,7 +23,12 @@ from dataverse_assets.ops.rebuild import archived_change_sets, rebuild, register
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.archive_retention import compact_archive
-from dataverse_assets.store.db import connect, quote_identifier, wait_for_checkpoint
+from dataverse_assets.store.db import (
+    connect,
+    quote_identifier,
+    table_columns,
+    wait_for_checkpoint,
+)
 from dataverse_assets.store.maintenance import retain_bookkeeping
 from dataverse_assets.sync import steps
 from dataverse_assets.sync.progress import ProgressReporter, ProgressSink, ProgressUpdate
@@ -35,6 +40,7 @@ from dataverse_assets_tests.conftest import (
     write_entities_config,
 )
 from dataverse_assets_tests.helpers import mutate
+from dataverse_assets_tests.postgres_server import connect as postgres_connect
 from dataverse_assets_tests.truth import (
     assert_mirror_equals_simulator,
     canonical_rows,
@@ -59,8 +65,7 @@ BOOKKEEPING = ["_publish_state", "_sync_state", "_schema", "_staged", "_issues",
 
 
 def table_rows(connection, table: str, skip=frozenset()) -> list[tuple]:
-    columns = [row[1] for row in connection.execute(
-        f"PRAGMA table_info({quote_identifier(table)})") if row[1] not in skip]
+    columns = [name for name in table_columns(connection, table) if name not in skip]
     assert columns, f"no table {table}"
     return sorted(connection.execute(
         f"SELECT {', '.join(quote_identifier(c) for c in columns)}"
@@ -90,7 +95,7 @@ def assert_same_canonical_and_history(rebuilt, live) -> None:
 
 
 def bookkeeping_tables(db_path) -> dict[str, list[tuple]]:
-    with sqlite3.connect(db_path) as connection:
+    with closing(connect(db_path)) as connection:
         return {table: table_rows(connection, table, RUN_TIMES.get(table, set()))
                 for table in BOOKKEEPING}
 
@@ -238,6 +243,49 @@ def test_rebuild_refuses_an_existing_database_unless_forced(live, tmp_path, monk
     out = capsys.readouterr().out
     assert "vin_candidates" in out and "rows/s" in out
     assert_same_database(into, live.settings.db_path)
+
+
+def test_rebuild_into_a_postgresql_store_reproduces_the_live_mirror(
+        live, tmp_path, monkeypatch, capsys, postgres_store_url):
+    """`rebuild --into postgresql://...` writes the mirror into that (empty) database: the
+    same tables, rows and bookkeeping as the live (SQLite) mirror; a database that holds a
+    mirror is refused without --force, the live one always (however its URL is spelt), and
+    a rebuild that stops leaves the database empty."""
+    url = postgres_store_url
+    monkeypatch.setenv("DATAVERSE_ARCHIVE_DIR", str(live.settings.archive_dir))
+    monkeypatch.setenv("DATAVERSE_DB_PATH", str(live.settings.db_path))
+    monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(live.settings.entities_config_path))
+
+    assert main(["rebuild", "--into", url]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"rebuilding {url} from ") and "vin_candidates" in out
+    assert_same_database(url, live.settings.db_path)
+
+    assert main(["rebuild", "--into", url]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"rebuild: {url} already exists and is not empty (") and \
+        "--force" in err and err.count("\n") == 1, err
+    # The live mirror is never the target: another spelling of its URL is the same store.
+    monkeypatch.setenv("DATAVERSE_STORE_URL", url)
+    assert main(["rebuild", "--into", url.replace("127.0.0.1", "localhost"), "--force"]) == 1
+    assert "is the live mirror" in capsys.readouterr().err
+    monkeypatch.delenv("DATAVERSE_STORE_URL")
+    assert main(["rebuild", "--into", url.replace("@", ":secret@")]) == 2
+    err = capsys.readouterr().err
+    assert "--into: the URL embeds a password" in err and "secret" not in err
+
+    # --force replaces it; a damaged archive stops the rebuild, and nothing is left.
+    archive = copy_archive(live, tmp_path)
+    key = list_change_sets(archive, "vin_candidates")[1]
+    _flip_crc(archive / "vin_candidates" / key / "page-00001.json.gz")
+    monkeypatch.setenv("DATAVERSE_ARCHIVE_DIR", str(archive))
+    assert main(["rebuild", "--into", url, "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "CRC check failed" in err and f"Nothing was written to {url}: " in err, err
+    with closing(postgres_connect(url)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid ="
+                       " c.relnamespace WHERE n.nspname IN ('public', 'staging')")
+        assert cursor.fetchone() == (0,)
 
 
 def _flip_crc(path):

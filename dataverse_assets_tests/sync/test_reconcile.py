@@ -117,9 +117,6 @@ def check_result(result, entity: str):
 
 def test_paging_that_is_not_a_snapshot_diverges_and_a_reconcile_repairs_it(
         tmp_path, unsafe_source, monkeypatch, capsys):
-    if _STORE["url"] is not None:
-        pytest.skip("the `reconcile` command (ops/) does not open a PostgreSQL store yet:"
-                    " store.backend.UNFINISHED")
     mirror = unsafe_mirror(tmp_path, unsafe_source)
     lost = lose_rows_while_paging(mirror.simulator)
     mirror.sync("hourly")
