@@ -13,6 +13,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance
 
 from dataverse_assets.archive.change_sets import ChangeSetArchive, list_change_sets
+from dataverse_assets.archive.storage import S3Storage, storage_of
 from dataverse_assets.config import Settings, load_entities_config
 from dataverse_assets.defs.definitions import build_definitions
 from dataverse_assets.defs.resources import MirrorStore
@@ -153,6 +154,26 @@ def copy_archive(live, tmp_path):
     archive = tmp_path / "archive"
     shutil.copytree(live.settings.archive_dir, archive)
     return archive
+
+
+BUCKET_PREFIX = "org/archive"
+
+
+def copy_archive_to_bucket(live, s3) -> S3Storage:
+    """The live archive, object by object, under a prefix of a new bucket of the S3 server."""
+    storage = S3Storage(s3.new_bucket(), BUCKET_PREFIX, endpoint_url=s3.endpoint)
+    root = live.settings.archive_dir
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            storage.put_file(path, path.relative_to(root).as_posix())
+    return storage
+
+
+def archive_copy(where: str, live, tmp_path, request):
+    """A copy of the live archive in a folder, or in a bucket (`where`)."""
+    if where == "folder":
+        return copy_archive(live, tmp_path)
+    return copy_archive_to_bucket(live, request.getfixturevalue("s3"))
 
 
 def config_with_archive(live, tmp_path, **archive):
@@ -393,6 +414,35 @@ def test_compaction_keeps_every_page_byte_for_byte_and_rebuild_equal(live, tmp_p
     assert "bytes ->" in capsys.readouterr().out
 
 
+def test_the_compact_and_rebuild_commands_work_on_an_archive_in_a_bucket(
+        live, s3, tmp_path, monkeypatch, capsys):
+    """`compact` (compaction, retention, shrink) and `rebuild --into` as a user runs them with
+    DATAVERSE_ARCHIVE_URL=s3://...: the bucket's page objects become Parquet parts, and the
+    mirror rebuilt from the bucket alone equals the live one."""
+    storage = copy_archive_to_bucket(live, s3)
+    wait_for_checkpoint(live.settings.db_path)
+    db = tmp_path / "mirror.db"
+    shutil.copyfile(live.settings.db_path, db)
+    monkeypatch.delenv("DATAVERSE_ARCHIVE_DIR", raising=False)
+    monkeypatch.setenv("DATAVERSE_ARCHIVE_URL", f"s3://{storage.bucket}/{BUCKET_PREFIX}")
+    monkeypatch.setenv("DATAVERSE_S3_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(live.settings.entities_config_path))
+    monkeypatch.setenv("DATAVERSE_DB_PATH", str(db))
+    first = list_change_sets(storage, "vin_candidates")[0]
+    assert "page-00001.json.gz" in storage.names(f"vin_candidates/{first}")
+
+    assert main(["compact", "--older-than-days", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "bytes ->" in out
+    names = storage.names(f"vin_candidates/{first}")
+    assert "pages-0001-of-0001.parquet" in names and not any(
+        n.startswith("page-") for n in names)
+
+    assert main(["rebuild", "--into", str(tmp_path / "rebuilt.db")]) == 0
+    assert_same_canonical_and_history(tmp_path / "rebuilt.db", live.settings.db_path)
+    assert not (tmp_path / "archive").exists()  # nothing was read from or written to a folder
+
+
 def test_change_sets_newer_than_the_threshold_are_not_compacted(live, tmp_path):
     archive = copy_archive(live, tmp_path)
     config = config_with_archive(live, tmp_path, compact_after_days=7)
@@ -460,8 +510,9 @@ def _sync_state(db_path):
             " FROM _sync_state").fetchall())
 
 
-def test_rebase_retention_keeps_the_current_records(live, tmp_path):
-    archive = copy_archive(live, tmp_path)
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_rebase_retention_keeps_the_current_records(live, tmp_path, where, request):
+    archive = archive_copy(where, live, tmp_path, request)
     config = config_with_archive(live, tmp_path, retention_days=0, retention_mode="rebase")
 
     compact_archive(archive, config, db_path=live.settings.db_path, older_than_days=None)
@@ -488,15 +539,24 @@ def test_rebase_retention_keeps_the_current_records(live, tmp_path):
         assert actual_records == expected_records, entity
 
 
-def test_rebuild_through_dagster_with_the_archive_source(live, tmp_path):
-    settings = Settings(db_path=tmp_path / "rebuilt.db", archive_dir=live.settings.archive_dir,
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_rebuild_through_dagster_with_the_archive_source(live, tmp_path, where, request):
+    if where == "folder":
+        location = {"archive_dir": live.settings.archive_dir}
+    else:  # DATAVERSE_ARCHIVE_URL=s3://...: the steps read the change sets from the bucket
+        s3 = request.getfixturevalue("s3")
+        bucket = copy_archive_to_bucket(live, s3).bucket
+        location = {"archive_url": f"s3://{bucket}/{BUCKET_PREFIX}",
+                    "s3_endpoint_url": s3.endpoint}
+    settings = Settings(db_path=tmp_path / "rebuilt.db", **location,
                         entities_config_path=live.settings.entities_config_path,
                         source="archive")
+    storage = storage_of(settings)
     defs = build_definitions(settings)
     instance = DagsterInstance.ephemeral()
     try:
         for group in ("hourly", "daily"):
-            keys = archived_change_sets(settings.entities, settings.archive_dir, group)
+            keys = archived_change_sets(settings.entities, storage, group)
             assert register_archived(instance, group, list(keys)) == list(keys)
             for key in keys:
                 result = defs.resolve_job_def(sync_job_name(group)).execute_in_process(
@@ -516,7 +576,7 @@ def test_rebuild_through_dagster_with_the_archive_source(live, tmp_path):
         assert not result.success
         messages = failure_messages(result)
         assert f"systemusers: change set {unarchived} is not archived" in messages
-        assert not (settings.archive_dir / "systemusers" / unarchived).exists()
+        assert not storage.holds_anything(f"systemusers/{unarchived}")
     finally:
         instance.dispose()
 
