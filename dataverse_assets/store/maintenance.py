@@ -124,7 +124,9 @@ class Shrink:
     # connection kept checkpointing, or a reader kept an old snapshot): their freed pages
     # leave the file at the next checkpoint instead.
     not_truncated: tuple[str, ...] = ()
-    vacuumed: bool = False  # a PostgreSQL database vacuumed: the sizes are the database's
+    # A PostgreSQL store: its tables were vacuumed (no pages, no file: sizes are the
+    # database's).
+    vacuumed: bool = False
 
     @property
     def bytes_freed(self) -> int:
@@ -142,18 +144,6 @@ class Shrink:
                 "staging_file_bytes_after": self.staging_bytes_after,
                 "bytes_freed": self.bytes_freed, "pages_freed": self.pages_freed,
                 "converted_to_incremental_vacuum": self.converted}
-
-    def lines(self, address: str) -> list[str]:
-        """What was done, for a person (`dataverse-assets compact`): the sizes before and
-        after, of the store at `address` and, in SQLite, of its staging file."""
-        if self.vacuumed:
-            return [f"database {address}: {self.bytes_before:,} bytes -> {self.bytes_after:,}"
-                    " bytes (VACUUM (ANALYZE); the whole database's size)"]
-        return [f"database {address}: {self.bytes_before:,} bytes -> {self.bytes_after:,} bytes"
-                f" ({self.pages_freed:,} free pages given back"
-                + (", converted to incremental vacuum" if self.converted else "") + ")",
-                f"staging file: {self.staging_bytes_before:,} bytes -> "
-                f"{self.staging_bytes_after:,} bytes"]
 
 
 def _file_bytes(path: Path) -> int:
