@@ -1,5 +1,5 @@
 """Operating the mirror: schedules, sensors, retry tiers and dead letters, targeted refresh,
-status."""
+status; in each kind of store but where said."""
 
 import asyncio
 from datetime import UTC, datetime, timedelta
@@ -24,6 +24,19 @@ from dataverse_assets.sync.faults import armed
 from dataverse_assets_tests.conftest import failure_messages
 from dataverse_assets_tests.helpers import source_of, store_of
 from dataverse_assets_tests.truth import assert_mirror_equals_simulator, canonical_rows
+
+
+@pytest.fixture
+def mirror(each_mirror):
+    """The tests run in each kind of store (docs/store-backends.md)."""
+    return each_mirror
+
+
+def needs_the_commands(mirror) -> None:
+    """The `dataverse-assets` commands (ops/) open only a SQLite store on this branch."""
+    if mirror.settings.store.kind != "sqlite":
+        pytest.skip("the `dataverse-assets` commands (ops/) do not open a PostgreSQL store"
+                    " yet: store.backend.UNFINISHED")
 
 
 def run_request(mirror, request):
@@ -71,7 +84,9 @@ def evaluate(mirror, sensor_name, cursor=None) -> Tick:
     return tick
 
 
-def test_schedule_tick_registers_its_change_set_and_requests_the_group(mirror):
+# One store: a schedule's tick touches none.
+def test_schedule_tick_registers_its_change_set_and_requests_the_group(make_mirror):
+    mirror = make_mirror()
     schedule = mirror.defs.resolve_schedule_def("hourly_schedule")
     assert schedule.cron_schedule == "0 * * * *"
     moment = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
@@ -195,6 +210,7 @@ def test_failed_change_sets_are_retried_later_then_dead_lettered(mirror):
 
 def test_requeue_publishes_a_dead_letter_once_the_fault_is_gone(mirror, tmp_path,
                                                                monkeypatch, capsys):
+    needs_the_commands(mirror)
     mirror.sync("daily")
     created = mirror.simulator.create("teams", {"name": "Requeued"})
     with armed("publish.mid_execute"):
@@ -223,6 +239,7 @@ def test_requeue_publishes_a_dead_letter_once_the_fault_is_gone(mirror, tmp_path
 
 def test_targeted_refresh_touches_only_the_given_records(mirror, tmp_path, monkeypatch,
                                                          capsys):
+    needs_the_commands(mirror)
     simulator = mirror.simulator
     mirror.sync("hourly")
     with mirror.connection() as connection:
@@ -265,6 +282,7 @@ def test_targeted_refresh_touches_only_the_given_records(mirror, tmp_path, monke
 
 
 def test_status_reports_every_entity_as_json(mirror, tmp_path, monkeypatch, capsys):
+    needs_the_commands(mirror)
     mirror.sync("daily")
     for name, value in mirror.cli_environment(tmp_path / "home").items():
         monkeypatch.setenv(name, value)
