@@ -344,7 +344,8 @@ class MaintenanceConfig(_EntitiesFileModel):
     )
     shrink_file: bool = Field(
         True, description="Give the space retention freed back to the file system "
-        "(incremental vacuum, a few megabytes per transaction, so a sync never waits long).",
+        "(incremental vacuum, a few megabytes per transaction, so a sync never waits long); "
+        "in a PostgreSQL store, VACUUM (ANALYZE) the database.",
     )
 
     @field_validator("cron")

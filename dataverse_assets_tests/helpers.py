@@ -144,7 +144,9 @@ def mutate(simulator):
 
 
 def store_of(mirror) -> MirrorStore:
-    return MirrorStore(db_path=str(mirror.settings.db_path),
+    """The mirror's `store` resource, on whichever store it lives (a SQLite file or a
+    PostgreSQL database)."""
+    return MirrorStore(db_path=mirror.settings.store.address,
                        archive_dir=str(mirror.settings.archive_dir))
 
 

@@ -1,8 +1,10 @@
 """The `maintenance` job: archive compaction and retention (with staging retention), then
-bookkeeping retention, then giving the freed space back to the file system, on the entities
-file's `maintenance.cron` (03:00 UTC daily by default; null: no schedule). What each step did
-(change sets compacted, rows deleted, bytes freed) is its output metadata, on the run's page in
-the UI. `dataverse-assets compact` runs the same steps from the command line.
+bookkeeping retention, then giving the freed space back (a SQLite file's free pages to the file
+system; a PostgreSQL database is vacuumed), on the entities file's `maintenance.cron` (03:00
+UTC daily by default; null: no schedule). What each step did (change sets compacted, rows
+deleted, bytes freed) is its output metadata, on the run's page in the UI, under names that say
+what was measured (store.maintenance.Shrink.metadata). `dataverse-assets compact` runs the same
+steps from the command line.
 """
 
 from dagster import (
@@ -57,8 +59,9 @@ def build_maintenance_job(config: EntitiesConfig) -> JobDefinition:
         })
 
     @op(ins={"after": In(Nothing)}, out=Out(Nothing),
-        description="Gives the space freed by retention back to the file system (incremental "
-        "vacuum, a few megabytes per transaction).")
+        description="Gives the space freed by retention back: a SQLite file's free pages to "
+        "the file system (incremental vacuum, a few megabytes per transaction); a PostgreSQL "
+        "database is vacuumed (VACUUM (ANALYZE)).")
     def shrink_mirror_file(context: OpExecutionContext, store: MirrorStore):
         if not policy.shrink_file:
             yield Output(None, metadata={"skipped": "maintenance.shrink_file is false"})
@@ -73,16 +76,10 @@ def build_maintenance_job(config: EntitiesConfig) -> JobDefinition:
             context.log.warning(f"{file}: its write-ahead log could not be checkpointed (other"
                                 " connections kept it busy); the freed pages leave the file at"
                                 " its next checkpoint")
-        yield Output(None, metadata={
-            "file_bytes_before": shrink.bytes_before, "file_bytes_after": shrink.bytes_after,
-            "staging_file_bytes_before": shrink.staging_bytes_before,
-            "staging_file_bytes_after": shrink.staging_bytes_after,
-            "bytes_freed": shrink.bytes_freed, "pages_freed": shrink.pages_freed,
-            "converted_to_incremental_vacuum": shrink.converted,
-        })
+        yield Output(None, metadata=shrink.metadata())
 
     @job(name=MAINTENANCE_JOB, description="Compaction and retention of the archive and "
-         "staging, bookkeeping retention, and shrinking the mirror file.")
+         "staging, bookkeeping retention, and shrinking the mirror store.")
     def maintenance():
         shrink_mirror_file(retain_bookkeeping_rows(compact_archive_and_staging()))
 

@@ -110,7 +110,9 @@ def retain_bookkeeping(connection: sqlite3.Connection, config: EntitiesConfig,
 @dataclass
 class Shrink:
     """What giving freed space back did: the mirror file's bytes (with its WAL) before and
-    after, and its staging file's."""
+    after, and its staging file's; or, for a PostgreSQL store (`vacuumed`), the database's
+    bytes before and after its VACUUM (ANALYZE), and nothing else: there is no file, staging
+    is a schema of the same database, and no page is counted."""
 
     bytes_before: int
     bytes_after: int
@@ -130,6 +132,18 @@ class Shrink:
     def bytes_freed(self) -> int:
         return (max(0, self.bytes_before - self.bytes_after)
                 + max(0, self.staging_bytes_before - self.staging_bytes_after))
+
+    def metadata(self) -> dict[str, int | bool | str]:
+        """The numbers measured, each named for what it measured (the maintenance job's
+        output metadata)."""
+        if self.vacuumed:
+            return {"vacuum": "VACUUM (ANALYZE)", "database_bytes_before": self.bytes_before,
+                    "database_bytes_after": self.bytes_after, "bytes_freed": self.bytes_freed}
+        return {"file_bytes_before": self.bytes_before, "file_bytes_after": self.bytes_after,
+                "staging_file_bytes_before": self.staging_bytes_before,
+                "staging_file_bytes_after": self.staging_bytes_after,
+                "bytes_freed": self.bytes_freed, "pages_freed": self.pages_freed,
+                "converted_to_incremental_vacuum": self.converted}
 
 
 def _file_bytes(path: Path) -> int:
