@@ -29,11 +29,7 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 # What is not migrated yet (docs/store-backends.md, "Order of the migration"). While this is
 # not empty a PostgreSQL store is refused, except where the tests opt in (ALLOW_UNFINISHED_ENV).
 UNFINISHED = (
-    "the sync's tests beyond those already on both stores (chaos/, the rest of"
-    " test_hostile_input.py, sync/test_staging_key.py, defs/test_parallel_entities.py,"
-    " defs/test_operations.py)",
-    "the maintenance job on a PostgreSQL store (defs/maintenance.py: store/maintenance.py,"
-    " store/archive_retention.py and store/staging_retention.py are migrated)",
+    "the chaos tests and the rest of test_hostile_input.py on a PostgreSQL store",
 )
 # Internal, not a setting: the tests set it to exercise the parts that are done.
 ALLOW_UNFINISHED_ENV = "_DATAVERSE_UNFINISHED_POSTGRES_STORE"

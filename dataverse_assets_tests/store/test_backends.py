@@ -63,7 +63,7 @@ def test_a_postgresql_store_is_refused_at_startup_while_unfinished(tmp_path, mon
                                                                     capsys):
     monkeypatch.delenv(ALLOW_UNFINISHED_ENV, raising=False)
     with pytest.raises(ConfigError,
-                       match="^the PostgreSQL store is not finished: the sync's tests "):
+                       match="^the PostgreSQL store is not finished: the chaos tests "):
         connect(URL)
     settings = Settings(store_url=URL, archive_dir=tmp_path / "archive")
     with pytest.raises(ConfigError, match="^the PostgreSQL store is not finished") as refused:
