@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from dataverse_assets.simulator import DataverseSimulator, LatencyModel, serve_on_loopback
+from dataverse_assets.store.backend import is_postgres_address
 from dataverse_assets.store.db import connect
 from dataverse_assets_tests.chaos.conftest import SOAK, seeds
 from dataverse_assets_tests.chaos.harness import (
@@ -47,14 +48,22 @@ CI_POINTS = ["fetch.after_page", "staging.after_write", "publish.mid_execute",
              "publish.after_chunk_commit", "publish.after_commit"]
 
 
+def store_environment(address: str, folder: Path) -> dict[str, str]:
+    """The variables that point `dataverse-assets` at a store address: a SQLite file, or a
+    PostgreSQL URL (the SQLite path then a file in the folder that must stay unused)."""
+    if is_postgres_address(address):
+        return {"DATAVERSE_STORE_URL": address, "DATAVERSE_DB_PATH": str(folder / "unused.db")}
+    return {"DATAVERSE_DB_PATH": address}
+
+
 def killed_sync(mirror, group: str, spec: str, *, cli: bool = False) -> subprocess.CompletedProcess:
     """Run one sync in its own process with DATAVERSE_FAULT_POINTS=spec."""
     env = {**os.environ, "DATAVERSE_FAULT_POINTS": spec, "PYTHONPATH": str(REPO)}
     if cli:
-        home = Path(mirror.store.db_path).parent / "dagster_home"
+        home = mirror.config_path.parent / "dagster_home"
         home.mkdir(exist_ok=True)
         env.update({
-            "DATAVERSE_DB_PATH": mirror.store.db_path,
+            **store_environment(mirror.store.db_path, mirror.config_path.parent),
             "DATAVERSE_ARCHIVE_DIR": mirror.store.archive_dir,
             "DATAVERSE_ENTITIES_CONFIG": str(mirror.config_path),
             "DATAVERSE_URL": mirror.url, "DATAVERSE_SOURCE": "simulator",
@@ -79,7 +88,7 @@ def mutate_for_kill(simulator, rng: random.Random) -> None:
 
 
 def kill_and_recover(tmp_path, points: list[str], seed: int, *, cli_points=(),
-                     report=None) -> list[dict]:
+                     report=None, store_for=None) -> list[dict]:
     """One mirror killed at each point in turn (the first kill hits its first, full sync;
     each later one an incremental change set after the source changed), completed by the next
     run, and compared after each recovery with a mirror that was never killed."""
@@ -88,8 +97,10 @@ def kill_and_recover(tmp_path, points: list[str], seed: int, *, cli_points=(),
     simulator = new_simulator()
     with serve_on_loopback(simulator) as url:
         # Bigger pages than the fault scenarios: here the faults are the kills.
-        killed = make_chaos_mirror(tmp_path, simulator, url, "killed", page_size=50)
-        reference = make_chaos_mirror(tmp_path, simulator, url, "reference", page_size=50)
+        killed = make_chaos_mirror(tmp_path, simulator, url, "killed", page_size=50,
+                                   store_for=store_for)
+        reference = make_chaos_mirror(tmp_path, simulator, url, "reference", page_size=50,
+                                      store_for=store_for)
         for index, point in enumerate(points):
             started = time.perf_counter()
             if index:
@@ -131,13 +142,16 @@ def kill_and_recover(tmp_path, points: list[str], seed: int, *, cli_points=(),
 
 
 @pytest.mark.parametrize("seed", seeds([11], 4, offset=10))
-def test_a_sync_killed_at_any_point_is_completed_by_the_next_run(tmp_path, seed, chaos_report):
+def test_a_sync_killed_at_any_point_is_completed_by_the_next_run(tmp_path, seed, chaos_store,
+                                                                 chaos_report):
     """CI: the five points the issue names, one through `dataverse-assets sync` itself (the
-    production entry point, Dagster in-process); soak: every point, in a seeded order."""
+    production entry point, Dagster in-process); soak: every point, in a seeded order.
+    PostgreSQL: the killed process's advisory locks are freed by the server as its sessions
+    end, and a transaction it had open is rolled back by the server."""
     points = KILL_POINTS if SOAK else CI_POINTS
     points = random.Random(seed).sample(points, len(points))
     lines = kill_and_recover(tmp_path, points, seed, cli_points={"publish.mid_execute"},
-                             report=chaos_report)
+                             report=chaos_report, store_for=chaos_store)
     failed = [line for line in lines if not line["passed"]]
     assert not failed, failed
 
