@@ -30,6 +30,21 @@ class PostgresServer:
     port: int
     user: str
     log: Path
+    pg_ctl: tuple[str, ...] = ()  # pg_ctl with the cluster's folder, log and options
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (fast: its sessions are ended, their transactions rolled back), as
+        an administrator or a crash would; `start` brings it back on the same port."""
+        self._control("-m", mode, "stop")
+
+    def start(self) -> None:
+        self._control("start")
+
+    def _control(self, *action: str) -> None:
+        completed = subprocess.run([*self.pg_ctl, *action], capture_output=True, text=True,
+                                   timeout=120)
+        if completed.returncode != 0:
+            raise RuntimeError(f"pg_ctl {action[-1]} failed: {completed.stderr.strip()}")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
@@ -98,10 +113,11 @@ def throwaway_postgres() -> Iterator[PostgresServer]:
         run(str(binaries / "initdb"), "-D", str(data), "-U", ROLE, "--auth=trust",
             "-E", "UTF8", "--no-instructions")
         # Loopback only, sockets in the cluster's own folder; no fsync (a test's data).
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-            "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-                  " -c full_page_writes=off -c max_connections=200", "start")
-        yield PostgresServer("127.0.0.1", port, ROLE, log)
+        pg_ctl = (str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+                  "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+                        " -c full_page_writes=off -c max_connections=200")
+        run(*pg_ctl, "start")
+        yield PostgresServer("127.0.0.1", port, ROLE, log, (*run_as, *pg_ctl))
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run([*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-m",

@@ -161,12 +161,13 @@ PARALLEL_HOURLY = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_ac
                    "accounts", "contacts"]
 
 
-def cli_sync(tmp_path: Path, url: str, config: Path) -> tuple[dict[str, str], list[str]]:
+def cli_sync(tmp_path: Path, url: str, config: Path,
+             store: str) -> tuple[dict[str, str], list[str]]:
     """The environment and command of `dataverse-assets sync --group hourly` (Dagster
-    in-process, entities fetched on threads) for a mirror, archive and home in tmp_path."""
+    in-process, entities fetched on threads) for the store, and an archive and home in
+    tmp_path."""
     (tmp_path / "home").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+    env = {**os.environ, "PYTHONPATH": str(REPO), **store_environment(store, tmp_path),
            "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
            "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_URL": url,
            "DATAVERSE_SOURCE": "simulator", "DAGSTER_HOME": str(tmp_path / "home"),
@@ -175,18 +176,17 @@ def cli_sync(tmp_path: Path, url: str, config: Path) -> tuple[dict[str, str], li
                  "--group", "hourly"]
 
 
-def assert_exact_and_unlocked(tmp_path: Path, simulator, entities: list[str]) -> None:
-    """The mirror in tmp_path holds exactly the simulator's records, and no lock is left."""
-    mirror = SimpleNamespace(simulator=simulator,
-                             connection=lambda: connect(tmp_path / "mirror.db"))
+def assert_exact_and_unlocked(store: str, simulator, entities: list[str]) -> None:
+    """The mirror in the store holds exactly the simulator's records, and no lock is left."""
+    mirror = SimpleNamespace(simulator=simulator, connection=lambda: connect(store))
     for entity in entities:
         assert_mirror_equals_simulator(mirror, entity)
-    with connect(tmp_path / "mirror.db") as connection:
+    with connect(store) as connection:
         assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
 
 
 def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_completed(
-        tmp_path) -> None:
+        tmp_path, chaos_store) -> None:
     """`dataverse-assets sync` (Dagster in-process, the group's entities fetched at once, one
     of them in four key ranges) SIGKILLed mid-fetch; the next sync leaves the mirror equal to
     the source, with no duplicate and no lock left."""
@@ -195,8 +195,9 @@ def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_
                                    latency=LatencyModel(per_request_seconds=0.02))
     config = write_entities_config(tmp_path / "entities.json", page_size=15,
                           overrides={"vin_clinicaltrials": {"parallel_ranges": 4}})
+    store = chaos_store(tmp_path)
     with serve_on_loopback(simulator) as url:
-        env, command = cli_sync(tmp_path, url, config)
+        env, command = cli_sync(tmp_path, url, config, store)
         # The 25th page archived by any of the run's fetches.
         killed = subprocess.run(command, env={**env, "DATAVERSE_FAULT_POINTS":
                                               "fetch.after_page=kill@24"},
@@ -211,10 +212,10 @@ def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_
         recovered = subprocess.run(command, env=env, capture_output=True, text=True,
                                    timeout=300)
         assert recovered.returncode == 0, recovered.stderr[-2000:]
-    assert_exact_and_unlocked(tmp_path, simulator, PARALLEL_HOURLY)
+    assert_exact_and_unlocked(store, simulator, PARALLEL_HOURLY)
 
 
-def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
+def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path, chaos_store) -> None:
     """Ctrl-C (or Terminate in the UI) during a run whose entities are fetched on threads:
     the fetches stop at their next page instead of holding the process until they are done,
     and the next sync completes the mirror."""
@@ -223,8 +224,9 @@ def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
                                    row_counts={**SMALL_ROW_COUNTS, slow: 1000},
                                    latency=LatencyModel(per_request_seconds=0.1))
     config = write_entities_config(tmp_path / "entities.json", page_size=10)
+    store = chaos_store(tmp_path)
     with serve_on_loopback(simulator) as url:
-        env, command = cli_sync(tmp_path, url, config)
+        env, command = cli_sync(tmp_path, url, config, store)
 
         def pages_of_slow() -> int:
             with simulator.lock:
@@ -250,4 +252,4 @@ def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
         recovered = subprocess.run(command, env=env, capture_output=True, text=True,
                                    timeout=300)
         assert recovered.returncode == 0, recovered.stderr[-2000:]
-    assert_exact_and_unlocked(tmp_path, simulator, [slow])
+    assert_exact_and_unlocked(store, simulator, [slow])
