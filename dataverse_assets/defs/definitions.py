@@ -36,6 +36,7 @@ from dataverse_assets.source.live import LiveDataverseSource
 from dataverse_assets.source.replay import ArchiveSource
 from dataverse_assets.source.simulator import SimulatorSource
 from dataverse_assets.store.backend import refuse_unfinished
+from dataverse_assets.store.tables import entity_name_problem
 
 
 def build_source(settings: Settings, config: EntitiesConfig) -> DataverseSource:
@@ -82,6 +83,10 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
     where the alert sensors send (none are defined without a channel)."""
     refuse_unfinished(settings.store.address)
     config = settings.entities
+    for index, entity in enumerate(config.entities):
+        if problem := entity_name_problem(settings.store.address, entity.name):
+            raise ConfigError(f"{settings.entities_config_path}: entity {entity.name!r} "
+                              f"(entities[{index}]), field 'name': {problem}")
     store = MirrorStore(db_path=settings.store.address, archive_dir=settings.archive_location,
                         s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region,
                         lock_wait_seconds=settings.lock_wait_seconds)

@@ -7,7 +7,7 @@ import sqlite3
 
 import orjson
 
-from dataverse_assets.store.backend import POSTGRES, dialect_of
+from dataverse_assets.store.backend import POSTGRES, SQLITE, dialect_of, is_postgres_address
 from dataverse_assets.store.db import (
     quote_identifier,
     table_exists,
@@ -26,6 +26,23 @@ def staging_table(entity: str) -> str:
 def staging_keys_table(entity: str) -> str:
     """Keys seen by a change set's key-only reconciliation scan."""
     return f"_staging_keys__{entity}"
+
+
+def entity_name_problem(address: str, entity: str) -> str | None:
+    """Why the store at `address` cannot name an entity's tables and indexes (None: it can).
+    PostgreSQL holds names of 63 bytes and would cut longer ones short, silently, so two of
+    an entity's objects (or two entities') could end up with one name."""
+    limit = (POSTGRES if is_postgres_address(address) else SQLITE).max_identifier_bytes
+    # The longest of the names made from an entity's (staging's key index, the scan's keys).
+    longest = max((f"{staging_table(entity)}__key", staging_keys_table(entity),
+                   f"{history_table(entity)}__pk", f"{entity}__modifiedon"), key=len)
+    if limit is None or len(longest.encode()) <= limit:
+        return None
+    most = limit - (len(longest.encode()) - len(entity.encode()))
+    return (f"{len(entity.encode())} characters is too long for a PostgreSQL store: the names "
+            f"the mirror makes from it (such as {longest!r}) must fit PostgreSQL's {limit} "
+            f"bytes, so an entity's name can have at most {most} (keep this entity in a "
+            "SQLite store, or leave it out)")
 
 
 def delete_staged_rows(connection: sqlite3.Connection, entity: str, change_set: str) -> int:
