@@ -88,6 +88,9 @@ def run_scenario(tmp_path, name: str, seed: int, rates: dict[str, float],
     return result
 
 
+# SQLite only (the CI budget, docs/store-backends.md): its faults are the source's, and on
+# PostgreSQL the paging-mutation scenario below injects the same network faults and more.
+@pytest.mark.parametrize("chaos_store", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("seed", seeds([1], 12))
 def test_network_faults_leave_the_mirror_equal_to_a_never_faulted_one(tmp_path, seed,
                                                                       chaos_store, chaos_report):
