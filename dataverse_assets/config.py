@@ -48,9 +48,11 @@ ORDERBY_PATTERN = re.compile(
 
 # The mirror names tables and indexes `<entity>__<suffix>` (store.tables: history_table,
 # secondary_indexes; the `__readable` views to come). SQLite keeps tables and indexes in one
-# namespace and ignores case, so no entity may be named like one of them.
+# namespace and ignores case, so no entity may be named like one of them. PostgreSQL names a
+# table's primary key index `<table>_pkey` in the same namespace (an entity `teams_pkey` would
+# find it taken by `teams`' index): refused on both stores, so a config means the same on each.
 RESERVED_NAME_SUFFIXES = ("__history", "__readable", "__pk", "__pk_nocase", "__modifiedon",
-                          "__createdon")
+                          "__createdon", "_pkey")
 
 
 def ranged(default: Any, low: float, high: float, description: str) -> Any:
@@ -228,7 +230,7 @@ class EntityConfig(_EntitiesFileModel):
         if suffix:
             raise ValueError(f"names ending in {suffix!r} are reserved for the tables, views "
                              "and indexes the mirror makes for each entity (E__history, "
-                             "E__readable, E__pk_nocase, ...)")
+                             "E__readable, E__pk_nocase, PostgreSQL's E_pkey, ...)")
         return value
 
     @field_validator("primary_key")

@@ -35,6 +35,21 @@ class PostgresServer:
     user: str
     log: Path
     data: Path  # the cluster's folder (postmaster.pid names the server's process)
+    pg_ctl: tuple[str, ...] = ()  # pg_ctl with the cluster's folder, log and options
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (fast: its sessions are ended, their transactions rolled back), as
+        an administrator or a crash would; `start` brings it back on the same port."""
+        self._control("-m", mode, "stop")
+
+    def start(self) -> None:
+        self._control("start")
+
+    def _control(self, *action: str) -> None:
+        completed = subprocess.run([*self.pg_ctl, *action], capture_output=True, text=True,
+                                   timeout=120)
+        if completed.returncode != 0:
+            raise RuntimeError(f"pg_ctl {action[-1]} failed: {completed.stderr.strip()}")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{database}"
@@ -112,11 +127,11 @@ def throwaway_postgres(*, binaries: Path | None = None, durable: bool = False,
         if not durable:
             options |= {"fsync": "off", "full_page_writes": "off"}
         options |= dict(settings or {})
-        run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
-            "-o", f"-p {port} -k {folder} "
-                  + " ".join(f"-c {name}={value}" for name, value in options.items()),
-            "start")
-        yield PostgresServer("127.0.0.1", port, ROLE, log, data)
+        pg_ctl = (str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
+                  "-o", f"-p {port} -k {folder} "
+                        + " ".join(f"-c {name}={value}" for name, value in options.items()))
+        run(*pg_ctl, "start")
+        yield PostgresServer("127.0.0.1", port, ROLE, log, data, (*run_as, *pg_ctl))
     finally:
         if (data / "postmaster.pid").exists():
             subprocess.run([*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-m",

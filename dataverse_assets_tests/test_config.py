@@ -365,7 +365,7 @@ def test_json_nested_too_deeply_is_one_line(tmp_path):
     "sqlite_master", "SQLITE_SEQUENCE", "Sqlite_stat1", "sqlite_anything",
     "accounts__history", "accounts__HISTORY", "accounts__readable", "accounts__Readable",
     "accounts__pk_nocase", "accounts__modifiedon", "accounts__createdon",
-    "accounts__history__pk"])
+    "accounts__history__pk", "accounts_pkey"])
 def test_names_sqlite_or_the_mirror_use_are_refused(name):
     raw = valid_config()
     raw["entities"][0]["name"] = name

@@ -26,7 +26,9 @@ from dataverse_assets.source.client import RetryPolicy
 from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.query import PageQuery
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store.db import quote_identifier
+from dataverse_assets.store.backend import POSTGRES, dialect_of
+from dataverse_assets.store.db import quote_identifier, table_exists
+from dataverse_assets.store.staging_store import STAGING_SCHEMA
 from dataverse_assets.sync.fetch import PagingGuard
 from dataverse_assets.sync.fetch_plan import FetchRequest, FetchStep
 from dataverse_assets_tests.conftest import ENTITY_NAMES, Mirror, failure_messages
@@ -35,6 +37,13 @@ from dataverse_assets_tests.truth import without_annotations
 
 TRIALS = "vin_clinicaltrials"
 FAST = RetryPolicy(max_attempts=3, backoff_seconds=(0.01, 0.02), jitter=0.0)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def each_store_url(request) -> str | None:
+    """A test's mirror in each store (mirror_of's `store_url`): SQLite in its folder (None),
+    or a PostgreSQL database."""
+    return request.getfixturevalue("postgres_store_url") if request.param == "postgresql" else None
 
 
 @pytest.fixture
@@ -210,9 +219,10 @@ def test_an_environment_mistake_is_one_line_naming_the_variable_before_any_reque
 
 
 def test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line(
-        tmp_path, simulator_url):
+        tmp_path, simulator_url, each_store_url):
     mirror = mirror_of(tmp_path, simulator_url,
-                         [{"name": "teams"}, {"name": "teamz", "incremental": "full"}])
+                       [{"name": "teams"}, {"name": "teamz", "incremental": "full"}],
+                       store_url=each_store_url)
     _, result = mirror.run("hourly")
     assert not result.success
     message = root_error(result)
@@ -228,15 +238,28 @@ def test_an_entity_the_org_does_not_have_fails_its_fetch_with_one_clear_line(
     assert len(teamz) <= 3  # metadata, the count, one page: nothing more
 
 
-def test_no_entity_can_be_named_like_a_table_or_index_the_mirror_makes(tmp_path, simulator_url):
-    """Every SQLite object a sync makes for an entity (history, indexes) has a name that the
-    config refuses for another entity, so two entities can never share one."""
+def object_names(connection) -> list[str]:
+    """Every table, view, index and sequence in the store: SQLite's file; PostgreSQL's mirror
+    and staging schemas (constraints are named as their indexes, row types as their tables)."""
+    if dialect_of(connection) is POSTGRES:
+        return [row[0] for row in connection.execute(
+            "SELECT relname FROM pg_class JOIN pg_namespace ON pg_namespace.oid = relnamespace"
+            " WHERE nspname IN ('public', ?)", (STAGING_SCHEMA,))]
+    return [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+
+
+def test_no_entity_can_be_named_like_a_table_or_index_the_mirror_makes(tmp_path, simulator_url,
+                                                                       each_store_url):
+    """Every object a sync makes for an entity (history, indexes; SQLite's own, PostgreSQL's
+    primary key indexes) has a name that the config refuses for another entity, so two
+    entities can never share one."""
     mirror = mirror_of(tmp_path, simulator_url, [
         {"name": "teams", "incremental": "modifiedon"},
-        {"name": "vin_vin_candidate_accountset", "incremental": "full"}])
+        {"name": "vin_vin_candidate_accountset", "incremental": "full"}],
+        store_url=each_store_url)
     mirror.sync("hourly")
     with mirror.connection() as connection:
-        names = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
+        names = object_names(connection)
     derived = [n for n in names if not n.startswith(("_", "sqlite_"))
                and n not in ("teams", "vin_vin_candidate_accountset")]
     assert {"teams__history", "teams__modifiedon", "teams__pk_nocase"} <= set(derived)
@@ -378,7 +401,7 @@ def test_hostile_values_are_stored_exactly_across_change_sets(tmp_path, simulato
             (TRIALS,)).fetchone()[0] == 3
 
 
-def test_records_nested_deeper_than_the_json_writer_goes_are_staged(tmp_path):
+def test_records_nested_deeper_than_the_json_writer_goes_are_staged(tmp_path, each_store_url):
     """orjson writes 254 levels but reads 1024: a 600-level record from a fixture is stored,
     not a crash (the simulator, writing with orjson, cannot serve one)."""
     folder = tmp_path / "fixtures" / "things"
@@ -392,7 +415,7 @@ def test_records_nested_deeper_than_the_json_writer_goes_are_staged(tmp_path):
         {"name": "things", "group": "hourly", "incremental": "full"}]}))
     settings = Settings(db_path=tmp_path / "m.db", archive_dir=tmp_path / "archive",
                         entities_config_path=config, source="fixture",
-                        fixtures_dir=tmp_path / "fixtures")
+                        fixtures_dir=tmp_path / "fixtures", store_url=each_store_url)
     defs = build_definitions(settings, source=FixtureSource(directory=str(tmp_path / "fixtures")))
     mirror = Mirror(None, settings, defs, DagsterInstance.ephemeral())  # type: ignore[arg-type]
     _, result = mirror.run("hourly")
@@ -401,6 +424,53 @@ def test_records_nested_deeper_than_the_json_writer_goes_are_staged(tmp_path):
         payload, stored = connection.execute("SELECT payload, json_response FROM things").fetchone()
     assert payload == '{"a":' * 600 + "1" + "}" * 600  # the value as compact JSON text
     assert stored == '{"thingid":"' + deep["thingid"] + '","payload":' + payload + "}"
+
+
+def fixture_mirror(tmp_path, records: dict[str, list[dict]], store_url: str | None,
+                   primary_key: str | None = None) -> Mirror:
+    """A mirror of fixture pages (one page per entity, all in one hourly group)."""
+    for entity, rows in records.items():
+        folder = tmp_path / "fixtures" / entity
+        folder.mkdir(parents=True)
+        (folder / "page-00001.json").write_text(json.dumps({"value": rows}))
+    config = tmp_path / "entities.json"
+    config.write_text(json.dumps({"groups": {"hourly": {"cron": "0 * * * *"}}, "entities": [
+        {"name": entity, "group": "hourly", "incremental": "full",
+         **({"primary_key": primary_key} if primary_key else {})} for entity in records]}))
+    settings = Settings(db_path=tmp_path / "m.db", archive_dir=tmp_path / "archive",
+                        entities_config_path=config, source="fixture",
+                        fixtures_dir=tmp_path / "fixtures", store_url=store_url)
+    defs = build_definitions(settings, source=FixtureSource(directory=str(tmp_path / "fixtures")))
+    return Mirror(None, settings, defs, DagsterInstance.ephemeral())  # type: ignore[arg-type]
+
+
+def test_entity_names_as_long_as_the_store_can_name_are_synced_and_longer_ones_refused(
+        tmp_path, each_store_url):
+    """PostgreSQL cuts names past 63 bytes short, silently (two of an entity's objects, or
+    two entities', would share one): an entity whose derived names do not fit is refused at
+    load in one line; the longest that fit sync side by side, though they differ only at the
+    end. SQLite has no limit."""
+    longest = "x" * 46 + "_{}"  # 48 characters
+    records = {longest.format(n): [{"thingid": f"2d7c1a9e-0b5d-4c1e-9a77-5d1b2c3d4e5{n}",
+                                    "name": f"thing {n}"}] for n in "ab"}
+    mirror = fixture_mirror(tmp_path / "fit", records, each_store_url, primary_key="thingid")
+    _, result = mirror.run("hourly")
+    assert result.success, failure_messages(result)
+    with mirror.connection() as connection:
+        for entity, rows in records.items():
+            assert [row["name"] for row in rows_by_key(
+                connection, entity, "thingid").values()] == [rows[0]["name"]]
+    too_long = {"y" + longest.format("c"): records[longest.format("a")]}
+    if each_store_url is None:
+        fixture_mirror(tmp_path / "long", too_long, None, primary_key="thingid")
+        return
+    with pytest.raises(ConfigError) as refused:
+        fixture_mirror(tmp_path / "long", too_long, each_store_url, primary_key="thingid")
+    message = str(refused.value)
+    assert "\n" not in message and str(tmp_path / "long" / "entities.json") in message
+    assert (f"entity {next(iter(too_long))!r} (entities[0]), field 'name': 49 bytes is "
+            "too long for a PostgreSQL store") in message
+    assert "can have at most 48" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,11 +501,19 @@ API_FAULTS = {
 }
 
 
-@pytest.mark.parametrize("case", API_FAULTS)
+# What the store sees is the same for each (a failed fetch: nothing published, no delta token
+# kept): on PostgreSQL, one that fails at the first page and one after pages were archived.
+POSTGRES_API_FAULTS = ["200 with an HTML page", "deltaLink to another host"]
+
+
+@pytest.mark.parametrize(("each_store_url", "case"), [
+    *(("sqlite", case) for case in API_FAULTS),
+    *(("postgresql", case) for case in POSTGRES_API_FAULTS)], indirect=["each_store_url"])
 def test_a_misbehaving_api_is_a_clear_error_and_nothing_is_published(
-        case, tmp_path, simulator_url, fast_retries):
+        case, tmp_path, simulator_url, fast_retries, each_store_url):
     fault, expected = API_FAULTS[case]
-    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams", "page_size": 4}])
+    mirror = mirror_of(tmp_path, simulator_url, [{"name": "teams", "page_size": 4}],
+                       store_url=each_store_url)
     sim = mirror.simulator
     sim.inject(count=100, entity="teams", **fault)
     try:
@@ -450,8 +528,7 @@ def test_a_misbehaving_api_is_a_clear_error_and_nothing_is_published(
     with mirror.connection() as connection:
         assert connection.execute("SELECT status, delta_token FROM _sync_state"
                                   " WHERE entity = 'teams'").fetchone() == ("failed", None)
-        assert not connection.execute(
-            "SELECT 1 FROM sqlite_master WHERE name = 'teams'").fetchone()
+        assert not table_exists(connection, "teams")
     assert not any("foreign.invalid" in r.target for r in sim.stats.request_log)
     # Once the API behaves, the next change set syncs everything.
     _, result = mirror.run("hourly")
@@ -474,12 +551,13 @@ def step_errors(result) -> dict[str, str]:
 
 
 def test_a_server_paging_the_same_rows_forever_stops_and_the_mirror_is_unchanged(
-        tmp_path, simulator_url):
+        tmp_path, simulator_url, each_store_url):
     """The reported case: 12 rows served again and again, each page under a new nextLink (265
     pages, reported ok). A delta read (teams) and a modifiedon read (systemusers), neither
     counted, stop at the first repeated page."""
     mirror = mirror_of(tmp_path, simulator_url, [
-        {"name": "teams", "page_size": 4}, {"name": "systemusers", "page_size": 20}])
+        {"name": "teams", "page_size": 4}, {"name": "systemusers", "page_size": 20}],
+        store_url=each_store_url)
     sim = mirror.simulator
     mirror.sync("hourly")
     with mirror.connection() as connection:

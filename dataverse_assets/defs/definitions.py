@@ -83,7 +83,8 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
     where the alert sensors send (none are defined without a channel)."""
     refuse_unfinished(settings.store.address)
     config = settings.entities
-    refuse_long_entity_names(settings.store.address, [e.name for e in config.entities])
+    refuse_long_entity_names(settings.store.address, [e.name for e in config.entities],
+                             settings.entities_config_path)
     store = MirrorStore(db_path=settings.store.address, archive_dir=settings.archive_location,
                         s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region,
                         lock_wait_seconds=settings.lock_wait_seconds)

@@ -1032,7 +1032,8 @@ def load_settings(*args, **kwargs) -> Settings:
     settings = load_environment_settings(*args, **kwargs)
     refuse_unfinished(settings.store.address)
     refuse_long_entity_names(settings.store.address,
-                             [e.name for e in settings.entities.entities])
+                             [e.name for e in settings.entities.entities],
+                             settings.entities_config_path)
     return settings
 
 

@@ -283,14 +283,23 @@ class PostgresConnection:
             self.raw = psycopg.connect(url, autocommit=True)
         except psycopg.OperationalError as exc:
             raise StorageError(
-                f"{url}: cannot connect to the PostgreSQL store ({_first_line(exc)}). To fix: "
-                "check that the server runs and DATAVERSE_STORE_URL names it, and the password "
+                f"{url}: cannot connect to the PostgreSQL store ({_first_line(exc)}). Nothing "
+                "was read or written. To fix: check that the server runs and "
+                "DATAVERSE_STORE_URL names it (host, port, database, user), and the password "
                 "(PGPASSWORD or ~/.pgpass)") from None
         self.raw.adapters.register_dumper(bool, _bool_as_int())
 
     @property
     def in_transaction(self) -> bool:
-        return self.raw.info.transaction_status != _psycopg().pq.TransactionStatus.IDLE
+        # A connection the server ended (UNKNOWN) has no transaction left: the server rolled
+        # it back, and a ROLLBACK would only fail and hide the error that said why.
+        status = _psycopg().pq.TransactionStatus
+        return self.raw.info.transaction_status not in (status.IDLE, status.UNKNOWN)
+
+    @property
+    def closed(self) -> bool:
+        """Has the session ended (closed here, or ended by the server or the network)?"""
+        return self.raw.closed or self.raw.broken
 
     def execute(self, sql: str, parameters: Sequence[object] | Mapping[str, object] = ()):
         if _DDL.match(sql):
@@ -348,10 +357,19 @@ POSTGRES_PROBLEMS = (
     ("53100", "the PostgreSQL server's disk is full", "free disk space on the server"),
     ("53", "the PostgreSQL server ran out of resources", "check the server"),
     ("25006", "the PostgreSQL store is read-only (a standby, or a read-only transaction)",
-     "point DATAVERSE_STORE_URL at the primary"),
+     "point DATAVERSE_STORE_URL at the primary, or turn default_transaction_read_only off for "
+     "the mirror's user and database"),
     ("08", "the connection to the PostgreSQL server was lost",
      "check that the server runs and is reachable, then run again"),
-    ("57P", "the PostgreSQL server shut down or restarted", "run again once it is up"),
+    ("57P", "the PostgreSQL server ended the connection (it shut down or restarted, or an "
+     "administrator ended the session)", "run again once the server is up"),
+    ("57014", "a statement was cancelled: it ran past the PostgreSQL user's statement_timeout "
+     "(or was cancelled by an administrator)", "find what held it up (a lock on the table "
+     "another program held) or raise statement_timeout for the mirror's user (ALTER ROLE ... "
+     "SET statement_timeout), then run again"),
+    ("42501", "the PostgreSQL user may not create or change the mirror's tables (permission "
+     "denied)", "make the user in DATAVERSE_STORE_URL the database's owner, or grant it "
+     "CREATE on the database and USAGE and CREATE on its public schema, then run again"),
     ("55P03", "a lock of the PostgreSQL store was not granted in time",
      "let the other writer finish, then run again"),
     ("28", "the PostgreSQL server refused the credentials",

@@ -196,13 +196,23 @@ def entity_lock(db_path: str | Path, entity: str, *, owner: str, purpose: str,
         try:
             yield me
         finally:
-            with storage_errors(db_path, f"releasing the lock of {entity}",
-                                "the lock stays until this process has ended; the next run "
-                                "then takes it over"), transaction(connection):
-                connection.execute("DELETE FROM _locks WHERE entity = ? AND owner = ? AND pid = ?",
-                                   (entity, me.owner, me.pid))
-            if postgres:
-                _release_postgres(connection, entity)  # (closing the session would too)
+            try:
+                with storage_errors(db_path, f"releasing the lock of {entity}",
+                                    "the lock stays until this process has ended; the next "
+                                    "run then takes it over"), transaction(connection):
+                    connection.execute(
+                        "DELETE FROM _locks WHERE entity = ? AND owner = ? AND pid = ?",
+                        (entity, me.owner, me.pid))
+                if postgres:
+                    _release_postgres(connection, entity)  # (closing the session would too)
+            except Exception:
+                if not (postgres and connection.closed):
+                    raise
+                # The server ended the session (stopped, restarted, the network cut): the
+                # advisory lock went with it, and the next holder overwrites the `_locks`
+                # row. Failing here would only hide the error the step itself met.
+                warn(f"{entity}: the database session holding its lock ended during the "
+                     f"{purpose}; the server released the lock then")
     finally:
         connection.close()
 

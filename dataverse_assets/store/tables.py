@@ -38,25 +38,25 @@ def entity_identifiers(entity: str) -> list[str]:
     keys = staging_keys_table(entity)
     return [entity, history, f"{history}__pk", f"{entity}__modifiedon", f"{entity}__createdon",
             f"{entity}{NOCASE_SUFFIX}", f"{entity}__readable",
-            staging, f"{staging}__key", f"{staging}__op", keys,
-            f"{staging}__load"]  # PostgreSQL's temporary load table (postgres_staging)
+            staging, f"{staging}__key", f"{staging}__op", keys]
 
 
-def refuse_long_entity_names(address: object, entities: list[str]) -> None:
+def refuse_long_entity_names(address: object, entities: list[str], source: object) -> None:
     """A store that cuts long names short (PostgreSQL: 63 bytes) cannot hold an entity whose
-    derived names do not fit: two entities' tables could become one. One line names the
-    entity and what fits."""
+    derived names do not fit: two of its objects, or two entities', could end up with one
+    name. One line names the entities file, the entity and what fits."""
     dialect = dialect_for_address(address)
-    for entity in entities:
+    for index, entity in enumerate(entities):
         too_long = [n for n in entity_identifiers(entity) if not dialect.fits(n)]
         if too_long:
             longest = max(entity_identifiers("x"), key=len)
             room = dialect.max_identifier_bytes - (len(longest) - 1)
             raise ConfigError(
-                f"entity {entity!r} ({len(entity.encode())} bytes): a PostgreSQL store"
-                f" names tables after it ({too_long[-1]!r}) and allows"
-                f" {dialect.max_identifier_bytes} bytes in a name, so entity names of at most"
-                f" {room} bytes; mirror it into a SQLite store (leave DATAVERSE_STORE_URL unset)")
+                f"{source}: entity {entity!r} (entities[{index}]), field 'name':"
+                f" {len(entity.encode())} bytes is too long for a PostgreSQL store: the names"
+                f" the mirror makes from it (such as {too_long[-1]!r}) must fit PostgreSQL's"
+                f" {dialect.max_identifier_bytes} bytes, so an entity's name can have at most"
+                f" {room} bytes (keep this entity in a SQLite store, or leave it out)")
 
 
 def delete_staged_rows(connection: sqlite3.Connection, entity: str, change_set: str) -> int:

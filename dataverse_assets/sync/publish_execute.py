@@ -12,6 +12,7 @@ nothing is lost and nothing is applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from dataclasses import asdict, dataclass
@@ -389,7 +390,7 @@ def publish_change_set(
     if publish_status(connection, schema.entity, change_set) == PublishStatus.FAILED:
         with transaction(connection):
             set_publish_state(connection, schema.entity, change_set, PublishStatus.RETRYING)
-    operation = "plan"
+    operation, failed = "plan", False
     try:
         if on_progress is not None:
             on_progress("planning", 0)
@@ -407,6 +408,7 @@ def publish_change_set(
                                f"{result.stale:,} stale")
         return result
     except BaseException as exc:
+        failed = True
         # Also a run stopped mid-publish (Dagster's termination, Ctrl-C: not Exceptions): the
         # database can still be written, so the state says FAILED, not EXECUTING.
         if connection.in_transaction:
@@ -425,21 +427,30 @@ def publish_change_set(
             raise _storage_error(connection, schema.entity, change_set, problem, exc) from None
         raise
     finally:
-        connection.execute(
-            f"DROP TABLE IF EXISTS {dialect_of(connection).temp_table('_chunk')}")
+        # After a failure the connection may be gone (PostgreSQL's server ended the session):
+        # the cleanup must not replace the error that says why.
+        with contextlib.suppress(Exception) if failed else contextlib.nullcontext():
+            connection.execute(
+                f"DROP TABLE IF EXISTS {dialect_of(connection).temp_table('_chunk')}")
 
 
 def _storage_error(connection: sqlite3.Connection, entity: str, change_set: str,
                    problem: tuple[str, str], exc: BaseException) -> StorageError:
     what, remedy = problem
-    applied = read_publish_state(connection, entity, change_set).get("rows_applied") or 0
+    try:
+        applied = read_publish_state(connection, entity, change_set).get("rows_applied") or 0
+    except Exception:  # SQLite's or psycopg's: the connection is gone (the server ended it)
+        applied = None
     state = (
         f"{applied} rows were applied by earlier chunks (committed, counted as unchanged when it "
         "runs again); nothing else was written" if applied else
-        "Nothing of this change set was written (its transaction rolled back)"
+        "Nothing of this change set was written (its transaction rolled back)" if applied == 0
+        else "Its open transaction rolled back: nothing of it was kept (chunks committed before"
+        " it stay, counted as unchanged when it runs again)"
     )
+    said = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return StorageError(
-        f"{entity}: cannot publish change set {change_set}: {what} ({database_path(connection)};"
-        f" SQLite: {exc}). {state} and the watermark did not move. To fix: {remedy}, then run"
+        f"{entity}: cannot publish change set {change_set}: {what} ({database_path(connection)}:"
+        f" {said}). {state} and the watermark did not move. To fix: {remedy}, then run"
         " the sync again; it publishes this change set first."
     )

@@ -6,6 +6,7 @@ longer scenarios (see docs/guarantees.md).
 """
 
 import os
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -23,11 +24,14 @@ def seeds(ci: list[int], soak_count: int, offset: int = 0) -> list[int]:
 
 
 @pytest.fixture
-def chaos_report():
-    """Call with a dict (one run's report); it is written as one JSON line."""
+def chaos_report(request):
+    """Call with a dict (one run's report); it is written as one JSON line (with the store
+    the test ran on)."""
+    params = getattr(request.node, "callspec", None)
+    store = params.params.get("chaos_store", "sqlite") if params else "sqlite"
 
     def write(line: dict) -> None:
-        line = {"soak": SOAK, **line}
+        line = {"soak": SOAK, "store": store, **line}
         _lines.append(line)
         REPORT.parent.mkdir(parents=True, exist_ok=True)
         with REPORT.open("ab") as report:
@@ -57,3 +61,18 @@ def pytest_terminal_summary(terminalreporter):
     write(f"kills survived: {survived} of {len(kills)}; rows lost: "
           f"{sum(line.get('rows_lost', 0) for line in _lines)}; seconds: "
           f"{sum(line.get('seconds', 0) for line in _lines):.1f}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def chaos_store(request):
+    """Where each mirror of a chaos test lives (make_chaos_mirror's `store_for`): a SQLite
+    file in its folder, or a new database of the session's PostgreSQL cluster (each mirror
+    its own, as each SQLite mirror has its own file). A test that runs on SQLite only for the
+    CI budget narrows it: `@pytest.mark.parametrize("chaos_store", ["sqlite"], indirect=True)`.
+    """
+    if request.param == "sqlite":
+        return lambda folder: str(folder / "mirror.db")
+    first = iter([request.getfixturevalue("postgres_store_url")])  # allows the store too
+    cluster = request.getfixturevalue("postgres_cluster")
+    return lambda folder: next(first, None) or cluster.create_database(
+        f"chaos_{uuid.uuid4().hex[:12]}")

@@ -4,6 +4,7 @@ and the invariants every scenario must end with."""
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.names import change_set_key
 from dataverse_assets.simulator import DataverseSimulator
 from dataverse_assets.source.simulator import SimulatorSource
+from dataverse_assets.store.backend import is_postgres_address
 from dataverse_assets.store.db import connect, quote_identifier
 from dataverse_assets_tests.chaos.driver import FAST_RETRIES, sync_group
 from dataverse_assets_tests.conftest import ENTITY_NAMES, SMALL_ROW_COUNTS, write_entities_config
@@ -78,12 +80,16 @@ class ChaosMirror:
 
 
 def make_chaos_mirror(folder: Path, simulator: DataverseSimulator, url: str,
-                      name: str, page_size: int = PAGE_SIZE) -> ChaosMirror:
+                      name: str, page_size: int = PAGE_SIZE,
+                      store_for: Callable[[Path], str] | None = None) -> ChaosMirror:
+    """`store_for`: the store address for the mirror's folder (chaos_store: a SQLite file in it,
+    or a PostgreSQL database of its own); a SQLite file in the folder without."""
     folder = folder / name
     folder.mkdir(parents=True)
     config_path = write_entities_config(folder / "entities_config.json", page_size=page_size,
                                         overrides=CHAOS_OVERRIDES)
-    store = MirrorStore(db_path=str(folder / "mirror.db"), archive_dir=str(folder / "archive"),
+    address = store_for(folder) if store_for else str(folder / "mirror.db")
+    store = MirrorStore(db_path=address, archive_dir=str(folder / "archive"),
                         lock_wait_seconds=30)
     source = SimulatorSource(entity_names=ENTITY_NAMES, base_url=url,
                              timeout_seconds=REQUEST_TIMEOUT_SECONDS,
@@ -216,6 +222,13 @@ def duplicate_keys(mirror) -> list[str]:
     return problems
 
 
+def _written_order(mirror) -> str:
+    """The order history rows were written in: SQLite's rowid; PostgreSQL has no such column,
+    and a history row is written by the change set that superseded the version (keys sort by
+    time; one row per record and change set)."""
+    return "superseded_in, valid_to" if is_postgres_address(mirror.store.db_path) else "rowid"
+
+
 def history_problems(mirror, log: VersionLog) -> list[str]:
     """Every history row is a version the source really had, no live row's current version is
     also in its history (applied twice), and each record's history moves forward in time."""
@@ -228,7 +241,8 @@ def history_problems(mirror, log: VersionLog) -> list[str]:
             last_valid_from: dict[str, str] = {}
             for key, body, kind, valid_from in _rows(
                     connection, f"SELECT {pk}, json_response, change_kind, valid_from FROM"
-                                f" {quote_identifier(entity + '__history')} ORDER BY rowid"):
+                                f" {quote_identifier(entity + '__history')}"
+                                f" ORDER BY {_written_order(mirror)}"):
                 version = normalized(orjson.loads(body))
                 if version not in log.versions.get(entity, {}).get(key, []):
                     problems.append(f"{entity} {key}: history holds a version the source "

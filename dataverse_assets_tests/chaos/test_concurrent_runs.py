@@ -12,6 +12,7 @@ import pytest
 
 from dataverse_assets.errors import EntityLockedError
 from dataverse_assets.simulator import serve_on_loopback
+from dataverse_assets.store.backend import is_postgres_address
 from dataverse_assets.store.db import connect, utc_now_iso
 from dataverse_assets.store.locks import LockHolder, entity_lock, read_lock, stale_reason
 from dataverse_assets_tests.chaos.harness import (
@@ -24,8 +25,8 @@ from dataverse_assets_tests.chaos.test_process_death import REPO
 from dataverse_assets_tests.truth import mirror_contents
 
 
-def test_a_second_holder_waits_then_fails_naming_the_first(tmp_path):
-    db = tmp_path / "m.db"
+def test_a_second_holder_waits_then_fails_naming_the_first(tmp_path, chaos_store):
+    db = chaos_store(tmp_path)
     with entity_lock(db, "accounts", owner="run-A", purpose="publish"):
         started = time.monotonic()
         with pytest.raises(EntityLockedError) as refused, entity_lock(
@@ -40,24 +41,41 @@ def test_a_second_holder_waits_then_fails_naming_the_first(tmp_path):
         pass  # released
 
 
-def test_the_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
-    db = tmp_path / "m.db"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    with connect(db) as connection:
-        connection.execute(
-            "INSERT INTO _locks (entity, owner, pid, host, purpose, acquired_at) VALUES"
-            " ('teams', 'killed-run', ?, ?, 'publish', '2026-01-01T00:00:00.000000Z')",
-            (dead.pid, os.uname().nodename))
+def test_the_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, chaos_store):
+    """SQLite: its pid is not alive. PostgreSQL: the process held the lock as an advisory lock
+    of a database session, which the server ended with the process (SIGKILL: nothing of the
+    process ran after it); its `_locks` row is still there."""
+    db = chaos_store(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, db], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
+    assert holder.stdout.readline() == "held\n", holder.communicate()
+    with pytest.raises(EntityLockedError, match="killed-run"), entity_lock(
+            db, "teams", owner="next-run", purpose="fetch", wait_seconds=0):
+        pass  # held while its process lives
+    holder.kill()
+    holder.wait()
     warnings = []
-    with entity_lock(db, "teams", owner="next-run", purpose="fetch", wait_seconds=0,
+    with entity_lock(db, "teams", owner="next-run", purpose="fetch", wait_seconds=5,
                      warn=warnings.append) as me:
         assert me.owner == "next-run"
-    assert any("taking over" in w and "killed-run" in w and "is gone" in w for w in warnings)
+    reason = "its database session ended" if is_postgres_address(db) else "is gone"
+    assert any("taking over" in w and "killed-run" in w and reason in w for w in warnings), (
+        warnings)
+    with connect(db) as connection:
+        assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from dataverse_assets.store.locks import entity_lock
+with entity_lock(sys.argv[1], "teams", owner="killed-run", purpose="publish"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
 
 
 def test_concurrent_syncs_of_one_mirror_wait_for_each_other_and_never_interleave(
-        tmp_path, chaos_report):
+        tmp_path, chaos_store, chaos_report):
     """A sync holds vin_candidates' publish lock for a few seconds (a fault point sleeps inside
     the publish transaction: long enough for the test to see it on a loaded machine); a second
     sync of the same mirror started meanwhile waits for it at that entity, then completes; the
@@ -65,8 +83,10 @@ def test_concurrent_syncs_of_one_mirror_wait_for_each_other_and_never_interleave
     started = time.perf_counter()
     simulator = new_simulator()
     with serve_on_loopback(simulator) as url:
-        mirror = make_chaos_mirror(tmp_path, simulator, url, "mirror", page_size=50)
-        reference = make_chaos_mirror(tmp_path, simulator, url, "reference", page_size=50)
+        mirror = make_chaos_mirror(tmp_path, simulator, url, "mirror", page_size=50,
+                                   store_for=chaos_store)
+        reference = make_chaos_mirror(tmp_path, simulator, url, "reference", page_size=50,
+                                      store_for=chaos_store)
         env = {**os.environ, "PYTHONPATH": str(REPO),
                "DATAVERSE_FAULT_POINTS": "publish.before_watermark=sleep:4"}
         first = subprocess.Popen(

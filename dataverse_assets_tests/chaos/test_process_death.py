@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from dataverse_assets.simulator import DataverseSimulator, LatencyModel, serve_on_loopback
+from dataverse_assets.store.backend import is_postgres_address
 from dataverse_assets.store.db import connect
 from dataverse_assets_tests.chaos.conftest import SOAK, seeds
 from dataverse_assets_tests.chaos.harness import (
@@ -47,14 +48,22 @@ CI_POINTS = ["fetch.after_page", "staging.after_write", "publish.mid_execute",
              "publish.after_chunk_commit", "publish.after_commit"]
 
 
+def store_environment(address: str, folder: Path) -> dict[str, str]:
+    """The variables that point `dataverse-assets` at a store address: a SQLite file, or a
+    PostgreSQL URL (the SQLite path then a file in the folder that must stay unused)."""
+    if is_postgres_address(address):
+        return {"DATAVERSE_STORE_URL": address, "DATAVERSE_DB_PATH": str(folder / "unused.db")}
+    return {"DATAVERSE_DB_PATH": address}
+
+
 def killed_sync(mirror, group: str, spec: str, *, cli: bool = False) -> subprocess.CompletedProcess:
     """Run one sync in its own process with DATAVERSE_FAULT_POINTS=spec."""
     env = {**os.environ, "DATAVERSE_FAULT_POINTS": spec, "PYTHONPATH": str(REPO)}
     if cli:
-        home = Path(mirror.store.db_path).parent / "dagster_home"
+        home = mirror.config_path.parent / "dagster_home"
         home.mkdir(exist_ok=True)
         env.update({
-            "DATAVERSE_DB_PATH": mirror.store.db_path,
+            **store_environment(mirror.store.db_path, mirror.config_path.parent),
             "DATAVERSE_ARCHIVE_DIR": mirror.store.archive_dir,
             "DATAVERSE_ENTITIES_CONFIG": str(mirror.config_path),
             "DATAVERSE_URL": mirror.url, "DATAVERSE_SOURCE": "simulator",
@@ -79,7 +88,7 @@ def mutate_for_kill(simulator, rng: random.Random) -> None:
 
 
 def kill_and_recover(tmp_path, points: list[str], seed: int, *, cli_points=(),
-                     report=None) -> list[dict]:
+                     report=None, store_for=None) -> list[dict]:
     """One mirror killed at each point in turn (the first kill hits its first, full sync;
     each later one an incremental change set after the source changed), completed by the next
     run, and compared after each recovery with a mirror that was never killed."""
@@ -88,8 +97,10 @@ def kill_and_recover(tmp_path, points: list[str], seed: int, *, cli_points=(),
     simulator = new_simulator()
     with serve_on_loopback(simulator) as url:
         # Bigger pages than the fault scenarios: here the faults are the kills.
-        killed = make_chaos_mirror(tmp_path, simulator, url, "killed", page_size=50)
-        reference = make_chaos_mirror(tmp_path, simulator, url, "reference", page_size=50)
+        killed = make_chaos_mirror(tmp_path, simulator, url, "killed", page_size=50,
+                                   store_for=store_for)
+        reference = make_chaos_mirror(tmp_path, simulator, url, "reference", page_size=50,
+                                      store_for=store_for)
         for index, point in enumerate(points):
             started = time.perf_counter()
             if index:
@@ -131,13 +142,16 @@ def kill_and_recover(tmp_path, points: list[str], seed: int, *, cli_points=(),
 
 
 @pytest.mark.parametrize("seed", seeds([11], 4, offset=10))
-def test_a_sync_killed_at_any_point_is_completed_by_the_next_run(tmp_path, seed, chaos_report):
+def test_a_sync_killed_at_any_point_is_completed_by_the_next_run(tmp_path, seed, chaos_store,
+                                                                 chaos_report):
     """CI: the five points the issue names, one through `dataverse-assets sync` itself (the
-    production entry point, Dagster in-process); soak: every point, in a seeded order."""
+    production entry point, Dagster in-process); soak: every point, in a seeded order.
+    PostgreSQL: the killed process's advisory locks are freed by the server as its sessions
+    end, and a transaction it had open is rolled back by the server."""
     points = KILL_POINTS if SOAK else CI_POINTS
     points = random.Random(seed).sample(points, len(points))
     lines = kill_and_recover(tmp_path, points, seed, cli_points={"publish.mid_execute"},
-                             report=chaos_report)
+                             report=chaos_report, store_for=chaos_store)
     failed = [line for line in lines if not line["passed"]]
     assert not failed, failed
 
@@ -147,12 +161,13 @@ PARALLEL_HOURLY = ["vin_candidates", "vin_clinicaltrials", "vin_vin_candidate_ac
                    "accounts", "contacts"]
 
 
-def cli_sync(tmp_path: Path, url: str, config: Path) -> tuple[dict[str, str], list[str]]:
+def cli_sync(tmp_path: Path, url: str, config: Path,
+             store: str) -> tuple[dict[str, str], list[str]]:
     """The environment and command of `dataverse-assets sync --group hourly` (Dagster
-    in-process, entities fetched on threads) for a mirror, archive and home in tmp_path."""
+    in-process, entities fetched on threads) for the store, and an archive and home in
+    tmp_path."""
     (tmp_path / "home").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO),
-           "DATAVERSE_DB_PATH": str(tmp_path / "mirror.db"),
+    env = {**os.environ, "PYTHONPATH": str(REPO), **store_environment(store, tmp_path),
            "DATAVERSE_ARCHIVE_DIR": str(tmp_path / "archive"),
            "DATAVERSE_ENTITIES_CONFIG": str(config), "DATAVERSE_URL": url,
            "DATAVERSE_SOURCE": "simulator", "DAGSTER_HOME": str(tmp_path / "home"),
@@ -161,18 +176,17 @@ def cli_sync(tmp_path: Path, url: str, config: Path) -> tuple[dict[str, str], li
                  "--group", "hourly"]
 
 
-def assert_exact_and_unlocked(tmp_path: Path, simulator, entities: list[str]) -> None:
-    """The mirror in tmp_path holds exactly the simulator's records, and no lock is left."""
-    mirror = SimpleNamespace(simulator=simulator,
-                             connection=lambda: connect(tmp_path / "mirror.db"))
+def assert_exact_and_unlocked(store: str, simulator, entities: list[str]) -> None:
+    """The mirror in the store holds exactly the simulator's records, and no lock is left."""
+    mirror = SimpleNamespace(simulator=simulator, connection=lambda: connect(store))
     for entity in entities:
         assert_mirror_equals_simulator(mirror, entity)
-    with connect(tmp_path / "mirror.db") as connection:
+    with connect(store) as connection:
         assert connection.execute("SELECT count(*) FROM _locks").fetchone()[0] == 0
 
 
 def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_completed(
-        tmp_path) -> None:
+        tmp_path, chaos_store) -> None:
     """`dataverse-assets sync` (Dagster in-process, the group's entities fetched at once, one
     of them in four key ranges) SIGKILLed mid-fetch; the next sync leaves the mirror equal to
     the source, with no duplicate and no lock left."""
@@ -181,8 +195,9 @@ def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_
                                    latency=LatencyModel(per_request_seconds=0.02))
     config = write_entities_config(tmp_path / "entities.json", page_size=15,
                           overrides={"vin_clinicaltrials": {"parallel_ranges": 4}})
+    store = chaos_store(tmp_path)
     with serve_on_loopback(simulator) as url:
-        env, command = cli_sync(tmp_path, url, config)
+        env, command = cli_sync(tmp_path, url, config, store)
         # The 25th page archived by any of the run's fetches.
         killed = subprocess.run(command, env={**env, "DATAVERSE_FAULT_POINTS":
                                               "fetch.after_page=kill@24"},
@@ -197,10 +212,13 @@ def test_a_parallel_first_sync_killed_with_entities_and_key_ranges_in_flight_is_
         recovered = subprocess.run(command, env=env, capture_output=True, text=True,
                                    timeout=300)
         assert recovered.returncode == 0, recovered.stderr[-2000:]
-    assert_exact_and_unlocked(tmp_path, simulator, PARALLEL_HOURLY)
+    assert_exact_and_unlocked(store, simulator, PARALLEL_HOURLY)
 
 
-def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
+# SQLite only (the CI budget, docs/store-backends.md): what it tests is the fetch threads
+# stopping; a PostgreSQL run cut off (by a kill) is the tests above.
+@pytest.mark.parametrize("chaos_store", ["sqlite"], indirect=True)
+def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path, chaos_store) -> None:
     """Ctrl-C (or Terminate in the UI) during a run whose entities are fetched on threads:
     the fetches stop at their next page instead of holding the process until they are done,
     and the next sync completes the mirror."""
@@ -209,8 +227,9 @@ def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
                                    row_counts={**SMALL_ROW_COUNTS, slow: 1000},
                                    latency=LatencyModel(per_request_seconds=0.1))
     config = write_entities_config(tmp_path / "entities.json", page_size=10)
+    store = chaos_store(tmp_path)
     with serve_on_loopback(simulator) as url:
-        env, command = cli_sync(tmp_path, url, config)
+        env, command = cli_sync(tmp_path, url, config, store)
 
         def pages_of_slow() -> int:
             with simulator.lock:
@@ -236,4 +255,4 @@ def test_an_interrupted_run_stops_the_fetches_it_started(tmp_path) -> None:
         recovered = subprocess.run(command, env=env, capture_output=True, text=True,
                                    timeout=300)
         assert recovered.returncode == 0, recovered.stderr[-2000:]
-    assert_exact_and_unlocked(tmp_path, simulator, [slow])
+    assert_exact_and_unlocked(store, simulator, [slow])

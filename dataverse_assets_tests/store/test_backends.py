@@ -453,9 +453,10 @@ def test_an_entity_name_too_long_for_postgresql_is_refused_in_one_line(tmp_path,
                 with pytest.raises(ConfigError) as error:
                     build_definitions(settings)
                 message = str(error.value)
-                assert message.startswith(f"entity {name!r} ({len(name)} bytes): a PostgreSQL"
-                                          f" store names tables after it")
-                assert f"entity names of at most {len(fits)} bytes" in message
+                assert message.startswith(f"{config}: entity {name!r} (entities[")
+                assert (f"field 'name': {len(name)} bytes is too long for a PostgreSQL store"
+                        in message)
+                assert f"an entity's name can have at most {len(fits)} bytes" in message
                 assert "\n" not in message and "SQLite" in message
             else:
                 build_definitions(settings)  # SQLite has no such limit
@@ -463,4 +464,5 @@ def test_an_entity_name_too_long_for_postgresql_is_refused_in_one_line(tmp_path,
     monkeypatch.setenv("DATAVERSE_ENTITIES_CONFIG", str(config))
     assert cli_main(["status"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"configuration error: entity {fits + 's'!r}") and err.count("\n") == 1
+    assert err.startswith(f"configuration error: {config}: entity {fits + 's'!r}")
+    assert err.count("\n") == 1
