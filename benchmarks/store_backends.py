@@ -36,9 +36,7 @@ part in the comparison:
 PostgreSQL is a throwaway cluster the script starts itself (dataverse_assets_tests/
 postgres_server.py, as the tests do, but `durable`: the server's default settings, fsync on;
 SQLite runs as the store configures it: WAL, synchronous=NORMAL for the mirror, OFF for the
-staging file). `--pg-setting name=value` passes more server settings. The PostgreSQL store is
-still refused outside the tests while docs/store-backends.md's migration is unfinished; this
-script opts in (`_DATAVERSE_UNFINISHED_POSTGRES_STORE=1`). Results go to
+staging file). `--pg-setting name=value` passes more server settings. Results go to
 benchmarks/results/store-backends.json; a summary table is printed.
 """
 
@@ -70,12 +68,6 @@ from run_all import (  # noqa: E402
     run_worker,
     write_config,
 )
-
-from dataverse_assets.store.backend import ALLOW_UNFINISHED_ENV  # noqa: E402
-
-# The PostgreSQL store is refused outside the tests until its migration is finished
-# (store.backend.UNFINISHED); the benchmark opts in, for itself and its workers.
-os.environ[ALLOW_UNFINISHED_ENV] = "1"
 
 FIRST, INCREMENTAL = "20260101T000000Z", "20260101T010000Z"
 STORES = ("sqlite", "postgresql")

@@ -741,8 +741,8 @@ class Settings(BaseModel):
                           description="The SQLite mirror (when DATAVERSE_STORE_URL is unset).")
     store_url: str | None = Field(
         None, description="Where the mirror lives: sqlite:///path/to/mirror.db (SQLite; wins "
-        "over DATAVERSE_DB_PATH) or postgresql://user@host:5432/database (PostgreSQL, not "
-        "finished yet: refused at startup, see docs/store-backends.md). A URL with a password "
+        "over DATAVERSE_DB_PATH) or postgresql://user@host:5432/database (PostgreSQL: several "
+        "machines, several runs writing at once; docs/store-backends.md). A URL with a password "
         "is refused: give it in PGPASSWORD or ~/.pgpass. Unset: SQLite at DATAVERSE_DB_PATH.")
     archive_dir: Path = Field(PROJECT_ROOT / "data" / "archive",
                               description="The raw archive of every response, as a folder on "

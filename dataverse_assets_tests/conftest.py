@@ -18,7 +18,6 @@ from dataverse_assets.redaction import REDACTOR
 from dataverse_assets.simulator import DataverseSimulator, serve_on_loopback
 from dataverse_assets.source.auth import SHARED_TOKENS
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store.backend import ALLOW_UNFINISHED_ENV
 from dataverse_assets.store.db import connect
 from dataverse_assets_tests.postgres_server import PostgresServer, throwaway_postgres
 from dataverse_assets_tests.s3_server import S3Server, moto_s3_server, use_server
@@ -141,10 +140,8 @@ _DATABASES = itertools.count(1)
 
 
 @pytest.fixture
-def postgres_store_url(postgres_cluster, monkeypatch) -> str:
-    """A new, empty database of the session's cluster, as a store URL; the unfinished
-    PostgreSQL store is allowed for the test (docs/store-backends.md)."""
-    monkeypatch.setenv(ALLOW_UNFINISHED_ENV, "1")
+def postgres_store_url(postgres_cluster) -> str:
+    """A new, empty database of the session's cluster, as a store URL."""
     return postgres_cluster.create_database(f"mirror_{next(_DATABASES)}")
 
 

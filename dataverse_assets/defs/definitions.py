@@ -35,7 +35,6 @@ from dataverse_assets.source.fixture import FixtureSource
 from dataverse_assets.source.live import LiveDataverseSource
 from dataverse_assets.source.replay import ArchiveSource
 from dataverse_assets.source.simulator import SimulatorSource
-from dataverse_assets.store.backend import refuse_unfinished
 from dataverse_assets.store.tables import refuse_long_entity_names
 
 
@@ -81,7 +80,6 @@ def build_definitions(settings: Settings, source: DataverseSource | None = None,
     """Definitions for given settings; tests pass their own paths and source, and may swap any
     resource (an IO manager of their own: `resources` win over the built ones). `alerts`:
     where the alert sensors send (none are defined without a channel)."""
-    refuse_unfinished(settings.store.address)
     config = settings.entities
     refuse_long_entity_names(settings.store.address, [e.name for e in config.entities],
                              settings.entities_config_path)

@@ -58,7 +58,6 @@ from dataverse_assets.ops.status import change_set_list, entity_status, next_run
 from dataverse_assets.ops.terminal import SyncProgress, ago, print_table, until, wall_time_line
 from dataverse_assets.store import dead_letters
 from dataverse_assets.store.archive_retention import compact_archive
-from dataverse_assets.store.backend import refuse_unfinished
 from dataverse_assets.store.bookkeeping import change_set_used, step_details
 from dataverse_assets.store.choices import label_counts
 from dataverse_assets.store.db import connect, view_names
@@ -617,7 +616,6 @@ def _rebuild_target(into: str) -> str:
         target = parse_store_url(into)
     except ValueError as exc:
         raise ConfigError(f"--into: {exc}") from None
-    refuse_unfinished(target.address)
     return target.address
 
 
@@ -1030,7 +1028,6 @@ def load_settings(*args, **kwargs) -> Settings:
     """config.load_settings, refusing a store that cannot be used yet (a PostgreSQL one while
     it is unfinished: every command would otherwise read and write SQLite behind its back)."""
     settings = load_environment_settings(*args, **kwargs)
-    refuse_unfinished(settings.store.address)
     refuse_long_entity_names(settings.store.address,
                              [e.name for e in settings.entities.entities],
                              settings.entities_config_path)

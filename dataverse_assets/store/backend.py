@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,15 +24,6 @@ from dataverse_assets.errors import ConfigError, StorageError
 from dataverse_assets.store.identifiers import quote_identifier
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-
-# What is not migrated yet (docs/store-backends.md, "Order of the migration"). While this is
-# not empty a PostgreSQL store is refused, except where the tests opt in (ALLOW_UNFINISHED_ENV).
-UNFINISHED = (
-    "the chaos tests and the rest of test_hostile_input.py on a PostgreSQL store",
-)
-# Internal, not a setting: the tests set it to exercise the parts that are done.
-ALLOW_UNFINISHED_ENV = "_DATAVERSE_UNFINISHED_POSTGRES_STORE"
-
 
 def is_postgres_address(address: object) -> bool:
     return isinstance(address, str) and address.lower().startswith(POSTGRES_SCHEMES)
@@ -45,16 +35,6 @@ def postgres_database_name(address: str) -> str:
     from urllib.parse import urlsplit
 
     return urlsplit(address).path.lstrip("/") or "postgres"
-
-
-def refuse_unfinished(address: object) -> None:
-    """Stop with one line when `address` is a PostgreSQL store and that store is not finished
-    (unless the tests opted in)."""
-    if (is_postgres_address(address) and UNFINISHED
-            and os.environ.get(ALLOW_UNFINISHED_ENV) != "1"):
-        raise ConfigError(
-            f"the PostgreSQL store is not finished: {'; '.join(UNFINISHED)} still work on "
-            "SQLite only; unset DATAVERSE_STORE_URL to use SQLite (docs/store-backends.md)")
 
 
 # -- dialects ----------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from dataverse_assets.store.backend import (
     dialect_of,
     is_postgres_address,
     postgres_problem,
-    refuse_unfinished,
 )
 from dataverse_assets.store.identifiers import quote_identifier
 from dataverse_assets.store.staging_store import (
@@ -236,7 +235,6 @@ _PREPARING = threading.Lock()
 def connect_postgres(url: str) -> PostgresConnection:
     """A connection to the PostgreSQL store, its bookkeeping tables in place (see
     store.backend; refused while that store is not finished)."""
-    refuse_unfinished(url)
     connection = PostgresConnection(url)
     try:
         with storage_errors(url, "opening the mirror database", "nothing was read or written"):

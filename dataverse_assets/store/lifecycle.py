@@ -19,7 +19,6 @@ from dataverse_assets.errors import StorageError
 from dataverse_assets.store.backend import (
     PostgresConnection,
     is_postgres_address,
-    refuse_unfinished,
 )
 from dataverse_assets.store.identifiers import quote_identifier
 from dataverse_assets.store.staging_store import STAGING_SCHEMA, staging_files
@@ -33,7 +32,6 @@ _MARKER_TABLE = "_sync_state"
 def _open_postgres(url: str) -> PostgresConnection:
     """A connection that reads the catalog only: nothing is created (db.connect would make the
     bookkeeping tables). Refused while the PostgreSQL store is unfinished, as db.connect is."""
-    refuse_unfinished(url)
     return PostgresConnection(url)
 
 

@@ -16,10 +16,9 @@ from types import SimpleNamespace
 import pytest
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
-from dataverse_assets.config import PROJECT_ROOT, load_entities_config
+from dataverse_assets.config import PROJECT_ROOT, load_entities_config, parse_store_url
 from dataverse_assets.defs.asset_keys import canonical_key
 from dataverse_assets.defs.partitions import change_sets_partitions
-from dataverse_assets.store.backend import ALLOW_UNFINISHED_ENV
 from dataverse_assets.store.db import connect as connect_mirror
 from dataverse_assets_tests.conftest import Mirror, write_entities_config
 from dataverse_assets_tests.postgres_server import connect, throwaway_postgres
@@ -227,8 +226,7 @@ def _celery_env(postgres, redis_url, s3, url: str, tmp_path: Path, monkeypatch,
     address = str(tmp_path / "mirror.db")
     if store == "postgresql":
         address = postgres.create_database(f"{database}_mirror")
-        env.update({"DATAVERSE_STORE_URL": address, ALLOW_UNFINISHED_ENV: "1"})
-        monkeypatch.setenv(ALLOW_UNFINISHED_ENV, "1")  # this process reads the mirror too
+        env["DATAVERSE_STORE_URL"] = address
     return env, config, bucket, address
 
 
@@ -409,7 +407,15 @@ def test_the_compose_file_wires_the_tested_pieces_together():
         assert environment["DAGSTER_PG_HOST"] == "postgres"
         assert environment[CELERY_BROKER_ENV].startswith("redis://redis:")
         assert service["volumes"] == ["data:/data"]
-        assert environment["DATAVERSE_DB_PATH"].startswith("/data/")
+        # The mirror in the server's own `dataverse` database (made by the init script), its
+        # password from .env through libpq's PGPASSWORD, never in the URL.
+        assert environment["DATAVERSE_STORE_URL"] == (
+            "postgresql://dagster@postgres:5432/dataverse")
+        assert environment["PGPASSWORD"].startswith("${DAGSTER_PG_PASSWORD:?")
+        assert parse_store_url(environment["DATAVERSE_STORE_URL"]).kind == "postgresql"
+    init = (PROJECT_ROOT / "deploy" / "postgres-init" / "01-mirror-database.sql").read_text()
+    assert "CREATE DATABASE dataverse;" in init
+    assert "./postgres-init:/docker-entrypoint-initdb.d:ro" in services["postgres"]["volumes"]
     workspace = yaml.safe_load((PROJECT_ROOT / "deploy" / "workspace.yaml").read_text())
     [server] = [entry["grpc_server"] for entry in workspace["load_from"]]
     code_server = services["codelocation"]["command"]
@@ -458,5 +464,8 @@ def test_the_helm_values_agree_with_the_tested_instance_file():
     archive = deployment["env"]["DATAVERSE_ARCHIVE_URL"]
     assert archive.startswith("s3://")
     assert load_settings({"DATAVERSE_ARCHIVE_URL": archive}).archive_location == archive
+    # The mirror is a PostgreSQL database the settings accept (no password in the URL).
+    store = deployment["env"]["DATAVERSE_STORE_URL"]
+    assert load_settings({"DATAVERSE_STORE_URL": store}).store.kind == "postgresql"
     assert "postgresqlPassword" not in values["postgresql"]
     assert values["generatePostgresqlPasswordSecret"] is False

@@ -24,7 +24,6 @@ from dataverse_assets.ops.cli import main as cli_main
 from dataverse_assets.simulator import SimAttribute
 from dataverse_assets.store import bookkeeping, dead_letters, issues, staging_store
 from dataverse_assets.store.backend import (
-    ALLOW_UNFINISHED_ENV,
     bulk_insert,
     dialect_of,
     postgres_query,
@@ -59,24 +58,7 @@ def test_sqlite_placeholders_become_psycopgs_outside_literals_and_names():
 URL = "postgresql://mirror@127.0.0.1:1/dataverse"
 
 
-def test_a_postgresql_store_is_refused_at_startup_while_unfinished(tmp_path, monkeypatch,
-                                                                    capsys):
-    monkeypatch.delenv(ALLOW_UNFINISHED_ENV, raising=False)
-    with pytest.raises(ConfigError,
-                       match="^the PostgreSQL store is not finished: the chaos tests "):
-        connect(URL)
-    settings = Settings(store_url=URL, archive_dir=tmp_path / "archive")
-    with pytest.raises(ConfigError, match="^the PostgreSQL store is not finished") as refused:
-        build_definitions(settings)
-    assert "\n" not in str(refused.value) and "unset DATAVERSE_STORE_URL" in str(refused.value)
-    monkeypatch.setenv("DATAVERSE_STORE_URL", URL)
-    assert cli_main(["status"]) == 2
-    assert capsys.readouterr().err.startswith(
-        "configuration error: the PostgreSQL store is not finished")
-
-
 def test_an_unreachable_postgresql_store_is_one_line(monkeypatch):
-    monkeypatch.setenv(ALLOW_UNFINISHED_ENV, "1")
     with pytest.raises(StorageError, match=r"^postgresql://mirror@127\.0\.0\.1:1/dataverse: "
                                            "cannot connect to the PostgreSQL store") as failed:
         connect(URL)
@@ -440,7 +422,6 @@ def test_every_name_the_mirror_derives_from_an_entity_fits_and_is_known(make_mir
 
 def test_an_entity_name_too_long_for_postgresql_is_refused_in_one_line(tmp_path, monkeypatch,
                                                                         capsys):
-    monkeypatch.setenv(ALLOW_UNFINISHED_ENV, "1")
     longest = max(entity_identifiers("x"), key=len)
     fits = "t" * (63 - len(longest) + 1)  # the longest derived name is exactly 63 bytes
     for name, refused in ((fits, False), (fits + "s", True)):
