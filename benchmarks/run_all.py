@@ -392,6 +392,16 @@ class Simulator:
         self.process.wait(10)
 
 
+def run_as_worker(args: argparse.Namespace, workers: dict) -> bool:
+    """`--worker KIND ARGS` (how run_worker starts a script): run that worker, print its JSON
+    result; False when the script was not started as a worker."""
+    if not args.worker:
+        return False
+    kind, worker_args = args.worker
+    print(json.dumps(workers[kind](json.loads(worker_args))), flush=True)
+    return True
+
+
 def run_worker(kind: str, args: dict, env: dict[str, str], script: str = __file__) -> dict:
     """`script --worker kind args` in a process of its own (this suite's workers by default;
     another benchmark's that takes the same `--worker`); the JSON line it prints last."""
@@ -613,9 +623,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/suite.json")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        kind, worker_args = args.worker
-        print(json.dumps(WORKERS[kind](json.loads(worker_args))), flush=True)
+    if run_as_worker(args, WORKERS):
         return 0
 
     started = time.perf_counter()

@@ -65,6 +65,7 @@ from run_all import (  # noqa: E402
     ENTITY,
     Simulator,
     proc_status_mb,
+    run_as_worker,
     run_worker,
     write_config,
 )
@@ -475,9 +476,7 @@ def main() -> int:
                         default=ROOT / "benchmarks/results/store-backends.json")
     parser.add_argument("--worker", nargs=2, metavar=("KIND", "ARGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        kind, worker_args = args.worker
-        print(json.dumps(WORKERS[kind](json.loads(worker_args))), flush=True)
+    if run_as_worker(args, WORKERS):
         return 0
 
     bad = [setting for setting in args.pg_setting
