@@ -37,8 +37,7 @@ def entity_identifiers(entity: str) -> list[str]:
     keys = staging_keys_table(entity)
     return [entity, history, f"{history}__pk", f"{entity}__modifiedon", f"{entity}__createdon",
             f"{entity}{NOCASE_SUFFIX}", f"{entity}__readable",
-            staging, f"{staging}__key", f"{staging}__op", keys,
-            f"{staging}__load"]  # PostgreSQL's temporary load table (postgres_staging)
+            staging, f"{staging}__key", f"{staging}__op", keys]
 
 
 def refuse_long_entity_names(address: object, entities: list[str]) -> None:
