@@ -12,8 +12,10 @@ from SQLite's (docs/store-backends.md, "Staging in PostgreSQL").
   INSERT OR REPLACE): within a batch by keeping the last row of a key before COPY; across
   batches by deleting the change set's earlier rows of the batch's keys first (an index probe
   per key that nearly always finds nothing; the first batch after `start`, which deleted the
-  change set's rows, skips it). A change set staged again over a killed fetch's rows replaces
-  them the same way (StagingWriter.start deletes them).
+  change set's rows, skips it); not a savepoint per batch catching the conflict: a 1M-row
+  change set would hold ~200 subtransactions, past the 64 PostgreSQL tracks per transaction,
+  which slows other sessions' visibility checks while it runs. A change set staged again over
+  a killed fetch's rows replaces them (StagingWriter.start deletes them).
 - Every value is converted to its column's type first (schema.to_postgres_value): one that
   does not fit is NULL in that column, exact in json_response, and an issue naming the record
   and column. PostgreSQL would refuse the whole row, and abort the transaction with it.
