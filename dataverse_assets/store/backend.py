@@ -296,13 +296,19 @@ class PostgresConnection:
         # Several statements: fine without parameters. DDL as in execute.
         self.raw.execute(POSTGRES.render_ddl(script) if _DDL.search(script) else script)
 
-    def copy_rows(self, table: str, columns: Sequence[str],
-                  rows: Iterable[Sequence[object]]) -> int:
-        """COPY rows into `table` (psycopg converts each value as for a parameter)."""
+    def copy_rows(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[object]],
+                  types: Sequence[int] | None = None) -> int:
+        """COPY rows into `table` (psycopg converts each value as for a parameter). With
+        `types` (a type OID per column, each value already of its column's Python type: str,
+        int, float, bytes or None), in binary: no text for the client to write nor for the
+        server to parse."""
         count = 0
         names = ", ".join(quote_identifier(c) for c in columns)
+        binary = " (FORMAT BINARY)" if types is not None else ""
         with self.raw.cursor() as cursor, cursor.copy(
-                f"COPY {table} ({names}) FROM STDIN") as copy:
+                f"COPY {table} ({names}) FROM STDIN{binary}") as copy:
+            if types is not None:
+                copy.set_types(types)
             for row in rows:
                 copy.write_row(row)
                 count += 1

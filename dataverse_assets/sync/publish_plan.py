@@ -22,7 +22,7 @@ from dataverse_assets.store.tables import (
     staging_table,
 )
 from dataverse_assets.sync.faults import fault_point
-from dataverse_assets.sync.stage import count_staged
+from dataverse_assets.sync.stage import count_staged, count_staged_by_op
 
 PLAN_KINDS = ("create", "update", "delete", "unchanged", "stale", "delete_unknown")
 # A canonical row `c` written by a change set newer than :cs. Keys have one fixed width, so
@@ -163,9 +163,11 @@ def _plan_changes(connection, schema: EntitySchema, change_set: str) -> None:
 
 
 def _check_plan_covers_staging(connection: sqlite3.Connection, entity: str, change_set: str,
-                               covered: int) -> None:
-    """Every staged row classified exactly once, or nothing is written."""
-    staged = count_staged(connection, entity, change_set)
+                               covered: int, staged: int | None = None) -> None:
+    """Every staged row classified exactly once, or nothing is written (`staged`: the change
+    set's staged rows, when the caller counted them)."""
+    if staged is None:
+        staged = count_staged(connection, entity, change_set)
     if covered != staged:
         raise PlanValidationError(
             f"{entity} {change_set}: the plan covers {covered} staged rows but {staged} are "
@@ -191,12 +193,14 @@ def _plan_into_empty_table(connection: sqlite3.Connection, schema: EntitySchema,
         (schema.entity, change_set, change_set))
     fault_point("publish.mid_plan")
     counts = {kind: 0 for kind in PLAN_KINDS}
-    counts["create"] = count_staged(connection, schema.entity, change_set, "upsert")
+    staged = count_staged_by_op(connection, schema.entity, change_set)
+    counts["create"] = staged.get("upsert", 0)
     counts["delete_unknown"] = connection.execute(
         "SELECT count(*) FROM _publish_plan WHERE entity = ? AND change_set = ?",
         (schema.entity, change_set)).fetchone()[0]
     _check_plan_covers_staging(connection, schema.entity, change_set,
-                               counts["create"] + counts["delete_unknown"])
+                               counts["create"] + counts["delete_unknown"],
+                               staged=sum(staged.values()))
     set_publish_state(
         connection, schema.entity, change_set, PublishStatus.PLAN_COMPLETE,
         plan_finished_at=utc_now_iso(),

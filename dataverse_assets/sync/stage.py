@@ -448,6 +448,11 @@ class StagingWriter:
         self.postgres = dialect_of(connection) is POSTGRES
         self.new_table = False
         self.rows = 0
+        # The change set's staged upserts (distinct keys), where the writer counts them as it
+        # writes (PostgreSQL); None: count_staged counts them.
+        self.upserts: int | None = None
+        self._copy_types: list[int] | None = None
+        self._plans: dict = {}  # postgres_staging.typed_rows's, kept from batch to batch
         # A record seen twice in one change set (it changed while we paged) keeps its last
         # version: later pages are newer.
         self.statement = (
@@ -493,7 +498,7 @@ class StagingWriter:
 
     def _start_postgres(self) -> None:
         """As `start`, in PostgreSQL (store.postgres_staging): the key index is made with the
-        table, and rows are upserted through it from the start."""
+        table; the change set's rows are deleted, so its first batch goes in as it is."""
         connection, table = self.connection, self.table
         if not table_exists(connection, table):
             postgres_staging.create_staging_table(connection, table, self.columns, self.types)
@@ -505,14 +510,21 @@ class StagingWriter:
                                                         self.types.get(column, "TEXT"))
         postgres_staging.create_indexes(connection, table, staging_key_index(table))
         postgres_staging.create_keys_table(connection, staging_keys_table(self.entity))
+        self._copy_types = postgres_staging.copy_types(connection, table, self.columns,
+                                                       self.types)
         delete_staged_rows(connection, self.entity, self.change_set)
+        self.upserts = 0
 
     def _write_postgres(self, batch: list[tuple], keys: list[str]) -> None:
         if batch:
-            postgres_staging.write_rows(
-                self.connection, self.table, self.columns, postgres_staging.typed_rows(
+            self.upserts += postgres_staging.write_rows(
+                self.connection, self.table, self.columns, self.change_set,
+                postgres_staging.typed_rows(
                     batch, self.columns, self.types, len(STAGING_META_COLUMNS),
-                    len(self.names), self.issues, self.change_set, self.entity, self.rows))
+                    len(self.names), self.issues, self.change_set, self.entity,
+                    self._plans),
+                # Rows written before (an earlier batch) may hold a key of this one.
+                replace=self.rows > 0, types=self._copy_types)
         if keys:
             postgres_staging.write_keys(self.connection, staging_keys_table(self.entity),
                                         self.change_set, keys)
@@ -551,6 +563,7 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
     its pages arrived (sync.prestage) are taken as they are when they are exactly these rows.
     """
     rows = adopt_prestaged(connection, staged)
+    upserts = None
     if rows is None:
         with transaction(connection, mirror=False, staging=True):
             forget_prestaged(connection, staged.entity, staged.change_set)
@@ -560,7 +573,7 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
             for batch, keys in staged.batches:
                 writer.write(batch, keys)
             writer.finish()
-            rows = writer.rows
+            rows, upserts = writer.rows, writer.upserts
             mark_staged_here(connection, staged.entity, staged.change_set, rows,
                              utc_now_iso())
     with transaction(connection):
@@ -573,8 +586,8 @@ def write_staged(connection: sqlite3.Connection, staged: StagedRecords) -> int:
         # a full snapshot can never be "published" from an empty, never-staged change set.
         record_staged(
             connection, entity=staged.entity, change_set=staged.change_set, mode=staged.mode,
-            rows=rows, upserts=count_staged(connection, staged.entity, staged.change_set,
-                                            "upsert"),
+            rows=rows, upserts=upserts if upserts is not None else count_staged(
+                connection, staged.entity, staged.change_set, "upsert"),
             watermark_after=staged.watermark_after, delta_token_after=staged.delta_token_after,
             reconciled=staged.reconciled, reconciled_at=staged.reconciled_at,
             fetched_at=staged.fetched_at, source_timestamp=staged.source_timestamp,
@@ -648,6 +661,16 @@ def count_staged(connection: sqlite3.Connection, entity: str, change_set: str,
     return connection.execute(
         f"SELECT count(*) FROM {table} WHERE _change_set = ? AND _op = ?",
         (change_set, op)).fetchone()[0]
+
+
+def count_staged_by_op(connection: sqlite3.Connection, entity: str,
+                       change_set: str) -> dict[str, int]:
+    """count_staged for every `_op` of a change set at once: one pass over its rows (a
+    PostgreSQL table just loaded has no visibility map for an index-only count, so each
+    count reads the rows)."""
+    return dict(connection.execute(
+        f"SELECT _op, count(*) FROM {quote_identifier(staging_table(entity))}"
+        " WHERE _change_set = ? GROUP BY _op", (change_set,)).fetchall())
 
 
 LOOKUP_TARGET_ANNOTATION = "@Microsoft.Dynamics.CRM.lookuplogicalname"

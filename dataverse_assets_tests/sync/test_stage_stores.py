@@ -7,13 +7,17 @@ import json
 import orjson
 import pytest
 
+from dataverse_assets.archive.change_sets import MANIFEST
+from dataverse_assets.defs.resources import MirrorStore
 from dataverse_assets.store.backend import is_postgres_address
+from dataverse_assets.store.db import transaction
 from dataverse_assets.store.issues import list_issues
 from dataverse_assets.store.schema import to_postgres_value
 from dataverse_assets.store.schema_registry import load_locked_schema
+from dataverse_assets.sync import stage as stage_module
 from dataverse_assets.sync.prestage import PageStager
-from dataverse_assets.sync.stage import count_staged, write_staged
-from dataverse_assets.sync.steps import staged_records
+from dataverse_assets.sync.stage import StagingWriter, count_staged, write_staged
+from dataverse_assets.sync.steps import publish, staged_records
 from dataverse_assets_tests.helpers import ENTITY, archive_change_set, thing
 
 
@@ -114,3 +118,74 @@ def test_rows_staged_while_fetching_are_taken_on_both_stores(any_store):
     assert staged_set.adopted
     assert staged(any_store, "20260102T000000Z") == [("id-2", "Beta, new", 1, "upsert"),
                                                      ("id-3", "Gamma", 1, "upsert")]
+
+
+def test_a_key_staged_again_in_a_later_batch_keeps_its_last_version(any_store, monkeypatch):
+    """A record that changed (or was deleted) while we paged comes again on a later page, in
+    a later batch: its last version is the staged one, counted once (PostgreSQL COPYs each
+    batch straight into the table, so the earlier row must go first)."""
+    monkeypatch.setattr(stage_module, "STAGING_BATCH_ROWS", 2)  # a batch per page
+    change_set = "20260101T000000Z"
+    pages = [[thing(1, "Alpha"), thing(2, "Beta")],
+             [thing(3, "Gamma"), thing(1, "Alpha, newer", 2)],
+             [{"id": "id-2", "reason": "deleted"}, thing(4, "Delta")]]
+    archive = archive_change_set(any_store.archive_dir, change_set, [])
+    for number, records in enumerate(pages, start=1):
+        archive.replace_page(number, orjson.dumps({"value": records}))
+    manifest = archive.manifest()
+    archive.write_json(MANIFEST, {**manifest, "pages": manifest["pages"] * 3})
+    with any_store.connection() as connection:
+        staged_set = staged_records(connection, archive, ENTITY)
+        batches = list(staged_set.batches)
+        assert [len(rows) for rows, _ in batches] == [2, 2, 2]
+        staged_set.batches = iter(batches)
+        assert write_staged(connection, staged_set) == 6
+    assert staged(any_store, change_set) == [("id-1", "Alpha, newer", 2, "upsert"),
+                                             ("id-2", None, None, "delete"),
+                                             ("id-3", "Gamma", 1, "upsert"),
+                                             ("id-4", "Delta", 1, "upsert")]
+    with any_store.connection() as connection:
+        assert connection.execute("SELECT upserts FROM _staged WHERE change_set = ?",
+                                  (change_set,)).fetchone() == (3,)
+    assert publish(any_store, ENTITY, change_set)[-1].created == 3
+
+
+def test_a_change_set_staged_over_a_killed_fetchs_rows_replaces_them(any_store):
+    """A fetch that staged pages as they came and was killed leaves rows recorded nowhere;
+    staging the change set from its archive replaces them: none is left, none doubles."""
+    change_set = "20260101T000000Z"
+    killed = archive_change_set(any_store.archive_dir, change_set,
+                                [thing(1, "Alpha, as paged"), thing(9, "not in the archive")])
+    with any_store.connection() as connection:
+        partial = staged_records(connection, killed, ENTITY)
+        with transaction(connection, mirror=False, staging=True):
+            writer = StagingWriter(connection, "things", change_set, partial.schema, [])
+            writer.start()
+            for batch, keys in partial.batches:
+                writer.write(batch, keys)
+    assert stage(any_store, change_set, [thing(1, "Alpha"), thing(2, "Beta")]) == 2
+    assert staged(any_store, change_set) == [("id-1", "Alpha", 1, "upsert"),
+                                             ("id-2", "Beta", 1, "upsert")]
+    with any_store.connection() as connection:
+        assert connection.execute("SELECT upserts FROM _staged WHERE change_set = ?",
+                                  (change_set,)).fetchone() == (2,)
+    publish(any_store, ENTITY, change_set)
+    with any_store.connection() as connection:
+        assert connection.execute("SELECT thingid, name FROM things ORDER BY thingid"
+                                  ).fetchall() == [("id-1", "Alpha"), ("id-2", "Beta")]
+
+
+def test_a_staging_column_of_another_type_takes_its_values_as_text(postgres_store_url,
+                                                                    tmp_path):
+    """PostgreSQL: rows go in by binary COPY only when the staging table's columns have the
+    types the values are converted to; a column made with another type takes them as text,
+    converted by the server, as before."""
+    store = MirrorStore(db_path=postgres_store_url, archive_dir=str(tmp_path / "archive"))
+    stage(store, "20260101T000000Z", [thing(1, "Alpha")])
+    with store.connection() as connection:
+        connection.execute("ALTER TABLE staging._staging__things ALTER COLUMN size TYPE text")
+    stage(store, "20260102T000000Z", [thing(2, "Beta", 3)])
+    with store.connection() as connection:
+        assert connection.execute(
+            "SELECT _pk, size FROM _staging__things ORDER BY _pk").fetchall() == [
+            ("id-1", "1"), ("id-2", "3")]
