@@ -72,10 +72,8 @@ def build_maintenance_job(config: EntitiesConfig) -> JobDefinition:
             warn=context.log.warning))
         if shrink.converted:
             context.log.info("converted the database to incremental vacuum (one VACUUM)")
-        for file in shrink.not_truncated:
-            context.log.warning(f"{file}: its write-ahead log could not be checkpointed (other"
-                                " connections kept it busy); the freed pages leave the file at"
-                                " its next checkpoint")
+        for warning in shrink.warnings():
+            context.log.warning(warning)
         yield Output(None, metadata=shrink.metadata())
 
     @job(name=MAINTENANCE_JOB, description="Compaction and retention of the archive and "

@@ -696,10 +696,8 @@ def cmd_compact(args: argparse.Namespace) -> int:
                   + (", converted to incremental vacuum" if shrink.converted else "") + ")")
             print(f"staging file: {shrink.staging_bytes_before:,} bytes -> "
                   f"{shrink.staging_bytes_after:,} bytes")
-        for file in shrink.not_truncated:
-            print(f"warning: {file}: its write-ahead log could not be checkpointed (other"
-                  " connections kept it busy); the freed pages leave the file at its next"
-                  " checkpoint", file=sys.stderr)
+        for warning in shrink.warnings():
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

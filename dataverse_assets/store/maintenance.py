@@ -133,6 +133,12 @@ class Shrink:
         return (max(0, self.bytes_before - self.bytes_after)
                 + max(0, self.staging_bytes_before - self.staging_bytes_after))
 
+    def warnings(self) -> list[str]:
+        """One line per file whose freed pages are still in it (not_truncated)."""
+        return [f"{file}: its write-ahead log could not be checkpointed (other connections kept"
+                " it busy); the freed pages leave the file at its next checkpoint"
+                for file in self.not_truncated]
+
     def metadata(self) -> dict[str, int | bool | str]:
         """The numbers measured, each named for what it measured (the maintenance job's
         output metadata)."""

@@ -209,7 +209,7 @@ def rewrite_matching_rows(connection: sqlite3.Connection, table: str, column: st
     after: object = start
     rewritten = 0
     while rows := connection.execute(
-            f"SELECT {row_id}{'::text' if postgres else ''}, {text} FROM {quoted}"
+            f"SELECT {row_id_column(connection)}, {text} FROM {quoted}"
             f" WHERE {row_id} > {cast} AND ({condition}) AND ({contains})"
             f" ORDER BY {row_id} LIMIT {int(batch)}",
             [after, *parameters, *needles]).fetchall():
@@ -221,7 +221,8 @@ def rewrite_matching_rows(connection: sqlite3.Connection, table: str, column: st
                 updates.append((*values, found))
         if updates:
             connection.executemany(
-                f"UPDATE {quoted} SET {assignments} WHERE {row_id} = {cast}", updates)
+                f"UPDATE {quoted} SET {assignments} WHERE {row_id_match(connection)}",
+                updates)
             rewritten += len(updates)
     return rewritten
 
